@@ -1,0 +1,123 @@
+"""The on-disk layout of a training data set, shared by converters, the generator and the reader.
+
+A data set is a directory::
+
+    DATASET/
+      metadata.json          # DatasetMeta below
+      train/part-00000.parquet ...
+      valid/part-00000.parquet ...
+      test/part-00000.parquet ...
+
+Every Parquet file has the columns ``label`` (float32, 0 or 1), one float32 column per dense
+feature and one column per sparse feature, either ``int64`` (one id per row) or
+``list<int64>`` (a multi-hot bag). Ids of a sparse feature lie in ``[0, cardinality)``.
+
+Example:
+    >>> meta = DatasetMeta.load("data/synthetic")        # doctest: +SKIP
+    >>> meta.sparse_names()[:2], meta.cardinalities()["C1"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+METADATA_FILE = "metadata.json"
+LABEL_COLUMN = "label"
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+
+
+class SparseFeature(BaseModel):
+    """One categorical feature: its column name, the number of distinct ids, and whether rows hold bags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    cardinality: int = Field(gt=0)
+    multi_hot: bool = False
+
+
+class DatasetMeta(BaseModel):
+    """What a trainer needs to know about a data set without reading its rows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    label: str = LABEL_COLUMN
+    dense: List[str] = Field(default_factory=list)
+    sparse: List[SparseFeature]
+    # split name -> Parquet files relative to the data set directory
+    splits: Dict[str, List[str]]
+    rows: Dict[str, int] = Field(default_factory=dict)
+    # free-form provenance: generator parameters, source files, converter options
+    source: Dict[str, object] = Field(default_factory=dict)
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != FORMAT_VERSION:
+            raise ValueError(f"format_version {v} is not supported (this reader knows {FORMAT_VERSION})")
+        return v
+
+    def sparse_names(self) -> List[str]:
+        return [f.name for f in self.sparse]
+
+    def cardinalities(self) -> Dict[str, int]:
+        return {f.name: f.cardinality for f in self.sparse}
+
+    def files(self, root: Path | str, split: str) -> List[Path]:
+        if split not in self.splits:
+            raise KeyError(f"data set {root} has no split {split!r}; it has {sorted(self.splits)}")
+        return [Path(root) / f for f in self.splits[split]]
+
+    def arrow_schema(self) -> pa.Schema:
+        """The exact Parquet schema every file of this data set must have."""
+        fields = [pa.field(self.label, pa.float32())]
+        fields += [pa.field(n, pa.float32()) for n in self.dense]
+        fields += [
+            pa.field(f.name, pa.list_(pa.int64()) if f.multi_hot else pa.int64()) for f in self.sparse
+        ]
+        return pa.schema(fields)
+
+    @classmethod
+    def load(cls, root: Path | str) -> "DatasetMeta":
+        path = Path(root) / METADATA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no {METADATA_FILE}; is {root} a converted data set?")
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{path}: invalid data set metadata: {e}") from e
+
+    def save(self, root: Path | str) -> Path:
+        """Write metadata.json atomically (temporary file, then rename)."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / METADATA_FILE
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".metadata.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(self.model_dump_json(indent=2))
+        os.replace(tmp, path)
+        return path
+
+
+def table_name(feature: str) -> str:
+    """Name of the embedding table of a sparse feature (one table per feature)."""
+    return f"t_{feature}"
+
+
+
+__all__ = [
+    "DatasetMeta",
+    "SparseFeature",
+    "METADATA_FILE",
+    "LABEL_COLUMN",
+    "SPLITS",
+    "table_name",
+]
