@@ -1,0 +1,81 @@
+"""Model registry: config name -> builder, and the wrapper that gives every model one signature."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+
+from data_pipes.schema import DatasetMeta, table_name
+from mlet_torchrec.config import EmbeddingConfig, ModelConfig
+from mlet_torchrec.models.dlrm import build_dlrm
+from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
+
+# (embeddings: an MLETEmbeddingBagCollection or a stock EmbeddingBagCollection, #dense, config) -> model
+ModelBuilder = Callable[[nn.Module, int, ModelConfig], nn.Module]
+
+MODELS: Dict[str, ModelBuilder] = {
+    "dlrm": lambda emb, num_dense, cfg: build_dlrm(emb, num_dense, cfg.bottom_mlp, cfg.top_mlp),
+}
+
+
+class CTRModel(nn.Module):
+    """``(dense, sparse) -> logits (B,)`` around any registered model; the embeddings stay reachable."""
+
+    def __init__(self, net: nn.Module, embeddings: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        # not a second registration: the net owns the module, this is a typed shortcut
+        object.__setattr__(self, "_embeddings", embeddings)
+
+    @property
+    def embeddings(self) -> nn.Module:
+        return self._embeddings
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return self.net(dense, sparse).squeeze(-1)
+
+
+def table_configs(meta: DatasetMeta, d: int, pooling: str = "sum") -> List[EmbeddingBagConfig]:
+    """One d-dim table per sparse feature of the data set, sized from its cardinality."""
+    from torchrec.modules.embedding_configs import PoolingType
+
+    pool = PoolingType.SUM if pooling == "sum" else PoolingType.MEAN
+    return [
+        EmbeddingBagConfig(
+            name=table_name(f.name),
+            embedding_dim=d,
+            num_embeddings=f.cardinality,
+            feature_names=[f.name],
+            pooling=pool,
+        )
+        for f in meta.sparse
+    ]
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    emb_cfg: EmbeddingConfig,
+    meta: DatasetMeta,
+    device: Optional[torch.device] = None,
+    collapsed: bool = False,
+) -> CTRModel:
+    """Build the configured model; ``collapsed=True`` gives its serving twin on a stock d-dim EBC.
+
+    Dense parts and W2 are drawn from the global torch RNG: seed it identically on every rank.
+    ``device="meta"`` builds W1 for the sharder to materialise.
+    """
+    tables = table_configs(meta, emb_cfg.d, emb_cfg.pooling)
+    embeddings: nn.Module
+    if collapsed:
+        embeddings = EmbeddingBagCollection(tables=tables, device=device)
+    else:
+        inner = {table_name(f.name): emb_cfg.k_for(f.name) for f in meta.sparse}
+        embeddings = MLETEmbeddingBagCollection(
+            tables, inner_dim=inner, sigma=emb_cfg.sigma, allow_k_below_d=emb_cfg.allow_k_below_d, device=device
+        )
+    if model_cfg.name not in MODELS:
+        raise ValueError(f"model.name={model_cfg.name!r} is unknown; known models: {sorted(MODELS)}")
+    return CTRModel(MODELS[model_cfg.name](embeddings, len(meta.dense), model_cfg), embeddings)

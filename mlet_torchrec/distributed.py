@@ -1,0 +1,197 @@
+"""Process group, sharding plan, DistributedModelParallel and the two optimizers.
+
+The same code runs on CPU with gloo and on CUDA with nccl. W1 tables are sharded by the TorchRec
+planner (per-table sharding types from the config) and trained by FBGEMM's fused optimizer in the
+backward pass; the MLPs and W2 are replicated (DDP) and trained by a torch.optim optimizer.
+
+Gradient convention: every rank's loss is ``sum of its samples' losses / global batch size`` and
+DDP *sums* dense gradients (comm hook below), so both the sharded tables and the dense parameters
+receive the gradient of the global-batch mean. TorchRec's sharded backward already sums the table
+gradients over ranks; without this convention tables would see world_size times the dense
+parameters' gradient, and results would depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from mlet_torchrec.config import DenseOptimizerConfig, EmbeddingConfig, SparseOptimizerConfig
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the process group torchrun/TorchX set up, or make a 1-process group when run directly."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is visible")
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30)
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend())
+
+
+class MLETEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+    """The stock EBC sharder, also offering row-wise sharding on CPU.
+
+    TorchRec 1.8 lists row-wise only for CUDA, but its CPU kernels (bucketize + TBE) run it; the
+    2-rank gloo tests check that row-wise training matches a 1-process run.
+    """
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        types = list(super().sharding_types(compute_device_type))
+        for extra in ("row_wise", "table_row_wise"):
+            if extra not in types:
+                types.append(extra)
+        return types
+
+
+def sharding_constraints(
+    emb: EmbeddingConfig, features: List[str], table_of: Dict[str, str], world_size: int
+) -> Dict[str, ParameterConstraints]:
+    """Planner constraints from the config: a fixed sharding type per table unless 'auto'."""
+    constraints: Dict[str, ParameterConstraints] = {}
+    for feature in features:
+        kind = emb.sharding_for(feature)
+        if kind == "auto":
+            continue
+        width = emb.k_for(feature) or emb.d
+        kwargs = {}
+        if kind == "column_wise" and world_size > 1 and width % world_size == 0:
+            # split the columns over all ranks rather than letting the planner keep one shard
+            kwargs["min_partition"] = width // world_size
+        constraints[table_of[feature]] = ParameterConstraints(sharding_types=[kind], **kwargs)
+    return constraints
+
+
+def _sparse_optimizer(cfg: SparseOptimizerConfig) -> Tuple[type, Dict[str, float]]:
+    if cfg.name == "sgd":
+        return torch.optim.SGD, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if cfg.name == "adagrad":
+        return torch.optim.Adagrad, {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    return RowWiseAdagrad, {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+
+
+def _dense_optimizer(cfg: DenseOptimizerConfig, params: List[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adagrad":
+        return torch.optim.Adagrad(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def _allreduce_sum_hook(
+    process_group: Optional[dist.ProcessGroup], bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+@dataclass
+class ShardedModel:
+    model: DistributedModelParallel
+    plan: ShardingPlan
+    optimizer: CombinedOptimizer  # fused (W1) + dense (MLPs, W2)
+
+
+def shard_model(
+    model: nn.Module,
+    emb: EmbeddingConfig,
+    features: List[str],
+    table_of: Dict[str, str],
+    sparse_opt: SparseOptimizerConfig,
+    dense_opt: DenseOptimizerConfig,
+    ctx: DistContext,
+) -> ShardedModel:
+    """Plan, shard and wrap ``model`` (its W1 built on the meta device); attach both optimizers."""
+    embedding_modules = [m for m in model.modules() if type(m).__name__ == "EmbeddingBagCollection"]
+    opt_cls, opt_kwargs = _sparse_optimizer(sparse_opt)
+    for ebc in embedding_modules:
+        apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_kwargs)
+
+    sharders = [MLETEmbeddingBagCollectionSharder()]
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type),
+        constraints=sharding_constraints(emb, features, table_of, ctx.world_size),
+    )
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=model, device=ctx.device, plan=plan, sharders=sharders)
+
+    wrapped = dmp._dmp_wrapped_module
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+        wrapped.register_comm_hook(None, _allreduce_sum_hook)
+
+    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dense = KeyedOptimizerWrapper(dense_params, lambda ps: _dense_optimizer(dense_opt, list(ps)))
+    optimizer = CombinedOptimizer([("fused", dmp.fused_optimizer), ("dense", dense)])
+    return ShardedModel(dmp, plan, optimizer)
+
+
+def plan_summary(plan: ShardingPlan) -> Dict[str, Dict[str, object]]:
+    """JSON-able view of a plan: table -> sharding type, kernel, ranks and shard boxes."""
+    out: Dict[str, Dict[str, object]] = {}
+    for module_path, module_plan in plan.plan.items():
+        for table, p in module_plan.items():  # type: ignore[union-attr]
+            shards = []
+            if p.sharding_spec is not None:
+                for s in p.sharding_spec.shards:  # type: ignore[union-attr]
+                    shards.append(
+                        {"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes), "placement": str(s.placement)}
+                    )
+            out[f"{module_path}.{table}"] = {
+                "sharding_type": p.sharding_type,
+                "compute_kernel": p.compute_kernel,
+                "ranks": p.ranks,
+                "shards": shards,
+            }
+    return out
+
+
+def all_reduce_int(value: int, op: dist.ReduceOp, device: torch.device) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=op)
+    return int(t.item())

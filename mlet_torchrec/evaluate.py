@@ -1,0 +1,115 @@
+"""Evaluation of a (sharded or plain) CTR model on one split, with metrics gathered over ranks.
+
+Sharded embedding lookups are collective: every rank must run the same number of forward passes
+with the same batch size. Ranks therefore pad their last partial batch with empty rows and, once
+their data is exhausted, run empty batches; padded rows never reach the metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterator, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec import KeyedJaggedTensor
+from torchrec.datasets.utils import Batch
+
+from mlet_torchrec.metrics import CTRMetrics, ctr_metrics, gather_predictions
+
+
+def pad_batch(batch: Batch, size: int) -> Batch:
+    """Grow ``batch`` to ``size`` rows with empty bags, zero dense features and zero labels."""
+    rows = batch.labels.shape[0]
+    pad = size - rows
+    if pad <= 0:
+        return batch
+    kjt = batch.sparse_features
+    keys = kjt.keys()
+    lengths = kjt.lengths().view(len(keys), rows)
+    lengths = torch.cat([lengths, lengths.new_zeros(len(keys), pad)], dim=1).reshape(-1)
+    return Batch(
+        dense_features=torch.cat([batch.dense_features, batch.dense_features.new_zeros(pad, batch.dense_features.shape[1])]),
+        sparse_features=KeyedJaggedTensor.from_lengths_sync(keys=keys, values=kjt.values(), lengths=lengths),
+        labels=torch.cat([batch.labels, batch.labels.new_zeros(pad)]),
+    )
+
+
+def empty_batch(keys: list[str], num_dense: int, size: int) -> Batch:
+    return Batch(
+        dense_features=torch.zeros(size, num_dense),
+        sparse_features=KeyedJaggedTensor.from_lengths_sync(
+            keys=keys, values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(len(keys) * size, dtype=torch.int64)
+        ),
+        labels=torch.zeros(size),
+    )
+
+
+def _steps_over_ranks(local_steps: int, device: torch.device) -> int:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local_steps
+    t = torch.tensor([local_steps], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    batches: Iterator[Batch],
+    local_steps: int,
+    batch_size: int,
+    keys: list[str],
+    num_dense: int,
+    device: torch.device,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (probabilities, labels), running as many steps as the slowest rank needs."""
+    steps = _steps_over_ranks(local_steps, device)
+    was_training = model.training
+    model.eval()
+    probs, labels = [], []
+    it = iter(batches)
+    for _ in range(steps):
+        batch = next(it, None)
+        valid = 0 if batch is None else batch.labels.shape[0]
+        batch = empty_batch(keys, num_dense, batch_size) if batch is None else pad_batch(batch, batch_size)
+        batch = batch.to(device)
+        logits = model(batch.dense_features, batch.sparse_features)
+        probs.append(torch.sigmoid(logits[:valid].float()).cpu())
+        labels.append(batch.labels[:valid].cpu())
+    model.train(was_training)
+    if not probs:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(probs), torch.cat(labels)
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterator[Batch],
+    local_steps: int,
+    batch_size: int,
+    keys: list[str],
+    num_dense: int,
+    device: torch.device,
+) -> CTRMetrics:
+    """Metrics of ``model`` over every rank's batches (all ranks return the same numbers)."""
+    probs, labels = predict(model, batches, local_steps, batch_size, keys, num_dense, device)
+    return ctr_metrics(*gather_predictions(probs, labels))
+
+
+def evaluate_path(path: str | Path, split: str = "test") -> Dict[str, float]:
+    """Metrics of a training checkpoint (run dir) or a collapse output on ``split``, in one process."""
+    from mlet_torchrec.collapse import MANIFEST, load_collapsed, load_factored
+    from data_pipes.reader import ParquetBatchReader
+
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        model, config, meta = load_collapsed(path)
+    else:
+        model, config, meta, _ = load_factored(path)
+    batch_size = config.train.eval_batch_size
+    reader = ParquetBatchReader(config.data.path, split, batch_size, drop_last=False, shuffle=False)
+    metrics = evaluate(model, iter(reader), reader.num_batches(), batch_size, meta.sparse_names(),
+                       len(meta.dense), torch.device("cpu"))
+    return {"split": split, **metrics.as_dict()}

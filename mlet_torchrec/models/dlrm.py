@@ -1,0 +1,34 @@
+"""DLRM on MLET embeddings, with the MLET papers' shapes.
+
+Criteo: bottom MLP 512-256-128-d, top MLP 512-256-1; Avazu-like data: bottom 256-128-d.
+The model is TorchRec's own ``DLRM``; MLET only changes the embedding module it is given.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from torch import nn
+from torchrec.models.dlrm import DLRM
+
+
+
+CRITEO_BOTTOM_MLP: List[int] = [512, 256, 128]
+AVAZU_BOTTOM_MLP: List[int] = [256, 128]
+TOP_MLP: List[int] = [512, 256]
+
+
+def build_dlrm(
+    embeddings: nn.Module,
+    num_dense: int,
+    bottom_mlp: List[int],
+    top_mlp: List[int],
+) -> nn.Module:
+    """TorchRec DLRM whose bottom MLP ends in the embedding dimension d and top MLP in one logit."""
+    d = embeddings.embedding_bag_configs()[0].embedding_dim
+    return DLRM(
+        embedding_bag_collection=embeddings,  # type: ignore[arg-type]  # same interface as an EBC
+        dense_in_features=num_dense,
+        dense_arch_layer_sizes=[*bottom_mlp, d],
+        over_arch_layer_sizes=[*top_mlp, 1],
+    )

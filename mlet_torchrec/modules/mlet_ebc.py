@@ -1,0 +1,199 @@
+"""MLET embeddings: every d-dim table W is trained as W1 (n x k) @ W2 (k x d).
+
+W1 is a stock TorchRec ``EmbeddingBagCollection`` of k-dim tables, so the planner shards it
+(table-, row-, column-wise) and FBGEMM's fused optimizer trains it. W2 is one small dense
+k x d projection per table, replicated on every rank and trained by the dense optimizer.
+Because pooling is linear, ``pool(W1 @ W2) == pool(W1) @ W2``: the module pools k-dim rows and
+then projects all features in one batched matmul, so the projection costs O(batch x features x k x d),
+independent of the bag sizes.
+
+After training, ``collapse`` stores W = W1 @ W2 as an ordinary d-dim table.
+
+Example:
+    >>> import torch
+    >>> from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+    >>> tables = [EmbeddingBagConfig(name="t_a", embedding_dim=4, num_embeddings=10, feature_names=["a"])]
+    >>> ebc = MLETEmbeddingBagCollection(tables, inner_dim=16, sigma=0.25)
+    >>> kjt = KeyedJaggedTensor.from_lengths_sync(["a"], torch.tensor([1, 2, 3]), torch.tensor([1, 2]))
+    >>> ebc(kjt).values().shape
+    torch.Size([2, 4])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+
+InnerDims = Union[None, int, Mapping[str, Optional[int]]]
+
+
+class InnerDimensionError(ValueError):
+    """k < d was asked for without ``allow_k_below_d``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProjectionGroup:
+    """Features whose tables share (k, d): projected together by one batched matmul."""
+
+    k: int
+    d: int
+    tables: Tuple[str, ...]  # W2 parameters stacked in this order
+    feature_table: Tuple[int, ...]  # for each feature of the group: index into ``tables``
+    columns: Tuple[int, ...]  # the group's columns in W1's pooled output (k per feature)
+    out_columns: Tuple[int, ...]  # where its d-dim outputs go in the module's output
+
+
+class MLETEmbeddingBagCollection(nn.Module):
+    """A drop-in for a d-dim ``EmbeddingBagCollection`` that trains each table as W1 @ W2.
+
+    Args:
+        tables: the d-dim tables as the model sees them (what ``embedding_bag_configs()``
+            reports and what collapse produces).
+        inner_dim: k for every table (int), per table name (mapping; a missing name or None means
+            single-layer for that table), or None for the single-layer baseline. The baseline runs
+            through the same module so comparisons are fair.
+        sigma: std of the N(0, sigma^2) initialisation of W2.
+        allow_k_below_d: permit k < d (a low-rank factorisation, not MLET).
+        device: where W1 is built; ``torch.device("meta")`` lets the TorchRec sharder
+            materialise only each rank's shards.
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        inner_dim: InnerDims,
+        sigma: float = 0.25,
+        allow_k_below_d: bool = False,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        if not tables:
+            raise ValueError("MLETEmbeddingBagCollection needs at least one table")
+        self._tables: List[EmbeddingBagConfig] = list(tables)
+        self._inner: Dict[str, Optional[int]] = {}
+        for t in self._tables:
+            k = inner_dim.get(t.name) if isinstance(inner_dim, Mapping) else inner_dim
+            if k is not None and k < t.embedding_dim and not allow_k_below_d:
+                raise InnerDimensionError(
+                    f"table {t.name}: inner dimension k={k} is below d={t.embedding_dim}; MLET needs "
+                    "k >= d (pass allow_k_below_d=True for a low-rank factorisation)"
+                )
+            if k is not None and k <= 0:
+                raise InnerDimensionError(f"table {t.name}: inner dimension k={k} must be positive")
+            self._inner[t.name] = k
+        if isinstance(inner_dim, Mapping):
+            unknown = set(inner_dim) - set(self._inner)
+            if unknown:
+                raise KeyError(f"inner_dim names unknown tables {sorted(unknown)}; tables are {sorted(self._inner)}")
+        self.sigma = sigma
+
+        w1_tables = [
+            dataclasses.replace(t, embedding_dim=self._inner[t.name] or t.embedding_dim) for t in self._tables
+        ]
+        self.w1 = EmbeddingBagCollection(tables=w1_tables, device=device)
+        self.w2 = nn.ParameterDict(
+            {
+                t.name: nn.Parameter(torch.empty(self._inner[t.name], t.embedding_dim))
+                for t in self._tables
+                if self._inner[t.name] is not None
+            }
+        )
+        self.reset_projections()
+        self._groups, self._out_dims = self._plan_groups()
+
+    def _plan_groups(self) -> Tuple[List[_ProjectionGroup], List[int]]:
+        by_shape: Dict[Tuple[int, int], Dict[str, list]] = {}
+        in_col = out_col = 0
+        out_dims: List[int] = []
+        for t in self._tables:
+            k, d = self._inner[t.name], t.embedding_dim
+            for _ in t.feature_names:
+                width = k if k is not None else d
+                if k is not None:
+                    g = by_shape.setdefault((k, d), {"tables": [], "ft": [], "cols": [], "out": []})
+                    if t.name not in g["tables"]:
+                        g["tables"].append(t.name)
+                    g["ft"].append(g["tables"].index(t.name))
+                    g["cols"].extend(range(in_col, in_col + width))
+                    g["out"].extend(range(out_col, out_col + d))
+                in_col += width
+                out_col += d
+                out_dims.append(d)
+        groups = [
+            _ProjectionGroup(k, d, tuple(g["tables"]), tuple(g["ft"]), tuple(g["cols"]), tuple(g["out"]))
+            for (k, d), g in by_shape.items()
+        ]
+        return groups, out_dims
+
+    @torch.no_grad()
+    def reset_projections(self) -> None:
+        """Draw every W2 from N(0, sigma^2) (uses the global torch RNG: seed it identically on all ranks)."""
+        for p in self.w2.values():
+            nn.init.normal_(p, mean=0.0, std=self.sigma)
+
+    @property
+    def is_factored(self) -> bool:
+        return len(self.w2) > 0
+
+    def inner_dims(self) -> Dict[str, Optional[int]]:
+        """Table name -> k (None for single-layer tables)."""
+        return dict(self._inner)
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        """The d-dim tables this module stands for (what a stock model and collapse see)."""
+        return list(self._tables)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        pooled = self.w1(features)
+        if not self._groups:
+            return pooled
+        values = pooled.values()
+        batch = values.shape[0]
+        if len(self._groups) == 1 and len(self._groups[0].out_columns) == sum(self._out_dims):
+            out = self._project(values, self._groups[0]).reshape(batch, -1)
+        else:
+            # Mixed (k, d) or some single-layer tables: project each group, then place its columns.
+            out = values.new_empty(batch, sum(self._out_dims))
+            passthrough = self._passthrough_columns()
+            if passthrough is not None:
+                src, dst = passthrough
+                out[:, dst] = values[:, src]
+            for g in self._groups:
+                out[:, list(g.out_columns)] = self._project(values[:, list(g.columns)], g).reshape(batch, -1)
+        return KeyedTensor(keys=pooled.keys(), length_per_key=list(self._out_dims), values=out, key_dim=1)
+
+    def _project(self, values: torch.Tensor, group: _ProjectionGroup) -> torch.Tensor:
+        """(B, F*k) pooled W1 rows -> (B, F, d): one batched matmul over all features of the group."""
+        w2 = torch.stack([self.w2[name] for name in group.tables])  # (T, k, d)
+        if len(group.tables) != len(group.feature_table):
+            w2 = w2[list(group.feature_table)]  # tables shared by several features
+        return torch.einsum("bfk,fkd->bfd", values.reshape(values.shape[0], -1, group.k), w2)
+
+    def _passthrough_columns(self) -> Optional[Tuple[List[int], List[int]]]:
+        src: List[int] = []
+        dst: List[int] = []
+        in_col = out_col = 0
+        for t in self._tables:
+            k, d = self._inner[t.name], t.embedding_dim
+            for _ in t.feature_names:
+                if k is None:
+                    src.extend(range(in_col, in_col + d))
+                    dst.extend(range(out_col, out_col + d))
+                in_col += k if k is not None else d
+                out_col += d
+        return (src, dst) if src else None
+
+    @torch.no_grad()
+    def collapse_table(self, name: str, w1: torch.Tensor, block_rows: int = 65536) -> torch.Tensor:
+        """W = W1 @ W2 for one table, in row blocks so memory stays bounded; single-layer tables pass through."""
+        if self._inner[name] is None:
+            return w1.clone()
+        w2 = self.w2[name].to(device=w1.device, dtype=w1.dtype)
+        out = torch.empty(w1.shape[0], w2.shape[1], dtype=w1.dtype, device=w1.device)
+        for start in range(0, w1.shape[0], block_rows):
+            torch.mm(w1[start : start + block_rows], w2, out=out[start : start + block_rows])
+        return out
