@@ -172,10 +172,11 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
     for text in overrides:
         path, value = parse_override(text)
         node = raw
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part} is a value, not a section")
+                section = ".".join(path[: depth + 1])
+                raise ConfigError(f"override {text!r}: {section} is a value, not a section")
             node = child
         node[path[-1]] = value
     return raw

@@ -4,11 +4,11 @@ The same code runs on CPU with gloo and on CUDA with nccl. W1 tables are sharded
 planner (per-table sharding types from the config) and trained by FBGEMM's fused optimizer in the
 backward pass; the MLPs and W2 are replicated (DDP) and trained by a torch.optim optimizer.
 
-Gradient convention: every rank's loss is ``sum of its samples' losses / global batch size`` and
-DDP *sums* dense gradients (comm hook below), so both the sharded tables and the dense parameters
-receive the gradient of the global-batch mean. TorchRec's sharded backward already sums the table
-gradients over ranks; without this convention tables would see world_size times the dense
-parameters' gradient, and results would depend on the number of ranks.
+Gradient convention: every rank's loss is the mean over its own (equal-sized) batch. DDP
+averages the dense gradients over ranks, and TorchRec's sharded backward divides the table
+gradients by the world size (``comm_ops`` gradient division, on by default), so tables and dense
+parameters both receive the gradient of the global-batch mean: a 2-rank run reproduces a
+1-process run with the same global batch, whatever the sharding (tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -123,14 +123,6 @@ def _dense_optimizer(cfg: DenseOptimizerConfig, params: List[nn.Parameter]) -> t
     return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def _allreduce_sum_hook(
-    process_group: Optional[dist.ProcessGroup], bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
-    group = process_group if process_group is not None else dist.group.WORLD
-    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
-
-
 @dataclass
 class ShardedModel:
     model: DistributedModelParallel
@@ -160,10 +152,6 @@ def shard_model(
     )
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=model, device=ctx.device, plan=plan, sharders=sharders)
-
-    wrapped = dmp._dmp_wrapped_module
-    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
-        wrapped.register_comm_hook(None, _allreduce_sum_hook)
 
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     dense = KeyedOptimizerWrapper(dense_params, lambda ps: _dense_optimizer(dense_opt, list(ps)))

@@ -204,7 +204,7 @@ def train(config: ExperimentConfig) -> TrainResult:
             batch = next(batches).to(ctx.device)
             logits = model(batch.dense_features, batch.sparse_features)
             loss_sum = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
-            (loss_sum / config.train.batch_size).backward()
+            (loss_sum / batch.labels.shape[0]).backward()  # local mean: see distributed.py
             optimizer.step()
             optimizer.zero_grad()
             loss_value = float(loss_sum.detach())

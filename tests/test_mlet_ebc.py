@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import PoolingType
 
@@ -156,3 +156,25 @@ def test_projection_is_one_batched_op_for_uniform_k():
     assert len(module._groups) == 1
     mixed = MLETEmbeddingBagCollection(_tables(), inner_dim={"t_a": 8, "t_b": 16, "t_e": 16})
     assert sorted(g.k for g in mixed._groups) == [8, 16]
+
+
+@pytest.mark.parametrize("inner", [16, {"t_a": 8, "t_b": 16, "t_e": None}])
+def test_w1_output_in_any_key_order_gives_the_same_result(inner):
+    """A sharded W1 returns its keys grouped by shard, not in table order (table-wise over 2 ranks)."""
+    torch.manual_seed(0)
+    module = MLETEmbeddingBagCollection(_tables(), inner_dim=inner)
+    kjt = _kjt()
+    expected = module(kjt).values()
+    plain_forward = module.w1.forward
+
+    def shuffled_forward(features):
+        kt = plain_forward(features)
+        order = ["e", "c", "a", "b"]
+        parts = kt.to_dict()
+        return KeyedTensor(keys=order, length_per_key=[parts[k].shape[1] for k in order],
+                           values=torch.cat([parts[k] for k in order], dim=1))
+
+    module.w1.forward = shuffled_forward
+    got = module(kjt)
+    assert got.keys() == ["a", "b", "c", "e"]
+    torch.testing.assert_close(got.values(), expected, rtol=0, atol=0)

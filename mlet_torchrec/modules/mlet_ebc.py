@@ -42,9 +42,17 @@ class _ProjectionGroup:
     k: int
     d: int
     tables: Tuple[str, ...]  # W2 parameters stacked in this order
-    feature_table: Tuple[int, ...]  # for each feature of the group: index into ``tables``
-    columns: Tuple[int, ...]  # the group's columns in W1's pooled output (k per feature)
-    out_columns: Tuple[int, ...]  # where its d-dim outputs go in the module's output
+    features: Tuple[str, ...]  # the group's features, in the module's feature order
+    feature_table: Tuple[int, ...]  # for each feature: index into ``tables``
+    out_columns: Tuple[int, ...]  # where the group's d-dim outputs go in the module's output
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where each group's k-dim columns sit in W1's pooled output, for one order of its keys."""
+
+    in_columns: Tuple[Optional[torch.Tensor], ...]  # per group; None: the whole output, in order
+    passthrough: Optional[Tuple[torch.Tensor, torch.Tensor]]  # single-layer features: (src, dst) columns
 
 
 class MLETEmbeddingBagCollection(nn.Module):
@@ -104,30 +112,57 @@ class MLETEmbeddingBagCollection(nn.Module):
         )
         self.reset_projections()
         self._groups, self._out_dims = self._plan_groups()
+        self._feature_names = [f for t in self._tables for f in t.feature_names]
+        self._layouts: Dict[Tuple[Tuple[str, ...], Tuple[int, ...]], _Layout] = {}
 
     def _plan_groups(self) -> Tuple[List[_ProjectionGroup], List[int]]:
         by_shape: Dict[Tuple[int, int], Dict[str, list]] = {}
-        in_col = out_col = 0
+        out_col = 0
         out_dims: List[int] = []
         for t in self._tables:
             k, d = self._inner[t.name], t.embedding_dim
-            for _ in t.feature_names:
-                width = k if k is not None else d
+            for feature in t.feature_names:
                 if k is not None:
-                    g = by_shape.setdefault((k, d), {"tables": [], "ft": [], "cols": [], "out": []})
+                    g = by_shape.setdefault((k, d), {"tables": [], "features": [], "ft": [], "out": []})
                     if t.name not in g["tables"]:
                         g["tables"].append(t.name)
+                    g["features"].append(feature)
                     g["ft"].append(g["tables"].index(t.name))
-                    g["cols"].extend(range(in_col, in_col + width))
                     g["out"].extend(range(out_col, out_col + d))
-                in_col += width
                 out_col += d
                 out_dims.append(d)
         groups = [
-            _ProjectionGroup(k, d, tuple(g["tables"]), tuple(g["ft"]), tuple(g["cols"]), tuple(g["out"]))
+            _ProjectionGroup(k, d, tuple(g["tables"]), tuple(g["features"]), tuple(g["ft"]), tuple(g["out"]))
             for (k, d), g in by_shape.items()
         ]
         return groups, out_dims
+
+    def _layout(self, keys: Sequence[str], lengths: Sequence[int]) -> _Layout:
+        """Column indices for W1's output key order (a sharded EBC may order keys by shard, not by table)."""
+        cache_key = (tuple(keys), tuple(lengths))
+        cached = self._layouts.get(cache_key)
+        if cached is not None:
+            return cached
+        start = dict(zip(keys, [sum(lengths[:i]) for i in range(len(lengths))]))
+        width = dict(zip(keys, lengths))
+        in_columns: List[Optional[torch.Tensor]] = []
+        for g in self._groups:
+            cols = [c for f in g.features for c in range(start[f], start[f] + width[f])]
+            in_order = cols == list(range(sum(lengths))) and len(self._groups) == 1
+            in_columns.append(None if in_order else torch.tensor(cols, dtype=torch.long))
+        src: List[int] = []
+        dst: List[int] = []
+        out_col = 0
+        for t in self._tables:
+            for f in t.feature_names:
+                if self._inner[t.name] is None:
+                    src.extend(range(start[f], start[f] + width[f]))
+                    dst.extend(range(out_col, out_col + t.embedding_dim))
+                out_col += t.embedding_dim
+        passthrough = (torch.tensor(src), torch.tensor(dst)) if src else None
+        layout = _Layout(tuple(in_columns), passthrough)
+        self._layouts[cache_key] = layout
+        return layout
 
     @torch.no_grad()
     def reset_projections(self) -> None:
@@ -153,18 +188,20 @@ class MLETEmbeddingBagCollection(nn.Module):
             return pooled
         values = pooled.values()
         batch = values.shape[0]
-        if len(self._groups) == 1 and len(self._groups[0].out_columns) == sum(self._out_dims):
-            out = self._project(values, self._groups[0]).reshape(batch, -1)
-        else:
-            # Mixed (k, d) or some single-layer tables: project each group, then place its columns.
-            out = values.new_empty(batch, sum(self._out_dims))
-            passthrough = self._passthrough_columns()
-            if passthrough is not None:
-                src, dst = passthrough
-                out[:, dst] = values[:, src]
-            for g in self._groups:
-                out[:, list(g.out_columns)] = self._project(values[:, list(g.columns)], g).reshape(batch, -1)
-        return KeyedTensor(keys=pooled.keys(), length_per_key=list(self._out_dims), values=out, key_dim=1)
+        layout = self._layout(pooled.keys(), pooled.length_per_key())
+        fast = len(self._groups) == 1 and layout.passthrough is None
+        out = None if fast else values.new_empty(batch, sum(self._out_dims))
+        if layout.passthrough is not None:
+            src, dst = layout.passthrough
+            out[:, dst.to(values.device)] = values.index_select(1, src.to(values.device))
+        for g, cols in zip(self._groups, layout.in_columns):
+            group_values = values if cols is None else values.index_select(1, cols.to(values.device))
+            projected = self._project(group_values, g).reshape(batch, -1)
+            if fast:
+                out = projected  # the group covers every feature, already in output order
+            else:
+                out[:, list(g.out_columns)] = projected
+        return KeyedTensor(keys=self._feature_names, length_per_key=list(self._out_dims), values=out, key_dim=1)
 
     def _project(self, values: torch.Tensor, group: _ProjectionGroup) -> torch.Tensor:
         """(B, F*k) pooled W1 rows -> (B, F, d): one batched matmul over all features of the group."""
@@ -172,20 +209,6 @@ class MLETEmbeddingBagCollection(nn.Module):
         if len(group.tables) != len(group.feature_table):
             w2 = w2[list(group.feature_table)]  # tables shared by several features
         return torch.einsum("bfk,fkd->bfd", values.reshape(values.shape[0], -1, group.k), w2)
-
-    def _passthrough_columns(self) -> Optional[Tuple[List[int], List[int]]]:
-        src: List[int] = []
-        dst: List[int] = []
-        in_col = out_col = 0
-        for t in self._tables:
-            k, d = self._inner[t.name], t.embedding_dim
-            for _ in t.feature_names:
-                if k is None:
-                    src.extend(range(in_col, in_col + d))
-                    dst.extend(range(out_col, out_col + d))
-                in_col += k if k is not None else d
-                out_col += d
-        return (src, dst) if src else None
 
     @torch.no_grad()
     def collapse_table(self, name: str, w1: torch.Tensor, block_rows: int = 65536) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""The run config schema: files, dotted overrides and the errors users see."""
+
+from pathlib import Path
+
+import pytest
+
+from mlet_torchrec.config import ConfigError, ExperimentConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_are_the_papers_dlrm_setup():
+    cfg = load_config(None)
+    assert cfg.model.bottom_mlp == [512, 256, 128] and cfg.model.top_mlp == [512, 256]
+    assert cfg.sparse_optimizer.name == "sgd" and cfg.sparse_optimizer.lr == 0.2
+    assert cfg.train.batch_size == 128 and cfg.embedding.k is None and cfg.embedding.sigma == 0.25
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    assert isinstance(load_config(path), ExperimentConfig)
+
+
+def test_overrides_are_typed_yaml_values():
+    cfg = load_config(CONFIGS / "demo.yaml", ["embedding.k=null", "model.top_mlp=[8, 4]", "train.seed=3",
+                                              "embedding.tables.C1.k=128", "embedding.tables.C1.sharding=row_wise"])
+    assert cfg.embedding.k is None and cfg.model.top_mlp == [8, 4] and cfg.train.seed == 3
+    assert cfg.embedding.k_for("C1") == 128 and cfg.embedding.sharding_for("C1") == "row_wise"
+    assert cfg.embedding.k_for("C2") is None and cfg.embedding.sharding_for("C2") == "auto"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "demo.yaml", ["embedding.d=8"])
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("embedding.dd=3", r"embedding.dd: unknown key"),
+        ("sparse_optimizer.name=adam", r"sparse_optimizer.name: Input should be 'sgd', 'adagrad' or 'rowwise_adagrad'"),
+        ("embedding.sharding=diagonal", r"embedding.sharding: Input should be 'auto', 'table_wise'"),
+        ("train.batch_size=0", r"train.batch_size: Input should be greater than 0"),
+        ("train.batch_size=many", r"train.batch_size: Input should be a valid integer"),
+        ("nonsense", r"override 'nonsense' is not of the form key.sub=value"),
+        ("run.dir.x=1", r"run.dir is a value, not a section"),
+    ],
+)
+def test_bad_values_name_the_key_and_allowed_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "demo.yaml", [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("data: {path: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
