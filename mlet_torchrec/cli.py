@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from data_pipes.errors import DataError
 from mlet_torchrec.config import ConfigError, apply_overrides, load_config
-
-log = logging.getLogger("mlet")
+from mlet_torchrec.logs import configure_logging
 
 # Errors that are the user's input, printed as one line without a traceback.
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError)
@@ -31,7 +29,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     if args.nproc_per_node > 1 and not in_distributed_job():
-        summary = train_local(config, args.nproc_per_node, max_restarts=args.max_restarts)
+        summary = train_local(config, args.nproc_per_node, max_restarts=args.max_restarts, verbose=args.verbose)
     else:
         from mlet_torchrec.train import train
 
@@ -145,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    configure_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     if args.verbose:
         return func(args)

@@ -71,6 +71,9 @@ def init_distributed(device: str = "auto") -> DistContext:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+        # ranks of one machine share its cores: oversubscribed intra-op threads slow every rank down
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend())
 
 
@@ -177,9 +180,3 @@ def plan_summary(plan: ShardingPlan) -> Dict[str, Dict[str, object]]:
                 "shards": shards,
             }
     return out
-
-
-def all_reduce_int(value: int, op: dist.ReduceOp, device: torch.device) -> int:
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=op)
-    return int(t.item())

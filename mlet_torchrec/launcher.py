@@ -15,9 +15,11 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from mlet_torchrec.config import ExperimentConfig
 
 
-def _train_worker(config: Dict[str, Any]) -> Dict[str, Any]:
+def _train_worker(config: Dict[str, Any], verbose: bool) -> Dict[str, Any]:
+    from mlet_torchrec.logs import configure_logging
     from mlet_torchrec.train import train
 
+    configure_logging(verbose)
     return train(ExperimentConfig.model_validate(config)).summary()
 
 
@@ -26,7 +28,9 @@ def in_distributed_job() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def train_local(config: ExperimentConfig, nproc_per_node: int, max_restarts: int = 0) -> Dict[str, Any]:
+def train_local(
+    config: ExperimentConfig, nproc_per_node: int, max_restarts: int = 0, verbose: bool = False
+) -> Dict[str, Any]:
     """Train on ``nproc_per_node`` processes of this machine; returns rank 0's result summary."""
     launch = LaunchConfig(
         min_nodes=1,
@@ -38,5 +42,5 @@ def train_local(config: ExperimentConfig, nproc_per_node: int, max_restarts: int
         max_restarts=max_restarts,
         monitor_interval=0.5,
     )
-    results = elastic_launch(launch, entrypoint=_train_worker)(config.model_dump(mode="json"))
+    results = elastic_launch(launch, entrypoint=_train_worker)(config.model_dump(mode="json"), verbose)
     return results[0]

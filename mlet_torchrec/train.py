@@ -33,7 +33,7 @@ from data_pipes.reader import ParquetBatchReader, make_dataloader
 from data_pipes.schema import DatasetMeta, table_name
 from mlet_torchrec.checkpoint import save_checkpoint
 from mlet_torchrec.config import ConfigError, ExperimentConfig
-from mlet_torchrec.distributed import DistContext, all_reduce_int, init_distributed, plan_summary, shard_model
+from mlet_torchrec.distributed import DistContext, init_distributed, plan_summary, shard_model
 from mlet_torchrec.evaluate import evaluate
 from mlet_torchrec.metrics import CTRMetrics
 from mlet_torchrec.models import build_model
@@ -162,14 +162,20 @@ def train(config: ExperimentConfig) -> TrainResult:
         seed=config.train.seed,
         validate=config.data.validate_ids,
     )
-    # Every rank must take the same number of steps (the embedding all-to-alls are collective).
-    steps_per_epoch = all_reduce_int(reader.num_batches(config.data.num_workers), dist.ReduceOp.MIN, ctx.device)
-    if steps_per_epoch == 0:
+    # Every rank must take the same number of steps (the embedding all-to-alls are collective), and
+    # with shuffling a rank's share of row groups, hence its batch count, changes from epoch to epoch.
+    local_steps = torch.tensor(
+        [reader.num_batches(config.data.num_workers, epoch=e) for e in range(config.train.epochs)],
+        dtype=torch.int64, device=ctx.device,
+    )
+    dist.all_reduce(local_steps, op=dist.ReduceOp.MIN)
+    epoch_steps = [int(n) for n in local_steps.tolist()]
+    if min(epoch_steps) == 0:
         raise ConfigError(
             f"the train split of {config.data.path} has fewer rows per rank than one batch "
             f"(train.batch_size={config.train.batch_size} over {ctx.world_size} ranks)"
         )
-    total_steps = steps_per_epoch * config.train.epochs
+    total_steps = sum(epoch_steps)
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
 
@@ -199,7 +205,7 @@ def train(config: ExperimentConfig) -> TrainResult:
             break
         reader.set_epoch(epoch)
         batches = iter(make_dataloader(reader, config.data.num_workers))
-        for _ in range(min(steps_per_epoch, total_steps - step)):
+        for _ in range(min(epoch_steps[epoch], total_steps - step)):
             t0 = time.perf_counter()
             batch = next(batches).to(ctx.device)
             logits = model(batch.dense_features, batch.sparse_features)
@@ -235,7 +241,7 @@ def train(config: ExperimentConfig) -> TrainResult:
                     if ctx.is_main:
                         bar.write(f"step {step}: valid AUC {valid_metrics.auc:.4f} LogLoss {valid_metrics.logloss:.4f}")
             if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(run_dir, step, model, config, {**info, "epoch": epoch})
+                save_checkpoint(run_dir, step, model, config, {**info, "epoch": epoch}, optimizer)
     bar.close()
 
     valid_metrics = run_eval("valid")
@@ -246,7 +252,7 @@ def train(config: ExperimentConfig) -> TrainResult:
     sps = step * config.train.batch_size / max(train_seconds, 1e-9)
     final_info = {**info, "valid": valid_metrics and valid_metrics.as_dict(),
                   "test": test_metrics and test_metrics.as_dict()}
-    checkpoint = save_checkpoint(run_dir, step, model, config, final_info)
+    checkpoint = save_checkpoint(run_dir, step, model, config, final_info, optimizer)
     result = TrainResult(run_dir, checkpoint, step, train_seconds, sps, valid_metrics, test_metrics)
     if ctx.is_main:
         summary = {**result.summary(), **table_bytes(meta, config), "world_size": ctx.world_size}

@@ -100,7 +100,7 @@ def test_two_ranks_match_one_process(dataset, reference, tmp_path, sharding):
     # training moved W1 and W2 away from their initial values (so the agreement is not trivial)
     init = _initial_state(tmp_path / "run")
     for key, value in init.items():
-        assert float((got_factored[key] - value).abs().max()) > 1e-4, f"{key} did not train"
+        assert float((got_factored[key] - value).abs().max()) > 1e-5, f"{key} did not train"
     assert abs(summary["test"]["auc"] - reference[0]["test"]["auc"]) < 1e-4
 
 

@@ -26,14 +26,16 @@ def _mlet(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "data"
-    generate(SynthConfig(rows=6000, num_dense=4, num_sparse=5, min_cardinality=10, max_cardinality=2000,
+    # small tables, so that three epochs of a few thousand rows learn the planted signal
+    generate(SynthConfig(rows=8000, num_dense=4, num_sparse=4, min_cardinality=5, max_cardinality=200,
                          row_group_size=512, seed=2), out, progress=False)
     return out
 
 
 def test_cli_train_collapse_evaluate(tiny_data, tmp_path):
     run = tmp_path / "run"
-    _mlet("train", "--config", "configs/tiny.yaml", f"data.path={tiny_data}", f"run.dir={run}", "--nproc-per-node", "2")
+    _mlet("train", "--config", "configs/tiny.yaml", f"data.path={tiny_data}", f"run.dir={run}", "train.epochs=3",
+          "--nproc-per-node", "2")
     for name in ("config.yaml", "plan.json", "metrics.jsonl", "metrics.json", "checkpoints/LATEST"):
         assert (run / name).exists(), name
     assert list((run / "tensorboard").iterdir())
@@ -65,7 +67,7 @@ def test_cli_train_collapse_evaluate(tiny_data, tmp_path):
 def test_demo_pieces_on_tiny_data(tiny_data, tmp_path):
     out = run_demo(tmp_path / "demo", tiny_data, nproc_per_node=2,
                    overrides=["model.bottom_mlp=[16]", "model.top_mlp=[16]", "embedding.k=16", "train.batch_size=64",
-                              "train.progress=false"])
+                              "train.epochs=3", "train.progress=false"])
     results = out["results"]
     assert results["baseline"]["config"]["embedding"]["k"] is None and results["mlet"]["config"]["embedding"]["k"] == 16
     for name in ("baseline", "mlet"):
