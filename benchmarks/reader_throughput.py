@@ -1,0 +1,112 @@
+"""Reader throughput: raw pyarrow row-group reads vs ParquetBatchReader -> Batch, one process, side by side.
+
+Both read the same row groups of the same split (warm page cache; passes alternate so machine
+noise hits both); the figures are median rows/s and the ratio reader / raw. By default a
+Criteo-shaped synthetic data set (13 dense, 26 sparse) is generated into a temporary directory.
+
+    python benchmarks/reader_throughput.py                       # ~30 s
+    python benchmarks/reader_throughput.py --data data/demo --batch-size 2048 --repeats 5
+
+``measure_reader(root, split, batch_size)`` is importable by other benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+import pyarrow.parquet as pq  # noqa: E402
+
+from data_pipes.reader import ParquetBatchReader, make_dataloader  # noqa: E402
+from data_pipes.schema import METADATA_FILE, DatasetMeta  # noqa: E402
+
+
+def measure_reader(root: Path | str, split: str, batch_size: int, *, validate: bool = True,
+                   num_workers: int = 0, drop_last: bool = True) -> float:
+    """Rows/s of one pass of ParquetBatchReader over ``split`` (Batches built, nothing else done)."""
+    reader = ParquetBatchReader(root, split, batch_size, drop_last=drop_last, validate=validate)
+    batches = make_dataloader(reader, num_workers) if num_workers else reader
+    rows = 0
+    start = time.perf_counter()
+    for batch in batches:
+        rows += batch.labels.shape[0]
+    return rows / (time.perf_counter() - start)
+
+
+def measure_raw(root: Path | str, split: str) -> float:
+    """Rows/s of ``ParquetFile.read_row_group`` over every row group of ``split`` (Arrow tables only)."""
+    meta = DatasetMeta.load(root)
+    columns = [meta.label, *meta.dense, *meta.sparse_names()]
+    rows = 0
+    start = time.perf_counter()
+    for path in meta.files(root, split):
+        with pq.ParquetFile(path) as pf:
+            for g in range(pf.num_row_groups):
+                rows += pf.read_row_group(g, columns=columns).num_rows
+    return rows / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=None, help="data set (default: generate a synthetic one)")
+    ap.add_argument("--rows", type=int, default=500_000, help="rows of the generated data set")
+    ap.add_argument("--multi-hot", type=int, default=0, help="multi-hot features of the generated data set")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--batch-size", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--workers", type=int, nargs="*", default=[],
+                    help="also measure through a DataLoader with these worker counts")
+    ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data
+        if root is None or not (root / METADATA_FILE).is_file():
+            from data_pipes.synth import SynthConfig, generate
+
+            root = root or Path(tmp) / "synth"
+            cfg = SynthConfig(rows=args.rows, multi_hot_features=args.multi_hot)
+            start = time.perf_counter()
+            generate(cfg, root, progress=False)
+            print(f"generated {cfg.rows:,} rows in {time.perf_counter() - start:.1f} s into {root}", flush=True)
+        meta = DatasetMeta.load(root)
+        print(f"{args.split}: {meta.rows.get(args.split, '?'):,} rows, {len(meta.dense)} dense, "
+              f"{len(meta.sparse)} sparse ({sum(f.multi_hot for f in meta.sparse)} multi-hot), "
+              f"batch {args.batch_size}", flush=True)
+
+        kinds = {
+            "raw_pyarrow": lambda: measure_raw(root, args.split),
+            "reader": lambda: measure_reader(root, args.split, args.batch_size),
+            "reader_no_validate": lambda: measure_reader(root, args.split, args.batch_size, validate=False),
+        }
+        for w in args.workers:
+            kinds[f"dataloader_{w}_workers"] = lambda w=w: measure_reader(root, args.split, args.batch_size,
+                                                                           num_workers=w)
+        for fn in kinds.values():  # warm the page cache and lazy imports
+            fn()
+        samples: Dict[str, List[float]] = {k: [] for k in kinds}
+        for _ in range(args.repeats):
+            for name, fn in kinds.items():
+                samples[name].append(fn())
+        medians = {k: statistics.median(v) for k, v in samples.items()}
+    raw = medians["raw_pyarrow"]
+    for name, value in medians.items():
+        print(f"{name:>24}: {value:>12,.0f} rows/s   ({value / raw:.2f} x raw)")
+    print(f"ratio reader / raw pyarrow: {medians['reader'] / raw:.3f}")
+    if args.out:
+        args.out.write_text(json.dumps({"samples": samples, "median_rows_per_s": medians,
+                                        "ratio_reader_over_raw": medians["reader"] / raw}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""TorchX components that run the ``mlet`` command: ``train``, ``collapse`` and ``evaluate``.
+
+Each one is a thin wrapper around TorchX's builtin ``dist.ddp`` (torchrun under the hood), so the
+same component runs on every TorchX scheduler; only ``-s`` and the image change::
+
+    torchx run -s local_cwd    launch/components.py:train --config configs/tiny.yaml -j 1x2
+    torchx run -s local_docker launch/components.py:train --image mlet-torchrec:cpu --config ... -j 1x2
+    torchx run -s kubernetes   launch/components.py:train --image REG/mlet-torchrec:cuda --gpu 8 -j 2x8 --config ...
+    torchx run -s slurm        launch/components.py:train --gpu 8 -j 2x8 --config ...
+
+``mlet train`` joins the process group that torchrun sets up (gloo on CPU, nccl on CUDA, chosen by
+the trainer from the visible devices), so GPUs only need ``--gpu N`` with ``-j NODESxN``.
+Config overrides (``key.sub=value``) go last on the command line: everything after the first one
+is handed to ``mlet train`` unchanged.
+
+Restarts on failure, two levels (both default to 0):
+
+* ``max_retries``: the scheduler resubmits the whole job (Kubernetes/Volcano ``maxRetry``, Slurm
+  ``--requeue``, Docker's ``on-failure`` restart policy; ``local_cwd`` has no retries).
+* ``max_restarts`` (``train`` only): torchrun restarts all workers in place (``--max-restarts``);
+  works on every scheduler, ``local_cwd`` included.
+
+A restarted ``mlet train`` starts again from step 0 in the same ``run.dir``.
+
+Do not add ``from __future__ import annotations`` here: TorchX reads the real annotations to
+build each component's command line.
+"""
+
+from typing import Dict, List, Optional
+
+import torchx.specs as specs
+from torchx.components import dist
+
+MODULE = "mlet_torchrec.cli"
+"""What every replica runs, as ``python -m mlet_torchrec.cli`` (the ``mlet`` console script)."""
+
+DEFAULT_IMAGE = "mlet-torchrec:cpu"
+"""The tag the README's ``docker build`` gives the CPU image (ignored by local_cwd and slurm)."""
+
+
+def _single_role(app: specs.AppDef, role_name: str) -> specs.AppDef:
+    # dist.ddp names the role after the module ("cli"); name it after the subcommand instead, so
+    # pods, containers and Slurm jobs read e.g. mlet-train-xxxx-train-0.
+    (role,) = app.roles
+    role.name = role_name
+    return app
+
+
+def _with_max_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
+    # dist.ddp's role runs `bash -c "torchrun ..."` and has no option for torchrun's in-place
+    # restarts; add the flag to that command line.
+    if max_restarts < 0:
+        raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
+    if max_restarts:
+        role = app.roles[0]
+        flag, cmd = role.args
+        if flag != "-c" or not cmd.startswith("torchrun "):
+            raise RuntimeError(f"unexpected dist.ddp command line, cannot add --max-restarts: {role.args}")
+        role.args = [flag, f"torchrun --max-restarts {max_restarts} " + cmd[len("torchrun ") :]]
+    return app
+
+
+def train(
+    config: str,
+    *overrides: str,
+    j: str = "1x2",
+    image: str = DEFAULT_IMAGE,
+    name: str = "mlet-train",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 4096,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+    max_restarts: int = 0,
+    rdzv_port: int = 29500,
+    debug: bool = False,
+) -> specs.AppDef:
+    """Train a model: ``mlet train --config CONFIG [key.sub=value ...]`` on every process of the job.
+
+    Args:
+        config: YAML config, a path inside the image's working directory (/app) or, for local_cwd
+            and slurm, relative to the directory torchx runs from
+        overrides: config overrides ``key.sub=value`` (e.g. ``run.dir=/mnt/runs/x``); put them last
+        j: ``{nnodes}x{nproc_per_node}`` (``[{min_nnodes}:]{nnodes}x{nproc_per_node}`` for elastic);
+            with GPUs, nproc_per_node must not exceed ``gpu``
+        image: container image (local_docker, kubernetes); local_cwd and slurm run the current
+            directory's environment instead
+        name: job name, ``{experiment}/{run}`` or ``{run}``
+        h: a registered TorchX named resource; takes precedence over cpu, gpu and memMB
+        cpu: CPUs per node (replica)
+        gpu: GPUs per node; > 0 makes the trainer use CUDA and nccl
+        memMB: memory per node in MB
+        env: extra environment variables, ``A=1,B=2``
+        mounts: volumes for docker/kubernetes, e.g. ``type=bind,src=/data,dst=/app/data``
+            (kubernetes: ``type=volume,src=PVC_NAME,dst=/app/runs``)
+        max_retries: whole-job resubmissions by the scheduler on failure (not on local_cwd)
+        max_restarts: in-place restarts of all workers by torchrun on failure (every scheduler)
+        rdzv_port: port of the c10d rendezvous on the first node (multi-node jobs only)
+        debug: turn on TorchX's distributed debug environment variables
+    """
+    _, _, nproc_per_node, _ = dist.parse_nnodes(j)
+    if gpu > 0 and nproc_per_node > gpu:
+        raise ValueError(f"-j {j} starts {nproc_per_node} processes per node but only {gpu} GPUs were requested")
+    app = dist.ddp(
+        "train",
+        "--config",
+        config,
+        *overrides,
+        m=MODULE,
+        image=image,
+        name=name,
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=j,
+        env=dict(env or {}),
+        max_retries=max_retries,
+        rdzv_port=rdzv_port,
+        mounts=mounts,
+        debug=debug,
+    )
+    return _with_max_restarts(_single_role(app, "train"), max_restarts)
+
+
+def collapse(
+    checkpoint: str,
+    output: str,
+    check_split: str = "test",
+    overwrite: bool = False,
+    image: str = DEFAULT_IMAGE,
+    name: str = "mlet-collapse",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 4096,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+) -> specs.AppDef:
+    """Collapse/export: ``mlet collapse --checkpoint CHECKPOINT --output OUTPUT`` (W = W1·W2), one process.
+
+    Args:
+        checkpoint: a training run directory or one of its checkpoints
+        output: directory for the plain d-dim model (must be empty unless ``overwrite``)
+        check_split: split whose predictions are compared with the factored model, or ``none``
+        overwrite: replace an existing output directory
+        image: container image (local_docker, kubernetes)
+        name: job name, ``{experiment}/{run}`` or ``{run}``
+        h: a registered TorchX named resource; takes precedence over cpu, gpu and memMB
+        cpu: CPUs
+        gpu: GPUs
+        memMB: memory in MB
+        env: extra environment variables, ``A=1,B=2``
+        mounts: volumes for docker/kubernetes, e.g. ``type=bind,src=/runs,dst=/app/runs``
+        max_retries: resubmissions by the scheduler on failure (not on local_cwd)
+    """
+    args = ["collapse", "--checkpoint", checkpoint, "--output", output, "--check-split", check_split]
+    if overwrite:
+        args.append("--overwrite")
+    app = dist.ddp(
+        *args,
+        m=MODULE,
+        image=image,
+        name=name,
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j="1x1",
+        env=dict(env or {}),
+        max_retries=max_retries,
+        mounts=mounts,
+    )
+    return _single_role(app, "collapse")
+
+
+def evaluate(
+    checkpoint: str,
+    split: str = "test",
+    image: str = DEFAULT_IMAGE,
+    name: str = "mlet-evaluate",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 4096,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+) -> specs.AppDef:
+    """Evaluate: ``mlet evaluate --checkpoint CHECKPOINT --split SPLIT``, one process; metrics as JSON in the log.
+
+    Args:
+        checkpoint: a training run directory or checkpoint, or a ``collapse`` output directory
+        split: data split to evaluate
+        image: container image (local_docker, kubernetes)
+        name: job name, ``{experiment}/{run}`` or ``{run}``
+        h: a registered TorchX named resource; takes precedence over cpu, gpu and memMB
+        cpu: CPUs
+        gpu: GPUs
+        memMB: memory in MB
+        env: extra environment variables, ``A=1,B=2``
+        mounts: volumes for docker/kubernetes, e.g. ``type=bind,src=/runs,dst=/app/runs``
+        max_retries: resubmissions by the scheduler on failure (not on local_cwd)
+    """
+    app = dist.ddp(
+        "evaluate",
+        "--checkpoint",
+        checkpoint,
+        "--split",
+        split,
+        m=MODULE,
+        image=image,
+        name=name,
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j="1x1",
+        env=dict(env or {}),
+        max_retries=max_retries,
+        mounts=mounts,
+    )
+    return _single_role(app, "evaluate")
