@@ -1,10 +1,12 @@
 """Reader throughput: raw pyarrow row-group reads vs ParquetBatchReader -> Batch, one process, side by side.
 
 Both read the same row groups of the same split (warm page cache; passes alternate so machine
-noise hits both); the figures are median rows/s and the ratio reader / raw. By default a
+noise hits both); the figures are median rows/s and the ratio reader / raw. It then trains DLRM with
+MLET (k=64, d=16) on the same data for a few steps on the same single core, so the reader's rate can
+be compared with what training consumes (target: reader >= 5x the training rate at batch 2048). By default a
 Criteo-shaped synthetic data set (13 dense, 26 sparse) is generated into a temporary directory.
 
-    python benchmarks/reader_throughput.py                       # ~30 s
+    python benchmarks/reader_throughput.py                       # ~1 min, incl. a 40-step training run
     python benchmarks/reader_throughput.py --data data/demo --batch-size 2048 --repeats 5
 
 ``measure_reader(root, split, batch_size)`` is importable by other benchmarks.
@@ -56,6 +58,19 @@ def measure_raw(root: Path | str, split: str) -> float:
     return rows / (time.perf_counter() - start)
 
 
+def measure_training(root: Path | str, batch_size: int, steps: int, run_dir: Path, k: int = 64, d: int = 16) -> float:
+    """Samples/s of `mlet train` (DLRM, MLET k x d, one process pinned to one core) on the same data."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "-m", "mlet_torchrec.cli", "train", "--config", str(REPO / "configs/demo.yaml"),
+           f"data.path={root}", f"run.dir={run_dir}", f"train.batch_size={batch_size}", f"train.max_steps={steps}",
+           f"embedding.k={k}", f"embedding.d={d}", "train.progress=false", "train.eval_batch_size=65536"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    subprocess.run(["taskset", "-c", "0", *cmd], check=True, env=env, capture_output=True, cwd=REPO)
+    return json.loads((run_dir / "metrics.json").read_text())["samples_per_second"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="data set (default: generate a synthetic one)")
@@ -66,8 +81,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workers", type=int, nargs="*", default=[],
                     help="also measure through a DataLoader with these worker counts")
+    ap.add_argument("--train-steps", type=int, default=40,
+                    help="steps of the training-throughput run to compare with (0: skip)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args()
+    import os
+
+    os.sched_setaffinity(0, {0})  # one core, like the training run it is compared with
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data
@@ -99,13 +119,19 @@ def main() -> None:
             for name, fn in kinds.items():
                 samples[name].append(fn())
         medians = {k: statistics.median(v) for k, v in samples.items()}
+        train_sps = measure_training(root, args.batch_size, args.train_steps, Path(tmp) / "train") \
+            if args.train_steps else None
     raw = medians["raw_pyarrow"]
     for name, value in medians.items():
         print(f"{name:>24}: {value:>12,.0f} rows/s   ({value / raw:.2f} x raw)")
     print(f"ratio reader / raw pyarrow: {medians['reader'] / raw:.3f}")
+    if train_sps is not None:
+        print(f"training (DLRM, MLET k=64 d=16, batch {args.batch_size}, 1 core): {train_sps:,.0f} samples/s; "
+              f"reader / training = {medians['reader'] / train_sps:.1f}x (target >= 5x)")
     if args.out:
         args.out.write_text(json.dumps({"samples": samples, "median_rows_per_s": medians,
-                                        "ratio_reader_over_raw": medians["reader"] / raw}, indent=2))
+                                        "ratio_reader_over_raw": medians["reader"] / raw,
+                                        "training_samples_per_s": train_sps}, indent=2))
 
 
 if __name__ == "__main__":

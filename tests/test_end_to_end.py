@@ -70,7 +70,9 @@ def test_demo_pieces_on_tiny_data(tiny_data, tmp_path):
                               "train.epochs=3", "train.progress=false"])
     results = out["results"]
     assert results["baseline"]["config"]["embedding"]["k"] is None and results["mlet"]["config"]["embedding"]["k"] == 16
-    for name in ("baseline", "mlet"):
+    lrs = {name: r["config"]["sparse_optimizer"]["lr"] for name, r in results.items()}
+    assert lrs["baseline lr x5"] == pytest.approx(5 * lrs["baseline"]) and lrs["mlet"] == lrs["baseline"]
+    for name in results:
         assert 0.5 < results[name]["test"]["auc"] <= 1.0
     assert out["collapse"]["max_abs_diff"] <= 1e-5
     assert abs(out["collapse"]["collapsed_metrics"]["auc"] - results["mlet"]["test"]["auc"]) < 1e-5
