@@ -1,0 +1,174 @@
+"""``mlet convert criteo|avazu|movielens``: raw CTR files -> the Parquet data set the trainer reads.
+
+    mlet convert criteo --input train.txt --output data/criteo [--min-count 10] [--split 0.8 0.1 0.1]
+    mlet convert criteo --input criteo_1tb/ --output data/criteo1tb --hash-buckets 40000000
+    mlet convert criteo --input train.tsv --valid valid.tsv --test test.tsv --output data/sample
+    mlet convert avazu --input train.gz --output data/avazu --hash-buckets device_ip=1000000 device_id=500000
+    mlet convert movielens --input ml-100k/ --output data/ml100k
+
+Standalone (same arguments, no ``mlet`` needed): ``python -m data_pipes.convert.cli criteo --input ...``.
+Each prints a one-line summary; bad input prints one ``error:`` line (file, row, column) and exits 2,
+leaving no output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from data_pipes.convert.common import DEFAULT_BLOCK_SIZE, DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROWS_PER_FILE
+from data_pipes.errors import DataError
+
+USER_ERRORS = (DataError, FileNotFoundError, FileExistsError, ValueError)
+
+
+def bucket_spec(text: str) -> Tuple[str, int]:
+    """``N`` (every feature) or ``FEATURE=N``: one ``--hash-buckets`` item as ``(feature or "*", N)``."""
+    name, sep, value = text.rpartition("=")
+    if sep and not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or FEATURE=N")
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or FEATURE=N with an integer N") from None
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: buckets must be >= 2 (row 0 is the OOV id)")
+    return (name if sep else "*"), n
+
+
+def buckets_dict(specs: Optional[Sequence[Tuple[str, int]]]) -> Optional[Dict[str, int]]:
+    if not specs:
+        return None
+    out: Dict[str, int] = {}
+    for name, n in specs:
+        if name in out:
+            what = "a bare N" if name == "*" else name
+            raise ValueError(f"--hash-buckets gives {what} twice")
+        out[name] = n
+    return out
+
+
+def _common(p: argparse.ArgumentParser, default_min_count: int, default_split: Sequence[float],
+            input_help: str) -> None:
+    p.add_argument("--input", type=Path, required=True, help=input_help)
+    p.add_argument("--output", type=Path, required=True, help="data set directory to create")
+    p.add_argument("--min-count", type=int, default=default_min_count,
+                   help=f"values seen fewer times in the train split map to the OOV id 0 (default {default_min_count})")
+    p.add_argument("--hash-buckets", type=bucket_spec, nargs="+", metavar="N|FEATURE=N",
+                   help="hash features into N rows instead of a vocabulary (row 0 stays the OOV id): "
+                        "N for every feature and/or FEATURE=N for single ones")
+    p.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VALID", "TEST"),
+                   help="fractions of the random split (default " + " ".join(f"{x:g}" for x in default_split) + ")")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random split (default 0)")
+    p.add_argument("--lenient", action="store_true",
+                   help="count bad values instead of failing: bad categorical/dense values -> OOV id / 0, rows "
+                        "with a bad label or column count dropped; counts go to metadata.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing converted data set")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar with rows/s on stderr (default: when stderr is a terminal)")
+    p.add_argument("--block-size-mb", type=float, default=DEFAULT_BLOCK_SIZE / 2**20,
+                   help=f"text read per block, MiB (default {DEFAULT_BLOCK_SIZE / 2**20:g}); memory is a few times this")
+    p.add_argument("--row-group-rows", type=int, default=DEFAULT_ROW_GROUP_ROWS,
+                   help=f"rows per Parquet row group, the reader's unit of shuffling (default {DEFAULT_ROW_GROUP_ROWS})")
+    p.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE,
+                   help=f"rows per Parquet file (default {DEFAULT_ROWS_PER_FILE})")
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return dict(min_count=args.min_count, hash_buckets=buckets_dict(args.hash_buckets), seed=args.seed,
+                lenient=args.lenient, overwrite=args.overwrite, progress=args.progress,
+                block_size=int(args.block_size_mb * (1 << 20)), rows_per_file=args.rows_per_file,
+                row_group_rows=args.row_group_rows,
+                split=args.split)
+
+
+def _cmd_criteo(args: argparse.Namespace) -> int:
+    from data_pipes.convert.criteo import convert_criteo
+
+    result = convert_criteo(args.input, args.output, valid=args.valid, test=args.test, **_options(args))
+    print(result.summary())
+    return 0
+
+
+def _cmd_avazu(args: argparse.Namespace) -> int:
+    from data_pipes.convert.avazu import convert_avazu
+
+    print(convert_avazu(args.input, args.output, **_options(args)).summary())
+    return 0
+
+
+def _cmd_movielens(args: argparse.Namespace) -> int:
+    from data_pipes.convert.movielens import convert_movielens
+
+    result = convert_movielens(args.input, args.output, click_threshold=args.click_threshold,
+                               drop_columns=args.drop_columns, **_options(args))
+    print(result.summary())
+    return 0
+
+
+def add_dataset_parsers(sub: "argparse._SubParsersAction") -> None:
+    """The ``criteo``, ``avazu`` and ``movielens`` subcommands, on any subparsers object."""
+    from data_pipes.convert import avazu, criteo, movielens
+
+    p = sub.add_parser("criteo", help="Criteo Kaggle train.txt, 1TB day_N files, or train/valid/test files",
+                       description="Criteo TSV (label, I1..I13, C1..C26) -> Parquet. --input FILE: seeded "
+                                   "random split (--split). --input DIR of day_N files: time split (all days "
+                                   "but the last -> train, the last -> valid/test 50/50). --input FILE --valid "
+                                   "FILE --test FILE: explicit splits. Vocabularies use the train split only.")
+    _common(p, criteo.DEFAULT_MIN_COUNT, criteo.DEFAULT_SPLIT,
+            "a file (random split) or a directory of day_N files (time split); .gz/.bz2/.zst are read as such")
+    p.add_argument("--valid", type=Path, help="validation file (then --input is the train split)")
+    p.add_argument("--test", type=Path, help="test file (then --input is the train split)")
+    p.set_defaults(func=_cmd_criteo)
+
+    p = sub.add_parser("avazu", help="Avazu train CSV (with header)",
+                       description="Avazu CSV -> Parquet: id dropped, hour -> hour_of_day and weekday, seeded "
+                                   "random split (90% train, 10% held out, split evenly into valid and test).")
+    _common(p, avazu.DEFAULT_MIN_COUNT, avazu.DEFAULT_SPLIT, "the Avazu train CSV with its header (may be .gz)")
+    p.set_defaults(func=_cmd_avazu)
+
+    p = sub.add_parser("movielens", help="MovieLens atomic files (ml-100k.inter/.user/.item)",
+                       description="MovieLens -> Parquet: rating >= --click-threshold is a click; user and item "
+                                   "side columns become categorical features (token_seq -> multi-hot bags).")
+    _common(p, movielens.DEFAULT_MIN_COUNT, movielens.DEFAULT_SPLIT,
+            "a directory holding one *.inter file (and its .user/.item), or the .inter file")
+    p.add_argument("--click-threshold", type=float, default=4.0, help="rating >= this is a click (default 4)")
+    p.add_argument("--drop-columns", nargs="*", default=list(movielens.DEFAULT_DROP_COLUMNS), metavar="COLUMN",
+                   help="side-table columns not to use (default: movie_title)")
+    p.set_defaults(func=_cmd_movielens)
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    """Add ``convert`` (with ``criteo``, ``avazu``, ``movielens``) to the ``mlet`` command's subparsers."""
+    p = subparsers.add_parser("convert", help="raw Criteo/Avazu/MovieLens files -> Parquet data set",
+                              description="Convert raw CTR files to the Parquet data set layout of "
+                                          "data_pipes/schema.py, streaming (memory does not grow with the input).")
+    add_dataset_parsers(p.add_subparsers(dest="dataset", required=True, metavar="{criteo,avazu,movielens}"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_pipes.convert.cli",
+                                     description="Convert raw CTR files to a Parquet data set (= mlet convert).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="full tracebacks on errors")
+    add_dataset_parsers(parser.add_subparsers(dest="dataset", required=True, metavar="{criteo,avazu,movielens}"))
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"convert {args.dataset}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"convert {args.dataset}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
