@@ -558,9 +558,10 @@ class SplitWriter:
         if self._writer is None:
             rel = f"{self.split}/part-{len(self.files):05d}.parquet"
             (self.root / self.split).mkdir(parents=True, exist_ok=True)
-            # use_compliant_nested_type=False: bags read back as list<item: int64>, exactly arrow_schema()
+            # use_compliant_nested_type=False: bags read back as list<item: int64>, exactly arrow_schema();
+            # page checksums let the reader name a corrupt page instead of decoding garbage
             self._writer = pq.ParquetWriter(self.root / rel, self.schema, compression=self.compression,
-                                            use_compliant_nested_type=False)
+                                            use_compliant_nested_type=False, write_page_checksum=True)
             self.files.append(rel)
             self._file_rows = 0
         self._writer.write_table(t, row_group_size=t.num_rows)
