@@ -5,6 +5,7 @@ the same rows as the 1-process job's batch; with the project's gradient conventi
 gradient for both sharded tables and dense parameters) the trained and collapsed tables must agree.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,9 @@ def test_two_ranks_match_one_process(dataset, reference, tmp_path, sharding):
     assert abs(summary["test"]["auc"] - reference[0]["test"]["auc"]) < 1e-4
 
 
-def test_rowwise_adagrad_two_ranks(dataset, tmp_path):
-    summary = _run(dataset, tmp_path / "run", 2, "row_wise", optimizer="rowwise_adagrad")
+@pytest.mark.parametrize("optimizer", ["adagrad", "rowwise_adagrad"])
+def test_fused_adagrad_two_ranks(dataset, tmp_path, optimizer):
+    summary = _run(dataset, tmp_path / "run", 2, "row_wise", optimizer=optimizer)
     assert summary["steps"] == STEPS and 0.0 < summary["test"]["logloss"] < 1.0
+    (plan,) = {p["sharding_type"] for p in json.loads((tmp_path / "run" / "plan.json").read_text()).values()}
+    assert plan == "row_wise"
