@@ -1,0 +1,137 @@
+"""Fast tests of ``mlet sweep``'s pieces: the grid parser, cell planning and the resumable results store."""
+
+import pytest
+
+from mlet_torchrec.config import ConfigError, load_config
+from mlet_torchrec.report import fmt, mean_std, verdict
+from mlet_torchrec.sweep import (
+    ResultsStore,
+    SweepSettings,
+    _row_frequency,
+    budget_note,
+    cell_key,
+    expand_grid,
+    load_results,
+    parse_grid,
+    plan_cells,
+    run_sweep,
+)
+
+
+def test_parse_grid_reads_yaml_lists_none_and_aliases():
+    g = parse_grid("embedding.d=[4, 8,16] k=[none, 16,64 ] seed=[0,1] lr=0.5 model.name=[dlrm,dcn]")
+    assert g == {"embedding.d": [4, 8, 16], "embedding.k": [None, 16, 64], "train.seed": [0, 1],
+                 "sparse_optimizer.lr": [0.5], "model.name": ["dlrm", "dcn"]}
+    assert parse_grid("k=[None] lr=[0.2,1.0e-1]") == {"embedding.k": [None], "sparse_optimizer.lr": [0.2, 0.1]}
+
+
+def test_parse_grid_values_and_errors():
+    g = parse_grid("embedding.d=[4,8] embedding.k=[none,16] seed=[0,1,2]")
+    assert g == {"embedding.d": [4, 8], "embedding.k": [None, 16], "train.seed": [0, 1, 2]}
+    assert parse_grid("") == {}
+    assert parse_grid("model.name=[dlrm,dcn]") == {"model.name": ["dlrm", "dcn"]}
+    with pytest.raises(ConfigError, match="repeats"):
+        parse_grid("embedding.k=[none,null]")
+    with pytest.raises(ConfigError, match="twice"):
+        parse_grid("seed=[0] train.seed=[1]")
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse_grid("embedding.d 4")
+    assert len(expand_grid(g)) == 12
+    assert expand_grid({"a": [1, 2], "b": [3]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
+
+
+def test_plan_cells_tunes_only_the_baseline_and_dedups(tmp_path):
+    grid = parse_grid("embedding.d=[4] embedding.k=[none,16,64] seed=[0,1]")
+    tune = parse_grid("sparse_optimizer.lr=[0.2,0.8]")  # 0.2 is the default: the same run as the grid cell
+    cells = plan_cells(None, grid, tune, runs_dir=str(tmp_path))
+    assert len(cells) == 2 * 3 + 2 * 1  # grid cells + one extra lr per baseline (d, seed)
+    assert [c.role for c in cells].count("tune") == 2
+    assert all(c.config.embedding.k is None for c in cells if c.role == "tune")
+    assert len({c.key for c in cells}) == len(cells)
+    assert all(c.config.run.dir.startswith(str(tmp_path)) for c in cells)
+    assert "MLET 2 run(s)" in budget_note(grid, tune) and "tuned baseline 2 run(s)" in budget_note(grid, tune)
+
+
+def test_cell_key_ignores_run_dir_and_logging_only():
+    a = load_config(None, ["embedding.k=16", "run.dir=x", "train.progress=false"])
+    b = load_config(None, ["embedding.k=16", "run.dir=y", "train.log_every=7"])
+    c = load_config(None, ["embedding.k=16", "train.seed=1"])
+    assert cell_key(a) == cell_key(b) != cell_key(c)
+
+
+def test_store_appends_lines_and_survives_a_torn_last_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    store = ResultsStore(path)
+    store.append({"key": "a", "status": "ok", "x": 1})
+    with open(path, "ab") as f:  # a writer killed mid-line
+        f.write(b'{"key": "b", "sta')
+    assert [r["key"] for r in load_results(path)] == ["a"]
+    store.append({"key": "c", "status": "ok"})
+    assert [r["key"] for r in load_results(path)] == ["a", "c"]
+    assert store.done_keys() == {"a", "c"}
+    assert path.read_text().count("\n") == 3
+
+
+def test_sweep_skips_cells_already_in_the_store(tmp_path, monkeypatch, capsys):
+    import mlet_torchrec.sweep as sweep
+
+    trained = []
+
+    def fake_cell(cell, s, work):
+        trained.append(cell.key)
+        if len(trained) == 3:
+            raise RuntimeError("killed")  # an interrupted cell leaves no line
+        return {"valid": {"auc": 0.5}, "test": {"auc": 0.5, "logloss": 0.7}}
+
+    monkeypatch.setattr(sweep, "_run_cell_subprocess", fake_cell)
+    s = SweepSettings(config=None, grid=parse_grid("embedding.k=[none,16] seed=[0,1]"), results=str(tmp_path / "r.jsonl"),
+                      runs_dir=str(tmp_path / "runs"))
+    first = run_sweep(s)
+    assert first == {"planned": 4, "skipped": 0, "ran": 3, "failed": 1}
+    lines = load_results(tmp_path / "r.jsonl")
+    assert len(lines) == 3 and all(r["status"] == "ok" for r in lines)
+    assert {"key", "config", "overrides", "d", "k", "seed", "role", "test", "budget"} <= set(lines[0])
+    trained.clear()
+    second = run_sweep(s)
+    assert second == {"planned": 4, "skipped": 3, "ran": 1, "failed": 0}
+    assert len(trained) == 1
+    assert len(load_results(tmp_path / "r.jsonl")) == 4
+    assert run_sweep(s)["skipped"] == 4
+
+
+class _Jagged:
+    def __init__(self, values, lengths):
+        self._v, self._l = values, lengths
+
+    def values(self):
+        return self._v
+
+    def lengths(self):
+        return self._l
+
+
+class _FakeKJT:  # the two methods _row_frequency uses; importing torchrec here costs a minute on a busy machine
+    def __init__(self, d):
+        self._d = d
+
+    def to_dict(self):
+        return self._d
+
+
+def test_row_frequency_is_the_min_over_features():
+    import torch
+
+    t = torch.tensor
+    kjt = _FakeKJT({"a": _Jagged(t([0, 1]), t([1, 1])), "b": _Jagged(t([2, 0]), t([2, 0]))})
+    counts = {"a": t([5, 7, 1]), "b": t([3, 9, 4])}
+    # row 0: a id0 (5), b ids {2, 0} (4, 3) -> 3; row 1: a id1 (7), b empty bag (skipped) -> 7
+    assert _row_frequency(kjt, counts, 2).tolist() == [3, 7]
+
+
+def test_report_helpers():
+    assert mean_std([1.0, 3.0])[:2] == (2.0, pytest.approx(2 ** 0.5))
+    assert fmt([0.5, 0.7]) == "0.6000 ± 0.1414"
+    assert fmt([0.5]) == "0.5000" and fmt([]) == "–"
+    assert verdict([0.01, 0.011, 0.012]).startswith("MLET better")
+    assert verdict([0.01, -0.01, 0.002]).startswith("within noise")
+    assert verdict([-0.01, -0.011, -0.012]).startswith("MLET worse")
