@@ -27,6 +27,8 @@ from typing import Dict, List, Optional
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from data_pipes.errors import DataError
+
 METADATA_FILE = "metadata.json"
 LABEL_COLUMN = "label"
 FORMAT_VERSION = 1
@@ -93,7 +95,7 @@ class DatasetMeta(BaseModel):
         try:
             return cls.model_validate_json(path.read_text())
         except ValueError as e:
-            raise ValueError(f"{path}: invalid data set metadata: {e}") from e
+            raise DataError(f"{path}: invalid data set metadata: {e}") from e
 
     def save(self, root: Path | str) -> Path:
         """Write metadata.json atomically (temporary file, then rename)."""

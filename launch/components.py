@@ -20,7 +20,8 @@ Restarts on failure, two levels (both default to 0):
 * ``max_restarts`` (``train`` only): torchrun restarts all workers in place (``--max-restarts``);
   works on every scheduler, ``local_cwd`` included.
 
-A restarted ``mlet train`` starts again from step 0 in the same ``run.dir``.
+A restarted ``mlet train`` resumes in the same ``run.dir`` from its newest complete checkpoint (model,
+optimizer state, data position, RNG; ``run.resume``, on by default): set ``train.checkpoint_every``.
 
 Do not add ``from __future__ import annotations`` here: TorchX reads the real annotations to
 build each component's command line.
@@ -57,6 +58,9 @@ def _with_max_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
         if flag != "-c" or not cmd.startswith("torchrun "):
             raise RuntimeError(f"unexpected dist.ddp command line, cannot add --max-restarts: {role.args}")
         role.args = [flag, f"torchrun --max-restarts {max_restarts} " + cmd[len("torchrun ") :]]
+        # torchrun's shared rendezvous TCPStore keeps the dead workers' keys: restarted workers on
+        # several nodes would connect to stale addresses (mlet_torchrec/distributed.py isolates one node)
+        role.env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return app
 
 

@@ -55,6 +55,10 @@ class EmbeddingConfig(_Strict):
     sigma: float = Field(0.25, gt=0)
     """Std of the N(0, sigma^2) init of W2 (papers: 0.25 for DLRM, 0.5 for the DeepCTR models)."""
     allow_k_below_d: bool = False
+    init: Literal["uniform", "normal"] = "uniform"
+    """Initialisation of every table (W1 for MLET): 'uniform' draws U(-1/sqrt(n), 1/sqrt(n)) like TorchRec
+    and DLRM; 'normal' draws N(0, init_std^2) like DeepCTR-Torch (its models' default)."""
+    init_std: float = Field(1e-4, gt=0)
     pooling: Literal["sum", "mean"] = "sum"
     sharding: ShardingType = "auto"
     """Sharding type for all tables; 'auto' lets the TorchRec planner choose."""
@@ -100,12 +104,69 @@ class DenseOptimizerConfig(OptimizerConfig):
     name: DenseOptimizerName = "sgd"
 
 
+ModelName = Literal["dlrm", "dlrm_dcn", "dcn", "deepfm", "wdl", "nfm", "autoint", "xdeepfm"]
+
+DEEPCTR_DNN_DEFAULTS: Dict[str, List[int]] = {
+    "dcn": [128, 128], "deepfm": [256, 128], "wdl": [256, 128], "nfm": [128, 128], "autoint": [256, 128],
+    "xdeepfm": [256, 256],
+}
+"""DeepCTR-Torch's default ``dnn_hidden_units`` per model (what ``model.dnn_hidden_units: null`` means)."""
+
+
 class ModelConfig(_Strict):
-    name: Literal["dlrm"] = "dlrm"
+    """The model and its shape (mlet_torchrec/models/). Every key names the models that read it in brackets;
+    the other models ignore it. Defaults are DeepCTR-Torch's (the MLET paper's setup) for the DeepCTR-style
+    models. DeepCTR's ``l2_reg_*`` penalties are not offered: use ``*_optimizer.weight_decay``."""
+
+    name: ModelName = "dlrm"
+    """dlrm; dlrm_dcn (DLRM with a DCN-v2 interaction); the DeepCTR-Torch models dcn, deepfm, wdl (Wide & Deep),
+    nfm, autoint, xdeepfm (CIN). All take the MLET embeddings and all but the DLRM family add a first-order term."""
     bottom_mlp: List[int] = Field(default_factory=lambda: [512, 256, 128])
-    """Hidden sizes of the dense-feature MLP; a final layer of size embedding.d is appended."""
+    """[dlrm, dlrm_dcn] Hidden sizes of the dense-feature MLP; a final layer of size embedding.d is appended."""
     top_mlp: List[int] = Field(default_factory=lambda: [512, 256])
-    """Hidden sizes of the over-arch MLP; a final layer of size 1 is appended."""
+    """[dlrm, dlrm_dcn] Hidden sizes of the over-arch MLP; a final layer of size 1 is appended."""
+    dcn_num_layers: int = Field(3, gt=0)
+    """[dlrm_dcn] Low-rank cross layers of the DCN-v2 interaction (TorchRec's DLRM-DCN reference: 3)."""
+    dcn_low_rank_dim: int = Field(512, gt=0)
+    """[dlrm_dcn] Rank r of each cross layer's W = U V (TorchRec's DLRM-DCN reference: 512)."""
+    dnn_hidden_units: Optional[List[int]] = None
+    """[dcn, deepfm, wdl, nfm, autoint, xdeepfm] Hidden sizes of the DNN; null: DeepCTR-Torch's default for the
+    model (DEEPCTR_DNN_DEFAULTS); [] drops the DNN (not for nfm, whose DNN is its only non-linear part)."""
+    dnn_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """[dcn, deepfm, wdl, nfm, autoint, xdeepfm] Dropout after every DNN layer."""
+    cross_num: int = Field(2, ge=0)
+    """[dcn] Cross layers."""
+    cross_parameterization: Literal["vector", "matrix"] = "vector"
+    """[dcn] 'vector': DCN (w_l is a vector); 'matrix': DCN-M / DCN-v2 (full N x N W_l)."""
+    bi_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """[nfm] Dropout on the bi-interaction pooling output."""
+    att_layer_num: int = Field(3, ge=0)
+    """[autoint] Interacting (multi-head self-attention) layers."""
+    att_head_num: int = Field(2, gt=0)
+    """[autoint] Attention heads; must divide embedding.d."""
+    att_res: bool = True
+    """[autoint] Residual connection in every interacting layer."""
+    cin_layer_size: List[int] = Field(default_factory=lambda: [256, 128])
+    """[xdeepfm] Feature maps per CIN layer ([] drops the CIN)."""
+    cin_split_half: bool = True
+    """[xdeepfm] Half of every CIN layer but the last feeds the next layer, the other half the output."""
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "ModelConfig":
+        for key in ("bottom_mlp", "top_mlp", "dnn_hidden_units", "cin_layer_size"):
+            if any(n <= 0 for n in getattr(self, key) or []):
+                raise ValueError(f"model.{key}: layer sizes must be positive, got {getattr(self, key)}")
+        if self.cin_split_half and any(n % 2 for n in self.cin_layer_size[:-1]):
+            raise ValueError(
+                f"model.cin_layer_size={self.cin_layer_size}: with cin_split_half every layer but the last must be even"
+            )
+        return self
+
+    def dnn_units(self) -> List[int]:
+        """``dnn_hidden_units``, or DeepCTR-Torch's default for this model when it is null."""
+        if self.dnn_hidden_units is not None:
+            return list(self.dnn_hidden_units)
+        return list(DEEPCTR_DNN_DEFAULTS.get(self.name, []))
 
 
 class TrainConfig(_Strict):
@@ -119,6 +180,8 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(4096, gt=0)
     checkpoint_every: int = Field(0, ge=0)
     """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = Field(3, ge=1)
+    """Keep the newest N complete checkpoints in ``run.dir/checkpoints`` (older ones are deleted)."""
     log_every: int = Field(100, gt=0)
     seed: int = 0
     progress: bool = True
@@ -127,6 +190,9 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    resume: bool = True
+    """Continue from the newest complete checkpoint in ``dir`` (model, both optimizers, data position,
+    RNG states), as torchrun/TorchX restarts need; false starts over and deletes ``dir``'s checkpoints."""
 
 
 class ExperimentConfig(_Strict):
@@ -152,8 +218,18 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+        lines.append(f"  {key}: {msg}" + (f" (got {_short_repr(e['input'])})" if e["type"] != "extra_forbidden" else ""))
     return "\n".join(lines)
+
+
+def _short_repr(value: Any) -> str:
+    """A bounded repr: hostile YAML (aliases nesting lists 9 deep) must not make the message explode."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 6, 6, 100, 100
+    text = r.repr(value)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -163,8 +239,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
     return key.strip().split("."), value
 
 
@@ -194,6 +270,10 @@ def load_config(path: Optional[Path | str], overrides: Sequence[str] = ()) -> Ex
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        except RecursionError:
+            raise ConfigError(f"config file {path} is not a usable config: nested too deeply") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} cannot be read as UTF-8 text: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides)

@@ -60,7 +60,9 @@ def run_demo(workdir: Path, data: Path, nproc_per_node: int = 2, overrides: Sequ
     }
     for name, extra in variants.items():
         run_dir = workdir / name.replace(" ", "_")
-        cfg = load_config(DEMO_CONFIG, [f"data.path={data}", f"run.dir={run_dir}", *overrides, *extra])
+        # run.resume=false: a demo re-run trains again instead of returning the finished run
+        cfg = load_config(DEMO_CONFIG, [f"data.path={data}", f"run.dir={run_dir}", "run.resume=false",
+                                        *overrides, *extra])
         print(f"\n== training {name}: d={cfg.embedding.d} k={cfg.embedding.k} "
               f"embedding lr={cfg.sparse_optimizer.lr:g} on {nproc_per_node} ranks")
         start = time.perf_counter()

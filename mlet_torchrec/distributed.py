@@ -17,7 +17,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from mlet_torchrec.config import DenseOptimizerConfig, EmbeddingConfig, SparseOptimizerConfig
+from mlet_torchrec.guardrails import collective_plan
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _restarted_attempt_store(timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """The process-group store of a worker that torchrun restarted, isolated from earlier attempts.
+
+    torchrun's agent keeps one TCPStore for all attempts (TORCHELASTIC_USE_AGENT_STORE): the
+    restarted workers would read the dead workers' gloo/nccl addresses left in it and fail to
+    connect. On one node every worker sees the same TORCHELASTIC_RESTART_COUNT, so a prefix per
+    attempt isolates them; multi-node jobs use TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead (the
+    TorchX ``train`` component sets it with ``max_restarts``).
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt == 0
+            or os.environ.get("WORLD_SIZE") != os.environ.get("LOCAL_WORLD_SIZE")):
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"mlet/attempt_{attempt}", client)
+
+
 def init_distributed(device: str = "auto") -> DistContext:
     """Join the process group torchrun/TorchX set up, or make a 1-process group when run directly."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -62,8 +81,12 @@ def init_distributed(device: str = "auto") -> DistContext:
         if "WORLD_SIZE" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        timeout = datetime.timedelta(minutes=30)
+        store = _restarted_attempt_store(timeout)
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30)
+            backend="nccl" if use_cuda else "gloo", timeout=timeout,
+            **({} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                         "world_size": int(os.environ["WORLD_SIZE"])}),
         )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
@@ -72,8 +95,10 @@ def init_distributed(device: str = "auto") -> DistContext:
     else:
         dev = torch.device("cpu")
         # ranks of one machine share its cores: oversubscribed intra-op threads slow every rank down
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # (an explicit OMP_NUM_THREADS, e.g. torchrun's, wins)
+        if "OMP_NUM_THREADS" not in os.environ:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend())
 
 
@@ -141,8 +166,13 @@ def shard_model(
     sparse_opt: SparseOptimizerConfig,
     dense_opt: DenseOptimizerConfig,
     ctx: DistContext,
+    capacity: Optional[Dict[str, int]] = None,
 ) -> ShardedModel:
-    """Plan, shard and wrap ``model`` (its W1 built on the meta device); attach both optimizers."""
+    """Plan, shard and wrap ``model`` (its W1 built on the meta device); attach both optimizers.
+
+    ``capacity``: ``Topology`` memory caps (``ddr_cap``/``hbm_cap`` bytes per rank, see
+    ``guardrails.memory_capacity``); TorchRec's defaults when None. Raises ``PlannerError`` on every rank.
+    """
     embedding_modules = [m for m in model.modules() if type(m).__name__ == "EmbeddingBagCollection"]
     opt_cls, opt_kwargs = _sparse_optimizer(sparse_opt)
     for ebc in embedding_modules:
@@ -150,10 +180,10 @@ def shard_model(
 
     sharders = [MLETEmbeddingBagCollectionSharder()]
     planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type),
+        topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type, **(capacity or {})),
         constraints=sharding_constraints(emb, features, table_of, ctx.world_size),
     )
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    plan = collective_plan(planner, model, sharders)
     dmp = DistributedModelParallel(module=model, device=ctx.device, plan=plan, sharders=sharders)
 
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))

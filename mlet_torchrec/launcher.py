@@ -28,19 +28,24 @@ def in_distributed_job() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def train_local(
-    config: ExperimentConfig, nproc_per_node: int, max_restarts: int = 0, verbose: bool = False
-) -> Dict[str, Any]:
-    """Train on ``nproc_per_node`` processes of this machine; returns rank 0's result summary."""
-    launch = LaunchConfig(
+def local_launch_config(nproc_per_node: int, run_prefix: str, max_restarts: int = 0) -> LaunchConfig:
+    """One machine, N processes, a free rendezvous port: what the local jobs of `mlet` use."""
+    return LaunchConfig(
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=nproc_per_node,
-        run_id=f"mlet-{uuid.uuid4().hex[:8]}",
+        run_id=f"{run_prefix}-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
         rdzv_endpoint="localhost:0",
         max_restarts=max_restarts,
         monitor_interval=0.5,
     )
+
+
+def train_local(
+    config: ExperimentConfig, nproc_per_node: int, max_restarts: int = 0, verbose: bool = False
+) -> Dict[str, Any]:
+    """Train on ``nproc_per_node`` processes of this machine; returns rank 0's result summary."""
+    launch = local_launch_config(nproc_per_node, "mlet", max_restarts)
     results = elastic_launch(launch, entrypoint=_train_worker)(config.model_dump(mode="json"), verbose)
     return results[0]

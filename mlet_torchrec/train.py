@@ -5,6 +5,19 @@ Outputs land in ``config.run.dir``: the resolved ``config.yaml``, ``plan.json``,
 ``metrics.jsonl`` (one line per log/eval), ``metrics.json`` (final), ``tensorboard/`` and
 ``checkpoints/``.
 
+Resume (``run.resume``, on by default): a run whose ``run.dir`` holds a complete checkpoint
+continues from the newest one: model, fused (W1) and dense optimizer state, data position
+(epoch, batches consumed in it) and every rank's RNG states, so a run stopped at step s and
+resumed ends with the same weights and metrics as an uninterrupted one. That is what a
+torchrun/TorchX restart (``max_restarts``) relies on: the restarted workers run the same command in
+the same ``run.dir``. The world size and sharding plan may differ from the checkpoint's (DCP
+reshards weights and optimizer state); settings that change what is trained may not
+(``train_state.check_resumable``). ``run.resume=false`` starts over and deletes the old checkpoints.
+
+Checkpoints: every ``train.checkpoint_every`` steps and at the end, atomically, the newest
+``train.keep_checkpoints`` kept (checkpoint.py). A non-finite loss on any rank stops every rank at
+that step with ``TrainingDiverged``; no checkpoint is ever written from non-finite weights.
+
 Example:
     >>> from mlet_torchrec.config import load_config
     >>> cfg = load_config("configs/tiny.yaml", ["run.dir=runs/doc"])   # doctest: +SKIP
@@ -18,32 +31,64 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
 from tqdm import tqdm
 
-from data_pipes.reader import ParquetBatchReader, make_dataloader
+from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta, table_name
-from mlet_torchrec.checkpoint import save_checkpoint
-from mlet_torchrec.config import ConfigError, ExperimentConfig
+from mlet_torchrec.checkpoint import (
+    CheckpointError,
+    agree,
+    checkpoint_root,
+    latest_checkpoint,
+    load_training_state,
+    read_checkpoint_info,
+    read_rank_state,
+    remove_incomplete,
+    save_checkpoint,
+)
+from mlet_torchrec.config import ConfigError, ExperimentConfig, load_config
 from mlet_torchrec.distributed import DistContext, init_distributed, plan_summary, shard_model
 from mlet_torchrec.evaluate import evaluate
+from mlet_torchrec.guardrails import (
+    TablesDoNotFit,
+    TrainingDiverged,
+    memory_capacity,
+    nonfinite_weights,
+    tables_do_not_fit,
+)
 from mlet_torchrec.metrics import CTRMetrics
 from mlet_torchrec.models import build_model
 from mlet_torchrec.modules.table_init import init_tables
+from mlet_torchrec.train_state import (
+    ResumableReader,
+    check_optimizer_layout,
+    check_resumable,
+    data_shape,
+    dataloader,
+    init_optimizer_state,
+    normalize_position,
+    reseed,
+    rng_state,
+    set_rng_state,
+)
 
 log = logging.getLogger("mlet.train")
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+__all__ = ["train", "TrainResult", "StepEvent", "TrainingDiverged", "TablesDoNotFit", "CheckpointError",
+           "table_bytes"]
 
 
 @dataclass
@@ -55,11 +100,33 @@ class TrainResult:
     samples_per_second: float
     valid: Optional[CTRMetrics]
     test: Optional[CTRMetrics]
+    resumed_from: Optional[Path] = None
+    """The checkpoint this run continued from (None: it started at step 0)."""
+    start_step: int = 0
 
     def summary(self) -> Dict[str, Any]:
         out = asdict(self)
         out["run_dir"], out["checkpoint"] = str(self.run_dir), str(self.checkpoint)
+        out["resumed_from"] = None if self.resumed_from is None else str(self.resumed_from)
         return out
+
+
+@dataclass
+class StepEvent:
+    """What a ``train(config, hooks=...)`` hook sees after every step (on every rank)."""
+
+    step: int
+    epoch: int
+    batches_in_epoch: int
+    loss: float  # mean loss of the step's global batch
+    batch: Batch  # this rank's batch
+    model: nn.Module
+    rank: int
+    world_size: int
+    checkpoint: Optional[Path]  # written at this step, if any
+
+
+StepHook = Callable[[StepEvent], None]
 
 
 def table_bytes(meta: DatasetMeta, config: ExperimentConfig) -> Dict[str, int]:
@@ -93,18 +160,65 @@ def _check_config_against_data(config: ExperimentConfig, meta: DatasetMeta, ctx:
         )
 
 
-class _RunLog:
-    """Rank 0's outputs: metrics.jsonl, TensorBoard scalars and one concise line per event."""
+def _broadcast(value: Any) -> Any:
+    box = [value]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+
+def _prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext) -> Optional[Path]:
+    """Rank 0 creates the run directory, clears interrupted checkpoint writes and picks the checkpoint
+    to resume from (None: start at step 0); every rank gets its decision (or its error)."""
+    decision: Any = None
+    if ctx.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for leftover in remove_incomplete(run_dir):
+                log.info("removed %s (an interrupted checkpoint write)", leftover)
+            if config.run.resume:
+                found = latest_checkpoint(run_dir)
+                decision = ("ok", None if found is None else str(found))
+            else:
+                root = checkpoint_root(run_dir)
+                if root.exists():
+                    log.warning("run.resume=false: deleting the checkpoints in %s and starting over", root)
+                    shutil.rmtree(root)
+                decision = ("ok", None)
+        except OSError as e:
+            decision = ("error", f"cannot prepare run.dir {run_dir}: {type(e).__name__}: {e}")
+    kind, value = _broadcast(decision)
+    if kind == "error":
+        raise ConfigError(value)
+    return None if value is None else Path(value)
+
+
+class _RunLog:
+    """Rank 0's outputs: metrics.jsonl, TensorBoard scalars and one concise line per event.
+
+    A run that starts at ``start_step`` (0, or the step it resumed from) first drops the records of
+    later steps left by an interrupted attempt, so every step is recorded once.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int) -> None:
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if enabled:
-            self._jsonl = open(run_dir / "metrics.jsonl", "a")
+            path = run_dir / "metrics.jsonl"
+            kept: List[str] = []
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    try:
+                        if json.loads(line).get("step", 0) <= start_step:
+                            kept.append(line)
+                    except (ValueError, AttributeError):
+                        continue
+            path.write_text("".join(line + "\n" for line in kept))
+            self._jsonl = open(path, "a")
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
 
     def record(self, step: int, kind: str, values: Dict[str, float]) -> None:
         if not self.enabled:
@@ -121,37 +235,80 @@ class _RunLog:
             self._tb.close()
 
 
-def train(config: ExperimentConfig) -> TrainResult:
-    """Train ``config`` on every rank of the current job; returns the same result on every rank."""
+def _saved_config(checkpoint: Path) -> ExperimentConfig:
+    try:
+        return load_config(checkpoint / "config.yaml")
+    except ConfigError as e:
+        raise ConfigError(f"cannot resume from {checkpoint}: its config.yaml does not load ({e}); "
+                          "set run.resume=false or choose a new run.dir") from None
+
+
+def train(config: ExperimentConfig, hooks: Sequence[StepHook] = ()) -> TrainResult:
+    """Train ``config`` on every rank of the current job; returns the same result on every rank.
+
+    ``hooks`` are called on every rank after every step (after its checkpoint, if any).
+    """
     ctx = init_distributed(config.run.device)
     run_dir = Path(config.run.dir)
     meta = DatasetMeta.load(config.data.path)
     _check_config_against_data(config, meta, ctx)
+    resume_from = _prepare_run_dir(config, run_dir, ctx)
+    resume_info: Dict[str, Any] = {}
+    if resume_from is not None:
+        resume_info = read_checkpoint_info(resume_from)
+        check_resumable(str(resume_from), _saved_config(resume_from), config, resume_info, meta)
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.yaml")
     dist.barrier()
 
     _seed_everything(config.train.seed)
     features = meta.sparse_names()
     net = build_model(config.model, config.embedding, meta, device=torch.device("meta"))
-    sharded = shard_model(
-        net,
-        config.embedding,
-        features,
-        {f: table_name(f) for f in features},
-        config.sparse_optimizer,
-        config.dense_optimizer,
-        ctx,
-    )
+    capacity = memory_capacity(ctx.device)
+    try:
+        sharded = shard_model(
+            net,
+            config.embedding,
+            features,
+            {f: table_name(f) for f in features},
+            config.sparse_optimizer,
+            config.dense_optimizer,
+            ctx,
+            capacity=capacity,
+        )
+    except PlannerError as e:
+        if e.error_type == PlannerErrorType.INSUFFICIENT_STORAGE:
+            raise tables_do_not_fit(e, meta, config, ctx.world_size, capacity, ctx.device) from None
+        raise
     model, optimizer = sharded.model, sharded.optimizer
-    init_tables(model, config.train.seed)
     plan = plan_summary(sharded.plan)
     if ctx.is_main:
         (run_dir / "plan.json").write_text(json.dumps(plan, indent=2))
 
+    start_step, train_seconds = 0, 0.0
+    position = (0, 0)
+    if resume_from is None:
+        init_tables(model, config.train.seed, config.embedding.init, config.embedding.init_std)
+    else:
+        check_optimizer_layout(str(resume_from), resume_info.get("plan", {}), plan, config.sparse_optimizer.name)
+        init_optimizer_state(optimizer)
+        load_training_state(resume_from, model, optimizer)
+        start_step = int(resume_info["step"])
+        train_seconds = float(resume_info.get("train_seconds", 0.0))
+        position = (int(resume_info["position"]["epoch"]), int(resume_info["position"]["batches_in_epoch"]))
+        saved = read_rank_state(resume_from, ctx.rank)
+        if saved is not None:
+            set_rng_state(saved["rng"])
+        else:
+            reseed(config.train.seed, start_step, ctx.rank)
+        if ctx.is_main:
+            log.info("resuming from %s: step %d, epoch %d after %d batches (checkpoint of %d rank(s), now %d)",
+                     resume_from, start_step, position[0], position[1], resume_info.get("world_size", 0),
+                     ctx.world_size)
+
+    num_workers = config.data.num_workers
     local_batch = config.train.batch_size // ctx.world_size
-    reader = ParquetBatchReader(
+    reader = ResumableReader(
         config.data.path,
         "train",
         local_batch,
@@ -165,7 +322,7 @@ def train(config: ExperimentConfig) -> TrainResult:
     # Every rank must take the same number of steps (the embedding all-to-alls are collective), and
     # with shuffling a rank's share of row groups, hence its batch count, changes from epoch to epoch.
     local_steps = torch.tensor(
-        [reader.num_batches(config.data.num_workers, epoch=e) for e in range(config.train.epochs)],
+        [reader.num_batches(num_workers, epoch=e) for e in range(config.train.epochs)],
         dtype=torch.int64, device=ctx.device,
     )
     dist.all_reduce(local_steps, op=dist.ReduceOp.MIN)
@@ -178,6 +335,9 @@ def train(config: ExperimentConfig) -> TrainResult:
     total_steps = sum(epoch_steps)
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
+    if start_step > total_steps:
+        log.warning("checkpoint %s is at step %d, past this run's %d steps: not training", resume_from,
+                    start_step, total_steps)
 
     eval_local_batch = max(1, math.ceil(config.train.eval_batch_size / ctx.world_size))
 
@@ -193,70 +353,115 @@ def train(config: ExperimentConfig) -> TrainResult:
             features, len(meta.dense), ctx.device,
         )
 
-    runlog = _RunLog(run_dir, ctx.is_main)
-    info = {"data": config.data.path, "plan": plan, **table_bytes(meta, config)}
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not (ctx.is_main and config.train.progress),
-               dynamic_ncols=True)
-    step, train_seconds, loss_window, window_rows = 0, 0.0, 0.0, 0
-    valid_metrics: Optional[CTRMetrics] = None
-    model.train()
-    for epoch in range(config.train.epochs):
-        if step >= total_steps:
-            break
-        reader.set_epoch(epoch)
-        batches = iter(make_dataloader(reader, config.data.num_workers))
-        for _ in range(min(epoch_steps[epoch], total_steps - step)):
-            t0 = time.perf_counter()
-            batch = next(batches).to(ctx.device)
-            logits = model(batch.dense_features, batch.sparse_features)
-            loss_sum = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
-            (loss_sum / batch.labels.shape[0]).backward()  # local mean: see distributed.py
-            optimizer.step()
-            optimizer.zero_grad()
-            loss_value = float(loss_sum.detach())
-            train_seconds += time.perf_counter() - t0
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"training loss became {loss_value} at step {step + 1} on rank {ctx.rank}; "
-                    "lower the learning rates (sparse_optimizer.lr, dense_optimizer.lr)"
-                )
-            step += 1
-            loss_window += loss_value
-            window_rows += batch.labels.shape[0]
-            bar.update(1)
-            if step % config.train.log_every == 0 or step == total_steps:
-                stats = torch.tensor([loss_window, float(window_rows)], dtype=torch.float64, device=ctx.device)
-                dist.all_reduce(stats)
-                sps = step * config.train.batch_size / max(train_seconds, 1e-9)
-                record = {"loss": stats[0].item() / max(stats[1].item(), 1.0), "samples_per_second": sps,
-                          "epoch": epoch, "sparse_lr": config.sparse_optimizer.lr,
-                          "dense_lr": config.dense_optimizer.lr}
-                runlog.record(step, "train", record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{sps:,.0f}")
-                loss_window, window_rows = 0.0, 0
-            if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
-                valid_metrics = run_eval("valid")
-                if valid_metrics is not None:
-                    runlog.record(step, "valid", valid_metrics.as_dict())
-                    if ctx.is_main:
-                        bar.write(f"step {step}: valid AUC {valid_metrics.auc:.4f} LogLoss {valid_metrics.logloss:.4f}")
-            if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(run_dir, step, model, config, {**info, "epoch": epoch}, optimizer)
-    bar.close()
+    info = {"data": config.data.path, "plan": plan, "data_shape": data_shape(meta), **table_bytes(meta, config),
+            "epoch_steps": epoch_steps}
+    last_checkpoint = resume_from
 
-    valid_metrics = run_eval("valid")
-    test_metrics = run_eval("test")
-    for name, m in (("valid", valid_metrics), ("test", test_metrics)):
-        if m is not None:
-            runlog.record(step, name, m.as_dict())
-    sps = step * config.train.batch_size / max(train_seconds, 1e-9)
-    final_info = {**info, "valid": valid_metrics and valid_metrics.as_dict(),
-                  "test": test_metrics and test_metrics.as_dict()}
-    checkpoint = save_checkpoint(run_dir, step, model, config, final_info, optimizer)
-    result = TrainResult(run_dir, checkpoint, step, train_seconds, sps, valid_metrics, test_metrics)
+    def write_checkpoint(step: int, epoch: int, batches: int, extra: Dict[str, Any]) -> Path:
+        bad = nonfinite_weights(model)
+        err = agree(f"non-finite values in {', '.join(bad[:3])}" if bad else None)
+        if err:
+            raise TrainingDiverged(
+                f"weights became non-finite by step {step} ({err}); not checkpointing them. "
+                f"{_last_good(last_checkpoint)} Lower the learning rates (sparse_optimizer.lr, dense_optimizer.lr)"
+            )
+        e, b = normalize_position(epoch, batches, epoch_steps)
+        position_info = {"epoch": e, "batches_in_epoch": b, "global_batch_size": config.train.batch_size,
+                         "num_workers": num_workers, "world_size": ctx.world_size}
+        return save_checkpoint(
+            run_dir, step, model, config,
+            {**info, "position": position_info, "train_seconds": train_seconds, **extra},
+            optimizer, rank_state={"rng": rng_state(), "step": step}, keep=config.train.keep_checkpoints,
+        )
+
+    runlog = _RunLog(run_dir, ctx.is_main, start_step)
+    bar = tqdm(total=total_steps, initial=min(start_step, total_steps), desc="train", unit="step",
+               disable=not (ctx.is_main and config.train.progress), dynamic_ncols=True)
+    step = start_step
+    epoch, batches = normalize_position(*position, epoch_steps)
+    loss_window, window_rows = 0.0, 0.0
+    valid_metrics: Optional[CTRMetrics] = None
+    try:
+        model.train()
+        while step < total_steps and epoch < config.train.epochs:
+            reader.set_position(epoch, batches, num_workers)
+            it = iter(dataloader(reader, num_workers, config.train.seed, epoch))
+            for _ in range(min(epoch_steps[epoch] - batches, total_steps - step)):
+                t0 = time.perf_counter()
+                batch = next(it).to(ctx.device)
+                logits = model(batch.dense_features, batch.sparse_features)
+                loss_sum = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
+                (loss_sum / batch.labels.shape[0]).backward()  # local mean: see distributed.py
+                optimizer.step()
+                optimizer.zero_grad()
+                local_loss = float(loss_sum.detach())
+                # one small all-reduce: the global loss for the logs, and a NaN/inf on any rank
+                # reaches every rank at this very step
+                stats = torch.tensor([local_loss, float(batch.labels.shape[0])], dtype=torch.float64,
+                                     device=ctx.device)
+                dist.all_reduce(stats)
+                loss_all, rows_all = stats.tolist()
+                train_seconds += time.perf_counter() - t0
+                step, batches = step + 1, batches + 1
+                if not math.isfinite(loss_all):
+                    raise TrainingDiverged(
+                        f"training loss became {loss_all} at step {step} (epoch {epoch}; this rank's batch loss "
+                        f"sum: {local_loss}); stopped without checkpointing. {_last_good(last_checkpoint)} "
+                        "Lower the learning rates (sparse_optimizer.lr, dense_optimizer.lr)"
+                    )
+                loss_window += loss_all
+                window_rows += rows_all
+                bar.update(1)
+                if step % config.train.log_every == 0 or step == total_steps:
+                    sps = step * config.train.batch_size / max(train_seconds, 1e-9)
+                    record = {"loss": loss_window / max(window_rows, 1.0), "samples_per_second": sps,
+                              "epoch": epoch, "sparse_lr": config.sparse_optimizer.lr,
+                              "dense_lr": config.dense_optimizer.lr}
+                    runlog.record(step, "train", record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{sps:,.0f}")
+                    loss_window, window_rows = 0.0, 0.0
+                if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
+                    valid_metrics = run_eval("valid")
+                    if valid_metrics is not None:
+                        runlog.record(step, "valid", valid_metrics.as_dict())
+                        if ctx.is_main:
+                            bar.write(f"step {step}: valid AUC {valid_metrics.auc:.4f} "
+                                      f"LogLoss {valid_metrics.logloss:.4f}")
+                written = None
+                if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
+                    written = last_checkpoint = write_checkpoint(step, epoch, batches, {})
+                for hook in hooks:
+                    hook(StepEvent(step, epoch, batches, loss_all / max(rows_all, 1.0), batch, model, ctx.rank,
+                                   ctx.world_size, written))
+            if batches >= epoch_steps[epoch]:
+                epoch, batches = epoch + 1, 0
+        bar.close()
+
+        valid_metrics = run_eval("valid")
+        test_metrics = run_eval("test")
+        for name, m in (("valid", valid_metrics), ("test", test_metrics)):
+            if m is not None:
+                runlog.record(step, name, m.as_dict())
+        sps = step * config.train.batch_size / max(train_seconds, 1e-9)
+        if resume_from is not None and step == start_step:
+            checkpoint = resume_from  # nothing trained since: that checkpoint is the final state
+        else:
+            final_info = {"valid": valid_metrics and valid_metrics.as_dict(),
+                          "test": test_metrics and test_metrics.as_dict(), "final": True}
+            checkpoint = write_checkpoint(step, epoch, batches, final_info)
+    finally:
+        bar.close()
+        runlog.close()
+    result = TrainResult(run_dir, checkpoint, step, train_seconds, sps, valid_metrics, test_metrics,
+                         resume_from, start_step)
     if ctx.is_main:
         summary = {**result.summary(), **table_bytes(meta, config), "world_size": ctx.world_size}
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "samples_per_second")}))
-    runlog.close()
     return result
+
+
+def _last_good(checkpoint: Optional[Path]) -> str:
+    if checkpoint is None:
+        return "No checkpoint was written before."
+    return f"The last good checkpoint, {checkpoint}, is intact."

@@ -10,6 +10,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from data_pipes.schema import DatasetMeta, table_name
 from mlet_torchrec.config import EmbeddingConfig, ModelConfig
+from mlet_torchrec.models import autoint, dcn, deepfm, dlrm_dcn, nfm, wdl, xdeepfm
 from mlet_torchrec.models.dlrm import build_dlrm
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
 
@@ -18,6 +19,14 @@ ModelBuilder = Callable[[nn.Module, int, ModelConfig], nn.Module]
 
 MODELS: Dict[str, ModelBuilder] = {
     "dlrm": lambda emb, num_dense, cfg: build_dlrm(emb, num_dense, cfg.bottom_mlp, cfg.top_mlp),
+    "dlrm_dcn": dlrm_dcn.build,
+    # the DeepCTR-Torch models of the MLET paper; each adds a first-order term on `lin_*` tables
+    "dcn": dcn.build,
+    "deepfm": deepfm.build,
+    "wdl": wdl.build,
+    "nfm": nfm.build,
+    "autoint": autoint.build,
+    "xdeepfm": xdeepfm.build,
 }
 
 

@@ -6,7 +6,8 @@ a 4-rank column-wise run and a 1-process run start from the same tables, and no 
 materialises a whole table it does not own.
 
 Rows are drawn from U(-1/sqrt(n), 1/sqrt(n)) as TorchRec's EmbeddingBagCollection and the DLRM
-reference do (W1 of MLET is initialised like a normal table).
+reference do, or from N(0, std^2) as DeepCTR-Torch does (W1 of MLET is initialised like a normal
+table of the model it serves).
 """
 
 from __future__ import annotations
@@ -21,22 +22,38 @@ from torch import nn
 BLOCK_ROWS = 1 << 14
 
 
-def _block(seed: int, table: str, block: int, rows: int, dim: int, bound: float) -> torch.Tensor:
+def _block(seed: int, table: str, block: int, rows: int, dim: int, init: str, scale: float) -> torch.Tensor:
     gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{table}/{block}".encode()) + (seed << 32))
-    return torch.empty(rows, dim).uniform_(-bound, bound, generator=gen)
+    out = torch.empty(rows, dim)
+    if init == "normal":
+        return out.normal_(0.0, scale, generator=gen)
+    return out.uniform_(-scale, scale, generator=gen)
 
 
 def table_rows(
-    table: str, num_rows: int, dim: int, row_start: int, row_end: int, seed: int, bound: float | None = None
+    table: str,
+    num_rows: int,
+    dim: int,
+    row_start: int,
+    row_end: int,
+    seed: int,
+    bound: float | None = None,
+    init: str = "uniform",
+    std: float = 1e-4,
 ) -> torch.Tensor:
-    """Rows [row_start, row_end) of table ``table`` (num_rows x dim) as drawn for ``seed``."""
+    """Rows [row_start, row_end) of table ``table`` (num_rows x dim) as drawn for ``seed``.
+
+    ``init='uniform'``: U(-bound, bound), bound 1/sqrt(num_rows) by default; ``'normal'``: N(0, std^2).
+    """
     if not 0 <= row_start <= row_end <= num_rows:
         raise ValueError(f"rows [{row_start}, {row_end}) outside table {table} of {num_rows} rows")
-    bound = 1.0 / math.sqrt(num_rows) if bound is None else bound
+    if init not in ("uniform", "normal"):
+        raise ValueError(f"init must be 'uniform' or 'normal', got {init!r}")
+    scale = std if init == "normal" else (1.0 / math.sqrt(num_rows) if bound is None else bound)
     parts = []
     for b in range(row_start // BLOCK_ROWS, (row_end + BLOCK_ROWS - 1) // BLOCK_ROWS):
         lo, hi = b * BLOCK_ROWS, min((b + 1) * BLOCK_ROWS, num_rows)
-        block = _block(seed, table, b, hi - lo, dim, bound)
+        block = _block(seed, table, b, hi - lo, dim, init, scale)
         parts.append(block[max(row_start, lo) - lo : min(row_end, hi) - lo])
     return torch.cat(parts) if parts else torch.empty(0, dim)
 
@@ -50,7 +67,7 @@ def _table_weights(module: nn.Module) -> Iterator[Tuple[str, object]]:
 
 
 @torch.no_grad()
-def init_tables(module: nn.Module, seed: int) -> Dict[str, int]:
+def init_tables(module: nn.Module, seed: int, init: str = "uniform", std: float = 1e-4) -> Dict[str, int]:
     """Fill every embedding table of ``module`` (sharded by DMP or not) from :func:`table_rows`.
 
     Returns the number of rows this rank wrote per table. Writing into the state_dict views works
@@ -62,12 +79,13 @@ def init_tables(module: nn.Module, seed: int) -> Dict[str, int]:
             num_rows, dim = weight.size()
             for shard in weight.local_shards():
                 (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                rows = table_rows(table, num_rows, dim, r0, r0 + nr, seed)[:, c0 : c0 + nc]
+                rows = table_rows(table, num_rows, dim, r0, r0 + nr, seed, init=init, std=std)[:, c0 : c0 + nc]
                 shard.tensor.copy_(rows.to(shard.tensor.device, shard.tensor.dtype))
                 written[table] = written.get(table, 0) + nr
         else:
             tensor = weight.local_tensor() if hasattr(weight, "local_tensor") else weight
             num_rows, dim = tensor.shape
-            tensor.copy_(table_rows(table, num_rows, dim, 0, num_rows, seed).to(tensor.device, tensor.dtype))
+            rows = table_rows(table, num_rows, dim, 0, num_rows, seed, init=init, std=std)
+            tensor.copy_(rows.to(tensor.device, tensor.dtype))
             written[table] = num_rows
     return written

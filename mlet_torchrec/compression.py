@@ -1,0 +1,478 @@
+"""The MLET papers' compression studies (appendix A.4), on collapsed models.
+
+Three ways to shrink the served tables, each comparable with MLET's smaller d:
+
+* **Hashing trick** (training time): the ids of chosen features are taken modulo m, a fraction
+  of their cardinality, so those tables have m rows. :func:`write_hashed_dataset` writes a hashed
+  copy of a data set (ids modulo m, new cardinalities in its metadata), which every command then
+  uses unchanged through ``data.path``; :func:`hash_batch` / :func:`hashed_meta` do the same on the
+  fly for a trainer that wires them in (see the functions' docs).
+* **INT8 post-training quantization** with one symmetric scale per table,
+  ``q = clamp(round(w / s), -127, 127)``, the scale found by a grid search minimising the L2 error
+  ``||W - s q||`` (:func:`grid_search_scale`), against the max-abs scale ``s = max|W| / 127``.
+* **Low-rank SVD** of a trained single-layer table (the competing method): the best rank-r
+  approximation ``W ~ (W V_r) V_r^T`` from the d x d Gram matrix, streamed in row blocks
+  (:func:`svd_factors`).
+
+Table sizes are counted as in A.4.4: relative to the model with d = 1, un-hashed, FP32 tables,
+i.e. ``sum_t params_t * bits / 32 / sum_t n_t`` with n_t the un-hashed rows
+(:func:`relative_table_size`): a d = 16 FP32 model is 16, its INT8 version 4 (plus one scale per
+table), hashing every table to a quarter of its rows gives 4, a rank-r SVD about r.
+
+``python -m mlet_torchrec.compression study --collapsed DIR`` evaluates the INT8 and SVD variants
+of a collapsed model on the test split; ``python -m mlet_torchrec.compression hash --input DATA
+--output DIR C3=0.25 C4=0.1`` writes a hashed data set.
+
+Example:
+    >>> import torch
+    >>> w = torch.randn(1000, 8)
+    >>> s_grid, e_grid = grid_search_scale(w)
+    >>> e_grid <= quantization_error(w, maxabs_scale(w))
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from data_pipes.schema import DatasetMeta, SparseFeature, table_name
+
+QMAX = {8: 127, 4: 7}
+HashSpec = Mapping[str, Union[int, float]]
+
+
+# --------------------------------------------------------------------------------------------
+# sizes (A.4.4)
+
+
+def relative_table_size(unhashed_rows: Mapping[str, int], params: Mapping[str, int],
+                        bits: Union[int, Mapping[str, int]] = 32, extra_bits: int = 0) -> float:
+    """Served table size relative to d = 1, un-hashed, FP32 tables (A.4.4).
+
+    ``params``: stored parameters per table (n' x d for a dense table of n' rows, n r + r d for a
+    rank-r factorisation); ``bits``: their width (32 FP32, 8 INT8), per table or for all;
+    ``extra_bits``: per-table overhead such as a quantization scale.
+    """
+    base = sum(unhashed_rows.values())
+    if base <= 0:
+        raise ValueError("no rows to count")
+    total = 0.0
+    for name, p in params.items():
+        b = bits[name] if isinstance(bits, Mapping) else bits
+        total += p * b + extra_bits
+    return total / (32 * base)
+
+
+# --------------------------------------------------------------------------------------------
+# hashing trick
+
+
+def hash_moduli(cardinalities: Mapping[str, int], spec: HashSpec) -> Dict[str, int]:
+    """Rows after hashing for every feature named in ``spec``.
+
+    A float in (0, 1] is a fraction of the feature's cardinality (rounded up, at least 1 row), an
+    int a row count; either is capped at the cardinality.
+    """
+    out: Dict[str, int] = {}
+    for feature, value in spec.items():
+        if feature not in cardinalities:
+            raise KeyError(f"hashing names feature {feature!r}, not one of {sorted(cardinalities)}")
+        n = cardinalities[feature]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"hashing {feature}={value!r}: give a fraction in (0, 1] or a row count")
+        if isinstance(value, float):
+            if value > 1:
+                raise ValueError(f"hashing {feature}={value!r}: a fraction must be in (0, 1]; an int is a row count")
+            m = max(1, math.ceil(n * value))
+        else:
+            m = int(value)
+        out[feature] = min(n, m)
+    return out
+
+
+def hashed_meta(meta: DatasetMeta, spec: HashSpec) -> Tuple[DatasetMeta, Dict[str, int]]:
+    """``meta`` with the hashed features' cardinalities replaced, and the moduli per feature."""
+    moduli = hash_moduli(meta.cardinalities(), spec)
+    sparse = [SparseFeature(name=f.name, cardinality=moduli.get(f.name, f.cardinality), multi_hot=f.multi_hot)
+              for f in meta.sparse]
+    source = dict(meta.source)
+    previous = source.get("hashing") or {}
+    original = dict(previous.get("original_cardinalities") or meta.cardinalities())
+    source["hashing"] = {"moduli": {**(previous.get("moduli") or {}), **moduli}, "original_cardinalities": original}
+    return meta.model_copy(update={"sparse": sparse, "source": source}), moduli
+
+
+def unhashed_cardinalities(meta: DatasetMeta) -> Dict[str, int]:
+    """The cardinalities before any hashing (what A.4.4 sizes are relative to)."""
+    hashing = meta.source.get("hashing") if isinstance(meta.source, dict) else None
+    if isinstance(hashing, dict) and hashing.get("original_cardinalities"):
+        return {k: int(v) for k, v in hashing["original_cardinalities"].items()}
+    return meta.cardinalities()
+
+
+def hash_kjt(kjt, moduli: Mapping[str, int]):
+    """A KeyedJaggedTensor with the values of the features in ``moduli`` taken modulo their m."""
+    from torchrec import KeyedJaggedTensor
+
+    if not moduli:
+        return kjt
+    values = kjt.values().clone()
+    start = 0
+    for key, length in zip(kjt.keys(), kjt.length_per_key()):
+        if key in moduli:
+            values[start : start + length] = torch.remainder(values[start : start + length], moduli[key])
+        start += length
+    return KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=values, lengths=kjt.lengths(),
+                                               weights=kjt.weights_or_none())
+
+
+def hash_batch(batch, moduli: Mapping[str, int]):
+    """A ``torchrec.datasets.utils.Batch`` with hashed sparse features (see :func:`hash_kjt`)."""
+    from torchrec.datasets.utils import Batch
+
+    if not moduli:
+        return batch
+    return Batch(dense_features=batch.dense_features, sparse_features=hash_kjt(batch.sparse_features, moduli),
+                 labels=batch.labels)
+
+
+def write_hashed_dataset(source: Union[str, Path], output: Union[str, Path], spec: HashSpec,
+                         overwrite: bool = False) -> DatasetMeta:
+    """A copy of data set ``source`` with the ids of the features in ``spec`` modulo m (row group by row group).
+
+    The copy's ``metadata.json`` has the new cardinalities and, under ``source.hashing``, the moduli
+    and the original cardinalities. Train on it by pointing ``data.path`` at ``output``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source, output = Path(source), Path(output)
+    meta = DatasetMeta.load(source)
+    new_meta, moduli = hashed_meta(meta, spec)
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{output} exists and is not empty (pass overwrite=True / --overwrite)")
+        shutil.rmtree(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp"))
+    try:
+        schema = meta.arrow_schema()
+        for split, files in meta.splits.items():
+            for rel in files:
+                src = pq.ParquetFile(source / rel)
+                dst_path = tmp / rel
+                dst_path.parent.mkdir(parents=True, exist_ok=True)
+                with pq.ParquetWriter(dst_path, schema) as writer:
+                    for g in range(src.num_row_groups):
+                        table = src.read_row_group(g)
+                        for feature, m in moduli.items():
+                            idx = table.schema.get_field_index(feature)
+                            col = table.column(idx).combine_chunks()
+                            if pa.types.is_list(col.type):
+                                flat = np.remainder(col.values.to_numpy(zero_copy_only=False), m)
+                                new = pa.ListArray.from_arrays(col.offsets, pa.array(flat, pa.int64()))
+                            else:
+                                new = pa.array(np.remainder(col.to_numpy(zero_copy_only=False), m), pa.int64())
+                            table = table.set_column(idx, schema.field(feature), new)
+                        writer.write_table(table, row_group_size=table.num_rows)
+        new_meta.save(tmp)
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return new_meta
+
+
+# --------------------------------------------------------------------------------------------
+# INT8 post-training quantization, one symmetric scale per table
+
+
+def maxabs_scale(w: torch.Tensor, bits: int = 8) -> float:
+    """The scale that maps the largest |w| to the largest code (no clipping)."""
+    m = float(w.abs().max()) if w.numel() else 0.0
+    return m / QMAX[bits] if m > 0 else 1.0
+
+
+def quantize_symmetric(w: torch.Tensor, scale: float, bits: int = 8) -> torch.Tensor:
+    q = QMAX[bits]
+    return torch.clamp(torch.round(w / scale), -q, q).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: float) -> torch.Tensor:
+    return q.to(torch.float32) * scale
+
+
+def _errors(w: torch.Tensor, scales: torch.Tensor, bits: int, chunk: int = 4096) -> torch.Tensor:
+    """Sum of squared errors of symmetric quantization for every candidate scale.
+
+    Works on (candidates x chunk) tiles small enough to stay in cache, in place; per-tile sums in
+    float32, accumulated over tiles in float64.
+    """
+    q = QMAX[bits]
+    flat = w.reshape(-1).to(torch.float32)
+    out = torch.zeros(scales.numel(), dtype=torch.float64)
+    s = scales.to(torch.float32).view(-1, 1)
+    inv = 1.0 / s
+    tile = torch.empty(scales.numel(), min(chunk, max(1, flat.numel())))
+    for start in range(0, flat.numel(), chunk):
+        x = flat[start : start + chunk].view(1, -1)
+        t = tile[:, : x.shape[1]]
+        torch.mul(x, inv, out=t)
+        t.round_().clamp_(-q, q).mul_(s).sub_(x)
+        out += torch.linalg.vector_norm(t, dim=1).double().square()
+    return out
+
+
+def quantization_error(w: torch.Tensor, scale: float, bits: int = 8) -> float:
+    """L2 error ``||W - dequantize(quantize(W))||`` of one scale."""
+    return float(_errors(w, torch.tensor([scale]), bits)[0].sqrt())
+
+
+class _Probe:
+    """The elements the scale search scores: all of them, or the largest ``sample // 8`` exactly
+    plus a uniform sample of the rest, weighted to stand for all of it (the tail decides the
+    clipping error, so it is never left to chance)."""
+
+    def __init__(self, w: torch.Tensor, sample: Optional[int], seed: int) -> None:
+        flat = w.reshape(-1)
+        self.parts: List[Tuple[torch.Tensor, float]] = [(flat, 1.0)]
+        if sample is None or flat.numel() <= sample:
+            return
+        top_k = max(1, sample // 8)
+        top = torch.topk(flat.abs(), top_k, sorted=False)
+        threshold = float(top.values.min())
+        g = torch.Generator().manual_seed(seed)
+        drawn = flat[torch.randint(0, flat.numel(), (sample - top_k,), generator=g)]
+        body = drawn[drawn.abs() < threshold]
+        rest = flat.numel() - top_k
+        self.parts = [(flat[top.indices], 1.0)]
+        if body.numel():
+            # the expected share of the draw below the threshold is rest / numel
+            self.parts.append((body, rest / max(1.0, drawn.numel() * rest / flat.numel())))
+
+    def errors(self, scales: torch.Tensor, bits: int) -> torch.Tensor:
+        return sum(_errors(x, scales, bits) * weight for x, weight in self.parts)  # type: ignore[return-value]
+
+
+def grid_search_scale(w: torch.Tensor, num_grid: int = 64, min_fraction: float = 0.05, bits: int = 8,
+                      refine: int = 2, sample: Optional[int] = 1 << 18, seed: int = 0) -> Tuple[float, float]:
+    """(scale, L2 error) of the symmetric per-table scale that minimises the L2 error.
+
+    Candidates are ``a * maxabs_scale(w)`` for ``a`` on a grid over [min_fraction, 1] (so the
+    max-abs scale is always a candidate and the result is never worse), refined ``refine`` times
+    around the best. Tables above ``sample`` elements are scored on their largest elements plus a
+    weighted random sample of the others; the error returned is always over the whole table.
+    """
+    base = maxabs_scale(w, bits)
+    probe = _Probe(w, sample, seed)
+    lo, hi = min_fraction, 1.0
+    best_a = 1.0
+    for _ in range(1 + refine):
+        grid = torch.linspace(lo, hi, num_grid, dtype=torch.float64)
+        grid = torch.unique(torch.cat([grid, torch.tensor([best_a], dtype=torch.float64)]))
+        errs = probe.errors(grid * base, bits)
+        i = int(torch.argmin(errs))
+        best_a = float(grid[i])
+        step = (hi - lo) / max(1, num_grid - 1)
+        lo, hi = max(min_fraction, best_a - step), min(1.0, best_a + step)
+    scale = best_a * base
+    err, err_max = quantization_error(w, scale, bits), quantization_error(w, base, bits)
+    if err_max < err:  # a sampled search can miss; never return worse than max-abs
+        return base, err_max
+    return scale, err
+
+
+@dataclass
+class QuantizedTable:
+    name: str
+    method: str  # "grid" or "maxabs"
+    scale: float
+    l2_error: float
+    maxabs_l2_error: float
+    bits: int = 8
+
+
+def quantize_table(name: str, w: torch.Tensor, method: str = "grid",
+                   bits: int = 8) -> Tuple[torch.Tensor, QuantizedTable]:
+    """(int8 codes, description) of one table with a symmetric per-table scale."""
+    base = maxabs_scale(w, bits)
+    err_max = quantization_error(w, base, bits)
+    if method == "grid":
+        scale, err = grid_search_scale(w, bits=bits)
+    elif method == "maxabs":
+        scale, err = base, err_max
+    else:
+        raise ValueError(f"quantization method {method!r} is not 'grid' or 'maxabs'")
+    return quantize_symmetric(w, scale, bits), QuantizedTable(name, method, scale, err, err_max, bits)
+
+
+def _embedding_tables(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Table name -> weight of a collapsed model's d-dim EmbeddingBagCollection (``model.embeddings``,
+    or the only stock EBC); other EBCs (first-order ``lin_*`` tables) are left alone."""
+    from torchrec import EmbeddingBagCollection
+
+    ebc = getattr(model, "embeddings", None)
+    if type(ebc) is not EmbeddingBagCollection:
+        ebcs = [m for m in model.modules() if type(m) is EmbeddingBagCollection]
+        if len(ebcs) != 1:
+            raise ValueError(f"expected one plain EmbeddingBagCollection (a collapsed model), found {len(ebcs)}")
+        ebc = ebcs[0]
+    return {name: bag.weight for name, bag in ebc.embedding_bags.items()}
+
+
+@torch.no_grad()
+def quantize_model_tables(model: torch.nn.Module, method: str = "grid", bits: int = 8) -> Dict[str, QuantizedTable]:
+    """Replace every table of a collapsed model by its INT8 round trip (fake quantization)."""
+    out = {}
+    for name, weight in _embedding_tables(model).items():
+        q, info = quantize_table(name, weight.detach(), method, bits)
+        weight.copy_(dequantize(q, info.scale))
+        out[name] = info
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# low-rank SVD (the competing method)
+
+
+@torch.no_grad()
+def svd_factors(w: torch.Tensor, rank: int,
+                block_rows: int = 1 << 16) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A n x r, B r x d, singular values) with ``A @ B`` the best rank-r approximation of ``w``.
+
+    From the d x d Gram matrix ``W^T W = V S^2 V^T`` (float64, accumulated in row blocks):
+    ``A = W V_r``, ``B = V_r^T``, so ``A @ B = W V_r V_r^T`` (Eckart-Young).
+    """
+    n, d = w.shape
+    if not 1 <= rank <= d:
+        raise ValueError(f"rank {rank} outside [1, {d}]")
+    gram = torch.zeros(d, d, dtype=torch.float64)
+    for s in range(0, n, block_rows):
+        x = w[s : s + block_rows].double()
+        gram += x.T @ x
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    order = torch.argsort(evals, descending=True)
+    v = evecs[:, order[:rank]]
+    a = torch.empty(n, rank, dtype=torch.float32)
+    for s in range(0, n, block_rows):
+        a[s : s + block_rows] = (w[s : s + block_rows].double() @ v).float()
+    return a, v.T.float().contiguous(), evals[order].clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def svd_model_tables(model: torch.nn.Module, rank: int) -> Dict[str, Dict[str, float]]:
+    """Replace every table of a collapsed (e.g. single-layer) model by its rank-r SVD approximation."""
+    out = {}
+    for name, weight in _embedding_tables(model).items():
+        r = min(rank, weight.shape[1])
+        a, b, sv = svd_factors(weight.detach(), r)
+        approx = a @ b
+        out[name] = {"rank": r, "rel_l2_error": float((approx - weight).norm() / weight.norm().clamp_min(1e-30)),
+                     "params": a.numel() + b.numel()}
+        weight.copy_(approx)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the study
+
+
+def compression_study(collapsed: Union[str, Path], split: str = "test", svd_ranks: Sequence[int] = (),
+                      int8: bool = True, max_rows: Optional[int] = None) -> List[Dict[str, object]]:
+    """Rows {method, table_size (A.4.4), auc, logloss} for a collapsed model and its compressed variants."""
+    from mlet_torchrec.collapse import load_collapsed
+    from mlet_torchrec.evaluate import evaluate
+    from data_pipes.reader import ParquetBatchReader
+
+    model, config, meta = load_collapsed(collapsed)
+    rows_unhashed = unhashed_cardinalities(meta)
+    table_rows = {table_name(f.name): f.cardinality for f in meta.sparse}
+    base_rows = {table_name(k): v for k, v in rows_unhashed.items()}
+    d = config.embedding.d
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def score() -> Dict[str, float]:
+        bs = config.train.eval_batch_size
+        reader = ParquetBatchReader(config.data.path, split, bs, drop_last=False, shuffle=False)
+        steps = reader.num_batches() if max_rows is None else min(reader.num_batches(), -(-max_rows // bs))
+        m = evaluate(model, iter(reader), steps, bs, meta.sparse_names(), len(meta.dense), torch.device("cpu"))
+        return {"auc": m.auc, "logloss": m.logloss}
+
+    dense_params = {t: n * d for t, n in table_rows.items()}
+    results: List[Dict[str, object]] = [
+        {"method": f"fp32 d={d}", "table_size": relative_table_size(base_rows, dense_params), **score()}
+    ]
+    if int8:
+        for method in ("maxabs", "grid"):
+            model.load_state_dict(state)
+            info = quantize_model_tables(model, method)
+            results.append({
+                "method": f"int8 {method} d={d}",
+                "table_size": relative_table_size(base_rows, dense_params, bits=8, extra_bits=32),
+                "l2_error": math.sqrt(sum(i.l2_error ** 2 for i in info.values())),
+                **score(),
+            })
+    for r in svd_ranks:
+        model.load_state_dict(state)
+        info = svd_model_tables(model, r)
+        results.append({
+            "method": f"svd rank {r} of d={d}",
+            "table_size": relative_table_size(base_rows, {t: int(i["params"]) for t, i in info.items()}),
+            **score(),
+        })
+    model.load_state_dict(state)
+    return results
+
+
+def _parse_spec(items: Sequence[str]) -> Dict[str, Union[int, float]]:
+    spec: Dict[str, Union[int, float]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r}: expected FEATURE=FRACTION or FEATURE=ROWS")
+        spec[key] = int(raw) if raw.strip().isdigit() else float(raw)
+    return spec
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlet_torchrec.compression",
+                                     description="the papers' compression studies (appendix A.4)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("hash", help="write a copy of a data set with hashed (modulo) ids")
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("spec", nargs="+", metavar="FEATURE=FRACTION|ROWS")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("study", help="INT8 (max-abs vs grid) and SVD variants of a collapsed model")
+    p.add_argument("--collapsed", type=Path, required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--svd-ranks", type=int, nargs="*", default=[])
+    p.add_argument("--max-rows", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "hash":
+            meta = write_hashed_dataset(args.input, args.output, _parse_spec(args.spec), args.overwrite)
+            print(json.dumps({"cardinalities": meta.cardinalities(), "hashing": meta.source["hashing"]}, indent=2))
+        else:
+            rows = compression_study(args.collapsed, args.split, args.svd_ranks, max_rows=args.max_rows)
+            for r in rows:
+                print(f"{r['method']:<24} size {r['table_size']:8.3f}  AUC {r['auc']:.5f}  LogLoss {r['logloss']:.5f}")
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Guardrails that turn the ways a run can go wrong into one clear error on every rank.
+
+- Memory: the TorchRec planner gets this machine's real capacity (host memory per local rank from
+  /proc/meminfo and the cgroup limit; free GPU memory on CUDA) instead of its defaults, so a config
+  whose tables do not fit is refused before any table is allocated, by :class:`TablesDoNotFit` with
+  the numbers. Planning runs on rank 0 and its result *or its error* is broadcast, so the other
+  ranks never wait forever for a plan.
+- Divergence: a non-finite loss on any rank stops every rank at the same step
+  (:class:`TrainingDiverged`), and no checkpoint is written from non-finite weights, so the last
+  good checkpoint survives.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
+
+from data_pipes.schema import DatasetMeta
+from mlet_torchrec.config import ConfigError, ExperimentConfig
+
+# TorchRec's EmbeddingShardingPlanner keeps this share of every device for dense parts and buffers
+PLANNER_RESERVATION = 0.15
+
+
+class TrainingDiverged(RuntimeError, ValueError):
+    """The loss (or the weights) became NaN or infinite; the run stopped without checkpointing them."""
+
+
+class TablesDoNotFit(ConfigError):
+    """The embedding tables (with their optimizer state) need more memory than the job has."""
+
+
+def _gib(n: float) -> str:
+    if abs(n) >= 2**40:
+        return f"{n / 2**40:.2f} TiB"
+    if abs(n) >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _read_int(path: str) -> Optional[int]:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    if not text or text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def host_memory_available() -> Dict[str, int]:
+    """Bytes of host memory this process group may use: MemAvailable (or total pages), capped by the
+    cgroup v2/v1 memory limit minus its usage. Returns the figure and where it came from."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    out = {"available": avail, "meminfo": avail}
+    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit = _read_int(limit_path)
+        if limit is not None and limit < 2**60:
+            usage = _read_int(usage_path) or 0
+            out["cgroup_free"] = max(0, limit - usage)
+            out["available"] = min(avail, out["cgroup_free"])
+            break
+    return out
+
+
+def memory_capacity(device: torch.device) -> Dict[str, int]:
+    """``Topology`` keyword arguments for this machine: ``ddr_cap`` (host memory per local rank) and,
+    on CUDA, ``hbm_cap`` (free memory of this rank's GPU)."""
+    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    caps = {"ddr_cap": max(1, host_memory_available()["available"] // local_world)}
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        caps["hbm_cap"] = int(free)
+    return caps
+
+
+def collective_plan(planner: Any, module: nn.Module, sharders: List[Any]) -> Any:
+    """``planner.plan`` on rank 0, its plan or its ``PlannerError`` broadcast to every rank.
+
+    TorchRec's own ``collective_plan`` leaves ranks > 0 waiting in the broadcast when rank 0 raises.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return planner.plan(module, sharders)
+    box: List[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("plan", planner.plan(module, sharders))]
+        except PlannerError as e:
+            box = [("error", str(e), e.error_type.value)]
+        except Exception as e:  # any other planning failure: every rank raises it
+            box = [("other", f"{type(e).__name__}: {e}", None)]
+    dist.broadcast_object_list(box, src=0)
+    kind, *rest = box[0]
+    if kind == "plan":
+        return rest[0]
+    if kind == "error":
+        raise PlannerError(rest[0], PlannerErrorType(rest[1]))
+    raise RuntimeError(f"sharding planner failed on rank 0: {rest[0]}")
+
+
+def table_memory(meta: DatasetMeta, config: ExperimentConfig) -> Dict[str, int]:
+    """FP32 bytes the sharded tables need while training: W1 (rows x width) and the fused optimizer's
+    state (Adagrad: one value per weight; row-wise Adagrad: one per row; SGD: none)."""
+    weights, state, largest, largest_name = 0, 0, 0, ""
+    opt = config.sparse_optimizer.name
+    for f in meta.sparse:
+        width = config.embedding.k_for(f.name) or config.embedding.d
+        w = f.cardinality * width * 4
+        s = w if opt == "adagrad" else (f.cardinality * 4 if opt == "rowwise_adagrad" else 0)
+        weights, state = weights + w, state + s
+        if w + s > largest:
+            largest, largest_name = w + s, f.name
+    return {"weights": weights, "optimizer_state": state, "total": weights + state, "largest": largest,
+            "largest_feature": largest_name}  # type: ignore[dict-item]
+
+
+def tables_do_not_fit(err: PlannerError, meta: DatasetMeta, config: ExperimentConfig, world_size: int,
+                      caps: Dict[str, int], device: torch.device) -> TablesDoNotFit:
+    """The planner's storage error as one message with the numbers (needed vs available)."""
+    need = table_memory(meta, config)
+    kind, per_rank = ("GPU memory", caps["hbm_cap"]) if "hbm_cap" in caps else ("host memory", caps["ddr_cap"])
+    usable = per_rank * (1 - PLANNER_RESERVATION)
+    detail = str(err).strip().splitlines()[-1].strip() if str(err).strip() else ""
+    opt = config.sparse_optimizer.name
+    parts = (f"W1 {_gib(need['weights'])} + {opt} state {_gib(need['optimizer_state'])}, fp32"
+             if need["optimizer_state"] else f"W1, fp32; {opt} keeps no state")
+    return TablesDoNotFit(
+        f"the embedding tables do not fit in memory: training them needs {_gib(need['total'])} ({parts}; "
+        f"largest table t_{need['largest_feature']} {_gib(need['largest'])}) but the {world_size} rank(s) have "
+        f"{_gib(per_rank)} of {kind} each ({_gib(usable)} after the planner's {PLANNER_RESERVATION:.0%} reservation; "
+        f"{_gib(usable * world_size)} in all). Use more ranks or machines, a smaller embedding.k / embedding.d, "
+        f"or fewer rows per table. [TorchRec planner: {detail}]"
+    )
+
+
+def _local_tensors(value: Any) -> List[torch.Tensor]:
+    if hasattr(value, "local_shards"):
+        return [s.tensor for s in value.local_shards()]
+    if hasattr(value, "to_local"):
+        return [value.to_local()]
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return []
+
+
+@torch.no_grad()
+def nonfinite_weights(model: nn.Module, chunk_rows: int = 1 << 16) -> List[str]:
+    """Names of this rank's weights (local shards) holding NaN or inf, checked in row chunks."""
+    bad = []
+    for name, value in model.state_dict().items():
+        for t in _local_tensors(value):
+            if not t.is_floating_point() or t.numel() == 0:
+                continue
+            flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+            if any(not bool(torch.isfinite(flat[i:i + chunk_rows]).all())
+                   for i in range(0, flat.shape[0], chunk_rows)):
+                bad.append(name)
+                break
+    return bad

@@ -1,0 +1,48 @@
+"""NFM (Neural Factorization Machine) as DeepCTR-Torch builds it, on MLET embeddings.
+
+``logit = linear(x) + w^T dnn([BiInteraction(e_1..e_F); dense])`` with the bi-interaction pooling
+``sum_{f<g} e_f * e_g`` (a d-vector). DeepCTR-Torch defaults: DNN (128, 128), bi_dropout 0.
+
+Example:
+    >>> import torch
+    >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+    >>> ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t_a", embedding_dim=4, num_embeddings=10,
+    ...                                                  feature_names=["a"])])
+    >>> model = NFM(ebc, num_dense=2, dnn_hidden_units=[8])
+    >>> kjt = KeyedJaggedTensor.from_lengths_sync(["a"], torch.tensor([1, 2]), torch.tensor([1, 1]))
+    >>> model(torch.zeros(2, 2), kjt).shape
+    torch.Size([2, 1])
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from mlet_torchrec.config import ConfigError, ModelConfig
+from mlet_torchrec.models.blocks import BiInteraction, FieldModel, deep_arch
+
+
+class NFM(FieldModel):
+    def __init__(
+        self, embeddings: nn.Module, num_dense: int, dnn_hidden_units: Sequence[int] = (128, 128),
+        dnn_dropout: float = 0.0, bi_dropout: float = 0.0,
+    ) -> None:
+        super().__init__(embeddings, num_dense)
+        if not dnn_hidden_units:
+            raise ConfigError("model nfm needs a non-empty model.dnn_hidden_units")
+        self.bi_pooling = BiInteraction()
+        self.bi_dropout = nn.Dropout(bi_dropout) if bi_dropout > 0 else nn.Identity()
+        self.deep = deep_arch(self.d + num_dense, dnn_hidden_units, dnn_dropout)
+        self.out = nn.Linear(dnn_hidden_units[-1], 1, bias=False)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        pooled = self.bi_dropout(self.bi_pooling(self.sparse_arch(sparse)))
+        return self.linear_arch(dense, sparse) + self.out(self.deep([pooled, dense]))
+
+
+def build(embeddings: nn.Module, num_dense: int, cfg: ModelConfig) -> NFM:
+    return NFM(embeddings, num_dense, cfg.dnn_units(), cfg.dnn_dropout, cfg.bi_dropout)

@@ -1,0 +1,47 @@
+"""Wide & Deep as DeepCTR-Torch builds it (WDL), on MLET embeddings.
+
+``logit = linear(x) + w^T dnn([e_1..e_F; dense])``: the wide part is the first-order term
+(:class:`~mlet_torchrec.models.blocks.LinearArch`), the deep part TorchRec's ``DeepFM`` block around the
+DNN. DeepCTR-Torch default DNN: (256, 128).
+
+Example:
+    >>> import torch
+    >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+    >>> ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t_a", embedding_dim=4, num_embeddings=10,
+    ...                                                  feature_names=["a"])])
+    >>> model = WideAndDeep(ebc, num_dense=2, dnn_hidden_units=[8])
+    >>> kjt = KeyedJaggedTensor.from_lengths_sync(["a"], torch.tensor([1, 2]), torch.tensor([1, 1]))
+    >>> model(torch.zeros(2, 2), kjt).shape
+    torch.Size([2, 1])
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from mlet_torchrec.config import ModelConfig
+from mlet_torchrec.models.blocks import FieldModel, deep_arch
+
+
+class WideAndDeep(FieldModel):
+    def __init__(
+        self, embeddings: nn.Module, num_dense: int, dnn_hidden_units: Sequence[int] = (256, 128),
+        dnn_dropout: float = 0.0,
+    ) -> None:
+        super().__init__(embeddings, num_dense)
+        self.deep = deep_arch(self.dnn_in_features, dnn_hidden_units, dnn_dropout)
+        self.out = nn.Linear(dnn_hidden_units[-1], 1, bias=False) if self.deep is not None else None
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        logit = self.linear_arch(dense, sparse)
+        if self.deep is not None:
+            logit = logit + self.out(self.deep([self.sparse_arch(sparse), dense]))
+        return logit
+
+
+def build(embeddings: nn.Module, num_dense: int, cfg: ModelConfig) -> WideAndDeep:
+    return WideAndDeep(embeddings, num_dense, cfg.dnn_units(), cfg.dnn_dropout)

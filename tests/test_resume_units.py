@@ -1,0 +1,342 @@
+"""The resume machinery in one process: skipping consumed batches, checkpoint directories (atomic
+commit, rotation, interrupted writes, disk full), run compatibility, optimizer-state templates, RNG,
+memory guardrails. The multi-process behaviour is in test_reliability.py."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import List
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
+
+import mlet_torchrec.train_state as ts
+from data_pipes.reader import ParquetBatchReader
+from data_pipes.schema import DatasetMeta
+from mlet_torchrec.checkpoint import (
+    CheckpointError,
+    complete_checkpoints,
+    latest_checkpoint,
+    read_checkpoint_info,
+    read_rank_state,
+    remove_incomplete,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from mlet_torchrec.config import ConfigError, load_config
+from mlet_torchrec.guardrails import (
+    host_memory_available,
+    memory_capacity,
+    nonfinite_weights,
+    table_memory,
+    tables_do_not_fit,
+)
+from mlet_torchrec.train_state import ResumableReader, worker_batch_share
+
+# ------------------------------------------------------------------------------ skipping consumed batches
+
+
+def _fingerprint(batches) -> List[tuple]:
+    return [(tuple(b.labels.tolist()), tuple(b.sparse_features.values().tolist()),
+             tuple(b.sparse_features.lengths().tolist()), tuple(b.dense_features.flatten().tolist()))
+            for b in batches]
+
+
+def _loader_order(reader: ParquetBatchReader, workers: int) -> List[tuple]:
+    """What a DataLoader with ``workers`` workers yields: round-robin over the workers' streams,
+    skipping exhausted ones (simulated in-process through get_worker_info)."""
+    streams = []
+    for w in range(workers):
+        info = SimpleNamespace(id=w, num_workers=workers)
+        orig = ts.get_worker_info
+        ts.get_worker_info = lambda: info
+        try:
+            streams.append(_fingerprint(iter(reader)))
+        finally:
+            ts.get_worker_info = orig
+    out, r = [], 0
+    while any(r < len(s) for s in streams):
+        out += [s[r] for s in streams if r < len(s)]
+        r += 1
+    return out
+
+
+def test_worker_batch_share():
+    assert worker_batch_share([3, 3], 0) == ([0, 0], 0)
+    assert worker_batch_share([3, 3], 3) == ([2, 1], 1)
+    assert worker_batch_share([1, 4, 2], 5) == ([1, 2, 2], 1)  # worker 0 is exhausted after round 0
+    assert worker_batch_share([1, 4, 2], 6) == ([1, 3, 2], 1)
+    assert worker_batch_share([2, 2], 10) == ([2, 2], 0)
+
+
+@pytest.fixture(scope="module")
+def uneven_data(synth_dataset):
+    # row groups of 37 rows (never a multiple of a batch), several files, a multi-hot feature
+    return synth_dataset(rows=900, row_group_size=37, row_groups_per_file=4, multi_hot_features=1)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(batch=st.integers(5, 80), world=st.integers(1, 3), rank_pick=st.integers(0, 2), workers=st.integers(1, 3),
+       shuffle=st.booleans(), epoch=st.integers(0, 3), skip_frac=st.floats(0, 1.2))
+def test_skipping_equals_the_tail_of_a_full_epoch(uneven_data, batch, world, rank_pick, workers, shuffle, epoch,
+                                                  skip_frac):
+    rank = rank_pick % world
+    kw = dict(rank=rank, world_size=world, shuffle=shuffle, seed=3, drop_last=True)
+    full = ResumableReader(uneven_data, "train", batch, **kw)
+    full.set_epoch(epoch)
+    expected = _loader_order(full, workers)
+    skip = int(round(skip_frac * len(expected)))
+    resumed = ResumableReader(uneven_data, "train", batch, **kw)
+    resumed.set_position(epoch, skip, workers)
+    assert _loader_order(resumed, workers) == expected[skip:]
+    resumed.set_epoch(epoch + 1)  # the position applies to its epoch only
+    full.set_epoch(epoch + 1)
+    assert _loader_order(resumed, workers) == _loader_order(full, workers)
+
+
+def test_skipping_with_real_dataloader_workers(uneven_data):
+    """The round-robin model above is what torch's DataLoader really does (2 worker processes)."""
+    kw = dict(rank=0, world_size=1, shuffle=True, seed=5, drop_last=True)
+    full = ResumableReader(uneven_data, "train", 48, **kw)
+    full.set_epoch(1)
+    expected = _fingerprint(ts.dataloader(full, 2, seed=0, epoch=1))
+    assert expected == _loader_order(full, 2)
+    resumed = ResumableReader(uneven_data, "train", 48, **kw)
+    resumed.set_position(1, 5, 2)
+    assert _fingerprint(ts.dataloader(resumed, 2, seed=0, epoch=1)) == expected[5:]
+
+
+def test_skipped_row_groups_are_not_decoded(uneven_data, monkeypatch):
+    reader = ResumableReader(uneven_data, "train", 40, shuffle=False)
+    reads = []
+    orig = ParquetBatchReader._read
+    monkeypatch.setattr(ParquetBatchReader, "_read", lambda self, pf, f, g: reads.append((f, g)) or orig(self, pf, f, g))
+    reader.set_position(0, 10, 1)  # 400 rows = 10 whole row groups of 37 + 30 rows of the 11th
+    next(iter(reader))
+    assert reads[0] == (2, 2)  # file 2, row group 2: the 11th row group, the first one decoded
+
+
+def test_dataloader_leaves_the_global_rng_alone(uneven_data):
+    reader = ResumableReader(uneven_data, "train", 64)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for _ in ts.dataloader(reader, 0, seed=1, epoch=0):
+        pass
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_normalize_position():
+    assert ts.normalize_position(0, 12, [12, 12]) == (1, 0)
+    assert ts.normalize_position(0, 5, [12, 12]) == (0, 5)
+    assert ts.normalize_position(0, 14, [12, 10]) == (1, 0)  # a shorter epoch at another world size
+    assert ts.normalize_position(1, 10, [12, 10]) == (2, 0)
+
+
+# --------------------------------------------------------------------------------------- RNG, optimizer
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    import random
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    state = ts.rng_state()
+    torch.save(state, tmp_path / "r.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    ts.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_init_optimizer_state_creates_state_without_moving_parameters():
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+
+    model = nn.Linear(4, 3)
+    params = dict(model.named_parameters())
+    dense = KeyedOptimizerWrapper(params, lambda ps: torch.optim.Adam(list(ps), lr=0.1, weight_decay=0.5))
+    opt = CombinedOptimizer([("dense", dense)])
+    before = {k: v.detach().clone() for k, v in params.items()}
+    ts.init_optimizer_state(opt)
+    assert all(torch.equal(before[k], v) for k, v in params.items())
+    assert all(p.grad is None for p in params.values())
+    assert set(opt.state_dict()["state"]) == {"dense.weight", "dense.bias"}
+    assert dense.param_groups[0]["lr"] == 0.1
+
+
+# ------------------------------------------------------------------------------------ checkpoint dirs
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+
+def _save(run_dir: Path, step: int, model: nn.Module, keep=None):
+    cfg = load_config(None, [f"run.dir={run_dir}"])
+    return save_checkpoint(run_dir, step, model, cfg, {"position": {"epoch": 0, "batches_in_epoch": step}},
+                           rank_state={"rng": ts.rng_state()}, keep=keep)
+
+
+def test_checkpoints_commit_atomically_and_keep_the_newest(tmp_path):
+    model = _Tiny()
+    for step in (2, 4, 6, 8):
+        _save(tmp_path, step, model, keep=2)
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000006", "step_00000008"]
+    assert (root / "LATEST").read_text().strip() == "step_00000008"
+    info = read_checkpoint_info(root / "step_00000008")
+    assert info["step"] == 8 and info["world_size"] == 1 and info["position"]["batches_in_epoch"] == 8
+    assert read_rank_state(root / "step_00000008", 0)["rank"] == 0
+    assert read_rank_state(root / "step_00000008", 1) is None
+    # re-saving a step replaces it in place
+    _save(tmp_path, 8, model, keep=2)
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000006", "step_00000008"]
+
+
+def test_interrupted_writes_are_ignored_and_cleaned(tmp_path):
+    model = _Tiny()
+    _save(tmp_path, 4, model)
+    root = tmp_path / "checkpoints"
+    # a write killed before its commit leaves a .tmp with data but no checkpoint.json
+    (root / "step_00000008.tmp").mkdir()
+    (root / "step_00000008.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    # and a crash between commit and LATEST, or a LATEST naming a deleted checkpoint
+    (root / "LATEST").write_text("step_00000012\n")
+    assert latest_checkpoint(tmp_path).name == "step_00000004"
+    assert resolve_checkpoint(tmp_path).name == "step_00000004"
+    assert [p.name for p in remove_incomplete(tmp_path)] == ["step_00000008.tmp"]
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step_00000004"]
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    model = _Tiny()
+    _save(tmp_path, 4, model)
+
+    def full(self, plan, planner):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full)
+    with pytest.raises(CheckpointError) as err:
+        _save(tmp_path, 8, model)
+    msg = str(err.value)
+    assert "could not write checkpoint" in msg and "step_00000008" in msg and "No space left on device" in msg
+    assert "step_00000004 is intact" in msg
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step_00000004"]
+    assert (root / "LATEST").read_text().strip() == "step_00000004"
+
+
+# ------------------------------------------------------------------------------------- compatibility
+
+
+def test_check_resumable_lists_what_differs(synth_dataset):
+    data = synth_dataset()
+    meta = DatasetMeta.load(data)
+    saved = load_config(None, [f"data.path={data}", "embedding.k=16", "train.batch_size=64"])
+    info = {"position": {}, "data_shape": ts.data_shape(meta)}
+    # how it runs may change: sharding, world size (not in the config), lr, epochs, intervals, data path
+    same = load_config(None, [f"data.path={data}", "embedding.k=16", "train.batch_size=64", "embedding.sharding=row_wise",
+                              "sparse_optimizer.lr=0.01", "train.epochs=3", "train.checkpoint_every=7",
+                              "run.dir=elsewhere"])
+    ts.check_resumable("ckpt", saved, same, info, meta)
+    changed = load_config(None, [f"data.path={data}", "embedding.k=32", "train.batch_size=128",
+                                 "sparse_optimizer.name=adagrad"])
+    with pytest.raises(ConfigError) as err:
+        ts.check_resumable("ckpt", saved, changed, info, meta)
+    msg = str(err.value)
+    assert "embedding.k: 16 in the checkpoint, 32 now" in msg
+    assert "train.batch_size: 64 in the checkpoint, 128 now" in msg
+    assert "sparse_optimizer.name: 'sgd' in the checkpoint, 'adagrad' now" in msg and "run.resume=false" in msg
+    other = dict(info, data_shape={**info["data_shape"], "rows": {"train": 1}})
+    with pytest.raises(ConfigError, match="cardinalities or row counts differ"):
+        ts.check_resumable("ckpt", saved, saved, other, meta)
+    with pytest.raises(ConfigError, match="no data position"):
+        ts.check_resumable("ckpt", saved, saved, {}, meta)
+
+
+# ---------------------------------------------------------------------------------------- guardrails
+
+
+def test_memory_capacity_is_this_machines():
+    mem = host_memory_available()
+    assert 0 < mem["available"] <= mem["meminfo"]
+    caps = memory_capacity(torch.device("cpu"))
+    assert set(caps) == {"ddr_cap"} and 0 < caps["ddr_cap"] <= mem["available"]
+
+
+def test_tables_do_not_fit_message_has_the_numbers(synth_dataset):
+    meta = DatasetMeta.load(synth_dataset())
+    meta = meta.model_copy(update={"sparse": [f.model_copy(update={"cardinality": 10**10}) if i == 0 else f
+                                              for i, f in enumerate(meta.sparse)]})
+    cfg = load_config(None, ["embedding.d=8", "embedding.k=32", "sparse_optimizer.name=adagrad"])
+    need = table_memory(meta, cfg)
+    assert need["weights"] == sum(f.cardinality * 32 * 4 for f in meta.sparse) and need["optimizer_state"] == need["weights"]
+    err = tables_do_not_fit(PlannerError("...\nShard of size X does not fit on any rank.",
+                                         PlannerErrorType.INSUFFICIENT_STORAGE),
+                            meta, cfg, 4, {"ddr_cap": 8 * 2**30}, torch.device("cpu"))
+    msg = str(err)
+    assert isinstance(err, ConfigError)
+    assert "needs 2.33 TiB (W1 1.16 TiB + adagrad state 1.16 TiB" in msg
+    assert "the 4 rank(s) have 8.00 GiB of host memory each" in msg and "27.20 GiB in all" in msg
+    assert f"largest table t_{meta.sparse[0].name}" in msg and "does not fit on any rank" in msg
+
+
+def test_nonfinite_weights_names_them():
+    model = _Tiny()
+    assert nonfinite_weights(model) == []
+    with torch.no_grad():
+        model.lin.bias[1] = float("inf")
+    assert nonfinite_weights(model, chunk_rows=1) == ["lin.bias"]
+
+
+def test_config_keys_for_resume():
+    cfg = load_config(None, [])
+    assert cfg.run.resume is True and cfg.train.keep_checkpoints == 3
+    with pytest.raises(ConfigError, match="train.keep_checkpoints"):
+        load_config(None, ["train.keep_checkpoints=0"])
+    assert json.loads(json.dumps(cfg.model_dump(mode="json")))["run"]["resume"] is True
+
+
+def test_restarts_get_an_isolated_process_group_store(monkeypatch):
+    """torchrun's agent keeps one TCPStore across restarts; a restarted worker on one node prefixes its
+    process-group keys with the attempt, and the TorchX component opts multi-node jobs out of sharing."""
+    from launch import components
+    from mlet_torchrec.distributed import _restarted_attempt_store
+
+    for key in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+    assert _restarted_attempt_store(None) is None  # not under torchrun
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert _restarted_attempt_store(None) is None  # first attempt: nothing stale
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _restarted_attempt_store(None) is None  # several nodes: restart counts may differ per node
+    assert components.train("c.yaml", max_restarts=2).roles[0].env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in components.train("c.yaml").roles[0].env
+
+
+def test_rowwise_adagrad_state_cannot_change_its_column_split():
+    tw = {"m.t_a": {"sharding_type": "table_wise", "shards": [{"offsets": [0, 0], "sizes": [10, 16]}]}}
+    rw = {"m.t_a": {"sharding_type": "row_wise", "shards": [{"offsets": [0, 0], "sizes": [5, 16]},
+                                                           {"offsets": [5, 0], "sizes": [5, 16]}]}}
+    cw = {"m.t_a": {"sharding_type": "column_wise", "shards": [{"offsets": [0, 0], "sizes": [10, 8]},
+                                                              {"offsets": [0, 8], "sizes": [10, 8]}]}}
+    ts.check_optimizer_layout("ckpt", tw, rw, "rowwise_adagrad")  # row-wise <-> table-wise reshard freely
+    ts.check_optimizer_layout("ckpt", tw, cw, "adagrad")  # full Adagrad state has the weights' shape
+    with pytest.raises(ConfigError, match="t_a: table_wise with 1 column shard\\(s\\) -> column_wise with 2"):
+        ts.check_optimizer_layout("ckpt", tw, cw, "rowwise_adagrad")
