@@ -195,10 +195,13 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def plot_vs_d(res: Results, variant: str, path: str, ylabel: str, out: Path, title: str) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.2, 3.0))
-    for i, m in enumerate(res.methods()):
+
+_STYLES = {"paper": dict(ls="--", marker="s", color="k"), "tuned": dict(ls="-", marker="s", color="k")}
+
+
+def _series_vs_d(ax, res: "Results", variant: str, path: str) -> None:
+    """One line per method (mean ± std over seeds of ``path``) against d on a log2 axis."""
+    for m in res.methods():
         if m.kind == "mlet_best":
             continue
         xs, ys, es = [], [], []
@@ -206,11 +209,16 @@ def plot_vs_d(res: Results, variant: str, path: str, ylabel: str, out: Path, tit
             mm, ss, n = mean_std(res.values(m, variant, d, path))
             if n:
                 xs.append(d), ys.append(mm), es.append(0 if math.isnan(ss) else ss)
-        style = {"paper": dict(ls="--", marker="s", color="k"), "tuned": dict(ls="-", marker="s", color="k")}
-        ax.errorbar(xs, ys, yerr=es, capsize=2, label=m.name, lw=1, ms=3, **style.get(m.kind, dict(marker="o")))
+        ax.errorbar(xs, ys, yerr=es, capsize=2, label=m.name, lw=1, ms=3, **_STYLES.get(m.kind, dict(marker="o")))
     ax.set_xscale("log", base=2)
     ax.set_xticks(res.ds)
     ax.set_xticklabels([str(d) for d in res.ds])
+
+
+def plot_vs_d(res: Results, variant: str, path: str, ylabel: str, out: Path, title: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 3.0))
+    _series_vs_d(ax, res, variant, path)
     ax.set_xlabel("embedding dim d (served)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=8)
@@ -223,19 +231,7 @@ def plot_freq(res: Results, variant: str, out: Path, title: str) -> str:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(6.0, 2.6), sharey=False)
     for ax, split, lab in ((axes[0], "top10", "10% most frequent"), (axes[1], "bottom10", "10% least frequent")):
-        for m in res.methods():
-            if m.kind == "mlet_best":
-                continue
-            xs, ys, es = [], [], []
-            for d in res.ds:
-                mm, ss, n = mean_std(res.values(m, variant, d, f"freq.{split}.pr_auc"))
-                if n:
-                    xs.append(d), ys.append(mm), es.append(0 if math.isnan(ss) else ss)
-            style = {"paper": dict(ls="--", marker="s", color="k"), "tuned": dict(ls="-", marker="s", color="k")}
-            ax.errorbar(xs, ys, yerr=es, capsize=2, label=m.name, lw=1, ms=3, **style.get(m.kind, dict(marker="o")))
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(res.ds)
-        ax.set_xticklabels([str(d) for d in res.ds])
+        _series_vs_d(ax, res, variant, f"freq.{split}.pr_auc")
         ax.set_xlabel("d")
         ax.set_title(f"test PR-AUC, {lab}", fontsize=8)
         ax.grid(alpha=0.3)
