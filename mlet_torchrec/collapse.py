@@ -55,11 +55,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta
 from mlet_torchrec.checkpoint import load_model_state, read_checkpoint_info, resolve_checkpoint
 from mlet_torchrec.config import ExperimentConfig, load_config
-from mlet_torchrec.evaluate import predict
+from mlet_torchrec.evaluate import predict_split
 from mlet_torchrec.metrics import ctr_metrics, gather_predictions
 from mlet_torchrec.models import CTRModel, build_model
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
@@ -621,24 +620,6 @@ def _dense_state(job: _Job, no_dist: bool) -> Dict[str, torch.Tensor]:
     return state
 
 
-def _predict_split(model: nn.Module, config: ExperimentConfig, meta: DatasetMeta, split: str,
-                   max_rows: Optional[int], rank: int = 0, world_size: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
-    batch_size = max(1, -(-config.train.eval_batch_size // world_size))
-    reader = ParquetBatchReader(config.data.path, split, batch_size, rank=rank, world_size=world_size,
-                                drop_last=False, shuffle=False)
-    steps = reader.num_batches()
-    if max_rows is not None:
-        steps = min(steps, max(1, -(-max_rows // (batch_size * world_size))))
-    device = torch.device("cpu")
-    if world_size > 1 and dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    probs, labels = predict(model, iter(reader), steps, batch_size, meta.sparse_names(), len(meta.dense), device)
-    if max_rows is not None:  # this rank's share of the sample
-        share = -(-max_rows // world_size)
-        probs, labels = probs[:share], labels[:share]
-    return probs, labels
-
-
 def _shard_for_check(model: nn.Module, constraints: Dict[str, Any], device: torch.device) -> nn.Module:
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -664,8 +645,8 @@ def _check(job: _Job, written: Path, split: Optional[str], max_rows: Optional[in
         factored, _, _, _ = load_factored(job.ckpt)
         plain = build_model(config.model, config.embedding, meta, collapsed=True)
         load_model_state(written, plain)
-        p_factored, labels = _predict_split(factored, config, meta, split, max_rows)
-        p_plain, _ = _predict_split(plain.eval(), config, meta, split, max_rows)
+        p_factored, labels = predict_split(factored, config.data.path, split, config.train.eval_batch_size, meta, max_rows)
+        p_plain, _ = predict_split(plain.eval(), config.data.path, split, config.train.eval_batch_size, meta, max_rows)
         diff = float((p_factored - p_plain).abs().max()) if labels.numel() else 0.0
         return int(labels.numel()), diff, ctr_metrics(p_plain, labels).as_dict()
 
@@ -685,8 +666,10 @@ def _check(job: _Job, written: Path, split: Optional[str], max_rows: Optional[in
         constraints, ctx.device,
     )
     load_model_state(written, plain)
-    p_factored, labels = _predict_split(factored, config, meta, split, max_rows, ctx.rank, ctx.world_size)
-    p_plain, _ = _predict_split(plain, config, meta, split, max_rows, ctx.rank, ctx.world_size)
+    p_factored, labels = predict_split(factored, config.data.path, split, config.train.eval_batch_size, meta, max_rows,
+                                       ctx.rank, ctx.world_size)
+    p_plain, _ = predict_split(plain, config.data.path, split, config.train.eval_batch_size, meta, max_rows,
+                               ctx.rank, ctx.world_size)
     local = float((p_factored - p_plain).abs().max()) if labels.numel() else 0.0
     stat = torch.tensor([local], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(stat, op=dist.ReduceOp.MAX)

@@ -392,8 +392,8 @@ def compression_study(collapsed: Union[str, Path], split: str = "test", svd_rank
                       int8: bool = True, max_rows: Optional[int] = None) -> List[Dict[str, object]]:
     """Rows {method, table_size (A.4.4), auc, logloss} for a collapsed model and its compressed variants."""
     from mlet_torchrec.collapse import load_collapsed
-    from mlet_torchrec.evaluate import evaluate
-    from data_pipes.reader import ParquetBatchReader
+    from mlet_torchrec.evaluate import predict_split
+    from mlet_torchrec.metrics import ctr_metrics
 
     model, config, meta = load_collapsed(collapsed)
     rows_unhashed = unhashed_cardinalities(meta)
@@ -403,10 +403,7 @@ def compression_study(collapsed: Union[str, Path], split: str = "test", svd_rank
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def score() -> Dict[str, float]:
-        bs = config.train.eval_batch_size
-        reader = ParquetBatchReader(config.data.path, split, bs, drop_last=False, shuffle=False)
-        steps = reader.num_batches() if max_rows is None else min(reader.num_batches(), -(-max_rows // bs))
-        m = evaluate(model, iter(reader), steps, bs, meta.sparse_names(), len(meta.dense), torch.device("cpu"))
+        m = ctr_metrics(*predict_split(model, config.data.path, split, config.train.eval_batch_size, meta, max_rows))
         return {"auc": m.auc, "logloss": m.logloss}
 
     dense_params = {t: n * d for t, n in table_rows.items()}

@@ -8,7 +8,7 @@ their data is exhausted, run empty batches; padded rows never reach the metrics.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,8 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
+from data_pipes.reader import ParquetBatchReader
+from data_pipes.schema import DatasetMeta
 from mlet_torchrec.metrics import CTRMetrics, ctr_metrics, gather_predictions
 
 
@@ -98,18 +100,44 @@ def evaluate(
     return ctr_metrics(*gather_predictions(probs, labels))
 
 
+def predict_split(
+    model: nn.Module,
+    data_path: str | Path,
+    split: str,
+    batch_size: int,
+    meta: DatasetMeta,
+    max_rows: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (probabilities, labels) on ``split``, at most ``max_rows`` rows over all ranks.
+
+    ``batch_size`` is global (split over the ranks). Every rank must call it (sharded lookups are collective).
+    """
+    local_batch = max(1, -(-batch_size // world_size))
+    reader = ParquetBatchReader(data_path, split, local_batch, rank=rank, world_size=world_size,
+                                drop_last=False, shuffle=False)
+    steps = reader.num_batches()
+    if max_rows is not None:
+        steps = min(steps, max(1, -(-max_rows // (local_batch * world_size))))
+    device = torch.device("cpu")
+    if world_size > 1 and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    probs, labels = predict(model, iter(reader), steps, local_batch, meta.sparse_names(), len(meta.dense), device)
+    if max_rows is not None:  # this rank's share of the sample
+        share = -(-max_rows // world_size)
+        probs, labels = probs[:share], labels[:share]
+    return probs, labels
+
+
 def evaluate_path(path: str | Path, split: str = "test") -> Dict[str, float]:
     """Metrics of a training checkpoint (run dir) or a collapse output on ``split``, in one process."""
     from mlet_torchrec.collapse import MANIFEST, load_collapsed, load_factored
-    from data_pipes.reader import ParquetBatchReader
 
     path = Path(path)
     if (path / MANIFEST).is_file():
         model, config, meta = load_collapsed(path)
     else:
         model, config, meta, _ = load_factored(path)
-    batch_size = config.train.eval_batch_size
-    reader = ParquetBatchReader(config.data.path, split, batch_size, drop_last=False, shuffle=False)
-    metrics = evaluate(model, iter(reader), reader.num_batches(), batch_size, meta.sparse_names(),
-                       len(meta.dense), torch.device("cpu"))
-    return {"split": split, **metrics.as_dict()}
+    probs, labels = predict_split(model, config.data.path, split, config.train.eval_batch_size, meta)
+    return {"split": split, **ctr_metrics(probs, labels).as_dict()}

@@ -38,6 +38,7 @@ from torch import nn
 from data_pipes.schema import METADATA_FILE, DatasetMeta, SparseFeature
 from mlet_torchrec.collapse import MANIFEST, STATE_ROOT
 from mlet_torchrec.config import load_config
+from mlet_torchrec.evaluate import predict_split
 from mlet_torchrec.models import CTRModel, build_model
 
 INT8_MODEL = "model_int8.pt"
@@ -199,18 +200,6 @@ def _int8_table_bytes(scripted: torch.jit.ScriptModule) -> int:
                if k.rsplit(".", 1)[-1] in ("weights_host", "weights_dev", "weights_uvm"))
 
 
-def _predict(model: nn.Module, data: str, split: str, batch_size: int, meta: DatasetMeta,
-             max_rows: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    from data_pipes.reader import ParquetBatchReader
-    from mlet_torchrec.evaluate import predict
-
-    reader = ParquetBatchReader(data, split, batch_size, drop_last=False, shuffle=False)
-    steps = reader.num_batches()
-    if max_rows is not None:
-        steps = min(steps, max(1, -(-max_rows // batch_size)))
-    return predict(model, iter(reader), steps, batch_size, meta.sparse_names(), len(meta.dense), torch.device("cpu"))
-
-
 # --------------------------------------------------------------------------------------------
 # plain per-table files
 
@@ -362,8 +351,8 @@ def export(
                 meta = DatasetMeta.load(data)
                 batch = config.train.eval_batch_size
                 reloaded = _Logits(load_int8(tmp / INT8_MODEL))  # check what was written
-                p32, labels = _predict(model, data, split, batch, meta, max_check_rows)
-                p8, _ = _predict(reloaded, data, split, batch, meta, max_check_rows)
+                p32, labels = predict_split(model, data, split, batch, meta, max_check_rows)
+                p8, _ = predict_split(reloaded, data, split, batch, meta, max_check_rows)
                 from mlet_torchrec.metrics import ctr_metrics
 
                 report.check_split = split
