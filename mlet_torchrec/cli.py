@@ -120,9 +120,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from mlet_torchrec.sweep import SweepSettings, parse_grid, run_sweep
 
+    if args.tune and args.tune_baseline:
+        raise SystemExit("mlet sweep: give --tune (every method) or --tune-baseline (the baseline only), not both")
     counts = run_sweep(SweepSettings(
         config=None if args.config is None else str(args.config), grid=parse_grid(args.grid),
-        tune=parse_grid(args.tune_baseline or ""), results=str(args.results), base_overrides=list(args.overrides),
+        tune=parse_grid(args.tune or args.tune_baseline or ""), tune_mlet=bool(args.tune),
+        results=str(args.results), base_overrides=list(args.overrides),
         nproc=args.nproc, parallel=args.parallel, runs_dir=args.runs_dir, freq_features=args.freq_features,
         keep_runs=args.keep_runs, dataset=args.dataset, dry_run=args.dry_run, in_process=args.in_process,
         compression=not args.no_compression,
@@ -206,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-baseline", default="", metavar="AXES",
                    help='extra axes run for the k=null cells only, e.g. "sparse_optimizer.lr=[0.2,0.8]"; the '
                         "report picks the best on validation AUC")
+    p.add_argument("--tune", default="", metavar="AXES",
+                   help='extra axes run for every cell, baseline and MLET alike, e.g. "sparse_optimizer.lr=[0.8,3.2]"; '
+                        "the report picks each method's best on validation AUC (replaces --tune-baseline)")
     p.add_argument("--results", type=Path, required=True, help="results store (JSON lines; appended, resumable)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every cell")
     p.add_argument("--nproc", type=int, default=2, help="training processes per cell (default 2)")

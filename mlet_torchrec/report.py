@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ def _get(rec: Dict[str, Any], path: str) -> Optional[float]:
 @dataclass
 class Method:
     name: str
-    kind: str  # 'paper', 'tuned', 'mlet', 'mlet_best'
+    kind: str  # 'paper', 'tuned' (baseline); 'mlet' (config's lr), 'mlet_tuned' (lr tuned), 'mlet_best' (MLET)
     k: Optional[int] = None
 
 
@@ -101,15 +102,21 @@ class Results:
             self.cells[(_variant(r), r["d"], r["seed"])].append(r)
         self.paper_lrs = sorted({r["sparse_lr"] for r in records if r["k"] is None and r.get("role") == "grid"})
         self.tune_lrs = sorted({r["sparse_lr"] for r in records if r["k"] is None})
-        self.has_tuning = any(r.get("role") == "tune" for r in records)
+        self.has_tuning = any(r.get("role") == "tune" and r["k"] is None for r in records)
+        # `mlet sweep --tune`: MLET's learning rate tuned over the same grid as the baseline's
+        self.mlet_tuned = any(r.get("role") == "tune" and r["k"] is not None for r in records)
 
     def methods(self) -> List[Method]:
+        lrs = "{" + ", ".join(map(_g, self.tune_lrs)) + "}"
         out = [Method(f"baseline (paper lr {','.join(map(_g, self.paper_lrs))})", "paper")]
         if self.has_tuning:
-            out.append(Method(f"baseline (tuned lr ∈ {{{', '.join(map(_g, self.tune_lrs))}}})", "tuned"))
-        out += [Method(f"MLET k={k}", "mlet", k) for k in self.ks]
-        if len(self.ks) > 1:
-            out.append(Method("MLET best k (valid)", "mlet_best"))
+            out.append(Method(f"baseline (tuned lr ∈ {lrs})", "tuned"))
+        paper_lr = f" (paper lr {','.join(map(_g, self.paper_lrs))})" if self.mlet_tuned else ""
+        out += [Method(f"MLET k={k}{paper_lr}", "mlet", k) for k in self.ks]
+        if self.mlet_tuned:
+            out += [Method(f"MLET k={k} (tuned lr)", "mlet_tuned", k) for k in self.ks]
+        if len(self.ks) > 1 or self.mlet_tuned:
+            out.append(Method("MLET best k, lr (valid)" if self.mlet_tuned else "MLET best k (valid)", "mlet_best"))
         return out
 
     def pick(self, method: Method, variant: str, d: int, seed: int) -> Optional[Dict[str, Any]]:
@@ -122,7 +129,10 @@ class Results:
             return _best_valid(base)
         if method.kind == "mlet":
             c = [r for r in runs if r["k"] == method.k]
-            return c[0] if c else None
+            grid = [r for r in c if r.get("role", "grid") == "grid"]
+            return (grid or c or [None])[0]
+        if method.kind == "mlet_tuned":
+            return _best_valid([r for r in runs if r["k"] == method.k])
         if method.kind == "mlet_best":
             return _best_valid([r for r in runs if r["k"] is not None])
         raise ValueError(method.kind)
@@ -250,7 +260,7 @@ def plot_spectrum(res: Results, variant: str, out: Path, title: str) -> Optional
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
     for m in res.methods():
-        if m.kind in ("mlet_best", "tuned"):
+        if m.kind == "mlet_best" or (res.mlet_tuned and m.kind in ("paper", "mlet")):
             continue
         r = res.pick(m, variant, d, seed)
         if r is None:
@@ -289,18 +299,19 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
     paper = methods[0]
     tuned = next((m for m in methods if m.kind == "tuned"), None)
     ref = tuned or paper
-    mlets = [m for m in methods if m.kind in ("mlet", "mlet_best")]
+    mlets = [m for m in methods if m.kind in ("mlet", "mlet_tuned", "mlet_best")]
     r0 = res.records[0]
     n_seeds = len(res.seeds)
 
     L += [f"## {name}" + (f" ({variant})" if variant else ""), ""]
-    L += [f"- runs: {len(res.records)} ({sum(r.get('role') == 'tune' for r in res.records)} of them baseline "
-          f"tuning runs); d ∈ {res.ds}, k ∈ {['null'] + res.ks}, seeds {res.seeds}; processes per run: "
+    L += [f"- runs: {len(res.records)} ({sum(r.get('role') == 'tune' for r in res.records)} of them "
+          f"{'learning-rate' if res.mlet_tuned else 'baseline'} tuning runs); d ∈ {res.ds}, k ∈ {['null'] + res.ks}, seeds {res.seeds}; processes per run: "
           f"{sorted({r.get('nproc') for r in res.records})}",
           f"- base config: `{r0.get('base_config')}`" + (f" with `{' '.join(r0['base_overrides'])}`"
                                                           if r0.get("base_overrides") else ""),
           f"- fair baseline: embedding (sparse) learning rate tuned over {res.tune_lrs} per (d, seed) on "
-          f"**validation** AUC; budget {r0.get('budget', 'n/a')}." if res.has_tuning else
+          f"**validation** AUC{', for MLET (per k) as for the baseline' if res.mlet_tuned else ''}; budget "
+          f"{res.records[-1].get('budget', 'n/a')}." if res.has_tuning else
           "- no baseline tuning runs in these results (`--tune-baseline` not given)",
           f"- test rows: {int(_get(r0, 'test.rows') or 0)}, positive rate {(_get(r0, 'test.positive_rate') or 0):.3f}, "
           f"label entropy (LogLoss of a constant) {(_get(r0, 'test.label_entropy') or 0):.4f}",
@@ -314,7 +325,7 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
     rows = []
     for d in res.ds:
         for m in mlets:
-            for b in [paper] + ([tuned] if tuned else []):
+            for b in _baselines_for(m, res, paper, tuned):
                 diffs = res.paired(m, b, variant, d, "test.auc")
                 if not diffs:
                     continue
@@ -352,16 +363,16 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
     p2 = plot_vs_d(res, variant, "test.logloss", "test LogLoss", plots / f"{slug}_logloss_vs_d.png",
                    f"{name}: LogLoss vs d")
     L += [f"![AUC vs d](plots/{p1}) ![LogLoss vs d](plots/{p2})", ""]
-    if tuned:
-        L += ["Learning rate the tuning chose (per seed, on validation AUC):", ""]
+    chosen_by = [m for m in methods if m.kind in ("tuned", "mlet_tuned", "mlet_best")] if tuned else []
+    if chosen_by:
+        L += ["Embedding learning rate the tuning chose (per seed, on validation AUC; `k=` where k was chosen too):", ""]
         rows = []
-        for d in res.ds:
-            lrs = []
-            for s in res.seeds:
-                r = res.pick(tuned, variant, d, s)
-                lrs.append("–" if r is None else _g(r["sparse_lr"]))
-            rows.append([d] + lrs)
-        L += _table(["d"] + [f"seed {s}" for s in res.seeds], rows) + [""]
+        for m in chosen_by:
+            for d in res.ds:
+                picks = [res.pick(m, variant, d, s) for s in res.seeds]
+                rows.append([m.name, d] + ["–" if r is None else _g(r["sparse_lr"])
+                                           + (f" (k={r['k']})" if m.kind == "mlet_best" else "") for r in picks])
+        L += _table(["method", "d"] + [f"seed {s}" for s in res.seeds], rows) + [""]
 
     # ---- Table 3
     f0 = r0.get("freq") or {}
@@ -429,7 +440,7 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
           "possible count is d. The third number counts the largest table's singular values above 10% of its largest "
           "(the 1% threshold rarely discriminates at these d).", ""]
     rows = []
-    for m in [paper] + [x for x in methods if x.kind == "mlet"]:
+    for m in [x for x in methods if x.kind != "mlet_best"]:
         row = [m.name]
         for d in res.ds:
             all_c, big_c, big10 = [], [], []
@@ -456,6 +467,14 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
     return L
 
 
+def _baselines_for(m: Method, res: Results, paper: Method, tuned: Optional[Method]) -> List[Method]:
+    """What an MLET method is compared with: like with like when MLET's lr is tuned too (paper lr vs paper lr,
+    tuned vs tuned); otherwise both baselines."""
+    if not res.mlet_tuned:
+        return [paper] + ([tuned] if tuned else [])
+    return [paper] if m.kind == "mlet" else ([tuned] if tuned else [])
+
+
 def _plain_statements(res: Results, variant: str, paper: Method, tuned: Optional[Method],
                       mlets: List[Method]) -> List[str]:
     best = next((m for m in mlets if m.kind == "mlet_best"), mlets[0] if mlets else None)
@@ -464,7 +483,7 @@ def _plain_statements(res: Results, variant: str, paper: Method, tuned: Optional
     L = ["In plain words (test AUC, MLET with k chosen on validation):", ""]
     for d in res.ds:
         parts = []
-        for b in [paper] + ([tuned] if tuned else []):
+        for b in _baselines_for(best, res, paper, tuned):
             diffs = res.paired(best, b, variant, d, "test.auc")
             if not diffs:
                 continue
@@ -477,18 +496,24 @@ def _plain_statements(res: Results, variant: str, paper: Method, tuned: Optional
             rel = "" if not sstd or math.isnan(sstd) else f", {abs(m) / sstd:.1f}x the baseline's seed std"
             parts.append(f"vs {b.name}: {m:+.4f} ± {s:.4f} over {n} seeds{rel}; {what}")
         L.append(f"- d={d}: " + "; ".join(parts) + ".")
-    if tuned:
-        chosen = [res.pick(tuned, variant, d, s) for d in res.ds for s in res.seeds]
+    for m in ([tuned] if tuned else []) + [x for x in mlets if x.kind == "mlet_tuned"]:
+        chosen = [res.pick(m, variant, d, s) for d in res.ds for s in res.seeds]
         chosen = [r for r in chosen if r is not None]
-        top = max(res.tune_lrs)
+        # the top of the grid as asked (diverged runs are not in the records, but they were tried)
+        asked = [v for r in chosen for v in ((r.get("tune") or {}).get("sparse_optimizer.lr") or [])]
+        top = max(asked + res.tune_lrs)
         at_top = sum(r["sparse_lr"] == top for r in chosen)
         if chosen and at_top > len(chosen) / 2:
-            L.append(f"- Caveat: the baseline's tuning chose the largest learning rate of its grid ({_g(top)}) in "
-                     f"{at_top} of {len(chosen)} (d, seed) cells: the baseline is probably not at its best yet, and a wider "
+            L.append(f"- Caveat: the tuning of {m.name} chose the largest learning rate of its grid ({_g(top)}) in "
+                     f"{at_top} of {len(chosen)} (d, seed) cells: it is probably not at its best yet, and a wider "
                      "grid would likely move it up further.")
     n_mlet = len(res.ks)
     n_base = len(res.tune_lrs)
-    if tuned:
+    if tuned and res.mlet_tuned:
+        L.append(f"- Budget: per (d, seed) the baseline and MLET at each k each had {n_base} runs (one per embedding "
+                 f"learning rate {', '.join(map(_g, res.tune_lrs))}): equal budgets per k. 'MLET best k, lr' chooses "
+                 f"among {n_mlet * n_base} runs, so compare the per-k rows for a budget-matched verdict.")
+    elif tuned:
         L.append(f"- Budget: per (d, seed) MLET had {n_mlet} runs (one per k) and the tuned baseline {n_base} "
                  f"(one per embedding learning rate {', '.join(map(_g, res.tune_lrs))})"
                  + ("; the budget favours the baseline." if n_base > n_mlet else
@@ -499,7 +524,7 @@ def _plain_statements(res: Results, variant: str, paper: Method, tuned: Optional
 def _compression_section(res: Results, variant: str, comp: List[Dict[str, Any]]) -> List[str]:
     """INT8 composition (Fig. 7) and MLET vs SVD (Table 4) from the runs' ``compression`` measurements."""
     L: List[str] = []
-    methods = [m for m in res.methods() if m.kind in ("paper", "tuned", "mlet")]
+    methods = [m for m in res.methods() if m.kind in ("paper", "tuned", "mlet", "mlet_tuned")]
     L += ["Table size is relative to a d = 1 FP32 model (paper A.4.4): FP32 d-dim tables are d, INT8 about d/4. "
           "Test AUC, mean ± std over seeds.", ""]
     L += ["**INT8 post-training quantization of the collapsed tables** (paper Fig. 7)", ""]
@@ -543,8 +568,10 @@ def _compression_section(res: Results, variant: str, comp: List[Dict[str, Any]])
                     rows) + [""]
     else:
         L += ["no SVD measurements (single-layer runs with d >= 2 needed)", ""]
-    L += ["**Hashing** (paper Fig. 5): not measured yet: it needs its own training runs on hashed data sets "
-          "(`python -m mlet_torchrec.compression hash ...` then a sweep with `data.path` on the hashed copy).", ""]
+    if not any(r.get("data_hashing") for r in res.records):
+        L += ["**Hashing** (paper Fig. 5): see the section 'Hashing, smaller d and INT8' when the results hold "
+              "runs on hashed data sets (`python -m mlet_torchrec.compression hash ...`, then a sweep with "
+              "`data.path` on the hashed copy).", ""]
     return L
 
 
@@ -553,6 +580,8 @@ def _recommendation(res: Results, variant: str, budgets_mb: Sequence[float]) -> 
     for d in res.ds:
         for m in res.methods():
             if m.kind in ("mlet_best", "paper") and any(x.kind == "tuned" for x in res.methods()):
+                continue
+            if m.kind == "mlet" and res.mlet_tuned:
                 continue
             if m.kind == "mlet_best":
                 continue
@@ -574,11 +603,12 @@ def _recommendation(res: Results, variant: str, budgets_mb: Sequence[float]) -> 
         best = max(fit, key=lambda o: o[3])
         base_same_d = [o for o in fit if o[2] == best[2] and o[1].kind in ("tuned", "paper")]
         base_txt = "–"
-        if base_same_d and best[1].kind == "mlet":
+        if base_same_d and best[1].kind in ("mlet", "mlet_tuned"):
             bo = base_same_d[0]
             diffs = res.paired(best[1], bo[1], variant, best[2], "test.auc")
             base_txt = f"{fmt(diffs)} ({verdict(diffs)})"
-        rows.append([_mib(b), f"d={best[2]}, " + ("k=null (single layer)" if best[1].kind != "mlet" else f"k={best[1].k}"),
+        rows.append([_mib(b), f"d={best[2]}, " + ("k=null (single layer)" if best[1].kind not in ("mlet", "mlet_tuned")
+                                                  else f"k={best[1].k}") + f" [{best[1].name}]",
                      f"{best[3]:.4f}", fmt(best[4]), base_txt])
     lines = ["For each serving budget (FP32 tables; every d's size and any `--budget-mb` given), the (d, k) with "
              "the best mean **validation** AUC among the runs whose served tables fit; its test AUC; and, when it "
@@ -589,11 +619,98 @@ def _recommendation(res: Results, variant: str, budgets_mb: Sequence[float]) -> 
     return lines
 
 
+def _hash_label(rec: Dict[str, Any]) -> str:
+    h = rec.get("data_hashing") or {}
+    moduli, orig = h.get("moduli") or {}, h.get("original_cardinalities") or {}
+    if not moduli:
+        return "un-hashed"
+    fracs = sorted({round(moduli[f] / orig[f], 4) for f in moduli if orig.get(f)})
+    share = ", ".join(f"{x:g}" for x in fracs)
+    return f"hashed: {', '.join(sorted(moduli))} to {share} of their rows"
+
+
+def _hashing_section(recs: List[Dict[str, Any]], name: str, out: Path) -> List[str]:
+    """Hashing vs smaller d vs MLET, with and without INT8 (paper Fig. 5/7): test AUC against served table size
+    relative to d = 1 un-hashed FP32 (A.4.4), from every variant of one data set."""
+    by_label: Dict[str, Results] = {}
+    for label in sorted({_hash_label(r) for r in recs}):
+        by_label[label] = Results([r for r in recs if _hash_label(r) == label])
+    base = by_label.get("un-hashed")
+    points = []  # (method, label, d, size32, auc32, size8, auc8)
+    for label, res in by_label.items():
+        variant = res.variants[0] if res.variants else ""
+        for m in res.methods():
+            wanted = {"paper": not res.has_tuning, "tuned": True, "mlet": not res.mlet_tuned, "mlet_tuned": True}
+            if not wanted.get(m.kind, False):
+                continue
+            for d in res.ds:
+                a32 = res.values(m, variant, d, "compression.fp32.auc") or res.values(m, variant, d, "test.auc")
+                s32 = res.values(m, variant, d, "compression.fp32.table_size")
+                if not a32 or not s32:
+                    continue
+                a8 = res.values(m, variant, d, "compression.int8 grid.auc")
+                s8 = res.values(m, variant, d, "compression.int8 grid.table_size")
+                points.append((m, label, d, statistics.fmean(s32), a32, statistics.fmean(s8) if s8 else None, a8))
+    hashed = [p for p in points if p[1] != "un-hashed"]
+    if not hashed:
+        return []
+    L = [f"## {name}: hashing, smaller d and INT8 (paper Fig. 5/7)", ""]
+    L += ["Three ways to shrink the served tables, alone and combined: train at a smaller d; hash ids (modulo) so "
+          "the largest tables have fewer rows, training on the hashed data; quantize the collapsed tables to INT8 "
+          "(grid-searched scale). Size is relative to d = 1, un-hashed, FP32 (paper A.4.4). Test AUC, mean ± std "
+          "over seeds; each method at its tuned learning rate where the results tune it (chosen on validation).", ""]
+    rows = [[m.name, label, d, f"{s32:.2f}", fmt(a32), "–" if s8 is None else f"{s8:.2f}", fmt(a8)]
+            for m, label, d, s32, a32, s8, a8 in sorted(points, key=lambda p: (p[0].kind, p[0].k or 0, p[1], p[2]))]
+    L += _table(["method", "data", "d", "size FP32", "AUC FP32", "size INT8", "AUC INT8"], rows) + [""]
+    if base is not None:
+        L += ["Each hashed model against the same method un-hashed at the smallest d whose tables are at least as "
+              "large (hashing wins where it is better at a smaller size):", ""]
+        for m, label, d, s32, a32, _, _ in hashed:
+            ref = [p for p in points if p[0].kind == m.kind and p[0].k == m.k and p[1] == "un-hashed"]
+            larger = [p for p in ref if p[3] >= s32]
+            if larger:
+                p = min(larger, key=lambda p: p[3])
+                diff = statistics.fmean(a32) - statistics.fmean(p[4])
+                L.append(f"- {m.name}, {label}, d={d} (size {s32:.2f}): {fmt(a32)}; un-hashed d={p[2]} (size "
+                         f"{p[3]:.2f}): {fmt(p[4])}; Δ of means {diff:+.4f}.")
+        L.append("")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    families = sorted({(m.kind, m.k, m.name) for m, *_ in points}, key=lambda x: (x[0], x[1] or 0))
+    for i, (kind, k, mname) in enumerate(families):
+        color = f"C{i}"
+        short = re.sub(r" ∈ \{[^}]*\}", "", mname)  # the lr grid is in the table, not the legend
+        fam = [p for p in points if p[0].kind == kind and p[0].k == k]
+        for label in sorted({p[1] for p in fam}):
+            ps = sorted((p for p in fam if p[1] == label), key=lambda p: p[3])
+            style = "-" if label == "un-hashed" else ":"
+            what = "smaller d" if label == "un-hashed" else "hashed"
+            ax.errorbar([p[3] for p in ps], [statistics.fmean(p[4]) for p in ps],
+                        yerr=[mean_std(p[4])[1] if len(p[4]) > 1 else 0 for p in ps], color=color, ls=style,
+                        marker="o", ms=3, lw=1, capsize=2, label=f"{short}, {what}")
+            q = [p for p in ps if p[5] is not None and p[6]]
+            if q:
+                ax.plot([p[5] for p in q], [statistics.fmean(p[6]) for p in q], color=color, ls="none", marker="x",
+                        ms=4)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("served table size (relative to d = 1 FP32, un-hashed); x: INT8")
+    ax.set_ylabel("test AUC")
+    ax.set_title(f"{name}: hashing, d and INT8", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=5)
+    slug = "".join(c if c.isalnum() else "_" for c in name)
+    path = _save(fig, out / "plots" / f"{slug}_hashing.png")
+    L += [f"![hashing](plots/{path})", ""]
+    return L
+
+
 def render_report(results: Sequence[Path | str] | Path | str, out: Path | str, title: Optional[str] = None,
                   budget_mb: Optional[Sequence[float]] = None) -> Path:
     """Render ``out/report.md`` and ``out/plots/*.png`` from one or more results stores."""
     paths = [results] if isinstance(results, (str, Path)) else list(results)
-    records = [r for p in paths for r in load_results(p) if r.get("status") == "ok"]
+    everything = [r for p in paths for r in load_results(p)]
+    records = [r for r in everything if r.get("status") == "ok"]
+    diverged = [r for r in everything if r.get("status") == "diverged"]
     if not records:
         raise ValueError(f"no finished runs in {', '.join(map(str, paths))}")
     out = Path(out)
@@ -611,6 +728,12 @@ def render_report(results: Sequence[Path | str] | Path | str, out: Path | str, t
         for variant in res_all.variants:
             res = Results([r for r in recs if _variant(r) == variant])
             L += _section_dataset(res, name, variant, out, budget_mb or [])
+        L += _hashing_section(recs, name, out)
+        gone = [r for r in diverged if (r.get("dataset") or "data") == name]
+        if gone:
+            L += [f"**{name}: {len(gone)} run(s) diverged** (the NaN guard stopped them; they count as never chosen): "
+                  + ", ".join(sorted({f"d={r['d']} k={'null' if r['k'] is None else r['k']} lr={_g(r['sparse_lr'])}"
+                                      for r in gone})) + ".", ""]
     report = out / "report.md"
     report.write_text("\n".join(L) + "\n")
     return report

@@ -10,6 +10,12 @@
   **validation** AUC (never test). Budget: MLET gets one run per k value for each (d, seed), the tuned baseline
   one run per tuning value; the sweep warns when the two counts differ (give the lr grid as many values as
   the grid has non-null k values).
+* **Every method tuned** (``--tune``, instead of ``--tune-baseline``): the tuning axes run for every cell, MLET
+  too, so the baseline and MLET at each k get the same learning-rate grid (equal budgets per k); the report then
+  compares like with like (paper lr against paper lr, tuned against tuned). Use it when the config's learning
+  rate may be far from either method's best (docs/results: 60-1000x the paper's SGD lr of 0.2 in these short runs).
+* **Divergence is a result**: a run the NaN guard stops (``TrainingDiverged``: this learning rate is too large)
+  is stored with ``status: diverged`` and no metrics, so a rerun skips it and the report counts it as never chosen.
 * **Store**: every finished run appends one line (written, flushed and fsynced in a single ``write``) holding
   its resolved config, metrics and measurements; its key is a hash of the resolved config without ``run``
   and logging keys. A rerun skips keys already in the store, so a killed sweep resumes where it stopped.
@@ -143,7 +149,7 @@ class Cell:
     overrides: Dict[str, Any]
     """The grid (and tuning) values of this run, dotted keys."""
     role: str
-    """'grid' (a cell of the grid) or 'tune' (an extra run of the baseline's tuning grid)."""
+    """'grid' (a cell of the grid) or 'tune' (an extra run of the tuning grid)."""
     config: ExperimentConfig
     key: str = ""
     tags: Dict[str, Any] = field(default_factory=dict)
@@ -158,8 +164,11 @@ def plan_cells(
     tune: Dict[str, List[Any]],
     base_overrides: Sequence[str] = (),
     runs_dir: str = "runs/sweep",
+    tune_mlet: bool = False,
 ) -> List[Cell]:
-    """The cells of a sweep, de-duplicated by key (a tuning value equal to the base value is one run)."""
+    """The cells of a sweep, de-duplicated by key (a tuning value equal to the base value is one run).
+
+    The tuning axes are run for the baseline (k=null) cells, and for every cell when ``tune_mlet``."""
     cells: List[Cell] = []
     seen: set = set()
 
@@ -177,19 +186,25 @@ def plan_cells(
 
     for ov in expand_grid(grid):  # a baseline cell's tuning runs follow it, so a cut-short sweep stays usable
         add(ov, "grid")
-        if not tune or load_config(config_path, list(base_overrides) + [format_override(k, v) for k, v in ov.items()]
-                                   ).embedding.k is not None:
+        if not tune:
+            continue
+        k = load_config(config_path, list(base_overrides) + [format_override(k, v) for k, v in ov.items()]).embedding.k
+        if k is not None and not tune_mlet:
             continue
         for tv in expand_grid(tune):
             add({**ov, **tv}, "tune")
     return cells
 
 
-def budget_note(grid: Dict[str, List[Any]], tune: Dict[str, List[Any]]) -> str:
+def budget_note(grid: Dict[str, List[Any]], tune: Dict[str, List[Any]], tune_mlet: bool = False) -> str:
     ks = [k for k in grid.get("embedding.k", [None]) if k is not None]
     n_tune = len(expand_grid(tune)) if tune else 1
+    axes = ", ".join(tune) or "nothing"
+    if tune_mlet:
+        return (f"per (d, seed): every method (the baseline and MLET at each k in {ks}) gets the same {n_tune} "
+                f"tuning run(s) (one per value of {axes}) plus its run at the config's values")
     return (f"per (d, seed): MLET {len(ks)} run(s) (one per k in {ks}); tuned baseline {n_tune} run(s) "
-            f"(one per value of {', '.join(tune) or 'nothing'})")
+            f"(one per value of {axes})")
 
 
 # ------------------------------------------------------------------------------------------------ store
@@ -206,7 +221,7 @@ class ResultsStore:
         return load_results(self.path)
 
     def done_keys(self) -> set:
-        return {r["key"] for r in self.load() if r.get("status") == "ok"}
+        return {r["key"] for r in self.load() if r.get("status") in ("ok", "diverged")}
 
     def append(self, record: Dict[str, Any]) -> None:
         line = (json.dumps(record, sort_keys=True, default=_json_default) + "\n").encode()
@@ -477,9 +492,21 @@ def _cell_main(argv: Sequence[str]) -> int:
 
     configure_logging(False)
     config = ExperimentConfig.model_validate(spec["config"])
-    out = run_cell_here(config, spec["nproc"], spec.get("freq_features"), compression=spec.get("compression", True))
+    try:
+        out = run_cell_here(config, spec["nproc"], spec.get("freq_features"), compression=spec.get("compression", True))
+    except Exception as e:  # noqa: BLE001 - only a divergence is a result; anything else fails the cell
+        if not _diverged(e):
+            raise
+        out = {"status": "diverged", "error": str(e)[-2000:]}
     Path(spec["output"]).write_text(json.dumps(out, default=_json_default))
     return 0
+
+
+def _diverged(e: BaseException) -> bool:
+    """A run stopped by the NaN guard (``TrainingDiverged``), also when it came back from worker processes."""
+    from mlet_torchrec.guardrails import TrainingDiverged
+
+    return isinstance(e, TrainingDiverged) or "TrainingDiverged" in repr(e)
 
 
 # ------------------------------------------------------------------------------------------------ sweep
@@ -490,6 +517,7 @@ class SweepSettings:
     config: Optional[str]
     grid: Dict[str, List[Any]]
     tune: Dict[str, List[Any]] = field(default_factory=dict)
+    tune_mlet: bool = False  # run the tuning axes for the MLET cells too (every method tuned alike)
     results: str = "results.jsonl"
     base_overrides: List[str] = field(default_factory=list)
     nproc: int = 2
@@ -523,16 +551,27 @@ def _run_cell_subprocess(cell: Cell, s: SweepSettings, work: Path) -> Dict[str, 
     return json.loads(out.read_text())
 
 
+def _data_hashing(data_path: str) -> Optional[Dict[str, Any]]:
+    """The hashing a data set was made with (``python -m mlet_torchrec.compression hash``), None if un-hashed."""
+    from data_pipes.schema import DatasetMeta
+
+    try:
+        source = DatasetMeta.load(data_path).source
+    except FileNotFoundError:  # only in tests that fake the training; a trained cell's data is there
+        return None
+    return source.get("hashing") if isinstance(source, dict) else None
+
+
 def run_sweep(s: SweepSettings) -> Dict[str, int]:
     """Run every cell not yet in the store; returns counts {planned, skipped, ran, failed}."""
     store = ResultsStore(s.results)
     runs_dir = s.runs_dir or str(Path("runs/sweep") / Path(s.results).parent.name)
-    cells = plan_cells(s.config, s.grid, s.tune, s.base_overrides, runs_dir)
+    cells = plan_cells(s.config, s.grid, s.tune, s.base_overrides, runs_dir, s.tune_mlet)
     done = store.done_keys()
     todo = [c for c in cells if c.key not in done]
-    note = budget_note(s.grid, s.tune)
+    note = budget_note(s.grid, s.tune, s.tune_mlet)
     ks = [k for k in s.grid.get("embedding.k", [None]) if k is not None]
-    if s.tune and len(expand_grid(s.tune)) != len(ks):
+    if s.tune and not s.tune_mlet and len(expand_grid(s.tune)) != len(ks):
         log.warning("budget not matched: %s", note)
     print(f"sweep: {len(cells)} runs planned, {len(cells) - len(todo)} already in {s.results}, {len(todo)} to run; "
           f"budget {note}", flush=True)
@@ -551,8 +590,13 @@ def run_sweep(s: SweepSettings) -> Dict[str, int]:
         print(f"[{i + 1}/{len(todo)}] {cell.key} [{cell.role}] {cell.label()} ...", flush=True)
         try:
             if s.in_process:
-                meas = run_cell_here(cell.config, s.nproc, s.freq_features, shared_process=True,
-                                     compression=s.compression)
+                try:
+                    meas = run_cell_here(cell.config, s.nproc, s.freq_features, shared_process=True,
+                                         compression=s.compression)
+                except Exception as e:  # noqa: BLE001 - a divergence is a result (this lr is too large)
+                    if not _diverged(e):
+                        raise
+                    meas = {"status": "diverged", "error": str(e)[-2000:]}
             else:
                 meas = _run_cell_subprocess(cell, s, work)
         except Exception as e:  # noqa: BLE001 - report and go on with the other cells
@@ -561,22 +605,24 @@ def run_sweep(s: SweepSettings) -> Dict[str, int]:
                 counts["failed"] += 1
             return
         record = {
-            "version": STORE_VERSION, "key": cell.key, "status": "ok", "role": cell.role,
+            "version": STORE_VERSION, "key": cell.key, "status": meas.pop("status", "ok"), "role": cell.role,
             "dataset": dataset, "overrides": cell.overrides, "base_config": s.config,
-            "base_overrides": list(s.base_overrides), "grid": s.grid, "tune": s.tune, "budget": note,
+            "base_overrides": list(s.base_overrides), "grid": s.grid, "tune": s.tune,
+            "tune_mlet": s.tune_mlet, "budget": note,
             "nproc": s.nproc, "parallel": s.parallel,
             "d": cell.config.embedding.d, "k": cell.config.embedding.k, "seed": cell.config.train.seed,
             "sparse_lr": cell.config.sparse_optimizer.lr, "dense_lr": cell.config.dense_optimizer.lr,
-            "config": cell.config.model_dump(mode="json"),
+            "config": cell.config.model_dump(mode="json"), "data_hashing": _data_hashing(cell.config.data.path),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": time.time() - t0,
             **meas,
         }
         store.append(record)
         if not s.keep_runs:
             shutil.rmtree(cell.config.run.dir, ignore_errors=True)
-        t = record["test"] or {}
-        print(f"[{i + 1}/{len(todo)}] {cell.key} done in {record['wall_seconds']:.0f}s: test AUC "
-              f"{t.get('auc', float('nan')):.4f} LogLoss {t.get('logloss', float('nan')):.4f}", flush=True)
+        t = record.get("test") or {}
+        outcome = ("diverged (recorded; a rerun skips it)" if record["status"] == "diverged" else
+                   f"test AUC {t.get('auc', float('nan')):.4f} LogLoss {t.get('logloss', float('nan')):.4f}")
+        print(f"[{i + 1}/{len(todo)}] {cell.key} done in {record['wall_seconds']:.0f}s: {outcome}", flush=True)
         with lock:
             counts["ran"] += 1
 

@@ -395,12 +395,15 @@ def train(config: ExperimentConfig, hooks: Sequence[StepHook] = ()) -> TrainResu
                 optimizer.step()
                 optimizer.zero_grad()
                 local_loss = float(loss_sum.detach())
-                # one small all-reduce: the global loss for the logs, and a NaN/inf on any rank
-                # reaches every rank at this very step
-                stats = torch.tensor([local_loss, float(batch.labels.shape[0])], dtype=torch.float64,
-                                     device=ctx.device)
-                dist.all_reduce(stats)
-                loss_all, rows_all = stats.tolist()
+                if ctx.world_size > 1:
+                    # one small all-reduce: the global loss for the logs, and a NaN/inf on any rank
+                    # reaches every rank at this very step
+                    stats = torch.tensor([local_loss, float(batch.labels.shape[0])], dtype=torch.float64,
+                                         device=ctx.device)
+                    dist.all_reduce(stats)
+                    loss_all, rows_all = stats.tolist()
+                else:
+                    loss_all, rows_all = local_loss, float(batch.labels.shape[0])
                 train_seconds += time.perf_counter() - t0
                 step, batches = step + 1, batches + 1
                 if not math.isfinite(loss_all):

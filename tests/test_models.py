@@ -171,3 +171,26 @@ def test_every_model_learns_on_two_ranks_and_collapses_exactly(tmp_path):
                 and report.rows_checked == test["rows"]):
             failures[name] = (test, report.max_abs_diff)
     assert not failures, failures
+
+
+@pytest.mark.parametrize("kind, linear_kind", [("row_wise", "row_wise"), ("column_wise", "table_wise"),
+                                               ("table_wise", "table_wise")])
+def test_first_order_tables_follow_their_features_sharding(kind, linear_kind):
+    """The planner (2 ranks, planned in this process) puts ``lin_<f>`` where the config puts f's table."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+
+    from data_pipes.schema import table_name
+    from mlet_torchrec.distributed import MLETEmbeddingBagCollectionSharder, plan_summary, sharding_constraints
+
+    cfg = load_config(None, ["model.name=deepfm", "embedding.d=4", "embedding.k=16", f"embedding.sharding={kind}",
+                             *TINY])
+    meta = _meta()
+    features = meta.sparse_names()
+    model = build_model(cfg.model, cfg.embedding, meta, device=torch.device("meta"))
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=2, compute_device="cpu"),
+        constraints=sharding_constraints(cfg.embedding, features, {f: table_name(f) for f in features}, 2))
+    plan = plan_summary(planner.plan(model, [MLETEmbeddingBagCollectionSharder()]))
+    kinds = {path.rsplit(".", 1)[1]: p["sharding_type"] for path, p in plan.items()}
+    assert {kinds[f"t_{f}"] for f in features} == {kind}
+    assert {kinds[f"lin_{f}"] for f in features} == {linear_kind}

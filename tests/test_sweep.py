@@ -135,3 +135,34 @@ def test_report_helpers():
     assert verdict([0.01, 0.011, 0.012]).startswith("MLET better")
     assert verdict([0.01, -0.01, 0.002]).startswith("within noise")
     assert verdict([-0.01, -0.011, -0.012]).startswith("MLET worse")
+
+
+def test_plan_cells_with_tune_mlet_tunes_every_method_alike(tmp_path):
+    grid = parse_grid("embedding.d=[4] embedding.k=[none,16,64] seed=[0]")
+    tune = parse_grid("sparse_optimizer.lr=[0.8,3.2]")
+    cells = plan_cells(None, grid, tune, runs_dir=str(tmp_path), tune_mlet=True)
+    per_k = {k: sorted(c.config.sparse_optimizer.lr for c in cells if c.config.embedding.k == k) for k in (None, 16, 64)}
+    assert per_k == {None: [0.2, 0.8, 3.2], 16: [0.2, 0.8, 3.2], 64: [0.2, 0.8, 3.2]}
+    assert "the same 2 tuning run(s)" in budget_note(grid, tune, tune_mlet=True)
+
+
+def test_a_diverged_cell_is_recorded_and_skipped_on_rerun(tmp_path, monkeypatch):
+    import mlet_torchrec.sweep as sweep
+    from mlet_torchrec.guardrails import TrainingDiverged
+
+    calls = []
+
+    def fake_here(config, *args, **kwargs):
+        calls.append(config.embedding.k)
+        if config.embedding.k is not None:
+            raise TrainingDiverged("training loss became nan at step 3")
+        return {"valid": {"auc": 0.5}, "test": {"auc": 0.5, "logloss": 0.7}}
+
+    monkeypatch.setattr(sweep, "run_cell_here", fake_here)
+    s = SweepSettings(config=None, grid=parse_grid("embedding.k=[none,16]"), results=str(tmp_path / "r.jsonl"),
+                      runs_dir=str(tmp_path / "runs"), nproc=1, in_process=True)
+    assert run_sweep(s) == {"planned": 2, "skipped": 0, "ran": 2, "failed": 0}
+    lines = sorted(load_results(tmp_path / "r.jsonl"), key=lambda r: r["status"])
+    assert [(r["k"], r["status"]) for r in lines] == [(16, "diverged"), (None, "ok")]
+    assert "nan at step 3" in lines[0]["error"] and "test" not in lines[0]
+    assert run_sweep(s)["skipped"] == 2 and calls == [None, 16]
