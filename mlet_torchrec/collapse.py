@@ -112,15 +112,35 @@ def _module_path(model: nn.Module, kind: type) -> str:
     return paths[0]
 
 
+def extra_table_keys(factored: nn.Module, plain: nn.Module) -> Dict[str, str]:
+    """Collapsed-model key -> training-model key of the MLET module's extra tables (the ``lin_*`` tables ride
+    along in W1 while training; the collapsed model keeps them in another plain EBC)."""
+    from torchrec import EmbeddingBagCollection
+
+    mlet_path = _module_path(factored, MLETEmbeddingBagCollection)
+    mlet: MLETEmbeddingBagCollection = factored.get_submodule(mlet_path)  # type: ignore[assignment]
+    where = {t.name: path for path, m in plain.named_modules() if type(m) is EmbeddingBagCollection
+             for t in m.embedding_bag_configs()}
+    out = {}
+    for t in mlet.extra_bag_configs():
+        if t.name not in where:
+            raise ValueError(f"the collapsed model has no table {t.name} (an extra table of the MLET module)")
+        out[f"{where[t.name]}.embedding_bags.{t.name}.weight"] = f"{mlet_path}.w1.embedding_bags.{t.name}.weight"
+    return out
+
+
 def collapse_state_dict(factored: CTRModel, plain: CTRModel) -> Dict[str, torch.Tensor]:
     """The plain model's state dict with every table W1 @ W2 and every other tensor copied."""
     mlet_path = _module_path(factored, MLETEmbeddingBagCollection)
     mlet: MLETEmbeddingBagCollection = factored.get_submodule(mlet_path)  # type: ignore[assignment]
     source = factored.state_dict()
+    extra = extra_table_keys(factored, plain)
     out: Dict[str, torch.Tensor] = {}
     table_prefix = f"{mlet_path}.embedding_bags."
     for key in plain.state_dict():
-        if key.startswith(table_prefix):
+        if key in extra:
+            out[key] = source[extra[key]].clone()
+        elif key.startswith(table_prefix):
             table = key[len(table_prefix) :].split(".")[0]
             w1 = source[f"{mlet_path}.w1.embedding_bags.{table}.weight"]
             # float64 accumulation keeps the product within float32 rounding of the training-time path
@@ -598,7 +618,13 @@ def _prepare(checkpoint: Path | str) -> _Job:
                                  k or t.embedding_dim, t.embedding_dim, f"{mlet_path}.w2.{t.name}" if k else None,
                                  ebc_path, k)
     extra: Dict[str, Any] = {}
-    for path, m in factored.named_modules():  # e.g. the first-order (lin_*) tables of the DeepCTR models
+    configs = {t.name: t for t in mlet.extra_bag_configs()}
+    for out_key, src_key in extra_table_keys(factored, plain).items():  # the DeepCTR models' lin_* tables
+        t = configs[src_key.split(".")[-2]]
+        tables[out_key] = _Table(t.name, src_key, out_key, t.num_embeddings, t.embedding_dim, t.embedding_dim, None,
+                                 out_key.rsplit(".embedding_bags.", 1)[0], None)
+        extra[out_key] = t
+    for path, m in factored.named_modules():  # tables of any other EBC the training model has: copied
         if type(m) is EmbeddingBagCollection and m is not mlet.w1:
             for t in m.embedding_bag_configs():
                 key = f"{path}.embedding_bags.{t.name}.weight"

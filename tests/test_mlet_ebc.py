@@ -178,3 +178,34 @@ def test_w1_output_in_any_key_order_gives_the_same_result(inner):
     got = module(kjt)
     assert got.keys() == ["a", "b", "c", "e"]
     torch.testing.assert_close(got.values(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inner", [16, None, {"t_a": 16, "t_b": None, "t_e": 8}])
+def test_extra_tables_share_the_lookup_and_leave_the_output_alone(inner):
+    """Extra single-layer tables reading the same features ride along in W1: the module's output is what it is
+    without them, and the extra pooled values are a plain lookup of those tables."""
+    extra = [EmbeddingBagConfig(name=f"lin_{t.name}", embedding_dim=4, num_embeddings=t.num_embeddings,
+                                feature_names=list(t.feature_names)) for t in _tables()]
+    torch.manual_seed(0)
+    alone = MLETEmbeddingBagCollection(_tables(), inner_dim=inner, sigma=0.5)
+    torch.manual_seed(0)
+    both = MLETEmbeddingBagCollection(_tables(), inner_dim=inner, sigma=0.5, extra_tables=extra)
+    state = both.state_dict()
+    alone.load_state_dict({k: v for k, v in state.items() if ".lin_" not in k})
+    assert [t.name for t in both.embedding_bag_configs()] == [t.name for t in alone.embedding_bag_configs()]
+    assert [t.name for t in both.extra_bag_configs()] == [t.name for t in extra]
+    kjt = _kjt()
+    out, pooled = both.forward_with_extra(kjt)
+    ref = alone(kjt)
+    assert out.keys() == ref.keys() and torch.allclose(out.values(), ref.values(), atol=1e-6)
+    plain = EmbeddingBagCollection(tables=extra)
+    plain.load_state_dict({k.replace("w1.", ""): v for k, v in state.items() if ".lin_" in k})
+    expected = plain(kjt)
+    assert torch.equal(pooled, torch.cat([expected[f] for f in ("a", "b", "c", "e")], dim=1))
+    pooled.sum().backward()  # the extra tables get gradients through the shared lookup
+    assert both.w1.embedding_bags["lin_t_a"].weight.grad is not None
+
+
+def test_extra_table_names_must_be_new():
+    with pytest.raises(ValueError, match="extra table names"):
+        MLETEmbeddingBagCollection(_tables(), inner_dim=16, extra_tables=[_tables()[0]])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchrec import KeyedJaggedTensor
 
 from data_pipes.schema import DatasetMeta, SparseFeature
-from mlet_torchrec.collapse import collapse_state_dict
+from mlet_torchrec.collapse import collapse_state_dict, extra_table_keys
 from mlet_torchrec.config import ConfigError, ModelName, load_config
 from mlet_torchrec.models import MODELS, build_model
 from mlet_torchrec.models.autoint import InteractingLayer
@@ -65,9 +65,14 @@ def test_forward_shape_and_collapse_is_exact(name):
     assert (p_factored - p_plain).abs().max() <= 1e-5
     lin = [key for key in collapsed if ".lin_" in key]
     assert len(lin) == (0 if name.startswith("dlrm") else len(CARDS))
-    for key in lin:  # first-order tables: copied unchanged
-        assert torch.equal(collapsed[key], factored.state_dict()[key])
+    sources = extra_table_keys(factored, plain)
+    assert sorted(sources) == sorted(lin)
+    for key in lin:  # first-order tables: trained inside W1 (one lookup), copied unchanged to the plain EBC
+        assert ".w1.embedding_bags.lin_" in sources[key] and ".linear_arch." in key
+        assert torch.equal(collapsed[key], factored.state_dict()[sources[key]])
         assert collapsed[key].shape[1] == LINEAR_TABLE_DIM
+    # training: one EmbeddingBagCollection (W1) serves the fields and the first-order term
+    assert sum(type(m).__name__ == "EmbeddingBagCollection" for m in factored.modules()) == 1
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -11,6 +11,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from data_pipes.schema import DatasetMeta, table_name
 from mlet_torchrec.config import EmbeddingConfig, ModelConfig
 from mlet_torchrec.models import autoint, dcn, deepfm, dlrm_dcn, nfm, wdl, xdeepfm
+from mlet_torchrec.models.blocks import linear_tables
 from mlet_torchrec.models.dlrm import build_dlrm
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
 
@@ -28,6 +29,8 @@ MODELS: Dict[str, ModelBuilder] = {
     "autoint": autoint.build,
     "xdeepfm": xdeepfm.build,
 }
+# models with DeepCTR-Torch's first-order term: their `lin_*` tables ride along in the MLET module's W1
+FIRST_ORDER_MODELS = frozenset({"dcn", "deepfm", "wdl", "nfm", "autoint", "xdeepfm"})
 
 
 class CTRModel(nn.Module):
@@ -82,8 +85,10 @@ def build_model(
         embeddings = EmbeddingBagCollection(tables=tables, device=device)
     else:
         inner = {table_name(f.name): emb_cfg.k_for(f.name) for f in meta.sparse}
+        extra = linear_tables(tables) if model_cfg.name in FIRST_ORDER_MODELS else []
         embeddings = MLETEmbeddingBagCollection(
-            tables, inner_dim=inner, sigma=emb_cfg.sigma, allow_k_below_d=emb_cfg.allow_k_below_d, device=device
+            tables, inner_dim=inner, sigma=emb_cfg.sigma, allow_k_below_d=emb_cfg.allow_k_below_d, device=device,
+            extra_tables=extra,
         )
     if model_cfg.name not in MODELS:
         raise ValueError(f"model.name={model_cfg.name!r} is unknown; known models: {sorted(MODELS)}")

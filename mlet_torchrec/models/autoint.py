@@ -74,13 +74,13 @@ class AutoInt(FieldModel):
         self.out = nn.Linear(out_width, 1, bias=False)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        fields = self.sparse_arch(sparse)
+        fields, wide = self.embed(dense, sparse)
         parts: List[torch.Tensor] = []
         if len(self.int_layers):
             parts.append(self.int_layers(fields).flatten(1))
         if self.deep is not None:
             parts.append(self.deep([fields, dense]))
-        return self.linear_arch(dense, sparse) + self.out(torch.cat(parts, dim=1))
+        return wide + self.out(torch.cat(parts, dim=1))
 
 
 def build(embeddings: nn.Module, num_dense: int, cfg: ModelConfig) -> AutoInt:

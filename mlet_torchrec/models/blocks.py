@@ -5,8 +5,10 @@ stock d-dim ``EmbeddingBagCollection`` after collapse) and reads it only through
 ``SparseArch``: ``(B, F, d)`` field embeddings. The single-layer baseline (k=None) is the same module.
 
 The first-order term of DeepCTR-Torch (``Linear``: a 1-dim embedding per id plus a weight per dense
-feature) is a second, plain ``EmbeddingBagCollection`` whose tables are named ``lin_<feature>``: the
-planner shards it and the fused optimizer trains it like W1; collapse copies it unchanged.
+feature) lives in tables named ``lin_<feature>``. While training they ride along in the MLET module's W1
+(``extra_tables``: one lookup and one sharded module for both, which saves a second input/output
+distribution per step); the collapsed model keeps them in a plain ``EmbeddingBagCollection`` of
+:class:`LinearArch`, and collapse copies them there unchanged.
 TorchRec's fused (FBGEMM) kernels need table widths divisible by 4, on CPU as well, so these tables are
 ``LINEAR_TABLE_DIM`` = 4 wide and column 0 is the weight: the other columns get no gradient and never
 reach the logit (with row-wise Adagrad the row's step is therefore 2x that of a true 1-dim table).
@@ -24,7 +26,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -71,18 +73,28 @@ def linear_tables(tables: Sequence[EmbeddingBagConfig]) -> List[EmbeddingBagConf
 
 
 class LinearArch(nn.Module):
-    """DeepCTR-Torch's linear part plus its output bias: ``b + sum_f w_f[x_f] + dense @ v`` -> (B, 1)."""
+    """DeepCTR-Torch's linear part plus its output bias: ``b + sum_f w_f[x_f] + dense @ v`` -> (B, 1).
+
+    ``tables``: the model's tables, for which it keeps its own ``lin_*`` tables; None when the pooled
+    first-order rows come from elsewhere (the MLET module's extra tables) and are passed to ``forward``.
+    """
 
     def __init__(
-        self, tables: Sequence[EmbeddingBagConfig], num_dense: int, device: Optional[torch.device] = None
+        self, tables: Optional[Sequence[EmbeddingBagConfig]], num_dense: int, device: Optional[torch.device] = None
     ) -> None:
         super().__init__()
-        self.embedding_bag_collection = EmbeddingBagCollection(tables=linear_tables(tables), device=device)
+        self.embedding_bag_collection = (
+            EmbeddingBagCollection(tables=linear_tables(tables), device=device) if tables is not None else None
+        )
         self.dense = nn.Linear(num_dense, 1, bias=False) if num_dense > 0 else None
         self.bias = nn.Parameter(torch.zeros(1))
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.embedding_bag_collection(sparse).values()  # (B, F * 4), any key order: it is summed
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor, pooled: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        if pooled is None:
+            assert self.embedding_bag_collection is not None, "no first-order tables: pass their pooled rows"
+            pooled = self.embedding_bag_collection(sparse).values()
+        # (B, F * 4) in any key order (it is summed); column 0 of each 4 is the weight
         logit = pooled[:, ::LINEAR_TABLE_DIM].sum(dim=1, keepdim=True) + self.bias
         if self.dense is not None:
             logit = logit + self.dense(dense)
@@ -123,8 +135,12 @@ def deep_arch(in_features: int, hidden: Sequence[int], dropout: float = 0.0) -> 
 
 
 class FieldModel(nn.Module):
-    """Base of the DeepCTR-style models: ``sparse_arch`` gives (B, F, d) field embeddings, ``linear_arch`` the
-    first-order logit with the bias. Subclasses add their interaction and return logits (B, 1)."""
+    """Base of the DeepCTR-style models: :meth:`embed` gives the (B, F, d) field embeddings and the first-order
+    logit with the bias. Subclasses add their interaction and return logits (B, 1).
+
+    With an MLET module that carries the ``lin_*`` tables (``build_model`` adds them as its extra tables) one
+    lookup serves both; with a stock EBC (the collapsed model) ``linear_arch`` holds them itself.
+    """
 
     def __init__(self, embeddings: nn.Module, num_dense: int) -> None:
         super().__init__()
@@ -132,7 +148,25 @@ class FieldModel(nn.Module):
         self.num_fields = num_fields(embeddings)
         self.num_dense = num_dense
         self.sparse_arch = SparseArch(embeddings)  # type: ignore[arg-type]  # MLET has the EBC interface
-        self.linear_arch = LinearArch(embeddings.embedding_bag_configs(), num_dense, table_device(embeddings))
+        self._shared = isinstance(embeddings, MLETEmbeddingBagCollection) and bool(embeddings.extra_bag_configs())
+        if self._shared:
+            expected = {t.name for t in linear_tables(embeddings.embedding_bag_configs())}
+            got = {t.name for t in embeddings.extra_bag_configs()}
+            if got != expected:
+                raise ValueError(f"the MLET module's extra tables {sorted(got)} are not the first-order tables "
+                                 f"{sorted(expected)}")
+        tables = None if self._shared else embeddings.embedding_bag_configs()
+        self.linear_arch = LinearArch(tables, num_dense, table_device(embeddings))
+
+    def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(field embeddings (B, F, d), first-order logit with the bias (B, 1))."""
+        if not self._shared:
+            return self.sparse_arch(sparse), self.linear_arch(dense, sparse)
+        mlet: MLETEmbeddingBagCollection = self.sparse_arch.embedding_bag_collection  # type: ignore[assignment]
+        kt, first_order = mlet.forward_with_extra(sparse)
+        # the module's output is in SparseArch's feature order (its tables' features), each d wide
+        fields = kt.values().reshape(-1, self.num_fields, self.d)
+        return fields, self.linear_arch(dense, sparse, first_order)
 
     @property
     def dnn_in_features(self) -> int:

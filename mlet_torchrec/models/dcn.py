@@ -49,14 +49,14 @@ class DCN(FieldModel):
         self.out = nn.Linear(out_width, 1, bias=False)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        fields = self.sparse_arch(sparse)
+        fields, wide = self.embed(dense, sparse)
         x0 = torch.cat([fields.flatten(1), dense], dim=1)
         parts: List[torch.Tensor] = []
         if self.cross is not None:
             parts.append(self.cross(x0))
         if self.deep is not None:
             parts.append(self.deep(x0))
-        return self.linear_arch(dense, sparse) + self.out(torch.cat(parts, dim=1))
+        return wide + self.out(torch.cat(parts, dim=1))
 
 
 def build(embeddings: nn.Module, num_dense: int, cfg: ModelConfig) -> DCN:

@@ -39,8 +39,8 @@ class DeepFMModel(FieldModel):
         self.out = nn.Linear(dnn_hidden_units[-1], 1, bias=False) if self.deep is not None else None
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        fields = self.sparse_arch(sparse)
-        logit = self.linear_arch(dense, sparse) + self.fm(fields).sum(dim=1, keepdim=True)
+        fields, wide = self.embed(dense, sparse)
+        logit = wide + self.fm(fields).sum(dim=1, keepdim=True)
         if self.deep is not None:
             logit = logit + self.out(self.deep([fields, dense]))
         return logit

@@ -40,8 +40,9 @@ class NFM(FieldModel):
         self.out = nn.Linear(dnn_hidden_units[-1], 1, bias=False)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.bi_dropout(self.bi_pooling(self.sparse_arch(sparse)))
-        return self.linear_arch(dense, sparse) + self.out(self.deep([pooled, dense]))
+        fields, wide = self.embed(dense, sparse)
+        pooled = self.bi_dropout(self.bi_pooling(fields))
+        return wide + self.out(self.deep([pooled, dense]))
 
 
 def build(embeddings: nn.Module, num_dense: int, cfg: ModelConfig) -> NFM:

@@ -37,9 +37,9 @@ class WideAndDeep(FieldModel):
         self.out = nn.Linear(dnn_hidden_units[-1], 1, bias=False) if self.deep is not None else None
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        logit = self.linear_arch(dense, sparse)
+        fields, logit = self.embed(dense, sparse)
         if self.deep is not None:
-            logit = logit + self.out(self.deep([self.sparse_arch(sparse), dense]))
+            logit = logit + self.out(self.deep([fields, dense]))
         return logit
 
 

@@ -73,8 +73,7 @@ class XDeepFM(FieldModel):
         self.cin_out = nn.Linear(self.cin.out_features, 1, bias=False) if self.cin is not None else None
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        fields = self.sparse_arch(sparse)
-        logit = self.linear_arch(dense, sparse)
+        fields, logit = self.embed(dense, sparse)
         if self.deep is not None:
             logit = logit + self.deep_out(self.deep([fields, dense]))
         if self.cin is not None:

@@ -27,6 +27,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec.modules.embedding_modules import get_embedding_names_by_table
 
 InnerDims = Union[None, int, Mapping[str, Optional[int]]]
 
@@ -42,7 +43,7 @@ class _ProjectionGroup:
     k: int
     d: int
     tables: Tuple[str, ...]  # W2 parameters stacked in this order
-    features: Tuple[str, ...]  # the group's features, in the module's feature order
+    features: Tuple[str, ...]  # the group's W1 output keys (embedding names), in the module's feature order
     feature_table: Tuple[int, ...]  # for each feature: index into ``tables``
     out_columns: Tuple[int, ...]  # where the group's d-dim outputs go in the module's output
 
@@ -53,6 +54,7 @@ class _Layout:
 
     in_columns: Tuple[Optional[torch.Tensor], ...]  # per group; None: the whole output, in order
     passthrough: Optional[Tuple[torch.Tensor, torch.Tensor]]  # single-layer features: (src, dst) columns
+    extra: Optional[torch.Tensor]  # columns of the extra tables, in their order
 
 
 class MLETEmbeddingBagCollection(nn.Module):
@@ -68,6 +70,10 @@ class MLETEmbeddingBagCollection(nn.Module):
         allow_k_below_d: permit k < d (a low-rank factorisation, not MLET).
         device: where W1 is built; ``torch.device("meta")`` lets the TorchRec sharder
             materialise only each rank's shards.
+        extra_tables: single-layer tables that ride along in W1 (one lookup, one sharded module, one
+            fused optimizer) but are not part of the module's output: :meth:`forward_with_extra` returns
+            their pooled values separately. They may read the same features as ``tables`` (the DeepCTR
+            models' first-order ``lin_*`` tables do).
     """
 
     def __init__(
@@ -77,11 +83,16 @@ class MLETEmbeddingBagCollection(nn.Module):
         sigma: float = 0.25,
         allow_k_below_d: bool = False,
         device: Optional[torch.device] = None,
+        extra_tables: Sequence[EmbeddingBagConfig] = (),
     ) -> None:
         super().__init__()
         if not tables:
             raise ValueError("MLETEmbeddingBagCollection needs at least one table")
         self._tables: List[EmbeddingBagConfig] = list(tables)
+        self._extra: List[EmbeddingBagConfig] = list(extra_tables)
+        clash = {t.name for t in self._extra} & {t.name for t in self._tables}
+        if clash or len({t.name for t in self._extra}) != len(self._extra):
+            raise ValueError(f"extra table names must be unique and differ from the tables' ({sorted(clash)})")
         self._inner: Dict[str, Optional[int]] = {}
         for t in self._tables:
             k = inner_dim.get(t.name) if isinstance(inner_dim, Mapping) else inner_dim
@@ -102,7 +113,12 @@ class MLETEmbeddingBagCollection(nn.Module):
         w1_tables = [
             dataclasses.replace(t, embedding_dim=self._inner[t.name] or t.embedding_dim) for t in self._tables
         ]
-        self.w1 = EmbeddingBagCollection(tables=w1_tables, device=device)
+        self.w1 = EmbeddingBagCollection(tables=w1_tables + self._extra, device=device)
+        # W1's output keys: the feature name, or "feature@table" where tables share a feature
+        names = get_embedding_names_by_table(w1_tables + self._extra)
+        self._key: Dict[Tuple[str, str], str] = {
+            (t.name, f): n for t, ns in zip(w1_tables + self._extra, names) for f, n in zip(t.feature_names, ns)
+        }
         self.w2 = nn.ParameterDict(
             {
                 t.name: nn.Parameter(torch.empty(self._inner[t.name], t.embedding_dim))
@@ -126,7 +142,7 @@ class MLETEmbeddingBagCollection(nn.Module):
                     g = by_shape.setdefault((k, d), {"tables": [], "features": [], "ft": [], "out": []})
                     if t.name not in g["tables"]:
                         g["tables"].append(t.name)
-                    g["features"].append(feature)
+                    g["features"].append(self._key[(t.name, feature)])
                     g["ft"].append(g["tables"].index(t.name))
                     g["out"].extend(range(out_col, out_col + d))
                 out_col += d
@@ -148,7 +164,7 @@ class MLETEmbeddingBagCollection(nn.Module):
         in_columns: List[Optional[torch.Tensor]] = []
         for g in self._groups:
             cols = [c for f in g.features for c in range(start[f], start[f] + width[f])]
-            in_order = cols == list(range(sum(lengths))) and len(self._groups) == 1
+            in_order = cols == list(range(sum(lengths))) and len(self._groups) == 1 and not self._extra
             in_columns.append(None if in_order else torch.tensor(cols, dtype=torch.long))
         src: List[int] = []
         dst: List[int] = []
@@ -156,11 +172,14 @@ class MLETEmbeddingBagCollection(nn.Module):
         for t in self._tables:
             for f in t.feature_names:
                 if self._inner[t.name] is None:
-                    src.extend(range(start[f], start[f] + width[f]))
+                    key = self._key[(t.name, f)]
+                    src.extend(range(start[key], start[key] + width[key]))
                     dst.extend(range(out_col, out_col + t.embedding_dim))
                 out_col += t.embedding_dim
         passthrough = (torch.tensor(src), torch.tensor(dst)) if src else None
-        layout = _Layout(tuple(in_columns), passthrough)
+        extra = [c for t in self._extra for f in t.feature_names
+                 for c in range(start[self._key[(t.name, f)]], start[self._key[(t.name, f)]] + width[self._key[(t.name, f)]])]
+        layout = _Layout(tuple(in_columns), passthrough, torch.tensor(extra) if extra else None)
         self._layouts[cache_key] = layout
         return layout
 
@@ -182,10 +201,18 @@ class MLETEmbeddingBagCollection(nn.Module):
         """The d-dim tables this module stands for (what a stock model and collapse see)."""
         return list(self._tables)
 
+    def extra_bag_configs(self) -> List[EmbeddingBagConfig]:
+        """The single-layer tables that ride along in W1 (see ``extra_tables``)."""
+        return list(self._extra)
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        return self.forward_with_extra(features)[0]
+
+    def forward_with_extra(self, features: KeyedJaggedTensor) -> Tuple[KeyedTensor, Optional[torch.Tensor]]:
+        """The module's output and the extra tables' pooled values (B, their total width; None without any)."""
         pooled = self.w1(features)
-        if not self._groups:
-            return pooled
+        if not self._groups and not self._extra:
+            return pooled, None
         values = pooled.values()
         batch = values.shape[0]
         layout = self._layout(pooled.keys(), pooled.length_per_key())
@@ -201,7 +228,8 @@ class MLETEmbeddingBagCollection(nn.Module):
                 out = projected  # the group covers every feature, already in output order
             else:
                 out[:, list(g.out_columns)] = projected
-        return KeyedTensor(keys=self._feature_names, length_per_key=list(self._out_dims), values=out, key_dim=1)
+        extra = None if layout.extra is None else values.index_select(1, layout.extra.to(values.device))
+        return KeyedTensor(keys=self._feature_names, length_per_key=list(self._out_dims), values=out, key_dim=1), extra
 
     def _project(self, values: torch.Tensor, group: _ProjectionGroup) -> torch.Tensor:
         """(B, F*k) pooled W1 rows -> (B, F, d): one batched matmul over all features of the group."""
