@@ -91,8 +91,10 @@ def _variant(rec: Dict[str, Any]) -> str:
 class Results:
     """Results of one data set, indexed by (variant, d, seed)."""
 
-    def __init__(self, records: List[Dict[str, Any]]) -> None:
+    def __init__(self, records: List[Dict[str, Any]], diverged: Sequence[Dict[str, Any]] = ()) -> None:
         self.records = records
+        # every embedding lr tried, diverged runs included (a diverged top value still counts as tried)
+        self.tried_lrs = sorted({r["sparse_lr"] for r in [*records, *diverged]})
         self.ds = sorted({r["d"] for r in records})
         self.ks = sorted({r["k"] for r in records if r["k"] is not None})
         self.seeds = sorted({r["seed"] for r in records})
@@ -501,7 +503,7 @@ def _plain_statements(res: Results, variant: str, paper: Method, tuned: Optional
         chosen = [r for r in chosen if r is not None]
         # the top of the grid as asked (diverged runs are not in the records, but they were tried)
         asked = [v for r in chosen for v in ((r.get("tune") or {}).get("sparse_optimizer.lr") or [])]
-        top = max(asked + res.tune_lrs)
+        top = max(asked + res.tune_lrs + res.tried_lrs)
         at_top = sum(r["sparse_lr"] == top for r in chosen)
         if chosen and at_top > len(chosen) / 2:
             L.append(f"- Caveat: the tuning of {m.name} chose the largest learning rate of its grid ({_g(top)}) in "
@@ -725,8 +727,9 @@ def render_report(results: Sequence[Path | str] | Path | str, out: Path | str, t
          + (" Exact commands and seeds: [COMMANDS.md](COMMANDS.md)." if (out / "COMMANDS.md").exists() else ""), ""]
     for name, recs in sorted(by_ds.items()):
         res_all = Results(recs)
+        gone_here = [r for r in diverged if (r.get("dataset") or "data") == name]
         for variant in res_all.variants:
-            res = Results([r for r in recs if _variant(r) == variant])
+            res = Results([r for r in recs if _variant(r) == variant], [r for r in gone_here if _variant(r) == variant])
             L += _section_dataset(res, name, variant, out, budget_mb or [])
         L += _hashing_section(recs, name, out)
         gone = [r for r in diverged if (r.get("dataset") or "data") == name]

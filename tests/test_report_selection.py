@@ -86,3 +86,14 @@ def test_diverged_runs_are_listed_and_never_chosen(tmp_path):
     md = render_report(path, tmp_path / "out").read_text()
     assert "1 run(s) diverged" in md and "d=4 k=16 lr=51.2" in md
     assert "51.2" not in md.split("1 run(s) diverged")[0]  # no table mentions the diverged lr
+
+
+def test_a_diverged_top_of_the_grid_counts_as_tried(tmp_path):
+    """The baseline's best lr (3.2) is the largest that trained; a larger one that diverged means the grid did
+    reach past it, so the report must not ask for a wider grid."""
+    path = store(tmp_path)
+    assert "Caveat" in render_report(path, tmp_path / "a").read_text()  # 3.2 is the top of what was tried
+    gone = {**rec(None, 0, 12.8, 0.0, 0.0), "key": "diverged", "status": "diverged"}
+    path.write_text(path.read_text() + json.dumps(gone) + "\n")
+    md = render_report(path, tmp_path / "b").read_text()
+    assert "Caveat" not in md and "1 run(s) diverged" in md
