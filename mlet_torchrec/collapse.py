@@ -112,21 +112,26 @@ def _module_path(model: nn.Module, kind: type) -> str:
     return paths[0]
 
 
-def extra_table_keys(factored: nn.Module, plain: nn.Module) -> Dict[str, str]:
-    """Collapsed-model key -> training-model key of the MLET module's extra tables (the ``lin_*`` tables ride
-    along in W1 while training; the collapsed model keeps them in another plain EBC)."""
+def _extra_tables(factored: nn.Module, plain: nn.Module) -> List[Tuple[Any, str, str]]:
+    """(config, the collapsed model's EBC path, training-model key) of each extra table of the MLET module (the
+    ``lin_*`` tables ride along in W1 while training; the collapsed model keeps them in another plain EBC)."""
     from torchrec import EmbeddingBagCollection
 
     mlet_path = _module_path(factored, MLETEmbeddingBagCollection)
     mlet: MLETEmbeddingBagCollection = factored.get_submodule(mlet_path)  # type: ignore[assignment]
     where = {t.name: path for path, m in plain.named_modules() if type(m) is EmbeddingBagCollection
              for t in m.embedding_bag_configs()}
-    out = {}
+    out = []
     for t in mlet.extra_bag_configs():
         if t.name not in where:
             raise ValueError(f"the collapsed model has no table {t.name} (an extra table of the MLET module)")
-        out[f"{where[t.name]}.embedding_bags.{t.name}.weight"] = f"{mlet_path}.w1.embedding_bags.{t.name}.weight"
+        out.append((t, where[t.name], f"{mlet_path}.w1.embedding_bags.{t.name}.weight"))
     return out
+
+
+def extra_table_keys(factored: nn.Module, plain: nn.Module) -> Dict[str, str]:
+    """Collapsed-model key -> training-model key of the MLET module's extra tables."""
+    return {f"{path}.embedding_bags.{t.name}.weight": src for t, path, src in _extra_tables(factored, plain)}
 
 
 def collapse_state_dict(factored: CTRModel, plain: CTRModel) -> Dict[str, torch.Tensor]:
@@ -618,11 +623,10 @@ def _prepare(checkpoint: Path | str) -> _Job:
                                  k or t.embedding_dim, t.embedding_dim, f"{mlet_path}.w2.{t.name}" if k else None,
                                  ebc_path, k)
     extra: Dict[str, Any] = {}
-    configs = {t.name: t for t in mlet.extra_bag_configs()}
-    for out_key, src_key in extra_table_keys(factored, plain).items():  # the DeepCTR models' lin_* tables
-        t = configs[src_key.split(".")[-2]]
+    for t, path, src_key in _extra_tables(factored, plain):  # the DeepCTR models' lin_* tables
+        out_key = f"{path}.embedding_bags.{t.name}.weight"
         tables[out_key] = _Table(t.name, src_key, out_key, t.num_embeddings, t.embedding_dim, t.embedding_dim, None,
-                                 out_key.rsplit(".embedding_bags.", 1)[0], None)
+                                 path, None)
         extra[out_key] = t
     for path, m in factored.named_modules():  # tables of any other EBC the training model has: copied
         if type(m) is EmbeddingBagCollection and m is not mlet.w1:

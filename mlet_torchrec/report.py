@@ -503,7 +503,7 @@ def _plain_statements(res: Results, variant: str, paper: Method, tuned: Optional
         chosen = [r for r in chosen if r is not None]
         # the top of the grid as asked (diverged runs are not in the records, but they were tried)
         asked = [v for r in chosen for v in ((r.get("tune") or {}).get("sparse_optimizer.lr") or [])]
-        top = max(asked + res.tune_lrs + res.tried_lrs)
+        top = max(asked + res.tried_lrs)
         at_top = sum(r["sparse_lr"] == top for r in chosen)
         if chosen and at_top > len(chosen) / 2:
             L.append(f"- Caveat: the tuning of {m.name} chose the largest learning rate of its grid ({_g(top)}) in "
@@ -727,12 +727,11 @@ def render_report(results: Sequence[Path | str] | Path | str, out: Path | str, t
          + (" Exact commands and seeds: [COMMANDS.md](COMMANDS.md)." if (out / "COMMANDS.md").exists() else ""), ""]
     for name, recs in sorted(by_ds.items()):
         res_all = Results(recs)
-        gone_here = [r for r in diverged if (r.get("dataset") or "data") == name]
+        gone = [r for r in diverged if (r.get("dataset") or "data") == name]
         for variant in res_all.variants:
-            res = Results([r for r in recs if _variant(r) == variant], [r for r in gone_here if _variant(r) == variant])
+            res = Results([r for r in recs if _variant(r) == variant], [r for r in gone if _variant(r) == variant])
             L += _section_dataset(res, name, variant, out, budget_mb or [])
         L += _hashing_section(recs, name, out)
-        gone = [r for r in diverged if (r.get("dataset") or "data") == name]
         if gone:
             L += [f"**{name}: {len(gone)} run(s) diverged** (the NaN guard stopped them; they count as never chosen): "
                   + ", ".join(sorted({f"d={r['d']} k={'null' if r['k'] is None else r['k']} lr={_g(r['sparse_lr'])}"

@@ -435,7 +435,25 @@ def _vm_hwm_kb() -> Optional[int]:
 def run_cell_here(config: ExperimentConfig, nproc: int, freq_features: Optional[Sequence[str]],
                   shared_process: bool = False, compression: bool = True) -> Dict[str, Any]:
     """Train and analyse one cell in this process (the child the sweep starts, or the sweep itself with
-    ``shared_process``: peak RSS is then this process's VmHWM, reset before training); returns the measurements."""
+    ``shared_process``: peak RSS is then this process's VmHWM, reset before training); returns the measurements,
+    or ``{"status": "diverged", "error": ...}`` when the NaN guard stopped the training (a result, not a failure)."""
+    try:
+        return _measure_cell(config, nproc, freq_features, shared_process, compression)
+    except Exception as e:  # noqa: BLE001 - only a divergence is a result; anything else fails the cell
+        if not _diverged(e):
+            raise
+        return {"status": "diverged", "error": str(e)[-2000:]}
+
+
+def _diverged(e: BaseException) -> bool:
+    """A run stopped by the NaN guard (``TrainingDiverged``), also when it came back from worker processes."""
+    from mlet_torchrec.guardrails import TrainingDiverged
+
+    return isinstance(e, TrainingDiverged) or "TrainingDiverged" in repr(e)
+
+
+def _measure_cell(config: ExperimentConfig, nproc: int, freq_features: Optional[Sequence[str]],
+                  shared_process: bool, compression: bool) -> Dict[str, Any]:
     t0 = time.time()
     if shared_process:
         if nproc != 1:
@@ -492,21 +510,9 @@ def _cell_main(argv: Sequence[str]) -> int:
 
     configure_logging(False)
     config = ExperimentConfig.model_validate(spec["config"])
-    try:
-        out = run_cell_here(config, spec["nproc"], spec.get("freq_features"), compression=spec.get("compression", True))
-    except Exception as e:  # noqa: BLE001 - only a divergence is a result; anything else fails the cell
-        if not _diverged(e):
-            raise
-        out = {"status": "diverged", "error": str(e)[-2000:]}
+    out = run_cell_here(config, spec["nproc"], spec.get("freq_features"), compression=spec.get("compression", True))
     Path(spec["output"]).write_text(json.dumps(out, default=_json_default))
     return 0
-
-
-def _diverged(e: BaseException) -> bool:
-    """A run stopped by the NaN guard (``TrainingDiverged``), also when it came back from worker processes."""
-    from mlet_torchrec.guardrails import TrainingDiverged
-
-    return isinstance(e, TrainingDiverged) or "TrainingDiverged" in repr(e)
 
 
 # ------------------------------------------------------------------------------------------------ sweep
@@ -590,13 +596,8 @@ def run_sweep(s: SweepSettings) -> Dict[str, int]:
         print(f"[{i + 1}/{len(todo)}] {cell.key} [{cell.role}] {cell.label()} ...", flush=True)
         try:
             if s.in_process:
-                try:
-                    meas = run_cell_here(cell.config, s.nproc, s.freq_features, shared_process=True,
-                                         compression=s.compression)
-                except Exception as e:  # noqa: BLE001 - a divergence is a result (this lr is too large)
-                    if not _diverged(e):
-                        raise
-                    meas = {"status": "diverged", "error": str(e)[-2000:]}
+                meas = run_cell_here(cell.config, s.nproc, s.freq_features, shared_process=True,
+                                     compression=s.compression)
             else:
                 meas = _run_cell_subprocess(cell, s, work)
         except Exception as e:  # noqa: BLE001 - report and go on with the other cells

@@ -158,7 +158,7 @@ def test_a_diverged_cell_is_recorded_and_skipped_on_rerun(tmp_path, monkeypatch)
             raise TrainingDiverged("training loss became nan at step 3")
         return {"valid": {"auc": 0.5}, "test": {"auc": 0.5, "logloss": 0.7}}
 
-    monkeypatch.setattr(sweep, "run_cell_here", fake_here)
+    monkeypatch.setattr(sweep, "_measure_cell", fake_here)
     s = SweepSettings(config=None, grid=parse_grid("embedding.k=[none,16]"), results=str(tmp_path / "r.jsonl"),
                       runs_dir=str(tmp_path / "runs"), nproc=1, in_process=True)
     assert run_sweep(s) == {"planned": 2, "skipped": 0, "ran": 2, "failed": 0}

@@ -161,10 +161,14 @@ class MLETEmbeddingBagCollection(nn.Module):
             return cached
         start = dict(zip(keys, [sum(lengths[:i]) for i in range(len(lengths))]))
         width = dict(zip(keys, lengths))
+
+        def columns(key: str) -> range:
+            return range(start[key], start[key] + width[key])
+
         in_columns: List[Optional[torch.Tensor]] = []
         for g in self._groups:
-            cols = [c for f in g.features for c in range(start[f], start[f] + width[f])]
-            in_order = cols == list(range(sum(lengths))) and len(self._groups) == 1 and not self._extra
+            cols = [c for f in g.features for c in columns(f)]
+            in_order = cols == list(range(sum(lengths))) and len(self._groups) == 1
             in_columns.append(None if in_order else torch.tensor(cols, dtype=torch.long))
         src: List[int] = []
         dst: List[int] = []
@@ -172,13 +176,11 @@ class MLETEmbeddingBagCollection(nn.Module):
         for t in self._tables:
             for f in t.feature_names:
                 if self._inner[t.name] is None:
-                    key = self._key[(t.name, f)]
-                    src.extend(range(start[key], start[key] + width[key]))
+                    src.extend(columns(self._key[(t.name, f)]))
                     dst.extend(range(out_col, out_col + t.embedding_dim))
                 out_col += t.embedding_dim
         passthrough = (torch.tensor(src), torch.tensor(dst)) if src else None
-        extra = [c for t in self._extra for f in t.feature_names
-                 for c in range(start[self._key[(t.name, f)]], start[self._key[(t.name, f)]] + width[self._key[(t.name, f)]])]
+        extra = [c for t in self._extra for f in t.feature_names for c in columns(self._key[(t.name, f)])]
         layout = _Layout(tuple(in_columns), passthrough, torch.tensor(extra) if extra else None)
         self._layouts[cache_key] = layout
         return layout
