@@ -9,9 +9,9 @@ reported as a ratio to a plain copy of the same W1 into a preallocated buffer (r
 n x k: a generous yardstick, the product writes only n x d):
 
 * ``naive``: ``W1 @ W2`` in one call (what a straightforward collapse does),
-* ``blocked``: :func:`mlet_torchrec.collapse.blocked_product` (row blocks, FP32), the collapse's kernel,
+* ``blocked``: :func:`mlet_torchrec.serving.collapse.blocked_product` (row blocks, FP32), the collapse's kernel,
 * ``blocked-fp64``: the same with float64 accumulation (``mlet collapse --accumulate float64``),
-* ``engine``: :func:`mlet_torchrec.collapse.collapse_boxes` on one box (the whole per-table path,
+* ``engine``: :func:`mlet_torchrec.serving.collapse.collapse_boxes` on one box (the whole per-table path,
   including allocating and first-touching its n x d output, which the copy yardstick does not pay).
 
 More yardsticks: reading W1 once (a sum), cloning it into a fresh buffer (page faults included),
@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlet_torchrec.collapse import DEFAULT_BLOCK_ROWS, Box, blocked_product, collapse_boxes  # noqa: E402
+from mlet_torchrec.serving.collapse import DEFAULT_BLOCK_ROWS, Box, blocked_product, collapse_boxes  # noqa: E402
 
 
 def main(argv: List[str] | None = None) -> Dict[str, object]:

@@ -84,7 +84,7 @@ def run_child_measured(text: Path, out: Path, extra: list) -> dict:
     """Convert ``text`` in a child process; its own peak RSS comes from ``os.wait4`` (RUSAGE_CHILDREN
     would be the maximum over every child so far)."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "data_pipes.convert.cli", "criteo", "--input", str(text), "--output", str(out),
+    cmd = [sys.executable, "-m", "mlet_torchrec.cli.convert", "criteo", "--input", str(text), "--output", str(out),
            "--no-progress", *extra]
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as so, tempfile.TemporaryFile() as se:

@@ -10,7 +10,7 @@ What runs (everything is recorded in the results file, with this command):
 - DeepCTR-Torch (``deepctr-torch`` 0.3.0, torch 2.13.0) in its own virtual environment
   ``benchmarks/.venv-deepctr``, created on first use from ``benchmarks/requirements-deepctr.txt`` (exact
   pins) and driven by ``benchmarks/deepctr_reference.py``, which trains each model with its ``fit``.
-- Ours: the product's ``mlet_torchrec.train.train`` (TorchRec DMP, fused sparse optimizer, Parquet
+- Ours: the product's ``mlet_torchrec.training.train.train`` (TorchRec DMP, fused sparse optimizer, Parquet
   reader in the timed loop), single-layer baseline (``embedding.k=null``) and MLET (``embedding.k=--k``),
   in one process by default (``--ours-nproc 2`` runs 2 ranks through ``train_local``).
 - Matched: d, every model hyper-parameter (our ``ModelConfig`` defaults are DeepCTR-Torch's, passed to
@@ -134,7 +134,7 @@ def pin_threads(threads: int) -> None:
     """Make our in-process runs use ``threads`` intra-op threads, as the DeepCTR side does."""
     import torch
 
-    import mlet_torchrec.train as train_module
+    import mlet_torchrec.training.train as train_module
 
     original = train_module.init_distributed
 
@@ -148,8 +148,8 @@ def pin_threads(threads: int) -> None:
 
 def run_ours(name: str, k: Optional[int], seed: int, args: argparse.Namespace, workdir: Path,
              init: str = "normal") -> Dict[str, Any]:
-    from mlet_torchrec.launcher import train_local
-    from mlet_torchrec.train import train
+    from mlet_torchrec.training.launcher import train_local
+    from mlet_torchrec.training.train import train
 
     run_dir = workdir / f"{name}-{k}-{seed}-{init}"
     cfg = load_config(None, [

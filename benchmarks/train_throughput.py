@@ -19,7 +19,7 @@ import yaml
 from data_pipes.schema import METADATA_FILE
 from data_pipes.synth import SynthConfig, generate
 from mlet_torchrec.config import load_config
-from mlet_torchrec.launcher import train_local
+from mlet_torchrec.training.launcher import train_local
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -320,7 +320,7 @@ class _OracleMetrics:
         b = np.minimum(b, _AUC_BINS - 1)
         self.pos += np.bincount(b[labels], minlength=_AUC_BINS)
         self.neg += np.bincount(b[~labels], minlength=_AUC_BINS)
-        # -log p(y) = softplus(logit) - y * logit; probabilities clamped like mlet_torchrec.metrics
+        # -log p(y) = softplus(logit) - y * logit; probabilities clamped like mlet_torchrec.evaluation.metrics
         p = np.clip(_sigmoid(logit), 1e-7, 1 - 1e-7)
         self.logloss_sum += float(-np.where(labels, np.log(p), np.log1p(-p)).sum())
         self.rows += len(logit)

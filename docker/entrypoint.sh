@@ -9,7 +9,7 @@
 # image's entrypoint and `bash -c "torchrun ... -m mlet_torchrec.cli ..."` as arguments (Kubernetes
 # replaces the entrypoint itself). A first argument that is an executable on PATH (bash, python,
 # torchrun, mlet, pytest, ...; `type -P` ignores shell builtins) is run as given, unless it is one
-# of mlet's subcommands (kept equal to mlet_torchrec/cli.py's by tests/test_dockerfile.py);
+# of mlet's subcommands (kept equal to mlet_torchrec/cli/main.py's by tests/test_dockerfile.py);
 # anything else goes to mlet.
 set -euo pipefail
 

@@ -59,7 +59,7 @@ def _with_max_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
             raise RuntimeError(f"unexpected dist.ddp command line, cannot add --max-restarts: {role.args}")
         role.args = [flag, f"torchrun --max-restarts {max_restarts} " + cmd[len("torchrun ") :]]
         # torchrun's shared rendezvous TCPStore keeps the dead workers' keys: restarted workers on
-        # several nodes would connect to stale addresses (mlet_torchrec/distributed.py isolates one node)
+        # several nodes would connect to stale addresses (mlet_torchrec/training/distributed.py isolates one node)
         role.env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return app
 

@@ -89,10 +89,10 @@ def _hook(spec: Dict[str, Any], out: Path):  # type: ignore[no-untyped-def]
 
 
 def run(config: Dict[str, Any], spec: Dict[str, Any]) -> Dict[str, Any]:
-    from mlet_torchrec.checkpoint import checkpoint_root, latest_checkpoint
+    from mlet_torchrec.training.checkpoint import checkpoint_root, latest_checkpoint
     from mlet_torchrec.config import ExperimentConfig
     from mlet_torchrec.logs import configure_logging
-    from mlet_torchrec.train import train
+    from mlet_torchrec.training.train import train
 
     configure_logging(False)
     out = Path(spec["out"])

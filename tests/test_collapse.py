@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from mlet_torchrec.checkpoint import CHECKPOINT_META, LATEST
-from mlet_torchrec.collapse import (
+from mlet_torchrec.training.checkpoint import CHECKPOINT_META, LATEST
+from mlet_torchrec.serving.collapse import (
     MANIFEST,
     Box,
     assign_boxes,
@@ -191,7 +191,7 @@ def test_collapse_one_process(synth_dataset, tmp_path):
 
 
 def test_collapse_detects_a_wrong_product(synth_dataset, tmp_path, monkeypatch):
-    import mlet_torchrec.collapse as mod
+    import mlet_torchrec.serving.collapse as mod
 
     run = fake_run(tmp_path / "run", synth_dataset())
     real = mod.collapse_boxes

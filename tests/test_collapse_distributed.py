@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from data_pipes.synth import SynthConfig, generate
-from mlet_torchrec.collapse import collapse_state_dict, load_collapsed, load_factored
+from mlet_torchrec.serving.collapse import collapse_state_dict, load_collapsed, load_factored
 from mlet_torchrec.config import load_config
-from mlet_torchrec.launcher import train_local
+from mlet_torchrec.training.launcher import train_local
 from mlet_torchrec.models import build_model
 
 pytestmark = pytest.mark.slow
@@ -116,7 +116,7 @@ def _four_rank_worker(run: str, collapsed2: str, out4: str, reference: str) -> d
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.modules.embedding_configs import PoolingType
 
-    from mlet_torchrec.collapse import collapse
+    from mlet_torchrec.serving.collapse import collapse
 
     report = collapse(run, out4, check_split=None, output_sharding="row_wise")
 
@@ -178,7 +178,7 @@ def test_stock_torchrec_loads_at_other_world_sizes(trained, collapsed2):
     _assert_equal_state(plain.state_dict(), trained["reference"])
 
     # the documented stock-TorchRec snippet, as written, at world size 1
-    from mlet_torchrec.export import SERVING_MD
+    from mlet_torchrec.serving.export import SERVING_MD
 
     scope: dict = {}
     exec(_snippet(SERVING_MD, 1, {'"path/to/collapsed"': repr(str(out4))}), scope)
@@ -196,7 +196,7 @@ def test_int8_export_of_the_trained_model(trained, collapsed2):
     assert abs(report["fp32_metrics"]["auc"] - trained["summary"]["test"]["auc"]) < 1e-5
     assert 0 < report["int8_table_bytes"] < report["fp32_table_bytes"]
 
-    from mlet_torchrec.export import SERVING_MD, read_safetensors
+    from mlet_torchrec.serving.export import SERVING_MD, read_safetensors
 
     scope: dict = {}
     exec(_snippet(SERVING_MD, 0, {'"path/to/export"': repr(str(out))}), scope)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta
-from mlet_torchrec.compression import (
+from mlet_torchrec.serving.compression import (
     _errors,
     compression_study,
     dequantize,
@@ -163,7 +163,7 @@ def test_svd_factors_are_the_best_low_rank_approximation():
 
 
 def test_study_on_a_collapsed_model(synth_dataset, tmp_path):
-    from mlet_torchrec.collapse import collapse, load_collapsed
+    from mlet_torchrec.serving.collapse import collapse, load_collapsed
     from test_collapse import fake_run
 
     run = fake_run(tmp_path / "run", synth_dataset(), ["embedding.k=null", "embedding.d=8"])  # single-layer

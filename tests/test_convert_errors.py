@@ -267,7 +267,7 @@ def test_movielens_missing_column_and_lenient_unknown_user(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_pipes.convert.cli", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mlet_torchrec.cli.convert", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -296,7 +296,7 @@ def test_cli_good_input_and_lenient(tmp_path):
 def test_register_adds_convert_subcommand(tmp_path):
     import argparse
 
-    from data_pipes.convert.cli import bucket_spec, buckets_dict, register
+    from mlet_torchrec.cli.convert import bucket_spec, buckets_dict, register
 
     parser = argparse.ArgumentParser(prog="mlet")
     register(parser.add_subparsers(dest="command", required=True))

@@ -13,9 +13,9 @@ import torch
 
 from data_pipes.schema import DatasetMeta
 from data_pipes.synth import SynthConfig, generate
-from mlet_torchrec.collapse import collapse_state_dict, load_factored
+from mlet_torchrec.serving.collapse import collapse_state_dict, load_factored
 from mlet_torchrec.config import load_config
-from mlet_torchrec.launcher import train_local
+from mlet_torchrec.training.launcher import train_local
 from mlet_torchrec.models import build_model
 from mlet_torchrec.modules.table_init import table_rows
 

@@ -187,7 +187,7 @@ def test_dockerignore():
                  "mlet_torchrec/__pycache__/cli.cpython-311.pyc", ".pytest_cache/v", "mlet_torchrec.egg-info/PKG-INFO"):
         assert _ignored(path, patterns), path
     for path in ("requirements.txt", "requirements-dev.txt", "requirements-torchrec.txt", "pyproject.toml", "README.md",
-                 "mlet_torchrec/cli.py", "data_pipes/schema.py", "configs/tiny.yaml", "docker/entrypoint.sh",
+                 "mlet_torchrec/cli/main.py", "data_pipes/schema.py", "configs/tiny.yaml", "docker/entrypoint.sh",
                  "docker/variant.sh", "launch/components.py", "tests/test_launch.py"):
         assert _ignored(path, patterns) is False, path
 

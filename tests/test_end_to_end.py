@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from data_pipes.synth import SynthConfig, generate
-from mlet_torchrec.demo import run_demo
+from mlet_torchrec.experiments.demo import run_demo
 
 pytestmark = pytest.mark.slow
 

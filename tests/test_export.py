@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from data_pipes.reader import ParquetBatchReader
-from mlet_torchrec.collapse import collapse, load_collapsed
-from mlet_torchrec.export import (
+from mlet_torchrec.serving.collapse import collapse, load_collapsed
+from mlet_torchrec.serving.export import (
     INT8_MODEL,
     SERVING_MD,
     Int8QualityError,

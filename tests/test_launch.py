@@ -270,8 +270,8 @@ def _log_json(out: str, prefix: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("mlet_torchrec.train") is None,
-                    reason="mlet_torchrec.train not available yet")
+@pytest.mark.skipif(importlib.util.find_spec("mlet_torchrec.training.train") is None,
+                    reason="mlet_torchrec.training.train not available yet")
 def test_local_cwd_two_process_train_collapse_evaluate(tmp_path):
     from data_pipes.synth import SynthConfig, generate
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchrec import KeyedJaggedTensor
 
 from data_pipes.schema import DatasetMeta, SparseFeature
-from mlet_torchrec.collapse import collapse_state_dict, extra_table_keys
+from mlet_torchrec.serving.collapse import collapse_state_dict, extra_table_keys
 from mlet_torchrec.config import ConfigError, ModelName, load_config
 from mlet_torchrec.models import MODELS, build_model
 from mlet_torchrec.models.autoint import InteractingLayer
@@ -155,8 +155,8 @@ def test_interacting_layer_is_deepctr_interacting_layer():
 @pytest.mark.slow
 def test_every_model_learns_on_two_ranks_and_collapses_exactly(tmp_path):
     from data_pipes.synth import SynthConfig, generate
-    from mlet_torchrec.collapse import collapse
-    from mlet_torchrec.launcher import train_local
+    from mlet_torchrec.serving.collapse import collapse
+    from mlet_torchrec.training.launcher import train_local
 
     data = tmp_path / "data"
     # the data of tests/test_end_to_end.py: small tables, so three epochs learn the planted signal
@@ -185,7 +185,7 @@ def test_first_order_tables_follow_their_features_sharding(kind, linear_kind):
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 
     from data_pipes.schema import table_name
-    from mlet_torchrec.distributed import MLETEmbeddingBagCollectionSharder, plan_summary, sharding_constraints
+    from mlet_torchrec.training.distributed import MLETEmbeddingBagCollectionSharder, plan_summary, sharding_constraints
 
     cfg = load_config(None, ["model.name=deepfm", "embedding.d=4", "embedding.k=16", f"embedding.sharding={kind}",
                              *TINY])

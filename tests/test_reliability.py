@@ -27,7 +27,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 import reliability_entry
 from data_pipes.synth import SynthConfig, generate
-from mlet_torchrec.checkpoint import complete_checkpoints, read_checkpoint_info
+from mlet_torchrec.training.checkpoint import complete_checkpoints, read_checkpoint_info
 from mlet_torchrec.config import ExperimentConfig, load_config
 
 pytestmark = pytest.mark.slow

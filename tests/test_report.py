@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mlet_torchrec.report import fmt, render_report
-from mlet_torchrec.sweep import load_results
+from mlet_torchrec.experiments.report import fmt, render_report
+from mlet_torchrec.experiments.sweep import load_results
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from mlet_torchrec.report import Results, fmt, render_report
+from mlet_torchrec.experiments.report import Results, fmt, render_report
 
 HASHING = {"moduli": {"C2": 25}, "original_cardinalities": {"C1": 10, "C2": 100}}
 

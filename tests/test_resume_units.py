@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from torch import nn
 from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
 
-import mlet_torchrec.train_state as ts
+import mlet_torchrec.training.state as ts
 from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta
-from mlet_torchrec.checkpoint import (
+from mlet_torchrec.training.checkpoint import (
     CheckpointError,
     complete_checkpoints,
     latest_checkpoint,
@@ -33,14 +33,14 @@ from mlet_torchrec.checkpoint import (
     save_checkpoint,
 )
 from mlet_torchrec.config import ConfigError, load_config
-from mlet_torchrec.guardrails import (
+from mlet_torchrec.training.guardrails import (
     host_memory_available,
     memory_capacity,
     nonfinite_weights,
     table_memory,
     tables_do_not_fit,
 )
-from mlet_torchrec.train_state import ResumableReader, worker_batch_share
+from mlet_torchrec.training.state import ResumableReader, worker_batch_share
 
 # ------------------------------------------------------------------------------ skipping consumed batches
 
@@ -314,7 +314,7 @@ def test_restarts_get_an_isolated_process_group_store(monkeypatch):
     """torchrun's agent keeps one TCPStore across restarts; a restarted worker on one node prefixes its
     process-group keys with the attempt, and the TorchX component opts multi-node jobs out of sharing."""
     from launch import components
-    from mlet_torchrec.distributed import _restarted_attempt_store
+    from mlet_torchrec.training.distributed import _restarted_attempt_store
 
     for key in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(key, raising=False)

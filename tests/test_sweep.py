@@ -3,8 +3,8 @@
 import pytest
 
 from mlet_torchrec.config import ConfigError, load_config
-from mlet_torchrec.report import fmt, mean_std, verdict
-from mlet_torchrec.sweep import (
+from mlet_torchrec.experiments.report import fmt, mean_std, verdict
+from mlet_torchrec.experiments.sweep import (
     ResultsStore,
     SweepSettings,
     _row_frequency,
@@ -73,7 +73,7 @@ def test_store_appends_lines_and_survives_a_torn_last_line(tmp_path):
 
 
 def test_sweep_skips_cells_already_in_the_store(tmp_path, monkeypatch, capsys):
-    import mlet_torchrec.sweep as sweep
+    import mlet_torchrec.experiments.sweep as sweep
 
     trained = []
 
@@ -147,8 +147,8 @@ def test_plan_cells_with_tune_mlet_tunes_every_method_alike(tmp_path):
 
 
 def test_a_diverged_cell_is_recorded_and_skipped_on_rerun(tmp_path, monkeypatch):
-    import mlet_torchrec.sweep as sweep
-    from mlet_torchrec.guardrails import TrainingDiverged
+    import mlet_torchrec.experiments.sweep as sweep
+    from mlet_torchrec.training.guardrails import TrainingDiverged
 
     calls = []
 

@@ -6,7 +6,7 @@
 
 * :func:`convert_criteo` (Kaggle ``train.txt``, 1TB ``day_N`` directory, or explicit train/valid/test files),
   :func:`convert_avazu`, :func:`convert_movielens` (RecBole atomic files, e.g. ML-100K);
-* ``mlet convert criteo|avazu|movielens ...`` or ``python -m data_pipes.convert.cli ...`` (:mod:`.cli`).
+* ``mlet convert criteo|avazu|movielens ...`` or ``python -m mlet_torchrec.cli.convert ...`` (:mod:`.cli`).
 
 Categorical ids come from vocabularies counted on the train split (values seen fewer than ``min_count``
 times -> id 0, the OOV id) or from hashing (``hash_buckets``); see :mod:`.vocab`. Memory does not grow

@@ -32,7 +32,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from mlet_torchrec.config import DenseOptimizerConfig, EmbeddingConfig, SparseOptimizerConfig
-from mlet_torchrec.guardrails import collective_plan
+from mlet_torchrec.training.guardrails import collective_plan
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from mlet_torchrec.config import ExperimentConfig
 
 def _train_worker(config: Dict[str, Any], verbose: bool) -> Dict[str, Any]:
     from mlet_torchrec.logs import configure_logging
-    from mlet_torchrec.train import train
+    from mlet_torchrec.training.train import train
 
     configure_logging(verbose)
     return train(ExperimentConfig.model_validate(config)).summary()

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta, table_name
-from mlet_torchrec.checkpoint import (
+from mlet_torchrec.training.checkpoint import (
     CheckpointError,
     agree,
     checkpoint_root,
@@ -60,19 +60,19 @@ from mlet_torchrec.checkpoint import (
     save_checkpoint,
 )
 from mlet_torchrec.config import ConfigError, ExperimentConfig, load_config
-from mlet_torchrec.distributed import DistContext, init_distributed, plan_summary, shard_model
-from mlet_torchrec.evaluate import evaluate
-from mlet_torchrec.guardrails import (
+from mlet_torchrec.training.distributed import DistContext, init_distributed, plan_summary, shard_model
+from mlet_torchrec.evaluation.evaluate import evaluate
+from mlet_torchrec.training.guardrails import (
     TablesDoNotFit,
     TrainingDiverged,
     memory_capacity,
     nonfinite_weights,
     tables_do_not_fit,
 )
-from mlet_torchrec.metrics import CTRMetrics
+from mlet_torchrec.evaluation.metrics import CTRMetrics
 from mlet_torchrec.models import build_model
 from mlet_torchrec.modules.table_init import init_tables
-from mlet_torchrec.train_state import (
+from mlet_torchrec.training.state import (
     ResumableReader,
     check_optimizer_layout,
     check_resumable,

@@ -6,7 +6,7 @@
     mlet convert avazu --input train.gz --output data/avazu --hash-buckets device_ip=1000000 device_id=500000
     mlet convert movielens --input ml-100k/ --output data/ml100k
 
-Standalone (same arguments, no ``mlet`` needed): ``python -m data_pipes.convert.cli criteo --input ...``.
+Standalone (same arguments, no ``mlet`` needed): ``python -m mlet_torchrec.cli.convert criteo --input ...``.
 Each prints a one-line summary; bad input prints one ``error:`` line (file, row, column) and exits 2,
 leaving no output behind.
 """
@@ -149,7 +149,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_pipes.convert.cli",
+    parser = argparse.ArgumentParser(prog="python -m mlet_torchrec.cli.convert",
                                      description="Convert raw CTR files to a Parquet data set (= mlet convert).")
     parser.add_argument("-v", "--verbose", action="store_true", help="full tracebacks on errors")
     add_dataset_parsers(parser.add_subparsers(dest="dataset", required=True, metavar="{criteo,avazu,movielens}"))

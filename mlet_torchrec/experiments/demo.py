@@ -45,8 +45,8 @@ def _print_table(rows: List[List[str]]) -> None:
 
 
 def run_demo(workdir: Path, data: Path, nproc_per_node: int = 2, overrides: Sequence[str] = ()) -> Dict:
-    from mlet_torchrec.collapse import collapse
-    from mlet_torchrec.launcher import train_local
+    from mlet_torchrec.serving.collapse import collapse
+    from mlet_torchrec.training.launcher import train_local
 
     _ensure_data(data)
     results: Dict[str, Dict] = {}

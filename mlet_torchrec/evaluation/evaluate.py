@@ -18,7 +18,7 @@ from torchrec.datasets.utils import Batch
 
 from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta
-from mlet_torchrec.metrics import CTRMetrics, ctr_metrics, gather_predictions
+from mlet_torchrec.evaluation.metrics import CTRMetrics, ctr_metrics, gather_predictions
 
 
 def pad_batch(batch: Batch, size: int) -> Batch:
@@ -128,16 +128,3 @@ def predict_split(
         share = -(-max_rows // world_size)
         probs, labels = probs[:share], labels[:share]
     return probs, labels
-
-
-def evaluate_path(path: str | Path, split: str = "test") -> Dict[str, float]:
-    """Metrics of a training checkpoint (run dir) or a collapse output on ``split``, in one process."""
-    from mlet_torchrec.collapse import MANIFEST, load_collapsed, load_factored
-
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        model, config, meta = load_collapsed(path)
-    else:
-        model, config, meta, _ = load_factored(path)
-    probs, labels = predict_split(model, config.data.path, split, config.train.eval_batch_size, meta)
-    return {"split": split, **ctr_metrics(probs, labels).as_dict()}

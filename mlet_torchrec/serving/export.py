@@ -36,9 +36,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from data_pipes.schema import METADATA_FILE, DatasetMeta, SparseFeature
-from mlet_torchrec.collapse import MANIFEST, STATE_ROOT
+from mlet_torchrec.serving.collapse import MANIFEST, STATE_ROOT
 from mlet_torchrec.config import load_config
-from mlet_torchrec.evaluate import predict_split
+from mlet_torchrec.evaluation.evaluate import predict_split
 from mlet_torchrec.models import CTRModel, build_model
 
 INT8_MODEL = "model_int8.pt"
@@ -353,7 +353,7 @@ def export(
                 reloaded = _Logits(load_int8(tmp / INT8_MODEL))  # check what was written
                 p32, labels = predict_split(model, data, split, batch, meta, max_check_rows)
                 p8, _ = predict_split(reloaded, data, split, batch, meta, max_check_rows)
-                from mlet_torchrec.metrics import ctr_metrics
+                from mlet_torchrec.evaluation.metrics import ctr_metrics
 
                 report.check_split = split
                 report.rows_checked = int(labels.numel())

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from data_pipes.errors import DataError
-from mlet_torchrec.checkpoint import CheckpointError
+from mlet_torchrec.training.checkpoint import CheckpointError
 from mlet_torchrec.config import ConfigError, apply_overrides, load_config
 from mlet_torchrec.logs import configure_logging
 
@@ -29,13 +29,13 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FileE
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mlet_torchrec.launcher import in_distributed_job, train_local
+    from mlet_torchrec.training.launcher import in_distributed_job, train_local
 
     config = load_config(args.config, args.overrides)
     if args.nproc_per_node > 1 and not in_distributed_job():
         summary = train_local(config, args.nproc_per_node, max_restarts=args.max_restarts, verbose=args.verbose)
     else:
-        from mlet_torchrec.train import train
+        from mlet_torchrec.training.train import train
 
         summary = train(config).summary()
     _print_summary(summary)
@@ -52,8 +52,8 @@ def _print_summary(summary: Dict) -> None:
 def _cmd_collapse(args: argparse.Namespace) -> int:
     import os
 
-    from mlet_torchrec.collapse import collapse, collapse_local
-    from mlet_torchrec.launcher import in_distributed_job
+    from mlet_torchrec.serving.collapse import collapse, collapse_local
+    from mlet_torchrec.training.launcher import in_distributed_job
 
     split = None if args.check_split == "none" else args.check_split
     kwargs = dict(check_split=split, max_check_rows=args.max_check_rows, tolerance=args.tolerance,
@@ -80,7 +80,7 @@ def _cmd_collapse(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from mlet_torchrec.export import export, format_report
+    from mlet_torchrec.serving.export import export, format_report
 
     report = export(args.collapsed, args.output, int8=args.int8, formats=args.format, check=not args.no_check,
                     split=args.split, max_check_rows=args.max_check_rows, auc_tolerance=args.auc_tolerance,
@@ -90,7 +90,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from mlet_torchrec.evaluate import evaluate_path
+    from mlet_torchrec.serving.artifact import evaluate_path
 
     metrics = evaluate_path(args.checkpoint, args.split)
     print(json.dumps(metrics, indent=2))
@@ -111,14 +111,14 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from mlet_torchrec.demo import run_demo
+    from mlet_torchrec.experiments.demo import run_demo
 
     run_demo(Path(args.workdir), Path(args.data), nproc_per_node=args.nproc_per_node, overrides=args.overrides)
     return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from mlet_torchrec.sweep import SweepSettings, parse_grid, run_sweep
+    from mlet_torchrec.experiments.sweep import SweepSettings, parse_grid, run_sweep
 
     if args.tune and args.tune_baseline:
         raise SystemExit("mlet sweep: give --tune (every method) or --tune-baseline (the baseline only), not both")
@@ -134,7 +134,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from mlet_torchrec.report import render_report
+    from mlet_torchrec.experiments.report import render_report
 
     out = render_report(args.results, args.out, title=args.title, budget_mb=args.budget_mb)
     print(f"wrote {out}")
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="data set name recorded in the results (default: data dir name)")
     p.add_argument("--dry-run", action="store_true", help="list the cells still to run and stop")
     p.add_argument("--no-compression", action="store_true",
-                   help="skip the INT8/SVD measurements of mlet_torchrec.compression (when present)")
+                   help="skip the INT8/SVD measurements of mlet_torchrec.serving.compression (when present)")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("report", help="Markdown tables and PNG plots from a sweep's results store")
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     try:
-        from data_pipes.convert.cli import register
+        from mlet_torchrec.cli.convert import register
     except ImportError:  # converters are optional at import time of the CLI
         register = None
     if register is not None:

@@ -19,8 +19,8 @@ i.e. ``sum_t params_t * bits / 32 / sum_t n_t`` with n_t the un-hashed rows
 (:func:`relative_table_size`): a d = 16 FP32 model is 16, its INT8 version 4 (plus one scale per
 table), hashing every table to a quarter of its rows gives 4, a rank-r SVD about r.
 
-``python -m mlet_torchrec.compression study --collapsed DIR`` evaluates the INT8 and SVD variants
-of a collapsed model on the test split; ``python -m mlet_torchrec.compression hash --input DATA
+``python -m mlet_torchrec.serving.compression study --collapsed DIR`` evaluates the INT8 and SVD variants
+of a collapsed model on the test split; ``python -m mlet_torchrec.serving.compression hash --input DATA
 --output DIR C3=0.25 C4=0.1`` writes a hashed data set.
 
 Example:
@@ -391,9 +391,9 @@ def svd_model_tables(model: torch.nn.Module, rank: int) -> Dict[str, Dict[str, f
 def compression_study(collapsed: Union[str, Path], split: str = "test", svd_ranks: Sequence[int] = (),
                       int8: bool = True, max_rows: Optional[int] = None) -> List[Dict[str, object]]:
     """Rows {method, table_size (A.4.4), auc, logloss} for a collapsed model and its compressed variants."""
-    from mlet_torchrec.collapse import load_collapsed
-    from mlet_torchrec.evaluate import predict_split
-    from mlet_torchrec.metrics import ctr_metrics
+    from mlet_torchrec.serving.collapse import load_collapsed
+    from mlet_torchrec.evaluation.evaluate import predict_split
+    from mlet_torchrec.evaluation.metrics import ctr_metrics
 
     model, config, meta = load_collapsed(collapsed)
     rows_unhashed = unhashed_cardinalities(meta)
@@ -443,7 +443,7 @@ def _parse_spec(items: Sequence[str]) -> Dict[str, Union[int, float]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlet_torchrec.compression",
+    parser = argparse.ArgumentParser(prog="python -m mlet_torchrec.serving.compression",
                                      description="the papers' compression studies (appendix A.4)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("hash", help="write a copy of a data set with hashed (modulo) ids")

@@ -19,7 +19,7 @@
 * **Store**: every finished run appends one line (written, flushed and fsynced in a single ``write``) holding
   its resolved config, metrics and measurements; its key is a hash of the resolved config without ``run``
   and logging keys. A rerun skips keys already in the store, so a killed sweep resumes where it stopped.
-* Each run goes in a fresh child process (``python -m mlet_torchrec.sweep --cell``) that trains (on
+* Each run goes in a fresh child process (``python -m mlet_torchrec.experiments.sweep --cell``) that trains (on
   ``--nproc`` ranks via ``train_local``, or in-process for 1), then, in that same process and single-process,
   loads the checkpoint and measures what the report needs (see ``analyse_run``).
 
@@ -39,7 +39,7 @@ Measurements in a result line:
   count above 1% of the largest.
 * ``compression``: test AUC/LogLoss and relative table size (paper A.4.4) of the collapsed model in FP32, INT8
   (max-abs and grid scale) and, for single-layer runs, rank d/4 and d/2 SVD, from
-  ``mlet_torchrec.compression.compression_study`` when that module exists (``--no-compression`` skips it).
+  ``mlet_torchrec.serving.compression.compression_study`` when that module exists (``--no-compression`` skips it).
   Hashing needs its own training runs on a hashed data set, so it is not measured per cell.
 """
 
@@ -329,8 +329,8 @@ def analyse_run(run_dir: Path | str, freq_features: Optional[Sequence[str]] = No
     import torch
 
     from data_pipes.reader import ParquetBatchReader
-    from mlet_torchrec.collapse import _module_path, load_factored
-    from mlet_torchrec.metrics import ctr_metrics
+    from mlet_torchrec.serving.collapse import _module_path, load_factored
+    from mlet_torchrec.evaluation.metrics import ctr_metrics
     from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
 
     model, config, meta, ckpt = load_factored(run_dir)
@@ -380,10 +380,10 @@ def analyse_run(run_dir: Path | str, freq_features: Optional[Sequence[str]] = No
 
 def _compression(run_dir: Path, config: ExperimentConfig) -> Optional[Dict[str, Any]]:
     """INT8 (max-abs and grid-searched scale) of every run and low-rank SVD (ranks d/4, d/2) of the single-layer
-    runs, on the test split, via ``mlet_torchrec.compression.compression_study`` on a collapsed copy of the run;
+    runs, on the test split, via ``mlet_torchrec.serving.compression.compression_study`` on a collapsed copy of the run;
     None while that module does not exist."""
     try:
-        from mlet_torchrec import compression  # type: ignore[attr-defined]
+        from mlet_torchrec.serving import compression  # type: ignore[attr-defined]
     except ImportError:
         return None
     study = getattr(compression, "compression_study", None)
@@ -391,7 +391,7 @@ def _compression(run_dir: Path, config: ExperimentConfig) -> Optional[Dict[str, 
         return None
     import tempfile
 
-    from mlet_torchrec.collapse import collapse
+    from mlet_torchrec.serving.collapse import collapse
 
     d = config.embedding.d
     ranks = sorted({r for r in (d // 4, d // 2) if 1 <= r < d}) if config.embedding.k is None else []
@@ -447,7 +447,7 @@ def run_cell_here(config: ExperimentConfig, nproc: int, freq_features: Optional[
 
 def _diverged(e: BaseException) -> bool:
     """A run stopped by the NaN guard (``TrainingDiverged``), also when it came back from worker processes."""
-    from mlet_torchrec.guardrails import TrainingDiverged
+    from mlet_torchrec.training.guardrails import TrainingDiverged
 
     return isinstance(e, TrainingDiverged) or "TrainingDiverged" in repr(e)
 
@@ -458,7 +458,7 @@ def _measure_cell(config: ExperimentConfig, nproc: int, freq_features: Optional[
     if shared_process:
         if nproc != 1:
             raise ValueError("in-process cells train on one process (--nproc 1)")
-        from mlet_torchrec.train import train
+        from mlet_torchrec.training.train import train
 
         reset = _reset_peak_rss()
         summary = train(config).summary()
@@ -469,13 +469,13 @@ def _measure_cell(config: ExperimentConfig, nproc: int, freq_features: Optional[
             rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             rss_source = "RUSAGE_SELF max RSS of the sweep process (cumulative over cells: peak reset unsupported)"
     elif nproc > 1:
-        from mlet_torchrec.launcher import train_local
+        from mlet_torchrec.training.launcher import train_local
 
         summary = train_local(config, nproc)
         rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         rss_source = "RUSAGE_CHILDREN max RSS of the cell process (largest training worker)"
     else:
-        from mlet_torchrec.train import train
+        from mlet_torchrec.training.train import train
 
         summary = train(config).summary()
         rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -548,7 +548,7 @@ def _run_cell_subprocess(cell: Cell, s: SweepSettings, work: Path) -> Dict[str, 
                                 "freq_features": s.freq_features, "output": str(out),
                                 "compression": s.compression}))
     with open(logf, "w") as lf:
-        proc = subprocess.run([sys.executable, "-m", "mlet_torchrec.sweep", "--cell", str(spec)],
+        proc = subprocess.run([sys.executable, "-m", "mlet_torchrec.experiments.sweep", "--cell", str(spec)],
                               stdout=lf, stderr=subprocess.STDOUT, timeout=s.cell_timeout)
     if proc.returncode != 0 or not out.exists():
         tail = logf.read_text()[-2000:]
@@ -558,7 +558,7 @@ def _run_cell_subprocess(cell: Cell, s: SweepSettings, work: Path) -> Dict[str, 
 
 
 def _data_hashing(data_path: str) -> Optional[Dict[str, Any]]:
-    """The hashing a data set was made with (``python -m mlet_torchrec.compression hash``), None if un-hashed."""
+    """The hashing a data set was made with (``python -m mlet_torchrec.serving.compression hash``), None if un-hashed."""
     from data_pipes.schema import DatasetMeta
 
     try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from mlet_torchrec.sweep import load_results
+from mlet_torchrec.experiments.sweep import load_results
 
 # two-sided 95% critical values of Student's t by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -427,7 +427,7 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
     failed = [r for r in res.records if isinstance(r.get("compression"), dict) and "error" in r["compression"]]
     L += ["### MLET vs SVD (paper Table 4); hashing and INT8 composition (paper Fig. 5/7)", ""]
     if not comp:
-        L += ["not measured yet: these results hold no `compression` measurements (`mlet_torchrec.compression` "
+        L += ["not measured yet: these results hold no `compression` measurements (`mlet_torchrec.serving.compression` "
               "did not exist, or had no `sweep_measurements`, when the runs were made). Rerun the sweep with it "
               "present; the section then fills in.", ""]
     else:
@@ -572,7 +572,7 @@ def _compression_section(res: Results, variant: str, comp: List[Dict[str, Any]])
         L += ["no SVD measurements (single-layer runs with d >= 2 needed)", ""]
     if not any(r.get("data_hashing") for r in res.records):
         L += ["**Hashing** (paper Fig. 5): see the section 'Hashing, smaller d and INT8' when the results hold "
-              "runs on hashed data sets (`python -m mlet_torchrec.compression hash ...`, then a sweep with "
+              "runs on hashed data sets (`python -m mlet_torchrec.serving.compression hash ...`, then a sweep with "
               "`data.path` on the hashed copy).", ""]
     return L
 

@@ -56,10 +56,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from data_pipes.schema import DatasetMeta
-from mlet_torchrec.checkpoint import load_model_state, read_checkpoint_info, resolve_checkpoint
+from mlet_torchrec.training.checkpoint import load_model_state, read_checkpoint_info, resolve_checkpoint
 from mlet_torchrec.config import ExperimentConfig, load_config
-from mlet_torchrec.evaluate import predict_split
-from mlet_torchrec.metrics import ctr_metrics, gather_predictions
+from mlet_torchrec.evaluation.evaluate import predict_split
+from mlet_torchrec.evaluation.metrics import ctr_metrics, gather_predictions
 from mlet_torchrec.models import CTRModel, build_model
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
 
@@ -343,7 +343,7 @@ def plan_layout(model: nn.Module, kind: str, world_size: int, device_type: str,
     """
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 
-    from mlet_torchrec.distributed import MLETEmbeddingBagCollectionSharder
+    from mlet_torchrec.training.distributed import MLETEmbeddingBagCollectionSharder
 
     _quiet_planner()
     constraints = {}
@@ -654,7 +654,7 @@ def _shard_for_check(model: nn.Module, constraints: Dict[str, Any], device: torc
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 
-    from mlet_torchrec.distributed import MLETEmbeddingBagCollectionSharder
+    from mlet_torchrec.training.distributed import MLETEmbeddingBagCollectionSharder
 
     _quiet_planner()
     sharders = [MLETEmbeddingBagCollectionSharder()]
@@ -681,7 +681,7 @@ def _check(job: _Job, written: Path, split: Optional[str], max_rows: Optional[in
         return int(labels.numel()), diff, ctr_metrics(p_plain, labels).as_dict()
 
     from data_pipes.schema import table_name
-    from mlet_torchrec.distributed import init_distributed, sharding_constraints
+    from mlet_torchrec.training.distributed import init_distributed, sharding_constraints
 
     ctx = init_distributed(config.run.device)
     features = meta.sparse_names()
@@ -724,7 +724,7 @@ def collapse(
     process group is joined or already initialised), as one rank of a distributed collapse:
     call it on every rank with the same arguments; every rank returns the same report.
     """
-    from mlet_torchrec.launcher import in_distributed_job
+    from mlet_torchrec.training.launcher import in_distributed_job
 
     if output_sharding not in OUTPUT_SHARDINGS:
         raise ValueError(f"output sharding {output_sharding!r} is not one of {OUTPUT_SHARDINGS}")
@@ -743,7 +743,7 @@ def collapse(
 
     distributed = dist.is_initialized() or in_distributed_job()
     if distributed:
-        from mlet_torchrec.distributed import init_distributed
+        from mlet_torchrec.training.distributed import init_distributed
 
         ctx = init_distributed(job.config.run.device)
         rank, world = ctx.rank, ctx.world_size
@@ -899,7 +899,7 @@ def collapse_local(checkpoint: Path | str, output: Path | str, nproc_per_node: i
     """:func:`collapse` on ``nproc_per_node`` processes of this machine (elastic_launch); rank 0's report."""
     from torch.distributed.launcher.api import elastic_launch
 
-    from mlet_torchrec.launcher import local_launch_config
+    from mlet_torchrec.training.launcher import local_launch_config
 
     if nproc_per_node <= 1:
         return collapse(checkpoint, output, **kwargs)

@@ -1,0 +1,1 @@
+"""Evaluation: scoring a model on a split and CTR metrics."""

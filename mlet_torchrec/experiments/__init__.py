@@ -1,0 +1,1 @@
+"""Experiments: sweeps over configs, their reports and statistics, and the demo."""

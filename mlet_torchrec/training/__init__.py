@@ -1,0 +1,1 @@
+"""Training: distributed setup, sharding, optimizers, the loop, its state and checkpoints."""

@@ -1,0 +1,140 @@
+"""The package's shape: imports flow one way down the layers, no cycles, no oversized modules.
+
+Every ``import`` counts, lazy ones inside functions too: a lazy upward import is still a
+dependency a newcomer has to know about.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("mlet_torchrec", "data_pipes", "launch")
+MAX_LINES = 500
+
+# Lowest first. A module may import its own layer and the ones before it, never a later one.
+LAYERS: List[str] = [
+    "mlet_torchrec.errors mlet_torchrec.io mlet_torchrec.logs",  # foundation: no torch, no project imports
+    "data_pipes",  # the data set contract: schema, reader, synth, converters
+    "mlet_torchrec.config",  # the typed config
+    "mlet_torchrec.modules",  # MLET tables and the one W1 @ W2 routine
+    "mlet_torchrec.models",  # CTR models built on them
+    "mlet_torchrec.evaluation",  # metrics and scoring (training evaluates while it trains)
+    "mlet_torchrec.training",  # distributed setup, plan, optimizers, loop, checkpoints
+    "mlet_torchrec.serving",  # artifact loader, collapse, export, compression
+    "mlet_torchrec.experiments",  # sweeps, reports, statistics, demo
+    "mlet_torchrec.cli",  # argument parsing only
+    "launch",  # TorchX components
+]
+
+
+def layer_of(module: str) -> int:
+    if module in ("mlet_torchrec", "launch"):  # empty package roots
+        return 0
+    best, rank = -1, -1
+    for i, names in enumerate(LAYERS):
+        for prefix in names.split():
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, rank = len(prefix), i
+    if rank < 0:
+        raise AssertionError(f"{module} belongs to no layer: add it to LAYERS in {Path(__file__).name}")
+    return rank
+
+
+def project_modules() -> Dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = path
+    return out
+
+
+def imports_of(module: str, path: Path, known: Set[str]) -> Set[str]:
+    """Project modules ``module`` imports (the longest known prefix of each imported name)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: Set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        for n in range(len(parts), 0, -1):
+            candidate = ".".join(parts[:n])
+            if candidate in known:
+                found.add(candidate)
+                break
+    found.discard(module)
+    return found
+
+
+def graph() -> Dict[str, Set[str]]:
+    modules = project_modules()
+    known = set(modules)
+    return {m: imports_of(m, p, known) for m, p in modules.items()}
+
+
+def test_every_module_belongs_to_a_layer() -> None:
+    for module in project_modules():
+        layer_of(module)
+
+
+def test_no_upward_imports() -> None:
+    bad = [
+        f"{m} (layer {LAYERS[layer_of(m)].split()[0]}) imports {d} (layer {LAYERS[layer_of(d)].split()[0]})"
+        for m, deps in graph().items()
+        for d in sorted(deps)
+        if layer_of(d) > layer_of(m)
+    ]
+    assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_no_import_cycles() -> None:
+    g = graph()
+    # package __init__ modules re-exporting children are not edges of a cycle worth reporting
+    g = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in g.items()}
+    state: Dict[str, int] = {}
+    stack: List[str] = []
+    cycles: List[List[str]] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(g.get(node, ())):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(g):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_module_over_the_line_limit() -> None:
+    long = {m: n for m, p in project_modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by responsibility): {long}"
+
+
+def test_the_checker_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
+    src = tmp_path / "m.py"
+    src.write_text("def f():\n    from mlet_torchrec.cli import main\n    from . import sibling\n")
+    found = imports_of("mlet_torchrec.serving.m", src, {"mlet_torchrec.cli", "mlet_torchrec.serving.sibling"})
+    assert found == {"mlet_torchrec.cli", "mlet_torchrec.serving.sibling"}
