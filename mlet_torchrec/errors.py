@@ -1,0 +1,20 @@
+"""The one exception type for a user's mistake.
+
+A ``UserError`` (bad config, missing file, bad flag, malformed data, corrupt checkpoint, an output
+path that would clobber something) is printed by ``mlet`` as one line naming the file, key or row,
+and the command exits with status 2. Anything else is a bug: it keeps its traceback and exits 1.
+
+    >>> try:
+    ...     raise UserError("configs/x.yaml: unknown key 'trian'")
+    ... except UserError as e:
+    ...     print(e)
+    configs/x.yaml: unknown key 'trian'
+"""
+
+from __future__ import annotations
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake in what the user gave us; the message is one line that names the culprit."""

@@ -1,0 +1,251 @@
+"""The one way ``mlet`` writes its outputs: complete or not at all, and never over what it did not write.
+
+Every command that writes a directory (synth, convert, checkpoints, collapse, export, compression,
+report) builds it in a hidden temporary sibling and moves it into place with one rename. When an
+older output is replaced, the two directories are swapped atomically (``renameat2`` with
+``RENAME_EXCHANGE``), so a crash or SIGKILL at any instant leaves the old output or the complete new
+one under the output name, never a mix and never nothing. Each output carries a marker file naming
+the command and version; ``--overwrite`` replaces only an empty directory or one with that marker.
+
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "result"
+    >>> with atomic_output(out, command="doctest") as tmp:
+    ...     _ = (tmp / "table.txt").write_text("1 2 3")
+    >>> sorted(p.name for p in out.iterdir())
+    ['.mlet-output.json', 'table.txt']
+    >>> is_ours(out)
+    True
+
+Single files (metadata, pointers) go through :func:`atomic_write_text`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+from mlet_torchrec.errors import UserError
+
+MARKER = ".mlet-output.json"
+"""The file that says a directory was written by ``mlet`` (and may be replaced with --overwrite)."""
+
+_TMP_TAG = ".mlet-tmp-"
+_OLD_TAG = ".mlet-old-"
+
+
+class OutputError(UserError):
+    """An output path that cannot be used: it would delete foreign files, an input, or a home."""
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mlet-torchrec")
+    except Exception:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def is_ours(path: Path) -> bool:
+    """True if ``path`` is a directory that ``mlet`` wrote (it carries the marker)."""
+    return (Path(path) / MARKER).is_file()
+
+
+def _resolved(path: Path | str) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(str(path)))).resolve()
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_output_path(output: Path | str, inputs: Iterable[Path | str] = (), overwrite: bool = False) -> Path:
+    """Refuse outputs that could destroy something; returns the resolved output path.
+
+    Always refused: the file-system root, the home directory, the working directory and its parents,
+    and any path that equals or contains one of ``inputs``. An existing non-empty directory is replaced
+    only with ``overwrite`` and only if ``mlet`` wrote it (it has the marker).
+
+        >>> check_output_path("/", overwrite=True)
+        Traceback (most recent call last):
+        ...
+        mlet_torchrec.io.OutputError: refusing to write to / (the file-system root); choose a new directory
+    """
+    out = _resolved(output)
+    cwd = _resolved(os.getcwd())
+    if out == Path(out.anchor):
+        raise OutputError(f"refusing to write to {out} (the file-system root); choose a new directory")
+    if out == _resolved(Path.home()):
+        raise OutputError(f"refusing to write to {out} (the home directory); choose a new directory")
+    if _contains(out, cwd):
+        what = "the working directory" if out == cwd else "a parent of the working directory"
+        raise OutputError(f"refusing to write to {out} ({what}); choose a new directory")
+    for given in inputs:
+        src = _resolved(given)
+        if _contains(out, src):
+            raise OutputError(f"refusing to write to {out}: it {'is' if out == src else 'contains'} the input "
+                              f"{src}; choose another output directory")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputError(f"refusing to write to {out}: it exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_ours(out):
+            raise OutputError(f"refusing to replace {out}: it holds files mlet did not write (no {MARKER}); "
+                              "choose another output directory")
+        if not overwrite:
+            raise OutputError(f"{out} exists; pass --overwrite to replace it")
+    return out
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(output: Path) -> None:
+    """Remove hidden siblings left by a killed write to ``output`` (only ours, only of dead processes)."""
+    parent = output.parent
+    if not parent.is_dir():
+        return
+    for tag in (_TMP_TAG, _OLD_TAG):
+        prefix = f".{output.name}{tag}"
+        for child in parent.iterdir():
+            if not child.name.startswith(prefix):
+                continue
+            pid_text = child.name[len(prefix):].split("-", 1)[0]
+            if pid_text.isdigit() and not _pid_alive(int(pid_text)) and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+
+
+class AtomicOutput:
+    """A directory output built in a hidden sibling and committed by rename.
+
+    Multi-process writers agree on one ``token`` (e.g. broadcast by rank 0) so that every rank writes
+    into the same temporary directory; only one process calls :meth:`commit`.
+    """
+
+    def __init__(self, output: Path | str, command: str, inputs: Sequence[Path | str] = (),
+                 overwrite: bool = False, token: Optional[str] = None) -> None:
+        self.output = check_output_path(output, inputs, overwrite)
+        self.command = command
+        self.token = token or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.output.parent / f".{self.output.name}{_TMP_TAG}{self.token}"
+
+    def begin(self) -> Path:
+        """Create the temporary directory (idempotent) and return it."""
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(self.output)
+        self.tmp.mkdir(exist_ok=True)
+        return self.tmp
+
+    def commit(self) -> Path:
+        """Write the marker and move the temporary directory into place."""
+        marker = {"command": self.command, "version": package_version(),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_text(self.tmp / MARKER, json.dumps(marker, indent=2) + "\n")
+        out = self.output
+        if out.is_dir() and any(out.iterdir()):
+            if not is_ours(out):  # appeared after the check: never replace foreign files
+                raise OutputError(f"refusing to replace {out}: it holds files mlet did not write")
+            if _exchange(self.tmp, out):
+                shutil.rmtree(self.tmp, ignore_errors=True)  # now holds the old output
+            else:  # no atomic exchange on this file system: a short window with the old one aside
+                old = out.parent / f".{out.name}{_OLD_TAG}{self.token}"
+                os.rename(out, old)
+                os.rename(self.tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            if out.is_dir():
+                out.rmdir()  # empty: rename cannot replace a directory that vanished or is non-empty
+            os.rename(self.tmp, out)
+        _fsync_dir(out.parent)
+        return out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def describe_os_error(e: OSError, what: Path | str) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device while writing {what}"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {what}: {e.strerror}"
+    return f"cannot write {what}: {e}"
+
+
+@contextlib.contextmanager
+def atomic_output(output: Path | str, command: str, inputs: Sequence[Path | str] = (),
+                  overwrite: bool = False) -> Iterator[Path]:
+    """Single-process form of :class:`AtomicOutput`: yields the temporary directory to fill.
+
+    On any exception the temporary directory is removed and the old output (if any) is untouched; a
+    full disk or a permission error becomes a one-line :class:`OutputError`.
+    """
+    out = AtomicOutput(output, command, inputs, overwrite)
+    try:
+        tmp = out.begin()
+        yield tmp
+        out.commit()
+    except OSError as e:
+        out.abort()
+        raise OutputError(describe_os_error(e, out.output)) from e
+    except BaseException:
+        out.abort()
+        raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write a file completely or not at all: a temporary sibling, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
