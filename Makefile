@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench gpu-check clean
 
 install: $(STAMP)
 
@@ -29,5 +29,42 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 
+# On one GPU, at most 8 minutes: CUDA tests, tiny train -> collapse -> evaluate on nccl, throughput at batch 8192.
+# Writes benchmarks/results/gpu_check.md; without CUDA it says so in one line and exits 0.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Container image (README "Container image"); not part of `make test`/CI (minutes to build, see there).
+# docker/build-image.sh uses podman, buildah or docker, whichever is present; podman/buildah settings
+# this machine needs (runc, rlimits, network) are in docker/containers.conf, used by the script and tests.
+.PHONY: image image-test
+VARIANT ?= cpu
+IMAGE ?= mlet-torchrec:$(VARIANT)
+BASE_IMAGE ?=
+IMAGE_BUILD := VARIANT=$(VARIANT) BASE_IMAGE=$(BASE_IMAGE) PYTHON=$(PYTHON) docker/build-image.sh
+
+image:
+	IMAGE=$(IMAGE) $(IMAGE_BUILD)
+
+# rebuilds (cached layers) the runtime image and the `test` stage, then runs them: tests/test_image.py
+image-test: $(STAMP) image
+	TARGET=test IMAGE=$(IMAGE)-test $(IMAGE_BUILD)
+	MLET_IMAGE=$(IMAGE) MLET_IMAGE_REQUIRED=1 $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_image.py
+
+# TorchX on a real Slurm cluster (README "Running on Slurm"): a throwaway two-node cluster on this machine
+# (launch/slurm/local_cluster.py) and tests/test_slurm.py against it. As root, `slurm-packages` installs the
+# Debian packages when they are missing (RUNLEVEL=1: apt starts none of their system services).
+.PHONY: slurm-packages slurm-test
+SLURM_PACKAGES := slurmctld slurmd slurmdbd slurm-client munge mariadb-server
+
+slurm-packages: $(STAMP)
+	@if [ "$$(id -u)" = 0 ] && ! $(PY) -m launch.slurm.local_cluster check 2>/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+		apt-get -o DPkg::Lock::Timeout=900 install -y -q $(SLURM_PACKAGES); fi
+
+slurm-test: slurm-packages
+	$(PY) -m launch.slurm.local_cluster check
+	$(PY) -m pytest -q -ra -p no:cacheprovider --durations=0 tests/test_slurm.py

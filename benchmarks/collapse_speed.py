@@ -9,9 +9,9 @@ reported as a ratio to a plain copy of the same W1 into a preallocated buffer (r
 n x k: a generous yardstick, the product writes only n x d):
 
 * ``naive``: ``W1 @ W2`` in one call (what a straightforward collapse does),
-* ``blocked``: :func:`mlet_torchrec.serving.collapse.blocked_product` (row blocks, FP32), the collapse's kernel,
+* ``blocked``: :func:`mlet_torchrec.modules.product.mlet_product` (row blocks, FP32), the collapse's kernel,
 * ``blocked-fp64``: the same with float64 accumulation (``mlet collapse --accumulate float64``),
-* ``engine``: :func:`mlet_torchrec.serving.collapse.collapse_boxes` on one box (the whole per-table path,
+* ``engine``: :func:`mlet_torchrec.serving.sharded_product.collapse_boxes` on one box (the whole per-table path,
   including allocating and first-touching its n x d output, which the copy yardstick does not pay).
 
 More yardsticks: reading W1 once (a sum), cloning it into a fresh buffer (page faults included),
@@ -38,7 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlet_torchrec.serving.collapse import DEFAULT_BLOCK_ROWS, Box, blocked_product, collapse_boxes  # noqa: E402
+from mlet_torchrec.modules.product import DEFAULT_BLOCK_ROWS, mlet_product  # noqa: E402
+from mlet_torchrec.serving.layout import Box  # noqa: E402
+from mlet_torchrec.serving.sharded_product import collapse_boxes  # noqa: E402
 
 
 def main(argv: List[str] | None = None) -> Dict[str, object]:
@@ -70,8 +72,8 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
         "naive mm(out=)": lambda: torch.mm(w1, w2, out=out),
     }
     for b in args.block_rows:
-        methods[f"blocked {b}"] = lambda b=b: blocked_product(w1, w2, out=out, block_rows=b)
-    methods[f"blocked-fp64 {DEFAULT_BLOCK_ROWS}"] = lambda: blocked_product(w1, w2, out=out, accumulate=torch.float64)
+        methods[f"blocked {b}"] = lambda b=b: mlet_product(w1, w2, out=out, block_rows=b)
+    methods[f"blocked-fp64 {DEFAULT_BLOCK_ROWS}"] = lambda: mlet_product(w1, w2, out=out, block_rows=DEFAULT_BLOCK_ROWS, accumulate=torch.float64)
     methods["engine (collapse_boxes)"] = lambda: collapse_boxes({box_in: w1}, [box_in], [box_out], w2, rank=0)
 
     best = {name: float("inf") for name in methods}
@@ -84,7 +86,7 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
             best[name] = min(best[name], time.perf_counter() - start)
 
     ref = (w1[:1000].double() @ w2.double()).float()
-    blocked_product(w1, w2, out=out)
+    mlet_product(w1, w2, out=out, block_rows=DEFAULT_BLOCK_ROWS)
     assert torch.allclose(out[:1000], ref, atol=1e-4, rtol=1e-4)
 
     copy = best["copy W1"]

@@ -42,6 +42,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mlet_torchrec.io import is_ours
+
 # distinct values per column of the real Kaggle set (capped by --max-cardinality)
 CRITEO_CARDINALITIES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
                         14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
@@ -83,9 +86,9 @@ def generate_criteo_text(path: Path, rows: int, seed: int = 0, max_cardinality: 
 def run_child_measured(text: Path, out: Path, extra: list) -> dict:
     """Convert ``text`` in a child process; its own peak RSS comes from ``os.wait4`` (RUSAGE_CHILDREN
     would be the maximum over every child so far)."""
-    shutil.rmtree(out, ignore_errors=True)
+    # --overwrite replaces only an earlier output of mlet (never foreign files: mlet_torchrec.io)
     cmd = [sys.executable, "-m", "mlet_torchrec.cli.convert", "criteo", "--input", str(text), "--output", str(out),
-           "--no-progress", *extra]
+           "--overwrite", "--no-progress", *extra]
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as so, tempfile.TemporaryFile() as se:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=so, stderr=se, env=_env())
@@ -122,7 +125,8 @@ def main(argv=None) -> int:
     results = []
     for rows in sorted(args.rows):
         text = args.workdir / f"criteo_{rows}.tsv"
-        if not text.exists():
+        generated = not text.exists()
+        if generated:
             t0 = time.perf_counter()
             generate_criteo_text(text, rows, max_cardinality=args.max_cardinality)
             print(f"generated {rows:,} rows ({text.stat().st_size / 2**20:,.0f} MiB) in "
@@ -139,9 +143,9 @@ def main(argv=None) -> int:
             vocab = f"  ({distinct:,} distinct values: {r['vocab_counts_mib']:,.0f} MiB of counts)" if distinct else ""
             print(f"{mode:5s} {rows:>11,} rows  {r['input_mib']:8,.0f} MiB in  {r['seconds']:7.1f} s  "
                   f"{r['rows_per_s']:>9,.0f} rows/s  peak RSS {r['peak_rss_mib']:7,.0f} MiB{vocab}", flush=True)
-            if not args.keep:
-                shutil.rmtree(out, ignore_errors=True)
-        if not args.keep:
+            if not args.keep and is_ours(out):  # only what this run wrote
+                shutil.rmtree(out)
+        if not args.keep and generated:
             text.unlink()
     for mode in modes:
         rs = [r for r in results if r["mode"] == mode]

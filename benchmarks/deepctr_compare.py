@@ -134,16 +134,17 @@ def pin_threads(threads: int) -> None:
     """Make our in-process runs use ``threads`` intra-op threads, as the DeepCTR side does."""
     import torch
 
-    import mlet_torchrec.training.train as train_module
+    import mlet_torchrec.training.distributed as distributed_module
 
-    original = train_module.init_distributed
+    original = distributed_module.init_distributed
 
     def init_distributed(device: str = "auto"):
         ctx = original(device)
         torch.set_num_threads(threads)
         return ctx
 
-    train_module.init_distributed = init_distributed
+    # train() joins its group through distributed.process_group, which looks this name up at call time
+    distributed_module.init_distributed = init_distributed
 
 
 def run_ours(name: str, k: Optional[int], seed: int, args: argparse.Namespace, workdir: Path,

@@ -1,10 +1,12 @@
 """Reader throughput: raw pyarrow row-group reads vs ParquetBatchReader -> Batch, one process, side by side.
 
 Both read the same row groups of the same split (warm page cache; passes alternate so machine
-noise hits both); the figures are median rows/s and the ratio reader / raw. It then trains DLRM with
-MLET (k=64, d=16) on the same data for a few steps on the same single core, so the reader's rate can
-be compared with what training consumes (target: reader >= 5x the training rate at batch 2048). By default a
-Criteo-shaped synthetic data set (13 dense, 26 sparse) is generated into a temporary directory.
+noise hits both); the figures are median rows/s and the ratio reader / raw. The reader yields the
+training order as one rank (96 virtual shards interleaved into every batch, data_pipes/order.py).
+It then trains DLRM with MLET (k=64, d=16) on the same data for a few steps on the same single core,
+so the reader's rate can be compared with what training consumes (target: reader >= 5x the training
+rate at batch 2048). By default a Criteo-shaped synthetic data set (13 dense, 26 sparse) is generated
+into a temporary directory.
 
     python benchmarks/reader_throughput.py                       # ~1 min, incl. a 40-step training run
     python benchmarks/reader_throughput.py --data data/demo --batch-size 2048 --repeats 5

@@ -1,5 +1,7 @@
 """The one error type for bad input data, so the CLI can print it without a traceback."""
 
+from mlet_torchrec.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad input data. The message names the file, the row (or row group) and the column."""

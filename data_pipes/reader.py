@@ -1,16 +1,39 @@
-"""Streamed Parquet -> ``torchrec.datasets.utils.Batch`` for one split of a data set (see schema.py).
+"""Streamed Parquet -> ``torchrec.datasets.utils.Batch`` for one rank: its slice of each global batch.
 
-Work units are the (file, row group) pairs of the split, in file order (files in the order of
-``metadata.json``). With ``shuffle=True`` the unit list is permuted by (seed, epoch), identically on
-every rank. Rank ``r`` of ``world_size`` takes ``units[r::world_size]``; DataLoader worker ``w`` of
-``N`` takes ``rank_units[w::N]``. A worker reads its row groups one at a time (never a whole file)
-and carries leftover rows into the next row group, so every batch has exactly ``batch_size`` rows;
-the last partial batch of a worker is yielded only with ``drop_last=False``. Rows are not shuffled
-within a row group.
+Order (data_pipes/order.py). The rows of a split are cut into ``virtual_shards`` (V, default 96)
+contiguous virtual shards, interleaved row by row into the epoch's stream; global batch ``s`` of
+epoch ``e`` is stream rows ``[s * B, (s + 1) * B)`` with ``B = batch_size * world_size``. It is a
+function of (seed, e, s), ``B`` and the data only: 1, 2 or 3 ranks train on the same rows at every
+step, and a checkpoint's position (epoch, global batches done) resumes exactly at any world size.
+Rank ``r`` takes the stream rows ``t ≡ r (mod world_size)``, ``batch_size`` of each global batch.
 
-A batch holds ``dense_features`` float32 (B, num_dense), ``sparse_features`` a KeyedJaggedTensor
+World sizes. Every world size gets the same batches. One that divides V (1, 2, 3, 4, 6, 8, 12, 16,
+24, 32, 48, 96 for V = 96) reads 1/W of the data per rank: rank r decodes only the shards
+``v ≡ r (mod W)``. Any other reads ``1 / gcd(V, W)`` of it per rank (W = 5: all of it; W = 64: 1/32),
+so training stays exact but each rank decodes more (train logs a warning). The trainer refuses a
+global batch that does not split evenly over the ranks.
+
+Last batch. With ``drop_last=True`` (training) an epoch is ``N // B`` global batches and the
+stream's last ``N % B`` rows are dropped; with shuffling they are other rows every epoch. With
+``drop_last=False`` (evaluation) the last global batch holds the rest, and a rank's last batch can
+be smaller than the others' (by one row) or empty: evaluation pads it.
+
+Shuffle (``shuffle=True``): the shards' layout over the rows, the order of each shard's row-group
+pieces and the rows within a piece are permuted by (seed, epoch): the same on every rank and at
+every world size. Without it the stream still interleaves the shards (each batch holds rows from
+V places of the split), so rows do not come in file order.
+
+Reading. A rank decodes row groups (never whole files), each once per epoch when shards are
+longer than row groups, and holds at most about 2 V / W of them: one piece per shard it reads plus
+row groups that several of its shards overlap, kept until their last piece is taken. Row groups
+longer than a shard (N / V rows) cost memory and, across ranks, repeated decoding: keep them well
+under N / V rows (converters write 8192). ``set_position(epoch, step)`` starts at a global batch
+without decoding the row groups before it. DataLoader workers split the rank's shards and the main
+process joins their parts (``make_dataloader``): the batches are identical for any worker count.
+
+A batch holds ``dense_features`` float32 (b, num_dense), ``sparse_features`` a KeyedJaggedTensor
 with keys ``meta.sparse_names()`` (int64 values and lengths; single-id features have length 1)
-and ``labels`` float32 (B,).
+and ``labels`` float32 (b,).
 
 Checks: the Parquet schema of every file is compared with ``meta.arrow_schema()`` when the reader
 is built (footers only; always on), and nulls are always refused. With ``validate=True`` (the
@@ -20,18 +43,17 @@ writer stored them). Every problem raises ``DataError`` naming the file, the row
 and, for values, the row within the file.
 
 Example:
-    >>> reader = ParquetBatchReader("data/demo", "train", 2048, rank=0, world_size=2, shuffle=True)  # doctest: +SKIP
-    >>> reader.set_epoch(0)                                                        # doctest: +SKIP
-    >>> steps = reader.num_batches(num_workers=2)                                  # doctest: +SKIP
+    >>> reader = ParquetBatchReader("data/demo", "train", 1024, rank=0, world_size=2, shuffle=True)  # doctest: +SKIP
+    >>> reader.set_position(epoch=0, step=0)                                      # doctest: +SKIP
+    >>> steps = reader.num_batches()                 # global batches of 2048 rows  # doctest: +SKIP
     >>> for batch in make_dataloader(reader, num_workers=2):                       # doctest: +SKIP
     ...     logits = model(batch.dense_features, batch.sparse_features)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -39,75 +61,11 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipes.errors import DataError
+from data_pipes.order import DEFAULT_VIRTUAL_SHARDS, EpochOrder, Progression, Segment, rank_shards, shard_offset
+from data_pipes.rows import Rows, join_batches
 from data_pipes.schema import DatasetMeta
-
-Unit = Tuple[int, int]  # (file index, row group index)
-
-
-@dataclass
-class _Chunk:
-    """Decoded rows: labels (n,), dense (n, D), and per sparse feature (values, offsets or None).
-
-    ``offsets`` (int64, n + 1, starting at 0) is None for single-id features (one value per row).
-    """
-
-    labels: np.ndarray
-    dense: np.ndarray
-    sparse: List[Tuple[np.ndarray, Optional[np.ndarray]]]
-
-    @property
-    def rows(self) -> int:
-        return len(self.labels)
-
-    def slice(self, a: int, b: int) -> "_Chunk":
-        sparse = []
-        for values, offsets in self.sparse:
-            if offsets is None:
-                sparse.append((values[a:b], None))
-            else:
-                sparse.append((values[offsets[a]:offsets[b]], offsets[a:b + 1] - offsets[a]))
-        return _Chunk(self.labels[a:b], self.dense[a:b], sparse)
-
-    @staticmethod
-    def concat(x: "_Chunk", y: "_Chunk") -> "_Chunk":
-        sparse = []
-        for (xv, xo), (yv, yo) in zip(x.sparse, y.sparse):
-            values = np.concatenate([xv, yv])
-            sparse.append((values, None if xo is None else np.concatenate([xo, yo[1:] + xo[-1]])))
-        return _Chunk(np.concatenate([x.labels, y.labels]), np.concatenate([x.dense, y.dense]), sparse)
-
-    def to_batch(self, keys: List[str]) -> Batch:
-        """A Batch whose four tensors are views of one fresh buffer.
-
-        Copies (a view of the row group would pin it, or ship all of it to the main process), and
-        one buffer because DataLoader workers hand each storage over as its own shared-memory
-        segment: one per batch instead of four makes worker -> main transfers ~2x faster.
-        """
-        n, d = self.rows, self.dense.shape[1]
-        per_key = [len(v) for v, _ in self.sparse]
-        nv, nl = sum(per_key), n * len(self.sparse)
-        nbytes = 8 * (nv + nl) + 4 * (n * d + n)  # int64 parts first keeps every view aligned
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        values = buf[: 8 * nv].view(torch.int64)
-        lengths = buf[8 * nv: 8 * (nv + nl)].view(torch.int64)
-        dense = buf[8 * (nv + nl): 8 * (nv + nl) + 4 * n * d].view(torch.float32).view(n, d)
-        labels = buf[8 * (nv + nl) + 4 * n * d:].view(torch.float32)
-        values_np, lengths_np = values.numpy(), lengths.numpy()
-        pos = 0
-        for k, (v, o) in enumerate(self.sparse):
-            values_np[pos: pos + len(v)] = v
-            pos += len(v)
-            if o is None:
-                lengths_np[k * n:(k + 1) * n] = 1
-            else:
-                np.subtract(o[1:], o[:-1], out=lengths_np[k * n:(k + 1) * n])
-        dense.numpy()[...] = self.dense
-        labels.numpy()[...] = self.labels
-        kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=n, length_per_key=per_key)
-        return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
 
 
 def _type_name(t: pa.DataType) -> str:
@@ -123,7 +81,8 @@ def _types_match(expected: pa.DataType, found: pa.DataType) -> bool:
 
 
 class ParquetBatchReader(IterableDataset):
-    """One split of a data set as exactly-``batch_size`` Batches for one rank (see the module docstring)."""
+    """One rank's ``batch_size``-row slices of the global batches (``batch_size * world_size`` rows)
+    of one split, in the order of (seed, epoch) over ``virtual_shards`` (see the module docstring)."""
 
     def __init__(
         self,
@@ -137,6 +96,7 @@ class ParquetBatchReader(IterableDataset):
         shuffle: bool = False,
         seed: int = 0,
         validate: bool = True,
+        virtual_shards: int = DEFAULT_VIRTUAL_SHARDS,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -147,8 +107,11 @@ class ParquetBatchReader(IterableDataset):
         self.split = split
         self.batch_size = int(batch_size)
         self.rank, self.world_size = int(rank), int(world_size)
+        if virtual_shards < 1:
+            raise ValueError(f"virtual_shards must be >= 1, got {virtual_shards}")
         self.drop_last, self.shuffle, self.seed, self.validate = drop_last, shuffle, int(seed), validate
-        self.epoch = 0
+        self.virtual_shards = int(virtual_shards)
+        self.epoch, self.start_step = 0, 0
         self.meta = DatasetMeta.load(self.root)
         self.files: List[str] = [str(p) for p in self.meta.files(self.root, split)]
         self.keys: List[str] = self.meta.sparse_names()
@@ -201,72 +164,72 @@ class ParquetBatchReader(IterableDataset):
             pf.close()
 
     def set_epoch(self, epoch: int) -> None:
-        """Epoch of the shuffle order (call before iterating / building the DataLoader)."""
-        self.epoch = int(epoch)
+        """Epoch of the shuffle order, starting at its first batch (call before iterating)."""
+        self.set_position(epoch, 0)
 
-    def _rank_units(self, epoch: int) -> List[Unit]:
-        units = [(f, g) for f, groups in enumerate(self._group_rows) for g in range(len(groups))]
-        if self.shuffle:
-            rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(int(epoch),)))
-            units = [units[i] for i in rng.permutation(len(units))]
-        return units[self.rank::self.world_size]
+    def set_position(self, epoch: int, step: int) -> None:
+        """Start ``epoch`` at global batch ``step`` (the batches before it are never decoded)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        self.epoch, self.start_step = int(epoch), int(step)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
 
     def num_batches(self, num_workers: int = 0, epoch: Optional[int] = None) -> int:
-        """Batches this rank yields with ``num_workers`` DataLoader workers in ``epoch`` (default:
-        the one set by ``set_epoch``). From Parquet footers only. With ``shuffle`` and row groups of
-        different sizes the count can change from epoch to epoch."""
+        """Global batches in an epoch (every rank yields one local batch per global batch). From the
+        footers only; the same for every epoch, worker count and world size (arguments kept for callers)."""
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        units = self._rank_units(self.epoch if epoch is None else epoch)
-        n = max(1, num_workers)
-        total = 0
-        for w in range(n):
-            rows = sum(self._group_rows[f][g] for f, g in units[w::n])
-            total += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
-        return total
+        rows = self.num_rows()
+        return rows // self.global_batch_size if self.drop_last else -(-rows // self.global_batch_size)
+
+    def rows_per_epoch(self) -> int:
+        """Rows the ranks together consume in one epoch (all rows unless ``drop_last`` drops the tail)."""
+        return min(self.num_rows(), self.num_batches() * self.global_batch_size)
 
     def num_rows(self) -> int:
         """Rows of the whole split (all ranks)."""
         return sum(sum(g) for g in self._group_rows)
+
+    def shards(self) -> List[Tuple[int, Progression]]:
+        """This rank's virtual shards and the rows of each it takes (order.rank_shards)."""
+        return rank_shards(self.virtual_shards, self.world_size, self.rank)
 
     # ------------------------------------------------------------------ rows
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return self._stream(self._rank_units(self.epoch)[worker::workers])
+        shards = self.shards()  # contiguous blocks: the joined parts keep the single-process row order
+        return self._stream(shards[worker * len(shards) // workers:(worker + 1) * len(shards) // workers])
 
-    def _stream(self, units: Sequence[Unit]) -> Iterator[Batch]:
-        size = self.batch_size
-        opened: Dict[int, pq.ParquetFile] = {}
-        pending: Optional[_Chunk] = None
+    def _stream(self, shards: Sequence[Tuple[int, Progression]]) -> Iterator[Batch]:
+        """One Batch per global batch from ``start_step`` on: the rows of ``shards`` in it."""
+        order = EpochOrder(self._group_rows, self.virtual_shards, self.shuffle, self.seed, self.epoch)
+        groups = _RowGroups(self)
+        cursors = [_Cursor(order, v, prog, groups) for v, prog in shards]
+        size, rows, V = self.global_batch_size, order.rows, self.virtual_shards
         try:
-            for f, g in units:
-                if self._group_rows[f][g] == 0:
-                    continue
-                if f not in opened:
-                    opened[f] = self._open(self.files[f])
-                chunk = self._read(opened[f], f, g)
-                start = 0
-                if pending is not None:  # complete the pending batch from this row group's head
-                    start = min(size - pending.rows, chunk.rows)
-                    pending = _Chunk.concat(pending, chunk.slice(0, start))
-                    if pending.rows < size:
-                        continue
-                    yield pending.to_batch(self.keys)
-                    pending = None
-                while chunk.rows - start >= size:
-                    yield chunk.slice(start, start + size).to_batch(self.keys)
-                    start += size
-                if start < chunk.rows:
-                    pending = chunk.slice(start, chunk.rows)
-            if pending is not None and not self.drop_last:
-                yield pending.to_batch(self.keys)
+            for c in cursors:
+                c.seek(c.prog.count(shard_offset(c.shard, self.start_step * size, V)))
+                for seg in c.segments[c.piece:]:
+                    groups.expect(seg)
+            for step in range(self.start_step, self.num_batches()):
+                end = min((step + 1) * size, rows)
+                pieces = [c.take(c.prog.count(shard_offset(c.shard, end, V))) for c in cursors]
+                yield Rows.join(pieces, self._empty).to_batch(self.keys, self._multi_hot)
         finally:
-            for pf in opened.values():
-                pf.close()
+            groups.close()
 
-    def _read(self, pf: pq.ParquetFile, f: int, g: int) -> _Chunk:
+    @property
+    def _empty(self) -> Rows:
+        single = sum(not m for m in self._multi_hot)
+        bags = [(np.zeros(0, np.int64), np.zeros(1, np.int64)) for m in self._multi_hot if m]
+        return Rows(np.zeros((0, 1 + len(self.meta.dense)), np.float32), np.zeros((0, single), np.int64), bags)
+
+    def _read(self, pf: pq.ParquetFile, f: int, g: int) -> Rows:
         path = self.files[f]
         try:
             table = pf.read_row_group(g, columns=self._columns)
@@ -279,15 +242,16 @@ class ParquetBatchReader(IterableDataset):
         first_row = sum(self._group_rows[f][:g])
         where = (path, g, first_row)
 
-        label = self._primitive(table.column(self.meta.label), self.meta.label, where)
+        n = table.num_rows
+        fixed = np.empty((n, 1 + len(self.meta.dense)), dtype=np.float32)
+        ids = np.empty((n, sum(not m for m in self._multi_hot)), dtype=np.int64)
+        label = fixed[:, 0] = self._primitive(table.column(self.meta.label), self.meta.label, where)
         if self.validate:
             bad = (label != 0) & (label != 1)
             if bad.any():
                 i = int(np.argmax(bad))
                 raise DataError(f"{path}: row group {g}, row {first_row + i}, column {self.meta.label!r}: "
                                 f"label {float(label[i])!r} is not 0 or 1")
-
-        dense = np.empty((table.num_rows, len(self.meta.dense)), dtype=np.float32)
         for j, name in enumerate(self.meta.dense):
             col = self._primitive(table.column(name), name, where)
             if self.validate:
@@ -296,9 +260,10 @@ class ParquetBatchReader(IterableDataset):
                     i = int(np.argmin(finite))
                     raise DataError(f"{path}: row group {g}, row {first_row + i}, column {name!r}: "
                                     f"dense value {float(col[i])!r} is not finite")
-            dense[:, j] = col
+            fixed[:, 1 + j] = col
 
-        sparse: List[Tuple[np.ndarray, Optional[np.ndarray]]] = []
+        bags: List[Tuple[np.ndarray, np.ndarray]] = []
+        single = 0
         for name, card, multi in zip(self.keys, self._cardinalities, self._multi_hot):
             col = table.column(name)
             if multi:
@@ -311,8 +276,12 @@ class ParquetBatchReader(IterableDataset):
                 row = pos if offsets is None else int(np.searchsorted(offsets, pos, side="right")) - 1
                 raise DataError(f"{path}: row group {g}, row {first_row + row}, column {name!r}: "
                                 f"id {int(values[pos])} outside [0, {card})")
-            sparse.append((values.astype(np.int64, copy=False), offsets))
-        return _Chunk(label, dense, sparse)
+            if multi:
+                bags.append((values.astype(np.int64, copy=False), offsets))
+            else:
+                ids[:, single] = values
+                single += 1
+        return Rows(fixed, ids, bags)
 
     @staticmethod
     def _null_error(col: pa.Array, name: str, where: Tuple[str, int, int], what: str) -> DataError:
@@ -350,12 +319,115 @@ class ParquetBatchReader(IterableDataset):
         return "unknown"
 
 
-def make_dataloader(reader: ParquetBatchReader, num_workers: int = 0) -> DataLoader:
-    """A DataLoader passing the reader's Batches through (``batch_size=None``), with ``num_workers``
-    processes each streaming its share of the rank's row groups. Build it after ``set_epoch``."""
+class _RowGroups:
+    """Row groups decoded for one process's cursors: one that several shards overlap is decoded once
+    and kept until its last piece is taken (pieces are counted ahead with ``expect``)."""
+
+    def __init__(self, reader: ParquetBatchReader) -> None:
+        self.reader = reader
+        self.files: Dict[int, pq.ParquetFile] = {}
+        self.kept: Dict[Tuple[int, int], Rows] = {}
+        self.pending: Dict[Tuple[int, int], int] = {}
+
+    def expect(self, seg: Segment) -> None:
+        key = (seg.file, seg.group)
+        self.pending[key] = self.pending.get(key, 0) + 1
+
+    def piece(self, seg: Segment) -> Rows:
+        key = (seg.file, seg.group)
+        chunk = self.kept.pop(key, None)
+        if chunk is None:
+            if seg.file not in self.files:
+                self.files[seg.file] = self.reader._open(self.reader.files[seg.file])
+            chunk = self.reader._read(self.files[seg.file], seg.file, seg.group)
+        self.pending[key] = self.pending.get(key, 1) - 1
+        if self.pending[key] > 0:
+            self.kept[key] = chunk
+        return chunk.slice(seg.start, seg.stop)
+
+    def close(self) -> None:
+        for pf in self.files.values():
+            pf.close()
+
+
+class _Cursor:
+    """The rows one process takes from one virtual shard, decoded one row-group piece at a time.
+
+    Positions count the shard's rows this rank takes (its ``Progression``), from the epoch's start.
+    """
+
+    def __init__(self, order: EpochOrder, shard: int, prog: Progression, groups: _RowGroups) -> None:
+        self.order, self.shard, self.prog, self.groups = order, shard, prog, groups
+        self.segments = order.segments(shard)
+        ends = np.cumsum([s.rows for s in self.segments])
+        self._first = [prog.count(int(e - s.rows)) for e, s in zip(ends, self.segments)]  # per piece
+        self._last = [prog.count(int(e)) for e in ends]
+        self.pos, self.piece = 0, 0
+        self._buf: Optional[Rows] = None
+
+    def seek(self, pos: int) -> None:
+        """Continue at position ``pos`` (pieces before it are never decoded)."""
+        self.pos, self._buf = int(pos), None
+        self.piece = int(np.searchsorted(self._last, self.pos, side="right"))
+
+    def take(self, end: int) -> Rows:
+        """The rows at positions ``[pos, end)``."""
+        out: List[Rows] = []
+        while self.pos < end:
+            if self._buf is None:
+                self._buf = self._decode(self.piece)
+            lo, hi = self._first[self.piece], self._last[self.piece]
+            stop = min(end, hi)
+            out.append(self._buf.slice(self.pos - lo, stop - lo))
+            self.pos = stop
+            if stop == hi:
+                self.piece, self._buf = self.piece + 1, None
+        return Rows.join(out, self.groups.reader._empty) if len(out) != 1 else out[0]
+
+    def _decode(self, k: int) -> Rows:
+        seg = self.segments[k]
+        chunk = self.groups.piece(seg)
+        perm = self.order.row_permutation(self.shard, k, seg.rows)
+        if perm is not None:
+            chunk = chunk.take(perm)
+        if self.prog.stride > 1:  # another rank takes the other rows of this shard
+            start = sum(s.rows for s in self.segments[:k])
+            first = self.prog.residue + self.prog.stride * self._first[k] - start
+            chunk = chunk.take(np.arange(first, seg.rows, self.prog.stride))
+        return chunk
+
+
+class MergedLoader:
+    """Iterates a DataLoader whose ``parts`` workers each yield their shards' part of every batch, and
+    yields the whole batches (a DataLoader takes one item from each worker in turn)."""
+
+    def __init__(self, loader: DataLoader, parts: int, keys: List[str]) -> None:
+        self.loader, self.parts, self.keys = loader, parts, keys
+
+    def __iter__(self) -> Iterator[Batch]:
+        pending: List[Batch] = []
+        for piece in self.loader:
+            pending.append(piece)
+            if len(pending) == self.parts:
+                yield join_batches(pending, self.keys)
+                pending = []
+        if pending:
+            raise RuntimeError(f"DataLoader workers yielded {len(pending)} of {self.parts} parts of a batch")
+
+    def __len__(self) -> int:
+        return len(self.loader) // self.parts
+
+
+def make_dataloader(reader: ParquetBatchReader, num_workers: int = 0,
+                    generator: Optional[torch.Generator] = None) -> Iterable[Batch]:
+    """The reader's batches, decoded by ``num_workers`` processes (at most one per virtual shard this
+    rank reads), each streaming its share of the rank's shards. Same batches for any worker count.
+    Build it after ``set_epoch``/``set_position``."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    return DataLoader(reader, batch_size=None, num_workers=num_workers, persistent_workers=False)
+    workers = min(num_workers, len(reader.shards()))
+    loader = DataLoader(reader, batch_size=None, num_workers=workers, persistent_workers=False, generator=generator)
+    return loader if workers <= 1 else MergedLoader(loader, workers, reader.keys)
 
 
-__all__ = ["ParquetBatchReader", "make_dataloader"]
+__all__ = ["ParquetBatchReader", "make_dataloader", "DEFAULT_VIRTUAL_SHARDS"]

@@ -28,6 +28,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from data_pipes.errors import DataError
+from mlet_torchrec.errors import InputNotFound
 
 METADATA_FILE = "metadata.json"
 LABEL_COLUMN = "label"
@@ -91,7 +92,7 @@ class DatasetMeta(BaseModel):
     def load(cls, root: Path | str) -> "DatasetMeta":
         path = Path(root) / METADATA_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no {METADATA_FILE}; is {root} a converted data set?")
+            raise InputNotFound(f"{path}: no {METADATA_FILE}; is {root} a converted data set?")
         try:
             return cls.model_validate_json(path.read_text())
         except ValueError as e:

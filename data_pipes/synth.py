@@ -34,9 +34,6 @@ Example:
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -47,13 +44,12 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
+from data_pipes.hashing import mix64, splitmix64, unit_interval
 from data_pipes.schema import SPLITS, DatasetMeta, SparseFeature
+from mlet_torchrec.io import atomic_output, check_output_path
 
 GENERATOR = "data_pipes.synth"
 _CALIBRATION_ROWS = 32_768
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
 _AUC_BINS = 1 << 16  # oracle AUC from a logit histogram over [-_AUC_RANGE, _AUC_RANGE]
 _AUC_RANGE = 20.0
 
@@ -123,19 +119,9 @@ class SynthConfig(BaseModel):
 # keyed hashing: the planted tables and the id permutation without materialising anything
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on a uint64 array (wrapping arithmetic)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _M2
-    return x ^ (x >> np.uint64(31))
-
-
 def _uniform_centered(h: np.ndarray) -> np.ndarray:
     """uint64 hashes -> uniform values with mean 0 and variance 1 (float32)."""
-    u = (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-    return ((u - 0.5) * math.sqrt(12.0)).astype(np.float32)
+    return ((unit_interval(h) - 0.5) * math.sqrt(12.0)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -163,13 +149,13 @@ class _Feature:
         mask = np.uint64((1 << self.half_bits) - 1)
         left, right = x >> half, x & mask
         for k in self.round_keys:
-            left, right = right, left ^ (_mix64(right + np.uint64(k)) & mask)
+            left, right = right, left ^ (mix64(right + np.uint64(k)) & mask)
         return (left << half) | right
 
     def params(self, ids: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray]:
         """(latent vectors (n, rank), biases (n,)) of ``ids``: entries of the planted tables."""
         x = ids.astype(np.uint64)[:, None] * np.uint64(rank + 1) + np.arange(rank + 1, dtype=np.uint64)
-        vals = _uniform_centered(_mix64(x * _GOLDEN + np.uint64(self.table_key)))
+        vals = _uniform_centered(splitmix64(x, self.table_key))
         return vals[:, :rank], vals[:, rank]
 
 
@@ -354,32 +340,6 @@ def _table(meta: DatasetMeta, schema: pa.Schema, rows: _Rows, labels: np.ndarray
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def _prepare_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"{output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output} exists and is not empty (pass overwrite=True / --overwrite)")
-
-
-def _install(tmp: Path, output: Path) -> None:
-    """Move the finished data set ``tmp`` to ``output`` (replacing an old one only now)."""
-    old: Optional[Path] = None
-    if output.is_dir():
-        if any(output.iterdir()):
-            old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(output, old)
-        else:
-            output.rmdir()
-    try:
-        os.replace(tmp, output)
-    except BaseException:
-        if old is not None:
-            os.replace(old, output)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def generate(
     config: SynthConfig,
     output: Path | str,
@@ -388,12 +348,13 @@ def generate(
 ) -> DatasetMeta:
     """Write the data set of ``config`` into ``output`` and return its metadata.
 
-    Rows are drawn and written one row group at a time (memory does not grow with ``rows``), into a
-    temporary sibling directory that is renamed to ``output`` only once complete. An existing
-    non-empty ``output`` is refused unless ``overwrite=True`` (then replaced only at the end).
+    Rows are drawn and written one row group at a time (memory does not grow with ``rows``) through
+    :func:`mlet_torchrec.io.atomic_output`: ``output`` appears complete or not at all. An existing
+    ``output`` is replaced only with ``overwrite=True`` and only if ``mlet`` wrote it (otherwise an
+    :class:`~mlet_torchrec.io.OutputError`, and nothing is touched).
     """
     output = Path(output)
-    _prepare_output(output, overwrite)
+    check_output_path(output, overwrite=overwrite)  # refuse before the (long) work, not after it
     planted = _planted(config)
     coefs = _calibrate(config, planted)
     dense_names = [f"I{j + 1}" for j in range(config.num_dense)]
@@ -407,11 +368,8 @@ def generate(
     meta = DatasetMeta(dense=dense_names, sparse=sparse, splits=layout, rows=split_rows)
     schema = meta.arrow_schema()
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
     oracle: Dict[str, Dict[str, float]] = {}
-    try:
+    with atomic_output(output, command="synth", overwrite=overwrite) as tmp:
         with tqdm(total=sum(split_rows.values()), desc=f"synth {output.name}", unit="row", unit_scale=True,
                   disable=not progress, dynamic_ncols=True) as bar:
             for split_index, split in enumerate(SPLITS):
@@ -450,10 +408,6 @@ def generate(
             "oracle": oracle,
         }})
         meta.save(tmp)
-        _install(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
@@ -488,4 +442,4 @@ def true_logits(meta: DatasetMeta, table: pa.Table) -> np.ndarray:
             + coef["id_bias_coef"] * id_bias)
 
 
-__all__ = ["SynthConfig", "generate", "true_logits", "GENERATOR"]
+__all__ = ["GENERATOR", "SynthConfig", "generate", "true_logits"]

@@ -13,9 +13,31 @@
 # anything else goes to mlet.
 set -euo pipefail
 
-MLET_SUBCOMMANDS=" train collapse export evaluate synth convert demo sweep report "
+MLET_SUBCOMMANDS=" train collapse export evaluate synth convert demo sweep report plan "
 
 if [[ $# -gt 0 && "$1" != -* && "$MLET_SUBCOMMANDS" != *" $1 "* ]] && type -P "$1" >/dev/null; then
     exec "$@"
+fi
+
+# The image runs as uid 1000, often with a read-only root file system: an output directory that is
+# not on a writable mount would end in a PermissionError traceback deep in mlet. Say it in one line
+# first, for the outputs named on the command line (--output/--out DIR, run.dir=DIR).
+require_writable() {
+    local dir="$1" probe
+    [[ "$dir" == /* ]] || dir="$PWD/$dir"
+    probe="$dir"
+    while [[ ! -e "$probe" && "$probe" != / ]]; do probe="$(dirname "$probe")"; done
+    if [[ -d "$probe" && ! -w "$probe" ]]; then
+        echo "mlet-entrypoint: cannot write $dir as uid $(id -u) ($probe is read-only or not writable): mount a writable directory there, e.g. -v \"\$PWD/runs:/app/runs\" -v \"\$PWD/data:/app/data\" owned by uid $(id -u)" >&2
+        exit 2
+    fi
+}
+if [[ $# -gt 0 && "$MLET_SUBCOMMANDS" == *" $1 "* ]]; then
+    previous=""
+    for arg in "$@"; do
+        case "$previous" in --output|--out) require_writable "$arg" ;; esac
+        case "$arg" in --output=*|--out=*) require_writable "${arg#*=}" ;; run.dir=*) require_writable "${arg#run.dir=}" ;; esac
+        previous="$arg"
+    done
 fi
 exec mlet "$@"

@@ -5,7 +5,18 @@
 #         fbgemm-gpu==Y (the CUDA build, same version) in place of fbgemm-gpu-cpu==Y.
 # $TORCH_INDEX_URL, when set, is added as an extra index for both variants (e.g.
 # https://download.pytorch.org/whl/cu128 for an older driver: torch and fbgemm-gpu then both come
-# as +cu128 builds, since pip prefers the local-version wheel of an exact pin).
+# as +cu128 builds, since pip prefers the local-version wheel of an exact pin); TORCH_INDEX_URL=none
+# adds none (the package index already serves the wanted torch build, e.g. when offline).
+# The package index itself (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS, PIP_CERT) comes from
+# the build secret $PIP_INDEX_ENV (docker/pip_index.py writes it from the host's pip config), which
+# exists only while a RUN step runs, so no index URL or credential lands in a layer.
+PIP_INDEX_ENV="${PIP_INDEX_ENV:-/run/secrets/pip-index}"
+if [ -s "$PIP_INDEX_ENV" ]; then
+    set -a
+    # shellcheck disable=SC1090
+    . "$PIP_INDEX_ENV"
+    set +a
+fi
 case "${VARIANT:-}" in
     cpu)
         TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
@@ -22,6 +33,6 @@ case "${VARIANT:-}" in
         exit 1
         ;;
 esac
-if [ -n "${TORCH_INDEX_URL:-}" ]; then
-    export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"
+if [ -n "${TORCH_INDEX_URL:-}" ] && [ "$TORCH_INDEX_URL" != none ]; then
+    export PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL:+$PIP_EXTRA_INDEX_URL }$TORCH_INDEX_URL"
 fi

@@ -144,7 +144,7 @@ def collapse(
     mounts: Optional[List[str]] = None,
     max_retries: int = 0,
 ) -> specs.AppDef:
-    """Collapse/export: ``mlet collapse --checkpoint CHECKPOINT --output OUTPUT`` (W = W1·W2), one process.
+    """Collapse/export: ``mlet collapse --input CHECKPOINT --output OUTPUT`` (W = W1·W2), one process.
 
     Args:
         checkpoint: a training run directory or one of its checkpoints
@@ -161,7 +161,7 @@ def collapse(
         mounts: volumes for docker/kubernetes, e.g. ``type=bind,src=/runs,dst=/app/runs``
         max_retries: resubmissions by the scheduler on failure (not on local_cwd)
     """
-    args = ["collapse", "--checkpoint", checkpoint, "--output", output, "--check-split", check_split]
+    args = ["collapse", "--input", checkpoint, "--output", output, "--check-split", check_split]
     if overwrite:
         args.append("--overwrite")
     app = dist.ddp(
@@ -194,7 +194,7 @@ def evaluate(
     mounts: Optional[List[str]] = None,
     max_retries: int = 0,
 ) -> specs.AppDef:
-    """Evaluate: ``mlet evaluate --checkpoint CHECKPOINT --split SPLIT``, one process; metrics as JSON in the log.
+    """Evaluate: ``mlet evaluate --input CHECKPOINT --split SPLIT``, one process; metrics as JSON in the log.
 
     Args:
         checkpoint: a training run directory or checkpoint, or a ``collapse`` output directory
@@ -211,7 +211,7 @@ def evaluate(
     """
     app = dist.ddp(
         "evaluate",
-        "--checkpoint",
+        "--input",
         checkpoint,
         "--split",
         split,

@@ -1,28 +1,36 @@
 """The one typed schema of a run: YAML files plus dotted ``key.sub=value`` overrides.
 
 Every run writes its resolved config to ``RUN_DIR/config.yaml``; that file alone reproduces the run.
+A config is named by a path or, when no such file exists, by the name of one shipped with the package
+(``tiny``, ``demo``, ``models/deepfm``...: the YAML files of the repository's configs/ folder).
 
 Example:
     >>> cfg = load_config(None, ["embedding.d=8", "embedding.k=64"])
     >>> cfg.embedding.k, cfg.embedding.d
     (64, 8)
+    >>> load_config("tiny").train.batch_size   # the packaged configs/tiny.yaml
+    64
 """
 
 from __future__ import annotations
 
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mlet_torchrec.errors import UserError
+
 ShardingType = Literal["auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
 SparseOptimizerName = Literal["sgd", "adagrad", "rowwise_adagrad"]
 DenseOptimizerName = Literal["sgd", "adagrad", "adam"]
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema; the message names the key."""
+class ConfigError(UserError, ValueError):
+    """A config file or override that does not fit the schema; the message (one line) names the key."""
 
 
 class _Strict(BaseModel):
@@ -33,11 +41,11 @@ class DataConfig(_Strict):
     path: str = "data/synthetic"
     """A data set directory (see data_pipes/schema.py)."""
     num_workers: int = Field(0, ge=0)
-    """DataLoader worker processes per rank (0: read in the training process)."""
+    """DataLoader worker processes per rank (0: read in the training process); same batches for any count."""
     validate_ids: bool = True
     """Check ids, labels and dense values of every batch before they reach the kernels."""
     shuffle: bool = True
-    """Shuffle the order of row groups each epoch (rows inside a row group keep their order)."""
+    """Shuffle each epoch by (seed, epoch), the same at every world size (data_pipes/order.py)."""
 
 
 class TableConfig(_Strict):
@@ -62,6 +70,14 @@ class EmbeddingConfig(_Strict):
     pooling: Literal["sum", "mean"] = "sum"
     sharding: ShardingType = "auto"
     """Sharding type for all tables; 'auto' lets the TorchRec planner choose."""
+    w1_dtype: Literal["fp32", "fp16"] = "fp32"
+    """Storage of the W1 tables (and of single-layer tables): fp16 halves their memory; the fused optimizer
+    updates them with stochastic rounding, W2 stays fp32 and collapse still emits fp32 W = W1 @ W2."""
+    uvm_caching: bool = False
+    """CUDA only: let the planner keep tables that do not fit in GPU memory in host memory (UVM) behind a GPU
+    cache (FBGEMM's fused_uvm_caching kernel); false keeps every table in GPU memory. A CPU run refuses it."""
+    uvm_cache_load_factor: float = Field(0.2, gt=0, le=1)
+    """With uvm_caching: the share of a cached table's rows held in the GPU cache."""
     tables: Dict[str, TableConfig] = Field(default_factory=dict)
     """Per-feature overrides, keyed by sparse feature name."""
 
@@ -193,6 +209,9 @@ class RunConfig(_Strict):
     resume: bool = True
     """Continue from the newest complete checkpoint in ``dir`` (model, both optimizers, data position,
     RNG states), as torchrun/TorchX restarts need; false starts over and deletes ``dir``'s checkpoints."""
+    plan: Optional[str] = None
+    """A sharding plan written by ``mlet plan`` (PLAN.json) to use instead of planning again; refused if it was
+    made for another world size, device or config."""
 
 
 class ExperimentConfig(_Strict):
@@ -212,14 +231,16 @@ class ExperimentConfig(_Strict):
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+    """Every problem of ``err`` on one line: ``invalid config (SOURCE): key: msg (got X); key: ...``."""
+    problems = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"  {key}: {msg}" + (f" (got {_short_repr(e['input'])})" if e["type"] != "extra_forbidden" else ""))
-    return "\n".join(lines)
+            problems.append(f"{key}: unknown key")
+        else:
+            msg = " ".join(str(e["msg"]).split())  # pydantic's messages may span lines
+            problems.append(f"{key}: {msg} (got {_short_repr(e['input'])})")
+    return f"invalid config ({source}): " + "; ".join(problems)
 
 
 def _short_repr(value: Any) -> str:
@@ -258,24 +279,77 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
     return raw
 
 
+def packaged_configs() -> Traversable:
+    """The configs shipped with the package (the repository's configs/ folder; in a wheel, package data)."""
+    return files("mlet_torchrec") / "configs"
+
+
+def packaged_config_names() -> List[str]:
+    """Names ``--config`` accepts without a file: ``['avazu_dcn', ..., 'models/deepfm', ..., 'tiny']``."""
+    names: List[str] = []
+
+    def walk(node: Traversable, prefix: str) -> None:
+        for child in node.iterdir():
+            if child.is_dir():
+                walk(child, f"{prefix}{child.name}/")
+            elif child.name.endswith(".yaml"):
+                names.append(prefix + child.name[: -len(".yaml")])
+
+    root = packaged_configs()
+    if root.is_dir():
+        walk(root, "")
+    return sorted(names)
+
+
+def read_config_text(name: Path | str) -> tuple[str, str]:
+    """``(YAML text, source)`` of a config file, or else of the packaged config of that name.
+
+    A file always wins, so a user's ``tiny.yaml`` in the working directory is the one read.
+    """
+    path = Path(name)
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} cannot be read: it is a directory, not a YAML file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read as UTF-8 text: {e}") from None
+    stem = str(name).removesuffix(".yaml")
+    if stem and not path.is_absolute() and ".." not in path.parts:
+        packaged = packaged_configs().joinpath(*(stem + ".yaml").split("/"))
+        if packaged.is_file():
+            return packaged.read_text(encoding="utf-8"), f"packaged config {stem}"
+    known = ", ".join(n for n in packaged_config_names() if "/" not in n)
+    raise ConfigError(f"config file {path} does not exist and is not a packaged config name ({known})")
+
+
+def read_config_mapping(name: Path | str) -> tuple[Dict[str, Any], str]:
+    """``(mapping, source)`` of a YAML config named by a path or a packaged name (see :func:`read_config_text`).
+
+    Any YAML file of settings goes through here (run configs, ``mlet synth --config``), so every one of them
+    fails the same way: one line naming the file.
+    """
+    text, source = read_config_text(name)
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"config file {name} is not valid YAML: {detail}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {name} is not a usable config: nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {name}: top level must be a mapping, got {type(raw).__name__}")
+    return raw, source
+
+
 def load_config(path: Optional[Path | str], overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    """Read a YAML config (a file, a packaged config's name, or the defaults when ``path`` is None) and apply
+    dotted overrides."""
     raw: Dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        source = str(path)
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        except RecursionError:
-            raise ConfigError(f"config file {path} is not a usable config: nested too deeply") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {path} cannot be read as UTF-8 text: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping, got {type(raw).__name__}")
+        raw, source = read_config_mapping(path)
     raw = apply_overrides(raw, overrides)
     if overrides:
         source += " with overrides " + " ".join(overrides)

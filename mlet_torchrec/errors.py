@@ -18,3 +18,13 @@ EXIT_USER_ERROR = 2
 
 class UserError(Exception):
     """A mistake in what the user gave us; the message is one line that names the culprit."""
+
+
+class InputNotFound(UserError, FileNotFoundError):
+    """A path the user named (config, data set, checkpoint) that does not exist or is not what was asked.
+
+    Still a ``FileNotFoundError``, so callers that catch that keep working.
+
+        >>> isinstance(InputNotFound("data/x: no metadata.json"), FileNotFoundError)
+        True
+    """

@@ -31,7 +31,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 from mlet_torchrec.errors import UserError
 
@@ -80,6 +80,27 @@ def check_output_path(output: Path | str, inputs: Iterable[Path | str] = (), ove
         ...
         mlet_torchrec.io.OutputError: refusing to write to / (the file-system root); choose a new directory
     """
+    out = check_location(output, inputs)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputError(f"refusing to write to {out}: it exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_ours(out):
+            raise OutputError(f"refusing to replace {out}: it holds files mlet did not write (no {MARKER}); "
+                              "choose another output directory")
+        if not overwrite:
+            raise OutputError(f"{out} exists; pass --overwrite to replace it")
+    return out
+
+
+def check_location(output: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
+    """The refusals that hold whatever the directory holds (root, home, the working directory and its parents,
+    a path equal to or containing an input); for writers that add files to a directory and never replace it.
+
+        >>> check_location("/tmp/x", inputs=["/tmp/x/results.jsonl"])
+        Traceback (most recent call last):
+        ...
+        mlet_torchrec.io.OutputError: refusing to write to /tmp/x: it contains the input /tmp/x/results.jsonl; choose another output directory
+    """
     out = _resolved(output)
     cwd = _resolved(os.getcwd())
     if out == Path(out.anchor):
@@ -94,14 +115,6 @@ def check_output_path(output: Path | str, inputs: Iterable[Path | str] = (), ove
         if _contains(out, src):
             raise OutputError(f"refusing to write to {out}: it {'is' if out == src else 'contains'} the input "
                               f"{src}; choose another output directory")
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise OutputError(f"refusing to write to {out}: it exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not is_ours(out):
-            raise OutputError(f"refusing to replace {out}: it holds files mlet did not write (no {MARKER}); "
-                              "choose another output directory")
-        if not overwrite:
-            raise OutputError(f"{out} exists; pass --overwrite to replace it")
     return out
 
 
@@ -144,17 +157,73 @@ def _pid_alive(pid: int) -> bool:
 
 def sweep_stale(output: Path) -> None:
     """Remove hidden siblings left by a killed write to ``output`` (only ours, only of dead processes)."""
-    parent = output.parent
+    _sweep(output.parent, output.name, any_pid=False)
+
+
+def sweep_stale_in(directory: Path | str, any_pid: bool = False) -> List[Path]:
+    """Remove the hidden temporaries of interrupted writes to any output in ``directory``; returns them.
+
+    Only those of dead processes, unless ``any_pid``: for a caller that knows it is the directory's
+    only writer (a training job tidying its own run directory before it starts, whose earlier
+    attempt may have run on another machine).
+    """
+    return _sweep(Path(directory), None, any_pid)
+
+
+def _sweep(parent: Path, name: Optional[str], any_pid: bool) -> List[Path]:
+    removed: List[Path] = []
     if not parent.is_dir():
-        return
-    for tag in (_TMP_TAG, _OLD_TAG):
-        prefix = f".{output.name}{tag}"
-        for child in parent.iterdir():
-            if not child.name.startswith(prefix):
+        return removed
+    for child in sorted(parent.iterdir()):
+        for tag in (_TMP_TAG, _OLD_TAG):
+            if tag not in child.name or not child.name.startswith(f".{name}{tag}" if name else "."):
                 continue
-            pid_text = child.name[len(prefix):].split("-", 1)[0]
-            if pid_text.isdigit() and not _pid_alive(int(pid_text)) and child.is_dir():
+            pid_text = child.name.rsplit(tag, 1)[1].split("-", 1)[0]
+            if (pid_text.isdigit() and child.is_dir() and not child.is_symlink()
+                    and (any_pid or not _pid_alive(int(pid_text)))):
                 shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+            break
+    return removed
+
+
+def _marker_text(command: str) -> str:
+    marker = {"command": command, "version": package_version(),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return json.dumps(marker, indent=2) + "\n"
+
+
+def claim_directory(path: Path | str, command: str, inputs: Sequence[Path | str] = ()) -> Path:
+    """A directory ``mlet`` fills in place over time (a training run): created with the marker, or
+    reused if it already carries it; returns the resolved path.
+
+    Refused like :func:`check_output_path` (root, home, the working directory and its parents, a path
+    equal to or containing an input) and when it holds files without the marker.
+
+        >>> import tempfile, pathlib
+        >>> run = claim_directory(pathlib.Path(tempfile.mkdtemp()) / "run", command="doctest")
+        >>> is_ours(run)
+        True
+    """
+    out = check_output_path(path, inputs, overwrite=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not is_ours(out):
+        atomic_write_text(out / MARKER, _marker_text(command))
+    return out
+
+
+def remove_output(path: Path | str) -> bool:
+    """Delete a directory ``mlet`` wrote (it carries the marker); False, deleting nothing, otherwise.
+
+    It is first renamed to a hidden sibling, so its name never shows a half-deleted output.
+    """
+    path = Path(path)
+    if path.is_symlink() or not is_ours(path):
+        return False
+    aside = path.parent / f".{path.name}{_OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.rename(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
 
 
 class AtomicOutput:
@@ -170,9 +239,14 @@ class AtomicOutput:
         self.command = command
         self.token = token or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp = self.output.parent / f".{self.output.name}{_TMP_TAG}{self.token}"
+        self._made: list[Path] = []  # parent directories begin() created, deepest first
 
     def begin(self) -> Path:
         """Create the temporary directory (idempotent) and return it."""
+        parent = self.output.parent
+        while not parent.exists():
+            self._made.append(parent)
+            parent = parent.parent
         self.output.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale(self.output)
         self.tmp.mkdir(exist_ok=True)
@@ -180,9 +254,7 @@ class AtomicOutput:
 
     def commit(self) -> Path:
         """Write the marker and move the temporary directory into place."""
-        marker = {"command": self.command, "version": package_version(),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        atomic_write_text(self.tmp / MARKER, json.dumps(marker, indent=2) + "\n")
+        atomic_write_text(self.tmp / MARKER, _marker_text(self.command))
         out = self.output
         if out.is_dir() and any(out.iterdir()):
             if not is_ours(out):  # appeared after the check: never replace foreign files
@@ -202,7 +274,13 @@ class AtomicOutput:
         return out
 
     def abort(self) -> None:
+        """Remove the temporary directory and the parents made for it: a failed write leaves nothing."""
         shutil.rmtree(self.tmp, ignore_errors=True)
+        for d in self._made:
+            try:
+                d.rmdir()  # only if still empty: another writer may have put something there
+            except OSError:
+                break
 
 
 def describe_os_error(e: OSError, what: Path | str) -> str:
@@ -236,11 +314,16 @@ def atomic_output(output: Path | str, command: str, inputs: Sequence[Path | str]
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     """Write a file completely or not at all: a temporary sibling, fsync, then rename over ``path``."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """:func:`atomic_write_text` for bytes (images, binary files)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

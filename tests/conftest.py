@@ -4,6 +4,16 @@ from typing import Callable, Dict, Tuple
 
 import pytest
 
+from mlet_torchrec.logs import KNOWN_WARNINGS
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # the library warnings mlet itself silences (each with its reason in mlet_torchrec/logs.py); every
+    # other warning shows in the test summary
+    for message, category, _why in KNOWN_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
+
+
 TINY_SYNTH = dict(rows=3000, num_dense=3, num_sparse=4, min_cardinality=5, max_cardinality=500,
                   row_group_size=256, seed=1)
 

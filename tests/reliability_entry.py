@@ -22,6 +22,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import signal
 import sys
 import zlib
@@ -50,7 +51,8 @@ def _patch_writer(spec: Dict[str, Any]) -> None:
     original = FileSystemWriter.write_data
 
     def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
-        step = int(Path(str(self.path)).name.split(".")[0].split("_")[1])
+        # the checkpoint's temporary directory: .step_00000016.mlet-tmp-<pid>-<hex>
+        step = int(re.search(r"step_(\d+)", Path(str(self.path)).name).group(1))
         if _matches(spec.get("enospc"), step):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
         fut = original(self, plan, planner)

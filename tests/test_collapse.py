@@ -17,7 +17,6 @@ from mlet_torchrec.serving.collapse import (
     MANIFEST,
     Box,
     assign_boxes,
-    blocked_product,
     collapse,
     collapse_boxes,
     collapse_state_dict,
@@ -28,6 +27,9 @@ from mlet_torchrec.serving.collapse import (
     source_chunks,
 )
 from mlet_torchrec.config import load_config
+from mlet_torchrec.errors import UserError
+from mlet_torchrec.io import OutputError
+from mlet_torchrec.modules.product import mlet_product
 from mlet_torchrec.models import build_model
 from data_pipes.schema import DatasetMeta
 
@@ -63,12 +65,26 @@ def test_blocked_product_equals_matmul(block_rows, accumulate):
     g = torch.Generator().manual_seed(0)
     w1, w2 = torch.randn(333, 24, generator=g), torch.randn(24, 8, generator=g)
     exact = (w1.double() @ w2.double()).float()
-    got = blocked_product(w1, w2, block_rows=block_rows, accumulate=accumulate)
+    got = mlet_product(w1, w2, block_rows=block_rows, accumulate=accumulate)
     assert got.dtype == torch.float32 and got.shape == (333, 8)
     torch.testing.assert_close(got, exact, atol=1e-5, rtol=1e-5)
     if accumulate == torch.float64:  # rounded once: the correctly rounded product
         assert torch.equal(got, exact)
-    assert blocked_product(w1[:0], w2).shape == (0, 8)
+    assert mlet_product(w1[:0], w2, block_rows=block_rows).shape == (0, 8)
+    with pytest.raises(ValueError, match="block_rows"):
+        mlet_product(w1, w2, block_rows=-1)
+
+
+def test_product_is_differentiable_and_batched():
+    """The training forward's regime: (F, B, k) @ (F, k, d) with gradients, equal to per-feature products."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 8, generator=g, requires_grad=True)
+    w2 = torch.randn(3, 8, 4, generator=g, requires_grad=True)
+    y = mlet_product(x, w2)
+    y.sum().backward()
+    assert x.grad is not None and w2.grad is not None
+    for f in range(3):
+        torch.testing.assert_close(y[f], mlet_product(x[f].detach(), w2[f].detach(), block_rows=2))
 
 
 # ---------------------------------------------------------------------------------- layouts
@@ -180,13 +196,13 @@ def test_collapse_one_process(synth_dataset, tmp_path):
     assert {t["key"] for t in man["tables"].values()} <= keys
     assert not any(".w1." in k or ".w2." in k for k in keys)
 
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match="--overwrite"):
         collapse(run, tmp_path / "out")
     again = collapse(run, tmp_path / "out", check_split=None, overwrite=True, accumulate="float64", block_rows=7)
     assert again.rows_checked == 0 and again.accumulate == "float64"
-    with pytest.raises(ValueError, match="check split"):
+    with pytest.raises(UserError, match="check split"):
         collapse(run, tmp_path / "other", check_split="nope")
-    with pytest.raises(ValueError, match="output sharding"):
+    with pytest.raises(UserError, match="output sharding"):
         collapse(run, tmp_path / "other", output_sharding="diagonal")
 
 

@@ -117,7 +117,9 @@ def _four_rank_worker(run: str, collapsed2: str, out4: str, reference: str) -> d
     from torchrec.modules.embedding_configs import PoolingType
 
     from mlet_torchrec.serving.collapse import collapse
+    from mlet_torchrec.training.distributed import init_distributed
 
+    init_distributed("cpu")  # this worker's own group: collapse joins it and leaves it up for what follows
     report = collapse(run, out4, check_split=None, output_sharding="row_wise")
 
     # stock TorchRec only from here: tables from the manifest, TorchRec's own sharder and planner

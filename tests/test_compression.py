@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta
+from mlet_torchrec.io import OutputError
 from mlet_torchrec.serving.compression import (
     _errors,
     compression_study,
@@ -141,8 +142,10 @@ def test_write_hashed_dataset(synth_dataset, tmp_path):
     # hashing a hashed data set keeps the original cardinalities as the A.4.4 reference
     again = write_hashed_dataset(out, tmp_path / "again", {"C2": 0.5})
     assert unhashed_cardinalities(again) == meta.cardinalities()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match="--overwrite"):
         write_hashed_dataset(data, out, {"C4": 0.5})
+    with pytest.raises(OutputError, match="input"):  # the copy must not replace its own source
+        write_hashed_dataset(data, data, {"C4": 0.5}, overwrite=True)
     assert main(["hash", "--input", str(data), "--output", str(tmp_path / "cli"), "C4=0.5", "C2=3"]) == 0
     assert DatasetMeta.load(tmp_path / "cli").cardinalities()["C2"] == 3
     assert main(["hash", "--input", str(data), "--output", str(tmp_path / "cli2"), "C4"]) == 2
@@ -163,7 +166,8 @@ def test_svd_factors_are_the_best_low_rank_approximation():
 
 
 def test_study_on_a_collapsed_model(synth_dataset, tmp_path):
-    from mlet_torchrec.serving.collapse import collapse, load_collapsed
+    from mlet_torchrec.serving.artifact import load_collapsed
+    from mlet_torchrec.serving.collapse import collapse
     from test_collapse import fake_run
 
     run = fake_run(tmp_path / "run", synth_dataset(), ["embedding.k=null", "embedding.d=8"])  # single-layer

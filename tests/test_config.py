@@ -65,3 +65,43 @@ def test_bad_files(tmp_path):
     (tmp_path / "broken.yaml").write_text("data: {path: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "broken.yaml")
+
+
+def test_every_config_error_is_one_line_and_a_user_error(tmp_path):
+    from mlet_torchrec.errors import UserError
+
+    (tmp_path / "two.yaml").write_text("embedding: {d: 0, dd: 1}\ntrain: {batch_size: x}\n")
+    (tmp_path / "broken.yaml").write_text("data: {path: [\n  x\n")
+    for path in ("two.yaml", "broken.yaml"):
+        with pytest.raises(UserError) as err:
+            load_config(tmp_path / path)
+        assert "\n" not in str(err.value) and str(tmp_path / path) in str(err.value)
+    assert "embedding.d: Input should be greater than 0 (got 0); embedding.dd: unknown key" in _message(
+        tmp_path / "two.yaml")
+
+
+def _message(path) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    return str(err.value)
+
+
+def test_packaged_configs_by_name(tmp_path, monkeypatch):
+    from mlet_torchrec.config import packaged_config_names
+
+    names = packaged_config_names()
+    assert {"tiny", "demo", "models/deepfm", "synth/demo"} <= set(names)
+    assert len(names) == len(list(CONFIGS.rglob("*.yaml")))
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the names resolve to the package's copies
+    assert load_config("tiny") == load_config(CONFIGS / "tiny.yaml")
+    assert load_config("models/deepfm.yaml").model.name == "deepfm"
+    with pytest.raises(ConfigError, match=r"config file nope does not exist and is not a packaged config name \(.*tiny"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("../configs/tiny")  # names stay inside the package
+    # a file of that name wins over the packaged config
+    (tmp_path / "tiny").write_text("train: {batch_size: 7}\n")
+    assert load_config("tiny").train.batch_size == 7
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config("adir")

@@ -18,6 +18,7 @@ import pytest
 from data_pipes.convert.criteo import COLUMNS, DENSE, SPARSE, convert_criteo
 from data_pipes.convert.vocab import HashEncoder, hash_strings
 from data_pipes.schema import DatasetMeta
+from mlet_torchrec.io import MARKER, OutputError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CRITEO = DATA / "criteo_kaggle"
@@ -235,19 +236,62 @@ def test_overwrite_replaces_a_dataset_only(tmp_path):
     out = tmp_path / "out"
     convert_criteo(src, out, min_count=1, progress=False)
     before = json.loads((out / "metadata.json").read_text())
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    assert json.loads((out / MARKER).read_text())["command"] == "convert criteo"
+    with pytest.raises(OutputError, match="--overwrite"):
         convert_criteo(src, out, min_count=1, progress=False)
     assert json.loads((out / "metadata.json").read_text()) == before
     meta = convert_criteo(src, out, min_count=1, seed=3, overwrite=True, progress=False).meta
     assert meta.source["options"]["seed"] == 3
     other = tmp_path / "precious"
-    other.mkdir()
+    (other / "sub").mkdir(parents=True)
     (other / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a converted data set"):
+    (other / "sub" / "thesis.tex").write_text("chapter 1")
+    with pytest.raises(OutputError, match="mlet did not write"):
         convert_criteo(src, other, overwrite=True, progress=False)
-    assert (other / "notes.txt").read_text() == "keep me"
+    assert (other / "notes.txt").read_text() == "keep me" and (other / "sub" / "thesis.tex").read_text() == "chapter 1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "precious", "syn.tsv"]
+
+
+def test_output_may_not_be_or_contain_an_input(tmp_path):
+    (tmp_path / "in").mkdir()
+    src = write_rows(tmp_path / "in" / "syn.tsv", synthetic_rows(20))
+    for output in (src, tmp_path / "in"):
+        with pytest.raises(OutputError, match="input"):
+            convert_criteo(src, output, min_count=1, overwrite=True, progress=False)
+    days = tmp_path / "days"
+    days.mkdir()
+    for d in range(2):
+        write_rows(days / f"day_{d}", synthetic_rows(10))
+    with pytest.raises(OutputError, match="contains the input"):
+        convert_criteo(days, days, overwrite=True, progress=False)
+    assert src.is_file() and sorted(p.name for p in days.iterdir()) == ["day_0", "day_1"]
 
 
 def test_columns_constant():
     assert COLUMNS[:2] == ["label", "I1"] and len(COLUMNS) == 40
+
+
+def _content_digest(root: Path) -> str:
+    import hashlib
+
+    meta = DatasetMeta.load(root)
+    h = hashlib.sha256()
+    for split in meta.splits:
+        h.update(split.encode())
+        for p in meta.files(root, split):
+            for c in pq.read_table(p).columns:
+                h.update(repr(c.to_pylist()).encode())
+    return h.hexdigest()
+
+
+def test_output_is_pinned(tmp_path):
+    # pinned values: a change to the split assignment, the string hash or the vocabulary order would
+    # silently change every re-converted data set
+    lines = ["\t".join([str(i % 2)] + [str((i * j) % 17) if (i + j) % 5 else "" for j in range(13)]
+                       + [f"{(i * 7 + j * 13) % (j + 3):08x}" for j in range(26)]) for i in range(300)]
+    (tmp_path / "t.tsv").write_text("\n".join(lines) + "\n")
+    vocab = convert_criteo(tmp_path / "t.tsv", tmp_path / "v", min_count=2, progress=False, seed=5).meta
+    convert_criteo(tmp_path / "t.tsv", tmp_path / "h", hash_buckets=13, progress=False, seed=5)
+    assert vocab.rows == {"train": 245, "valid": 28, "test": 27}
+    assert _content_digest(tmp_path / "v") == "dc4574eccada34c9e4e664ea10534b5fa97e09cb34e9c1ce0a65372902ca13b1"
+    assert _content_digest(tmp_path / "h") == "47082dc23a2f82a433f83d71172be63f8026e3dbe09aff7b3c79cc5b3ac505ad"

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from data_pipes.convert.avazu import parse_hour
-from data_pipes.convert.common import (_NUMBER_RE, BlockChecker, IssueCounter, TextSource, assign_splits,
-                                       check_fractions, dense_feature, iter_blocks, label01, row_uniforms)
+from data_pipes.convert.checks import _NUMBER_RE, BlockChecker, IssueCounter, dense_feature, label01
+from data_pipes.convert.splits import assign_splits, check_fractions, row_uniforms
+from data_pipes.convert.text import TextSource, iter_blocks
 from data_pipes.errors import DataError
 
 NUMBER = re.compile(_NUMBER_RE)
@@ -125,6 +126,14 @@ def test_split_assignment_does_not_depend_on_blocks(start, n, cut, seed):
     parts = np.concatenate([assign_splits(fr, seed, 0, start, cut), assign_splits(fr, seed, 0, start + cut, n - cut)])
     assert whole.tolist() == parts.tolist()
     assert set(whole.tolist()) <= {0, 1, 2}
+
+
+def test_split_assignment_is_pinned():
+    # pinned values: a change would silently move rows between the splits of re-converted data sets
+    assert row_uniforms(7, 2, 1000, 4).tolist() == [0.33439820337215287, 0.4477154590342701, 0.030801835650456133,
+                                                    0.5086620593758432]
+    assert assign_splits((0.8, 0.1, 0.1), 3, 0, 0, 20).tolist() == [0, 0, 0, 0, 1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0,
+                                                                    0, 2, 0, 1]
 
 
 def test_split_fractions_and_seeds():

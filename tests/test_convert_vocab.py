@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from data_pipes.convert.vocab import NULL_HASH, OOV_ID, HashEncoder, VocabCounter, hash_strings
+from data_pipes.hashing import mix64, splitmix64, unit_interval
 
 values = st.lists(st.one_of(st.none(), st.text(max_size=20), st.sampled_from(["", "a", "a\x00", "abcdefgh",
                                                                                "abcdefgh\x00", "ab"])),
@@ -43,6 +44,17 @@ def test_hash_is_stable_across_runs():
     assert hash_strings(pa.array(["68fd1e64", "", None, "a much longer categorical value"])).tolist() == [
         2024217630740360524, 11286133854226296554, 7640891576956012808, 8201769870534047778]
     assert int(hash_strings(pa.array(["abc"]))[0]) == 4658521565417623649
+
+
+def test_splitmix64_is_pinned():
+    # the one splitmix64 of data_pipes (synth's planted tables, the converters' split assignment)
+    x = np.array([0, 1, 2**63, 12345678901234567], dtype=np.uint64)
+    assert mix64(x).tolist() == [0, 6238072747940578789, 2720858781877447050, 8721909405978493183]
+    assert x.tolist() == [0, 1, 2**63, 12345678901234567], "mix64 must not modify its argument"
+    assert splitmix64(np.arange(3, dtype=np.uint64), 0).tolist() == [0, 16294208416658607535, 7960286522194355700]
+    assert splitmix64(np.array([5], dtype=np.uint64), 2**64 + 7).tolist() == splitmix64(np.array([5], np.uint64), 7).tolist()
+    u = unit_interval(splitmix64(np.arange(10_000, dtype=np.uint64), 3))
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
 
 
 @settings(max_examples=100, deadline=None)

@@ -1,5 +1,6 @@
-"""Static checks of the Dockerfile (no Docker engine here): its pip steps are the Makefile's, the
-CPU/CUDA switch, the entrypoint, .dockerignore, and hadolint when it is installed."""
+"""Static checks of the Dockerfile and docker/ (no container engine needed): its pip steps are the
+Makefile's, the stages, the CPU/CUDA switch, the package index as a build secret, the entrypoint,
+.dockerignore, containers.conf, and hadolint when it is installed. tests/test_image.py runs the image."""
 
 import argparse
 import fnmatch
@@ -9,7 +10,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import tomllib
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -47,9 +51,22 @@ def _dockerfile_instructions() -> list:
     return out
 
 
-def _dockerfile_pip_installs() -> list:
-    steps = []
+def _stages() -> dict:
+    """Stage name -> its instructions (FROM line first)."""
+    stages, current = {}, None
     for keyword, rest in _dockerfile_instructions():
+        if keyword == "FROM":
+            tokens = rest.split()
+            assert len(tokens) == 3 and tokens[1].upper() == "AS", rest  # every stage is named
+            current = stages.setdefault(tokens[2], [])
+        if current is not None:
+            current.append((keyword, rest))
+    return stages
+
+
+def _dockerfile_pip_installs(instructions: Optional[list] = None) -> list:
+    steps = []
+    for keyword, rest in instructions if instructions is not None else _dockerfile_instructions():
         if keyword != "RUN":
             continue
         for command in rest.split("&&"):
@@ -63,7 +80,38 @@ def _dockerfile_pip_installs() -> list:
 def test_pip_steps_are_the_makefiles():
     makefile = _makefile_pip_installs()
     assert len(makefile) == 3, makefile  # deps, torchrec --no-deps, the project -e
-    assert _dockerfile_pip_installs() == makefile
+    deps, torchrec, project = makefile
+    stages = _stages()
+    # the runtime stack: the Makefile's steps without the dev requirements ...
+    dev = deps.index("requirements-dev.txt")
+    assert deps[dev - 1] == "-r"
+    runtime_deps = deps[: dev - 1] + deps[dev + 1 :]
+    assert runtime_deps == ["--upgrade", "-r", "requirements.txt"]
+    assert _dockerfile_pip_installs(stages["base"]) == [runtime_deps, torchrec, project]
+    # ... which the test stage adds with the Makefile's own first step
+    assert _dockerfile_pip_installs(stages["test"]) == [deps]
+
+
+def test_stages():
+    stages = _stages()
+    assert list(stages) == ["base", "test", "runtime"]  # runtime last: the default target
+    assert stages["base"][0] == ("FROM", "${PYTHON_IMAGE} AS base")
+    assert stages["test"][0] == ("FROM", "base AS test") and stages["runtime"] == [("FROM", "base AS runtime")]
+    # build args are per stage: the test stage's variant.sh needs the same ones
+    base_args = {r.partition("=")[0] for k, r in stages["base"] if k == "ARG"}
+    assert base_args <= {r.partition("=")[0] for k, r in stages["test"] if k == "ARG"}
+    users = [r for k, r in stages["test"] if k == "USER"]
+    assert users[-1] == "1000:1000"  # root only for its install step
+
+
+def test_package_index_is_a_build_secret_never_an_arg_or_env():
+    for keyword, rest in _dockerfile_instructions():
+        if keyword in ("ARG", "ENV"):
+            for name in ("INDEX_URL", "FIND_LINKS", "PIP_CERT", "TRUSTED_HOST"):
+                assert name not in rest or rest.startswith("TORCH_INDEX_URL"), rest
+        if keyword == "RUN" and "pip install" in rest:
+            assert rest.startswith("--mount=type=secret,id=pip-index --mount=type=secret,id=pip-cert "), rest
+            assert ". docker/variant.sh && " in rest
 
 
 def test_requirements_are_copied_before_they_are_installed():
@@ -122,6 +170,64 @@ def test_variant_cuda_swaps_only_fbgemm_for_its_cuda_build(tmp_path):
     assert "EXTRA_INDEX=https://download.pytorch.org/whl/cu128" in proc.stdout
 
 
+def test_variant_reads_the_index_secret_and_appends_the_torch_index(tmp_path):
+    secret = tmp_path / "pip-index.env"
+    secret.write_text("PIP_INDEX_URL='https://mirror.example/simple'\nPIP_EXTRA_INDEX_URL='file:///srv/a file:///srv/b'\n")
+    script = (f'. "{REPO / "docker" / "variant.sh"}" && echo "INDEX=$PIP_INDEX_URL" && '
+              'echo "EXTRA_INDEX=$PIP_EXTRA_INDEX_URL" && env | grep -c "^PIP_INDEX_URL="')
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "TORCH_INDEX_URL"}
+    shutil.copy(REPO / "requirements.txt", tmp_path / "requirements.txt")
+
+    def run(**env):
+        return subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                              env={**clean, "VARIANT": "cpu", "PIP_INDEX_ENV": str(secret), **env})
+
+    out = run().stdout.splitlines()
+    assert out == ["INDEX=https://mirror.example/simple",
+                   "EXTRA_INDEX=file:///srv/a file:///srv/b https://download.pytorch.org/whl/cpu", "1"]  # exported
+    assert run(TORCH_INDEX_URL="none").stdout.splitlines()[1] == "EXTRA_INDEX=file:///srv/a file:///srv/b"
+
+
+def _pip_index(tmp_path: Path, *args: str, **pip_env: str) -> subprocess.CompletedProcess:
+    # only the given PIP_* settings: no config files (PIP_CONFIG_FILE=/dev/null), nothing from this machine
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    return subprocess.run([sys.executable, str(REPO / "docker" / "pip_index.py"), *args], capture_output=True,
+                          text=True, timeout=120, env={**clean, "PIP_CONFIG_FILE": os.devnull, **pip_env})
+
+
+def test_pip_index_writes_secrets_and_names_local_directories(tmp_path):
+    (tmp_path / "repo" / "simple").mkdir(parents=True)
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "ca.pem").write_text("CERT")
+    proc = _pip_index(tmp_path, str(tmp_path / "secrets"),
+                      PIP_INDEX_URL=f"file://{tmp_path}/repo/simple", PIP_FIND_LINKS=str(tmp_path / "wheels"),
+                      PIP_CERT=str(tmp_path / "ca.pem"))
+    assert proc.returncode == 0, proc.stderr
+    # an index's .../simple pages link into its parent (ROOT/files), so the parent is mounted
+    assert proc.stdout.split() == [str(tmp_path / "repo"), str(tmp_path / "wheels")]
+    env = (tmp_path / "secrets" / "pip-index.env").read_text()
+    assert f"PIP_INDEX_URL=file://{tmp_path}/repo/simple" in env and f"PIP_FIND_LINKS={tmp_path}/wheels" in env
+    assert "PIP_CERT=/run/secrets/pip-cert" in env and "PIP_EXTRA_INDEX_URL" not in env
+    assert (tmp_path / "secrets" / "pip-cert").read_text() == "CERT"
+
+
+def test_pip_index_fails_in_one_line_when_no_index_is_usable(tmp_path):
+    proc = _pip_index(tmp_path, str(tmp_path / "secrets"), PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path / "nowhere"))
+    assert proc.returncode == 2
+    error = [line for line in proc.stderr.splitlines() if "warning" not in line]
+    assert len(error) == 1 and error[0].startswith("pip_index.py: no package index reachable"), proc.stderr
+    assert not (tmp_path / "secrets").exists()
+
+
+def test_containers_conf():
+    conf = tomllib.loads((REPO / "docker" / "containers.conf").read_text())
+    assert conf["engine"]["runtime"] == "runc"
+    assert sorted(conf["containers"]["default_ulimits"]) == ["nofile=4096:4096", "nproc=4096:4096"]
+    # the one place: the build script and the image tests point podman at it
+    assert "docker/containers.conf" in (REPO / "docker" / "build-image.sh").read_text()
+    assert '"docker" / "containers.conf"' in (REPO / "tests" / "test_image.py").read_text()
+
+
 def test_variant_rejects_unknown_values(tmp_path):
     proc = _source_variant(tmp_path, "rocm")
     assert proc.returncode != 0 and "VARIANT must be cpu or cuda" in proc.stderr
@@ -147,6 +253,9 @@ def test_entrypoint_subcommands_match_the_cli():
         (["train-helper", "x"], "HELPER:x"),  # any other program on PATH
         (["train"], "MLET:train"),  # a subcommand wins over a program of the same name
         (["no-such-program", "x"], "MLET:no-such-program x"),
+        # outputs that can be written pass the writability check (the failing case: tests/test_image.py)
+        (["synth", "--output", "{tmp}/new/deeper", "rows=10"], "MLET:synth --output {tmp}/new/deeper rows=10"),
+        (["train", "--config", "c.yaml", "run.dir={tmp}/r"], "MLET:train --config c.yaml run.dir={tmp}/r"),
     ],
 )
 def test_entrypoint_dispatch(tmp_path, argv, expected):
@@ -154,16 +263,41 @@ def test_entrypoint_dispatch(tmp_path, argv, expected):
         (tmp_path / name).write_text(f"#!/bin/sh\n{body}\n")
         (tmp_path / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"}
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     proc = subprocess.run([str(REPO / "docker" / "entrypoint.sh"), *argv], env=env, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == expected
+    assert proc.stdout.strip() == expected.replace("{tmp}", str(tmp_path))
+
+
+def test_entrypoint_refuses_an_unwritable_output_in_one_line():
+    # as uid 1000 like the image (root writes anywhere); tests/test_image.py checks it in the image too
+    as_user = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv to drop to uid 1000")
+        as_user = ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups"]
+    with tempfile.TemporaryDirectory() as tmp:  # not tmp_path: uid 1000 must be able to reach it
+        tmp_path = Path(tmp)
+        tmp_path.chmod(0o755)
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        (tmp_path / "mlet").write_text("#!/bin/sh\necho RAN\n")
+        (tmp_path / "mlet").chmod(0o755)
+        entrypoint = tmp_path / "entrypoint.sh"
+        shutil.copy(REPO / "docker" / "entrypoint.sh", entrypoint)
+        env = {**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"}
+        proc = subprocess.run([*as_user, str(entrypoint), "collapse", "--input", "r", "--output", str(locked / "out")],
+                              env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "RAN" not in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"mlet-entrypoint: cannot write {locked}/out")
 
 
 def test_scripts_are_valid_shell():
-    for script in ("entrypoint.sh", "variant.sh"):
+    for script in ("entrypoint.sh", "variant.sh", "build-image.sh", "bootstrap-base.sh"):
         subprocess.run(["bash", "-n", str(REPO / "docker" / script)], check=True, timeout=30)
-    assert os.access(REPO / "docker" / "entrypoint.sh", os.X_OK)
+    for script in ("entrypoint.sh", "build-image.sh", "bootstrap-base.sh"):
+        assert os.access(REPO / "docker" / script, os.X_OK), script
 
 
 def _ignored(path: str, patterns: list) -> bool:

@@ -10,7 +10,10 @@ import torch
 import yaml
 
 from data_pipes.reader import ParquetBatchReader
-from mlet_torchrec.serving.collapse import collapse, load_collapsed
+from mlet_torchrec.errors import UserError
+from mlet_torchrec.io import OutputError
+from mlet_torchrec.serving.artifact import load_collapsed
+from mlet_torchrec.serving.collapse import collapse
 from mlet_torchrec.serving.export import (
     INT8_MODEL,
     SERVING_MD,
@@ -85,7 +88,7 @@ def test_check_needs_the_data_unless_no_check(collapsed, tmp_path):
     config = yaml.safe_load((moved / "config.yaml").read_text())
     config["data"]["path"] = str(tmp_path / "gone")
     (moved / "config.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(FileNotFoundError, match="--no-check"):
+    with pytest.raises(UserError, match="--no-check"):
         export(moved, tmp_path / "out", int8=True)
     assert not (tmp_path / "out").exists()
 
@@ -107,14 +110,14 @@ def test_quality_failure_and_bad_requests(collapsed, tmp_path):
     with pytest.raises(Int8QualityError, match="tolerance"):
         export(collapsed, tmp_path / "out", int8=True, auc_tolerance=-1.0)
     assert not (tmp_path / "out").exists()  # a failed check writes nothing
-    with pytest.raises(ValueError, match="nothing to export"):
+    with pytest.raises(UserError, match="nothing to export"):
         export(collapsed, tmp_path / "out", int8=False)
-    with pytest.raises(ValueError, match="format"):
+    with pytest.raises(UserError, match="format"):
         export(collapsed, tmp_path / "out", int8=False, formats=("parquet",))
-    with pytest.raises(FileNotFoundError, match="mlet collapse"):
+    with pytest.raises(UserError, match="mlet collapse"):
         export(tmp_path, tmp_path / "out")
     export(collapsed, tmp_path / "out", int8=False, formats=("npy",))
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match="--overwrite"):
         export(collapsed, tmp_path / "out", int8=False, formats=("npy",))
 
 

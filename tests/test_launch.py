@@ -113,14 +113,14 @@ def test_collapse_and_evaluate_are_single_process():
     for role in (c, e):
         cmd = shlex.split(role.args[1])
         assert role.num_replicas == 1 and cmd[cmd.index("--nproc_per_node") + 1] == "1"
-    assert _mlet_args(c) == ["collapse", "--checkpoint", "runs/a", "--output", "runs/a/collapsed",
+    assert _mlet_args(c) == ["collapse", "--input", "runs/a", "--output", "runs/a/collapsed",
                              "--check-split", "test", "--overwrite"]
     assert c.max_retries == 1 and c.name == "collapse"
-    assert _mlet_args(e) == ["evaluate", "--checkpoint", "runs/a/collapsed", "--split", "valid"]
+    assert _mlet_args(e) == ["evaluate", "--input", "runs/a/collapsed", "--split", "valid"]
     assert e.resource.gpu == 1 and e.name == "evaluate"
 
 
-def test_component_commands_parse_with_the_mlet_cli():
+def test_component_commands_parse_with_the_mlet_cli(capsys):
     import argparse
 
     from mlet_torchrec.cli import build_parser
@@ -132,6 +132,7 @@ def test_component_commands_parse_with_the_mlet_cli():
                 components.evaluate("runs/a", split="valid")):
         args = parser.parse_args(_mlet_args(app.roles[0]))
         assert args.command in sub.choices and args.command == app.roles[0].name
+    assert "deprecated" not in capsys.readouterr().err  # the components speak the current flag vocabulary
 
 
 # ---------------------------------------------------------------- --dryrun per scheduler
@@ -167,7 +168,7 @@ def test_kubernetes_dryrun_uses_torchxconfig_queue_and_image():
     (task,) = job["spec"]["tasks"]
     (container,) = task["template"]["spec"]["containers"]
     assert container["image"] == "mlet-torchrec:cpu"  # [component:launch/components.py:evaluate]
-    assert container["command"][2].endswith("-m mlet_torchrec.cli evaluate --checkpoint /mnt/runs/x --split test")
+    assert container["command"][2].endswith("-m mlet_torchrec.cli evaluate --input /mnt/runs/x --split test")
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
 
 

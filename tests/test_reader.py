@@ -18,6 +18,7 @@ from torchrec.datasets.utils import Batch
 import data_pipes.reader as reader_mod
 from data_pipes.errors import DataError
 from data_pipes.reader import ParquetBatchReader, make_dataloader
+from data_pipes.rows import join_batches
 from data_pipes.schema import DatasetMeta, SparseFeature
 
 Row = Tuple[float, Tuple[float, ...], Tuple[Tuple[int, ...], ...]]
@@ -60,11 +61,12 @@ def all_rows(batches: Iterable[Batch], keys: Sequence[str]) -> List[Row]:
 
 def iterate_as_worker(reader: ParquetBatchReader, monkeypatch, worker: int, workers: int) -> List[Batch]:
     """What DataLoader worker ``worker`` of ``workers`` yields (without starting processes)."""
+    real = reader_mod.get_worker_info
     monkeypatch.setattr(reader_mod, "get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=workers))
     try:
         return list(reader)
     finally:
-        monkeypatch.setattr(reader_mod, "get_worker_info", lambda: None)
+        monkeypatch.setattr(reader_mod, "get_worker_info", real)
 
 
 CUSTOM_META = dict(
@@ -116,6 +118,13 @@ def d0s(batches: Iterable[Batch]) -> List[int]:
 # ---------------------------------------------------------------------------------------------- content
 
 
+def stream_order(rows: int, virtual_shards: int) -> List[int]:
+    """The unshuffled epoch order (data_pipes/order.py): stream row t is row t // V of shard t % V."""
+    lengths = [rows // virtual_shards + (v < rows % virtual_shards) for v in range(virtual_shards)]
+    starts = np.cumsum([0, *lengths])
+    return [int(starts[t % virtual_shards]) + t // virtual_shards for t in range(rows)]
+
+
 def test_batches_have_documented_shapes_and_exact_content(synth_dataset):
     root = synth_dataset(multi_hot_features=2, row_group_size=100)
     meta = DatasetMeta.load(root)
@@ -135,12 +144,17 @@ def test_batches_have_documented_shapes_and_exact_content(synth_dataset):
         lengths = kjt.lengths().view(len(meta.sparse), n)
         assert (lengths[:2] == 1).all()  # single-id features
         assert kjt.length_per_key() == lengths.sum(1).tolist()
-    # every row, in file order, exactly as stored
-    assert all_rows(batches, meta.sparse_names()) == split_rows(root, "train")
+    # every row exactly as stored, in the interleaved order of the virtual shards (within a batch, by shard)
+    stored = split_rows(root, "train")
+    order = stream_order(total, 96)
+    got = all_rows(batches, meta.sparse_names())
+    for s in range(len(batches)):
+        assert sorted(got[64 * s:64 * (s + 1)]) == sorted(stored[i] for i in order[64 * s:64 * (s + 1)])
+    assert Counter(got) == Counter(stored)
 
     dropped = list(ParquetBatchReader(root, "train", 64))
-    assert len(dropped) == total // 64
-    assert all_rows(dropped, meta.sparse_names()) == split_rows(root, "train")[: 64 * (total // 64)]
+    assert len(dropped) == total // 64 == reader.num_batches() - 1
+    assert all_rows(dropped, meta.sparse_names()) == got[: 64 * (total // 64)]
 
 
 def test_no_dense_features_and_empty_bags(tmp_path):
@@ -160,15 +174,13 @@ def test_no_dense_features_and_empty_bags(tmp_path):
     assert b.labels.tolist() == [0, 1, 1, 0, 1]
 
 
-def test_batches_span_row_groups_and_files(tmp_path):
+def test_one_virtual_shard_reads_in_file_order_across_row_groups_and_files(tmp_path):
     root = write_custom(tmp_path / "d", [[5, 0, 7], [3, 20]])
-    reader = ParquetBatchReader(root, "train", 6, drop_last=False)
+    reader = ParquetBatchReader(root, "train", 6, drop_last=False, virtual_shards=1)
     batches = list(reader)
     assert [b.labels.shape[0] for b in batches] == [6, 6, 6, 6, 6, 5]
     assert d0s(batches) == list(range(35))
-    meta = DatasetMeta.load(root)
     assert all_rows(batches, ["A", "B"]) == split_rows(root, "train")
-    assert meta.files(root, "train")[0].name == "part-00000.parquet"
 
 
 def test_reads_row_groups_never_whole_files(tmp_path, monkeypatch):
@@ -179,65 +191,95 @@ def test_reads_row_groups_never_whole_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pq.ParquetFile, "read", forbidden)
     monkeypatch.setattr(pq, "read_table", forbidden)
-    reader = ParquetBatchReader(root, "train", 4)
-    assert d0s(reader) == list(range(28))
+    reader = ParquetBatchReader(root, "train", 4, virtual_shards=3)
+    assert sorted(d0s(reader)) == sorted(stream_order(30, 3)[:28])
     # and the batch count comes from footers alone
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", forbidden)
-    assert reader.num_batches() == 7 and reader.num_batches(3) == 6 and reader.num_rows() == 30
+    assert reader.num_batches() == 7 and reader.num_batches(3) == 7 and reader.num_rows() == 30
+    assert reader.rows_per_epoch() == 28
 
 
 # ---------------------------------------------------------------------------------------------- splitting
 
 
+def global_steps(root: Path, batch: int, world_size: int, epoch: int = 1, **kw) -> List[List[int]]:
+    """Per global step, the sorted rows (d0) all ranks of ``world_size`` read; checks the local sizes."""
+    per_rank = []
+    for rank in range(world_size):
+        reader = ParquetBatchReader(root, "train", batch // world_size, rank=rank, world_size=world_size, **kw)
+        reader.set_epoch(epoch)
+        per_rank.append([d0s([b]) for b in reader])
+        assert len(per_rank[-1]) == reader.num_batches()
+    steps = [sorted(r for ranks in per_rank for r in ranks[s]) for s in range(len(per_rank[0]))]
+    if kw.get("drop_last", True):
+        assert all(len(ranks[s]) == batch // world_size for ranks in per_rank for s in range(len(steps)))
+    return steps
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_ranks_are_disjoint_and_cover_all_rows(synth_dataset, shuffle):
-    root = synth_dataset(multi_hot_features=1, row_group_size=70)
-    keys = DatasetMeta.load(root).sparse_names()
-    ranks = [ParquetBatchReader(root, "train", 32, rank=r, world_size=2, drop_last=False, shuffle=shuffle, seed=3)
-             for r in range(2)]
-    rows = [all_rows(r, keys) for r in ranks]
-    assert rows[0] and rows[1]
-    assert Counter(rows[0]) + Counter(rows[1]) == Counter(split_rows(root, "train"))
-    assert not set(rows[0]) & set(rows[1])
+@pytest.mark.parametrize("virtual_shards", [96, 12])
+def test_global_batches_do_not_depend_on_world_size(tmp_path, shuffle, virtual_shards):
+    root = write_custom(tmp_path / "d", [[50, 7, 64, 13], [100, 1, 33], [0, 45]])  # 313 rows
+    for drop_last in (True, False):
+        kw = dict(shuffle=shuffle, seed=5, virtual_shards=virtual_shards, drop_last=drop_last)
+        reference = global_steps(root, 24, 1, **kw)
+        for world_size in (2, 3, 4, 6, 8):  # 8 does not divide 12 shards: same batches, more reading
+            assert global_steps(root, 24, world_size, **kw) == reference, (world_size, drop_last)
+        seen = [r for step in reference for r in step]
+        assert len(seen) == len(set(seen)) == (313 // 24 * 24 if drop_last else 313)
 
 
-def test_dataloader_workers_yield_the_same_rows(synth_dataset):
+def test_a_rank_decodes_only_its_shards(tmp_path, monkeypatch):
+    root = write_custom(tmp_path / "d", [[10] * 6, [10] * 6])  # 12 row groups = 12 shards of 10 rows
+    decoded: List[Tuple[int, int]] = []
+    orig = ParquetBatchReader._read
+    monkeypatch.setattr(ParquetBatchReader, "_read",
+                        lambda self, pf, f, g: decoded.append((f, g)) or orig(self, pf, f, g))
+    for world_size in (1, 2, 3, 4, 6, 12, 5):
+        for rank in range(world_size):
+            for shuffle in (False, True):
+                decoded.clear()
+                reader = ParquetBatchReader(root, "train", 2, rank=rank, world_size=world_size, shuffle=shuffle,
+                                            virtual_shards=12, drop_last=False)
+                list(reader)
+                groups = {6 * f + g for f, g in decoded}
+                if 12 % world_size:  # gcd(12, 5) = 1: every rank decodes all of it
+                    assert len(groups) == 12
+                elif shuffle:  # shard v is some row group, decoded once
+                    assert len(groups) == len(decoded) == 12 // world_size
+                else:  # shard v is row group v
+                    assert sorted(groups) == sorted(decoded_ids(decoded)) == list(range(rank, 12, world_size))
+
+
+def decoded_ids(decoded: List[Tuple[int, int]]) -> List[int]:
+    return [6 * f + g for f, g in decoded]
+
+
+def test_positions_and_workers_give_the_same_batches(synth_dataset, monkeypatch):
     root = synth_dataset(multi_hot_features=1, row_group_size=70)
-    keys = DatasetMeta.load(root).sparse_names()
-    reader = ParquetBatchReader(root, "train", 50, drop_last=False, shuffle=True, seed=1)
+    reader = ParquetBatchReader(root, "train", 50, rank=1, world_size=3, shuffle=True, seed=1)
     reader.set_epoch(2)
-    single = list(make_dataloader(reader, 0))
-    multi = list(make_dataloader(reader, 2))
-    assert all(isinstance(b, Batch) and isinstance(b.sparse_features, KeyedJaggedTensor) for b in multi)
-    assert len(multi) == reader.num_batches(2) and len(single) == reader.num_batches(0)
-    assert Counter(all_rows(multi, keys)) == Counter(all_rows(single, keys)) == Counter(split_rows(root, "train"))
-    # drop_last with real workers: the count is still the footer count
-    dropping = ParquetBatchReader(root, "train", 50, rank=1, world_size=2, shuffle=True, seed=1)
-    assert len(list(make_dataloader(dropping, 2))) == dropping.num_batches(2)
+    full = [fingerprint(b) for b in reader]
+    for workers in (1, 2, 3):  # worker parts, joined as make_dataloader joins real workers' parts
+        parts = [iterate_as_worker(reader, monkeypatch, w, workers) for w in range(workers)]
+        assert [fingerprint(join_batches(list(p), reader.keys)) for p in zip(*parts)] == full
+    assert [fingerprint(b) for b in make_dataloader(reader, 2)] == full  # real worker processes
+    reader.set_position(2, 7)
+    assert [fingerprint(b) for b in reader] == full[7:]
+    assert [fingerprint(b) for b in make_dataloader(reader, 2)] == full[7:]
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_num_batches_equals_iteration(tmp_path, monkeypatch, shuffle):
-    root = write_custom(tmp_path / "d", [[50, 7, 64, 13], [100, 1, 33], [0, 45]])
-    for world_size in (1, 2, 3):
-        for workers in (0, 1, 2, 3):
-            for drop_last in (True, False):
-                for rank in range(world_size):
-                    reader = ParquetBatchReader(root, "train", 16, rank=rank, world_size=world_size,
-                                                drop_last=drop_last, shuffle=shuffle, seed=5)
-                    reader.set_epoch(1)
-                    if workers == 0:
-                        got = len(list(reader))
-                    else:
-                        got = sum(len(iterate_as_worker(reader, monkeypatch, w, workers)) for w in range(workers))
-                    assert reader.num_batches(workers) == got, (world_size, rank, workers, drop_last)
+def fingerprint(b: Batch) -> tuple:
+    kjt = b.sparse_features
+    return (tuple(b.labels.tolist()), tuple(b.dense_features.flatten().tolist()), tuple(kjt.values().tolist()),
+            tuple(kjt.lengths().tolist()))
 
 
 def test_shuffle_is_deterministic_per_seed_and_epoch(tmp_path):
     root = write_custom(tmp_path / "d", [[10] * 12, [10] * 8])
 
-    def order(seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> List[int]:
-        r = ParquetBatchReader(root, "train", 10, rank=rank, world_size=world_size, shuffle=True, seed=seed)
+    def order(seed: int, epoch: int, shuffle: bool = True) -> List[int]:
+        r = ParquetBatchReader(root, "train", 10, shuffle=shuffle, seed=seed, virtual_shards=4)
         r.set_epoch(epoch)
         return d0s(r)
 
@@ -245,52 +287,35 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(tmp_path):
     assert order(0, 0) != order(0, 1)
     assert order(0, 0) != order(1, 0)
     assert sorted(order(0, 1)) == list(range(200))
-    assert order(0, 1) != list(range(200))
-    # ranks cut the same permutation: together they cover every row each epoch
-    for epoch in (0, 1):
-        parts = [order(4, epoch, r, 2) for r in range(2)]
-        assert sorted(parts[0] + parts[1]) == list(range(200))
-        whole = order(4, epoch)
-        units = [whole[i:i + 10] for i in range(0, 200, 10)]
-        assert parts[0] == [v for u in units[0::2] for v in u]
-    unshuffled = ParquetBatchReader(root, "train", 10)
-    unshuffled.set_epoch(3)
-    assert d0s(unshuffled) == list(range(200))
+    assert order(0, 3, shuffle=False) == order(1, 0, shuffle=False)
+    plain, stream = order(0, 0, shuffle=False), stream_order(200, 4)
+    assert all(sorted(plain[i:i + 10]) == sorted(stream[i:i + 10]) for i in range(0, 200, 10))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     files=st.lists(st.lists(st.integers(0, 30), min_size=1, max_size=5), min_size=1, max_size=3),
-    batch_size=st.integers(1, 40),
-    world_size=st.integers(1, 3),
-    workers=st.integers(0, 3),
+    local_batch=st.integers(1, 12),
+    world_size=st.integers(1, 5),
+    virtual_shards=st.sampled_from([1, 2, 6, 96]),
     drop_last=st.booleans(),
     shuffle=st.booleans(),
 )
-def test_property_counts_and_content(tmp_path_factory, monkeypatch, files, batch_size, world_size, workers,
-                                     drop_last, shuffle):
+def test_property_counts_and_content(tmp_path_factory, files, local_batch, world_size, virtual_shards, drop_last,
+                                     shuffle):
     root = write_custom(tmp_path_factory.mktemp("prop"), files)
     total = sum(map(sum, files))
-    seen: List[int] = []
-    for rank in range(world_size):
-        reader = ParquetBatchReader(root, "train", batch_size, rank=rank, world_size=world_size,
-                                    drop_last=drop_last, shuffle=shuffle, seed=7)
-        parts = ([list(reader)] if workers == 0 else
-                 [iterate_as_worker(reader, monkeypatch, w, workers) for w in range(workers)])
-        assert reader.num_batches(workers) == sum(map(len, parts))
-        for batches in parts:
-            sizes = [b.labels.shape[0] for b in batches]
-            assert all(s == batch_size for s in sizes[:-1])
-            if sizes:
-                assert sizes[-1] == batch_size or (not drop_last and 0 < sizes[-1] < batch_size)
-            seen += d0s(batches)
-            for b in batches:  # each row's content is the stored one
-                for row in batch_rows(b, ["A", "B"]):
-                    i = int(row[1][0])
-                    assert row == table_rows(custom_table(i, 1), DatasetMeta(**CUSTOM_META, splits={}))[0]
-    assert len(seen) == len(set(seen))
-    if not drop_last:
-        assert sorted(seen) == list(range(total))
+    kw = dict(drop_last=drop_last, shuffle=shuffle, seed=7, virtual_shards=virtual_shards)
+    steps = global_steps(root, local_batch * world_size, world_size, **kw)
+    assert steps == global_steps(root, local_batch * world_size, 1, **kw)
+    seen = [r for s in steps for r in s]
+    assert len(seen) == len(set(seen)) == (total if not drop_last else total // (local_batch * world_size)
+                                           * local_batch * world_size)
+    reader = ParquetBatchReader(root, "train", local_batch, rank=world_size - 1, world_size=world_size, **kw)
+    meta = DatasetMeta(**CUSTOM_META, splits={})
+    for b in reader:  # each row's content is the stored one
+        for row in batch_rows(b, ["A", "B"]):
+            assert row == table_rows(custom_table(int(row[1][0]), 1), meta)[0]
 
 
 # ---------------------------------------------------------------------------------------------- validation

@@ -29,6 +29,7 @@ import reliability_entry
 from data_pipes.synth import SynthConfig, generate
 from mlet_torchrec.training.checkpoint import complete_checkpoints, read_checkpoint_info
 from mlet_torchrec.config import ExperimentConfig, load_config
+from mlet_torchrec.io import MARKER, claim_directory
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +110,12 @@ def _assert_same_state(got: Path, ref: Path, tmp: Path, atol: float = 0.0) -> No
             torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-5, msg=lambda m: f"{key}: {m}")
 
 
+def _temporaries(run_dir: Path) -> list:
+    """Leftovers of checkpoint writes: io's hidden temporaries (and the old ``.tmp``/``.old`` names)."""
+    return [p.name for p in (run_dir / "checkpoints").iterdir()
+            if ".mlet-tmp-" in p.name or ".mlet-old-" in p.name or p.name.endswith((".tmp", ".old"))]
+
+
 def _final(run_dir: Path) -> Path:
     found = complete_checkpoints(run_dir / "checkpoints")
     assert found, f"no complete checkpoint in {run_dir}"
@@ -146,11 +153,13 @@ def test_checkpoints_are_complete_rotated_and_hold_the_position(reference, tmp_p
     found = complete_checkpoints(run_dir / "checkpoints")
     assert [p.name for p in found] == ["step_00000020", f"step_{TOTAL:08d}"]  # keep_checkpoints=2
     assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == f"step_{TOTAL:08d}"
-    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.endswith((".tmp", ".old"))]
+    assert not _temporaries(run_dir)
+    assert all((p / MARKER).is_file() for p in found)  # each checkpoint carries the io marker
+    assert (run_dir / MARKER).is_file()  # and so does the run directory mlet created
     info = read_checkpoint_info(found[0])
     assert info["step"] == 20 and info["world_size"] == 2
     assert info["position"] == {"epoch": 1, "batches_in_epoch": 8, "global_batch_size": 64, "num_workers": 0,
-                                "world_size": 2}
+                                "world_size": 2, "virtual_shards": 96, "rows_per_epoch": 768}
     assert info["plan"] and info["data_shape"]["rows"]["train"] == 800
     for name in ("config.yaml", "checkpoint.json", ".metadata", "rank_00000.pt", "rank_00001.pt"):
         assert (found[0] / name).is_file(), name
@@ -190,7 +199,8 @@ def test_resumed_run_equals_uninterrupted_run(dataset, stopped_two_ranks, refere
 def test_sigkilled_ranks_restart_from_the_last_checkpoint(dataset, reference, tmp_path):
     """torchrun --max-restarts 2: rank 1 is SIGKILLed after step 10 (checkpoint 8 exists); the restart
     resumes from 8; then rank 0 is SIGKILLed while writing checkpoint 16 (its shard files on disk,
-    nothing committed); the second restart resumes from 12, discards step_16.tmp and finishes with the
+    nothing committed); the second restart resumes from 12, discards step 16's hidden temporary
+    directory and finishes with the
     uninterrupted run's weights and optimizer state, bit for bit."""
     ref_dir, _, ref_summary = reference
     run_dir, out = tmp_path / "run", tmp_path / "out"
@@ -209,14 +219,15 @@ def test_sigkilled_ranks_restart_from_the_last_checkpoint(dataset, reference, tm
     starts = {a: json.loads((out / f"start.attempt{a}.json").read_text()) for a in (0, 1, 2)}
     assert starts[0]["latest"] is None
     assert starts[1]["latest"] == "step_00000008"
-    assert starts[2]["latest"] == "step_00000012" and "step_00000016.tmp" in starts[2]["dirs"]
+    assert starts[2]["latest"] == "step_00000012"
+    assert [d for d in starts[2]["dirs"] if d.startswith(".step_00000016.mlet-tmp-")]
     # the SIGKILLed ranks left no result; their peers failed in a collective and were restarted
     assert not (out / "result.rank1.attempt0.json").exists() and not (out / "result.rank0.attempt1.json").exists()
     final = json.loads((out / "result.rank0.attempt2.json").read_text())
     assert final["resumed_from"].endswith("step_00000012") and final["steps"] == TOTAL
     _assert_same_state(_final(run_dir), _final(ref_dir), tmp_path)
     assert final["test"] == ref_summary["test"]
-    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert not _temporaries(run_dir)
 
 
 # ----------------------------------------------------------------------------------- 4: resharding
@@ -276,7 +287,7 @@ def test_nan_loss_stops_every_rank_and_keeps_the_last_good_checkpoint(dataset, t
         assert "training loss became nan at step 10" in r["message"]
         assert "step_00000008, is intact" in r["message"] and "Lower the learning rates" in r["message"]
     assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step_00000004", "step_00000008"]
-    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert not _temporaries(run_dir)
     # the surviving checkpoint is whole and finite, and the run resumes from it
     state = _full_state(_final(run_dir), tmp_path)
     assert all(torch.isfinite(v).all() for v in state.values() if isinstance(v, torch.Tensor))
@@ -295,6 +306,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(dataset, reference
     injected into the DCP writer of rank 1."""
     run_dir, out = tmp_path / "run", tmp_path / "out"
     one = sum(f.stat().st_size for f in _final(reference[0]).iterdir())
+    claim_directory(run_dir, command="train")  # as mlet would; then the mount point in it is ours too
     mounted = _try_mount_tmpfs(run_dir / "checkpoints", int(one * 1.6) // 4096 * 4096)
     spec = {} if mounted else {"enospc": {"step": 8, "rank": 1}}
     try:

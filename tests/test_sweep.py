@@ -7,7 +7,6 @@ from mlet_torchrec.experiments.report import fmt, mean_std, verdict
 from mlet_torchrec.experiments.sweep import (
     ResultsStore,
     SweepSettings,
-    _row_frequency,
     budget_note,
     cell_key,
     expand_grid,
@@ -16,6 +15,7 @@ from mlet_torchrec.experiments.sweep import (
     plan_cells,
     run_sweep,
 )
+from mlet_torchrec.experiments.analysis import _row_frequency
 
 
 def test_parse_grid_reads_yaml_lists_none_and_aliases():
@@ -69,7 +69,8 @@ def test_store_appends_lines_and_survives_a_torn_last_line(tmp_path):
     store.append({"key": "c", "status": "ok"})
     assert [r["key"] for r in load_results(path)] == ["a", "c"]
     assert store.done_keys() == {"a", "c"}
-    assert path.read_text().count("\n") == 3
+    # the torn line is cut before the next append: every line is complete, the half record is absent
+    assert path.read_text().count("\n") == 2 and '"b"' not in path.read_text()
 
 
 def test_sweep_skips_cells_already_in_the_store(tmp_path, monkeypatch, capsys):
@@ -147,7 +148,7 @@ def test_plan_cells_with_tune_mlet_tunes_every_method_alike(tmp_path):
 
 
 def test_a_diverged_cell_is_recorded_and_skipped_on_rerun(tmp_path, monkeypatch):
-    import mlet_torchrec.experiments.sweep as sweep
+    import mlet_torchrec.experiments.cell as cell
     from mlet_torchrec.training.guardrails import TrainingDiverged
 
     calls = []
@@ -158,7 +159,7 @@ def test_a_diverged_cell_is_recorded_and_skipped_on_rerun(tmp_path, monkeypatch)
             raise TrainingDiverged("training loss became nan at step 3")
         return {"valid": {"auc": 0.5}, "test": {"auc": 0.5, "logloss": 0.7}}
 
-    monkeypatch.setattr(sweep, "_measure_cell", fake_here)
+    monkeypatch.setattr(cell, "_measure_cell", fake_here)
     s = SweepSettings(config=None, grid=parse_grid("embedding.k=[none,16]"), results=str(tmp_path / "r.jsonl"),
                       runs_dir=str(tmp_path / "runs"), nproc=1, in_process=True)
     assert run_sweep(s) == {"planned": 2, "skipped": 0, "ran": 2, "failed": 0}

@@ -1,5 +1,6 @@
 """The planted synthetic generator: determinism, ranges, skew, learnable labels, atomic output."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 from data_pipes import synth
 from data_pipes.schema import METADATA_FILE, DatasetMeta
 from data_pipes.synth import SynthConfig, generate, true_logits
+from mlet_torchrec.io import MARKER, OutputError
 
 
 def _read_split(root: Path, split: str) -> pa.Table:
@@ -183,16 +185,29 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     generate(SynthConfig(rows=300, num_sparse=2, max_cardinality=50), out, progress=False)  # empty dir: fine
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(OutputError, match="exists; pass --overwrite"):
         generate(SynthConfig(rows=300, num_sparse=2, max_cardinality=50, seed=3), out, progress=False)
     assert DatasetMeta.load(out).source["config"]["seed"] == 0
     generate(SynthConfig(rows=300, num_sparse=2, max_cardinality=50, seed=3), out, progress=False, overwrite=True)
     assert DatasetMeta.load(out).source["config"]["seed"] == 3
+    assert json.loads((out / MARKER).read_text())["command"] == "synth"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     (tmp_path / "file").write_text("x")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match="not a directory"):
         generate(SynthConfig(rows=300, num_sparse=2, max_cardinality=50), tmp_path / "file", progress=False)
-    assert (out / METADATA_FILE).is_file()
+    assert (out / METADATA_FILE).is_file() and (tmp_path / "file").read_text() == "x"
+
+
+def test_overwrite_never_replaces_foreign_files(tmp_path):
+    out = tmp_path / "thesis"
+    (out / "sub").mkdir(parents=True)
+    (out / "precious.txt").write_text("keep")
+    (out / "sub" / "thesis.tex").write_text("\\documentclass{article}")
+    with pytest.raises(OutputError, match="mlet did not write"):
+        generate(SynthConfig(rows=300, num_sparse=2, max_cardinality=50), out, progress=False, overwrite=True)
+    assert (out / "precious.txt").read_text() == "keep"
+    assert (out / "sub" / "thesis.tex").read_text() == "\\documentclass{article}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]
 
 
 @pytest.mark.parametrize(
@@ -219,3 +234,25 @@ def test_default_config_is_criteo_shaped():
     assert (cfg.rows, cfg.num_dense, cfg.num_sparse) == (200_000, 13, 26)
     assert cfg.cardinalities()[0] == 10 and cfg.cardinalities()[-1] == 1_000_000
     assert cfg.split_rows() == {"train": 160_000, "valid": 20_000, "test": 20_000}
+
+
+def _content_digest(root: Path) -> str:
+    import hashlib
+
+    meta = DatasetMeta.load(root)
+    h = hashlib.sha256()
+    for split in meta.splits:
+        for p in meta.files(root, split):
+            for c in pq.read_table(p).columns:
+                h.update(repr(c.to_pylist()).encode())
+    return h.hexdigest()
+
+
+def test_output_is_pinned(tmp_path):
+    # pinned values: a change to the keyed hashing or the draws would silently change every data set
+    cfg = SynthConfig(rows=600, num_dense=2, num_sparse=3, max_cardinality=500, multi_hot_features=1,
+                      row_group_size=128, row_groups_per_file=2, seed=11)
+    meta = generate(cfg, tmp_path / "s", progress=False)
+    assert _content_digest(tmp_path / "s") == "b168a449e5e359de58cfe194ba3005c28ac820ad8c53785507bb787437d76396"
+    assert meta.source["planted"] == {"intercept": -1.871860513680918, "dense_coef": 0.24769933248837542,
+                                      "interaction_coef": 0.45205762533381655, "id_bias_coef": 0.36011123283902613}

@@ -10,16 +10,33 @@
 
 Categorical ids come from vocabularies counted on the train split (values seen fewer than ``min_count``
 times -> id 0, the OOV id) or from hashing (``hash_buckets``); see :mod:`.vocab`. Memory does not grow
-with the input (text is read in blocks; see :mod:`.common`), output appears only when complete, and bad
+with the input (text is read in blocks; see :mod:`.job`), output appears only when complete, and bad
 input raises :class:`~data_pipes.errors.DataError` naming file, row and column (``lenient=True`` counts
 and maps bad values instead).
 """
 
 from data_pipes.convert.avazu import convert_avazu
-from data_pipes.convert.common import ConvertOptions, ConvertResult
 from data_pipes.convert.criteo import convert_criteo
+from data_pipes.convert.job import ConvertResult
 from data_pipes.convert.movielens import convert_movielens
-from data_pipes.convert.vocab import OOV_ID, HashEncoder, VocabCounter, Vocabulary, hash_strings
+from data_pipes.convert.options import ConvertOptions
+from data_pipes.convert.vocab import (
+           OOV_ID,
+           HashEncoder,
+           VocabCounter,
+           Vocabulary,
+           hash_strings,
+)
 
-__all__ = ["convert_criteo", "convert_avazu", "convert_movielens", "ConvertOptions", "ConvertResult", "OOV_ID",
-           "HashEncoder", "VocabCounter", "Vocabulary", "hash_strings"]
+__all__ = [
+           "OOV_ID",
+           "ConvertOptions",
+           "ConvertResult",
+           "HashEncoder",
+           "VocabCounter",
+           "Vocabulary",
+           "convert_avazu",
+           "convert_criteo",
+           "convert_movielens",
+           "hash_strings",
+]

@@ -23,10 +23,19 @@ from typing import Any, Optional, Sequence, Union
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_pipes.convert.checks import BlockChecker, label01
+from data_pipes.convert.job import (
+    ConvertJob,
+    ConvertResult,
+    FeatureSpec,
+    InputPart,
+    ParsedBlock,
+    run_job,
+)
+from data_pipes.convert.options import ConvertOptions
+from data_pipes.convert.splits import check_fractions
+from data_pipes.convert.text import RawBlock, TextSource, check_input_file, read_header
 from data_pipes.errors import DataError
-from data_pipes.convert.common import (BlockChecker, ConvertJob, ConvertOptions, ConvertResult, FeatureSpec,
-                                       InputPart, ParsedBlock, RawBlock, TextSource, check_fractions,
-                                       check_input_file, label01, read_header, run_job)
 
 CATEGORICAL = ["C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id", "app_domain",
                "app_category", "device_id", "device_ip", "device_model", "device_type", "device_conn_type",
@@ -93,7 +102,7 @@ def convert_avazu(input: PathLike, output: PathLike, *, split: Optional[Sequence
     Args:
         split: ``(train, valid, test)`` fractions of the random split (default 0.9/0.05/0.05).
         min_count: values seen fewer times in the train rows map to the OOV id 0.
-        **options: see :class:`~data_pipes.convert.common.ConvertOptions`.
+        **options: see :class:`~data_pipes.convert.options.ConvertOptions`.
     """
     opts = ConvertOptions(min_count=min_count, **options)
     fractions = check_fractions(split if split is not None else DEFAULT_SPLIT)
@@ -106,5 +115,14 @@ def convert_avazu(input: PathLike, output: PathLike, *, split: Optional[Sequence
     return run_job(job, output)
 
 
-__all__ = ["convert_avazu", "avazu_source", "parse_block", "parse_hour", "CATEGORICAL", "COLUMNS", "SPARSE",
-           "DEFAULT_MIN_COUNT", "DEFAULT_SPLIT"]
+__all__ = [
+    "CATEGORICAL",
+    "COLUMNS",
+    "DEFAULT_MIN_COUNT",
+    "DEFAULT_SPLIT",
+    "SPARSE",
+    "avazu_source",
+    "convert_avazu",
+    "parse_block",
+    "parse_hour",
+]

@@ -29,10 +29,19 @@ from typing import Any, List, Optional, Sequence, Union
 
 import pyarrow as pa
 
+from data_pipes.convert.checks import BlockChecker, dense_feature, label01
+from data_pipes.convert.job import (
+    ConvertJob,
+    ConvertResult,
+    FeatureSpec,
+    InputPart,
+    ParsedBlock,
+    run_job,
+)
+from data_pipes.convert.options import ConvertOptions
+from data_pipes.convert.splits import check_fractions
+from data_pipes.convert.text import RawBlock, TextSource
 from data_pipes.errors import DataError
-from data_pipes.convert.common import (BlockChecker, ConvertJob, ConvertOptions, ConvertResult, FeatureSpec,
-                                       InputPart, ParsedBlock, RawBlock, TextSource, check_fractions,
-                                       dense_feature, label01, run_job)
 
 DENSE = [f"I{i}" for i in range(1, 14)]
 SPARSE = [f"C{i}" for i in range(1, 27)]
@@ -86,7 +95,7 @@ def convert_criteo(input: PathLike, output: PathLike, *, valid: Optional[PathLik
         valid, test: explicit validation/test files; ``input`` is then the train split.
         split: ``(train, valid, test)`` fractions of a single-file random split (default 0.8/0.1/0.1).
         min_count: values seen fewer times in the train rows map to the OOV id 0.
-        **options: see :class:`~data_pipes.convert.common.ConvertOptions` (``hash_buckets``, ``seed``,
+        **options: see :class:`~data_pipes.convert.options.ConvertOptions` (``hash_buckets``, ``seed``,
             ``lenient``, ``overwrite``, ``progress``, ``block_size``, ``rows_per_file``, ...).
     """
     opts = ConvertOptions(min_count=min_count, **options)
@@ -123,5 +132,14 @@ def convert_criteo(input: PathLike, output: PathLike, *, valid: Optional[PathLik
     return run_job(job, output)
 
 
-__all__ = ["convert_criteo", "find_day_files", "criteo_source", "parse_block", "DENSE", "SPARSE", "COLUMNS",
-           "DEFAULT_MIN_COUNT", "DEFAULT_SPLIT"]
+__all__ = [
+    "COLUMNS",
+    "DEFAULT_MIN_COUNT",
+    "DEFAULT_SPLIT",
+    "DENSE",
+    "SPARSE",
+    "convert_criteo",
+    "criteo_source",
+    "find_day_files",
+    "parse_block",
+]

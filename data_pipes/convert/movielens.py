@@ -26,11 +26,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_pipes.convert.checks import BlockChecker, IssueCounter, parse_numbers
+from data_pipes.convert.job import (
+    ConvertJob,
+    ConvertResult,
+    FeatureSpec,
+    InputPart,
+    ParsedBlock,
+    run_job,
+)
+from data_pipes.convert.options import ConvertOptions
+from data_pipes.convert.splits import check_fractions
+from data_pipes.convert.text import (
+    RawBlock,
+    TextSource,
+    check_input_file,
+    iter_blocks,
+    read_header,
+)
 from data_pipes.errors import DataError
-from data_pipes.convert.common import (BlockChecker, ConvertJob, ConvertOptions, ConvertResult, FeatureSpec,
-                                       InputPart, IssueCounter, ParsedBlock, RawBlock, TextSource,
-                                       check_fractions, check_input_file, iter_blocks, parse_numbers,
-                                       read_header, run_job)
 
 DEFAULT_MIN_COUNT = 1
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)
@@ -158,7 +172,7 @@ def convert_movielens(input: PathLike, output: PathLike, *, split: Optional[Sequ
         min_count: values seen fewer times in the train rows map to the OOV id 0 (default 1).
         click_threshold: ``rating >= click_threshold`` is a click (label 1).
         drop_columns: side-table columns not to use as features.
-        **options: see :class:`~data_pipes.convert.common.ConvertOptions`.
+        **options: see :class:`~data_pipes.convert.options.ConvertOptions`.
     """
     opts = ConvertOptions(min_count=min_count, **options)
     fractions = check_fractions(split if split is not None else DEFAULT_SPLIT)
@@ -187,9 +201,17 @@ def convert_movielens(input: PathLike, output: PathLike, *, split: Optional[Sequ
     extra = {"label": f"rating >= {click_threshold:g}", "side_files": [str(s.path.absolute()) for s in sides],
              "dropped_columns": list(drop_columns)}
     job = ConvertJob(dataset="movielens", parts=[InputPart(source, parser)], dense=[], sparse=features,
-                     options=opts, fractions=fractions, split_rule=rule, extra_source=extra)
+                     options=opts, fractions=fractions, split_rule=rule, extra_source=extra,
+                     extra_inputs=[s.path for s in sides])
     return run_job(job, output)
 
 
-__all__ = ["convert_movielens", "load_side_table", "locate_files", "typed_header", "DEFAULT_MIN_COUNT",
-           "DEFAULT_SPLIT", "DEFAULT_DROP_COLUMNS"]
+__all__ = [
+    "DEFAULT_DROP_COLUMNS",
+    "DEFAULT_MIN_COUNT",
+    "DEFAULT_SPLIT",
+    "convert_movielens",
+    "load_side_table",
+    "locate_files",
+    "typed_header",
+]

@@ -1,7 +1,7 @@
 """Categorical ids: streamed vocabularies with a minimum count, or hashing into a fixed number of buckets.
 
-Every categorical value is first reduced to a stable 64-bit hash (:func:`hash_strings`, vectorised over
-Arrow's string buffers, the same on every machine and run). Vocabularies store hashes, never strings:
+Every categorical value is first reduced to a stable 64-bit hash (:func:`data_pipes.hashing.hash_strings`,
+vectorised over Arrow's string buffers, the same on every machine and run). Vocabularies store hashes, never strings:
 
 * :class:`VocabCounter` counts hashes over a stream of Arrow arrays (a first pass over the train split).
   Each chunk is reduced with ``pyarrow.compute.value_counts`` and the per-chunk ``(hash, count)`` pairs
@@ -43,93 +43,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_pipes.hashing import NULL_HASH, ArrayLike, hash_strings, single_chunk
+
 OOV_ID = 0
 
 _U64 = np.uint64
-_C1 = _U64(0xFF51AFD7ED558CCD)
-_C2 = _U64(0xC4CEB9FE1A85EC53)
-_SEED = _U64(0x9E3779B97F4A7C15)
-_LEN_MUL = _U64(0xD6E8FEB86659FD93)
-_S33 = _U64(33)
-#: The hash of a missing (null) value; distinct from the hash of any string with overwhelming probability.
-NULL_HASH = _U64(0x6A09E667F3BCC908)
-
-ArrayLike = Union[pa.Array, pa.ChunkedArray]
-
-
-def _fmix64(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finaliser (a bijection), in place on a uint64 array."""
-    h ^= h >> _S33
-    h *= _C1
-    h ^= h >> _S33
-    h *= _C2
-    h ^= h >> _S33
-    return h
-
-
-def _as_array(arr: ArrayLike) -> pa.Array:
-    if isinstance(arr, pa.ChunkedArray):
-        return arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
-    return arr
-
-
-def hash_strings(arr: ArrayLike) -> np.ndarray:
-    """Stable 64-bit hashes of a string or binary Arrow array (nulls hash to :data:`NULL_HASH`).
-
-    Vectorised: strings are laid out in a zero-padded ``(n, 8 * words)`` byte matrix and mixed one
-    64-bit word at a time (the length first, then ``max(1, ceil(len / 8))`` words, so the result does
-    not depend on the other strings of the chunk): O(total bytes) in NumPy, no Python loop per value.
-    ``string`` and ``binary`` values with the same bytes hash alike.
-    """
-    arr = _as_array(arr)
-    t = arr.type
-    if pa.types.is_dictionary(t):
-        return hash_strings(arr.cast(t.value_type))
-    if pa.types.is_string(t) or pa.types.is_binary(t):
-        off_dtype = np.int32
-    elif pa.types.is_large_string(t) or pa.types.is_large_binary(t):
-        off_dtype = np.int64
-    elif pa.types.is_null(t):
-        return np.full(len(arr), NULL_HASH, dtype=np.uint64)
-    else:
-        raise TypeError(f"hash_strings needs a string or binary array, got {t}")
-    n = len(arr)
-    if n == 0:
-        return np.empty(0, dtype=np.uint64)
-    bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=off_dtype, count=arr.offset + n + 1)[arr.offset:].astype(np.int64)
-    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.empty(0, np.uint8)
-    lengths = np.diff(offsets)
-    lo, hi = int(offsets[0]), int(offsets[-1])
-    maxlen = int(lengths.max())
-    width = max(8, (maxlen + 7) // 8 * 8)
-    if maxlen == int(lengths.min()):  # fixed width (e.g. Criteo's 8 hex digits): a reshape, no scatter
-        mat = np.zeros((n, width), dtype=np.uint8)
-        if maxlen:
-            mat[:, :maxlen] = data[lo:hi].reshape(n, maxlen)
-    else:
-        mat = np.zeros((n, width), dtype=np.uint8)
-        if hi > lo:
-            rows = np.repeat(np.arange(n), lengths)
-            cols = np.arange(lo, hi) - np.repeat(offsets[:-1], lengths)
-            mat[rows, cols] = data[lo:hi]
-    words = mat.view("<u8")
-    h = lengths.astype(np.uint64) * _LEN_MUL
-    h ^= _SEED
-    h ^= words[:, 0]
-    _fmix64(h)
-    for w in range(1, words.shape[1]):  # later words only for the strings that reach them
-        m = lengths > 8 * w
-        hm = h[m] ^ words[m, w]
-        h[m] = _fmix64(hm)
-    if arr.null_count:
-        h[arr.is_null().to_numpy(zero_copy_only=False)] = NULL_HASH
-    return h
 
 
 def _flat_values(arr: ArrayLike) -> pa.Array:
     """The values of a (list of) string array: lists are flattened, so a bag counts each element."""
-    arr = _as_array(arr)
+    arr = single_chunk(arr)
     if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
         return pc.list_flatten(arr)
     return arr
@@ -279,4 +202,4 @@ def _encode_by_dictionary(values: pa.Array, lookup) -> np.ndarray:
     return dict_ids[enc.indices.to_numpy(zero_copy_only=False)]
 
 
-__all__ = ["OOV_ID", "NULL_HASH", "hash_strings", "VocabCounter", "Vocabulary", "HashEncoder", "Encoder"]
+__all__ = ["NULL_HASH", "OOV_ID", "Encoder", "HashEncoder", "VocabCounter", "Vocabulary", "hash_strings"]

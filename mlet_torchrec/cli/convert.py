@@ -8,7 +8,7 @@
 
 Standalone (same arguments, no ``mlet`` needed): ``python -m mlet_torchrec.cli.convert criteo --input ...``.
 Each prints a one-line summary; bad input prints one ``error:`` line (file, row, column) and exits 2,
-leaving no output behind.
+leaving no output behind. ``--log-level`` as for every ``mlet`` subcommand.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from data_pipes.convert.common import DEFAULT_BLOCK_SIZE, DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROWS_PER_FILE
-from data_pipes.errors import DataError
-
-USER_ERRORS = (DataError, FileNotFoundError, FileExistsError, ValueError)
+from data_pipes.convert.options import DEFAULT_BLOCK_SIZE, DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROWS_PER_FILE
+from mlet_torchrec.cli import flags
+from mlet_torchrec.cli.entry import run
+from mlet_torchrec.cli.flags import example, existing
 
 
 def bucket_spec(text: str) -> Tuple[str, int]:
@@ -45,15 +45,15 @@ def buckets_dict(specs: Optional[Sequence[Tuple[str, int]]]) -> Optional[Dict[st
     for name, n in specs:
         if name in out:
             what = "a bare N" if name == "*" else name
-            raise ValueError(f"--hash-buckets gives {what} twice")
+            raise flags.UsageError(f"--hash-buckets gives {what} twice")
         out[name] = n
     return out
 
 
 def _common(p: argparse.ArgumentParser, default_min_count: int, default_split: Sequence[float],
             input_help: str) -> None:
-    p.add_argument("--input", type=Path, required=True, help=input_help)
-    p.add_argument("--output", type=Path, required=True, help="data set directory to create")
+    flags.add_input(p, input_help)
+    flags.add_output(p, "data set directory to create")
     p.add_argument("--min-count", type=int, default=default_min_count,
                    help=f"values seen fewer times in the train split map to the OOV id 0 (default {default_min_count})")
     p.add_argument("--hash-buckets", type=bucket_spec, nargs="+", metavar="N|FEATURE=N",
@@ -65,7 +65,7 @@ def _common(p: argparse.ArgumentParser, default_min_count: int, default_split: S
     p.add_argument("--lenient", action="store_true",
                    help="count bad values instead of failing: bad categorical/dense values -> OOV id / 0, rows "
                         "with a bad label or column count dropped; counts go to metadata.json")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing converted data set")
+    flags.add_overwrite(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar with rows/s on stderr (default: when stderr is a terminal)")
     p.add_argument("--block-size-mb", type=float, default=DEFAULT_BLOCK_SIZE / 2**20,
@@ -87,7 +87,7 @@ def _options(args: argparse.Namespace) -> dict:
 def _cmd_criteo(args: argparse.Namespace) -> int:
     from data_pipes.convert.criteo import convert_criteo
 
-    result = convert_criteo(args.input, args.output, valid=args.valid, test=args.test, **_options(args))
+    result = convert_criteo(existing(args.input), args.output, valid=args.valid, test=args.test, **_options(args))
     print(result.summary())
     return 0
 
@@ -95,14 +95,14 @@ def _cmd_criteo(args: argparse.Namespace) -> int:
 def _cmd_avazu(args: argparse.Namespace) -> int:
     from data_pipes.convert.avazu import convert_avazu
 
-    print(convert_avazu(args.input, args.output, **_options(args)).summary())
+    print(convert_avazu(existing(args.input), args.output, **_options(args)).summary())
     return 0
 
 
 def _cmd_movielens(args: argparse.Namespace) -> int:
     from data_pipes.convert.movielens import convert_movielens
 
-    result = convert_movielens(args.input, args.output, click_threshold=args.click_threshold,
+    result = convert_movielens(existing(args.input), args.output, click_threshold=args.click_threshold,
                                drop_columns=args.drop_columns, **_options(args))
     print(result.summary())
     return 0
@@ -113,6 +113,10 @@ def add_dataset_parsers(sub: "argparse._SubParsersAction") -> None:
     from data_pipes.convert import avazu, criteo, movielens
 
     p = sub.add_parser("criteo", help="Criteo Kaggle train.txt, 1TB day_N files, or train/valid/test files",
+                       parents=[flags.common_parent()], formatter_class=flags.EXAMPLE_FORMATTER,
+                       epilog=example("mlet convert criteo --input train.txt --output data/criteo --min-count 10",
+                                      "mlet convert criteo --input criteo_1tb/ --output data/criteo1tb "
+                                      "--hash-buckets 40000000"),
                        description="Criteo TSV (label, I1..I13, C1..C26) -> Parquet. --input FILE: seeded "
                                    "random split (--split). --input DIR of day_N files: time split (all days "
                                    "but the last -> train, the last -> valid/test 50/50). --input FILE --valid "
@@ -124,12 +128,17 @@ def add_dataset_parsers(sub: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=_cmd_criteo)
 
     p = sub.add_parser("avazu", help="Avazu train CSV (with header)",
+                       parents=[flags.common_parent()], formatter_class=flags.EXAMPLE_FORMATTER,
+                       epilog=example("mlet convert avazu --input train.gz --output data/avazu "
+                                      "--hash-buckets device_ip=1000000 device_id=500000"),
                        description="Avazu CSV -> Parquet: id dropped, hour -> hour_of_day and weekday, seeded "
                                    "random split (90% train, 10% held out, split evenly into valid and test).")
     _common(p, avazu.DEFAULT_MIN_COUNT, avazu.DEFAULT_SPLIT, "the Avazu train CSV with its header (may be .gz)")
     p.set_defaults(func=_cmd_avazu)
 
     p = sub.add_parser("movielens", help="MovieLens atomic files (ml-100k.inter/.user/.item)",
+                       parents=[flags.common_parent()], formatter_class=flags.EXAMPLE_FORMATTER,
+                       epilog=example("mlet convert movielens --input ml-100k/ --output data/ml100k"),
                        description="MovieLens -> Parquet: rating >= --click-threshold is a click; user and item "
                                    "side columns become categorical features (token_seq -> multi-hot bags).")
     _common(p, movielens.DEFAULT_MIN_COUNT, movielens.DEFAULT_SPLIT,
@@ -143,30 +152,26 @@ def add_dataset_parsers(sub: "argparse._SubParsersAction") -> None:
 def register(subparsers: "argparse._SubParsersAction") -> None:
     """Add ``convert`` (with ``criteo``, ``avazu``, ``movielens``) to the ``mlet`` command's subparsers."""
     p = subparsers.add_parser("convert", help="raw Criteo/Avazu/MovieLens files -> Parquet data set",
+                              parents=[flags.common_parent()], formatter_class=flags.EXAMPLE_FORMATTER,
+                              epilog=example("mlet convert criteo --input train.txt --output data/criteo",
+                                             "mlet convert criteo --help"),
                               description="Convert raw CTR files to the Parquet data set layout of "
                                           "data_pipes/schema.py, streaming (memory does not grow with the input).")
     add_dataset_parsers(p.add_subparsers(dest="dataset", required=True, metavar="{criteo,avazu,movielens}"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mlet_torchrec.cli.convert",
+    parser = argparse.ArgumentParser(prog="python -m mlet_torchrec.cli.convert", parents=[flags.common_parent()],
                                      description="Convert raw CTR files to a Parquet data set (= mlet convert).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="full tracebacks on errors")
     add_dataset_parsers(parser.add_subparsers(dest="dataset", required=True, metavar="{criteo,avazu,movielens}"))
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.verbose:
-        return args.func(args)
     try:
-        return args.func(args)
-    except USER_ERRORS as e:
-        print(f"convert {args.dataset}: error: {e}", file=sys.stderr)
-        return 2
+        return run(build_parser(), argv, lambda args: f"convert {args.dataset}")
     except KeyboardInterrupt:
-        print(f"convert {args.dataset}: interrupted; nothing was written", file=sys.stderr)
+        print("convert: interrupted; nothing was written", file=sys.stderr)
         return 130
 
 

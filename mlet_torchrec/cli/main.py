@@ -1,39 +1,48 @@
 """The ``mlet`` command: thin subcommands, each parsing its arguments and calling one function.
 
-    mlet train --config FILE [key.sub=value ...] [--nproc-per-node N]
-    mlet collapse --checkpoint DIR --output DIR [--nproc-per-node N] [--output-sharding same]
-    mlet export --collapsed DIR --output DIR [--int8] [--format safetensors|npy] [--no-check]
-    mlet evaluate --checkpoint DIR [--split test]
-    mlet synth --output DIR [key=value ...]
+    mlet train --config FILE_OR_NAME [key.sub=value ...] [--nproc-per-node N] [--seed S]
+    mlet collapse --input RUN_DIR --output DIR [--nproc-per-node N] [--output-sharding same]
+    mlet export --input COLLAPSED_DIR --output DIR [--int8] [--format safetensors|npy] [--no-check]
+    mlet evaluate --input RUN_OR_COLLAPSED_DIR [--split test]
+    mlet synth --output DIR [--config FILE_OR_NAME] [key=value ...]
     mlet convert criteo|avazu|movielens --input ... --output DIR
-    mlet demo
-    mlet sweep --config FILE --grid "embedding.d=[4,8] embedding.k=[none,64] seed=[0,1,2]" --results FILE
-    mlet report RESULTS --out DIR
+    mlet demo [--output DIR]
+    mlet sweep --config FILE_OR_NAME --grid "embedding.d=[4,8] embedding.k=[none,64] seed=[0,1,2]" --output FILE
+    mlet report --input RESULTS --output DIR
+
+Every subcommand takes ``--log-level``. A ``UserError`` (bad config, missing input, bad data...) prints
+one line ``mlet CMD: error: MESSAGE`` and exits 2; anything else is a bug and keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-from data_pipes.errors import DataError
-from mlet_torchrec.training.checkpoint import CheckpointError
-from mlet_torchrec.config import ConfigError, apply_overrides, load_config
-from mlet_torchrec.logs import configure_logging
+from mlet_torchrec.cli import flags
+from mlet_torchrec.cli.entry import run
+from mlet_torchrec.cli.flags import example, existing, require
+from mlet_torchrec.config import ConfigError, apply_overrides, load_config, read_config_mapping, read_config_text
 
-# Errors that are the user's input, printed as one line without a traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError)
+
+def _train_overrides(args: argparse.Namespace) -> List[str]:
+    """``--input``/``--output``/``--seed`` of ``train`` are short for ``data.path``/``run.dir``/``train.seed``."""
+    extra = [f"{key}={value}" for key, value in (("data.path", args.input), ("run.dir", args.output),
+                                                 ("train.seed", args.seed), ("run.plan", getattr(args, "plan", None)))
+             if value is not None]
+    return extra + list(args.overrides)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mlet_torchrec.training.launcher import in_distributed_job, train_local
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, _train_overrides(args))
     if args.nproc_per_node > 1 and not in_distributed_job():
-        summary = train_local(config, args.nproc_per_node, max_restarts=args.max_restarts, verbose=args.verbose)
+        summary = train_local(config, args.nproc_per_node, max_restarts=args.max_restarts, verbose=_verbose(args))
     else:
         from mlet_torchrec.training.train import train
 
@@ -42,16 +51,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(summary: Dict) -> None:
-    import os
+def _verbose(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "log_level", "INFO") == "DEBUG")
 
+
+def _print_summary(summary: Dict[str, Any]) -> None:
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2, default=str))
 
 
 def _cmd_collapse(args: argparse.Namespace) -> int:
-    import os
-
+    source = existing(require(args, "input", "--input"))  # before the imports: a typo fails in a second
+    output = require(args, "output", "--output")
     from mlet_torchrec.serving.collapse import collapse, collapse_local
     from mlet_torchrec.training.launcher import in_distributed_job
 
@@ -60,9 +71,9 @@ def _cmd_collapse(args: argparse.Namespace) -> int:
                   overwrite=args.overwrite, output_sharding=args.output_sharding, block_rows=args.block_rows,
                   accumulate=args.accumulate)
     if args.nproc_per_node > 1 and not in_distributed_job():
-        report = collapse_local(args.checkpoint, args.output, args.nproc_per_node, verbose=args.verbose, **kwargs)
+        report = collapse_local(source, output, args.nproc_per_node, verbose=_verbose(args), **kwargs)
     else:
-        report = collapse(args.checkpoint, args.output, **kwargs)
+        report = collapse(source, output, **kwargs)
     if os.environ.get("RANK", "0") != "0":
         return 0
     print(
@@ -80,9 +91,12 @@ def _cmd_collapse(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if not args.int8 and not args.format:
+        raise flags.UsageError("nothing to export: ask for --int8 and/or --format npy|safetensors")
+    source = existing(require(args, "input", "--input"))
     from mlet_torchrec.serving.export import export, format_report
 
-    report = export(args.collapsed, args.output, int8=args.int8, formats=args.format, check=not args.no_check,
+    report = export(source, args.output, int8=args.int8, formats=args.format, check=not args.no_check,
                     split=args.split, max_check_rows=args.max_check_rows, auc_tolerance=args.auc_tolerance,
                     overwrite=args.overwrite)
     print(format_report(report))
@@ -90,21 +104,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    source = existing(require(args, "input", "--input"))
     from mlet_torchrec.serving.artifact import evaluate_path
 
-    metrics = evaluate_path(args.checkpoint, args.split)
+    metrics = evaluate_path(source, args.split)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from data_pipes.synth import SynthConfig, generate
 
-    raw = apply_overrides({}, args.overrides)
+    raw: Dict[str, Any] = {} if args.config is None else read_config_mapping(args.config)[0]
+    raw = apply_overrides(raw, list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else []))
     try:
         cfg = SynthConfig.model_validate(raw)
-    except Exception as e:  # pydantic's message names the key and the allowed values
-        raise ConfigError(f"invalid synth settings: {e}") from None
+    except ValidationError as e:  # pydantic's message names the key and the allowed values
+        raise ConfigError(f"invalid synth settings: {' '.join(str(e).split())}") from None
     meta = generate(cfg, args.output, overwrite=args.overwrite)
     print(f"wrote {sum(meta.rows.values())} rows to {args.output} ({meta.rows})")
     return 0
@@ -113,7 +131,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mlet_torchrec.experiments.demo import run_demo
 
-    run_demo(Path(args.workdir), Path(args.data), nproc_per_node=args.nproc_per_node, overrides=args.overrides)
+    overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
+    run_demo(Path(args.output), Path(args.data), nproc_per_node=args.nproc_per_node, overrides=overrides)
     return 0
 
 
@@ -121,12 +140,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from mlet_torchrec.experiments.sweep import SweepSettings, parse_grid, run_sweep
 
     if args.tune and args.tune_baseline:
-        raise SystemExit("mlet sweep: give --tune (every method) or --tune-baseline (the baseline only), not both")
+        raise flags.UsageError("give --tune (every method) or --tune-baseline (the baseline only), not both")
+    if args.in_process and (args.nproc_per_node != 1 or args.parallel != 1):
+        raise flags.UsageError("--in-process needs --nproc-per-node 1 and --parallel 1")
+    if args.config is not None:
+        read_config_text(args.config)  # a missing config fails here, in one line, before any cell starts
     counts = run_sweep(SweepSettings(
         config=None if args.config is None else str(args.config), grid=parse_grid(args.grid),
         tune=parse_grid(args.tune or args.tune_baseline or ""), tune_mlet=bool(args.tune),
-        results=str(args.results), base_overrides=list(args.overrides),
-        nproc=args.nproc, parallel=args.parallel, runs_dir=args.runs_dir, freq_features=args.freq_features,
+        results=str(require(args, "output", "--output")), base_overrides=list(args.overrides),
+        nproc=args.nproc_per_node, parallel=args.parallel, runs_dir=args.runs_dir, freq_features=args.freq_features,
         keep_runs=args.keep_runs, dataset=args.dataset, dry_run=args.dry_run, in_process=args.in_process,
         compression=not args.no_compression,
     ))
@@ -136,32 +159,55 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from mlet_torchrec.experiments.report import render_report
 
-    out = render_report(args.results, args.out, title=args.title, budget_mb=args.budget_mb)
+    inputs = list(args.input or [])
+    if args.results:
+        print(f"mlet report: warning: results as positional arguments are deprecated and go in the next "
+              f"release; use --input {' '.join(map(str, args.results))}", file=sys.stderr)
+        inputs += args.results
+    if not inputs:
+        raise flags.UsageError("the following arguments are required: --input")
+    out = render_report([existing(p) for p in inputs], require(args, "output", "--output"), title=args.title,
+                        budget_mb=args.budget_mb)
     print(f"wrote {out}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlet", description="MLET embeddings on sharded TorchRec")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _subparser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str, summary: str,
+               *examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=summary, epilog=example(*examples),
+                          formatter_class=flags.EXAMPLE_FORMATTER, parents=[flags.common_parent()])
 
-    p = sub.add_parser("train", help="train a model (one process, or N with --nproc-per-node)")
-    p.add_argument("--config", type=Path, help="YAML config (defaults when omitted)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    p.add_argument("--nproc-per-node", type=int, default=1, help="local processes (ignored under torchrun/TorchX)")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlet", description="MLET embeddings on sharded TorchRec",
+                                     parents=[flags.common_parent()], formatter_class=flags.EXAMPLE_FORMATTER,
+                                     epilog=example("mlet synth --output data/tiny rows=8000 num_sparse=4",
+                                                    "mlet train --config tiny --nproc-per-node 2",
+                                                    "mlet <command> --help"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _subparser(sub, "train", "train a model (one process, or N with --nproc-per-node)",
+                   "mlet train --config tiny --nproc-per-node 2 embedding.k=32 run.dir=runs/k32")
+    flags.add_config(p)
+    flags.add_input(p, "data set directory (short for data.path=...)", required=False)
+    flags.add_output(p, "run directory: checkpoints, config.yaml, metrics (short for run.dir=...)",
+                     required=False)
+    flags.add_seed(p, "seed of initialisation and data order (short for train.seed=...)")
+    flags.add_nproc(p, 1, "local processes (ignored under torchrun/TorchX)")
     p.add_argument("--max-restarts", type=int, default=0, help="restarts of the local job on failure")
+    p.add_argument("--plan", default=None, metavar="PLAN.json",
+                   help="shard with this plan of `mlet plan` instead of planning (short for run.plan=...)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("collapse", help="W = W1 @ W2: a trained checkpoint -> plain d-dim model")
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run directory")
-    p.add_argument("--output", type=Path, required=True)
+    p = _subparser(sub, "collapse", "W = W1 @ W2: a trained checkpoint -> plain d-dim model",
+                   "mlet collapse --input runs/tiny --output runs/tiny/collapsed --nproc-per-node 2")
+    flags.add_input(p, "training run directory or one of its checkpoints", old=["--checkpoint"])
+    flags.add_output(p, "directory of the collapsed model")
+    flags.add_overwrite(p)
+    flags.add_nproc(p, 1, "local processes, each collapsing its own W1 shards (ignored under torchrun/TorchX)")
     p.add_argument("--check-split", default="test", help="split to compare predictions on, or 'none'")
     p.add_argument("--max-check-rows", type=int, default=None)
     p.add_argument("--tolerance", type=float, default=1e-5)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--nproc-per-node", type=int, default=1,
-                   help="local processes, each collapsing its own W1 shards (ignored under torchrun/TorchX)")
     p.add_argument("--output-sharding", default="same",
                    choices=["same", "auto", "table_wise", "row_wise", "column_wise", "table_row_wise"],
                    help="sharding of the output tables: 'same' mirrors the input, others ask TorchRec's planner")
@@ -170,9 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the product (rounded once to float32)")
     p.set_defaults(func=_cmd_collapse)
 
-    p = sub.add_parser("export", help="a collapsed model -> TorchRec INT8 inference model and/or per-table files")
-    p.add_argument("--collapsed", type=Path, required=True, help="output directory of `mlet collapse`")
-    p.add_argument("--output", type=Path, required=True)
+    p = _subparser(sub, "export", "a collapsed model -> TorchRec INT8 inference model and/or per-table files",
+                   "mlet export --input runs/tiny/collapsed --output runs/tiny/serving --int8 --format npy")
+    flags.add_input(p, "output directory of `mlet collapse`", old=["--collapsed"])
+    flags.add_output(p, "directory of the exported model")
+    flags.add_overwrite(p)
     p.add_argument("--int8", action="store_true", help="TorchRec's quantized (INT8) inference model, TorchScript")
     p.add_argument("--format", action="append", default=[], choices=["safetensors", "npy"],
                    help="also write every table as plain float32 arrays (repeatable)")
@@ -180,29 +228,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split of the INT8 quality check")
     p.add_argument("--max-check-rows", type=int, default=None)
     p.add_argument("--auc-tolerance", type=float, default=1e-3)
-    p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("evaluate", help="metrics of a checkpoint or collapsed model on one split")
-    p.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint/run dir, or collapse output")
+    p = _subparser(sub, "evaluate", "metrics of a checkpoint or collapsed model on one split",
+                   "mlet evaluate --input runs/tiny/collapsed --split valid")
+    flags.add_input(p, "training checkpoint/run directory, or a collapse output", old=["--checkpoint"])
     p.add_argument("--split", default="test")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("synth", help="generate planted synthetic Criteo-shaped data")
-    p.add_argument("--output", type=Path, required=True)
+    p = _subparser(sub, "synth", "generate planted synthetic Criteo-shaped data",
+                   "mlet synth --output data/tiny rows=8000 num_sparse=4 max_cardinality=200 row_group_size=512",
+                   "mlet synth --output data/demo --config synth/demo")
+    flags.add_output(p, "data set directory to create")
+    flags.add_overwrite(p)
+    flags.add_seed(p, "seed of the generator (short for seed=...)")
+    p.add_argument("--config", default=None, metavar="FILE_OR_NAME",
+                   help="YAML generator settings, or a packaged one (synth/demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="generator settings (see data_pipes/synth.py)")
-    p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_synth)
 
-    p = sub.add_parser("demo", help="synthetic data -> baseline and MLET on 2 ranks -> collapse -> table")
-    p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--data", default="data/demo")
-    p.add_argument("--nproc-per-node", type=int, default=2)
+    p = _subparser(sub, "demo", "synthetic data -> baseline and MLET on 2 ranks -> collapse -> table",
+                   "mlet demo --output runs/demo --nproc-per-node 2")
+    flags.add_output(p, "work directory of the demo's runs", old=["--workdir"], required=False,
+                     default=Path("runs/demo"))
+    p.add_argument("--data", default="data/demo", help="where the demo's synthetic data set goes (reused)")
+    flags.add_seed(p, "training seed of every run (short for train.seed=...)")
+    flags.add_nproc(p, 2, "local processes per run")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for both runs")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("sweep", help="run a grid of trainings into a resumable results store (JSON lines)")
-    p.add_argument("--config", type=Path, help="base YAML config")
+    p = _subparser(sub, "sweep", "run a grid of trainings into a resumable results store (JSON lines)",
+                   'mlet sweep --config tiny --grid "d=[4] k=[none,16] seed=[0,1]" --output runs/sweep.jsonl '
+                   "--nproc-per-node 1")
+    flags.add_config(p, "base YAML config file, or the name of a packaged one")
     p.add_argument("--grid", required=True,
                    help='axes "key=[v1,v2] ..." (YAML values, none=null; seed/d/k/lr are short for train.seed, '
                         'embedding.d, embedding.k, sparse_optimizer.lr)')
@@ -212,12 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", default="", metavar="AXES",
                    help='extra axes run for every cell, baseline and MLET alike, e.g. "sparse_optimizer.lr=[0.8,3.2]"; '
                         "the report picks each method's best on validation AUC (replaces --tune-baseline)")
-    p.add_argument("--results", type=Path, required=True, help="results store (JSON lines; appended, resumable)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every cell")
-    p.add_argument("--nproc", type=int, default=2, help="training processes per cell (default 2)")
+    flags.add_output(p, "results store (JSON lines; appended, resumable)", old=["--results"])
+    flags.add_nproc(p, 2, "training processes per cell", old=["--nproc"])
     p.add_argument("--parallel", type=int, default=1, help="cells at once (default 1)")
     p.add_argument("--in-process", action="store_true",
-                   help="with --nproc 1: train in the sweep process instead of a child per cell (faster start)")
+                   help="with --nproc-per-node 1: train in the sweep process instead of a child per cell")
     p.add_argument("--runs-dir", default=None, help="where cells' run directories go (default runs/sweep/NAME)")
     p.add_argument("--freq-features", nargs="+", default=None,
                    help="features whose train counts rank test rows for the frequency splits (default: all)")
@@ -228,35 +285,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the INT8/SVD measurements of mlet_torchrec.serving.compression (when present)")
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("report", help="Markdown tables and PNG plots from a sweep's results store")
-    p.add_argument("results", type=Path, nargs="+", help="results store(s) (JSON lines)")
-    p.add_argument("--out", type=Path, required=True, help="output directory (report.md, plots/)")
+    p = _subparser(sub, "report", "Markdown tables and PNG plots from a sweep's results store",
+                   "mlet report --input runs/sweep.jsonl --output runs/report --budget-mb 1 4")
+    flags.add_input(p, "results store(s) (JSON lines)", nargs="+", required=False)
+    p.add_argument("results", type=Path, nargs="*", help=argparse.SUPPRESS)  # the old positional spelling
+    flags.add_output(p, "output directory (report.md, plots/)", old=["--out"])
     p.add_argument("--title", default=None)
     p.add_argument("--budget-mb", type=float, nargs="*", default=None,
                    help="serving memory budgets (MiB of FP32 tables) to recommend d and k for")
     p.set_defaults(func=_cmd_report)
 
-    try:
-        from mlet_torchrec.cli.convert import register
-    except ImportError:  # converters are optional at import time of the CLI
-        register = None
-    if register is not None:
-        register(sub)
+    from mlet_torchrec.cli.convert import register
+    from mlet_torchrec.cli.plan import register as register_plan
+
+    register(sub)
+    register_plan(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(args.verbose)
-    func: Callable[[argparse.Namespace], int] = args.func
-    if args.verbose:
-        return func(args)
-    try:
-        return func(args)
-    except USER_ERRORS as e:
-        print(f"mlet {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run(build_parser(), argv, lambda args: f"mlet {args.command}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import yaml
 
 from data_pipes.schema import METADATA_FILE, DatasetMeta
 from mlet_torchrec.config import load_config
+from mlet_torchrec.io import atomic_write_text
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO_CONFIG = CONFIGS / "demo.yaml"
@@ -95,6 +96,6 @@ def run_demo(workdir: Path, data: Path, nproc_per_node: int = 2, overrides: Sequ
           "effective learning rate; with both learning rates tuned, MLET and the baseline are within seed noise "
           "in docs/results/README.md)")
     out = {"results": results, "collapse": report.__dict__}
-    (workdir / "demo_results.json").write_text(json.dumps(out, indent=2, default=str))
+    atomic_write_text(workdir / "demo_results.json", json.dumps(out, indent=2, default=str))
     print(f"\nruns, checkpoints and TensorBoard logs are in {workdir}/ (demo_results.json has every figure)")
     return out

@@ -88,7 +88,7 @@ def build_model(
         extra = linear_tables(tables) if model_cfg.name in FIRST_ORDER_MODELS else []
         embeddings = MLETEmbeddingBagCollection(
             tables, inner_dim=inner, sigma=emb_cfg.sigma, allow_k_below_d=emb_cfg.allow_k_below_d, device=device,
-            extra_tables=extra,
+            extra_tables=extra, w1_dtype=emb_cfg.w1_dtype,
         )
     if model_cfg.name not in MODELS:
         raise ValueError(f"model.name={model_cfg.name!r} is unknown; known models: {sorted(MODELS)}")

@@ -28,6 +28,9 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 from torchrec.modules.embedding_modules import get_embedding_names_by_table
+from torchrec.modules.embedding_configs import DataType
+
+from mlet_torchrec.modules.product import mlet_product
 
 InnerDims = Union[None, int, Mapping[str, Optional[int]]]
 
@@ -74,6 +77,7 @@ class MLETEmbeddingBagCollection(nn.Module):
             fused optimizer) but are not part of the module's output: :meth:`forward_with_extra` returns
             their pooled values separately. They may read the same features as ``tables`` (the DeepCTR
             models' first-order ``lin_*`` tables do).
+        w1_dtype: "fp32" or "fp16": storage of every W1 table (the extra tables included); W2 stays fp32.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class MLETEmbeddingBagCollection(nn.Module):
         allow_k_below_d: bool = False,
         device: Optional[torch.device] = None,
         extra_tables: Sequence[EmbeddingBagConfig] = (),
+        w1_dtype: str = "fp32",
     ) -> None:
         super().__init__()
         if not tables:
@@ -110,10 +115,16 @@ class MLETEmbeddingBagCollection(nn.Module):
                 raise KeyError(f"inner_dim names unknown tables {sorted(unknown)}; tables are {sorted(self._inner)}")
         self.sigma = sigma
 
+        if w1_dtype not in ("fp32", "fp16"):
+            raise ValueError(f"w1_dtype must be 'fp32' or 'fp16', got {w1_dtype!r}")
+        data_type = DataType.FP16 if w1_dtype == "fp16" else DataType.FP32
+        self._w1_half = w1_dtype == "fp16"
         w1_tables = [
-            dataclasses.replace(t, embedding_dim=self._inner[t.name] or t.embedding_dim) for t in self._tables
+            dataclasses.replace(t, embedding_dim=self._inner[t.name] or t.embedding_dim, data_type=data_type)
+            for t in self._tables
         ]
-        self.w1 = EmbeddingBagCollection(tables=w1_tables + self._extra, device=device)
+        w1_extra = [dataclasses.replace(t, data_type=data_type) for t in self._extra]
+        self.w1 = EmbeddingBagCollection(tables=w1_tables + w1_extra, device=device)
         # W1's output keys: the feature name, or "feature@table" where tables share a feature
         names = get_embedding_names_by_table(w1_tables + self._extra)
         self._key: Dict[Tuple[str, str], str] = {
@@ -213,6 +224,9 @@ class MLETEmbeddingBagCollection(nn.Module):
     def forward_with_extra(self, features: KeyedJaggedTensor) -> Tuple[KeyedTensor, Optional[torch.Tensor]]:
         """The module's output and the extra tables' pooled values (B, their total width; None without any)."""
         pooled = self.w1(features)
+        if self._w1_half:  # fp16 W1 pools to fp16 when unsharded (TorchRec's sharded kernels emit fp32)
+            pooled = KeyedTensor(keys=pooled.keys(), length_per_key=pooled.length_per_key(),
+                                 values=pooled.values().float(), key_dim=1)
         if not self._groups and not self._extra:
             return pooled, None
         values = pooled.values()
@@ -238,7 +252,8 @@ class MLETEmbeddingBagCollection(nn.Module):
         w2 = torch.stack([self.w2[name] for name in group.tables])  # (T, k, d)
         if len(group.tables) != len(group.feature_table):
             w2 = w2[list(group.feature_table)]  # tables shared by several features
-        return torch.einsum("bfk,fkd->bfd", values.reshape(values.shape[0], -1, group.k), w2)
+        per_feature = values.reshape(values.shape[0], -1, group.k).transpose(0, 1)  # (F, B, k)
+        return mlet_product(per_feature, w2).transpose(0, 1)
 
     @torch.no_grad()
     def collapse_table(self, name: str, w1: torch.Tensor, block_rows: int = 65536) -> torch.Tensor:
@@ -246,7 +261,4 @@ class MLETEmbeddingBagCollection(nn.Module):
         if self._inner[name] is None:
             return w1.clone()
         w2 = self.w2[name].to(device=w1.device, dtype=w1.dtype)
-        out = torch.empty(w1.shape[0], w2.shape[1], dtype=w1.dtype, device=w1.device)
-        for start in range(0, w1.shape[0], block_rows):
-            torch.mm(w1[start : start + block_rows], w2, out=out[start : start + block_rows])
-        return out
+        return mlet_product(w1, w2, block_rows=block_rows)

@@ -1,21 +1,209 @@
-"""A trained artifact on disk, resolved once: a training run/checkpoint or a collapse output."""
+"""A trained artifact on disk, resolved once: a training checkpoint (or its run dir) or a collapse output.
+
+:func:`load_artifact` reads the config, the data set's metadata, the checkpoint's step and world size
+and builds the model's structure (W1 on the meta device, so nothing large is allocated); every later
+step (collapse's planning and product, its prediction check, ``mlet evaluate``, the compression study,
+the sweep's analysis) takes this one object instead of resolving the path again.
+:meth:`Artifact.materialize` loads the weights into that same model in this process;
+:meth:`Artifact.shard` loads them into a TorchRec-sharded version of it on every rank of a job.
+
+Example:
+    >>> art = load_artifact("runs/demo/mlet")            # doctest: +SKIP
+    >>> art.kind, art.step                              # doctest: +SKIP
+    ('checkpoint', 400)
+    >>> model = art.materialize()                       # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict, List, Tuple
 
+import torch
+from torch import nn
+
+from data_pipes.schema import METADATA_FILE, DatasetMeta, SparseFeature
+from mlet_torchrec.config import ExperimentConfig, load_config
 from mlet_torchrec.evaluation.evaluate import predict_split
 from mlet_torchrec.evaluation.metrics import ctr_metrics
-from mlet_torchrec.serving.collapse import MANIFEST, load_collapsed, load_factored
+from mlet_torchrec.models import CTRModel, build_model
+from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
+from mlet_torchrec.training.checkpoint import load_model_state, read_checkpoint_info, resolve_checkpoint
+
+MANIFEST = "manifest.json"
+STATE_ROOT = "model"  # every DCP state dict of the project is {"model": model.state_dict()}
 
 
-def evaluate_path(path: str | Path, split: str = "test") -> Dict[str, float]:
-    """Metrics of a training checkpoint (run dir) or a collapse output on ``split``, in one process."""
+def quiet_planner() -> None:
+    """TorchRec's planner logs its whole plan at INFO/WARNING; collapse and its check only need errors."""
+    for name in ("torchrec.distributed.planner", "torchrec.distributed.planner.types",
+                 "torchrec.distributed.planner.storage_reservations", "torchrec.distributed.planner.stats"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def read_manifest(collapsed: Path | str) -> Dict[str, Any]:
+    """The ``manifest.json`` of a collapse (or export) output."""
+    path = Path(collapsed) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{collapsed}: no {MANIFEST}; is it the output of `mlet collapse`?")
+    return json.loads(path.read_text())
+
+
+def meta_from_manifest(man: Dict[str, Any]) -> DatasetMeta:
+    """The model-shaping part of the data set's metadata (features, cardinalities), from the manifest."""
+    by_feature = {f: t["rows"] for t in man["tables"].values() for f in t["features"]}
+    return DatasetMeta(
+        dense=list(man["dense_features"]),
+        sparse=[SparseFeature(name=f, cardinality=by_feature[f]) for f in man["sparse_features"]],
+        splits={},
+    )
+
+
+@dataclass
+class Artifact:
+    """One resolved artifact: where it is, what it was trained on, and its model (weights not yet loaded)."""
+
+    path: Path  # the checkpoint directory, or the collapse output
+    kind: str  # "checkpoint" (factored, as trained) or "collapsed" (stock d-dim EBC)
+    config: ExperimentConfig
+    meta: DatasetMeta
+    model: CTRModel  # the structure: tables on the meta device until materialize() / shard()
+    info: Dict[str, Any] = field(default_factory=dict)  # checkpoint.json (step, world_size) or the manifest
+    loaded: bool = False
+
+    @property
+    def step(self) -> int:
+        if self.kind == "collapsed":
+            return int(self.info.get("source_checkpoint", {}).get("step", -1))
+        return int(self.info.get("step", -1))
+
+    @property
+    def world_size(self) -> int:
+        """The world size that wrote the checkpoint (its DCP chunks follow that job's sharding)."""
+        return int(self.info.get("world_size", 1))
+
+    def materialize(self) -> CTRModel:
+        """The model with its weights, in this process (DCP reshards whatever wrote it); idempotent."""
+        if not self.loaded:
+            _allocate_meta(self.model)
+            load_model_state(self.path, self.model)
+            self.loaded = True
+        return self.model.eval()
+
+    def shard(self, constraints: Dict[str, Any], device: torch.device) -> nn.Module:
+        """Collective: the model sharded by TorchRec's planner over the job, this rank's shards loaded."""
+        import torch.distributed as dist
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+
+        from mlet_torchrec.training.distributed import MLETEmbeddingBagCollectionSharder
+        from mlet_torchrec.training.guardrails import collective_plan
+
+        if self.loaded:
+            raise ValueError(f"{self.path}: the model was materialized in this process; load the artifact again")
+        quiet_planner()
+        sharders = [MLETEmbeddingBagCollectionSharder()]
+        topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
+        plan = collective_plan(EmbeddingShardingPlanner(topology=topology, constraints=constraints), self.model,
+                               sharders)
+        sharded = DistributedModelParallel(module=self.model, device=device, plan=plan, sharders=sharders)
+        load_model_state(self.path, sharded)
+        self.loaded = True
+        return sharded.eval()
+
+
+def _allocate_meta(model: nn.Module) -> None:
+    """Give every meta-device tensor (the tables) CPU storage; the state dict load then fills them.
+
+    Not ``to_empty``: that would also blank the non-persistent buffers (DLRM's interaction indices),
+    which no checkpoint holds.
+    """
+    cpu = torch.device("cpu")
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_meta:
+                m._parameters[name] = nn.Parameter(torch.empty_like(p, device=cpu), requires_grad=p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_meta:
+                if name in m._non_persistent_buffers_set:
+                    raise ValueError(f"{type(m).__name__}.{name}: a non-persistent buffer on the meta device")
+                m._buffers[name] = torch.empty_like(b, device=cpu)
+        if getattr(getattr(m, "_device", None), "type", None) == "meta":
+            m._device = cpu  # TorchRec's EBCs remember the device they were built on
+
+
+def load_artifact(path: Path | str) -> Artifact:
+    """Resolve ``path`` (a checkpoint, its run directory, or a collapse output) into an :class:`Artifact`.
+
+    A collapse output whose data set is not on this machine still loads (its features come from the
+    manifest); evaluating it needs the data.
+    """
     path = Path(path)
+    meta_dev = torch.device("meta")
     if (path / MANIFEST).is_file():
-        model, config, meta = load_collapsed(path)
-    else:
-        model, config, meta, _ = load_factored(path)
-    probs, labels = predict_split(model, config.data.path, split, config.train.eval_batch_size, meta)
+        man = read_manifest(path)
+        config = load_config(path / "config.yaml")
+        has_data = (Path(config.data.path) / METADATA_FILE).is_file()
+        meta = DatasetMeta.load(config.data.path) if has_data else meta_from_manifest(man)
+        model = build_model(config.model, config.embedding, meta, device=meta_dev, collapsed=True)
+        return Artifact(path, "collapsed", config, meta, model, man)
+    ckpt = resolve_checkpoint(path)
+    config = load_config(ckpt / "config.yaml")
+    meta = DatasetMeta.load(config.data.path)
+    model = build_model(config.model, config.embedding, meta, device=meta_dev)
+    return Artifact(ckpt, "checkpoint", config, meta, model, read_checkpoint_info(ckpt))
+
+
+def load_factored(checkpoint: Path | str) -> Tuple[CTRModel, ExperimentConfig, DatasetMeta, Path]:
+    """A training checkpoint as an unsharded factored model in this process (DCP reshards)."""
+    art = load_artifact(checkpoint)
+    if art.kind != "checkpoint":
+        raise ValueError(f"{checkpoint}: a collapse output, not a training checkpoint")
+    return art.materialize(), art.config, art.meta, art.path
+
+
+def load_collapsed(directory: Path | str) -> Tuple[CTRModel, ExperimentConfig, DatasetMeta]:
+    """A collapse output as a plain d-dim model (stock TorchRec EBC) in this process."""
+    directory = Path(directory)
+    read_manifest(directory)  # a clear error when it is not a collapse output
+    art = load_artifact(directory)
+    return art.materialize(), art.config, art.meta
+
+
+# --------------------------------------------------------------------------------------------
+# where the MLET tables sit in a factored model
+
+
+def mlet_module(model: nn.Module) -> Tuple[str, MLETEmbeddingBagCollection]:
+    """(path, module) of the one MLET module of a factored model."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, MLETEmbeddingBagCollection)]
+    if len(found) != 1:
+        raise ValueError(f"expected one MLETEmbeddingBagCollection in the model, found {len(found)}")
+    return found[0]
+
+
+def extra_tables(factored: nn.Module, plain: nn.Module) -> List[Tuple[Any, str, str]]:
+    """(config, the collapsed model's EBC path, training-model key) of each extra table of the MLET module (the
+    ``lin_*`` tables ride along in W1 while training; the collapsed model keeps them in another plain EBC)."""
+    from torchrec import EmbeddingBagCollection
+
+    mlet_path, mlet = mlet_module(factored)
+    where = {t.name: path for path, m in plain.named_modules() if type(m) is EmbeddingBagCollection
+             for t in m.embedding_bag_configs()}
+    out = []
+    for t in mlet.extra_bag_configs():
+        if t.name not in where:
+            raise ValueError(f"the collapsed model has no table {t.name} (an extra table of the MLET module)")
+        out.append((t, where[t.name], f"{mlet_path}.w1.embedding_bags.{t.name}.weight"))
+    return out
+
+
+def evaluate_path(path: str | Path, split: str = "test") -> Dict[str, Any]:
+    """Metrics of a training checkpoint (run dir) or a collapse output on ``split``, in one process."""
+    art = load_artifact(path)
+    probs, labels = predict_split(art.materialize(), art.config.data.path, split, art.config.train.eval_batch_size,
+                                  art.meta)
     return {"split": split, **ctr_metrics(probs, labels).as_dict()}

@@ -36,18 +36,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from data_pipes.schema import DatasetMeta, SparseFeature, table_name
+from mlet_torchrec.errors import UserError
+from mlet_torchrec.io import atomic_output
+from mlet_torchrec.modules.product import mlet_product
 
 QMAX = {8: 127, 4: 7}
 HashSpec = Mapping[str, Union[int, float]]
@@ -148,6 +148,22 @@ def hash_batch(batch, moduli: Mapping[str, int]):
                  labels=batch.labels)
 
 
+def _hash_table(table: Any, schema: Any, moduli: Mapping[str, int]) -> Any:
+    """One row group with the ids of the features in ``moduli`` taken modulo their m."""
+    import pyarrow as pa
+
+    for feature, m in moduli.items():
+        idx = table.schema.get_field_index(feature)
+        col = table.column(idx).combine_chunks()
+        if pa.types.is_list(col.type):
+            flat = np.remainder(col.values.to_numpy(zero_copy_only=False), m)
+            new = pa.ListArray.from_arrays(col.offsets, pa.array(flat, pa.int64()))
+        else:
+            new = pa.array(np.remainder(col.to_numpy(zero_copy_only=False), m), pa.int64())
+        table = table.set_column(idx, schema.field(feature), new)
+    return table
+
+
 def write_hashed_dataset(source: Union[str, Path], output: Union[str, Path], spec: HashSpec,
                          overwrite: bool = False) -> DatasetMeta:
     """A copy of data set ``source`` with the ids of the features in ``spec`` modulo m (row group by row group).
@@ -155,19 +171,12 @@ def write_hashed_dataset(source: Union[str, Path], output: Union[str, Path], spe
     The copy's ``metadata.json`` has the new cardinalities and, under ``source.hashing``, the moduli
     and the original cardinalities. Train on it by pointing ``data.path`` at ``output``.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     source, output = Path(source), Path(output)
     meta = DatasetMeta.load(source)
     new_meta, moduli = hashed_meta(meta, spec)
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{output} exists and is not empty (pass overwrite=True / --overwrite)")
-        shutil.rmtree(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp"))
-    try:
+    with atomic_output(output, "mlet compression hash", inputs=[source], overwrite=overwrite) as tmp:
         schema = meta.arrow_schema()
         for split, files in meta.splits.items():
             for rel in files:
@@ -176,21 +185,9 @@ def write_hashed_dataset(source: Union[str, Path], output: Union[str, Path], spe
                 dst_path.parent.mkdir(parents=True, exist_ok=True)
                 with pq.ParquetWriter(dst_path, schema) as writer:
                     for g in range(src.num_row_groups):
-                        table = src.read_row_group(g)
-                        for feature, m in moduli.items():
-                            idx = table.schema.get_field_index(feature)
-                            col = table.column(idx).combine_chunks()
-                            if pa.types.is_list(col.type):
-                                flat = np.remainder(col.values.to_numpy(zero_copy_only=False), m)
-                                new = pa.ListArray.from_arrays(col.offsets, pa.array(flat, pa.int64()))
-                            else:
-                                new = pa.array(np.remainder(col.to_numpy(zero_copy_only=False), m), pa.int64())
-                            table = table.set_column(idx, schema.field(feature), new)
+                        table = _hash_table(src.read_row_group(g), schema, moduli)
                         writer.write_table(table, row_group_size=table.num_rows)
         new_meta.save(tmp)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return new_meta
 
 
@@ -377,7 +374,7 @@ def svd_model_tables(model: torch.nn.Module, rank: int) -> Dict[str, Dict[str, f
     for name, weight in _embedding_tables(model).items():
         r = min(rank, weight.shape[1])
         a, b, sv = svd_factors(weight.detach(), r)
-        approx = a @ b
+        approx = mlet_product(a, b, block_rows=1 << 16)
         out[name] = {"rank": r, "rel_l2_error": float((approx - weight).norm() / weight.norm().clamp_min(1e-30)),
                      "params": a.numel() + b.numel()}
         weight.copy_(approx)
@@ -391,9 +388,9 @@ def svd_model_tables(model: torch.nn.Module, rank: int) -> Dict[str, Dict[str, f
 def compression_study(collapsed: Union[str, Path], split: str = "test", svd_ranks: Sequence[int] = (),
                       int8: bool = True, max_rows: Optional[int] = None) -> List[Dict[str, object]]:
     """Rows {method, table_size (A.4.4), auc, logloss} for a collapsed model and its compressed variants."""
-    from mlet_torchrec.serving.collapse import load_collapsed
     from mlet_torchrec.evaluation.evaluate import predict_split
     from mlet_torchrec.evaluation.metrics import ctr_metrics
+    from mlet_torchrec.serving.artifact import load_collapsed
 
     model, config, meta = load_collapsed(collapsed)
     rows_unhashed = unhashed_cardinalities(meta)
@@ -465,7 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows = compression_study(args.collapsed, args.split, args.svd_ranks, max_rows=args.max_rows)
             for r in rows:
                 print(f"{r['method']:<24} size {r['table_size']:8.3f}  AUC {r['auc']:.5f}  LogLoss {r['logloss']:.5f}")
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+    except (UserError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import tempfile
 import time
 import typing
 from dataclasses import asdict, dataclass, field
@@ -35,12 +33,20 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from data_pipes.schema import METADATA_FILE, DatasetMeta, SparseFeature
-from mlet_torchrec.serving.collapse import MANIFEST, STATE_ROOT
-from mlet_torchrec.config import load_config
+from data_pipes.schema import METADATA_FILE, DatasetMeta
+from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import predict_split
-from mlet_torchrec.models import CTRModel, build_model
+from mlet_torchrec.io import atomic_output
+from mlet_torchrec.models import CTRModel
+from mlet_torchrec.serving.artifact import (  # noqa: F401  (read_manifest, meta_from_manifest re-exported)
+    MANIFEST,
+    STATE_ROOT,
+    load_artifact,
+    meta_from_manifest,
+    read_manifest,
+)
 
+COMMAND = "mlet export"
 INT8_MODEL = "model_int8.pt"
 TABLES_DIR = "tables"
 SAFETENSORS_FILE = "tables.safetensors"
@@ -118,37 +124,12 @@ class ExportReport:
     seconds: float = 0.0
 
 
-# --------------------------------------------------------------------------------------------
-# reading a collapse output without its data set
-
-
-def read_manifest(collapsed: Path | str) -> Dict[str, Any]:
-    path = Path(collapsed) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{collapsed}: no {MANIFEST}; is it the output of `mlet collapse`?")
-    return json.loads(path.read_text())
-
-
-def meta_from_manifest(man: Dict[str, Any]) -> DatasetMeta:
-    """The model-shaping part of the data set's metadata (features, cardinalities), from the manifest."""
-    by_feature = {f: t["rows"] for t in man["tables"].values() for f in t["features"]}
-    return DatasetMeta(
-        dense=list(man["dense_features"]),
-        sparse=[SparseFeature(name=f, cardinality=by_feature[f]) for f in man["sparse_features"]],
-        splits={},
-    )
-
-
 def load_collapsed_model(collapsed: Path | str) -> Tuple[CTRModel, Dict[str, Any]]:
-    """The collapsed FP32 model (stock EBC) from its directory alone; the data set is not needed."""
-    collapsed = Path(collapsed)
-    man = read_manifest(collapsed)
-    config = load_config(collapsed / "config.yaml")
-    model = build_model(config.model, config.embedding, meta_from_manifest(man), collapsed=True)
-    state = {STATE_ROOT: model.state_dict()}
-    dcp.load(state, checkpoint_id=str(collapsed), no_dist=True)
-    model.load_state_dict(state[STATE_ROOT])
-    return model.eval(), man
+    """The collapsed FP32 model (stock EBC) and its manifest; the data set is not needed."""
+    art = load_artifact(collapsed)
+    if art.kind != "collapsed":
+        raise UserError(f"{collapsed}: no {MANIFEST}; is it the output of `mlet collapse`?")
+    return art.materialize(), art.info
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +202,7 @@ def _load_table_into(collapsed: Path, key: str, target: torch.Tensor) -> None:
 def export_tables(collapsed: Path | str, output: Path | str, fmt: str) -> Dict[str, str]:
     """Every d-dim table as ``.npy`` files or one ``.safetensors`` file; returns table -> file (relative)."""
     if fmt not in FORMATS:
-        raise ValueError(f"table format {fmt!r} is not one of {FORMATS}")
+        raise UserError(f"table format {fmt!r} is not one of {FORMATS}")
     collapsed, output = Path(collapsed), Path(output)
     man = read_manifest(collapsed)
     tables = {**man["tables"], **man.get("extra_tables", {})}  # extra: e.g. the DeepCTR models' lin_* tables
@@ -304,38 +285,32 @@ def export(
     start = time.perf_counter()
     collapsed, output = Path(collapsed), Path(output)
     if not int8 and not formats:
-        raise ValueError("nothing to export: ask for --int8 and/or --format npy|safetensors")
+        raise UserError("nothing to export: ask for --int8 and/or --format npy|safetensors")
     for fmt in formats:
         if fmt not in FORMATS:
-            raise ValueError(f"table format {fmt!r} is not one of {FORMATS}")
-    man = read_manifest(collapsed)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise FileExistsError(f"{output} exists and is not empty (pass overwrite=True / --overwrite)")
-    config = load_config(collapsed / "config.yaml")
-    data = config.data.path
+            raise UserError(f"table format {fmt!r} is not one of {FORMATS}")
+    if not (collapsed / MANIFEST).is_file():
+        raise UserError(f"{collapsed}: no {MANIFEST}; is it the output of `mlet collapse`?")
+    art = load_artifact(collapsed)
+    man, config, data = art.info, art.config, art.config.data.path
     if int8 and check:
         if not (Path(data) / METADATA_FILE).is_file():
-            raise FileNotFoundError(
+            raise UserError(
                 f"the INT8 quality check needs the {split} split of the data set {data} (from the run config), "
                 "which is not there; pass --no-check to export without the check"
             )
-        if split not in DatasetMeta.load(data).splits:
-            raise ValueError(f"data set {data} has no split {split!r}; pass --split or --no-check")
+        if split not in art.meta.splits:
+            raise UserError(f"data set {data} has no split {split!r}; pass --split or --no-check")
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
     report = ExportReport(output=str(output), collapsed=str(collapsed), auc_tolerance=auc_tolerance)
     report.fp32_table_bytes = sum(t["rows"] * t["d"] * 4 for t in [*man["tables"].values(),
                                                                    *man.get("extra_tables", {}).values()])
-    try:
+    with atomic_output(output, COMMAND, inputs=[collapsed, data], overwrite=overwrite) as tmp:
         for fmt in formats:
             report.table_files.update({f"{fmt}:{k}": v for k, v in export_tables(collapsed, tmp, fmt).items()})
         out_manifest = dict(man)
         if int8:
-            model, _ = load_collapsed_model(collapsed)
+            model = art.materialize()
             scripted = build_int8(model)
             scripted.save(str(tmp / INT8_MODEL))
             report.int8_model = INT8_MODEL
@@ -348,25 +323,8 @@ def export(
                 "forward": "(dense_features float32 (B, D), sparse_features KeyedJaggedTensor) -> logits (B, 1)",
             }
             if check:
-                meta = DatasetMeta.load(data)
-                batch = config.train.eval_batch_size
-                reloaded = _Logits(load_int8(tmp / INT8_MODEL))  # check what was written
-                p32, labels = predict_split(model, data, split, batch, meta, max_check_rows)
-                p8, _ = predict_split(reloaded, data, split, batch, meta, max_check_rows)
-                from mlet_torchrec.evaluation.metrics import ctr_metrics
-
-                report.check_split = split
-                report.rows_checked = int(labels.numel())
-                report.fp32_metrics = ctr_metrics(p32, labels).as_dict()
-                report.int8_metrics = ctr_metrics(p8, labels).as_dict()
-                report.auc_diff = abs(report.int8_metrics["auc"] - report.fp32_metrics["auc"])
-                report.max_abs_prob_diff = float((p32 - p8).abs().max()) if labels.numel() else 0.0
-                if not report.auc_diff <= auc_tolerance:  # NaN fails too
-                    raise Int8QualityError(
-                        f"INT8 AUC {report.int8_metrics['auc']:.5f} is {report.auc_diff:.5f} from the FP32 AUC "
-                        f"{report.fp32_metrics['auc']:.5f} on {report.rows_checked} {split} rows "
-                        f"(tolerance {auc_tolerance:g}); the export was not written"
-                    )
+                _check_int8(report, model, _Logits(load_int8(tmp / INT8_MODEL)), data, split, art.meta,
+                            config.train.eval_batch_size, max_check_rows, auc_tolerance)
         if report.table_files:
             out_manifest["table_files"] = report.table_files
         (tmp / MANIFEST).write_text(json.dumps(out_manifest, indent=2))
@@ -374,12 +332,28 @@ def export(
         (tmp / SERVING_DOC).write_text(SERVING_MD)
         report.seconds = time.perf_counter() - start
         (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def _check_int8(report: ExportReport, model: nn.Module, reloaded: nn.Module, data: str, split: str,
+                meta: DatasetMeta, batch: int, max_rows: Optional[int], auc_tolerance: float) -> None:
+    """FP32 against the INT8 model as written (reloaded from its file) on ``split``; fills ``report``."""
+    from mlet_torchrec.evaluation.metrics import ctr_metrics
+
+    p32, labels = predict_split(model, data, split, batch, meta, max_rows)
+    p8, _ = predict_split(reloaded, data, split, batch, meta, max_rows)
+    report.check_split = split
+    report.rows_checked = int(labels.numel())
+    report.fp32_metrics = ctr_metrics(p32, labels).as_dict()
+    report.int8_metrics = ctr_metrics(p8, labels).as_dict()
+    report.auc_diff = abs(report.int8_metrics["auc"] - report.fp32_metrics["auc"])
+    report.max_abs_prob_diff = float((p32 - p8).abs().max()) if labels.numel() else 0.0
+    if not report.auc_diff <= auc_tolerance:  # NaN fails too
+        raise Int8QualityError(
+            f"INT8 AUC {report.int8_metrics['auc']:.5f} is {report.auc_diff:.5f} from the FP32 AUC "
+            f"{report.fp32_metrics['auc']:.5f} on {report.rows_checked} {split} rows "
+            f"(tolerance {auc_tolerance:g}); the export was not written"
+        )
 
 
 def format_report(report: ExportReport) -> str:

@@ -9,13 +9,16 @@ Layout of one checkpoint::
         rank_00000.pt, ...             # per rank: RNG states (torch, CUDA, numpy, random)
         checkpoint.json                # step, data position, world size, plan, data set shape, metrics
         config.yaml                    # the resolved run config
+        .mlet-output.json              # mlet's output marker (mlet_torchrec.io)
     RUN_DIR/checkpoints/LATEST         # name of the newest complete checkpoint (advisory)
 
-Atomic: a checkpoint is written into ``step_N.tmp``; once every rank reports success, rank 0 renames
-it into place. The rename is the commit: a directory named ``step_N`` (no suffix) is complete, so a
-process killed mid-write, or a write that fails (disk full), leaves the previous checkpoints intact and
-only a ``.tmp`` directory behind (deleted on failure, or by the next run). ``keep`` limits how many
-complete checkpoints are kept (oldest deleted after a commit).
+Atomic, through :class:`mlet_torchrec.io.AtomicOutput`: every rank writes into the same hidden
+temporary sibling (``.step_N.mlet-tmp-<pid>-<hex>``, its name broadcast by rank 0); once every rank
+reports success, rank 0 commits it by rename (an atomic exchange when the step is saved again). A
+directory named ``step_N`` is complete, so a process killed mid-write, or a write that fails (disk
+full), leaves the previous checkpoints intact and at most a hidden temporary behind (removed on
+failure, or by the next run). Each checkpoint carries the io marker; ``keep`` limits how many complete
+checkpoints are kept (the oldest marked ones are deleted after a commit).
 
 Every rank learns about every failure (``CheckpointError`` on all ranks, naming the rank and the cause),
 so no rank is left waiting in a collective. DCP reshards on load: a checkpoint loads at any world size
@@ -28,7 +31,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -36,9 +38,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mlet_torchrec.config import ExperimentConfig
+from mlet_torchrec.errors import UserError
+from mlet_torchrec.io import MARKER, AtomicOutput, atomic_write_text, is_ours, remove_output, sweep_stale_in
 
 log = logging.getLogger("mlet.checkpoint")
 
@@ -48,8 +53,9 @@ DCP_METADATA = ".metadata"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names it, the cause and what is intact."""
+class CheckpointError(UserError):
+    """A checkpoint could not be written or read (corrupt, truncated, from another model, disk full);
+    the message, one line, names it, the cause and what is intact."""
 
 
 def checkpoint_root(run_dir: Path | str) -> Path:
@@ -98,68 +104,121 @@ def describe_exception(e: BaseException) -> str:
         parts = []
         for rank, (exc, _trace) in sorted(e.failures.items()):
             parts.append(f"rank {rank}: {describe_exception(exc)}")
-        return "; ".join(parts) or str(e.args[0] if e.args else e)
-    return f"{type(e).__name__}: {e}"
+        return "; ".join(parts) or _one_line(str(e.args[0] if e.args else e))
+    return _one_line(f"{type(e).__name__}: {e}")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _one_line(text: str, limit: int = 600) -> str:
+    """Messages of torch (e.g. load_state_dict's) span lines: ours are one line, and not a page long."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+def _root_of(run_dir_or_root: Path | str) -> Path:
+    root = Path(run_dir_or_root)
+    if root.name != "checkpoints" and (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    return root
+
+
+def committed_checkpoints(run_dir_or_root: Path | str) -> List[Path]:
+    """Every committed ``step_N`` directory, oldest first, whole or damaged since."""
+    root = _root_of(run_dir_or_root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), child) for child in root.iterdir()
+             if (m := _STEP_DIR.match(child.name)) and child.is_dir()]
+    return [p for _, p in sorted(found)]
 
 
 def complete_checkpoints(run_dir_or_root: Path | str) -> List[Path]:
     """Complete checkpoints (committed ``step_N`` directories with their metadata), oldest first."""
-    root = Path(run_dir_or_root)
-    if root.name != "checkpoints" and (root / "checkpoints").is_dir():
-        root = root / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _STEP_DIR.match(child.name)
-        if m and (child / CHECKPOINT_META).is_file() and (child / DCP_METADATA).is_file():
-            found.append((int(m.group(1)), child))
-    return [p for _, p in sorted(found)]
+    return [p for p in committed_checkpoints(run_dir_or_root)
+            if (p / CHECKPOINT_META).is_file() and (p / DCP_METADATA).is_file()]
 
 
 def latest_checkpoint(run_dir: Path | str) -> Optional[Path]:
-    """The newest complete checkpoint of a run directory, or None. Does not trust ``LATEST`` alone:
-    a crash between the commit rename and the ``LATEST`` update still finds the newest one."""
-    found = complete_checkpoints(checkpoint_root(run_dir))
-    return found[-1] if found else None
+    """The newest committed checkpoint of a run directory, checked (:func:`check_checkpoint`), or None.
+
+    Does not trust ``LATEST``: a crash between the commit and the ``LATEST`` update still finds the
+    newest one. A damaged newest checkpoint raises ``CheckpointError`` rather than silently resuming
+    from an older one.
+    """
+    found = committed_checkpoints(checkpoint_root(run_dir))
+    if not found:
+        return None
+    check_checkpoint(found[-1], older=found[-2] if len(found) > 1 else None)
+    return found[-1]
+
+
+def _damaged(checkpoint: Path, what: str, older: Optional[Path]) -> CheckpointError:
+    fallback = f"delete it to use the one before ({older.name})" if older else "delete it"
+    return CheckpointError(f"checkpoint {checkpoint} is damaged: {_one_line(what)}; {fallback}, or set "
+                           "run.resume=false (training) to start over")
+
+
+def check_checkpoint(checkpoint: Path | str, older: Optional[Path] = None) -> Dict[str, Any]:
+    """Check a checkpoint's files without loading its tensors; returns its ``checkpoint.json``.
+
+    Catches a missing or garbled ``checkpoint.json`` or DCP ``.metadata`` and data files that are
+    missing or shorter than the metadata says (truncated). Raises ``CheckpointError`` naming the file.
+    """
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
+    try:
+        info = json.loads((path / CHECKPOINT_META).read_text())
+        if not isinstance(info, dict) or not isinstance(info.get("step"), int):
+            raise ValueError("no step number")
+    except FileNotFoundError:
+        raise _damaged(path, f"{CHECKPOINT_META} is missing", older) from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged(path, f"{CHECKPOINT_META} is unreadable ({e})", older) from None
+    if not (path / DCP_METADATA).is_file():
+        raise _damaged(path, f"its DCP metadata file {DCP_METADATA} is missing", older)
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+        needed: Dict[str, int] = {}
+        for item in (metadata.storage_data or {}).values():
+            end = int(item.offset) + int(item.length)
+            needed[item.relative_path] = max(needed.get(item.relative_path, 0), end)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a garbled file
+        raise _damaged(path, f"its DCP metadata file {DCP_METADATA} is unreadable ({type(e).__name__}: {e})",
+                       older) from None
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            raise _damaged(path, f"data file {name} is missing", older)
+        if file.stat().st_size < size:
+            raise _damaged(path, f"data file {name} is truncated ({file.stat().st_size} of {size} bytes)", older)
+    return info
 
 
 def remove_incomplete(run_dir: Path | str) -> List[Path]:
-    """Delete leftovers of interrupted writes (``*.tmp``, ``*.old``); rank 0 only, before training."""
+    """Delete the hidden temporaries of interrupted checkpoint writes; rank 0 only, before training
+    (the job is then the run directory's only writer, whichever machine the killed one ran on)."""
+    return sweep_stale_in(checkpoint_root(run_dir), any_pid=True)
+
+
+def remove_checkpoints(run_dir: Path | str) -> List[Path]:
+    """Delete a run directory's checkpoints (``run.resume=false``); rank 0 only. Only those that carry
+    mlet's marker: raises ``CheckpointError``, deleting nothing, if another one is there."""
     root = checkpoint_root(run_dir)
-    removed = []
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.is_dir() and (child.name.endswith(".tmp") or child.name.endswith(".old")):
-                shutil.rmtree(child, ignore_errors=True)
-                removed.append(child)
+    foreign = [p for p in committed_checkpoints(root) if not is_ours(p)]
+    if foreign:
+        raise CheckpointError(f"run.resume=false would delete {foreign[0]}, which lacks mlet's marker "
+                              f"({MARKER}); delete it yourself or choose a new run.dir")
+    removed = [p for p in committed_checkpoints(root) if remove_output(p)]
+    removed += sweep_stale_in(root, any_pid=True)
+    if (root / LATEST).is_file():
+        (root / LATEST).unlink()
     return removed
 
 
 def _rotate(root: Path, keep: int, protect: Path) -> None:
     for old in complete_checkpoints(root)[:-keep]:
-        if old != protect:
-            shutil.rmtree(old, ignore_errors=True)
+        if old != protect and not remove_output(old):
+            log.warning("not deleting %s (keep_checkpoints=%d): it lacks mlet's marker", old, keep)
 
 
 def save_checkpoint(
@@ -181,26 +240,28 @@ def save_checkpoint(
     rank, world = _world()
     root = checkpoint_root(run_dir)
     final = root / checkpoint_name(step)
-    tmp = root / f"{final.name}.tmp"
-    previous = latest_checkpoint(run_dir)
+    previous = (complete_checkpoints(root) or [None])[-1]  # for the message only: no full check here
+    out: Optional[AtomicOutput] = None  # rank 0's handle on the temporary directory
 
     def fail(err: str) -> CheckpointError:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if out is not None:
+            out.abort()
         _barrier()
         intact = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         return CheckpointError(f"could not write checkpoint {final} (step {step}): {err}; {intact}")
 
     err: Optional[str] = None
+    tmp_name: Optional[str] = None
     if rank == 0:
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        except OSError as e:
+            out = AtomicOutput(final, command="train", overwrite=True)
+            tmp_name = str(out.begin())
+        except (OSError, UserError) as e:
             err = describe_exception(e)
-    err = agree(err)
-    if err:
-        raise fail(err)
+    tmp_name, err = _from_main((tmp_name, err))
+    if err or tmp_name is None:
+        raise fail(err or "no temporary directory")
+    tmp = Path(tmp_name)
 
     try:
         state: Dict[str, Any] = {"model": model.state_dict()}
@@ -218,31 +279,23 @@ def save_checkpoint(
         try:
             config.save(tmp / "config.yaml")
             meta = {"step": step, "world_size": world, **info}
-            _write_text(tmp / CHECKPOINT_META, json.dumps(meta, indent=2, default=str))
+            atomic_write_text(tmp / CHECKPOINT_META, json.dumps(meta, indent=2, default=str))
         except OSError as e:
             err = describe_exception(e)
+    if err is not None:
+        err += _full_disk_note(tmp)
     err = agree(err)
     if err:
         raise fail(err)
 
-    if rank == 0:  # commit
+    if out is not None:  # rank 0 commits what every rank agreed is complete
         try:
-            old = None
-            if final.exists():  # re-saving a step: keep the old one until the new one is in place
-                old = final.with_name(final.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-        except OSError as e:
+            out.commit()
+        except (OSError, UserError) as e:
             err = describe_exception(e)
         if err is None:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
             try:  # advisory pointer; a failure here does not undo the commit
-                latest_tmp = root / f".{LATEST}.tmp"
-                _write_text(latest_tmp, final.name + "\n")
-                os.replace(latest_tmp, root / LATEST)
+                atomic_write_text(root / LATEST, final.name + "\n")
             except OSError as e:
                 log.warning("checkpoint %s committed but %s not updated: %s", final, LATEST, e)
             if keep is not None:
@@ -253,26 +306,45 @@ def save_checkpoint(
     return final
 
 
+def _full_disk_note(path: Path) -> str:
+    """torch.save reports a full disk as "unexpected pos" from its zip writer: say what it means."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return ""
+    free = st.f_bavail * st.f_frsize
+    return f" (the file system holding {path.parent} is full: {free} bytes free)" if free < 2**20 else ""
+
+
+def _from_main(value: Any) -> Any:
+    """Collective: rank 0's ``value`` on every rank."""
+    box = [value]
+    if _world()[1] > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def resolve_checkpoint(path: Path | str) -> Path:
-    """A checkpoint directory from itself, its run directory or its ``checkpoints`` folder."""
+    """A checkpoint directory from itself, its run directory or its ``checkpoints`` folder, checked
+    (:func:`check_checkpoint`). Raises ``CheckpointError`` if there is none or it is damaged."""
     path = Path(path)
-    for candidate in (path, path / "checkpoints"):
-        if (candidate / CHECKPOINT_META).is_file():
-            return candidate
-        if (candidate / LATEST).is_file():
-            named = candidate / (candidate / LATEST).read_text().strip()
-            if (named / CHECKPOINT_META).is_file():
-                return named
-        found = complete_checkpoints(candidate)
-        if found:
-            return found[-1]
-    raise FileNotFoundError(
-        f"{path}: not a checkpoint (no {CHECKPOINT_META}) nor a run directory with complete checkpoints"
-    )
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    if _STEP_DIR.match(path.name) or (path / CHECKPOINT_META).exists() or (path / DCP_METADATA).exists():
+        check_checkpoint(path)
+        return path
+    found = committed_checkpoints(path)
+    if not found:
+        raise CheckpointError(
+            f"{path}: not a checkpoint (no {CHECKPOINT_META}) nor a run directory with checkpoints"
+        )
+    check_checkpoint(found[-1], older=found[-2] if len(found) > 1 else None)
+    return found[-1]
 
 
 def read_checkpoint_info(checkpoint: Path) -> Dict[str, Any]:
-    return json.loads((Path(checkpoint) / CHECKPOINT_META).read_text())
+    """The checkpoint's ``checkpoint.json`` (step, data position, plan, ...); ``CheckpointError`` if damaged."""
+    return check_checkpoint(checkpoint)
 
 
 def read_rank_state(checkpoint: Path, rank: int) -> Optional[Dict[str, Any]]:
@@ -280,14 +352,37 @@ def read_rank_state(checkpoint: Path, rank: int) -> Optional[Dict[str, Any]]:
     path = Path(checkpoint) / rank_state_file(rank)
     if not path.is_file():
         return None
-    return torch.load(path, weights_only=True)
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or garbled file
+        raise _damaged(Path(checkpoint), f"{path.name} is unreadable ({type(e).__name__}: {e})", None) from None
+
+
+def load_dcp(checkpoint: Path | str, state: Dict[str, Any], no_dist: bool = False) -> None:
+    """``dcp.load`` of ``state`` (filled in place) from a checkpoint; collective unless ``no_dist``.
+
+    A damaged checkpoint, or one of another model (missing keys, other shapes), raises a one-line
+    ``CheckpointError`` (on every rank of a job) instead of DCP's multi-rank traceback.
+    """
+    try:
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=no_dist)
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"could not load checkpoint {checkpoint}: {describe_exception(e)} (damaged, or "
+                              "written by another model or configuration)") from None
 
 
 def load_model_state(checkpoint: Path, model: nn.Module) -> None:
-    """Load the checkpoint's model weights into ``model`` (sharded or plain; DCP reshards)."""
+    """Load the checkpoint's model weights into ``model`` (sharded or plain; DCP reshards).
+
+    Raises ``CheckpointError`` (on every rank of a job) if the files are damaged or hold another model.
+    """
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(checkpoint))
-    model.load_state_dict(state["model"])
+    load_dcp(checkpoint, state)
+    try:
+        model.load_state_dict(state["model"])
+    except Exception as e:  # noqa: BLE001 - keys or shapes of another model
+        raise CheckpointError(f"could not load checkpoint {checkpoint}: {describe_exception(e)} (written by "
+                              "another model or configuration)") from None
 
 
 def load_training_state(checkpoint: Path, model: nn.Module, optimizer: Any) -> None:

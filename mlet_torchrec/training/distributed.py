@@ -13,11 +13,14 @@ parameters both receive the gradient of the global-batch mean: a 2-rank run repr
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
+import logging
 import os
-import socket
+import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,14 +28,17 @@ from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.types import CacheParams, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from mlet_torchrec.config import DenseOptimizerConfig, EmbeddingConfig, SparseOptimizerConfig
+from mlet_torchrec.errors import UserError
 from mlet_torchrec.training.guardrails import collective_plan
+
+log = logging.getLogger("mlet.distributed")
 
 
 @dataclass(frozen=True)
@@ -46,12 +52,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _restarted_attempt_store(timeout: datetime.timedelta) -> Optional[dist.Store]:
@@ -73,21 +73,27 @@ def _restarted_attempt_store(timeout: datetime.timedelta) -> Optional[dist.Store
 
 
 def init_distributed(device: str = "auto") -> DistContext:
-    """Join the process group torchrun/TorchX set up, or make a 1-process group when run directly."""
+    """Join the process group torchrun/TorchX set up, or make a 1-process group when run directly.
+
+    Prefer :func:`process_group`, which also shuts the group down. A 1-process group lives in an
+    in-memory store (no port, no environment variables set), so a later call in the same process,
+    or a job launched from it, starts afresh.
+    """
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("run.device=cuda but no CUDA device is visible")
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if use_cuda else "gloo"
         timeout = datetime.timedelta(minutes=30)
-        store = _restarted_attempt_store(timeout)
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo", timeout=timeout,
-            **({} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
-                                         "world_size": int(os.environ["WORLD_SIZE"])}),
-        )
+        if "WORLD_SIZE" not in os.environ:
+            dist.init_process_group(backend=backend, timeout=timeout, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            store = _restarted_attempt_store(timeout)
+            dist.init_process_group(
+                backend=backend, timeout=timeout,
+                **({} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                             "world_size": int(os.environ["WORLD_SIZE"])}),
+            )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -100,6 +106,66 @@ def init_distributed(device: str = "auto") -> DistContext:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend())
+
+
+SHUTDOWN_ON_ERROR_S = 10.0
+"""How long a failing rank waits for its process group to shut down before it exits anyway."""
+
+
+def shutdown_process_group(clean: bool) -> None:
+    """End this process's part in the job: barrier (``clean`` only), destroy the group, collect garbage.
+
+    Without it, gloo's worker threads and their pending work outlive the interpreter's finalisation
+    and a finished job can die at exit with SIGABRT ("terminate called without an active
+    exception"). On the error path there is no barrier (the peers are not coming) and the destroy
+    runs in a helper thread for at most ``SHUTDOWN_ON_ERROR_S`` seconds: work queued for a dead peer
+    must not keep this rank from exiting and telling the launcher.
+    """
+    if not dist.is_initialized():
+        return
+    if clean:
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+    else:
+        done = threading.Thread(target=_destroy_quietly, name="mlet-destroy-pg", daemon=True)
+        done.start()
+        done.join(SHUTDOWN_ON_ERROR_S)
+        if done.is_alive():
+            log.warning("the process group did not shut down within %.0f s (a peer is gone); exiting anyway",
+                        SHUTDOWN_ON_ERROR_S)
+    # modules (DDP reducers, TorchRec's sharded modules) and futures sit in reference cycles that hold
+    # tensors and group handles: free them while the interpreter is whole, not during its teardown
+    gc.collect()
+
+
+def _destroy_quietly() -> None:
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[DistContext]:
+    """The job's process group for the duration of a ``with`` block, shut down on the way out.
+
+    Every multi-process entry point (train, collapse, evaluate, sweep cells) runs inside one. The
+    group is shut down only if this block created it: a caller that set up its own keeps it.
+
+        >>> with process_group("cpu") as ctx:      # doctest: +SKIP
+        ...     result = work(ctx)                 # collectives allowed here
+        >>> torch.distributed.is_initialized()     # doctest: +SKIP
+        False
+    """
+    owned = not dist.is_initialized()
+    ctx = init_distributed(device)
+    try:
+        yield ctx
+    except BaseException:
+        if owned:
+            shutdown_process_group(clean=False)
+        raise
+    if owned:
+        shutdown_process_group(clean=True)
 
 
 class MLETEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
@@ -118,9 +184,12 @@ class MLETEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
 
 
 def sharding_constraints(
-    emb: EmbeddingConfig, features: List[str], table_of: Dict[str, str], world_size: int
+    emb: EmbeddingConfig, features: List[str], table_of: Dict[str, str], world_size: int,
+    compute_device: str = "cpu",
 ) -> Dict[str, ParameterConstraints]:
-    """Planner constraints from the config: a fixed sharding type per table unless 'auto'.
+    """Planner constraints from the config: a fixed sharding type per table unless 'auto'; on CUDA, the
+    kernels: every table in GPU memory, or with ``embedding.uvm_caching`` also host memory behind a GPU cache
+    (TorchRec would otherwise move tables to UVM on its own). ``uvm_caching`` on CPU raises ``UserError``.
 
     A DeepCTR-style model's first-order table of a feature (``lin_<feature>``, 4 wide) follows the feature's
     sharding, except that column-wise becomes table-wise (4 columns cannot be split into FBGEMM's multiples
@@ -128,19 +197,38 @@ def sharding_constraints(
     """
     from mlet_torchrec.models.blocks import LINEAR_PREFIX
 
+    if emb.uvm_caching and compute_device != "cuda":
+        raise UserError("embedding.uvm_caching=true needs CUDA: UVM caching keeps tables in host memory behind a "
+                        "GPU cache; set embedding.uvm_caching=false on CPU")
+    kernels: Dict[str, object] = {}
+    if compute_device == "cuda":
+        kernels["compute_kernels"] = ["dense", "fused"] + (["fused_uvm_caching"] if emb.uvm_caching else [])
+        if emb.uvm_caching:
+            kernels["cache_params"] = CacheParams(load_factor=emb.uvm_cache_load_factor)
+    if emb.w1_dtype == "fp16":
+        # TorchRec's data-parallel (dense kernel) fp16 tables receive no update: keep them on fused kernels
+        asked = [f for f in features if emb.sharding_for(f) == "data_parallel"]
+        if asked:
+            raise UserError(f"embedding.w1_dtype=fp16 does not train data_parallel tables ({', '.join(asked)}): "
+                            "choose another sharding for them or embedding.w1_dtype=fp32")
+        kernels["sharding_types"] = ["table_wise", "row_wise", "column_wise", "table_row_wise"]
     constraints: Dict[str, ParameterConstraints] = {}
     for feature in features:
         kind = emb.sharding_for(feature)
         if kind == "auto":
+            if kernels:
+                constraints[table_of[feature]] = ParameterConstraints(**kernels)  # type: ignore[arg-type]
+                constraints[LINEAR_PREFIX + feature] = ParameterConstraints(**kernels)  # type: ignore[arg-type]
             continue
         width = emb.k_for(feature) or emb.d
-        kwargs = {}
+        base = {k: v for k, v in kernels.items() if k != "sharding_types"}
+        kwargs = dict(base)
         if kind == "column_wise" and world_size > 1 and width % world_size == 0:
             # split the columns over all ranks rather than letting the planner keep one shard
             kwargs["min_partition"] = width // world_size
-        constraints[table_of[feature]] = ParameterConstraints(sharding_types=[kind], **kwargs)
+        constraints[table_of[feature]] = ParameterConstraints(sharding_types=[kind], **kwargs)  # type: ignore
         linear_kind = "table_wise" if kind == "column_wise" else kind
-        constraints[LINEAR_PREFIX + feature] = ParameterConstraints(sharding_types=[linear_kind])
+        constraints[LINEAR_PREFIX + feature] = ParameterConstraints(sharding_types=[linear_kind], **base)  # type: ignore
     return constraints
 
 
@@ -179,11 +267,13 @@ def shard_model(
     dense_opt: DenseOptimizerConfig,
     ctx: DistContext,
     capacity: Optional[Dict[str, int]] = None,
+    plan: Optional[ShardingPlan] = None,
 ) -> ShardedModel:
     """Plan, shard and wrap ``model`` (its W1 built on the meta device); attach both optimizers.
 
     ``capacity``: ``Topology`` memory caps (``ddr_cap``/``hbm_cap`` bytes per rank, see
     ``guardrails.memory_capacity``); TorchRec's defaults when None. Raises ``PlannerError`` on every rank.
+    ``plan``: shard with this plan (``mlet plan``, ``training/planning.py``) instead of planning.
     """
     embedding_modules = [m for m in model.modules() if type(m).__name__ == "EmbeddingBagCollection"]
     opt_cls, opt_kwargs = _sparse_optimizer(sparse_opt)
@@ -191,11 +281,13 @@ def shard_model(
         apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_kwargs)
 
     sharders = [MLETEmbeddingBagCollectionSharder()]
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type, **(capacity or {})),
-        constraints=sharding_constraints(emb, features, table_of, ctx.world_size),
-    )
-    plan = collective_plan(planner, model, sharders)
+    constraints = sharding_constraints(emb, features, table_of, ctx.world_size, ctx.device.type)
+    if plan is None:
+        planner = EmbeddingShardingPlanner(
+            topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type, **(capacity or {})),
+            constraints=constraints,
+        )
+        plan = collective_plan(planner, model, sharders)
     dmp = DistributedModelParallel(module=model, device=ctx.device, plan=plan, sharders=sharders)
 
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))

@@ -6,21 +6,73 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import tempfile
 import uuid
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Callable, Dict
 
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from mlet_torchrec.config import ExperimentConfig
+from mlet_torchrec.errors import EXIT_USER_ERROR, UserError
 
-
-def _train_worker(config: Dict[str, Any], verbose: bool) -> Dict[str, Any]:
+def _train_worker(config: Dict[str, Any], verbose: bool, errors: str) -> Dict[str, Any]:
     from mlet_torchrec.logs import configure_logging
     from mlet_torchrec.training.train import train
 
     configure_logging(verbose)
-    return train(ExperimentConfig.model_validate(config)).summary()
+    with user_errors_to_parent(errors):
+        return train(ExperimentConfig.model_validate(config)).summary()
+
+
+class user_errors_to_parent:
+    """In a worker of :func:`launch_local` (whose last argument is ``errors``): a ``UserError`` leaves its
+    message in that folder for the parent and ends the process with status 2, no traceback; anything else
+    propagates as usual."""
+
+    def __init__(self, errors: str) -> None:
+        self.errors = errors
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> bool:
+        if isinstance(err, UserError):
+            Path(self.errors, f"rank{os.environ.get('RANK', '0')}").write_text(" ".join(str(err).split()))
+            raise SystemExit(EXIT_USER_ERROR) from None  # a plain exit status: elastic records no stack trace
+        return False
+
+
+def launch_local(launch: LaunchConfig, entrypoint: Callable[..., Any], *args: Any) -> Dict[int, Any]:
+    """``elastic_launch(launch, entrypoint)(*args, errors)``, but a worker's ``UserError`` (see
+    :class:`user_errors_to_parent`) is raised here as that ``UserError``'s one line, not as a ChildFailedError."""
+    with tempfile.TemporaryDirectory(prefix="mlet-errors-") as folder:
+        # elastic logs every failed worker with a stack trace of its own; for a reported UserError the one
+        # line below says it all, so drop those records (and only those: a crash keeps them)
+        elastic_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+        quiet = _WhenUserError(Path(folder))
+        elastic_log.addFilter(quiet)
+        try:
+            return elastic_launch(launch, entrypoint=entrypoint)(*args, folder)
+        except ChildFailedError:
+            messages = sorted(Path(folder).iterdir())
+            if messages:
+                raise UserError(messages[0].read_text()) from None
+            raise
+        finally:
+            elastic_log.removeFilter(quiet)
+
+
+class _WhenUserError(logging.Filter):
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or not any(self.folder.iterdir())
 
 
 def in_distributed_job() -> bool:
@@ -47,5 +99,5 @@ def train_local(
 ) -> Dict[str, Any]:
     """Train on ``nproc_per_node`` processes of this machine; returns rank 0's result summary."""
     launch = local_launch_config(nproc_per_node, "mlet", max_restarts)
-    results = elastic_launch(launch, entrypoint=_train_worker)(config.model_dump(mode="json"), verbose)
+    results = launch_local(launch, _train_worker, config.model_dump(mode="json"), verbose)
     return results[0]

@@ -1,14 +1,11 @@
 """What a resume needs beyond the tensors: data position, RNG states, optimizer-state templates and
 the check that a checkpoint belongs to the run being resumed.
 
-Data position. The reader is deterministic per (seed, epoch): the position after a step is
-``(epoch, batches_in_epoch)``, counted in global batches. :class:`ResumableReader` starts an epoch
-after its first ``k`` batches without decoding them: it drops whole row groups from the Parquet
-footers' row counts and slices at most one row group per DataLoader worker. With the same world size
-and ``data.num_workers`` the resumed run sees exactly the batches an uninterrupted run would; at another
-world size the rows of a global batch are the same only when a row group is one local batch long
-(the rank split is by row group), otherwise the rest of the epoch is the new layout's, from the same
-number of batches on.
+Data position. The reader's order is a function of (seed, epoch, global step) and the data only
+(data_pipes/order.py): the position after a step is ``(epoch, global batches done in it)``, and a
+reader ``set_position`` there yields exactly the batches an uninterrupted run would have, at any
+world size and ``data.num_workers`` (only the rows each rank takes of a global batch change with
+the world size). Checkpoints also record the reader's ``virtual_shards``; a resume refuses another.
 
 RNG. Each rank saves its torch (and CUDA), numpy and ``random`` states; a resumed rank restores its own
 (or, when the world grew and it has none, seeds from (seed, step, rank)). Training itself draws
@@ -19,14 +16,14 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, get_worker_info
 from torchrec.datasets.utils import Batch
 
-from data_pipes.reader import ParquetBatchReader, Unit
+from data_pipes.order import reads_fraction
+from data_pipes.reader import ParquetBatchReader, make_dataloader
 from data_pipes.schema import DatasetMeta
 from mlet_torchrec.config import ConfigError, ExperimentConfig
 
@@ -36,85 +33,35 @@ log = logging.getLogger("mlet.train")
 # ---------------------------------------------------------------------------------------- data position
 
 
-def worker_batch_share(counts: Sequence[int], k: int) -> Tuple[List[int], int]:
-    """(batches each worker yielded among the first ``k``, the worker that yields batch ``k + 1``).
-
-    A DataLoader over an IterableDataset takes batches from its workers round-robin, starting at
-    worker 0, and skips the workers that are exhausted; ``counts[w]`` is worker ``w``'s batch count.
-    """
-    taken = [0] * len(counts)
-    remaining, r = k, 0
-    while True:
-        active = [w for w, c in enumerate(counts) if c > r]
-        if not active:
-            return taken, 0
-        if remaining < len(active):
-            for w in active[:remaining]:
-                taken[w] += 1
-            return taken, active[remaining]
-        for w in active:
-            taken[w] += 1
-        remaining -= len(active)
-        r += 1
-
-
-class ResumableReader(ParquetBatchReader):
-    """A ``ParquetBatchReader`` that can start an epoch after its first ``k`` (rank-local) batches."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._skip: Tuple[int, int, int] = (0, 0, 1)  # (epoch, batches, num_workers)
-        self._head: Optional[Tuple[int, int, int]] = None  # (file, row group, rows to drop)
-
-    def set_position(self, epoch: int, batches: int, num_workers: int) -> None:
-        """Start ``epoch`` after its first ``batches`` batches (as a DataLoader with ``num_workers``
-        workers yields them); other epochs start at their beginning."""
-        self.set_epoch(epoch)
-        self._skip = (int(epoch), int(batches), max(1, int(num_workers)))
-
-    def _worker_batches(self, units: Sequence[Unit]) -> int:
-        rows = sum(self._group_rows[f][g] for f, g in units)
-        return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
-
-    def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        units = self._rank_units(self.epoch)
-        epoch, batches, skip_workers = self._skip
-        if epoch != self.epoch or batches <= 0:
-            return self._stream(units[worker::workers])
-        if skip_workers != workers:
-            raise RuntimeError(f"position set for {skip_workers} DataLoader workers, iterated with {workers}")
-        counts = [self._worker_batches(units[w::workers]) for w in range(workers)]
-        taken, first = worker_batch_share(counts, batches)
-        # The new DataLoader starts its round-robin at worker 0, the interrupted one was due at worker
-        # `first`: worker i of the new one continues the stream of worker (first + i) of the old one,
-        # which yields the same cyclic order.
-        source = (first + worker) % workers
-        return self._stream_from(units[source::workers], taken[source] * self.batch_size)
-
-    def _stream_from(self, units: Sequence[Unit], skip_rows: int) -> Iterator[Batch]:
-        i = 0
-        while i < len(units) and skip_rows >= self._group_rows[units[i][0]][units[i][1]]:
-            skip_rows -= self._group_rows[units[i][0]][units[i][1]]
-            i += 1
-        rest = list(units[i:])
-        self._head = (rest[0][0], rest[0][1], skip_rows) if rest and skip_rows else None
-        return self._stream(rest)
-
-    def _read(self, pf: Any, f: int, g: int) -> Any:
-        chunk = super()._read(pf, f, g)
-        if self._head is not None and self._head[:2] == (f, g):
-            chunk = chunk.slice(self._head[2], chunk.rows)
-            self._head = None
-        return chunk
-
-
-def dataloader(reader: ParquetBatchReader, num_workers: int, seed: int, epoch: int) -> DataLoader:
-    """The reader's DataLoader for one epoch, with its own generator: creating it leaves the global
-    torch RNG alone (a plain DataLoader draws its base seed from it), so resumes stay exact."""
+def dataloader(reader: ParquetBatchReader, num_workers: int, seed: int, epoch: int) -> Iterable[Batch]:
+    """The reader's batches for one epoch, from its position on, with their own generator: creating
+    the DataLoader leaves the global torch RNG alone (a plain one draws its base seed from it)."""
     gen = torch.Generator().manual_seed((int(seed) << 20) + int(epoch))
-    return DataLoader(reader, batch_size=None, num_workers=num_workers, persistent_workers=False, generator=gen)
+    return make_dataloader(reader, num_workers, generator=gen)
+
+
+def check_data_order(checkpoint: str, position: Dict[str, Any], reader: ParquetBatchReader) -> None:
+    """Refuse a checkpoint whose data order this reader cannot continue exactly."""
+    saved = position.get("virtual_shards")
+    if saved is None:
+        raise ConfigError(f"checkpoint {checkpoint} was written by a reader whose data order depended on the "
+                          "world size; it cannot be resumed exactly: set run.resume=false or choose a new run.dir")
+    if int(saved) != reader.virtual_shards:
+        raise ConfigError(f"checkpoint {checkpoint} read the data in {saved} virtual shards, this reader uses "
+                          f"{reader.virtual_shards}: resuming would change the data order")
+
+
+def log_data_order(reader: ParquetBatchReader) -> None:
+    """Log what an epoch consumes and drops, and whether this world size reads only its share."""
+    rows, used, world = reader.num_rows(), reader.rows_per_epoch(), reader.world_size
+    log.info("train split: %d rows; an epoch is %d global batches of %d: %d rows consumed, the last %d of the "
+             "epoch's order dropped; %d virtual shards", rows, reader.num_batches(), reader.global_batch_size,
+             used, rows - used, reader.virtual_shards)
+    share = reads_fraction(reader.virtual_shards, world)
+    if share > 1.0 / world:
+        log.warning("%d ranks do not divide the reader's %d virtual shards: the batches are the same as at any "
+                    "world size, but each rank decodes %.0f%% of the data instead of %.0f%%", world,
+                    reader.virtual_shards, 100 * share, 100 / world)
 
 
 def normalize_position(epoch: int, batches: int, epoch_steps: Sequence[int]) -> Tuple[int, int]:

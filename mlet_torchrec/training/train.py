@@ -12,11 +12,17 @@ resumed ends with the same weights and metrics as an uninterrupted one. That is 
 torchrun/TorchX restart (``max_restarts``) relies on: the restarted workers run the same command in
 the same ``run.dir``. The world size and sharding plan may differ from the checkpoint's (DCP
 reshards weights and optimizer state); settings that change what is trained may not
-(``train_state.check_resumable``). ``run.resume=false`` starts over and deletes the old checkpoints.
+(``train_state.check_resumable``). ``run.resume=false`` starts over and deletes the old checkpoints
+(only those mlet marked). ``run.dir`` is claimed with mlet's output marker (``run_dir.py``): one that
+holds foreign files, or is the data, the working directory, home or root, is refused in one line.
 
 Checkpoints: every ``train.checkpoint_every`` steps and at the end, atomically, the newest
 ``train.keep_checkpoints`` kept (checkpoint.py). A non-finite loss on any rank stops every rank at
 that step with ``TrainingDiverged``; no checkpoint is ever written from non-finite weights.
+
+Lifecycle: ``train`` runs inside ``distributed.process_group``; on return or on error the group is
+destroyed (after a barrier when all went well) and the progress bar, TensorBoard writer and DataLoader
+workers are closed, so a finished job exits cleanly.
 
 Example:
     >>> from mlet_torchrec.config import load_config
@@ -30,12 +36,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -51,16 +57,14 @@ from data_pipes.schema import DatasetMeta, table_name
 from mlet_torchrec.training.checkpoint import (
     CheckpointError,
     agree,
-    checkpoint_root,
-    latest_checkpoint,
     load_training_state,
     read_checkpoint_info,
     read_rank_state,
-    remove_incomplete,
     save_checkpoint,
 )
 from mlet_torchrec.config import ConfigError, ExperimentConfig, load_config
-from mlet_torchrec.training.distributed import DistContext, init_distributed, plan_summary, shard_model
+from mlet_torchrec.training.distributed import DistContext, plan_summary, process_group, shard_model
+from mlet_torchrec.training.run_dir import RunLog, prepare_run_dir
 from mlet_torchrec.evaluation.evaluate import evaluate
 from mlet_torchrec.training.guardrails import (
     TablesDoNotFit,
@@ -73,12 +77,13 @@ from mlet_torchrec.evaluation.metrics import CTRMetrics
 from mlet_torchrec.models import build_model
 from mlet_torchrec.modules.table_init import init_tables
 from mlet_torchrec.training.state import (
-    ResumableReader,
+    check_data_order,
     check_optimizer_layout,
     check_resumable,
     data_shape,
     dataloader,
     init_optimizer_state,
+    log_data_order,
     normalize_position,
     reseed,
     rng_state,
@@ -160,81 +165,6 @@ def _check_config_against_data(config: ExperimentConfig, meta: DatasetMeta, ctx:
         )
 
 
-def _broadcast(value: Any) -> Any:
-    box = [value]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext) -> Optional[Path]:
-    """Rank 0 creates the run directory, clears interrupted checkpoint writes and picks the checkpoint
-    to resume from (None: start at step 0); every rank gets its decision (or its error)."""
-    decision: Any = None
-    if ctx.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            for leftover in remove_incomplete(run_dir):
-                log.info("removed %s (an interrupted checkpoint write)", leftover)
-            if config.run.resume:
-                found = latest_checkpoint(run_dir)
-                decision = ("ok", None if found is None else str(found))
-            else:
-                root = checkpoint_root(run_dir)
-                if root.exists():
-                    log.warning("run.resume=false: deleting the checkpoints in %s and starting over", root)
-                    shutil.rmtree(root)
-                decision = ("ok", None)
-        except OSError as e:
-            decision = ("error", f"cannot prepare run.dir {run_dir}: {type(e).__name__}: {e}")
-    kind, value = _broadcast(decision)
-    if kind == "error":
-        raise ConfigError(value)
-    return None if value is None else Path(value)
-
-
-class _RunLog:
-    """Rank 0's outputs: metrics.jsonl, TensorBoard scalars and one concise line per event.
-
-    A run that starts at ``start_step`` (0, or the step it resumed from) first drops the records of
-    later steps left by an interrupted attempt, so every step is recorded once.
-    """
-
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int) -> None:
-        self.enabled = enabled
-        self._jsonl = None
-        self._tb = None
-        if enabled:
-            path = run_dir / "metrics.jsonl"
-            kept: List[str] = []
-            if path.exists():
-                for line in path.read_text().splitlines():
-                    try:
-                        if json.loads(line).get("step", 0) <= start_step:
-                            kept.append(line)
-                    except (ValueError, AttributeError):
-                        continue
-            path.write_text("".join(line + "\n" for line in kept))
-            self._jsonl = open(path, "a")
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-
-    def record(self, step: int, kind: str, values: Dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self._jsonl.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
-        self._jsonl.flush()
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self._tb.add_scalar(f"{kind}/{key}", value, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self._jsonl.close()
-            self._tb.close()
-
-
 def _saved_config(checkpoint: Path) -> ExperimentConfig:
     try:
         return load_config(checkpoint / "config.yaml")
@@ -246,13 +176,19 @@ def _saved_config(checkpoint: Path) -> ExperimentConfig:
 def train(config: ExperimentConfig, hooks: Sequence[StepHook] = ()) -> TrainResult:
     """Train ``config`` on every rank of the current job; returns the same result on every rank.
 
-    ``hooks`` are called on every rank after every step (after its checkpoint, if any).
+    ``hooks`` are called on every rank after every step (after its checkpoint, if any). The process
+    group (and every thread and DataLoader worker of the run) is shut down before it returns or raises,
+    unless the caller set the group up.
     """
-    ctx = init_distributed(config.run.device)
+    with process_group(config.run.device) as ctx:
+        return _train(config, hooks, ctx)
+
+
+def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext) -> TrainResult:
     run_dir = Path(config.run.dir)
     meta = DatasetMeta.load(config.data.path)
     _check_config_against_data(config, meta, ctx)
-    resume_from = _prepare_run_dir(config, run_dir, ctx)
+    resume_from = prepare_run_dir(config, run_dir, ctx)
     resume_info: Dict[str, Any] = {}
     if resume_from is not None:
         resume_info = read_checkpoint_info(resume_from)
@@ -265,6 +201,12 @@ def train(config: ExperimentConfig, hooks: Sequence[StepHook] = ()) -> TrainResu
     features = meta.sparse_names()
     net = build_model(config.model, config.embedding, meta, device=torch.device("meta"))
     capacity = memory_capacity(ctx.device)
+    given_plan = None
+    if config.run.plan is not None:  # `mlet plan`'s plan instead of planning again (refused if made for another run)
+        from mlet_torchrec.training.planning import load_plan
+
+        given_plan = load_plan(config.run.plan, config, meta, ctx.world_size, ctx.device.type,
+                               int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     try:
         sharded = shard_model(
             net,
@@ -275,6 +217,7 @@ def train(config: ExperimentConfig, hooks: Sequence[StepHook] = ()) -> TrainResu
             config.dense_optimizer,
             ctx,
             capacity=capacity,
+            plan=given_plan,
         )
     except PlannerError as e:
         if e.error_type == PlannerErrorType.INSUFFICIENT_STORAGE:
@@ -307,11 +250,13 @@ def train(config: ExperimentConfig, hooks: Sequence[StepHook] = ()) -> TrainResu
                      ctx.world_size)
 
     num_workers = config.data.num_workers
-    local_batch = config.train.batch_size // ctx.world_size
-    reader = ResumableReader(
+    if config.train.batch_size % ctx.world_size:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} does not split evenly over {ctx.world_size} "
+                          "ranks; choose a multiple of the world size")
+    reader = ParquetBatchReader(
         config.data.path,
         "train",
-        local_batch,
+        config.train.batch_size // ctx.world_size,
         rank=ctx.rank,
         world_size=ctx.world_size,
         drop_last=True,
@@ -319,19 +264,18 @@ def train(config: ExperimentConfig, hooks: Sequence[StepHook] = ()) -> TrainResu
         seed=config.train.seed,
         validate=config.data.validate_ids,
     )
-    # Every rank must take the same number of steps (the embedding all-to-alls are collective), and
-    # with shuffling a rank's share of row groups, hence its batch count, changes from epoch to epoch.
-    local_steps = torch.tensor(
-        [reader.num_batches(num_workers, epoch=e) for e in range(config.train.epochs)],
-        dtype=torch.int64, device=ctx.device,
-    )
-    dist.all_reduce(local_steps, op=dist.ReduceOp.MIN)
-    epoch_steps = [int(n) for n in local_steps.tolist()]
-    if min(epoch_steps) == 0:
+    if resume_from is not None:
+        check_data_order(str(resume_from), resume_info["position"], reader)
+    # The same global batches at every world size and epoch (data_pipes/order.py): every rank takes
+    # the same number of steps, as the collective embedding all-to-alls need.
+    epoch_steps = [reader.num_batches()] * config.train.epochs
+    if epoch_steps[0] == 0:
         raise ConfigError(
-            f"the train split of {config.data.path} has fewer rows per rank than one batch "
-            f"(train.batch_size={config.train.batch_size} over {ctx.world_size} ranks)"
+            f"the train split of {config.data.path} has {reader.num_rows()} rows, fewer than one global batch "
+            f"(train.batch_size={config.train.batch_size})"
         )
+    if ctx.is_main:
+        log_data_order(reader)
     total_steps = sum(epoch_steps)
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
@@ -367,24 +311,26 @@ def train(config: ExperimentConfig, hooks: Sequence[StepHook] = ()) -> TrainResu
             )
         e, b = normalize_position(epoch, batches, epoch_steps)
         position_info = {"epoch": e, "batches_in_epoch": b, "global_batch_size": config.train.batch_size,
-                         "num_workers": num_workers, "world_size": ctx.world_size}
+                         "num_workers": num_workers, "world_size": ctx.world_size,
+                         "virtual_shards": reader.virtual_shards, "rows_per_epoch": reader.rows_per_epoch()}
         return save_checkpoint(
             run_dir, step, model, config,
             {**info, "position": position_info, "train_seconds": train_seconds, **extra},
             optimizer, rank_state={"rng": rng_state(), "step": step}, keep=config.train.keep_checkpoints,
         )
 
-    runlog = _RunLog(run_dir, ctx.is_main, start_step)
+    runlog = RunLog(run_dir, ctx.is_main, start_step)
     bar = tqdm(total=total_steps, initial=min(start_step, total_steps), desc="train", unit="step",
                disable=not (ctx.is_main and config.train.progress), dynamic_ncols=True)
     step = start_step
+    it = None
     epoch, batches = normalize_position(*position, epoch_steps)
     loss_window, window_rows = 0.0, 0.0
     valid_metrics: Optional[CTRMetrics] = None
     try:
         model.train()
         while step < total_steps and epoch < config.train.epochs:
-            reader.set_position(epoch, batches, num_workers)
+            reader.set_position(epoch, batches)
             it = iter(dataloader(reader, num_workers, config.train.seed, epoch))
             for _ in range(min(epoch_steps[epoch] - batches, total_steps - step)):
                 t0 = time.perf_counter()
@@ -437,6 +383,8 @@ def train(config: ExperimentConfig, hooks: Sequence[StepHook] = ()) -> TrainResu
                     hook(StepEvent(step, epoch, batches, loss_all / max(rows_all, 1.0), batch, model, ctx.rank,
                                    ctx.world_size, written))
             if batches >= epoch_steps[epoch]:
+                if ctx.is_main:
+                    log.info("epoch %d done at step %d: %d rows consumed", epoch, step, reader.rows_per_epoch())
                 epoch, batches = epoch + 1, 0
         bar.close()
 
@@ -453,8 +401,9 @@ def train(config: ExperimentConfig, hooks: Sequence[StepHook] = ()) -> TrainResu
                           "test": test_metrics and test_metrics.as_dict(), "final": True}
             checkpoint = write_checkpoint(step, epoch, batches, final_info)
     finally:
-        bar.close()
-        runlog.close()
+        it = None  # the last epoch's DataLoader iterator: its worker processes end now, not at exit
+        bar.close()  # also stops tqdm's monitor thread
+        runlog.close()  # joins TensorBoard's writer thread
     result = TrainResult(run_dir, checkpoint, step, train_seconds, sps, valid_metrics, test_metrics,
                          resume_from, start_step)
     if ctx.is_main:

@@ -1,0 +1,63 @@
+"""The options every converter shares (the ``mlet convert`` flags of the same names).
+
+    >>> ConvertOptions(hash_buckets=1000).hash_buckets
+    {'*': 1000}
+    >>> ConvertOptions(hash_buckets={"C3": 11}, min_count=5).as_dict()["min_count"]
+    5
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional, Union
+
+import numpy as np
+
+DEFAULT_BLOCK_SIZE = 4 << 20  # text per block (~16K Criteo rows); memory is a few times this
+# The trainer's reader shuffles and shards by row group, so groups are small (as data_pipes.synth's).
+DEFAULT_ROW_GROUP_ROWS = 8192
+DEFAULT_ROWS_PER_FILE = 64 * DEFAULT_ROW_GROUP_ROWS
+
+
+@dataclass
+class ConvertOptions:
+    """Options shared by every converter (the CLI flags of the same names).
+
+    ``hash_buckets``: an int hashes every categorical feature into that many rows; a mapping
+    ``{feature: buckets}`` hashes only those features (key ``"*"`` for all others); features not hashed
+    get a vocabulary of the values seen at least ``min_count`` times in the train split.
+    """
+
+    min_count: int = 1
+    hash_buckets: Union[None, int, Mapping[str, int]] = None
+    seed: int = 0
+    lenient: bool = False
+    overwrite: bool = False
+    progress: Optional[bool] = None  # None: show a progress bar when stderr is a terminal
+    block_size: int = DEFAULT_BLOCK_SIZE
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE
+    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS
+    compression: str = "snappy"
+
+    def __post_init__(self) -> None:
+        if self.min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {self.min_count}")
+        if self.block_size < 4096:
+            raise ValueError(f"block_size must be >= 4096 bytes, got {self.block_size}")
+        if self.row_group_rows < 1 or self.rows_per_file < 1:
+            raise ValueError("rows_per_file and row_group_rows must be >= 1")
+        buckets = self.hash_buckets
+        if buckets is not None and not isinstance(buckets, Mapping):
+            buckets = {"*": buckets}
+        for name, n in (buckets or {}).items():
+            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 2:
+                raise ValueError(f"hash buckets for {name!r} must be an integer >= 2 (row 0 is the OOV id), got {n!r}")
+        self.hash_buckets = dict(buckets) if buckets else None
+
+    def as_dict(self) -> dict:
+        return {"min_count": self.min_count, "hash_buckets": self.hash_buckets, "seed": self.seed,
+                "lenient": self.lenient, "block_size": self.block_size, "rows_per_file": self.rows_per_file,
+                "row_group_rows": self.row_group_rows, "compression": self.compression}
+
+
+__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_ROWS_PER_FILE", "DEFAULT_ROW_GROUP_ROWS", "ConvertOptions"]

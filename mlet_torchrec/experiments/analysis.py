@@ -1,0 +1,150 @@
+"""Single-process measurements of a finished sweep run: frequency splits, singular values, compression.
+
+Example:
+    >>> out = analyse_run("runs/sweep/x/0123abcd")      # doctest: +SKIP
+    >>> sorted(out)                                     # doctest: +SKIP
+    ['checkpoint', 'compression', 'freq', 'spectrum']
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from mlet_torchrec.config import ExperimentConfig
+
+log = logging.getLogger("mlet.sweep")
+
+
+_COUNTS_CACHE: Dict[Tuple[str, Tuple[str, ...]], Dict[str, Any]] = {}
+
+
+def _freq_counts(data_path: str, features: Sequence[str], batch_size: int) -> Dict[str, "Any"]:
+    """Train-split id counts per feature (cached per process and data set)."""
+    cache_key = (str(Path(data_path).resolve()), tuple(features))
+    if cache_key not in _COUNTS_CACHE:
+        _COUNTS_CACHE[cache_key] = _count_ids(data_path, features, batch_size)
+    return _COUNTS_CACHE[cache_key]
+
+
+def _count_ids(data_path: str, features: Sequence[str], batch_size: int) -> Dict[str, "Any"]:
+    import torch
+
+    from data_pipes.reader import ParquetBatchReader
+
+    reader = ParquetBatchReader(data_path, "train", batch_size, drop_last=False, shuffle=False)
+    cards = reader.meta.cardinalities()
+    counts = {f: torch.zeros(cards[f], dtype=torch.int64) for f in features}
+    for batch in reader:
+        kjt = batch.sparse_features.to_dict()
+        for f in features:
+            v = kjt[f].values()
+            counts[f] += torch.bincount(v, minlength=cards[f])[: cards[f]]
+    oov = (reader.meta.source or {}).get("oov_id") if isinstance(getattr(reader.meta, "source", None), dict) else None
+    if oov is not None:
+        for f in features:  # the OOV id stands for values rarer than the converter's min_count: count it as 0
+            counts[f][int(oov)] = 0
+    return counts
+
+
+def _row_frequency(kjt: Any, counts: Dict[str, Any], rows: int) -> "Any":
+    import torch
+
+    freq = torch.full((rows,), torch.iinfo(torch.int64).max, dtype=torch.int64)
+    d = kjt.to_dict()
+    for f, c in counts.items():
+        jt = d[f]
+        lengths = jt.lengths()
+        per_id = c[jt.values()]
+        seg = torch.repeat_interleave(torch.arange(rows), lengths)
+        row_min = torch.full((rows,), torch.iinfo(torch.int64).max, dtype=torch.int64)
+        row_min.scatter_reduce_(0, seg, per_id, reduce="amin")
+        freq = torch.minimum(freq, row_min)
+    freq[freq == torch.iinfo(torch.int64).max] = -1  # every bag empty
+    return freq
+
+
+def analyse_run(run_dir: Path | str, freq_features: Optional[Sequence[str]] = None,
+                fraction: float = 0.1, compression: bool = True) -> Dict[str, Any]:
+    """Single-process measurements of a finished run: frequency splits, singular values, compression."""
+    import torch
+
+    from data_pipes.reader import ParquetBatchReader
+    from mlet_torchrec.evaluation.metrics import ctr_metrics
+    from mlet_torchrec.serving.artifact import load_artifact, mlet_module
+
+    art = load_artifact(run_dir)
+    model, config, meta, ckpt = art.materialize(), art.config, art.meta, art.path
+    features = list(freq_features) if freq_features else meta.sparse_names()
+    unknown = set(features) - set(meta.sparse_names())
+    if unknown:
+        raise ValueError(f"--freq-features {sorted(unknown)} are not sparse features ({meta.sparse_names()})")
+    bs = config.train.eval_batch_size
+    counts = _freq_counts(config.data.path, features, bs)
+    reader = ParquetBatchReader(config.data.path, "test", bs, drop_last=False, shuffle=False)
+    probs, labels, freqs = [], [], []
+    with torch.no_grad():
+        for batch in reader:
+            logits = model(batch.dense_features, batch.sparse_features)
+            probs.append(torch.sigmoid(logits.float().reshape(-1)))
+            labels.append(batch.labels.float())
+            freqs.append(_row_frequency(batch.sparse_features, counts, batch.labels.shape[0]))
+    p, y, fq = torch.cat(probs), torch.cat(labels), torch.cat(freqs)
+    order = torch.argsort(fq, stable=True)
+    n = max(1, int(round(fraction * len(order))))
+    splits = {}
+    for name, idx in (("bottom10", order[:n]), ("top10", order[-n:])):
+        m = ctr_metrics(p[idx], y[idx])
+        splits[name] = {"auc": m.auc, "pr_auc": m.pr_auc, "logloss": m.logloss, "positive_rate": m.positive_rate,
+                        "rows": m.rows, "min_freq": int(fq[idx].min()), "max_freq": int(fq[idx].max())}
+    all_m = ctr_metrics(p, y)
+    freq = {"features": features, "rule": "min over features of train count (OOV id counts 0)", "fraction": fraction,
+            "all": {"auc": all_m.auc, "pr_auc": all_m.pr_auc, "logloss": all_m.logloss}, **splits}
+
+    prefix, mlet = mlet_module(model)
+    state = model.state_dict()
+    spectrum = {}
+    for t in mlet.embedding_bag_configs():
+        w1 = state[f"{prefix}.w1.embedding_bags.{t.name}.weight"]
+        w = mlet.collapse_table(t.name, w1.double()).float()
+        s = torch.linalg.svdvals(w.double())
+        spectrum[t.name] = {"rows": int(w.shape[0]), "d": int(w.shape[1]),
+                            "above_1pct": int((s > 0.01 * s[0]).sum()) if s.numel() and s[0] > 0 else 0,
+                            "singular_values": [float(x) for x in s]}
+    out: Dict[str, Any] = {"freq": freq, "spectrum": spectrum, "checkpoint": str(ckpt)}
+    comp = _compression(Path(run_dir), config) if compression else None
+    if comp is not None:
+        out["compression"] = comp
+    return out
+
+
+def _compression(run_dir: Path, config: ExperimentConfig) -> Optional[Dict[str, Any]]:
+    """INT8 (max-abs and grid-searched scale) of every run and low-rank SVD (ranks d/4, d/2) of the single-layer
+    runs, on the test split, via ``mlet_torchrec.serving.compression.compression_study`` on a collapsed copy of the run;
+    None while that module does not exist."""
+    try:
+        from mlet_torchrec.serving import compression  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    study = getattr(compression, "compression_study", None)
+    if study is None:
+        return None
+    import tempfile
+
+    from mlet_torchrec.serving.collapse import collapse
+
+    d = config.embedding.d
+    ranks = sorted({r for r in (d // 4, d // 2) if 1 <= r < d}) if config.embedding.k is None else []
+    try:
+        with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
+            collapse(run_dir, Path(tmp) / "collapsed", None)
+            rows = study(Path(tmp) / "collapsed", "test", svd_ranks=ranks, int8=True)
+    except Exception as e:  # noqa: BLE001 - a compression failure must not lose the training result
+        log.warning("compression measurements failed: %s", e)
+        return {"error": f"{type(e).__name__}: {e}"}
+    out: Dict[str, Any] = {}
+    for row in rows:
+        name = str(row["method"]).replace(f" d={d}", "").replace(" of", "")
+        out[name] = {k: v for k, v in row.items() if k != "method" and isinstance(v, (int, float))}
+    return out

@@ -1,0 +1,412 @@
+"""Plan a cluster before renting it: TorchRec's sharding planner on a topology given by the user.
+
+``make_plan`` builds the training model (W1 at k, with the sparse optimizer's state) and its serving
+twin (the collapsed d-dim model, no optimizer state) on the meta device, runs the planner on
+``world_size`` ranks of ``hbm_gb``/``ddr_gb`` each, and returns a JSON-able plan: per table the
+sharding type, kernel and shards, per rank the HBM and DDR used, and the MLET memory factor against the
+single-layer model. ``mlet train --plan PLAN.json`` (``run.plan``) shards with that plan instead of
+planning again; :func:`load_plan` refuses a plan made for another world size, device or config.
+
+When the tables cannot fit, :class:`PlanDoesNotFit` says by how much, in one line, with the levers.
+
+    >>> from mlet_torchrec.config import load_config
+    >>> from data_pipes.schema import DatasetMeta, SparseFeature
+    >>> meta = DatasetMeta(sparse=[SparseFeature(name="a", cardinality=1000)], splits={})
+    >>> cfg = load_config(None, ["embedding.d=4", "embedding.k=16", "model.bottom_mlp=[8]", "model.top_mlp=[8]"])
+    >>> plan = make_plan(cfg, meta, Cluster(world_size=2, device="cpu", ddr_gb=1, batch_size=64))
+    >>> plan["training"]["tables"][0]["table"], round(plan["memory"]["training_factor"], 2)
+    ('t_a', 4.0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Literal, Optional
+
+import torch
+from torch import nn
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
+from torchrec.distributed.types import (
+    CacheParams,
+    EmbeddingModuleShardingPlan,
+    EnumerableShardingSpec,
+    ParameterSharding,
+    ShardingPlan,
+    ShardMetadata,
+)
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from data_pipes.schema import DatasetMeta, table_name
+from mlet_torchrec.config import ExperimentConfig
+from mlet_torchrec.errors import UserError
+from mlet_torchrec.models import build_model
+from mlet_torchrec.training.distributed import (
+    MLETEmbeddingBagCollectionSharder,
+    _sparse_optimizer,
+    sharding_constraints,
+)
+from mlet_torchrec.training.guardrails import PLANNER_RESERVATION
+
+PLAN_FORMAT = "mlet-plan/1"
+GIB = 2**30
+
+
+class PlanError(UserError):
+    """A plan file that cannot be used for this run (another world size, device or config, or unreadable)."""
+
+
+class PlanDoesNotFit(UserError):
+    """The tables (with their optimizer state) need more memory than the planned cluster has."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The topology to plan for: ``world_size`` ranks, ``local_world_size`` per host, memory per rank."""
+
+    world_size: int
+    device: Literal["cuda", "cpu"] = "cuda"
+    local_world_size: Optional[int] = None
+    hbm_gb: float = 80.0
+    """GPU memory per rank, GiB (ignored for cpu)."""
+    ddr_gb: float = 128.0
+    """Host memory per rank, GiB."""
+    batch_size: Optional[int] = None
+    """Global batch size (None: the config's train.batch_size)."""
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise UserError(f"--world-size must be at least 1, got {self.world_size}")
+        lws = self.local_world_size
+        if lws is not None and (lws < 1 or self.world_size % lws):
+            raise UserError(f"--local-world-size {lws} must be positive and divide --world-size {self.world_size}")
+        if self.hbm_gb <= 0 or self.ddr_gb <= 0:
+            raise UserError(f"--hbm-gb and --ddr-gb must be positive, got {self.hbm_gb} and {self.ddr_gb}")
+
+
+# ------------------------------------------------------------------------------------------- sizes
+
+
+def _elem(config: ExperimentConfig) -> int:
+    return 2 if config.embedding.w1_dtype == "fp16" else 4
+
+
+def table_sizes(config: ExperimentConfig, meta: DatasetMeta, mlet: bool = True) -> Dict[str, Dict[str, int]]:
+    """Per table: rows, width, weight bytes and sparse-optimizer state bytes while training.
+
+    ``mlet=False``: the single-layer model at d (same optimizer, same W1 dtype). Adagrad keeps one fp32
+    value per weight, row-wise Adagrad one per row, SGD none.
+    """
+    opt = config.sparse_optimizer.name
+    out: Dict[str, Dict[str, int]] = {}
+    for f in meta.sparse:
+        width = (config.embedding.k_for(f.name) if mlet else None) or config.embedding.d
+        state = {"adagrad": f.cardinality * width * 4, "rowwise_adagrad": f.cardinality * 4}.get(opt, 0)
+        out[table_name(f.name)] = {"rows": f.cardinality, "width": width,
+                                   "weights": f.cardinality * width * _elem(config), "state": state}
+    return out
+
+
+def _total(sizes: Dict[str, Dict[str, int]]) -> int:
+    return sum(s["weights"] + s["state"] for s in sizes.values())
+
+
+def memory_summary(config: ExperimentConfig, meta: DatasetMeta) -> Dict[str, Any]:
+    """Bytes of the tables: MLET training, single-layer training, serving (fp32 n x d), and their ratios."""
+    mlet, single = table_sizes(config, meta), table_sizes(config, meta, mlet=False)
+    serving = sum(f.cardinality * config.embedding.d * 4 for f in meta.sparse)
+    train_bytes, single_bytes = _total(mlet), _total(single)
+    return {"training_bytes": train_bytes, "training_weights_bytes": sum(s["weights"] for s in mlet.values()),
+            "training_state_bytes": sum(s["state"] for s in mlet.values()),
+            "single_layer_training_bytes": single_bytes, "serving_bytes": serving,
+            "training_factor": train_bytes / max(single_bytes, 1)}
+
+
+# -------------------------------------------------------------------------------- (de)serialising
+
+
+def plan_to_json(plan: ShardingPlan) -> List[Dict[str, Any]]:
+    """A ShardingPlan as a list of tables (module path, table, sharding type, kernel, ranks, shards)."""
+    rows = []
+    for module_path, module_plan in plan.plan.items():
+        for table, p in module_plan.items():  # type: ignore[union-attr]
+            shards = [{"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes), "placement": str(s.placement)}
+                      for s in (p.sharding_spec.shards if p.sharding_spec is not None else [])]  # type: ignore
+            rows.append({"module": module_path, "table": table, "sharding_type": p.sharding_type,
+                         "compute_kernel": p.compute_kernel, "ranks": p.ranks, "shards": shards,
+                         "cache_load_factor": p.cache_params.load_factor if p.cache_params else None})
+    return rows
+
+
+def _placement(rank: int, device: str, local_world_size: int) -> str:
+    return f"rank:{rank}/cpu" if device == "cpu" else f"rank:{rank}/cuda:{rank % local_world_size}"
+
+
+def plan_from_json(tables: List[Dict[str, Any]], device: str, local_world_size: int) -> ShardingPlan:
+    """The inverse of :func:`plan_to_json`; placements are rebuilt for this job's devices."""
+    modules: Dict[str, EmbeddingModuleShardingPlan] = {}
+    for t in tables:
+        shards = [ShardMetadata(shard_offsets=list(s["offsets"]), shard_sizes=list(s["sizes"]),
+                                placement=_placement(int(s["placement"].split("/")[0].split(":")[1]), device,
+                                                     local_world_size))
+                  for s in t["shards"]]
+        lf = t.get("cache_load_factor")
+        modules.setdefault(t["module"], EmbeddingModuleShardingPlan())[t["table"]] = ParameterSharding(
+            sharding_type=t["sharding_type"], compute_kernel=t["compute_kernel"], ranks=t["ranks"],
+            sharding_spec=EnumerableShardingSpec(shards) if shards else None,
+            cache_params=CacheParams(load_factor=lf) if lf is not None else None,
+        )
+    return ShardingPlan(modules)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------- planning
+
+
+def planned_for(config: ExperimentConfig, meta: DatasetMeta) -> Dict[str, Any]:
+    """What a plan depends on: the keys a run must share with it (compared by :func:`load_plan`)."""
+    e = config.embedding
+    return {
+        "embedding.d": e.d, "embedding.k": e.k, "embedding.w1_dtype": e.w1_dtype,
+        "embedding.uvm_caching": e.uvm_caching, "embedding.uvm_cache_load_factor": e.uvm_cache_load_factor,
+        "embedding.sharding": e.sharding,
+        "embedding.tables": {n: t.model_dump(mode="json") for n, t in sorted(e.tables.items())},
+        "model.name": config.model.name, "sparse_optimizer.name": config.sparse_optimizer.name,
+        "data.cardinalities": meta.cardinalities(),
+    }
+
+
+@contextlib.contextmanager
+def _quiet_planner() -> Iterator[None]:
+    """TorchRec's planner logs a warning per unplaced table and per dry-run estimate: not for users."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _run_planner(model: nn.Module, config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster,
+                 batch_size: int) -> tuple[ShardingPlan, EmbeddingShardingPlanner]:
+    features = meta.sparse_names()
+    lws = cluster.local_world_size or min(cluster.world_size, 8)
+    caps = {"ddr_cap": int(cluster.ddr_gb * GIB)}
+    if cluster.device == "cuda":
+        caps["hbm_cap"] = int(cluster.hbm_gb * GIB)
+    with _quiet_planner():
+        planner = EmbeddingShardingPlanner(
+            topology=Topology(world_size=cluster.world_size, local_world_size=lws, compute_device=cluster.device,
+                              **caps),
+            batch_size=max(1, batch_size // cluster.world_size),
+            constraints=sharding_constraints(config.embedding, features, {f: table_name(f) for f in features},
+                                             cluster.world_size, cluster.device),
+            debug=False,
+        )
+        plan = planner.plan(model, [MLETEmbeddingBagCollectionSharder()])
+    return plan, planner
+
+
+def _shard_bytes(option: Any, shard: Any, fp32_state_fix: bool) -> tuple[int, int]:
+    """(HBM, DDR) bytes of one shard as the planner sized it, plus what it leaves out: TorchRec sizes the
+    optimizer state at the table's dtype, FBGEMM keeps Adagrad's state in fp32 (2 more bytes per fp16 weight;
+    in host memory for UVM-cached tables)."""
+    hbm, ddr = (int(shard.storage.hbm), int(shard.storage.ddr)) if shard.storage is not None else (0, 0)
+    if fp32_state_fix and option.compute_kernel in ("fused", "fused_uvm_caching"):
+        extra = int(shard.size[0]) * int(shard.size[1]) * 2
+        hbm, ddr = (hbm + extra, ddr) if option.compute_kernel == "fused" else (hbm, ddr + extra)
+    return hbm, ddr
+
+
+def _planned(plan: ShardingPlan, planner: EmbeddingShardingPlanner, world_size: int,
+             fp32_state_fix: bool) -> Dict[str, Any]:
+    ranks = [{"rank": r, "hbm_bytes": 0, "ddr_bytes": 0} for r in range(world_size)]
+    per_table: Dict[str, Dict[str, int]] = {}
+    for option in planner._best_plan or []:  # the planner keeps its chosen options (storage per shard)
+        t = per_table.setdefault(option.name, {"hbm_bytes": 0, "ddr_bytes": 0})
+        for shard in option.shards:
+            hbm, ddr = _shard_bytes(option, shard, fp32_state_fix)
+            t["hbm_bytes"], t["ddr_bytes"] = t["hbm_bytes"] + hbm, t["ddr_bytes"] + ddr
+            if shard.rank is not None:
+                ranks[shard.rank]["hbm_bytes"] += hbm
+                ranks[shard.rank]["ddr_bytes"] += ddr
+    tables = plan_to_json(plan)
+    for t in tables:
+        t.update(per_table.get(t["table"], {}))
+    return {"tables": tables, "ranks": ranks}
+
+
+def make_plan(config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster) -> Dict[str, Any]:
+    """Plan the training and serving models of ``config`` on ``cluster``; raises :class:`PlanDoesNotFit`."""
+    if config.embedding.uvm_caching and cluster.device != "cuda":
+        raise UserError("embedding.uvm_caching=true needs --device cuda: UVM caching keeps tables in host memory "
+                        "behind a GPU cache, and a CPU run has no GPU")
+    batch = cluster.batch_size or config.train.batch_size
+    torch.manual_seed(0)
+    net = build_model(config.model, config.embedding, meta, device=torch.device("meta"))
+    opt_cls, opt_kwargs = _sparse_optimizer(config.sparse_optimizer)
+    with warnings.catch_warnings():  # TorchRec deprecates its own helper; training uses it too
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for m in net.modules():
+            if type(m).__name__ == "EmbeddingBagCollection":
+                apply_optimizer_in_backward(opt_cls, m.parameters(), opt_kwargs)
+    try:
+        plan, planner = _run_planner(net, config, meta, cluster, batch)
+    except PlannerError as e:
+        if e.error_type == PlannerErrorType.INSUFFICIENT_STORAGE:
+            raise does_not_fit(config, meta, cluster) from None
+        raise UserError(f"TorchRec's planner found no plan: {' '.join(str(e).split())[:400]}") from None
+    fix = config.embedding.w1_dtype == "fp16" and config.sparse_optimizer.name == "adagrad"
+    training = _planned(plan, planner, cluster.world_size, fix)
+    if fix:  # the planner undercounted Adagrad's fp32 state: check the corrected figures ourselves
+        caps = (cluster.hbm_gb * GIB, cluster.ddr_gb * GIB) if cluster.device == "cuda" else (None, cluster.ddr_gb * GIB)
+        for r in training["ranks"]:
+            over = [(tier, need, cap) for tier, need, cap in (("GPU", r["hbm_bytes"], caps[0]),
+                                                              ("host", r["ddr_bytes"], caps[1]))
+                    if cap is not None and need > cap * (1 - PLANNER_RESERVATION)]
+            if over:
+                tier, need, cap = over[0]
+                raise does_not_fit(config, meta, cluster, note=(
+                    f"rank {r['rank']} needs {need / GIB:.1f} GiB of {tier} memory once Adagrad's fp32 state of "
+                    f"fp16 tables is counted (TorchRec's planner counts it at fp16)"))
+    serving_net = build_model(config.model, config.embedding, meta, device=torch.device("meta"), collapsed=True)
+    try:
+        serving_plan, serving_planner = _run_planner(serving_net, config, meta, cluster, batch)
+        serving: Dict[str, Any] = _planned(serving_plan, serving_planner, cluster.world_size, False)
+    except PlannerError as e:
+        serving = {"error": " ".join(str(e).split())[:400]}
+    lws = cluster.local_world_size or min(cluster.world_size, 8)
+    return {
+        "format": PLAN_FORMAT,
+        "cluster": {**asdict(cluster), "local_world_size": lws, "batch_size": batch},
+        "planned_for": planned_for(config, meta),
+        "memory": memory_summary(config, meta),
+        "training": training,
+        "serving": serving,
+    }
+
+
+def does_not_fit(config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster, note: str = "") -> PlanDoesNotFit:
+    """One line: what the tables need, what the cluster has, the shortfall and the levers that would help."""
+    mem = memory_summary(config, meta)
+    need = mem["training_bytes"]
+    tier, per_rank = ("GPU memory", cluster.hbm_gb * GIB) if cluster.device == "cuda" else ("host memory",
+                                                                                          cluster.ddr_gb * GIB)
+    usable = per_rank * (1 - PLANNER_RESERVATION)
+    short = need - usable * cluster.world_size
+    levers = []
+    if config.embedding.w1_dtype == "fp32":
+        levers.append(f"embedding.w1_dtype=fp16 (saves {mem['training_weights_bytes'] / 2 / GIB:.1f} GiB)")
+    if config.sparse_optimizer.name == "adagrad":
+        rows = sum(f.cardinality for f in meta.sparse)
+        saved = mem["training_state_bytes"] - rows * 4
+        levers.append(f"sparse_optimizer.name=rowwise_adagrad (saves {saved / GIB:.1f} GiB)")
+    if cluster.device == "cuda" and not config.embedding.uvm_caching:
+        levers.append("embedding.uvm_caching=true (tables in host memory behind a GPU cache)")
+    levers.append(f"--world-size {math.ceil(need / usable)} or more")
+    state = (f" + {config.sparse_optimizer.name} state {mem['training_state_bytes'] / GIB:.1f} GiB"
+             if mem["training_state_bytes"] else "")
+    short_text = note or (f"{short / GIB:.1f} GiB short" if short > 0 else "too tight once the shards are placed")
+    return PlanDoesNotFit(
+        f"the tables do not fit on {cluster.world_size} x {per_rank / GIB:g} GiB of {tier}: training them needs "
+        f"{need / GIB:.1f} GiB (W1 {config.embedding.w1_dtype} {mem['training_weights_bytes'] / GIB:.1f} GiB{state}) "
+        f"but about {usable * cluster.world_size / GIB:.1f} GiB is usable after TorchRec's "
+        f"{PLANNER_RESERVATION:.0%} reservation ({short_text}); try {', '.join(levers)}"
+    )
+
+
+# ------------------------------------------------------------------------------------ plan files
+
+
+def write_plan(plan: Dict[str, Any], output: Path | str, overwrite: bool = False) -> Path:
+    """Write PLAN.json completely or not at all; refuses to replace a file without ``overwrite``."""
+    from mlet_torchrec.io import OutputError, atomic_write_text
+
+    out = Path(output)
+    if out.is_dir() or out.is_symlink():
+        raise OutputError(f"refusing to write the plan to {out}: it is a directory or a link; name a .json file")
+    if out.exists():
+        try:
+            ours = json.loads(out.read_text()).get("format") == PLAN_FORMAT
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise OutputError(f"refusing to replace {out}: it is not a plan written by `mlet plan`")
+        if not overwrite:
+            raise OutputError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(plan, indent=1) + "\n")
+    return out
+
+
+def read_plan(path: Path | str) -> Dict[str, Any]:
+    try:
+        plan = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PlanError(f"plan file {path} does not exist; write one with `mlet plan`") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PlanError(f"plan file {path} is not a readable JSON plan: {' '.join(str(e).split())}") from None
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
+        raise PlanError(f"plan file {path} is not a plan written by `mlet plan` (format {PLAN_FORMAT})")
+    return plan
+
+
+def load_plan(path: Path | str, config: ExperimentConfig, meta: DatasetMeta, world_size: int, device: str,
+              local_world_size: int) -> ShardingPlan:
+    """The training ShardingPlan of ``path`` for this job; :class:`PlanError` if it was made for another one."""
+    plan = read_plan(path)
+    cluster = plan.get("cluster", {})
+    if cluster.get("world_size") != world_size:
+        raise PlanError(f"plan {path} was made for {cluster.get('world_size')} ranks but this run has {world_size}; "
+                        f"run `mlet plan --world-size {world_size}` again")
+    if cluster.get("device") != device:
+        raise PlanError(f"plan {path} was made for --device {cluster.get('device')} but this run is on {device}; "
+                        f"run `mlet plan --device {device}` again")
+    made, now = plan.get("planned_for", {}), planned_for(config, meta)
+    for key in now:
+        if made.get(key) != now[key]:
+            shown = "the data set's cardinalities" if key == "data.cardinalities" else f"{key}={made.get(key)}"
+            raise PlanError(f"plan {path} was made for {shown}, not this run's config "
+                            f"({key}={json.dumps(now[key])[:80]}); run `mlet plan` again for it")
+    try:
+        return plan_from_json(plan["training"]["tables"], device, local_world_size)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise PlanError(f"plan file {path} is damaged ({type(e).__name__}: {e}); run `mlet plan` again") from None
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def format_plan(plan: Dict[str, Any]) -> str:
+    """The plan as a short text report: tables, ranks, memory factor."""
+    c, m = plan["cluster"], plan["memory"]
+    lines = [f"plan for {c['world_size']} ranks ({c['local_world_size']} per host) on {c['device']}, "
+             + (f"{c['hbm_gb']:g} GiB HBM + " if c["device"] == "cuda" else "")
+             + f"{c['ddr_gb']:g} GiB DDR per rank, global batch {c['batch_size']}"]
+    for part in ("training", "serving"):
+        p = plan[part]
+        if "error" in p:
+            lines.append(f"{part}: no plan ({p['error'][:200]})")
+            continue
+        lines.append(f"{part} model: table, sharding, kernel, ranks, HBM GiB, DDR GiB")
+        for t in p["tables"]:
+            lines.append(f"  {t['table']:<12} {t['sharding_type']:<15} {t['compute_kernel']:<18} "
+                         f"{len(t['ranks'] or []):>3} {t.get('hbm_bytes', 0) / GIB:>8.2f} {t.get('ddr_bytes', 0) / GIB:>8.2f}")
+        lws = c["local_world_size"]
+        lines.append("  per rank, HBM/DDR GiB:")
+        for host in range(0, len(p["ranks"]), lws):
+            ranks = p["ranks"][host:host + lws]
+            lines.append(f"    host {host // lws} (ranks {host}-{host + len(ranks) - 1}): " + "  ".join(
+                f"{r['hbm_bytes'] / GIB:.1f}/{r['ddr_bytes'] / GIB:.1f}" for r in ranks))
+    lines.append(f"tables while training: {m['training_bytes'] / GIB:.1f} GiB (W1 {m['training_weights_bytes'] / GIB:.1f}"
+                 f" + optimizer state {m['training_state_bytes'] / GIB:.1f}); single-layer model at the same d: "
+                 f"{m['single_layer_training_bytes'] / GIB:.1f} GiB; MLET memory factor {m['training_factor']:.2f}x "
+                 f"while training, 1x at serving (collapsed tables {m['serving_bytes'] / GIB:.1f} GiB)")
+    return "\n".join(lines)

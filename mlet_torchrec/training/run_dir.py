@@ -1,0 +1,114 @@
+"""The run directory of ``train``: claimed before training, written by rank 0 while it trains.
+
+``prepare_run_dir`` claims ``run.dir`` through :func:`mlet_torchrec.io.claim_directory` (created with
+mlet's marker, or reused if it carries it; refused with one line if it is the data, the working
+directory, home or root, or holds files mlet did not write), clears interrupted checkpoint writes and
+picks the checkpoint to resume from; ``run.resume=false`` deletes only the checkpoints mlet marked.
+``RunLog`` writes ``metrics.jsonl`` and the TensorBoard scalars.
+
+    >>> run = RunLog(Path(tempfile.mkdtemp()), enabled=True, start_step=0)   # doctest: +SKIP
+    >>> run.record(10, "train", {"loss": 0.5}); run.close()                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch.distributed as dist
+
+from mlet_torchrec.config import ConfigError, ExperimentConfig
+from mlet_torchrec.errors import UserError
+from mlet_torchrec.io import OutputError, claim_directory
+from mlet_torchrec.training.checkpoint import (
+    CheckpointError,
+    checkpoint_root,
+    latest_checkpoint,
+    remove_checkpoints,
+    remove_incomplete,
+)
+from mlet_torchrec.training.distributed import DistContext
+
+log = logging.getLogger("mlet.train")
+
+
+def _broadcast(value: Any) -> Any:
+    box = [value]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext) -> Optional[Path]:
+    """Rank 0 claims the run directory (created with mlet's marker, or one that has it; never the
+    data, the working directory, home or root, nor a directory of foreign files), clears interrupted
+    checkpoint writes and picks the checkpoint to resume from (None: start at step 0); every rank
+    gets its decision, or its error."""
+    decision: Any = None
+    if ctx.is_main:
+        try:
+            claim_directory(run_dir, command="train", inputs=[config.data.path])
+            for leftover in remove_incomplete(run_dir):
+                log.info("removed %s (an interrupted checkpoint write)", leftover)
+            if config.run.resume:
+                found = latest_checkpoint(run_dir)
+                decision = ("ok", None if found is None else str(found))
+            else:
+                removed = remove_checkpoints(run_dir)
+                if removed:
+                    log.warning("run.resume=false: deleted the %d checkpoint(s) in %s; starting over", len(removed),
+                                checkpoint_root(run_dir))
+                decision = ("ok", None)
+        except UserError as e:
+            decision = (type(e).__name__, str(e))
+        except OSError as e:
+            decision = ("ConfigError", f"cannot prepare run.dir {run_dir}: {type(e).__name__}: {e}")
+    kind, value = _broadcast(decision)
+    if kind != "ok":
+        raise {"OutputError": OutputError, "CheckpointError": CheckpointError}.get(kind, ConfigError)(value)
+    return None if value is None else Path(value)
+
+
+class RunLog:
+    """Rank 0's outputs: metrics.jsonl, TensorBoard scalars and one concise line per event.
+
+    A run that starts at ``start_step`` (0, or the step it resumed from) first drops the records of
+    later steps left by an interrupted attempt, so every step is recorded once.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int) -> None:
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if enabled:
+            path = run_dir / "metrics.jsonl"
+            kept: List[str] = []
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    try:
+                        if json.loads(line).get("step", 0) <= start_step:
+                            kept.append(line)
+                    except (ValueError, AttributeError):
+                        continue
+            path.write_text("".join(line + "\n" for line in kept))
+            self._jsonl = open(path, "a")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+
+    def record(self, step: int, kind: str, values: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        self._jsonl.flush()
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
