@@ -46,10 +46,15 @@ def run_all(data: Dict[str, str], seeds: List[int], results: Path, k: int) -> No
                 print(json.dumps(row), flush=True)
 
 
+def _sd(xs: List[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 def summary(results: Path) -> str:
     rows = [json.loads(line) for line in results.read_text().splitlines()]
-    lines = ["| data set | seeds | test AUC fp32 W1 | test AUC fp16 W1 | fp16 - fp32 AUC (paired, per seed) | "
-             "test LogLoss fp32 / fp16 |", "|---|---|---|---|---|---|"]
+    header = ("| data set | seeds | test AUC fp32 W1 | test AUC fp16 W1 | fp16 - fp32 AUC (paired, per seed) | "
+              "test LogLoss fp32 / fp16 |")
+    lines = [header, "|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["dataset"] for r in rows):
         by = {(r["seed"], r["w1_dtype"]): r for r in rows if r["dataset"] == name}
         seeds = sorted({s for s, _ in by if (s, "fp32") in by and (s, "fp16") in by})
@@ -60,9 +65,8 @@ def summary(results: Path) -> str:
         diffs = [b - a for a, b in zip(a32, a16)]
         l32 = statistics.mean(by[s, "fp32"]["test_logloss"] for s in seeds)
         l16 = statistics.mean(by[s, "fp16"]["test_logloss"] for s in seeds)
-        sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
-        lines.append(f"| {name} | {len(seeds)} | {statistics.mean(a32):.4f} ± {sd(a32):.4f} | "
-                     f"{statistics.mean(a16):.4f} ± {sd(a16):.4f} | {statistics.mean(diffs):+.4f} "
+        lines.append(f"| {name} | {len(seeds)} | {statistics.mean(a32):.4f} ± {_sd(a32):.4f} | "
+                     f"{statistics.mean(a16):.4f} ± {_sd(a16):.4f} | {statistics.mean(diffs):+.4f} "
                      f"({', '.join(f'{x:+.4f}' for x in diffs)}) | {l32:.4f} / {l16:.4f} |")
     return "\n".join(lines) + "\n"
 

@@ -193,6 +193,17 @@ class ParquetBatchReader(IterableDataset):
         """Rows of the whole split (all ranks)."""
         return sum(sum(g) for g in self._group_rows)
 
+    def stream_rows(self, step: int) -> np.ndarray:
+        """The epoch-stream positions ``t`` of the rows of this rank's batch at global batch ``step``,
+        in batch order (arithmetic only). A batch holds its rows shard by shard, so ``t`` is not sorted:
+        keep ``t < n`` to take the first ``n`` rows of the stream, the same rows at any world size."""
+        size, V, out = self.global_batch_size, self.virtual_shards, []
+        end = min((step + 1) * size, self.num_rows())
+        for v, prog in self.shards():
+            a, b = prog.count(shard_offset(v, step * size, V)), prog.count(shard_offset(v, end, V))
+            out.append(v + V * (prog.residue + prog.stride * np.arange(a, b, dtype=np.int64)))
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
     def shards(self) -> List[Tuple[int, Progression]]:
         """This rank's virtual shards and the rows of each it takes (order.rank_shards)."""
         return rank_shards(self.virtual_shards, self.world_size, self.rank)

@@ -140,8 +140,10 @@ def test_image_basics():
     assert instructions["ENTRYPOINT"] == '["/usr/local/bin/mlet-entrypoint"]'
 
 
-def _source_variant(tmp_path: Path, variant: str, **env: str) -> subprocess.CompletedProcess:
-    shutil.copy(REPO / "requirements.txt", tmp_path / "requirements.txt")
+def _source_variant(tmp_path: Path, variant: str, keep_requirements: bool = False,
+                    **env: str) -> subprocess.CompletedProcess:
+    if not keep_requirements:
+        shutil.copy(REPO / "requirements.txt", tmp_path / "requirements.txt")
     script = f'. "{REPO / "docker" / "variant.sh"}" && echo "EXTRA_INDEX=${{PIP_EXTRA_INDEX_URL:-}}"'
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "TORCH_INDEX_URL"}
     return subprocess.run(["bash", "-c", script], cwd=tmp_path, env={**clean, "VARIANT": variant, **env},
@@ -163,8 +165,15 @@ def test_variant_cuda_swaps_only_fbgemm_for_its_cuda_build(tmp_path):
     after = (tmp_path / "requirements.txt").read_text().splitlines()
     (cpu_pin,) = [line for line in before if line.startswith("fbgemm-gpu-cpu==")]
     version = cpu_pin.split("==")[1]
+    (torch_pin,) = [line for line in before if line.startswith("torch==")]
+    torch = torch_pin.split("==")[1]
     assert [line for line in after if line.startswith("fbgemm-gpu")] == [f"fbgemm-gpu=={version}"]
-    assert [a for a, b in zip(after, before) if a != b] == [f"fbgemm-gpu=={version}"] and len(after) == len(before)
+    # torch keeps its pin but refuses the +cpu build (a find-links directory may hold it; pip prefers it)
+    assert sorted(a for a, b in zip(after, before) if a != b) == sorted(
+        [f"fbgemm-gpu=={version}", f"torch=={torch},!={torch}+cpu"]) and len(after) == len(before)
+    # sourced again (the test stage): unchanged
+    proc = _source_variant(tmp_path, "cuda", keep_requirements=True)
+    assert proc.returncode == 0 and (tmp_path / "requirements.txt").read_text().splitlines() == after
     # an explicit CUDA wheel index (e.g. cu128) is passed on
     proc = _source_variant(tmp_path, "cuda", TORCH_INDEX_URL="https://download.pytorch.org/whl/cu128")
     assert "EXTRA_INDEX=https://download.pytorch.org/whl/cu128" in proc.stdout

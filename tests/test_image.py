@@ -106,6 +106,13 @@ def _run(engine: str, *args: str, mounts: Optional[dict] = None, user: str = UID
     return proc
 
 
+def _host(*cmd: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"on the host: {' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
+    return proc
+
+
 def _metrics(stdout: str) -> dict:
     """The JSON object `mlet evaluate` prints (last one in the output)."""
     start = stdout.rindex("\n{") + 1 if "\n{" in stdout else stdout.index("{")
@@ -176,11 +183,10 @@ def test_tiny_pipeline_auc_equals_the_hosts(engine, mounts, tiny_data, tmp_path)
     flag = _input_flag(subprocess.run([mlet, "collapse", "--help"], capture_output=True, text=True, timeout=120).stdout)
     for argv in (["train", "--config", "configs/tiny.yaml", f"data.path={tiny_data}", f"run.dir={tmp_path / 'tiny'}"],
                  ["collapse", flag, str(tmp_path / "tiny"), "--output", str(tmp_path / "collapsed")]):
-        subprocess.run([mlet, *argv], cwd=REPO, check=True, capture_output=True, timeout=600)
-    host = _metrics(subprocess.run([mlet, "evaluate", flag, str(tmp_path / "collapsed")], cwd=REPO,
-                                   check=True, capture_output=True, text=True, timeout=600).stdout)
-    print(f"\nAUC in the image {image['auc']:.6f}, on the host {host['auc']:.6f} "
-          f"(image train+collapse+evaluate {in_image_s:.0f} s)")
+        _host(mlet, *argv)
+    host = _metrics(_host(mlet, "evaluate", flag, str(tmp_path / "collapsed")).stdout)
+    print(f"\nAUC in the image {image['auc']!r}, on the host {host['auc']!r}; LogLoss {image['logloss']!r} vs "
+          f"{host['logloss']!r} (image train+collapse+evaluate {in_image_s:.0f} s)")
     assert image["rows"] == host["rows"] == 800
     assert image["auc"] == pytest.approx(host["auc"], abs=1e-6)
     assert image["logloss"] == pytest.approx(host["logloss"], abs=1e-6)

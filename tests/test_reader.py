@@ -229,6 +229,19 @@ def test_global_batches_do_not_depend_on_world_size(tmp_path, shuffle, virtual_s
         assert len(seen) == len(set(seen)) == (313 // 24 * 24 if drop_last else 313)
 
 
+@pytest.mark.parametrize("world_size", [1, 3, 5])
+def test_stream_rows_name_each_rows_stream_position(tmp_path, world_size):
+    root = write_custom(tmp_path / "d", [[50, 7, 64], [100, 1, 33]])  # 255 rows
+    order = stream_order(255, 12)
+    for rank in range(world_size):
+        reader = ParquetBatchReader(root, "train", 4, rank=rank, world_size=world_size, virtual_shards=12,
+                                    drop_last=False)
+        for step, batch in enumerate(reader):
+            t = reader.stream_rows(step)
+            assert d0s([batch]) == [order[i] for i in t]
+            assert all(i % world_size == rank and step * 4 * world_size <= i < (step + 1) * 4 * world_size for i in t)
+
+
 def test_a_rank_decodes_only_its_shards(tmp_path, monkeypatch):
     root = write_custom(tmp_path / "d", [[10] * 6, [10] * 6])  # 12 row groups = 12 shards of 10 rows
     decoded: List[Tuple[int, int]] = []

@@ -69,9 +69,9 @@ def cluster(request):
         else:
             shutil.rmtree(root, ignore_errors=True)
         if FIGURES:  # on the terminal also without -s
-            line = "Slurm test figures: " + json.dumps(FIGURES)
-            reporter = request.config.pluginmanager.getplugin("terminalreporter")
-            reporter.write_line("\n" + line) if reporter is not None else print(line)
+            capture = request.config.pluginmanager.getplugin("capturemanager")
+            with capture.global_and_fixture_disabled():
+                print("\nSlurm test figures: " + json.dumps(FIGURES), flush=True)
 
 
 def _alive(pid: int) -> bool:

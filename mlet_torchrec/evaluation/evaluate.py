@@ -1,14 +1,23 @@
-"""Evaluation of a (sharded or plain) CTR model on one split, with metrics gathered over ranks.
+"""Sharded evaluation of a (sharded or plain) CTR model on one split: every rank scores its own slice.
 
 Sharded embedding lookups are collective: every rank must run the same number of forward passes
 with the same batch size. Ranks therefore pad their last partial batch with empty rows and, once
-their data is exhausted, run empty batches; padded rows never reach the metrics.
+their data is exhausted, run empty batches; padded rows never reach the metrics. Predictions are
+never gathered: each rank streams its logits into a
+:class:`~mlet_torchrec.evaluation.metrics.MetricAccumulator` (bounded memory) and the metrics are
+combined once at the end.
+
+Example:
+    >>> metrics = evaluate_split(model, "data/tiny", "test", 1024, meta)   # doctest: +SKIP
+    >>> metrics.auc, metrics.auc_error_bound                               # doctest: +SKIP
+    (0.7312, 2.1e-06)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -18,7 +27,7 @@ from torchrec.datasets.utils import Batch
 
 from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta
-from mlet_torchrec.evaluation.metrics import CTRMetrics, ctr_metrics, gather_predictions
+from mlet_torchrec.evaluation.metrics import CTRMetrics, MetricAccumulator
 
 
 def pad_batch(batch: Batch, size: int) -> Batch:
@@ -56,34 +65,50 @@ def _steps_over_ranks(local_steps: int, device: torch.device) -> int:
     return int(t.item())
 
 
+@dataclass(frozen=True)
+class Scored:
+    """One batch of this rank's rows: each model's logits (float32, CPU), the labels and the batch itself."""
+
+    logits: List[torch.Tensor]
+    labels: torch.Tensor
+    batch: Optional[Batch]  # the rows as read (None for a rank whose data is exhausted)
+
+
 @torch.no_grad()
-def predict(
-    model: nn.Module,
+def score(
+    models: Sequence[nn.Module],
     batches: Iterator[Batch],
     local_steps: int,
     batch_size: int,
     keys: list[str],
     num_dense: int,
     device: torch.device,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (probabilities, labels), running as many steps as the slowest rank needs."""
+    keep: Optional[Sequence[int]] = None,
+) -> Iterator[Scored]:
+    """Every model's logits on this rank's batches, one batch at a time, running as many steps as the
+    slowest rank needs. Collective: consume the whole iterator on every rank.
+
+    ``keep[s]``: how many leading rows of step ``s`` count (a row budget); all of them when None.
+    """
     steps = _steps_over_ranks(local_steps, device)
-    was_training = model.training
-    model.eval()
-    probs, labels = [], []
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     it = iter(batches)
-    for _ in range(steps):
-        batch = next(it, None)
-        valid = 0 if batch is None else batch.labels.shape[0]
-        batch = empty_batch(keys, num_dense, batch_size) if batch is None else pad_batch(batch, batch_size)
-        batch = batch.to(device)
-        logits = model(batch.dense_features, batch.sparse_features)
-        probs.append(torch.sigmoid(logits[:valid].float()).cpu())
-        labels.append(batch.labels[:valid].cpu())
-    model.train(was_training)
-    if not probs:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(probs), torch.cat(labels)
+    try:
+        for s in range(steps):
+            batch = next(it, None)
+            valid = 0 if batch is None else batch.labels.shape[0]
+            if keep is not None:
+                valid = min(valid, keep[s] if s < len(keep) else 0)
+            padded = empty_batch(keys, num_dense, batch_size) if batch is None else pad_batch(batch, batch_size)
+            padded = padded.to(device)
+            logits = [m(padded.dense_features, padded.sparse_features).reshape(-1)[:valid].float().cpu()
+                      for m in models]
+            yield Scored(logits, padded.labels[:valid].cpu(), batch)
+    finally:
+        for m, was in zip(models, was_training):
+            m.train(was)
 
 
 def evaluate(
@@ -94,10 +119,81 @@ def evaluate(
     keys: list[str],
     num_dense: int,
     device: torch.device,
+    auc: str = "histogram",
 ) -> CTRMetrics:
-    """Metrics of ``model`` over every rank's batches (all ranks return the same numbers)."""
-    probs, labels = predict(model, batches, local_steps, batch_size, keys, num_dense, device)
-    return ctr_metrics(*gather_predictions(probs, labels))
+    """Metrics of ``model`` over every rank's batches (all ranks return the same numbers), bounded memory."""
+    acc = MetricAccumulator(auc)
+    for out in score([model], batches, local_steps, batch_size, keys, num_dense, device):
+        acc.update(out.logits[0], out.labels)
+    return acc.result()
+
+
+def eval_device() -> torch.device:
+    """Where evaluation batches go: this rank's GPU under nccl, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def split_stream(
+    data_path: str | Path,
+    split: str,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_rows: Optional[int] = None,
+    validate: bool = True,
+) -> Tuple[ParquetBatchReader, int, int, Optional[List[int]]]:
+    """(reader, steps, local batch, rows kept per step) of this rank's slice of ``split``.
+
+    ``batch_size`` is global (split over the ranks). ``max_rows`` keeps the first ``max_rows`` rows of
+    the split's stream (rank ``r`` holds its rows ``t ≡ r mod world_size``), the same rows at any world size.
+    """
+    local_batch = max(1, -(-batch_size // world_size))
+    reader = ParquetBatchReader(data_path, split, local_batch, rank=rank, world_size=world_size,
+                                drop_last=False, shuffle=False, validate=validate)
+    steps = reader.num_batches()
+    keep = None
+    if max_rows is not None:
+        glob = local_batch * world_size
+        steps = min(steps, max(1, -(-max_rows // glob)))
+        # stream row of this rank's i-th row in step s: s * glob + rank + world_size * i
+        keep = [max(0, min(local_batch, -(-(max_rows - s * glob - rank) // world_size))) for s in range(steps)]
+    return reader, steps, local_batch, keep
+
+
+def score_split(
+    models: Sequence[nn.Module],
+    data_path: str | Path,
+    split: str,
+    batch_size: int,
+    meta: DatasetMeta,
+    max_rows: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[Scored]:
+    """:func:`score` over this rank's slice of ``split`` (at most ``max_rows`` rows over all ranks).
+    Collective when ``world_size > 1``: every rank consumes the whole iterator."""
+    reader, steps, local_batch, keep = split_stream(data_path, split, batch_size, rank, world_size, max_rows)
+    return score(models, iter(reader), steps, local_batch, meta.sparse_names(), len(meta.dense), eval_device(), keep)
+
+
+def evaluate_split(
+    model: nn.Module,
+    data_path: str | Path,
+    split: str,
+    batch_size: int,
+    meta: DatasetMeta,
+    max_rows: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    auc: str = "histogram",
+) -> CTRMetrics:
+    """Metrics of ``model`` on ``split`` over every rank (collective when ``world_size > 1``)."""
+    acc = MetricAccumulator(auc)
+    for out in score_split([model], data_path, split, batch_size, meta, max_rows, rank, world_size):
+        acc.update(out.logits[0], out.labels)
+    return acc.result()
 
 
 def predict_split(
@@ -110,21 +206,12 @@ def predict_split(
     rank: int = 0,
     world_size: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (probabilities, labels) on ``split``, at most ``max_rows`` rows over all ranks.
-
-    ``batch_size`` is global (split over the ranks). Every rank must call it (sharded lookups are collective).
-    """
-    local_batch = max(1, -(-batch_size // world_size))
-    reader = ParquetBatchReader(data_path, split, local_batch, rank=rank, world_size=world_size,
-                                drop_last=False, shuffle=False)
-    steps = reader.num_batches()
-    if max_rows is not None:
-        steps = min(steps, max(1, -(-max_rows // (local_batch * world_size))))
-    device = torch.device("cpu")
-    if world_size > 1 and dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    probs, labels = predict(model, iter(reader), steps, local_batch, meta.sparse_names(), len(meta.dense), device)
-    if max_rows is not None:  # this rank's share of the sample
-        share = -(-max_rows // world_size)
-        probs, labels = probs[:share], labels[:share]
-    return probs, labels
+    """This rank's (probabilities, labels) on ``split``, held in memory (tests and small checks only;
+    metrics use :func:`evaluate_split`)."""
+    probs, labels = [], []
+    for out in score_split([model], data_path, split, batch_size, meta, max_rows, rank, world_size):
+        probs.append(torch.sigmoid(out.logits[0]))
+        labels.append(out.labels)
+    if not probs:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(probs), torch.cat(labels)

@@ -20,15 +20,16 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from data_pipes.schema import METADATA_FILE, DatasetMeta, SparseFeature
 from mlet_torchrec.config import ExperimentConfig, load_config
-from mlet_torchrec.evaluation.evaluate import predict_split
-from mlet_torchrec.evaluation.metrics import ctr_metrics
+from mlet_torchrec.errors import UserError
+from mlet_torchrec.evaluation.evaluate import evaluate_split
+from mlet_torchrec.evaluation.metrics import AUC_MODES
 from mlet_torchrec.models import CTRModel, build_model
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
 from mlet_torchrec.training.checkpoint import load_model_state, read_checkpoint_info, resolve_checkpoint
@@ -201,9 +202,63 @@ def extra_tables(factored: nn.Module, plain: nn.Module) -> List[Tuple[Any, str, 
     return out
 
 
-def evaluate_path(path: str | Path, split: str = "test") -> Dict[str, Any]:
-    """Metrics of a training checkpoint (run dir) or a collapse output on ``split``, in one process."""
+def shard_for_job(art: Artifact, rank_device: torch.device, world_size: int) -> nn.Module:
+    """Collective: ``art``'s model sharded over the job with the run's sharding constraints, weights loaded."""
+    from data_pipes.schema import table_name
+    from mlet_torchrec.training.distributed import sharding_constraints
+
+    features = art.meta.sparse_names()
+    constraints = sharding_constraints(art.config.embedding, features, {f: table_name(f) for f in features},
+                                       world_size, rank_device.type)
+    return art.shard(constraints, rank_device)
+
+
+def check_eval_args(art: Artifact, split: str, auc: str) -> None:
+    """One-line errors for a split the data set lacks (or no data set) and an unknown AUC mode."""
+    if auc not in AUC_MODES:
+        raise UserError(f"--auc {auc!r} is not one of {', '.join(AUC_MODES)}")
+    if not (Path(art.config.data.path) / METADATA_FILE).is_file():
+        raise UserError(f"evaluating {art.path} needs its data set {art.config.data.path} (from the run config), "
+                        "which is not there")
+    if split not in art.meta.splits:
+        raise UserError(f"data set {art.config.data.path} has no split {split!r} ({', '.join(sorted(art.meta.splits))})")
+
+
+def evaluate_path(path: str | Path, split: str = "test", auc: str = "histogram",
+                  max_rows: Optional[int] = None) -> Dict[str, Any]:
+    """Metrics of a training checkpoint (run dir) or a collapse output on ``split``.
+
+    In one process, or as one rank of a job (torchrun, TorchX, :func:`evaluate_local`): every rank
+    loads its shards, scores its slice of the split, and every rank returns the same metrics.
+    """
+    from mlet_torchrec.training.distributed import process_group
+
     art = load_artifact(path)
-    probs, labels = predict_split(art.materialize(), art.config.data.path, split, art.config.train.eval_batch_size,
-                                  art.meta)
-    return {"split": split, **ctr_metrics(probs, labels).as_dict()}
+    check_eval_args(art, split, auc)
+    with process_group(art.config.run.device) as ctx:
+        model = shard_for_job(art, ctx.device, ctx.world_size)
+        metrics = evaluate_split(model, art.config.data.path, split, art.config.train.eval_batch_size, art.meta,
+                                 max_rows, ctx.rank, ctx.world_size, auc)
+    return {"split": split, **metrics.as_dict()}
+
+
+def _evaluate_worker(args: Dict[str, Any], verbose: bool, errors: str) -> Dict[str, Any]:
+    from mlet_torchrec.logs import configure_logging
+    from mlet_torchrec.training.launcher import user_errors_to_parent
+
+    configure_logging(verbose)
+    with user_errors_to_parent(errors):
+        return evaluate_path(**args)
+
+
+def evaluate_local(path: str | Path, nproc_per_node: int, split: str = "test", auc: str = "histogram",
+                   max_rows: Optional[int] = None, verbose: bool = False) -> Dict[str, Any]:
+    """:func:`evaluate_path` on ``nproc_per_node`` processes of this machine; rank 0's metrics."""
+    from mlet_torchrec.training.launcher import launch_local, local_launch_config
+
+    if nproc_per_node <= 1:
+        return evaluate_path(path, split, auc, max_rows)
+    check_eval_args(load_artifact(path), split, auc)  # fail here in one line, not in N workers
+    args = {"path": str(path), "split": split, "auc": auc, "max_rows": max_rows}
+    results = launch_local(local_launch_config(nproc_per_node, "mlet-evaluate"), _evaluate_worker, args, verbose)
+    return results[0]

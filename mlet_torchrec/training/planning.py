@@ -272,7 +272,7 @@ def make_plan(config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster) -> 
                                                               ("host", r["ddr_bytes"], caps[1]))
                     if cap is not None and need > cap * (1 - PLANNER_RESERVATION)]
             if over:
-                tier, need, cap = over[0]
+                tier, need, _ = over[0]
                 raise does_not_fit(config, meta, cluster, note=(
                     f"rank {r['rank']} needs {need / GIB:.1f} GiB of {tier} memory once Adagrad's fp32 state of "
                     f"fp16 tables is counted (TorchRec's planner counts it at fp16)"))

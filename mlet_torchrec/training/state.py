@@ -137,7 +137,7 @@ def init_optimizer_state(optimizer: Any) -> None:
 # Keys a resumed run may change: how it runs, not what it trains.
 _MAY_CHANGE = {
     "data.path", "data.num_workers", "data.validate_ids",
-    "embedding.sharding",
+    "embedding.sharding", "embedding.uvm_caching", "embedding.uvm_cache_load_factor",
     "sparse_optimizer.lr", "sparse_optimizer.eps", "sparse_optimizer.weight_decay",
     "dense_optimizer.lr", "dense_optimizer.eps", "dense_optimizer.weight_decay",
     "train.epochs", "train.max_steps", "train.eval_every", "train.eval_batch_size", "train.checkpoint_every",
