@@ -52,7 +52,7 @@ image:
 # rebuilds (cached layers) the runtime image and the `test` stage, then runs them: tests/test_image.py
 image-test: $(STAMP) image
 	TARGET=test IMAGE=$(IMAGE)-test $(IMAGE_BUILD)
-	MLET_IMAGE=$(IMAGE) MLET_IMAGE_REQUIRED=1 $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_image.py
+	MLET_IMAGE=$(IMAGE) MLET_IMAGE_REQUIRED=1 $(PY) -m pytest -q -s -ra -p no:cacheprovider tests/test_image.py
 
 # TorchX on a real Slurm cluster (README "Running on Slurm"): a throwaway two-node cluster on this machine
 # (launch/slurm/local_cluster.py) and tests/test_slurm.py against it. As root, `slurm-packages` installs the

@@ -19,8 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -29,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from data_pipes.errors import DataError
 from mlet_torchrec.errors import InputNotFound
+from mlet_torchrec.io import atomic_write_text
 
 METADATA_FILE = "metadata.json"
 LABEL_COLUMN = "label"
@@ -103,10 +102,7 @@ class DatasetMeta(BaseModel):
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         path = root / METADATA_FILE
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=".metadata.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.model_dump_json(indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, self.model_dump_json(indent=2))
         return path
 
 

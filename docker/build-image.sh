@@ -76,7 +76,7 @@ secrets="$(mktemp -d "${TMPDIR:-/tmp}/mlet-image-secrets.XXXXXX")"
 trap 'rm -rf "$secrets"' EXIT
 chmod 700 "$secrets"
 mounts="$(PIP_CONFIG_PYTHON="$PYTHON" "$PYTHON" docker/pip_index.py "$secrets")" \
-    || die "no usable package index (see above); the image installs its wheels from the host's pip index"
+    || exit 1  # pip_index.py has said why, in one line
 if [ -z "${TORCH_INDEX_URL+set}" ]; then
     TORCH_INDEX_URL=""
     if [ "$VARIANT" = cpu ] && ! PIP_CONFIG_PYTHON="$PYTHON" "$PYTHON" docker/pip_index.py --probe https://download.pytorch.org/whl/cpu/; then

@@ -94,12 +94,13 @@ def main() -> int:
         else:
             why = reachable(location, cert)
             (problems.append(f"{location} ({why})") if why else usable.append(location))
-    for problem in problems:
-        print(f"pip_index.py: warning: package location unusable: {problem}", file=sys.stderr)
     if not usable:
-        print("pip_index.py: no package index reachable (checked " + ", ".join(problems or ["nothing"]) +
-              "); set PIP_INDEX_URL or `pip config set global.index-url URL`", file=sys.stderr)
+        print("make image: no package index reachable (checked " + ", ".join(problems or ["nothing"]) +
+              "); the image installs from the host's pip index: set PIP_INDEX_URL or "
+              "`pip config set global.index-url URL`", file=sys.stderr)
         return 2
+    for problem in problems:
+        print(f"make image: warning: package location unusable, pip will skip it: {problem}", file=sys.stderr)
 
     secrets.mkdir(parents=True, exist_ok=True)
     env = {"PIP_INDEX_URL": settings.get("index-url"), "PIP_EXTRA_INDEX_URL": settings.get("extra-index-url"),

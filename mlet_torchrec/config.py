@@ -199,8 +199,24 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(3, ge=1)
     """Keep the newest N complete checkpoints in ``run.dir/checkpoints`` (older ones are deleted)."""
     log_every: int = Field(100, gt=0)
+    """Read the loss (and the NaN check) from the device every N steps: the loop never waits on it in between."""
     seed: int = 0
     progress: bool = True
+    pipeline: Literal["auto", "sparse_dist", "base", "none"] = "auto"
+    """The step driver: TorchRec's TrainPipelineSparseDist ('sparse_dist': batch i+1's input distribution
+    overlaps batch i's compute; 'auto' picks it), TrainPipelineBase ('base'), or a plain loop ('none')."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear lr warmup of both optimizers (fused W1 and dense) over the first N steps."""
+    lr_decay: Literal["none", "linear", "cosine"] = "none"
+    """Decay of both learning rates after the warmup, to ``min_lr_ratio`` of their base at the last step."""
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    grad_clip_norm: Optional[float] = Field(None, gt=0)
+    """Clip the dense parameters' (MLPs, W2) global gradient norm to this; null: no clipping."""
+    bf16_autocast: bool = False
+    """CUDA only: run the forward under bf16 autocast (the loss stays fp32). A CPU run refuses it."""
+    async_checkpoint: bool = False
+    """Write periodic checkpoints in the background (DCP async_save); each becomes visible only once
+    complete on every rank (committed at the next checkpoint or at the end)."""
 
 
 class RunConfig(_Strict):

@@ -42,12 +42,9 @@ from typing import Dict, List, Optional, Sequence
 
 APT_PACKAGES = "slurmctld slurmd slurmdbd slurm-client munge mariadb-server"
 APT_COMMAND = f"apt-get install -y {APT_PACKAGES}"
-BINARIES = {
-    "munged": "munge", "mariadbd": "mariadb-server", "mariadb-install-db": "mariadb-server",
-    "mariadb": "mariadb-client", "slurmdbd": "slurmdbd", "slurmctld": "slurmctld", "slurmd": "slurmd",
-    "sbatch": "slurm-client", "sacct": "slurm-client", "sacctmgr": "slurm-client", "scontrol": "slurm-client",
-    "sinfo": "slurm-client",
-}
+# what the cluster runs (munge, mariadb-server with its client, slurmdbd, slurmctld, slurmd, slurm-client)
+BINARIES = ("munged", "mariadbd", "mariadb-install-db", "mariadb", "slurmdbd", "slurmctld", "slurmd", "sbatch", "sacct",
+            "sacctmgr", "scontrol", "sinfo")
 CLUSTER_NAME = "mletlocal"
 # the order daemons start in; they stop in reverse
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld")

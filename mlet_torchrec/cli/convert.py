@@ -71,7 +71,7 @@ def _common(p: argparse.ArgumentParser, default_min_count: int, default_split: S
     p.add_argument("--block-size-mb", type=float, default=DEFAULT_BLOCK_SIZE / 2**20,
                    help=f"text read per block, MiB (default {DEFAULT_BLOCK_SIZE / 2**20:g}); memory is a few times this")
     p.add_argument("--row-group-rows", type=int, default=DEFAULT_ROW_GROUP_ROWS,
-                   help=f"rows per Parquet row group, the reader's unit of shuffling (default {DEFAULT_ROW_GROUP_ROWS})")
+                   help=f"rows per Parquet row group (the reader's unit of decoding) (default {DEFAULT_ROW_GROUP_ROWS})")
     p.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE,
                    help=f"rows per Parquet file (default {DEFAULT_ROWS_PER_FILE})")
 

@@ -3,7 +3,7 @@
     mlet train --config FILE_OR_NAME [key.sub=value ...] [--nproc-per-node N] [--seed S]
     mlet collapse --input RUN_DIR --output DIR [--nproc-per-node N] [--output-sharding same]
     mlet export --input COLLAPSED_DIR --output DIR [--int8] [--format safetensors|npy] [--no-check]
-    mlet evaluate --input RUN_OR_COLLAPSED_DIR [--split test]
+    mlet evaluate --input RUN_OR_COLLAPSED_DIR [--split test] [--nproc-per-node N] [--auc histogram|exact]
     mlet synth --output DIR [--config FILE_OR_NAME] [key=value ...]
     mlet convert criteo|avazu|movielens --input ... --output DIR
     mlet demo [--output DIR]
@@ -105,10 +105,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     source = existing(require(args, "input", "--input"))
-    from mlet_torchrec.serving.artifact import evaluate_path
+    from mlet_torchrec.serving.artifact import evaluate_local, evaluate_path
+    from mlet_torchrec.training.launcher import in_distributed_job
 
-    metrics = evaluate_path(source, args.split)
-    print(json.dumps(metrics, indent=2))
+    if args.nproc_per_node > 1 and not in_distributed_job():
+        metrics = evaluate_local(source, args.nproc_per_node, args.split, args.auc, verbose=_verbose(args))
+    else:
+        metrics = evaluate_path(source, args.split, args.auc)
+    _print_summary(metrics)
     return 0
 
 
@@ -231,9 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = _subparser(sub, "evaluate", "metrics of a checkpoint or collapsed model on one split",
-                   "mlet evaluate --input runs/tiny/collapsed --split valid")
+                   "mlet evaluate --input runs/tiny/collapsed --split valid --nproc-per-node 2")
     flags.add_input(p, "training checkpoint/run directory, or a collapse output", old=["--checkpoint"])
     p.add_argument("--split", default="test")
+    flags.add_nproc(p, 1, "local processes, each scoring its slice of the split (ignored under torchrun/TorchX)")
+    p.add_argument("--auc", default="histogram", choices=["histogram", "exact"],
+                   help="histogram: 2^16 logit bins, bounded memory, error bound reported (auc_error_bound); "
+                        "exact: every score streamed to rank 0 (memory grows with the split there)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = _subparser(sub, "synth", "generate planted synthetic Criteo-shaped data",

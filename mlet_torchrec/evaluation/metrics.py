@@ -88,7 +88,9 @@ class MetricAccumulator:
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add rows: the model's logits (not probabilities) and their 0/1 labels."""
-        logits = logits.detach().reshape(-1).float().cpu()
+        logits = logits.detach().reshape(-1).cpu()
+        if logits.dtype != torch.float64:
+            logits = logits.float()  # float32 models' own precision; float64 scores stay as given
         y = labels.detach().reshape(-1).double().cpu()
         p = torch.sigmoid(logits.double()).clamp(EPS, 1 - EPS)
         loss = -(y * torch.log(p) + (1 - y) * torch.log1p(-p))
@@ -132,7 +134,7 @@ class MetricAccumulator:
 
 def _exact_ranking(scores: List[torch.Tensor], labels: List[torch.Tensor], distributed: bool) -> tuple[float, float]:
     """(AUC, PR-AUC) of every rank's rows: sorted local runs streamed to rank 0 in ``CHUNK``-row messages."""
-    s = torch.cat(scores) if scores else torch.zeros(0)
+    s = torch.cat([x.double() for x in scores]) if scores else torch.zeros(0, dtype=torch.float64)
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.uint8)
     s, order = torch.sort(s, stable=True)
     y = y[order]
@@ -170,11 +172,11 @@ def _stream_to_rank0(s: torch.Tensor, y: torch.Tensor) -> tuple[Any, Any]:
             for got in inbox:
                 got = got.cpu()
                 k = int(got[0])
-                parts_s.append(got[1:1 + k].float())
+                parts_s.append(got[1:1 + k])
                 parts_y.append(got[1 + CHUNK:1 + CHUNK + k].to(torch.uint8))
     if rank != 0:
         return None, None
-    return (torch.cat(parts_s) if parts_s else torch.zeros(0)), (
+    return (torch.cat(parts_s) if parts_s else torch.zeros(0, dtype=torch.float64)), (
         torch.cat(parts_y) if parts_y else torch.zeros(0, dtype=torch.uint8))
 
 

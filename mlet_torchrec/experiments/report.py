@@ -135,7 +135,7 @@ def render_report(results: Sequence[Path | str] | Path | str, out: Path | str, t
     for r in records:
         by_ds[r.get("dataset") or "data"].append(r)
     L = [f"# {title or 'MLET sweep report: ' + ', '.join(sorted(by_ds))}", "",
-         f"{GENERATED} {' '.join(map(str, paths))} --out {out}` from {len(records)} runs. "
+         f"{GENERATED} --input {' '.join(map(str, paths))} --output {out}` from {len(records)} runs. "
          "Numbers are test-split mean ± sample std over seeds; every selection (tuned learning rate, best k, "
          "recommendation) uses the validation split only."
          + (" Exact commands and seeds: [COMMANDS.md](COMMANDS.md)." if (out / "COMMANDS.md").exists() else ""), ""]
@@ -163,5 +163,5 @@ def _check_report_dir(out: Path, inputs: Sequence[Path | str]) -> Path:
             raise OutputError(f"refusing to write the report to {out}: it is the input {given}")
     report = out / "report.md"
     if report.exists() and (not report.is_file() or GENERATED not in report.read_text(errors="replace")[:4096]):
-        raise OutputError(f"refusing to replace {report}: `mlet report` did not write it; choose another --out")
+        raise OutputError(f"refusing to replace {report}: `mlet report` did not write it; choose another --output")
     return report

@@ -60,6 +60,98 @@ class _Layout:
     extra: Optional[torch.Tensor]  # columns of the extra tables, in their order
 
 
+@dataclasses.dataclass(frozen=True)
+class _LayoutPlan:
+    """What the projection needs of the tables, whatever order W1's output keys come in."""
+
+    passthrough: Tuple[Tuple[str, int, int], ...]  # single-layer features: (W1 key, output column, width)
+    extra: Tuple[str, ...]  # the extra tables' W1 keys, in their order
+    feature_names: Tuple[str, ...]  # the module's output keys
+
+
+class W2Projection(nn.Module):
+    """Everything after W1's lookup: pooled k-dim rows -> the d-dim output (one batched matmul per (k, d)).
+
+    Its own submodule so that TorchRec's fx tracer (the pipelined training loop) treats it as a leaf:
+    the column layout depends on the key order of W1's (sharded) output, known only at run time. W2
+    stays a parameter of the MLET module (its checkpoint keys do not move) and comes in as arguments.
+    """
+
+    def __init__(self, groups: Sequence[_ProjectionGroup], out_dims: Sequence[int], w2_order: Sequence[str],
+                 plan: _LayoutPlan, w1_half: bool) -> None:
+        super().__init__()
+        self._groups = list(groups)
+        self._out_dims = list(out_dims)
+        self._plan = plan
+        self._w1_half = w1_half
+        index = {name: i for i, name in enumerate(w2_order)}
+        self._group_w2 = [[index[name] for name in g.tables] for g in self._groups]
+        self._layouts: Dict[Tuple[Tuple[str, ...], Tuple[int, ...]], _Layout] = {}
+
+    def forward(self, pooled: KeyedTensor, *w2: torch.Tensor) -> Tuple[KeyedTensor, Optional[torch.Tensor]]:
+        if self._w1_half:  # fp16 W1 pools to fp16 when unsharded (TorchRec's sharded kernels emit fp32)
+            pooled = KeyedTensor(keys=pooled.keys(), length_per_key=pooled.length_per_key(),
+                                 values=pooled.values().float(), key_dim=1)
+        if not self._groups and not self._plan.extra:
+            return pooled, None
+        values = pooled.values()
+        batch = values.shape[0]
+        layout = self._layout(pooled.keys(), pooled.length_per_key())
+        fast = len(self._groups) == 1 and layout.passthrough is None
+        out = None if fast else values.new_empty(batch, sum(self._out_dims))
+        if layout.passthrough is not None:
+            src, dst = layout.passthrough
+            out[:, dst.to(values.device)] = values.index_select(1, src.to(values.device))
+        for g, cols, w2_index in zip(self._groups, layout.in_columns, self._group_w2):
+            group_values = values if cols is None else values.index_select(1, cols.to(values.device))
+            projected = self._project(group_values, g, [w2[i] for i in w2_index])
+            if fast:
+                out = projected  # the group covers every feature, already in output order
+            else:
+                out[:, list(g.out_columns)] = projected
+        extra = None if layout.extra is None else values.index_select(1, layout.extra.to(values.device))
+        kt = KeyedTensor(keys=list(self._plan.feature_names), length_per_key=list(self._out_dims), values=out,
+                         key_dim=1)
+        return kt, extra
+
+    @staticmethod
+    def _project(values: torch.Tensor, group: _ProjectionGroup, tables: List[torch.Tensor]) -> torch.Tensor:
+        """(B, F*k) pooled W1 rows -> (B, F*d): one batched matmul over all features of the group."""
+        w2 = torch.stack(tables)  # (T, k, d)
+        if len(group.tables) != len(group.feature_table):
+            w2 = w2[list(group.feature_table)]  # tables shared by several features
+        per_feature = values.reshape(values.shape[0], -1, group.k).transpose(0, 1)  # (F, B, k)
+        return mlet_product(per_feature, w2).transpose(0, 1).reshape(values.shape[0], -1)
+
+    def _layout(self, keys: Sequence[str], lengths: Sequence[int]) -> _Layout:
+        """Column indices for W1's output key order (a sharded EBC may order keys by shard, not by table)."""
+        cache_key = (tuple(keys), tuple(lengths))
+        cached = self._layouts.get(cache_key)
+        if cached is not None:
+            return cached
+        start = dict(zip(keys, [sum(lengths[:i]) for i in range(len(lengths))]))
+        width = dict(zip(keys, lengths))
+
+        def columns(key: str) -> range:
+            return range(start[key], start[key] + width[key])
+
+        in_columns: List[Optional[torch.Tensor]] = []
+        for g in self._groups:
+            cols = [c for f in g.features for c in columns(f)]
+            in_order = cols == list(range(sum(lengths))) and len(self._groups) == 1
+            in_columns.append(None if in_order else torch.tensor(cols, dtype=torch.long))
+        src: List[int] = []
+        dst: List[int] = []
+        for key, out_col, d in self._plan.passthrough:
+            src.extend(columns(key))
+            dst.extend(range(out_col, out_col + d))
+        passthrough = (torch.tensor(src), torch.tensor(dst)) if src else None
+        extra = [c for key in self._plan.extra for c in columns(key)]
+        layout = _Layout(tuple(in_columns), passthrough, torch.tensor(extra) if extra else None)
+        self._layouts[cache_key] = layout
+        return layout
+
+
 class MLETEmbeddingBagCollection(nn.Module):
     """A drop-in for a d-dim ``EmbeddingBagCollection`` that trains each table as W1 @ W2.
 
@@ -138,9 +230,21 @@ class MLETEmbeddingBagCollection(nn.Module):
             }
         )
         self.reset_projections()
-        self._groups, self._out_dims = self._plan_groups()
-        self._feature_names = [f for t in self._tables for f in t.feature_names]
-        self._layouts: Dict[Tuple[Tuple[str, ...], Tuple[int, ...]], _Layout] = {}
+        self._groups, out_dims = self._plan_groups()
+        self._w2_order: Tuple[str, ...] = tuple(self.w2.keys())
+        self.projection = W2Projection(self._groups, out_dims, self._w2_order, self._layout_plan(),
+                                       self._w1_half)
+
+    def _layout_plan(self) -> "_LayoutPlan":
+        passthrough = []
+        out_col = 0
+        for t in self._tables:
+            for f in t.feature_names:
+                if self._inner[t.name] is None:
+                    passthrough.append((self._key[(t.name, f)], out_col, t.embedding_dim))
+                out_col += t.embedding_dim
+        extra = tuple(self._key[(t.name, f)] for t in self._extra for f in t.feature_names)
+        return _LayoutPlan(tuple(passthrough), extra, tuple(f for t in self._tables for f in t.feature_names))
 
     def _plan_groups(self) -> Tuple[List[_ProjectionGroup], List[int]]:
         by_shape: Dict[Tuple[int, int], Dict[str, list]] = {}
@@ -163,38 +267,6 @@ class MLETEmbeddingBagCollection(nn.Module):
             for (k, d), g in by_shape.items()
         ]
         return groups, out_dims
-
-    def _layout(self, keys: Sequence[str], lengths: Sequence[int]) -> _Layout:
-        """Column indices for W1's output key order (a sharded EBC may order keys by shard, not by table)."""
-        cache_key = (tuple(keys), tuple(lengths))
-        cached = self._layouts.get(cache_key)
-        if cached is not None:
-            return cached
-        start = dict(zip(keys, [sum(lengths[:i]) for i in range(len(lengths))]))
-        width = dict(zip(keys, lengths))
-
-        def columns(key: str) -> range:
-            return range(start[key], start[key] + width[key])
-
-        in_columns: List[Optional[torch.Tensor]] = []
-        for g in self._groups:
-            cols = [c for f in g.features for c in columns(f)]
-            in_order = cols == list(range(sum(lengths))) and len(self._groups) == 1
-            in_columns.append(None if in_order else torch.tensor(cols, dtype=torch.long))
-        src: List[int] = []
-        dst: List[int] = []
-        out_col = 0
-        for t in self._tables:
-            for f in t.feature_names:
-                if self._inner[t.name] is None:
-                    src.extend(columns(self._key[(t.name, f)]))
-                    dst.extend(range(out_col, out_col + t.embedding_dim))
-                out_col += t.embedding_dim
-        passthrough = (torch.tensor(src), torch.tensor(dst)) if src else None
-        extra = [c for t in self._extra for f in t.feature_names for c in columns(self._key[(t.name, f)])]
-        layout = _Layout(tuple(in_columns), passthrough, torch.tensor(extra) if extra else None)
-        self._layouts[cache_key] = layout
-        return layout
 
     @torch.no_grad()
     def reset_projections(self) -> None:
@@ -224,36 +296,10 @@ class MLETEmbeddingBagCollection(nn.Module):
     def forward_with_extra(self, features: KeyedJaggedTensor) -> Tuple[KeyedTensor, Optional[torch.Tensor]]:
         """The module's output and the extra tables' pooled values (B, their total width; None without any)."""
         pooled = self.w1(features)
-        if self._w1_half:  # fp16 W1 pools to fp16 when unsharded (TorchRec's sharded kernels emit fp32)
-            pooled = KeyedTensor(keys=pooled.keys(), length_per_key=pooled.length_per_key(),
-                                 values=pooled.values().float(), key_dim=1)
-        if not self._groups and not self._extra:
+        if not self._groups and not self._extra and not self._w1_half:
             return pooled, None
-        values = pooled.values()
-        batch = values.shape[0]
-        layout = self._layout(pooled.keys(), pooled.length_per_key())
-        fast = len(self._groups) == 1 and layout.passthrough is None
-        out = None if fast else values.new_empty(batch, sum(self._out_dims))
-        if layout.passthrough is not None:
-            src, dst = layout.passthrough
-            out[:, dst.to(values.device)] = values.index_select(1, src.to(values.device))
-        for g, cols in zip(self._groups, layout.in_columns):
-            group_values = values if cols is None else values.index_select(1, cols.to(values.device))
-            projected = self._project(group_values, g).reshape(batch, -1)
-            if fast:
-                out = projected  # the group covers every feature, already in output order
-            else:
-                out[:, list(g.out_columns)] = projected
-        extra = None if layout.extra is None else values.index_select(1, layout.extra.to(values.device))
-        return KeyedTensor(keys=self._feature_names, length_per_key=list(self._out_dims), values=out, key_dim=1), extra
-
-    def _project(self, values: torch.Tensor, group: _ProjectionGroup) -> torch.Tensor:
-        """(B, F*k) pooled W1 rows -> (B, F, d): one batched matmul over all features of the group."""
-        w2 = torch.stack([self.w2[name] for name in group.tables])  # (T, k, d)
-        if len(group.tables) != len(group.feature_table):
-            w2 = w2[list(group.feature_table)]  # tables shared by several features
-        per_feature = values.reshape(values.shape[0], -1, group.k).transpose(0, 1)  # (F, B, k)
-        return mlet_product(per_feature, w2).transpose(0, 1)
+        # W2 goes in as arguments: the projection is a leaf of TorchRec's fx tracer (pipelined training)
+        return self.projection(pooled, *[self.w2[name] for name in self._w2_order])
 
     @torch.no_grad()
     def collapse_table(self, name: str, w1: torch.Tensor, block_rows: int = 65536) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Both models come from the artifact collapse already loaded (:class:`~mlet_torchrec.serving.artifact.Artifact`):
 in one process they are materialized here, in a job they are sharded over the ranks (every rank predicts its
-slice of the split; the max |diff| is reduced, the predictions gathered for the metrics).
+slice of the split; the max |diff| is reduced and the metrics combined with bounded memory, nothing gathered).
 
 Example:
     >>> rows, max_diff, metrics = check_predictions(source, written, "test")   # doctest: +SKIP
@@ -17,9 +17,9 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from mlet_torchrec.evaluation.evaluate import predict_split
-from mlet_torchrec.evaluation.metrics import ctr_metrics, gather_predictions
-from mlet_torchrec.serving.artifact import Artifact
+from mlet_torchrec.evaluation.evaluate import eval_device, score_split
+from mlet_torchrec.evaluation.metrics import MetricAccumulator
+from mlet_torchrec.serving.artifact import Artifact, shard_for_job
 
 
 class CollapseMismatch(RuntimeError):
@@ -28,31 +28,31 @@ class CollapseMismatch(RuntimeError):
 
 def check_predictions(source: Artifact, written: Artifact, split: Optional[str], max_rows: Optional[int] = None,
                       distributed: bool = False) -> Tuple[int, float, Dict[str, float]]:
-    """(rows checked, max |p_factored - p_collapsed|, the collapsed model's metrics) on ``split``."""
+    """(rows checked, max |p_factored - p_collapsed|, the collapsed model's metrics) on ``split``.
+
+    Both models score each batch in one pass; nothing but the metrics' fixed-size state is kept.
+    """
     if split is None:
         return 0, 0.0, {}
     config, meta = source.config, source.meta
-    batch = config.train.eval_batch_size
-    if not distributed:
-        p_factored, labels = predict_split(source.materialize(), config.data.path, split, batch, meta, max_rows)
-        p_plain, _ = predict_split(written.materialize(), config.data.path, split, batch, meta, max_rows)
-        diff = float((p_factored - p_plain).abs().max()) if labels.numel() else 0.0
-        return int(labels.numel()), diff, ctr_metrics(p_plain, labels).as_dict()
-
-    from data_pipes.schema import table_name
-    from mlet_torchrec.training.distributed import init_distributed, sharding_constraints
-
-    ctx = init_distributed(config.run.device)
-    features = meta.sparse_names()
-    constraints = sharding_constraints(config.embedding, features, {f: table_name(f) for f in features},
-                                       ctx.world_size, ctx.device.type)
-    factored = source.shard(constraints, ctx.device)
-    plain = written.shard(constraints, ctx.device)
-    p_factored, labels = predict_split(factored, config.data.path, split, batch, meta, max_rows, ctx.rank,
-                                       ctx.world_size)
-    p_plain, _ = predict_split(plain, config.data.path, split, batch, meta, max_rows, ctx.rank, ctx.world_size)
-    local = float((p_factored - p_plain).abs().max()) if labels.numel() else 0.0
-    stat = torch.tensor([local], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(stat, op=dist.ReduceOp.MAX)
-    probs, all_labels = gather_predictions(p_plain, labels)
-    return int(all_labels.numel()), float(stat.item()), ctr_metrics(probs, all_labels).as_dict()
+    rank, world = 0, 1
+    if distributed:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        factored = shard_for_job(source, eval_device(), world)
+        plain = shard_for_job(written, eval_device(), world)
+    else:
+        factored, plain = source.materialize(), written.materialize()
+    acc = MetricAccumulator()
+    worst = 0.0
+    for out in score_split([factored, plain], config.data.path, split, config.train.eval_batch_size, meta, max_rows,
+                           rank, world):
+        if out.labels.numel():
+            diff = (torch.sigmoid(out.logits[0].double()) - torch.sigmoid(out.logits[1].double())).abs().max()
+            worst = max(worst, float(diff))
+        acc.update(out.logits[1], out.labels)
+    metrics = acc.result()
+    if distributed:
+        stat = torch.tensor([worst], dtype=torch.float64, device=eval_device())
+        dist.all_reduce(stat, op=dist.ReduceOp.MAX)
+        worst = float(stat.item())
+    return metrics.rows, worst, metrics.as_dict()

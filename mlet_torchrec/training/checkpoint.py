@@ -237,73 +237,130 @@ def save_checkpoint(
     the newest ``keep`` complete checkpoints after the commit. On any rank's failure every rank raises
     ``CheckpointError`` and the temporary directory is removed; earlier checkpoints are untouched.
     """
-    rank, world = _world()
+    return start_checkpoint(run_dir, step, model, config, info, optimizer, rank_state, keep).finish()
+
+
+def start_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    config: ExperimentConfig,
+    info: Dict[str, Any],
+    optimizer: Optional[Any] = None,
+    rank_state: Optional[Dict[str, Any]] = None,
+    keep: Optional[int] = None,
+    async_group: Optional[Any] = None,
+) -> "PendingCheckpoint":
+    """Collective: write a checkpoint into its hidden temporary; :meth:`PendingCheckpoint.finish` commits it.
+
+    With ``async_group`` (a gloo process group of all ranks, kept apart from training's collectives)
+    the tensors are staged (copied) now and written in the background by DCP ``async_save``; training
+    may change the weights meanwhile. The checkpoint becomes visible only in ``finish``, once every
+    rank's write has completed.
+    """
+    rank, _ = _world()
     root = checkpoint_root(run_dir)
-    final = root / checkpoint_name(step)
-    previous = (complete_checkpoints(root) or [None])[-1]  # for the message only: no full check here
-    out: Optional[AtomicOutput] = None  # rank 0's handle on the temporary directory
-
-    def fail(err: str) -> CheckpointError:
-        if out is not None:
-            out.abort()
-        _barrier()
-        intact = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        return CheckpointError(f"could not write checkpoint {final} (step {step}): {err}; {intact}")
-
+    pending = PendingCheckpoint(root, checkpoint_name(step), step, keep,
+                                (complete_checkpoints(root) or [None])[-1])  # for messages only: no full check
     err: Optional[str] = None
     tmp_name: Optional[str] = None
     if rank == 0:
         try:
-            out = AtomicOutput(final, command="train", overwrite=True)
-            tmp_name = str(out.begin())
+            pending.out = AtomicOutput(pending.final, command="train", overwrite=True)
+            tmp_name = str(pending.out.begin())
         except (OSError, UserError) as e:
             err = describe_exception(e)
     tmp_name, err = _from_main((tmp_name, err))
     if err or tmp_name is None:
-        raise fail(err or "no temporary directory")
-    tmp = Path(tmp_name)
+        raise pending.fail(err or "no temporary directory")
+    tmp = pending.tmp = Path(tmp_name)
 
     try:
         state: Dict[str, Any] = {"model": model.state_dict()}
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
-        dcp.save(state, checkpoint_id=str(tmp))
+        if async_group is None:
+            dcp.save(state, checkpoint_id=str(tmp))
+        else:
+            response = dcp.async_save(state, checkpoint_id=str(tmp), process_group=async_group)
+            pending.future = getattr(response, "upload_completion", response)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         err = describe_exception(e)
     if err is None and rank_state is not None:
         try:
-            torch.save({"rank": rank, "world_size": world, **rank_state}, tmp / rank_state_file(rank))
+            torch.save({"rank": rank, "world_size": _world()[1], **rank_state}, tmp / rank_state_file(rank))
         except (OSError, RuntimeError) as e:
             err = describe_exception(e)
     if err is None and rank == 0:
         try:
             config.save(tmp / "config.yaml")
-            meta = {"step": step, "world_size": world, **info}
+            meta = {"step": step, "world_size": _world()[1], **info}
             atomic_write_text(tmp / CHECKPOINT_META, json.dumps(meta, indent=2, default=str))
         except OSError as e:
             err = describe_exception(e)
-    if err is not None:
-        err += _full_disk_note(tmp)
-    err = agree(err)
-    if err:
-        raise fail(err)
+    pending.error = err
+    return pending
 
-    if out is not None:  # rank 0 commits what every rank agreed is complete
+
+class PendingCheckpoint:
+    """A checkpoint written (or being written) into its temporary directory, not yet visible."""
+
+    def __init__(self, root: Path, name: str, step: int, keep: Optional[int], previous: Optional[Path]) -> None:
+        self.root, self.final, self.step, self.keep, self.previous = root, root / name, step, keep, previous
+        self.out: Optional[AtomicOutput] = None  # rank 0's handle on the temporary directory
+        self.tmp: Optional[Path] = None
+        self.future: Optional[Any] = None  # DCP async_save's, when written in the background
+        self.error: Optional[str] = None
+
+    def fail(self, err: str) -> CheckpointError:
+        if self.out is not None:
+            self.out.abort()
+        _barrier()
+        intact = (f"the previous checkpoint {self.previous} is intact" if self.previous
+                  else "no earlier checkpoint exists")
+        return CheckpointError(f"could not write checkpoint {self.final} (step {self.step}): {err}; {intact}")
+
+    def _wait(self) -> Optional[str]:
+        if self.future is None:
+            return None
         try:
-            out.commit()
-        except (OSError, UserError) as e:
-            err = describe_exception(e)
-        if err is None:
-            try:  # advisory pointer; a failure here does not undo the commit
-                atomic_write_text(root / LATEST, final.name + "\n")
-            except OSError as e:
-                log.warning("checkpoint %s committed but %s not updated: %s", final, LATEST, e)
-            if keep is not None:
-                _rotate(root, keep, protect=final)
-    err = agree(err)
-    if err:
-        raise fail(err)
-    return final
+            self.future.result()
+        except (Exception, CheckpointException) as e:
+            return describe_exception(e)
+        finally:
+            self.future = None
+        return None
+
+    def finish(self) -> Path:
+        """Collective: wait for this rank's write, agree that every rank's is complete, commit (rank 0)."""
+        err = self.error or self._wait()
+        if err is not None and self.tmp is not None:
+            err += _full_disk_note(self.tmp)
+        err = agree(err)
+        if err:
+            raise self.fail(err)
+        if self.out is not None:  # rank 0 commits what every rank agreed is complete
+            try:
+                self.out.commit()
+            except (OSError, UserError) as e:
+                err = describe_exception(e)
+            if err is None:
+                try:  # advisory pointer; a failure here does not undo the commit
+                    atomic_write_text(self.root / LATEST, self.final.name + "\n")
+                except OSError as e:
+                    log.warning("checkpoint %s committed but %s not updated: %s", self.final, LATEST, e)
+                if self.keep is not None:
+                    _rotate(self.root, self.keep, protect=self.final)
+        err = agree(err)
+        if err:
+            raise self.fail(err)
+        return self.final
+
+    def abandon(self) -> None:
+        """Not collective (the run is failing): let the background write end, then drop the temporary."""
+        self._wait()
+        if self.out is not None:
+            self.out.abort()
 
 
 def _full_disk_note(path: Path) -> str:

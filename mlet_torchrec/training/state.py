@@ -141,7 +141,7 @@ _MAY_CHANGE = {
     "sparse_optimizer.lr", "sparse_optimizer.eps", "sparse_optimizer.weight_decay",
     "dense_optimizer.lr", "dense_optimizer.eps", "dense_optimizer.weight_decay",
     "train.epochs", "train.max_steps", "train.eval_every", "train.eval_batch_size", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.log_every", "train.progress",
+    "train.keep_checkpoints", "train.log_every", "train.progress", "train.pipeline", "train.async_checkpoint",
 }
 
 
