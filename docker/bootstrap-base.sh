@@ -31,8 +31,7 @@ rm -f "$ROOTFS.log"
 # what an image does not need: apt lists and caches, docs, man pages
 rm -rf "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/var/cache/apt/*.bin "$ROOTFS"/var/cache/apt/archives/*.deb \
     "$ROOTFS"/usr/share/doc/* "$ROOTFS"/usr/share/man/* "$ROOTFS"/usr/share/info/* "$ROOTFS"/var/log/*.log
-"$ROOTFS/usr/bin/python" --version >/dev/null 2>&1 || chroot "$ROOTFS" python --version >/dev/null \
-    || die "python missing from the bootstrapped root"
+chroot "$ROOTFS" python --version >/dev/null || die "python missing from the bootstrapped root"
 
 case "$BUILDER" in
     buildah)

@@ -39,6 +39,12 @@ DEFAULT_IMAGE = "mlet-torchrec:cpu"
 """The tag the README's ``docker build`` gives the CPU image (ignored by local_cwd and slurm)."""
 
 
+def _check_j(j: str, gpu: int) -> None:
+    _, _, nproc_per_node, _ = dist.parse_nnodes(j)
+    if gpu > 0 and nproc_per_node > gpu:
+        raise ValueError(f"-j {j} starts {nproc_per_node} processes per node but only {gpu} GPUs were requested")
+
+
 def _single_role(app: specs.AppDef, role_name: str) -> specs.AppDef:
     # dist.ddp names the role after the module ("cli"); name it after the subcommand instead, so
     # pods, containers and Slurm jobs read e.g. mlet-train-xxxx-train-0.
@@ -104,9 +110,7 @@ def train(
         rdzv_port: port of the c10d rendezvous on the first node (multi-node jobs only)
         debug: turn on TorchX's distributed debug environment variables
     """
-    _, _, nproc_per_node, _ = dist.parse_nnodes(j)
-    if gpu > 0 and nproc_per_node > gpu:
-        raise ValueError(f"-j {j} starts {nproc_per_node} processes per node but only {gpu} GPUs were requested")
+    _check_j(j, gpu)
     app = dist.ddp(
         "train",
         "--config",
@@ -134,6 +138,7 @@ def collapse(
     output: str,
     check_split: str = "test",
     overwrite: bool = False,
+    j: str = "1x1",
     image: str = DEFAULT_IMAGE,
     name: str = "mlet-collapse",
     h: Optional[str] = None,
@@ -144,13 +149,15 @@ def collapse(
     mounts: Optional[List[str]] = None,
     max_retries: int = 0,
 ) -> specs.AppDef:
-    """Collapse/export: ``mlet collapse --input CHECKPOINT --output OUTPUT`` (W = W1·W2), one process.
+    """Collapse: ``mlet collapse --input CHECKPOINT --output OUTPUT`` (W = W1·W2) on every process of the job
+    (each multiplies the W1 shards it holds; the prediction check is sharded too).
 
     Args:
         checkpoint: a training run directory or one of its checkpoints
         output: directory for the plain d-dim model (must be empty unless ``overwrite``)
         check_split: split whose predictions are compared with the factored model, or ``none``
         overwrite: replace an existing output directory
+        j: ``{nnodes}x{nproc_per_node}``, as for ``train``; with GPUs, nproc_per_node must not exceed ``gpu``
         image: container image (local_docker, kubernetes)
         name: job name, ``{experiment}/{run}`` or ``{run}``
         h: a registered TorchX named resource; takes precedence over cpu, gpu and memMB
@@ -161,6 +168,7 @@ def collapse(
         mounts: volumes for docker/kubernetes, e.g. ``type=bind,src=/runs,dst=/app/runs``
         max_retries: resubmissions by the scheduler on failure (not on local_cwd)
     """
+    _check_j(j, gpu)
     args = ["collapse", "--input", checkpoint, "--output", output, "--check-split", check_split]
     if overwrite:
         args.append("--overwrite")
@@ -173,7 +181,7 @@ def collapse(
         cpu=cpu,
         gpu=gpu,
         memMB=memMB,
-        j="1x1",
+        j=j,
         env=dict(env or {}),
         max_retries=max_retries,
         mounts=mounts,
@@ -184,6 +192,8 @@ def collapse(
 def evaluate(
     checkpoint: str,
     split: str = "test",
+    auc: str = "histogram",
+    j: str = "1x1",
     image: str = DEFAULT_IMAGE,
     name: str = "mlet-evaluate",
     h: Optional[str] = None,
@@ -194,11 +204,14 @@ def evaluate(
     mounts: Optional[List[str]] = None,
     max_retries: int = 0,
 ) -> specs.AppDef:
-    """Evaluate: ``mlet evaluate --input CHECKPOINT --split SPLIT``, one process; metrics as JSON in the log.
+    """Evaluate: ``mlet evaluate --input CHECKPOINT --split SPLIT --auc AUC`` on every process of the job (each
+    scores its slice); rank 0 logs the metrics as JSON.
 
     Args:
         checkpoint: a training run directory or checkpoint, or a ``collapse`` output directory
         split: data split to evaluate
+        auc: ``histogram`` (bounded memory, error bound reported) or ``exact`` (scores streamed to rank 0)
+        j: ``{nnodes}x{nproc_per_node}``, as for ``train``; with GPUs, nproc_per_node must not exceed ``gpu``
         image: container image (local_docker, kubernetes)
         name: job name, ``{experiment}/{run}`` or ``{run}``
         h: a registered TorchX named resource; takes precedence over cpu, gpu and memMB
@@ -209,12 +222,15 @@ def evaluate(
         mounts: volumes for docker/kubernetes, e.g. ``type=bind,src=/runs,dst=/app/runs``
         max_retries: resubmissions by the scheduler on failure (not on local_cwd)
     """
+    _check_j(j, gpu)
     app = dist.ddp(
         "evaluate",
         "--input",
         checkpoint,
         "--split",
         split,
+        "--auc",
+        auc,
         m=MODULE,
         image=image,
         name=name,
@@ -222,7 +238,7 @@ def evaluate(
         cpu=cpu,
         gpu=gpu,
         memMB=memMB,
-        j="1x1",
+        j=j,
         env=dict(env or {}),
         max_retries=max_retries,
         mounts=mounts,

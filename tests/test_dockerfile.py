@@ -326,7 +326,7 @@ def test_dockerignore():
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     assert not any(p.startswith("!") for p in patterns)
-    for path in (".venv/bin/python", "runs/x/metrics.json", "data/tiny/metadata.json", ".git/HEAD",
+    for path in (".venv/bin/python", "benchmarks/.venv-deepctr/bin/python", "runs/x/metrics.json", "data/tiny/metadata.json", ".git/HEAD",
                  "mlet_torchrec/__pycache__/cli.cpython-311.pyc", ".pytest_cache/v", "mlet_torchrec.egg-info/PKG-INFO"):
         assert _ignored(path, patterns), path
     for path in ("requirements.txt", "requirements-dev.txt", "requirements-torchrec.txt", "pyproject.toml", "README.md",

@@ -107,7 +107,7 @@ def _mlet_args(role) -> list:
     return cmd[cmd.index("mlet_torchrec.cli") + 1:]
 
 
-def test_collapse_and_evaluate_are_single_process():
+def test_collapse_and_evaluate_default_to_one_process():
     (c,) = components.collapse("runs/a", "runs/a/collapsed", overwrite=True, max_retries=1).roles
     (e,) = components.evaluate("runs/a/collapsed", split="valid", gpu=1).roles
     for role in (c, e):
@@ -116,8 +116,29 @@ def test_collapse_and_evaluate_are_single_process():
     assert _mlet_args(c) == ["collapse", "--input", "runs/a", "--output", "runs/a/collapsed",
                              "--check-split", "test", "--overwrite"]
     assert c.max_retries == 1 and c.name == "collapse"
-    assert _mlet_args(e) == ["evaluate", "--input", "runs/a/collapsed", "--split", "valid"]
+    assert _mlet_args(e) == ["evaluate", "--input", "runs/a/collapsed", "--split", "valid", "--auc", "histogram"]
     assert e.resource.gpu == 1 and e.name == "evaluate"
+
+
+def test_collapse_and_evaluate_take_j_like_train():
+    (c,) = components.collapse("runs/a", "runs/a/collapsed", j="2x4", gpu=4).roles
+    (e,) = components.evaluate("runs/a/collapsed", auc="exact", j="1x3").roles
+    for role, nodes, procs in ((c, 2, "4"), (e, 1, "3")):
+        cmd = shlex.split(role.args[1])
+        assert role.num_replicas == nodes and cmd[cmd.index("--nproc_per_node") + 1] == procs
+    assert _mlet_args(e)[-2:] == ["--auc", "exact"]
+    for component in (components.collapse, components.evaluate):
+        with pytest.raises(ValueError, match="GPUs"):
+            component("runs/a", *(["runs/b"] if component is components.collapse else []), j="1x8", gpu=4)
+
+
+def test_evaluate_dryrun_runs_torchrun_with_j():
+    script = _dryrun("slurm", "evaluate", "--checkpoint", "/mnt/runs/x", "-j", "2x3", "--auc", "exact")
+    srun = [line for line in script.splitlines() if "bash -c" in line]
+    assert len(srun) == 2
+    for line in srun:
+        assert "--nnodes 2 --nproc_per_node 3" in line
+        assert "-m mlet_torchrec.cli evaluate --input /mnt/runs/x --split test --auc exact" in line
 
 
 def test_component_commands_parse_with_the_mlet_cli(capsys):
@@ -168,7 +189,8 @@ def test_kubernetes_dryrun_uses_torchxconfig_queue_and_image():
     (task,) = job["spec"]["tasks"]
     (container,) = task["template"]["spec"]["containers"]
     assert container["image"] == "mlet-torchrec:cpu"  # [component:launch/components.py:evaluate]
-    assert container["command"][2].endswith("-m mlet_torchrec.cli evaluate --input /mnt/runs/x --split test")
+    assert container["command"][2].endswith("-m mlet_torchrec.cli evaluate --input /mnt/runs/x --split test "
+                                            "--auc histogram")
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
 
 

@@ -20,6 +20,11 @@ full), leaves the previous checkpoints intact and at most a hidden temporary beh
 failure, or by the next run). Each checkpoint carries the io marker; ``keep`` limits how many complete
 checkpoints are kept (the oldest marked ones are deleted after a commit).
 
+Asynchronous checkpoints (``train.async_checkpoint``, :func:`start_checkpoint` with a gloo group):
+every tensor is copied at the step, DCP ``async_save`` writes the copy into the temporary in the
+background, and :meth:`PendingCheckpoint.finish` (at the next checkpoint or the end) commits it only
+after the write has completed on every rank; a failing run drops it, so it never becomes visible.
+
 Every rank learns about every failure (``CheckpointError`` on all ranks, naming the rank and the cause),
 so no rank is left waiting in a collective. DCP reshards on load: a checkpoint loads at any world size
 and sharding plan (optimizer state included), and into a plain unsharded model in a single process.
@@ -43,6 +48,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from mlet_torchrec.config import ExperimentConfig
 from mlet_torchrec.errors import UserError
+from mlet_torchrec.training.staging import CopyStager
 from mlet_torchrec.io import MARKER, AtomicOutput, atomic_write_text, is_ours, remove_output, sweep_stale_in
 
 log = logging.getLogger("mlet.checkpoint")
@@ -282,7 +288,8 @@ def start_checkpoint(
         if async_group is None:
             dcp.save(state, checkpoint_id=str(tmp))
         else:
-            response = dcp.async_save(state, checkpoint_id=str(tmp), process_group=async_group)
+            response = dcp.async_save(state, checkpoint_id=str(tmp), process_group=async_group,
+                                      async_stager=CopyStager())
             pending.future = getattr(response, "upload_completion", response)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         err = describe_exception(e)

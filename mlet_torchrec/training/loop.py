@@ -91,17 +91,22 @@ class LossWindow:
         self._first_bad = torch.minimum(self._first_bad,
                                         torch.where(bad, torch.full_like(self._first_bad, step), self._first_bad))
 
-    def read(self, world_size: int) -> Tuple[float, float, Optional[int]]:
-        """Collective: (global loss sum, global rows, first non-finite step on any rank or None); resets."""
-        sums, first = self._sums, self._first_bad.clone()
+    def peek(self, world_size: int) -> Tuple[float, float, Optional[int]]:
+        """Collective: (global loss sum, global rows, first non-finite step on any rank or None) so far."""
+        sums, first = self._sums.clone(), self._first_bad.clone()
         if world_size > 1:
             dist.all_reduce(sums)
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
         loss, rows = sums.tolist()
         bad = int(first.item())
-        self._sums = torch.zeros_like(self._sums)
-        self._first_bad = torch.full_like(self._first_bad, self.NONE)
         return loss, rows, None if bad == self.NONE else bad
+
+    def read(self, world_size: int) -> Tuple[float, float, Optional[int]]:
+        """:meth:`peek`, then start a new window."""
+        out = self.peek(world_size)
+        self._sums.zero_()
+        self._first_bad.fill_(self.NONE)
+        return out
 
 
 def _recording(it: Iterator[Batch], fetched: Deque[Batch]) -> Iterator[Batch]:
@@ -139,6 +144,8 @@ class StepDriver:
                 self.optimizer.step()
                 yield batch, out
             return
+        if self.kind == "base":
+            self._pipeline.reset()  # TrainPipelineBase binds to its first iterator: each run brings its own
         fetched: Deque[Batch] = deque()
         source = _recording(own, fetched)
         for _ in range(steps):

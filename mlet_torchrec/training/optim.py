@@ -45,13 +45,18 @@ class ScheduledOptimizer:
     ``step`` counts the steps taken, starting from ``start_step`` (a resumed run's step).
     """
 
-    def __init__(self, optimizer: Any, train: TrainConfig, total_steps: int, start_step: int = 0) -> None:
+    def __init__(self, optimizer: Any, train: TrainConfig, total_steps: int, start_step: int = 0,
+                 base_lr: Optional[Dict[str, float]] = None) -> None:
         self.optimizer = optimizer
         self._train = train
         self._total = total_steps
         self.steps_done = start_step
         subs = optimizer.optimizers if hasattr(optimizer, "optimizers") else [("", optimizer)]
-        self._base: List[tuple] = [(g, float(g["lr"])) for _, opt in subs for g in opt.param_groups if "lr" in g]
+        # the configured rates (by sub-optimizer name), not the groups' current ones: a loaded checkpoint
+        # leaves its last scheduled rate there
+        base = base_lr or {}
+        self._base: List[tuple] = [(g, float(base.get(name, g["lr"]))) for name, opt in subs
+                                   for g in opt.param_groups if "lr" in g]
         dense = [opt for name, opt in subs if name == "dense"]
         self._dense: List[nn.Parameter] = (
             [p for p in dense[0].params.values() if p.requires_grad] if dense else []

@@ -41,12 +41,11 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
@@ -56,14 +55,17 @@ from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta, table_name
 from mlet_torchrec.training.checkpoint import (
     CheckpointError,
+    PendingCheckpoint,
     agree,
     load_training_state,
     read_checkpoint_info,
     read_rank_state,
-    save_checkpoint,
+    start_checkpoint,
 )
 from mlet_torchrec.config import ConfigError, ExperimentConfig, load_config
 from mlet_torchrec.training.distributed import DistContext, plan_summary, process_group, shard_model
+from mlet_torchrec.training.loop import LogitsView, LossWindow, StepDriver, TrainStep
+from mlet_torchrec.training.optim import ScheduledOptimizer
 from mlet_torchrec.training.run_dir import RunLog, prepare_run_dir
 from mlet_torchrec.evaluation.evaluate import evaluate
 from mlet_torchrec.training.guardrails import (
@@ -123,12 +125,22 @@ class StepEvent:
     step: int
     epoch: int
     batches_in_epoch: int
-    loss: float  # mean loss of the step's global batch
     batch: Batch  # this rank's batch
     model: nn.Module
     rank: int
     world_size: int
     checkpoint: Optional[Path]  # written at this step, if any
+    step_loss: Tuple[torch.Tensor, torch.Tensor]  # this rank's (loss sum, rows), on the device
+
+    @property
+    def loss(self) -> float:
+        """Mean loss of the step's global batch. Reading it waits for the device, and with several ranks it
+        is collective (an all-reduce): read it on every rank or on none."""
+        stats = torch.stack([t.detach().double() for t in self.step_loss])
+        if self.world_size > 1:
+            dist.all_reduce(stats)
+        loss_sum, rows = stats.tolist()
+        return loss_sum / max(rows, 1.0)
 
 
 StepHook = Callable[[StepEvent], None]
@@ -197,9 +209,15 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
         config.save(run_dir / "config.yaml")
     dist.barrier()
 
+    if config.train.bf16_autocast and ctx.device.type != "cuda":
+        raise ConfigError("train.bf16_autocast=true needs CUDA (bf16 autocast of the forward); this run is on "
+                          f"{ctx.device.type}: set train.bf16_autocast=false")
     _seed_everything(config.train.seed)
     features = meta.sparse_names()
-    net = build_model(config.model, config.embedding, meta, device=torch.device("meta"))
+    # the pipelines call the model with the batch alone; TrainStep holds only the model's net, so the
+    # checkpoint keys are the model's own
+    net = TrainStep(build_model(config.model, config.embedding, meta, device=torch.device("meta")).net,
+                    bf16=config.train.bf16_autocast)
     capacity = memory_capacity(ctx.device)
     given_plan = None
     if config.run.plan is not None:  # `mlet plan`'s plan instead of planning again (refused if made for another run)
@@ -292,16 +310,44 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
             config.data.path, split, eval_local_batch, rank=ctx.rank, world_size=ctx.world_size,
             drop_last=False, shuffle=False, validate=config.data.validate_ids,
         )
-        return evaluate(
-            model, iter(eval_reader), eval_reader.num_batches(), eval_local_batch,
-            features, len(meta.dense), ctx.device,
-        )
+        with driver.plain_model() as plain:  # the pipeline is drained here: no batch is in flight
+            return evaluate(
+                LogitsView(plain), iter(eval_reader), eval_reader.num_batches(), eval_local_batch,
+                features, len(meta.dense), ctx.device,
+            )
 
     info = {"data": config.data.path, "plan": plan, "data_shape": data_shape(meta), **table_bytes(meta, config),
             "epoch_steps": epoch_steps}
     last_checkpoint = resume_from
+    window = LossWindow(ctx.device)
+    scheduled = ScheduledOptimizer(optimizer, config.train, total_steps, start_step,
+                                   {"fused": config.sparse_optimizer.lr, "dense": config.dense_optimizer.lr})
+    driver = StepDriver(config.train.pipeline, model, scheduled, ctx.device)
+    if ctx.is_main:
+        log.info("training steps driven by %s (train.pipeline=%s)", driver.name, config.train.pipeline)
+    # background checkpoint writes get their own group: their collectives must not interleave with training's
+    async_group = dist.new_group(backend="gloo") if config.train.async_checkpoint else None
+    pending: Optional[PendingCheckpoint] = None
 
-    def write_checkpoint(step: int, epoch: int, batches: int, extra: Dict[str, Any]) -> Path:
+    def diverged(loss_all: float, bad_step: int, step: int, epoch: int) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"training loss became {loss_all} at step {bad_step} (epoch {epoch}; read at step {step}, every "
+            f"train.log_every steps and before checkpoints); stopped without checkpointing. "
+            f"{_last_good(last_checkpoint)} Lower the learning rates (sparse_optimizer.lr, dense_optimizer.lr)"
+        )
+
+    def finish_pending() -> None:
+        nonlocal pending, last_checkpoint
+        if pending is not None:
+            done, pending = pending, None
+            last_checkpoint = done.finish()
+
+    def write_checkpoint(step: int, epoch: int, batches: int, extra: Dict[str, Any], background: bool = False
+                         ) -> Optional[Path]:
+        nonlocal pending
+        loss_all, _, bad_step = window.peek(ctx.world_size)
+        if bad_step is not None:
+            raise diverged(loss_all, bad_step, step, epoch)
         bad = nonfinite_weights(model)
         err = agree(f"non-finite values in {', '.join(bad[:3])}" if bad else None)
         if err:
@@ -309,15 +355,22 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
                 f"weights became non-finite by step {step} ({err}); not checkpointing them. "
                 f"{_last_good(last_checkpoint)} Lower the learning rates (sparse_optimizer.lr, dense_optimizer.lr)"
             )
+        # the position counts the batches the model consumed, not those the pipeline fetched ahead
         e, b = normalize_position(epoch, batches, epoch_steps)
         position_info = {"epoch": e, "batches_in_epoch": b, "global_batch_size": config.train.batch_size,
                          "num_workers": num_workers, "world_size": ctx.world_size,
                          "virtual_shards": reader.virtual_shards, "rows_per_epoch": reader.rows_per_epoch()}
-        return save_checkpoint(
+        finish_pending()  # one background write at a time, committed in order
+        started = start_checkpoint(
             run_dir, step, model, config,
             {**info, "position": position_info, "train_seconds": train_seconds, **extra},
             optimizer, rank_state={"rng": rng_state(), "step": step}, keep=config.train.keep_checkpoints,
+            async_group=async_group if background else None,
         )
+        if background:
+            pending = started
+            return None
+        return started.finish()
 
     runlog = RunLog(run_dir, ctx.is_main, start_step)
     bar = tqdm(total=total_steps, initial=min(start_step, total_steps), desc="train", unit="step",
@@ -325,63 +378,52 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
     step = start_step
     it = None
     epoch, batches = normalize_position(*position, epoch_steps)
-    loss_window, window_rows = 0.0, 0.0
     valid_metrics: Optional[CTRMetrics] = None
+    log_every, eval_every, ckpt_every = config.train.log_every, config.train.eval_every, config.train.checkpoint_every
     try:
         model.train()
         while step < total_steps and epoch < config.train.epochs:
             reader.set_position(epoch, batches)
             it = iter(dataloader(reader, num_workers, config.train.seed, epoch))
-            for _ in range(min(epoch_steps[epoch] - batches, total_steps - step)):
+            remaining = min(epoch_steps[epoch] - batches, total_steps - step)
+            while remaining > 0:
+                # a run of steps ends where evaluation needs the model to itself (the pipeline drains there)
+                run = min(remaining, eval_every - step % eval_every) if eval_every else remaining
+                remaining -= run
                 t0 = time.perf_counter()
-                batch = next(it).to(ctx.device)
-                logits = model(batch.dense_features, batch.sparse_features)
-                loss_sum = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
-                (loss_sum / batch.labels.shape[0]).backward()  # local mean: see distributed.py
-                optimizer.step()
-                optimizer.zero_grad()
-                local_loss = float(loss_sum.detach())
-                if ctx.world_size > 1:
-                    # one small all-reduce: the global loss for the logs, and a NaN/inf on any rank
-                    # reaches every rank at this very step
-                    stats = torch.tensor([local_loss, float(batch.labels.shape[0])], dtype=torch.float64,
-                                         device=ctx.device)
-                    dist.all_reduce(stats)
-                    loss_all, rows_all = stats.tolist()
-                else:
-                    loss_all, rows_all = local_loss, float(batch.labels.shape[0])
-                train_seconds += time.perf_counter() - t0
-                step, batches = step + 1, batches + 1
-                if not math.isfinite(loss_all):
-                    raise TrainingDiverged(
-                        f"training loss became {loss_all} at step {step} (epoch {epoch}; this rank's batch loss "
-                        f"sum: {local_loss}); stopped without checkpointing. {_last_good(last_checkpoint)} "
-                        "Lower the learning rates (sparse_optimizer.lr, dense_optimizer.lr)"
-                    )
-                loss_window += loss_all
-                window_rows += rows_all
-                bar.update(1)
-                if step % config.train.log_every == 0 or step == total_steps:
-                    sps = step * config.train.batch_size / max(train_seconds, 1e-9)
-                    record = {"loss": loss_window / max(window_rows, 1.0), "samples_per_second": sps,
-                              "epoch": epoch, "sparse_lr": config.sparse_optimizer.lr,
-                              "dense_lr": config.dense_optimizer.lr}
-                    runlog.record(step, "train", record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{sps:,.0f}")
-                    loss_window, window_rows = 0.0, 0.0
-                if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
+                for batch, (loss_sum, rows, _) in driver.run(it, run):
+                    step, batches = step + 1, batches + 1
+                    window.add(loss_sum, rows, step)
+                    bar.update(1)
+                    if step % log_every == 0 or step == total_steps:
+                        loss_all, rows_all, bad_step = window.read(ctx.world_size)  # the only host sync
+                        train_seconds += time.perf_counter() - t0
+                        if bad_step is not None:
+                            raise diverged(loss_all, bad_step, step, epoch)
+                        sps = step * config.train.batch_size / max(train_seconds, 1e-9)
+                        lrs = scheduled.lrs()
+                        record = {"loss": loss_all / max(rows_all, 1.0), "samples_per_second": sps, "epoch": epoch,
+                                  "sparse_lr": lrs.get("fused", config.sparse_optimizer.lr),
+                                  "dense_lr": lrs.get("dense", config.dense_optimizer.lr)}
+                        runlog.record(step, "train", record)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{sps:,.0f}")
+                    else:
+                        train_seconds += time.perf_counter() - t0
+                    written = None
+                    if ckpt_every and step % ckpt_every == 0 and step < total_steps:
+                        written = write_checkpoint(step, epoch, batches, {}, background=config.train.async_checkpoint)
+                        last_checkpoint = written or last_checkpoint
+                    for hook in hooks:
+                        hook(StepEvent(step, epoch, batches, batch, model, ctx.rank, ctx.world_size, written,
+                                       (loss_sum, rows)))
+                    t0 = time.perf_counter()
+                if eval_every and step % eval_every == 0 and step < total_steps:
                     valid_metrics = run_eval("valid")
                     if valid_metrics is not None:
                         runlog.record(step, "valid", valid_metrics.as_dict())
                         if ctx.is_main:
                             bar.write(f"step {step}: valid AUC {valid_metrics.auc:.4f} "
                                       f"LogLoss {valid_metrics.logloss:.4f}")
-                written = None
-                if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
-                    written = last_checkpoint = write_checkpoint(step, epoch, batches, {})
-                for hook in hooks:
-                    hook(StepEvent(step, epoch, batches, loss_all / max(rows_all, 1.0), batch, model, ctx.rank,
-                                   ctx.world_size, written))
             if batches >= epoch_steps[epoch]:
                 if ctx.is_main:
                     log.info("epoch %d done at step %d: %d rows consumed", epoch, step, reader.rows_per_epoch())
@@ -400,7 +442,10 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
             final_info = {"valid": valid_metrics and valid_metrics.as_dict(),
                           "test": test_metrics and test_metrics.as_dict(), "final": True}
             checkpoint = write_checkpoint(step, epoch, batches, final_info)
+        finish_pending()
     finally:
+        if pending is not None:  # the run is failing: the background checkpoint never becomes visible
+            pending.abandon()
         it = None  # the last epoch's DataLoader iterator: its worker processes end now, not at exit
         bar.close()  # also stops tqdm's monitor thread
         runlog.close()  # joins TensorBoard's writer thread
