@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench gpu-check clean
+.PHONY: install demo lint test test-fast bench gpu-check clean
 
 install: $(STAMP)
 
@@ -20,7 +20,14 @@ $(STAMP): requirements.txt requirements-torchrec.txt requirements-dev.txt pyproj
 demo: $(STAMP)
 	$(VENV)/bin/mlet demo
 
-test: $(STAMP)
+# Static checks (configured in pyproject.toml): lint, formatting, types. Part of `make test`.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# Unit, multi-process (gloo), end-to-end tests and the docstring examples (--doctest-modules, pyproject.toml).
+test: lint
 	$(PY) -m pytest -q -ra
 
 test-fast: $(STAMP)

@@ -17,8 +17,9 @@ n x k: a generous yardstick, the product writes only n x d):
 More yardsticks: reading W1 once (a sum), cloning it into a fresh buffer (page faults included),
 and first-touching a fresh n x d buffer (``torch.empty(n, d).fill_(0)``: what the engine pays on top of
 the kernel for its output, since a collapse must produce a new table). ``engine - first touch``
-is the engine's own cost next to the kernel's. On a shared machine, run it when the cores are idle: with other processes on the cores,
-multi-threaded BLAS calls stall at every parallel region (compare ``--threads 1``).
+is the engine's own cost next to the kernel's. On a shared machine, run it when the cores are idle: with
+other processes on the cores, multi-threaded BLAS calls stall at every parallel region (compare
+``--threads 1``).
 
 Target: blocked <= 3x the copy.
 """
@@ -31,8 +32,8 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List
 
 import torch
 
@@ -43,7 +44,7 @@ from mlet_torchrec.serving.layout import Box  # noqa: E402
 from mlet_torchrec.serving.sharded_product import collapse_boxes  # noqa: E402
 
 
-def main(argv: List[str] | None = None) -> Dict[str, object]:
+def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=4_000_000)
     p.add_argument("--k", type=int, default=64)
@@ -63,7 +64,7 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
     out = torch.empty(args.rows, args.d)
     box_in, box_out = Box(0, 0, args.rows, args.k, 0), Box(0, 0, args.rows, args.d, 0)
 
-    methods: Dict[str, Callable[[], object]] = {
+    methods: dict[str, Callable[[], object]] = {
         "copy W1": lambda: copy_dst.copy_(w1),
         "read W1 (sum)": lambda: w1.sum(),
         "clone W1 (fresh buffer)": lambda: w1.clone(),
@@ -73,11 +74,13 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
     }
     for b in args.block_rows:
         methods[f"blocked {b}"] = lambda b=b: mlet_product(w1, w2, out=out, block_rows=b)
-    methods[f"blocked-fp64 {DEFAULT_BLOCK_ROWS}"] = lambda: mlet_product(w1, w2, out=out, block_rows=DEFAULT_BLOCK_ROWS, accumulate=torch.float64)
+    methods[f"blocked-fp64 {DEFAULT_BLOCK_ROWS}"] = lambda: mlet_product(
+        w1, w2, out=out, block_rows=DEFAULT_BLOCK_ROWS, accumulate=torch.float64
+    )
     methods["engine (collapse_boxes)"] = lambda: collapse_boxes({box_in: w1}, [box_in], [box_out], w2, rank=0)
 
     best = {name: float("inf") for name in methods}
-    for name, fn in methods.items():  # warm-up: page faults, BLAS init
+    for fn in methods.values():  # warm-up: page faults, BLAS init
         fn()
     for _ in range(args.repeat):
         for name, fn in methods.items():
@@ -91,20 +94,30 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
 
     copy = best["copy W1"]
     gib = w1.numel() * 4 / 2**30
-    print(f"W1 {args.rows:,} x {args.k} (FP32, {gib:.2f} GiB) @ W2 {args.k} x {args.d}; "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+    print(
+        f"W1 {args.rows:,} x {args.k} (FP32, {gib:.2f} GiB) @ W2 {args.k} x {args.d}; "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    )
     print(f"{'variant':<28}{'seconds':>10}{'x copy':>10}{'GiB/s of W1':>14}")
     for name, t in best.items():
         print(f"{name:<28}{t:>10.4f}{t / copy:>10.2f}{gib / t:>14.1f}")
     blocked = min(t for n, t in best.items() if n.startswith("blocked ") and not n.startswith("blocked-fp64"))
     verdict = "meets" if blocked / copy <= 3 else "misses"
     engine, touch = best["engine (collapse_boxes)"], best["first touch n x d (fresh)"]
-    print(f"best blocked / copy = {blocked / copy:.2f} ({verdict} the <= 3x target); "
-          f"naive / copy = {best['naive W1 @ W2'] / copy:.2f}; engine / copy = {engine / copy:.2f}, of which "
-          f"first-touching the fresh output = {touch / copy:.2f}; engine / clone W1 = "
-          f"{engine / best['clone W1 (fresh buffer)']:.2f}")
-    result = {"rows": args.rows, "k": args.k, "d": args.d, "threads": torch.get_num_threads(),
-              "seconds": best, "ratio_to_copy": {n: t / copy for n, t in best.items()}}
+    print(
+        f"best blocked / copy = {blocked / copy:.2f} ({verdict} the <= 3x target); "
+        f"naive / copy = {best['naive W1 @ W2'] / copy:.2f}; engine / copy = {engine / copy:.2f}, of which "
+        f"first-touching the fresh output = {touch / copy:.2f}; engine / clone W1 = "
+        f"{engine / best['clone W1 (fresh buffer)']:.2f}"
+    )
+    result = {
+        "rows": args.rows,
+        "k": args.k,
+        "d": args.d,
+        "threads": torch.get_num_threads(),
+        "seconds": best,
+        "ratio_to_copy": {n: t / copy for n, t in best.items()},
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -42,18 +42,71 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from mlet_torchrec.io import is_ours
+sys.path.insert(0, str(ROOT))  # runnable without `pip install -e .`
+from mlet_torchrec.io import is_ours  # noqa: E402
 
 # distinct values per column of the real Kaggle set (capped by --max-cardinality)
-CRITEO_CARDINALITIES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
-                        14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
-MISSING = [0.0, 0.03, 0.03, 0.03, 0.0, 0.12, 0.0, 0.0, 0.0, 0.0, 0.0, 0.03, 0.0, 0.0, 0.0, 0.03, 0.0, 0.0,
-           0.44, 0.44, 0.03, 0.0, 0.0, 0.03, 0.44, 0.03]
+CRITEO_CARDINALITIES = [
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
+]
+MISSING = [
+    0.0,
+    0.03,
+    0.03,
+    0.03,
+    0.0,
+    0.12,
+    0.0,
+    0.0,
+    0.0,
+    0.0,
+    0.0,
+    0.03,
+    0.0,
+    0.0,
+    0.0,
+    0.03,
+    0.0,
+    0.0,
+    0.44,
+    0.44,
+    0.03,
+    0.0,
+    0.0,
+    0.03,
+    0.44,
+    0.03,
+]
 
 
-def generate_criteo_text(path: Path, rows: int, seed: int = 0, max_cardinality: int = 200_000,
-                         chunk: int = 250_000) -> None:
+def generate_criteo_text(
+    path: Path, rows: int, seed: int = 0, max_cardinality: int = 200_000, chunk: int = 250_000
+) -> None:
     """Write ``rows`` synthetic Criteo rows to ``path`` (vectorised: ~1M rows/s)."""
     rng = np.random.default_rng(seed)
     pools = []
@@ -72,7 +125,7 @@ def generate_criteo_text(path: Path, rows: int, seed: int = 0, max_cardinality: 
             for i in range(13):
                 x = np.floor(rng.lognormal(1.0 + 0.3 * i, 1.5, n)).astype(np.int64) - (i == 1)
                 cols.append(pa.array(x, mask=rng.random(n) < (0.04 + 0.03 * (i % 5))))
-            for pool, miss in zip(pools, MISSING):
+            for pool, miss in zip(pools, MISSING, strict=True):
                 idx = np.minimum((len(pool) * rng.random(n) ** 3).astype(np.int64), len(pool) - 1)
                 col = pool.take(pa.array(idx))
                 if miss:
@@ -87,8 +140,19 @@ def run_child_measured(text: Path, out: Path, extra: list) -> dict:
     """Convert ``text`` in a child process; its own peak RSS comes from ``os.wait4`` (RUSAGE_CHILDREN
     would be the maximum over every child so far)."""
     # --overwrite replaces only an earlier output of mlet (never foreign files: mlet_torchrec.io)
-    cmd = [sys.executable, "-m", "mlet_torchrec.cli.convert", "criteo", "--input", str(text), "--output", str(out),
-           "--overwrite", "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlet_torchrec.cli.convert",
+        "criteo",
+        "--input",
+        str(text),
+        "--output",
+        str(out),
+        "--overwrite",
+        "--no-progress",
+        *extra,
+    ]
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as so, tempfile.TemporaryFile() as se:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=so, stderr=se, env=_env())
@@ -112,8 +176,12 @@ def _env() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000], help="input sizes")
-    ap.add_argument("--mode", choices=["vocab", "hash", "both"], default="vocab",
-                    help="vocab: --min-count 10 vocabularies (default); hash: --hash-buckets 1000000")
+    ap.add_argument(
+        "--mode",
+        choices=["vocab", "hash", "both"],
+        default="vocab",
+        help="vocab: --min-count 10 vocabularies (default); hash: --hash-buckets 1000000",
+    )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mlet_convert_bench"))
     ap.add_argument("--max-cardinality", type=int, default=200_000, help="largest per-column value pool")
     ap.add_argument("--keep", action="store_true", help="keep the generated text and outputs")
@@ -129,20 +197,31 @@ def main(argv=None) -> int:
         if generated:
             t0 = time.perf_counter()
             generate_criteo_text(text, rows, max_cardinality=args.max_cardinality)
-            print(f"generated {rows:,} rows ({text.stat().st_size / 2**20:,.0f} MiB) in "
-                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+            print(
+                f"generated {rows:,} rows ({text.stat().st_size / 2**20:,.0f} MiB) in {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
         for mode in modes:
             out = args.workdir / f"out_{rows}_{mode}"
             r = run_child_measured(text, out, extra[mode])
             meta = json.loads((out / "metadata.json").read_text())
             distinct = sum(f.get("distinct_in_train", 0) for f in meta["source"]["features"].values())
-            r.update(rows=rows, mode=mode, input_mib=text.stat().st_size / 2**20, rows_per_s=rows / r["seconds"],
-                     output_mib=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20,
-                     distinct_values=distinct, vocab_counts_mib=16 * distinct / 2**20)
+            r.update(
+                rows=rows,
+                mode=mode,
+                input_mib=text.stat().st_size / 2**20,
+                rows_per_s=rows / r["seconds"],
+                output_mib=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20,
+                distinct_values=distinct,
+                vocab_counts_mib=16 * distinct / 2**20,
+            )
             results.append(r)
             vocab = f"  ({distinct:,} distinct values: {r['vocab_counts_mib']:,.0f} MiB of counts)" if distinct else ""
-            print(f"{mode:5s} {rows:>11,} rows  {r['input_mib']:8,.0f} MiB in  {r['seconds']:7.1f} s  "
-                  f"{r['rows_per_s']:>9,.0f} rows/s  peak RSS {r['peak_rss_mib']:7,.0f} MiB{vocab}", flush=True)
+            print(
+                f"{mode:5s} {rows:>11,} rows  {r['input_mib']:8,.0f} MiB in  {r['seconds']:7.1f} s  "
+                f"{r['rows_per_s']:>9,.0f} rows/s  peak RSS {r['peak_rss_mib']:7,.0f} MiB{vocab}",
+                flush=True,
+            )
             if not args.keep and is_ours(out):  # only what this run wrote
                 shutil.rmtree(out)
         if not args.keep and generated:
@@ -151,9 +230,11 @@ def main(argv=None) -> int:
         rs = [r for r in results if r["mode"] == mode]
         if len(rs) >= 2:
             small, big = rs[0], rs[-1]
-            print(f"{mode}: peak RSS {big['rows']:,} rows / {small['rows']:,} rows = "
-                  f"{big['peak_rss_mib']:,.0f} / {small['peak_rss_mib']:,.0f} MiB = "
-                  f"{big['peak_rss_mib'] / small['peak_rss_mib']:.2f}x (input {big['rows'] / small['rows']:.0f}x)")
+            print(
+                f"{mode}: peak RSS {big['rows']:,} rows / {small['rows']:,} rows = "
+                f"{big['peak_rss_mib']:,.0f} / {small['peak_rss_mib']:,.0f} MiB = "
+                f"{big['peak_rss_mib'] / small['peak_rss_mib']:.2f}x (input {big['rows'] / small['rows']:.0f}x)"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import time
-from typing import Dict
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -39,7 +38,7 @@ from sklearn.metrics import log_loss, roc_auc_score  # noqa: E402
 MODELS = {"dcn": DCN, "deepfm": DeepFM, "wdl": WDL, "nfm": NFM, "autoint": AutoInt, "xdeepfm": xDeepFM}
 
 
-def load_split(root: str, meta: dict, split: str) -> Dict[str, np.ndarray]:
+def load_split(root: str, meta: dict, split: str) -> dict[str, np.ndarray]:
     tables = [pq.read_table(os.path.join(root, f)) for f in meta["splits"][split]]
     names = [meta["label"], *meta["dense"], *(s["name"] for s in meta["sparse"])]
     return {n: np.concatenate([t.column(n).to_numpy() for t in tables]) for n in names}
@@ -75,16 +74,21 @@ def main(setup_path: str) -> None:
         finite = bool(np.isfinite(probs).all())
         probs = np.clip(np.nan_to_num(probs, nan=0.5), 1e-7, 1 - 1e-7)
         rows = len(y_train) * job["epochs"]
-        print(json.dumps({
-            **run,
-            "test_auc": float(roc_auc_score(y_test, probs)),
-            "test_logloss": float(log_loss(y_test, probs)),
-            "train_rows": rows,
-            "train_seconds": fit_seconds,
-            "samples_per_second": rows / fit_seconds,
-            "wall_seconds": time.perf_counter() - t0,
-            "finite": finite and math.isfinite(fit_seconds),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    **run,
+                    "test_auc": float(roc_auc_score(y_test, probs)),
+                    "test_logloss": float(log_loss(y_test, probs)),
+                    "train_rows": rows,
+                    "train_seconds": fit_seconds,
+                    "samples_per_second": rows / fit_seconds,
+                    "wall_seconds": time.perf_counter() - t0,
+                    "finite": finite and math.isfinite(fit_seconds),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ import json
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"movielens": "configs/experiments/movielens_dlrm.yaml", "synth1m": "configs/experiments/synth1m_dlrm.yaml"}
 
 
-def run_all(data: Dict[str, str], seeds: List[int], results: Path, k: int) -> None:
+def run_all(data: dict[str, str], seeds: list[int], results: Path, k: int) -> None:
     from mlet_torchrec.config import load_config
     from mlet_torchrec.training.train import train
 
@@ -33,27 +32,46 @@ def run_all(data: Dict[str, str], seeds: List[int], results: Path, k: int) -> No
                 if (name, seed, dtype) in done:
                     continue
                 with tempfile.TemporaryDirectory() as tmp:
-                    cfg = load_config(REPO / CONFIGS[name], [
-                        f"data.path={path}", f"run.dir={tmp}/run", f"embedding.k={k}", f"embedding.w1_dtype={dtype}",
-                        f"train.seed={seed}", "run.device=cpu", "train.progress=false"])
+                    cfg = load_config(
+                        REPO / CONFIGS[name],
+                        [
+                            f"data.path={path}",
+                            f"run.dir={tmp}/run",
+                            f"embedding.k={k}",
+                            f"embedding.w1_dtype={dtype}",
+                            f"train.seed={seed}",
+                            "run.device=cpu",
+                            "train.progress=false",
+                        ],
+                    )
                     res = train(cfg)
-                row = {"dataset": name, "seed": seed, "w1_dtype": dtype, "d": cfg.embedding.d, "k": k,
-                       "test_auc": res.test.auc, "test_logloss": res.test.logloss,
-                       "valid_auc": res.valid.auc if res.valid else None, "steps": res.steps,
-                       "samples_per_second": res.samples_per_second}
+                row = {
+                    "dataset": name,
+                    "seed": seed,
+                    "w1_dtype": dtype,
+                    "d": cfg.embedding.d,
+                    "k": k,
+                    "test_auc": res.test.auc,
+                    "test_logloss": res.test.logloss,
+                    "valid_auc": res.valid.auc if res.valid else None,
+                    "steps": res.steps,
+                    "samples_per_second": res.samples_per_second,
+                }
                 with open(results, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
 
 
-def _sd(xs: List[float]) -> float:
+def _sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
 def summary(results: Path) -> str:
     rows = [json.loads(line) for line in results.read_text().splitlines()]
-    header = ("| data set | seeds | test AUC fp32 W1 | test AUC fp16 W1 | fp16 - fp32 AUC (paired, per seed) | "
-              "test LogLoss fp32 / fp16 |")
+    header = (
+        "| data set | seeds | test AUC fp32 W1 | test AUC fp16 W1 | fp16 - fp32 AUC (paired, per seed) | "
+        "test LogLoss fp32 / fp16 |"
+    )
     lines = [header, "|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["dataset"] for r in rows):
         by = {(r["seed"], r["w1_dtype"]): r for r in rows if r["dataset"] == name}
@@ -62,12 +80,14 @@ def summary(results: Path) -> str:
             continue
         a32 = [by[s, "fp32"]["test_auc"] for s in seeds]
         a16 = [by[s, "fp16"]["test_auc"] for s in seeds]
-        diffs = [b - a for a, b in zip(a32, a16)]
+        diffs = [b - a for a, b in zip(a32, a16, strict=True)]
         l32 = statistics.mean(by[s, "fp32"]["test_logloss"] for s in seeds)
         l16 = statistics.mean(by[s, "fp16"]["test_logloss"] for s in seeds)
-        lines.append(f"| {name} | {len(seeds)} | {statistics.mean(a32):.4f} ± {_sd(a32):.4f} | "
-                     f"{statistics.mean(a16):.4f} ± {_sd(a16):.4f} | {statistics.mean(diffs):+.4f} "
-                     f"({', '.join(f'{x:+.4f}' for x in diffs)}) | {l32:.4f} / {l16:.4f} |")
+        lines.append(
+            f"| {name} | {len(seeds)} | {statistics.mean(a32):.4f} ± {_sd(a32):.4f} | "
+            f"{statistics.mean(a16):.4f} ± {_sd(a16):.4f} | {statistics.mean(diffs):+.4f} "
+            f"({', '.join(f'{x:+.4f}' for x in diffs)}) | {l32:.4f} / {l16:.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -21,18 +21,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_S = 480
 
 
-def _mlet(args: List[str], timeout: float) -> Tuple[int, str, float]:
+def _mlet(args: list[str], timeout: float) -> tuple[int, str, float]:
     """Run ``mlet ARGS`` in a child process: (exit status, last lines of its output, seconds)."""
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "mlet_torchrec.cli", *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=max(1.0, timeout), check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlet_torchrec.cli", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=max(1.0, timeout),
+            check=False,
+        )
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
         return proc.returncode, tail, time.perf_counter() - t0
     except subprocess.TimeoutExpired:
@@ -44,7 +49,7 @@ class Check:
 
     def __init__(self, budget_s: float) -> None:
         self.end = time.perf_counter() + budget_s
-        self.rows: List[Tuple[str, str, str]] = []
+        self.rows: list[tuple[str, str, str]] = []
 
     def left(self) -> float:
         return self.end - time.perf_counter()
@@ -57,8 +62,14 @@ class Check:
 def cuda_tests(check: Check) -> None:
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"],
-                              cwd=REPO, capture_output=True, text=True, timeout=min(180.0, check.left()), check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=min(180.0, check.left()),
+            check=False,
+        )
         last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
         result = {0: "pass", 5: "none collected"}.get(proc.returncode, "FAIL")
     except subprocess.TimeoutExpired:
@@ -70,8 +81,10 @@ def pipeline(check: Check, tmp: Path) -> None:
     """synth -> train (nccl) -> collapse -> evaluate, each step a real `mlet` command."""
     data, run, collapsed = tmp / "tiny", tmp / "run", tmp / "collapsed"
     steps = [
-        ("synth", ["synth", "--output", str(data), "rows=8000", "num_sparse=4", "max_cardinality=200",
-                   "row_group_size=512"]),
+        (
+            "synth",
+            ["synth", "--output", str(data), "rows=8000", "num_sparse=4", "max_cardinality=200", "row_group_size=512"],
+        ),
         ("train", ["train", "--config", "tiny", "--input", str(data), "--output", str(run), "run.device=cuda"]),
         ("collapse", ["collapse", "--input", str(run), "--output", str(collapsed)]),
         ("evaluate", ["evaluate", "--input", str(collapsed)]),
@@ -83,46 +96,76 @@ def pipeline(check: Check, tmp: Path) -> None:
             return
     metrics = json.loads((run / "metrics.json").read_text())
     auc = (metrics.get("test") or {}).get("auc")
-    check.add("tiny train -> collapse -> evaluate on nccl", "pass",
-              f"test AUC {auc:.4f}" if auc is not None else "no test split")
+    check.add(
+        "tiny train -> collapse -> evaluate on nccl",
+        "pass",
+        f"test AUC {auc:.4f}" if auc is not None else "no test split",
+    )
 
 
-def throughput(check: Check, tmp: Path, batch: int, steps: int, repeats: int) -> Dict[str, List[float]]:
+def throughput(check: Check, tmp: Path, batch: int, steps: int, repeats: int) -> dict[str, list[float]]:
     data = tmp / "bench"
-    rc, tail, _ = _mlet(["synth", "--output", str(data), "rows=200000", "num_sparse=26", "num_dense=13",
-                         "max_cardinality=100000"], min(180.0, check.left()))
+    rc, tail, _ = _mlet(
+        ["synth", "--output", str(data), "rows=200000", "num_sparse=26", "num_dense=13", "max_cardinality=100000"],
+        min(180.0, check.left()),
+    )
     if rc != 0:
         check.add("throughput data", "FAIL", tail[-300:])
         return {}
-    sps: Dict[str, List[float]] = {"single-layer d=16": [], "MLET d=16 k=64": []}
+    sps: dict[str, list[float]] = {"single-layer d=16": [], "MLET d=16 k=64": []}
     for rep in range(repeats):
         for name, k in (("single-layer d=16", "null"), ("MLET d=16 k=64", "64")):
             if check.left() < 60:
                 break
             run = tmp / f"tp-{k}-{rep}"
-            rc, tail, _ = _mlet(["train", "--config", "demo", "--input", str(data), "--output", str(run),
-                                 "embedding.d=16", f"embedding.k={k}", f"train.batch_size={batch}", "train.epochs=20",
-                                 f"train.max_steps={steps}", "train.progress=false", "run.device=cuda",
-                                 "train.eval_batch_size=65536"], min(150.0, check.left()))
+            rc, tail, _ = _mlet(
+                [
+                    "train",
+                    "--config",
+                    "demo",
+                    "--input",
+                    str(data),
+                    "--output",
+                    str(run),
+                    "embedding.d=16",
+                    f"embedding.k={k}",
+                    f"train.batch_size={batch}",
+                    "train.epochs=20",
+                    f"train.max_steps={steps}",
+                    "train.progress=false",
+                    "run.device=cuda",
+                    "train.eval_batch_size=65536",
+                ],
+                min(150.0, check.left()),
+            )
             if rc != 0:
                 check.add(f"throughput {name}", "FAIL", tail[-300:])
                 return sps
             sps[name].append(json.loads((run / "metrics.json").read_text())["samples_per_second"])
     for name, values in sps.items():
         if values:
-            check.add(f"throughput {name}, batch {batch}", f"{statistics.median(values):,.0f} samples/s",
-                      f"median of {len(values)} run(s) of {steps} steps, warm-up included")
+            check.add(
+                f"throughput {name}, batch {batch}",
+                f"{statistics.median(values):,.0f} samples/s",
+                f"median of {len(values)} run(s) of {steps} steps, warm-up included",
+            )
     return sps
 
 
 def table(check: Check, device: str) -> str:
-    lines = [f"# gpu-check on {device}", "", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-             "| check | result | detail |", "|---|---|---|"]
+    lines = [
+        f"# gpu-check on {device}",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "| check | result | detail |",
+        "|---|---|---|",
+    ]
     lines += [f"| {w} | {r} | {d.replace('|', '/')} |" for w, r, d in check.rows]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: List[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "gpu_check.md")
     ap.add_argument("--batch-size", type=int, default=8192)

@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable without `pip install -e .`
@@ -35,8 +34,15 @@ from data_pipes.reader import ParquetBatchReader, make_dataloader  # noqa: E402
 from data_pipes.schema import METADATA_FILE, DatasetMeta  # noqa: E402
 
 
-def measure_reader(root: Path | str, split: str, batch_size: int, *, validate: bool = True,
-                   num_workers: int = 0, drop_last: bool = True) -> float:
+def measure_reader(
+    root: Path | str,
+    split: str,
+    batch_size: int,
+    *,
+    validate: bool = True,
+    num_workers: int = 0,
+    drop_last: bool = True,
+) -> float:
     """Rows/s of one pass of ParquetBatchReader over ``split`` (Batches built, nothing else done)."""
     reader = ParquetBatchReader(root, split, batch_size, drop_last=drop_last, validate=validate)
     batches = make_dataloader(reader, num_workers) if num_workers else reader
@@ -65,9 +71,22 @@ def measure_training(root: Path | str, batch_size: int, steps: int, run_dir: Pat
     import os
     import subprocess
 
-    cmd = [sys.executable, "-m", "mlet_torchrec.cli", "train", "--config", str(REPO / "configs/demo.yaml"),
-           f"data.path={root}", f"run.dir={run_dir}", f"train.batch_size={batch_size}", f"train.max_steps={steps}",
-           f"embedding.k={k}", f"embedding.d={d}", "train.progress=false", "train.eval_batch_size=65536"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlet_torchrec.cli",
+        "train",
+        "--config",
+        str(REPO / "configs/demo.yaml"),
+        f"data.path={root}",
+        f"run.dir={run_dir}",
+        f"train.batch_size={batch_size}",
+        f"train.max_steps={steps}",
+        f"embedding.k={k}",
+        f"embedding.d={d}",
+        "train.progress=false",
+        "train.eval_batch_size=65536",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     subprocess.run(["taskset", "-c", "0", *cmd], check=True, env=env, capture_output=True, cwd=REPO)
     return json.loads((run_dir / "metrics.json").read_text())["samples_per_second"]
@@ -81,10 +100,12 @@ def main() -> None:
     ap.add_argument("--split", default="train")
     ap.add_argument("--batch-size", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--workers", type=int, nargs="*", default=[],
-                    help="also measure through a DataLoader with these worker counts")
-    ap.add_argument("--train-steps", type=int, default=40,
-                    help="steps of the training-throughput run to compare with (0: skip)")
+    ap.add_argument(
+        "--workers", type=int, nargs="*", default=[], help="also measure through a DataLoader with these worker counts"
+    )
+    ap.add_argument(
+        "--train-steps", type=int, default=40, help="steps of the training-throughput run to compare with (0: skip)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     import os
@@ -102,9 +123,12 @@ def main() -> None:
             generate(cfg, root, progress=False)
             print(f"generated {cfg.rows:,} rows in {time.perf_counter() - start:.1f} s into {root}", flush=True)
         meta = DatasetMeta.load(root)
-        print(f"{args.split}: {meta.rows.get(args.split, '?'):,} rows, {len(meta.dense)} dense, "
-              f"{len(meta.sparse)} sparse ({sum(f.multi_hot for f in meta.sparse)} multi-hot), "
-              f"batch {args.batch_size}", flush=True)
+        print(
+            f"{args.split}: {meta.rows.get(args.split, '?'):,} rows, {len(meta.dense)} dense, "
+            f"{len(meta.sparse)} sparse ({sum(f.multi_hot for f in meta.sparse)} multi-hot), "
+            f"batch {args.batch_size}",
+            flush=True,
+        )
 
         kinds = {
             "raw_pyarrow": lambda: measure_raw(root, args.split),
@@ -112,28 +136,40 @@ def main() -> None:
             "reader_no_validate": lambda: measure_reader(root, args.split, args.batch_size, validate=False),
         }
         for w in args.workers:
-            kinds[f"dataloader_{w}_workers"] = lambda w=w: measure_reader(root, args.split, args.batch_size,
-                                                                           num_workers=w)
+            kinds[f"dataloader_{w}_workers"] = lambda w=w: measure_reader(
+                root, args.split, args.batch_size, num_workers=w
+            )
         for fn in kinds.values():  # warm the page cache and lazy imports
             fn()
-        samples: Dict[str, List[float]] = {k: [] for k in kinds}
+        samples: dict[str, list[float]] = {k: [] for k in kinds}
         for _ in range(args.repeats):
             for name, fn in kinds.items():
                 samples[name].append(fn())
         medians = {k: statistics.median(v) for k, v in samples.items()}
-        train_sps = measure_training(root, args.batch_size, args.train_steps, Path(tmp) / "train") \
-            if args.train_steps else None
+        train_sps = (
+            measure_training(root, args.batch_size, args.train_steps, Path(tmp) / "train") if args.train_steps else None
+        )
     raw = medians["raw_pyarrow"]
     for name, value in medians.items():
         print(f"{name:>24}: {value:>12,.0f} rows/s   ({value / raw:.2f} x raw)")
     print(f"ratio reader / raw pyarrow: {medians['reader'] / raw:.3f}")
     if train_sps is not None:
-        print(f"training (DLRM, MLET k=64 d=16, batch {args.batch_size}, 1 core): {train_sps:,.0f} samples/s; "
-              f"reader / training = {medians['reader'] / train_sps:.1f}x (target >= 5x)")
+        print(
+            f"training (DLRM, MLET k=64 d=16, batch {args.batch_size}, 1 core): {train_sps:,.0f} samples/s; "
+            f"reader / training = {medians['reader'] / train_sps:.1f}x (target >= 5x)"
+        )
     if args.out:
-        args.out.write_text(json.dumps({"samples": samples, "median_rows_per_s": medians,
-                                        "ratio_reader_over_raw": medians["reader"] / raw,
-                                        "training_samples_per_s": train_sps}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "samples": samples,
+                    "median_rows_per_s": medians,
+                    "ratio_reader_over_raw": medians["reader"] / raw,
+                    "training_samples_per_s": train_sps,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

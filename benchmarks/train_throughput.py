@@ -1,18 +1,29 @@
-"""Training throughput of MLET (k=64, d=16) vs single-layer d=16, 2 ranks, side by side in one run.
+"""Training throughput, side by side in one run: MLET vs single-layer, pipelined vs plain, 2 ranks vs 1.
 
-Runs alternate (baseline, MLET, baseline, MLET, ...) on the same data so machine noise hits both;
-the figure is the ratio of median samples/s. Target: MLET keeps >= 85% of the baseline's throughput.
+Cells, at each global batch size (all MLET cells k=64, d=16, unless given otherwise):
 
-    python benchmarks/train_throughput.py --batch-size 2048 --repeats 3
+* ``baseline``: single-layer d=16 tables, TorchRec's pipeline (``train.pipeline=auto``), ``--nproc`` ranks;
+* ``mlet``: the same with MLET;
+* ``mlet_plain``: MLET in the plain loop (``train.pipeline=none``);
+* ``mlet_1rank``: MLET, pipelined, on one rank.
+
+Runs alternate cell by cell (baseline, mlet, mlet_plain, mlet_1rank, baseline, ...) on the same data so
+machine noise hits every cell; each figure is the median samples/s over ``--repeats`` runs and each ratio
+a ratio of medians. The load average is printed next to the figures: on a shared machine rerun when it
+is low. Target: MLET keeps >= 90% of the baseline's throughput at batch 2048.
+
+    python benchmarks/train_throughput.py --batch-size 2048 --repeats 3 --out benchmarks/results/train_throughput.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Dict, List, Tuple
 
 import yaml
 
@@ -23,16 +34,29 @@ from mlet_torchrec.training.launcher import train_local
 
 REPO = Path(__file__).resolve().parents[1]
 
+RATIOS = {  # name -> (numerator cell, denominator cell)
+    "mlet_over_baseline": ("mlet", "baseline"),
+    "pipelined_over_plain": ("mlet", "mlet_plain"),
+    "two_ranks_over_one": ("mlet", "mlet_1rank"),
+}
+
+
+def cells(k: int, nproc: int) -> List[Tuple[str, str, str, int]]:
+    """(name, embedding.k, train.pipeline, ranks) of every cell."""
+    return [("baseline", "null", "auto", nproc), ("mlet", str(k), "auto", nproc),
+            ("mlet_plain", str(k), "none", nproc), ("mlet_1rank", str(k), "auto", 1)]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO / "data" / "demo", help="data set (generated if absent)")
-    ap.add_argument("--batch-size", type=int, nargs="+", default=[128, 2048], help="global batch sizes to measure")
-    ap.add_argument("--steps", type=int, default=150, help="training steps per run")
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[2048], help="global batch sizes to measure")
+    ap.add_argument("--steps", type=int, default=100, help="training steps per run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--d", type=int, default=16)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--cells", nargs="+", default=None, help="measure only these cells (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
@@ -40,24 +64,31 @@ def main() -> None:
         cfg = SynthConfig.model_validate(yaml.safe_load((REPO / "configs/synth/demo.yaml").read_text()))
         generate(cfg, args.data)
 
-    results = {}
+    plan = [c for c in cells(args.k, args.nproc) if args.cells is None or c[0] in args.cells]
+    results: Dict[str, Dict[str, object]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batch_size:
-            sps = {"baseline": [], "mlet": []}
+            sps: Dict[str, List[float]] = {name: [] for name, *_ in plan}
+            loads: List[float] = []
             for rep in range(args.repeats):
-                for name, k in (("baseline", "null"), ("mlet", str(args.k))):
+                for name, k, pipeline, nproc in plan:
                     cfg = load_config(REPO / "configs/demo.yaml", [
                         f"data.path={args.data}", f"run.dir={tmp}/{name}-{batch}-{rep}", f"embedding.d={args.d}",
                         f"embedding.k={k}", f"train.batch_size={batch}", f"train.max_steps={args.steps}",
-                        "train.progress=false", "train.eval_batch_size=65536",
+                        f"train.pipeline={pipeline}", "train.progress=false", "train.eval_batch_size=65536",
+                        f"train.log_every={args.steps}",
                     ])
-                    sps[name].append(train_local(cfg, args.nproc)["samples_per_second"])
-                    print(f"batch {batch} {name} run {rep}: {sps[name][-1]:,.0f} samples/s", flush=True)
-            base, mlet = statistics.median(sps["baseline"]), statistics.median(sps["mlet"])
-            results[batch] = {"baseline_samples_per_s": sps["baseline"], "mlet_samples_per_s": sps["mlet"],
-                              "ratio_mlet_over_baseline": mlet / base}
-            print(f"batch {batch}: baseline {base:,.0f} samples/s, MLET k={args.k} {mlet:,.0f} samples/s, "
-                  f"ratio {mlet / base:.3f} (cost {100 * (1 - mlet / base):.1f}%)", flush=True)
+                    sps[name].append(train_local(cfg, nproc)["samples_per_second"])
+                    loads.append(os.getloadavg()[0])
+                    print(f"batch {batch} {name} run {rep}: {sps[name][-1]:,.0f} samples/s "
+                          f"(load average {loads[-1]:.1f})", flush=True)
+            median = {name: statistics.median(v) for name, v in sps.items()}
+            ratios = {r: median[a] / median[b] for r, (a, b) in RATIOS.items() if a in median and b in median}
+            results[str(batch)] = {"samples_per_s": sps, "median_samples_per_s": median, "ratios": ratios,
+                                   "load_average_1min": loads, "cpu_count": os.cpu_count(), "steps": args.steps}
+            print(f"batch {batch}: " + ", ".join(f"{n} {v:,.0f} samples/s" for n, v in median.items()), flush=True)
+            print(f"batch {batch}: " + ", ".join(f"{r} {v:.3f}" for r, v in ratios.items())
+                  + f" (load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores)", flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

@@ -20,7 +20,7 @@ Every value is pinned by tests (``tests/test_convert_vocab.py``, ``tests/test_co
 
 from __future__ import annotations
 
-from typing import Union
+from typing import TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -38,14 +38,14 @@ _LEN_MUL = _U64(0xD6E8FEB86659FD93)
 NULL_HASH = _U64(0x6A09E667F3BCC908)
 """The hash of a missing (null) value; distinct from the hash of any string with overwhelming probability."""
 
-ArrayLike = Union[pa.Array, pa.ChunkedArray]
+ArrayLike: TypeAlias = pa.Array | pa.ChunkedArray
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser (a bijection of ``uint64``) on a copy of ``x`` (wrapping arithmetic).
 
-        >>> mix64(np.array([1], dtype=np.uint64)).tolist()
-        [6238072747940578789]
+    >>> mix64(np.array([1], dtype=np.uint64)).tolist()
+    [6238072747940578789]
     """
     x = x ^ (x >> _U64(30))
     x *= _SM1
@@ -103,6 +103,7 @@ def hash_strings(arr: ArrayLike) -> np.ndarray:
     t = arr.type
     if pa.types.is_dictionary(t):
         return hash_strings(arr.cast(t.value_type))
+    off_dtype: type[np.int32] | type[np.int64]
     if pa.types.is_string(t) or pa.types.is_binary(t):
         off_dtype = np.int32
     elif pa.types.is_large_string(t) or pa.types.is_large_binary(t):
@@ -115,7 +116,7 @@ def hash_strings(arr: ArrayLike) -> np.ndarray:
     if n == 0:
         return np.empty(0, dtype=np.uint64)
     bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=off_dtype, count=arr.offset + n + 1)[arr.offset:].astype(np.int64)
+    offsets = np.frombuffer(bufs[1], dtype=off_dtype, count=arr.offset + n + 1)[arr.offset :].astype(np.int64)
     data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.empty(0, np.uint8)
     lengths = np.diff(offsets)
     lo, hi = int(offsets[0]), int(offsets[-1])

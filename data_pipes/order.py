@@ -25,8 +25,8 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -70,7 +70,7 @@ def shard_offset(v: int, end: int, virtual_shards: int) -> int:
     return max(0, (int(end) - v + virtual_shards - 1) // virtual_shards)
 
 
-def rank_shards(virtual_shards: int, world_size: int, rank: int) -> List[Tuple[int, Progression]]:
+def rank_shards(virtual_shards: int, world_size: int, rank: int) -> list[tuple[int, Progression]]:
     """The shards rank ``rank`` of ``world_size`` reads, each with the offsets it takes from it.
 
     Stream row ``t = v + V * o`` goes to rank ``t % W``; with ``g = gcd(V, W)`` only shards
@@ -94,8 +94,9 @@ def reads_fraction(virtual_shards: int, world_size: int) -> float:
 class EpochOrder:
     """Which rows make each virtual shard's stream in one epoch (footers' row counts only)."""
 
-    def __init__(self, group_rows: Sequence[Sequence[int]], virtual_shards: int, shuffle: bool, seed: int,
-                 epoch: int) -> None:
+    def __init__(
+        self, group_rows: Sequence[Sequence[int]], virtual_shards: int, shuffle: bool, seed: int, epoch: int
+    ) -> None:
         if virtual_shards < 1:
             raise ValueError(f"virtual_shards must be >= 1, got {virtual_shards}")
         self.virtual_shards, self.shuffle, self.seed, self.epoch = int(virtual_shards), shuffle, int(seed), int(epoch)
@@ -111,10 +112,10 @@ class EpochOrder:
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(self.epoch, *key)))
 
-    def segments(self, v: int) -> List[Segment]:
+    def segments(self, v: int) -> list[Segment]:
         """Shard ``v``'s row-group pieces in the order its stream visits them."""
         a, b = int(self._start[v]), int(self._start[v] + self._lengths[v])
-        out: List[Segment] = []
+        out: list[Segment] = []
         i = int(np.searchsorted(self._group_starts, a, side="right")) - 1
         while a < b:
             f, g, _ = self._groups[i]
@@ -125,12 +126,20 @@ class EpochOrder:
             out = [out[j] for j in self._rng(v).permutation(len(out))]
         return out
 
-    def row_permutation(self, v: int, piece: int, rows: int) -> Optional[np.ndarray]:
+    def row_permutation(self, v: int, piece: int, rows: int) -> np.ndarray | None:
         """The order of the rows of piece ``piece`` of shard ``v`` (None: stored order)."""
         if not self.shuffle or rows < 2:
             return None
         return self._rng(v, piece + 1).permutation(rows)
 
 
-__all__ = ["DEFAULT_VIRTUAL_SHARDS", "EpochOrder", "Progression", "Segment", "rank_shards", "reads_fraction",
-           "shard_offset", "shard_rows"]
+__all__ = [
+    "DEFAULT_VIRTUAL_SHARDS",
+    "EpochOrder",
+    "Progression",
+    "Segment",
+    "rank_shards",
+    "reads_fraction",
+    "shard_offset",
+    "shard_rows",
+]

@@ -52,8 +52,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -76,11 +76,11 @@ def _type_name(t: pa.DataType) -> str:
 
 def _types_match(expected: pa.DataType, found: pa.DataType) -> bool:
     if pa.types.is_list(expected):  # list item field names differ between writers ("item"/"element")
-        return pa.types.is_list(found) and found.value_type.equals(expected.value_type)
-    return found.equals(expected)
+        return pa.types.is_list(found) and bool(found.value_type.equals(expected.value_type))
+    return bool(found.equals(expected))
 
 
-class ParquetBatchReader(IterableDataset):
+class ParquetBatchReader(IterableDataset[Batch]):
     """One rank's ``batch_size``-row slices of the global batches (``batch_size * world_size`` rows)
     of one split, in the order of (seed, epoch) over ``virtual_shards`` (see the module docstring)."""
 
@@ -113,12 +113,12 @@ class ParquetBatchReader(IterableDataset):
         self.virtual_shards = int(virtual_shards)
         self.epoch, self.start_step = 0, 0
         self.meta = DatasetMeta.load(self.root)
-        self.files: List[str] = [str(p) for p in self.meta.files(self.root, split)]
-        self.keys: List[str] = self.meta.sparse_names()
+        self.files: list[str] = [str(p) for p in self.meta.files(self.root, split)]
+        self.keys: list[str] = self.meta.sparse_names()
         self._cardinalities = [f.cardinality for f in self.meta.sparse]
         self._multi_hot = [f.multi_hot for f in self.meta.sparse]
         self._columns = [self.meta.label, *self.meta.dense, *self.keys]
-        self._group_rows: List[List[int]] = [self._inspect(path) for path in self.files]
+        self._group_rows: list[list[int]] = [self._inspect(path) for path in self.files]
         if validate and split in self.meta.rows:
             found = sum(sum(g) for g in self._group_rows)
             if found != self.meta.rows[split]:
@@ -137,7 +137,7 @@ class ParquetBatchReader(IterableDataset):
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{path}: not a readable Parquet file (truncated or corrupt footer): {e}") from e
 
-    def _inspect(self, path: str) -> List[int]:
+    def _inspect(self, path: str) -> list[int]:
         """Rows per row group of ``path``, after checking its schema against the metadata."""
         pf = self._open(path)
         try:
@@ -149,15 +149,21 @@ class ParquetBatchReader(IterableDataset):
             for field in expected:
                 idx = found.get_field_index(field.name)
                 if idx < 0:
-                    raise DataError(f"{path}: all row groups, column {field.name!r}: missing "
-                                    f"(expected {_type_name(field.type)}; file has {found.names})")
+                    raise DataError(
+                        f"{path}: all row groups, column {field.name!r}: missing "
+                        f"(expected {_type_name(field.type)}; file has {found.names})"
+                    )
                 if not _types_match(field.type, found.field(idx).type):
-                    raise DataError(f"{path}: all row groups, column {field.name!r}: expected type "
-                                    f"{_type_name(field.type)}, found {_type_name(found.field(idx).type)}")
+                    raise DataError(
+                        f"{path}: all row groups, column {field.name!r}: expected type "
+                        f"{_type_name(field.type)}, found {_type_name(found.field(idx).type)}"
+                    )
             extra = [n for n in found.names if expected.get_field_index(n) < 0]
             if extra:
-                raise DataError(f"{path}: all row groups, column {extra[0]!r}: unexpected column "
-                                f"(extra columns {extra}; the metadata lists {expected.names})")
+                raise DataError(
+                    f"{path}: all row groups, column {extra[0]!r}: unexpected column "
+                    f"(extra columns {extra}; the metadata lists {expected.names})"
+                )
             md = pf.metadata
             return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         finally:
@@ -177,7 +183,7 @@ class ParquetBatchReader(IterableDataset):
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size
 
-    def num_batches(self, num_workers: int = 0, epoch: Optional[int] = None) -> int:
+    def num_batches(self, num_workers: int = 0, epoch: int | None = None) -> int:
         """Global batches in an epoch (every rank yields one local batch per global batch). From the
         footers only; the same for every epoch, worker count and world size (arguments kept for callers)."""
         if num_workers < 0:
@@ -204,7 +210,7 @@ class ParquetBatchReader(IterableDataset):
             out.append(v + V * (prog.residue + prog.stride * np.arange(a, b, dtype=np.int64)))
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
-    def shards(self) -> List[Tuple[int, Progression]]:
+    def shards(self) -> list[tuple[int, Progression]]:
         """This rank's virtual shards and the rows of each it takes (order.rank_shards)."""
         return rank_shards(self.virtual_shards, self.world_size, self.rank)
 
@@ -214,9 +220,9 @@ class ParquetBatchReader(IterableDataset):
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         shards = self.shards()  # contiguous blocks: the joined parts keep the single-process row order
-        return self._stream(shards[worker * len(shards) // workers:(worker + 1) * len(shards) // workers])
+        return self._stream(shards[worker * len(shards) // workers : (worker + 1) * len(shards) // workers])
 
-    def _stream(self, shards: Sequence[Tuple[int, Progression]]) -> Iterator[Batch]:
+    def _stream(self, shards: Sequence[tuple[int, Progression]]) -> Iterator[Batch]:
         """One Batch per global batch from ``start_step`` on: the rows of ``shards`` in it."""
         order = EpochOrder(self._group_rows, self.virtual_shards, self.shuffle, self.seed, self.epoch)
         groups = _RowGroups(self)
@@ -225,7 +231,7 @@ class ParquetBatchReader(IterableDataset):
         try:
             for c in cursors:
                 c.seek(c.prog.count(shard_offset(c.shard, self.start_step * size, V)))
-                for seg in c.segments[c.piece:]:
+                for seg in c.segments[c.piece :]:
                     groups.expect(seg)
             for step in range(self.start_step, self.num_batches()):
                 end = min((step + 1) * size, rows)
@@ -245,11 +251,14 @@ class ParquetBatchReader(IterableDataset):
         try:
             table = pf.read_row_group(g, columns=self._columns)
         except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{path}: row group {g}, column {self._failing_column(pf, g)}: "
-                            f"cannot read (truncated or corrupt Parquet): {e}") from e
+            raise DataError(
+                f"{path}: row group {g}, column {self._failing_column(pf, g)}: "
+                f"cannot read (truncated or corrupt Parquet): {e}"
+            ) from e
         if table.num_rows != self._group_rows[f][g]:
-            raise DataError(f"{path}: row group {g}, all columns: footer says {self._group_rows[f][g]} rows, "
-                            f"read {table.num_rows}")
+            raise DataError(
+                f"{path}: row group {g}, all columns: footer says {self._group_rows[f][g]} rows, read {table.num_rows}"
+            )
         first_row = sum(self._group_rows[f][:g])
         where = (path, g, first_row)
 
@@ -261,21 +270,25 @@ class ParquetBatchReader(IterableDataset):
             bad = (label != 0) & (label != 1)
             if bad.any():
                 i = int(np.argmax(bad))
-                raise DataError(f"{path}: row group {g}, row {first_row + i}, column {self.meta.label!r}: "
-                                f"label {float(label[i])!r} is not 0 or 1")
+                raise DataError(
+                    f"{path}: row group {g}, row {first_row + i}, column {self.meta.label!r}: "
+                    f"label {float(label[i])!r} is not 0 or 1"
+                )
         for j, name in enumerate(self.meta.dense):
             col = self._primitive(table.column(name), name, where)
             if self.validate:
                 finite = np.isfinite(col)
                 if not finite.all():
                     i = int(np.argmin(finite))
-                    raise DataError(f"{path}: row group {g}, row {first_row + i}, column {name!r}: "
-                                    f"dense value {float(col[i])!r} is not finite")
+                    raise DataError(
+                        f"{path}: row group {g}, row {first_row + i}, column {name!r}: "
+                        f"dense value {float(col[i])!r} is not finite"
+                    )
             fixed[:, 1 + j] = col
 
-        bags: List[Tuple[np.ndarray, np.ndarray]] = []
+        bags: list[tuple[np.ndarray, np.ndarray]] = []
         single = 0
-        for name, card, multi in zip(self.keys, self._cardinalities, self._multi_hot):
+        for name, card, multi in zip(self.keys, self._cardinalities, self._multi_hot, strict=True):
             col = table.column(name)
             if multi:
                 values, offsets = self._bags(col, name, where)
@@ -285,9 +298,11 @@ class ParquetBatchReader(IterableDataset):
                 bad = (values < 0) | (values >= card)
                 pos = int(np.argmax(bad))
                 row = pos if offsets is None else int(np.searchsorted(offsets, pos, side="right")) - 1
-                raise DataError(f"{path}: row group {g}, row {first_row + row}, column {name!r}: "
-                                f"id {int(values[pos])} outside [0, {card})")
-            if multi:
+                raise DataError(
+                    f"{path}: row group {g}, row {first_row + row}, column {name!r}: "
+                    f"id {int(values[pos])} outside [0, {card})"
+                )
+            if offsets is not None:  # multi-hot
                 bags.append((values.astype(np.int64, copy=False), offsets))
             else:
                 ids[:, single] = values
@@ -295,19 +310,18 @@ class ParquetBatchReader(IterableDataset):
         return Rows(fixed, ids, bags)
 
     @staticmethod
-    def _null_error(col: pa.Array, name: str, where: Tuple[str, int, int], what: str) -> DataError:
+    def _null_error(col: pa.Array, name: str, where: tuple[str, int, int], what: str) -> DataError:
         path, g, first_row = where
         i = int(np.argmax(np.asarray(col.is_null())))
         return DataError(f"{path}: row group {g}, row {first_row + i}, column {name!r}: {what}")
 
-    def _primitive(self, chunked: pa.ChunkedArray, name: str, where: Tuple[str, int, int]) -> np.ndarray:
+    def _primitive(self, chunked: pa.ChunkedArray, name: str, where: tuple[str, int, int]) -> np.ndarray:
         col = chunked.combine_chunks() if chunked.num_chunks != 1 else chunked.chunk(0)
         if col.null_count:
             raise self._null_error(col, name, where, "null value")
-        return col.to_numpy(zero_copy_only=False)
+        return np.asarray(col.to_numpy(zero_copy_only=False))
 
-    def _bags(self, chunked: pa.ChunkedArray, name: str,
-              where: Tuple[str, int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    def _bags(self, chunked: pa.ChunkedArray, name: str, where: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray]:
         col = chunked.combine_chunks() if chunked.num_chunks != 1 else chunked.chunk(0)
         if col.null_count:
             raise self._null_error(col, name, where, "null bag")
@@ -336,9 +350,9 @@ class _RowGroups:
 
     def __init__(self, reader: ParquetBatchReader) -> None:
         self.reader = reader
-        self.files: Dict[int, pq.ParquetFile] = {}
-        self.kept: Dict[Tuple[int, int], Rows] = {}
-        self.pending: Dict[Tuple[int, int], int] = {}
+        self.files: dict[int, pq.ParquetFile] = {}
+        self.kept: dict[tuple[int, int], Rows] = {}
+        self.pending: dict[tuple[int, int], int] = {}
 
     def expect(self, seg: Segment) -> None:
         key = (seg.file, seg.group)
@@ -371,10 +385,10 @@ class _Cursor:
         self.order, self.shard, self.prog, self.groups = order, shard, prog, groups
         self.segments = order.segments(shard)
         ends = np.cumsum([s.rows for s in self.segments])
-        self._first = [prog.count(int(e - s.rows)) for e, s in zip(ends, self.segments)]  # per piece
+        self._first = [prog.count(int(e - s.rows)) for e, s in zip(ends, self.segments, strict=True)]  # per piece
         self._last = [prog.count(int(e)) for e in ends]
         self.pos, self.piece = 0, 0
-        self._buf: Optional[Rows] = None
+        self._buf: Rows | None = None
 
     def seek(self, pos: int) -> None:
         """Continue at position ``pos`` (pieces before it are never decoded)."""
@@ -383,7 +397,7 @@ class _Cursor:
 
     def take(self, end: int) -> Rows:
         """The rows at positions ``[pos, end)``."""
-        out: List[Rows] = []
+        out: list[Rows] = []
         while self.pos < end:
             if self._buf is None:
                 self._buf = self._decode(self.piece)
@@ -412,11 +426,11 @@ class MergedLoader:
     """Iterates a DataLoader whose ``parts`` workers each yield their shards' part of every batch, and
     yields the whole batches (a DataLoader takes one item from each worker in turn)."""
 
-    def __init__(self, loader: DataLoader, parts: int, keys: List[str]) -> None:
+    def __init__(self, loader: DataLoader[Batch], parts: int, keys: list[str]) -> None:
         self.loader, self.parts, self.keys = loader, parts, keys
 
     def __iter__(self) -> Iterator[Batch]:
-        pending: List[Batch] = []
+        pending: list[Batch] = []
         for piece in self.loader:
             pending.append(piece)
             if len(pending) == self.parts:
@@ -429,8 +443,9 @@ class MergedLoader:
         return len(self.loader) // self.parts
 
 
-def make_dataloader(reader: ParquetBatchReader, num_workers: int = 0,
-                    generator: Optional[torch.Generator] = None) -> Iterable[Batch]:
+def make_dataloader(
+    reader: ParquetBatchReader, num_workers: int = 0, generator: torch.Generator | None = None
+) -> Iterable[Batch]:
     """The reader's batches, decoded by ``num_workers`` processes (at most one per virtual shard this
     rank reads), each streaming its share of the rank's shards. Same batches for any worker count.
     Build it after ``set_epoch``/``set_position``."""

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -52,13 +51,13 @@ class DatasetMeta(BaseModel):
 
     format_version: int = FORMAT_VERSION
     label: str = LABEL_COLUMN
-    dense: List[str] = Field(default_factory=list)
-    sparse: List[SparseFeature]
+    dense: list[str] = Field(default_factory=list)
+    sparse: list[SparseFeature]
     # split name -> Parquet files relative to the data set directory
-    splits: Dict[str, List[str]]
-    rows: Dict[str, int] = Field(default_factory=dict)
+    splits: dict[str, list[str]]
+    rows: dict[str, int] = Field(default_factory=dict)
     # free-form provenance: generator parameters, source files, converter options
-    source: Dict[str, object] = Field(default_factory=dict)
+    source: dict[str, object] = Field(default_factory=dict)
 
     @field_validator("format_version")
     @classmethod
@@ -67,13 +66,13 @@ class DatasetMeta(BaseModel):
             raise ValueError(f"format_version {v} is not supported (this reader knows {FORMAT_VERSION})")
         return v
 
-    def sparse_names(self) -> List[str]:
+    def sparse_names(self) -> list[str]:
         return [f.name for f in self.sparse]
 
-    def cardinalities(self) -> Dict[str, int]:
+    def cardinalities(self) -> dict[str, int]:
         return {f.name: f.cardinality for f in self.sparse}
 
-    def files(self, root: Path | str, split: str) -> List[Path]:
+    def files(self, root: Path | str, split: str) -> list[Path]:
         if split not in self.splits:
             raise KeyError(f"data set {root} has no split {split!r}; it has {sorted(self.splits)}")
         return [Path(root) / f for f in self.splits[split]]
@@ -82,13 +81,11 @@ class DatasetMeta(BaseModel):
         """The exact Parquet schema every file of this data set must have."""
         fields = [pa.field(self.label, pa.float32())]
         fields += [pa.field(n, pa.float32()) for n in self.dense]
-        fields += [
-            pa.field(f.name, pa.list_(pa.int64()) if f.multi_hot else pa.int64()) for f in self.sparse
-        ]
+        fields += [pa.field(f.name, pa.list_(pa.int64()) if f.multi_hot else pa.int64()) for f in self.sparse]
         return pa.schema(fields)
 
     @classmethod
-    def load(cls, root: Path | str) -> "DatasetMeta":
+    def load(cls, root: Path | str) -> DatasetMeta:
         path = Path(root) / METADATA_FILE
         if not path.is_file():
             raise InputNotFound(f"{path}: no {METADATA_FILE}; is {root} a converted data set?")
@@ -109,7 +106,6 @@ class DatasetMeta(BaseModel):
 def table_name(feature: str) -> str:
     """Name of the embedding table of a sparse feature (one table per feature)."""
     return f"t_{feature}"
-
 
 
 __all__ = [

@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -76,11 +75,13 @@ class SynthConfig(BaseModel):
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     row_group_size: int = Field(8192, ge=1, le=1 << 24, description="rows per Parquet row group")
-    row_groups_per_file: int = Field(64, ge=1, description="row groups per Parquet file (a split has one or more files)")
+    row_groups_per_file: int = Field(
+        64, ge=1, description="row groups per Parquet file (a split has one or more files)"
+    )
     seed: int = Field(0, ge=0, le=2**63 - 1)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SynthConfig":
+    def _consistent(self) -> SynthConfig:
         if self.max_cardinality < self.min_cardinality:
             raise ValueError(
                 f"max_cardinality ({self.max_cardinality}) must be >= min_cardinality ({self.min_cardinality})"
@@ -99,13 +100,13 @@ class SynthConfig(BaseModel):
             raise ValueError(f"rows={self.rows} x train_fraction={self.train_fraction:g} leaves no training row")
         return self
 
-    def split_rows(self) -> Dict[str, int]:
+    def split_rows(self) -> dict[str, int]:
         """Rows per split (train and valid rounded, test takes the rest)."""
         train = int(round(self.rows * self.train_fraction))
         valid = min(int(round(self.rows * self.valid_fraction)), self.rows - train)
         return {"train": train, "valid": valid, "test": self.rows - train - valid}
 
-    def cardinalities(self) -> List[int]:
+    def cardinalities(self) -> list[int]:
         """Cardinality of C1..C{num_sparse}, log-spaced from min_cardinality to max_cardinality."""
         if self.num_sparse == 1:
             return [self.max_cardinality]
@@ -130,7 +131,7 @@ class _Feature:
     cardinality: int
     multi_hot: bool
     half_bits: int  # the permutation is a Feistel network over 2 * half_bits bits, cycle-walked
-    round_keys: Tuple[int, ...]
+    round_keys: tuple[int, ...]
     table_key: int
 
     def permute(self, ranks: np.ndarray) -> np.ndarray:
@@ -152,7 +153,7 @@ class _Feature:
             left, right = right, left ^ (mix64(right + np.uint64(k)) & mask)
         return (left << half) | right
 
-    def params(self, ids: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray]:
+    def params(self, ids: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """(latent vectors (n, rank), biases (n,)) of ``ids``: entries of the planted tables."""
         x = ids.astype(np.uint64)[:, None] * np.uint64(rank + 1) + np.arange(rank + 1, dtype=np.uint64)
         vals = _uniform_centered(splitmix64(x, self.table_key))
@@ -161,7 +162,7 @@ class _Feature:
 
 @dataclass(frozen=True)
 class _Planted:
-    features: List[_Feature]
+    features: list[_Feature]
     dense_mu: np.ndarray
     dense_sigma: np.ndarray
     dense_w: np.ndarray
@@ -207,7 +208,7 @@ def _zipf_ranks(rng: np.random.Generator, size: int, n: int, s: float) -> np.nda
 @dataclass
 class _Rows:
     dense: np.ndarray  # (n, D) float32
-    sparse: List[Tuple[np.ndarray, Optional[np.ndarray]]]  # (ids, offsets (n + 1) or None) per feature
+    sparse: list[tuple[np.ndarray, np.ndarray | None]]  # (ids, offsets (n + 1) or None) per feature
     dense_term: np.ndarray  # (n,)
     interaction: np.ndarray  # (n,)
     id_bias: np.ndarray  # (n,)
@@ -217,7 +218,7 @@ def _draw_rows(planted: _Planted, rng: np.random.Generator, n: int) -> _Rows:
     """n rows of features and the three raw logit terms (vectorised over rows)."""
     z = rng.standard_normal((n, len(planted.dense_w)))
     dense = np.log1p(np.exp(planted.dense_mu + planted.dense_sigma * z)).astype(np.float32)
-    sparse: List[Tuple[np.ndarray, Optional[np.ndarray]]] = []
+    sparse: list[tuple[np.ndarray, np.ndarray | None]] = []
     for feat in planted.features:
         if feat.multi_hot:
             lengths = rng.integers(1, planted.max_bag + 1, size=n)
@@ -230,15 +231,16 @@ def _draw_rows(planted: _Planted, rng: np.random.Generator, n: int) -> _Rows:
     return _Rows(dense, sparse, *_terms(planted, z, sparse))
 
 
-def _terms(planted: _Planted, z: np.ndarray,
-           sparse: List[Tuple[np.ndarray, Optional[np.ndarray]]]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _terms(
+    planted: _Planted, z: np.ndarray, sparse: list[tuple[np.ndarray, np.ndarray | None]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(dense term, pairwise interaction, id bias) of rows given their dense normals and ids."""
     n = z.shape[0]
     dense_term = z @ planted.dense_w if z.shape[1] else np.zeros(n)
     total = np.zeros((n, planted.rank), dtype=np.float64)
     squares = np.zeros(n, dtype=np.float64)
     id_bias = np.zeros(n, dtype=np.float64)
-    for feat, (ids, offsets) in zip(planted.features, sparse):
+    for feat, (ids, offsets) in zip(planted.features, sparse, strict=True):
         vec, bias = feat.params(ids, planted.rank)
         vec, bias = vec.astype(np.float64), bias.astype(np.float64)
         if offsets is not None:  # a bag: mean of its ids' vectors and biases (an empty bag: zero)
@@ -246,7 +248,7 @@ def _terms(planted: _Planted, z: np.ndarray,
             csum = np.zeros((len(ids) + 1, planted.rank + 1))
             np.cumsum(np.column_stack([vec, bias]), axis=0, out=csum[1:])
             sums = (csum[offsets[1:]] - csum[offsets[:-1]]) / lengths[:, None]
-            vec, bias = sums[:, :planted.rank], sums[:, planted.rank]
+            vec, bias = sums[:, : planted.rank], sums[:, planted.rank]
         total += vec
         squares += np.einsum("ij,ij->i", vec, vec)
         id_bias += bias
@@ -262,8 +264,12 @@ class _Coefs:
     id_bias: float
 
     def logit(self, rows: _Rows) -> np.ndarray:
-        return (self.intercept + self.dense * rows.dense_term + self.interaction * rows.interaction
-                + self.id_bias * rows.id_bias)
+        return (
+            self.intercept
+            + self.dense * rows.dense_term
+            + self.interaction * rows.interaction
+            + self.id_bias * rows.id_bias
+        )
 
 
 def _calibrate(cfg: SynthConfig, planted: _Planted) -> _Coefs:
@@ -275,8 +281,12 @@ def _calibrate(cfg: SynthConfig, planted: _Planted) -> _Coefs:
         std = float(term.std())
         return scale / std if std > 1e-12 else 0.0
 
-    c = _Coefs(0.0, coef(rows.dense_term, cfg.dense_scale), coef(rows.interaction, cfg.interaction_scale),
-               coef(rows.id_bias, cfg.id_bias_scale))
+    c = _Coefs(
+        0.0,
+        coef(rows.dense_term, cfg.dense_scale),
+        coef(rows.interaction, cfg.interaction_scale),
+        coef(rows.id_bias, cfg.id_bias_scale),
+    )
     signal = c.logit(rows)
     lo, hi = -60.0, 60.0
     for _ in range(100):  # the mean probability is increasing in the intercept
@@ -311,7 +321,7 @@ class _OracleMetrics:
         self.logloss_sum += float(-np.where(labels, np.log(p), np.log1p(-p)).sum())
         self.rows += len(logit)
 
-    def result(self) -> Dict[str, float]:
+    def result(self) -> dict[str, float]:
         npos, nneg = int(self.pos.sum()), int(self.neg.sum())
         rate = npos / self.rows if self.rows else float("nan")
         entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)) if 0 < rate < 1 else 0.0
@@ -330,7 +340,7 @@ class _OracleMetrics:
 
 
 def _table(meta: DatasetMeta, schema: pa.Schema, rows: _Rows, labels: np.ndarray) -> pa.Table:
-    cols: List[pa.Array] = [pa.array(labels.astype(np.float32))]
+    cols: list[pa.Array] = [pa.array(labels.astype(np.float32))]
     cols += [pa.array(rows.dense[:, j]) for j in range(len(meta.dense))]
     for ids, offsets in rows.sparse:
         if offsets is None:
@@ -360,7 +370,7 @@ def generate(
     dense_names = [f"I{j + 1}" for j in range(config.num_dense)]
     sparse = [SparseFeature(name=f.name, cardinality=f.cardinality, multi_hot=f.multi_hot) for f in planted.features]
     split_rows = {s: n for s, n in config.split_rows().items() if n > 0}
-    layout: Dict[str, List[str]] = {}
+    layout: dict[str, list[str]] = {}
     for split, n in split_rows.items():
         groups = -(-n // config.row_group_size)
         files = -(-groups // config.row_groups_per_file)
@@ -368,10 +378,16 @@ def generate(
     meta = DatasetMeta(dense=dense_names, sparse=sparse, splits=layout, rows=split_rows)
     schema = meta.arrow_schema()
 
-    oracle: Dict[str, Dict[str, float]] = {}
+    oracle: dict[str, dict[str, float]] = {}
     with atomic_output(output, command="synth", overwrite=overwrite) as tmp:
-        with tqdm(total=sum(split_rows.values()), desc=f"synth {output.name}", unit="row", unit_scale=True,
-                  disable=not progress, dynamic_ncols=True) as bar:
+        with tqdm(
+            total=sum(split_rows.values()),
+            desc=f"synth {output.name}",
+            unit="row",
+            unit_scale=True,
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar:
             for split_index, split in enumerate(SPLITS):
                 if split not in split_rows:
                     continue
@@ -396,17 +412,21 @@ def generate(
                             group += 1
                             bar.update(n)
                 oracle[split] = metrics.result()
-        meta = meta.model_copy(update={"source": {
-            "generator": GENERATOR,
-            "config": config.model_dump(mode="json"),
-            "planted": {
-                "intercept": coefs.intercept,
-                "dense_coef": coefs.dense,
-                "interaction_coef": coefs.interaction,
-                "id_bias_coef": coefs.id_bias,
-            },
-            "oracle": oracle,
-        }})
+        meta = meta.model_copy(
+            update={
+                "source": {
+                    "generator": GENERATOR,
+                    "config": config.model_dump(mode="json"),
+                    "planted": {
+                        "intercept": coefs.intercept,
+                        "dense_coef": coefs.dense,
+                        "interaction_coef": coefs.interaction,
+                        "id_bias_coef": coefs.id_bias,
+                    },
+                    "oracle": oracle,
+                }
+            }
+        )
         meta.save(tmp)
     return meta
 
@@ -421,25 +441,31 @@ def true_logits(meta: DatasetMeta, table: pa.Table) -> np.ndarray:
     if meta.source.get("generator") != GENERATOR:
         raise ValueError(f"the data set was not written by {GENERATOR} (source: {meta.source.get('generator')!r})")
     cfg = SynthConfig.model_validate(meta.source["config"])
-    coef = meta.source["planted"]
+    coef = meta.source.get("planted")
+    if not isinstance(coef, dict):
+        raise ValueError(f"the data set's metadata has no planted coefficients (source: {sorted(meta.source)})")
     planted = _planted(cfg)
     d = len(meta.dense)
     dense = np.empty((table.num_rows, d))
     for j, name in enumerate(meta.dense):
         dense[:, j] = table.column(name).to_numpy().astype(np.float64)
     z = (np.log(np.expm1(dense)) - planted.dense_mu) / planted.dense_sigma if d else dense
-    sparse: List[Tuple[np.ndarray, Optional[np.ndarray]]] = []
+    sparse: list[tuple[np.ndarray, np.ndarray | None]] = []
     for feat in planted.features:
         col = table.column(feat.name).combine_chunks()
         if feat.multi_hot:
             offsets = col.offsets.to_numpy().astype(np.int64)
-            ids = col.values.to_numpy()[offsets[0]:offsets[-1]]
+            ids = col.values.to_numpy()[offsets[0] : offsets[-1]]
             sparse.append((ids, offsets - offsets[0]))
         else:
             sparse.append((col.to_numpy(), None))
     dense_term, interaction, id_bias = _terms(planted, z, sparse)
-    return (coef["intercept"] + coef["dense_coef"] * dense_term + coef["interaction_coef"] * interaction
-            + coef["id_bias_coef"] * id_bias)
+    return np.asarray(
+        coef["intercept"]
+        + coef["dense_coef"] * dense_term
+        + coef["interaction_coef"] * interaction
+        + coef["id_bias_coef"] * id_bias
+    )
 
 
 __all__ = ["GENERATOR", "SynthConfig", "generate", "true_logits"]

@@ -30,8 +30,8 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence
 
 from mlet_torchrec.errors import UserError
 
@@ -85,8 +85,10 @@ def check_output_path(output: Path | str, inputs: Iterable[Path | str] = (), ove
         raise OutputError(f"refusing to write to {out}: it exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not is_ours(out):
-            raise OutputError(f"refusing to replace {out}: it holds files mlet did not write (no {MARKER}); "
-                              "choose another output directory")
+            raise OutputError(
+                f"refusing to replace {out}: it holds files mlet did not write (no {MARKER}); "
+                "choose another output directory"
+            )
         if not overwrite:
             raise OutputError(f"{out} exists; pass --overwrite to replace it")
     return out
@@ -96,10 +98,10 @@ def check_location(output: Path | str, inputs: Iterable[Path | str] = ()) -> Pat
     """The refusals that hold whatever the directory holds (root, home, the working directory and its parents,
     a path equal to or containing an input); for writers that add files to a directory and never replace it.
 
-        >>> check_location("/tmp/x", inputs=["/tmp/x/results.jsonl"])
+        >>> check_location("/tmp/x", inputs=["/tmp/x/results.jsonl"])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        mlet_torchrec.io.OutputError: refusing to write to /tmp/x: it contains the input /tmp/x/results.jsonl; choose another output directory
+        mlet_torchrec.io.OutputError: refusing to write to /tmp/x: it contains the input /tmp/x/results.jsonl; ...
     """
     out = _resolved(output)
     cwd = _resolved(os.getcwd())
@@ -113,8 +115,10 @@ def check_location(output: Path | str, inputs: Iterable[Path | str] = ()) -> Pat
     for given in inputs:
         src = _resolved(given)
         if _contains(out, src):
-            raise OutputError(f"refusing to write to {out}: it {'is' if out == src else 'contains'} the input "
-                              f"{src}; choose another output directory")
+            raise OutputError(
+                f"refusing to write to {out}: it {'is' if out == src else 'contains'} the input "
+                f"{src}; choose another output directory"
+            )
     return out
 
 
@@ -160,7 +164,7 @@ def sweep_stale(output: Path) -> None:
     _sweep(output.parent, output.name, any_pid=False)
 
 
-def sweep_stale_in(directory: Path | str, any_pid: bool = False) -> List[Path]:
+def sweep_stale_in(directory: Path | str, any_pid: bool = False) -> list[Path]:
     """Remove the hidden temporaries of interrupted writes to any output in ``directory``; returns them.
 
     Only those of dead processes, unless ``any_pid``: for a caller that knows it is the directory's
@@ -170,8 +174,8 @@ def sweep_stale_in(directory: Path | str, any_pid: bool = False) -> List[Path]:
     return _sweep(Path(directory), None, any_pid)
 
 
-def _sweep(parent: Path, name: Optional[str], any_pid: bool) -> List[Path]:
-    removed: List[Path] = []
+def _sweep(parent: Path, name: str | None, any_pid: bool) -> list[Path]:
+    removed: list[Path] = []
     if not parent.is_dir():
         return removed
     for child in sorted(parent.iterdir()):
@@ -179,8 +183,12 @@ def _sweep(parent: Path, name: Optional[str], any_pid: bool) -> List[Path]:
             if tag not in child.name or not child.name.startswith(f".{name}{tag}" if name else "."):
                 continue
             pid_text = child.name.rsplit(tag, 1)[1].split("-", 1)[0]
-            if (pid_text.isdigit() and child.is_dir() and not child.is_symlink()
-                    and (any_pid or not _pid_alive(int(pid_text)))):
+            if (
+                pid_text.isdigit()
+                and child.is_dir()
+                and not child.is_symlink()
+                and (any_pid or not _pid_alive(int(pid_text)))
+            ):
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child)
             break
@@ -188,8 +196,11 @@ def _sweep(parent: Path, name: Optional[str], any_pid: bool) -> List[Path]:
 
 
 def _marker_text(command: str) -> str:
-    marker = {"command": command, "version": package_version(),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    marker = {
+        "command": command,
+        "version": package_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     return json.dumps(marker, indent=2) + "\n"
 
 
@@ -233,8 +244,14 @@ class AtomicOutput:
     into the same temporary directory; only one process calls :meth:`commit`.
     """
 
-    def __init__(self, output: Path | str, command: str, inputs: Sequence[Path | str] = (),
-                 overwrite: bool = False, token: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        output: Path | str,
+        command: str,
+        inputs: Sequence[Path | str] = (),
+        overwrite: bool = False,
+        token: str | None = None,
+    ) -> None:
         self.output = check_output_path(output, inputs, overwrite)
         self.command = command
         self.token = token or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -292,8 +309,9 @@ def describe_os_error(e: OSError, what: Path | str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_output(output: Path | str, command: str, inputs: Sequence[Path | str] = (),
-                  overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(
+    output: Path | str, command: str, inputs: Sequence[Path | str] = (), overwrite: bool = False
+) -> Iterator[Path]:
     """Single-process form of :class:`AtomicOutput`: yields the temporary directory to fill.
 
     On any exception the temporary directory is removed and the old output (if any) is untouched; a
@@ -331,4 +349,3 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-

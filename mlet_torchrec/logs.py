@@ -13,13 +13,12 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Dict, Tuple, Type, Union
 
 LOG_FORMAT = "%(asctime)s rank%(rank)s %(levelname)s %(name)s: %(message)s"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 """The values of ``--log-level``."""
 
-KNOWN_WARNINGS: Tuple[Tuple[str, Type[Warning], str], ...] = (
+KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # (message regex, category, why it is silenced); seen in `mlet train --config tiny --nproc-per-node 2`
     (
         r"`broadcast_buffers` is deprecated",
@@ -63,7 +62,7 @@ Not silenced on purpose: fbgemm's "dense_embedding_codegen_lookup_function: an a
 registered" (data_parallel tables on CPU): nothing here yet shows their gradients are right.
 """
 
-KNOWN_LOG_MESSAGES: Tuple[Tuple[str, str, str], ...] = (
+KNOWN_LOG_MESSAGES: tuple[tuple[str, str, str], ...] = (
     # (logger, message prefix, why it is silenced)
     (
         "torchrec.distributed.planner.types",
@@ -95,7 +94,7 @@ KNOWN_LOG_MESSAGES: Tuple[Tuple[str, str, str], ...] = (
 
 
 class _KnownMessages(logging.Filter):
-    def __init__(self, prefixes: Tuple[str, ...]) -> None:
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
         super().__init__()
         self.prefixes = prefixes
 
@@ -113,7 +112,7 @@ def silence_known_warnings() -> None:
     """Ignore exactly the warnings of :data:`KNOWN_WARNINGS` and the log records of :data:`KNOWN_LOG_MESSAGES`."""
     for message, category, _why in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    by_logger: Dict[str, Tuple[str, ...]] = {}
+    by_logger: dict[str, tuple[str, ...]] = {}
     for name, prefix, _why in KNOWN_LOG_MESSAGES:
         by_logger[name] = by_logger.get(name, ()) + (prefix,)
     for name, prefixes in by_logger.items():
@@ -123,7 +122,7 @@ def silence_known_warnings() -> None:
         logger.addFilter(_KnownMessages(prefixes))
 
 
-def configure_logging(level: Union[str, int, bool] = "INFO") -> None:
+def configure_logging(level: str | int | bool = "INFO") -> None:
     """Log ``mlet.*`` at ``level`` (a name of :data:`LEVELS`; ``True``/``False`` mean DEBUG/INFO), the
     libraries at WARNING, every line as :data:`LOG_FORMAT` on stderr.
 

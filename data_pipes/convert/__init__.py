@@ -21,22 +21,22 @@ from data_pipes.convert.job import ConvertResult
 from data_pipes.convert.movielens import convert_movielens
 from data_pipes.convert.options import ConvertOptions
 from data_pipes.convert.vocab import (
-           OOV_ID,
-           HashEncoder,
-           VocabCounter,
-           Vocabulary,
-           hash_strings,
+    OOV_ID,
+    HashEncoder,
+    VocabCounter,
+    Vocabulary,
+    hash_strings,
 )
 
 __all__ = [
-           "OOV_ID",
-           "ConvertOptions",
-           "ConvertResult",
-           "HashEncoder",
-           "VocabCounter",
-           "Vocabulary",
-           "convert_avazu",
-           "convert_criteo",
-           "convert_movielens",
-           "hash_strings",
+    "OOV_ID",
+    "ConvertOptions",
+    "ConvertResult",
+    "HashEncoder",
+    "VocabCounter",
+    "Vocabulary",
+    "convert_avazu",
+    "convert_criteo",
+    "convert_movielens",
+    "hash_strings",
 ]

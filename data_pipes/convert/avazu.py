@@ -17,9 +17,11 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -37,15 +39,35 @@ from data_pipes.convert.splits import check_fractions
 from data_pipes.convert.text import RawBlock, TextSource, check_input_file, read_header
 from data_pipes.errors import DataError
 
-CATEGORICAL = ["C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id", "app_domain",
-               "app_category", "device_id", "device_ip", "device_model", "device_type", "device_conn_type",
-               "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21"]
+CATEGORICAL = [
+    "C1",
+    "banner_pos",
+    "site_id",
+    "site_domain",
+    "site_category",
+    "app_id",
+    "app_domain",
+    "app_category",
+    "device_id",
+    "device_ip",
+    "device_model",
+    "device_type",
+    "device_conn_type",
+    "C14",
+    "C15",
+    "C16",
+    "C17",
+    "C18",
+    "C19",
+    "C20",
+    "C21",
+]
 COLUMNS = ["id", "click", "hour"] + CATEGORICAL
 SPARSE = ["hour_of_day", "weekday"] + CATEGORICAL
 DEFAULT_MIN_COUNT = 5
 DEFAULT_SPLIT = (0.9, 0.05, 0.05)
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def avazu_source(path: PathLike) -> TextSource:
@@ -55,27 +77,39 @@ def avazu_source(path: PathLike) -> TextSource:
     missing = [c for c in COLUMNS[1:] if c not in names]
     if missing:
         if len(missing) > 3:
-            raise DataError(f"avazu {path}: row 1: not an Avazu header (it lacks {len(missing)} of the columns, "
-                            f"e.g. {missing[:3]}); expected {','.join(COLUMNS)}")
+            raise DataError(
+                f"avazu {path}: row 1: not an Avazu header (it lacks {len(missing)} of the columns, "
+                f"e.g. {missing[:3]}); expected {','.join(COLUMNS)}"
+            )
         hint = " (Avazu's unlabelled test file cannot be converted)" if missing == ["click"] else ""
-        raise DataError(f"avazu {path}: row 1: the header lacks column(s) {missing}{hint}; "
-                        f"expected {','.join(COLUMNS)}")
+        raise DataError(
+            f"avazu {path}: row 1: the header lacks column(s) {missing}{hint}; expected {','.join(COLUMNS)}"
+        )
     unknown = [c for c in names if c not in COLUMNS]
     dup = sorted({c for c in names if names.count(c) > 1})
     if unknown or dup:
-        raise DataError(f"avazu {path}: row 1: unexpected header column(s) {unknown or dup}; "
-                        f"expected {','.join(COLUMNS)}")
+        raise DataError(
+            f"avazu {path}: row 1: unexpected header column(s) {unknown or dup}; expected {','.join(COLUMNS)}"
+        )
     types = {c: pa.string() for c in ("click", "hour")}
     types.update({c: pa.binary() for c in CATEGORICAL})
-    return TextSource(path=path, dataset="avazu", delimiter=",", column_names=names, column_types=types,
-                      include=COLUMNS[1:], header=True)
+    return TextSource(
+        path=path,
+        dataset="avazu",
+        delimiter=",",
+        column_names=names,
+        column_types=types,
+        include=COLUMNS[1:],
+        header=True,
+    )
 
 
-def parse_hour(hour: pa.Array, check: BlockChecker):
+def parse_hour(hour: pa.Array, check: BlockChecker) -> tuple[pa.Array, pa.Array, np.ndarray]:
     """``YYMMDDHH`` strings -> (hour-of-day strings, weekday strings, bad mask)."""
     fmt_ok = pc.match_substring_regex(hour, r"^[0-9]{8}$").fill_null(False)
-    ts = pc.strptime(pc.if_else(fmt_ok, hour, pa.scalar(None, pa.string())), format="%y%m%d%H", unit="s",
-                     error_is_null=True)
+    ts = pc.strptime(
+        pc.if_else(fmt_ok, hour, pa.scalar(None, pa.string())), format="%y%m%d%H", unit="s", error_is_null=True
+    )
     # strptime normalises impossible dates (14022900 -> 2014-03-01): demand a round trip
     ok = pc.equal(pc.strftime(ts, format="%y%m%d%H"), hour).fill_null(False).to_numpy(zero_copy_only=False)
     bad = ~ok
@@ -95,8 +129,14 @@ def parse_block(block: RawBlock, check: BlockChecker) -> ParsedBlock:
     return ParsedBlock(label=label, dense={}, sparse=sparse, oov=oov)
 
 
-def convert_avazu(input: PathLike, output: PathLike, *, split: Optional[Sequence[float]] = None,
-                  min_count: int = DEFAULT_MIN_COUNT, **options: Any) -> ConvertResult:
+def convert_avazu(
+    input: PathLike,
+    output: PathLike,
+    *,
+    split: Sequence[float] | None = None,
+    min_count: int = DEFAULT_MIN_COUNT,
+    **options: Any,
+) -> ConvertResult:
     """Convert the Avazu CSV ``input`` to a Parquet data set at ``output``.
 
     Args:
@@ -107,11 +147,20 @@ def convert_avazu(input: PathLike, output: PathLike, *, split: Optional[Sequence
     opts = ConvertOptions(min_count=min_count, **options)
     fractions = check_fractions(split if split is not None else DEFAULT_SPLIT)
     source = avazu_source(input)
-    rule = (f"random: each row independently to train/valid/test with probabilities "
-            f"{fractions[0]:g}/{fractions[1]:g}/{fractions[2]:g} (seed {opts.seed})")
-    job = ConvertJob(dataset="avazu", parts=[InputPart(source, parse_block)], dense=[],
-                     sparse=[FeatureSpec(n) for n in SPARSE], options=opts, fractions=fractions, split_rule=rule,
-                     extra_source={"dropped_columns": ["id"], "derived": {"hour": ["hour_of_day", "weekday"]}})
+    rule = (
+        f"random: each row independently to train/valid/test with probabilities "
+        f"{fractions[0]:g}/{fractions[1]:g}/{fractions[2]:g} (seed {opts.seed})"
+    )
+    job = ConvertJob(
+        dataset="avazu",
+        parts=[InputPart(source, parse_block)],
+        dense=[],
+        sparse=[FeatureSpec(n) for n in SPARSE],
+        options=opts,
+        fractions=fractions,
+        split_rule=rule,
+        extra_source={"dropped_columns": ["id"], "derived": {"hour": ["hour_of_day", "weekday"]}},
+    )
     return run_job(job, output)
 
 

@@ -17,7 +17,8 @@ categorical -> the OOV id) or their rows dropped (bad labels).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,8 +33,8 @@ class IssueCounter:
     """Lenient-mode counts: values replaced (by 0 / the OOV id) and rows dropped, per column and kind."""
 
     def __init__(self) -> None:
-        self.values_replaced: Dict[str, Dict[str, int]] = {}
-        self.rows_dropped: Dict[str, Dict[str, int]] = {}
+        self.values_replaced: dict[str, dict[str, int]] = {}
+        self.rows_dropped: dict[str, dict[str, int]] = {}
 
     def add(self, column: str, kind: str, n: int, drop: bool) -> None:
         table = self.rows_dropped if drop else self.values_replaced
@@ -48,10 +49,13 @@ class IssueCounter:
     def total_rows_dropped(self) -> int:
         return sum(sum(v.values()) for v in self.rows_dropped.values())
 
-    def as_dict(self) -> dict:
-        return {"values_replaced": self.values_replaced, "rows_dropped": self.rows_dropped,
-                "total_values_replaced": self.total_values_replaced,
-                "total_rows_dropped": self.total_rows_dropped}
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "values_replaced": self.values_replaced,
+            "rows_dropped": self.rows_dropped,
+            "total_values_replaced": self.total_values_replaced,
+            "total_rows_dropped": self.total_rows_dropped,
+        }
 
 
 def show_value(v: object, limit: int = 40) -> str:
@@ -70,11 +74,12 @@ class BlockChecker:
     def __init__(self, prefix: str, first_line: int, n: int, lenient: bool, issues: IssueCounter) -> None:
         self.prefix, self.first_line, self.lenient, self.issues = prefix, first_line, lenient, issues
         self.drop = np.zeros(n, dtype=bool)
-        self._first: Optional[Tuple[int, int, str]] = None
+        self._first: tuple[int, int, str] | None = None
         self._order = 0
 
-    def bad(self, column: str, mask: np.ndarray, values: Union[pa.Array, Sequence], kind: str,
-            drop: bool = False) -> bool:
+    def bad(
+        self, column: str, mask: np.ndarray, values: pa.Array | Sequence[Any], kind: str, drop: bool = False
+    ) -> bool:
         """Report ``mask`` rows of ``column`` as bad: message ``<value> <kind>``, e.g. ``'x' is not a number``."""
         self._order += 1
         if not mask.any():
@@ -97,12 +102,13 @@ class BlockChecker:
             raise DataError(self._first[2])
 
 
+_NUMBER_RE = (
+    r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+    r"|^[+-]?([nN][aA][nN]|[iI][nN][fF]([iI][nN][iI][tT][yY])?)$"
+)
 
-_NUMBER_RE = (r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
-              r"|^[+-]?([nN][aA][nN]|[iI][nN][fF]([iI][nN][iI][tT][yY])?)$")
 
-
-def _to_float64(arr: pa.Array) -> Tuple[pa.Array, np.ndarray]:
+def _to_float64(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
     """Cast strings to float64; unparsable values become null and are flagged in the returned mask."""
     n = len(arr)
     try:
@@ -127,8 +133,7 @@ def _to_float64(arr: pa.Array) -> Tuple[pa.Array, np.ndarray]:
         return pa.array(out, pa.float64()), bad
 
 
-def parse_numbers(arr: pa.Array, column: str, check: BlockChecker, drop: bool = False
-                  ) -> Tuple[np.ndarray, np.ndarray]:
+def parse_numbers(arr: pa.Array, column: str, check: BlockChecker, drop: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Numbers of a string column: ``(values, ok)``; missing, non-numeric and non-finite values are
     not ``ok`` (reported to ``check`` unless missing; lenient: the row is dropped if ``drop``)."""
     missing = arr.is_null().to_numpy(zero_copy_only=False)
@@ -154,7 +159,7 @@ def label01(arr: pa.Array, column: str, check: BlockChecker) -> np.ndarray:
     one = pc.equal(arr, "1").fill_null(False).to_numpy(zero_copy_only=False)
     zero = pc.equal(arr, "0").fill_null(False).to_numpy(zero_copy_only=False)
     check.bad(column, ~(one | zero), arr, "is not 0 or 1", drop=True)
-    return one.astype(np.float32)
+    return np.asarray(one, dtype=np.float32)
 
 
 __all__ = [

@@ -24,8 +24,9 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any
 
 import pyarrow as pa
 
@@ -50,7 +51,7 @@ DEFAULT_MIN_COUNT = 10
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)
 _DAY_RE = re.compile(r"^day_(\d+)(\.[A-Za-z0-9]+)*$")
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def criteo_source(path: PathLike) -> TextSource:
@@ -66,7 +67,7 @@ def parse_block(block: RawBlock, check: BlockChecker) -> ParsedBlock:
     return ParsedBlock(label=label, dense=dense, sparse={n: b.column(n) for n in SPARSE})
 
 
-def find_day_files(directory: PathLike) -> List[Path]:
+def find_day_files(directory: PathLike) -> list[Path]:
     """``day_N`` files of a directory (any extension, e.g. ``day_3.gz``), ordered by N."""
     directory = Path(directory)
     days = []
@@ -80,14 +81,23 @@ def find_day_files(directory: PathLike) -> List[Path]:
         dup = sorted({d for d in numbers if numbers.count(d) > 1})
         raise DataError(f"criteo {directory}: several files for day(s) {dup}")
     if len(days) < 2:
-        raise DataError(f"criteo {directory}: a directory input needs at least two day_N files "
-                        f"(found {[p.name for _, p in days]}); pass a single file for a random split")
+        raise DataError(
+            f"criteo {directory}: a directory input needs at least two day_N files "
+            f"(found {[p.name for _, p in days]}); pass a single file for a random split"
+        )
     return [p for _, p in days]
 
 
-def convert_criteo(input: PathLike, output: PathLike, *, valid: Optional[PathLike] = None,
-                   test: Optional[PathLike] = None, split: Optional[Sequence[float]] = None,
-                   min_count: int = DEFAULT_MIN_COUNT, **options: Any) -> ConvertResult:
+def convert_criteo(
+    input: PathLike,
+    output: PathLike,
+    *,
+    valid: PathLike | None = None,
+    test: PathLike | None = None,
+    split: Sequence[float] | None = None,
+    min_count: int = DEFAULT_MIN_COUNT,
+    **options: Any,
+) -> ConvertResult:
     """Convert Criteo text to a Parquet data set at ``output``.
 
     Args:
@@ -105,14 +115,17 @@ def convert_criteo(input: PathLike, output: PathLike, *, valid: Optional[PathLik
     fractions = None
     if input.is_dir():
         if valid is not None or test is not None or split is not None:
-            raise ValueError("a directory of day files is split by time; --valid, --test and --split "
-                             "apply to a single input file")
+            raise ValueError(
+                "a directory of day files is split by time; --valid, --test and --split apply to a single input file"
+            )
         days = find_day_files(input)
         parts = [InputPart(criteo_source(p), parse_block, split="train") for p in days[:-1]]
         parts.append(InputPart(criteo_source(days[-1]), parse_block, split=None, stream=len(days) - 1))
         fractions = (0.0, 0.5, 0.5)
-        rule = (f"time: days {days[0].name}..{days[-2].name} -> train; {days[-1].name} -> valid/test, "
-                f"each row with probability 1/2 (seed {opts.seed})")
+        rule = (
+            f"time: days {days[0].name}..{days[-2].name} -> train; {days[-1].name} -> valid/test, "
+            f"each row with probability 1/2 (seed {opts.seed})"
+        )
     elif valid is not None or test is not None:
         if split is not None:
             raise ValueError("--split applies to a single input; with --valid/--test the files are the splits")
@@ -125,10 +138,19 @@ def convert_criteo(input: PathLike, output: PathLike, *, valid: Optional[PathLik
     else:
         fractions = check_fractions(split if split is not None else DEFAULT_SPLIT)
         parts = [InputPart(criteo_source(input), parse_block, split=None)]
-        rule = (f"random: each row independently to train/valid/test with probabilities "
-                f"{fractions[0]:g}/{fractions[1]:g}/{fractions[2]:g} (seed {opts.seed})")
-    job = ConvertJob(dataset="criteo", parts=parts, dense=DENSE, sparse=[FeatureSpec(n) for n in SPARSE],
-                     options=opts, fractions=fractions, split_rule=rule)
+        rule = (
+            f"random: each row independently to train/valid/test with probabilities "
+            f"{fractions[0]:g}/{fractions[1]:g}/{fractions[2]:g} (seed {opts.seed})"
+        )
+    job = ConvertJob(
+        dataset="criteo",
+        parts=parts,
+        dense=DENSE,
+        sparse=[FeatureSpec(n) for n in SPARSE],
+        options=opts,
+        fractions=fractions,
+        split_rule=rule,
+    )
     return run_job(job, output)
 
 

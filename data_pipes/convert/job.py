@@ -25,9 +25,10 @@ Example (the per-format modules build the job):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -54,9 +55,9 @@ class ParsedBlock:
     """What a format's parser makes of one block (``n`` rows, before lenient drops)."""
 
     label: np.ndarray  # float32 (n,)
-    dense: Dict[str, np.ndarray]  # float32 (n,) each, already transformed
-    sparse: Dict[str, pa.Array]  # raw values: string/binary, or list<string> for multi-hot features
-    oov: Dict[str, np.ndarray] = field(default_factory=dict)  # rows whose value is forced to the OOV id
+    dense: dict[str, np.ndarray]  # float32 (n,) each, already transformed
+    sparse: dict[str, pa.Array]  # raw values: string/binary, or list<string> for multi-hot features
+    oov: dict[str, np.ndarray] = field(default_factory=dict)  # rows whose value is forced to the OOV id
 
 
 Parser = Callable[[RawBlock, BlockChecker], ParsedBlock]
@@ -68,23 +69,23 @@ class InputPart:
 
     source: TextSource
     parse: Parser
-    split: Optional[str] = None
+    split: str | None = None
     stream: int = 0  # distinguishes the random streams of several randomly split files
 
 
 @dataclass
 class ConvertJob:
     dataset: str
-    parts: List[InputPart]
-    dense: List[str]
-    sparse: List[FeatureSpec]
+    parts: list[InputPart]
+    dense: list[str]
+    sparse: list[FeatureSpec]
     options: ConvertOptions
-    fractions: Optional[SplitFractions] = None  # for parts with split=None
+    fractions: SplitFractions | None = None  # for parts with split=None
     split_rule: str = ""
-    extra_source: dict = field(default_factory=dict)
-    extra_inputs: List[Path] = field(default_factory=list)  # files read besides the parts (side tables)
+    extra_source: dict[str, Any] = field(default_factory=dict)
+    extra_inputs: list[Path] = field(default_factory=list)  # files read besides the parts (side tables)
 
-    def inputs(self) -> List[Path]:
+    def inputs(self) -> list[Path]:
         """Every file the job reads: the output may neither be nor contain one of them."""
         return [p.source.path for p in self.parts] + list(self.extra_inputs)
 
@@ -95,32 +96,39 @@ class ConvertResult:
     meta: DatasetMeta
     seconds: float
     rows_read: int
-    issues: Optional[IssueCounter]
+    issues: IssueCounter | None
 
     def summary(self) -> str:
         m = self.meta
         splits = " / ".join(f"{s} {m.rows.get(s, 0):,}" for s in SPLITS if s in m.splits)
         total_card = sum(m.cardinalities().values())
         rate = self.rows_read / self.seconds if self.seconds > 0 else float("inf")
-        line = (f"{m.source.get('converter', 'convert')}: {self.rows_read:,} rows -> {self.output} ({splits}); "
-                f"{len(m.dense)} dense, {len(m.sparse)} sparse features, total cardinality {total_card:,}; "
-                f"{self.seconds:.1f} s ({rate:,.0f} rows/s)")
+        line = (
+            f"{m.source.get('converter', 'convert')}: {self.rows_read:,} rows -> {self.output} ({splits}); "
+            f"{len(m.dense)} dense, {len(m.sparse)} sparse features, total cardinality {total_card:,}; "
+            f"{self.seconds:.1f} s ({rate:,.0f} rows/s)"
+        )
         if self.issues is not None:
-            def per_column(table: Dict[str, Dict[str, int]]) -> str:
+
+            def per_column(table: dict[str, dict[str, int]]) -> str:
                 totals = sorted(((sum(k.values()), c) for c, k in table.items()), key=lambda x: (-x[0], x[1]))
                 parts = [f"{c}: {n:,}" for n, c in totals]
                 return f" ({', '.join(parts)})" if parts else ""
 
-            line += (f"; lenient: {self.issues.total_values_replaced:,} values replaced"
-                     f"{per_column(self.issues.values_replaced)}, {self.issues.total_rows_dropped:,} rows dropped"
-                     f"{per_column(self.issues.rows_dropped)} (details in metadata.json)")
+            line += (
+                f"; lenient: {self.issues.total_values_replaced:,} values replaced"
+                f"{per_column(self.issues.values_replaced)}, {self.issues.total_rows_dropped:,} rows dropped"
+                f"{per_column(self.issues.rows_dropped)} (details in metadata.json)"
+            )
         return line
 
 
-def _encoders_plan(job: ConvertJob) -> Dict[str, Optional[int]]:
+def _encoders_plan(job: ConvertJob) -> dict[str, int | None]:
     """feature -> hash buckets, or None for a vocabulary."""
     names = [f.name for f in job.sparse]
-    buckets = dict(job.options.hash_buckets or {})
+    hb = job.options.hash_buckets
+    assert not isinstance(hb, int), "ConvertOptions turns an int into {'*': int}"
+    buckets = dict(hb or {})
     unknown = sorted(set(buckets) - set(names) - {"*"})
     if unknown:
         raise ValueError(f"--hash-buckets names unknown features {unknown}; {job.dataset} has {names}")
@@ -140,14 +148,16 @@ def _split_codes(job: ConvertJob, part: InputPart, block: RawBlock) -> np.ndarra
     return assign_splits(job.fractions, job.options.seed, part.stream, block.start_row, n)
 
 
-def _parse(part: InputPart, block: RawBlock, opts: ConvertOptions, issues: IssueCounter) -> Tuple[ParsedBlock, np.ndarray]:
+def _parse(
+    part: InputPart, block: RawBlock, opts: ConvertOptions, issues: IssueCounter
+) -> tuple[ParsedBlock, np.ndarray]:
     check = BlockChecker(part.source.prefix, block.first_line, len(block), opts.lenient, issues)
     parsed = part.parse(block, check)
     check.finish()
     return parsed, ~check.drop
 
 
-def _sparse_column(values: pa.Array, enc: Encoder, oov: Optional[np.ndarray], multi_hot: bool) -> pa.Array:
+def _sparse_column(values: pa.Array, enc: Encoder, oov: np.ndarray | None, multi_hot: bool) -> pa.Array:
     ids = enc.encode(values)
     if not multi_hot:
         if oov is not None:
@@ -162,18 +172,17 @@ def _sparse_column(values: pa.Array, enc: Encoder, oov: Optional[np.ndarray], mu
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, pa.int64()))
 
 
-def run_job(job: ConvertJob, output: Union[str, Path]) -> ConvertResult:
+def run_job(job: ConvertJob, output: str | Path) -> ConvertResult:
     """Run a conversion (see the module docstring); returns the written data set's metadata."""
     t0 = time.perf_counter()
     opts = job.options
     plan = _encoders_plan(job)
     vocab_features = [n for n, b in plan.items() if b is None]
-    encoders: Dict[str, Encoder] = {n: HashEncoder(b) for n, b in plan.items() if b is not None}
+    encoders: dict[str, Encoder] = {n: HashEncoder(b) for n, b in plan.items() if b is not None}
     issues = IssueCounter()
-    input_rows: Dict[int, int] = {}
+    input_rows: dict[int, int] = {}
 
-    with atomic_output(output, command=f"convert {job.dataset}", inputs=job.inputs(),
-                       overwrite=opts.overwrite) as tmp:
+    with atomic_output(output, command=f"convert {job.dataset}", inputs=job.inputs(), overwrite=opts.overwrite) as tmp:
         # pass 1: vocabularies from the train rows
         if vocab_features:
             counters = {n: VocabCounter() for n in vocab_features}
@@ -183,8 +192,9 @@ def run_job(job: ConvertJob, output: Union[str, Path]) -> ConvertResult:
                     if not _part_has_train(job, part):
                         continue
                     rows = 0
-                    for block in iter_blocks(part.source, lenient=opts.lenient, issues=scratch,
-                                             block_size=opts.block_size):
+                    for block in iter_blocks(
+                        part.source, lenient=opts.lenient, issues=scratch, block_size=opts.block_size
+                    ):
                         parsed, keep = _parse(part, block, opts, scratch)
                         train = keep & (_split_codes(job, part, block) == 0)
                         all_train = bool(train.all())
@@ -203,29 +213,43 @@ def run_job(job: ConvertJob, output: Union[str, Path]) -> ConvertResult:
             for n in vocab_features:
                 encoders[n] = counters.pop(n).finalize(opts.min_count)
 
-        sparse_meta = [SparseFeature(name=f.name, cardinality=encoders[f.name].cardinality, multi_hot=f.multi_hot)
-                       for f in job.sparse]
+        sparse_meta = [
+            SparseFeature(name=f.name, cardinality=encoders[f.name].cardinality, multi_hot=f.multi_hot)
+            for f in job.sparse
+        ]
         draft = DatasetMeta(dense=list(job.dense), sparse=sparse_meta, splits={})
         schema = draft.arrow_schema()
-        writers = {s: SplitWriter(tmp, s, schema, rows_per_file=opts.rows_per_file,
-                                  row_group_rows=opts.row_group_rows, compression=opts.compression)
-                   for s in SPLITS}
+        writers = {
+            s: SplitWriter(
+                tmp,
+                s,
+                schema,
+                rows_per_file=opts.rows_per_file,
+                row_group_rows=opts.row_group_rows,
+                compression=opts.compression,
+            )
+            for s in SPLITS
+        }
 
         # pass 2: encode and write
         total = sum(input_rows.values()) if len(input_rows) == len(job.parts) else None
         rows_read = 0
-        with progress_bar(total, f"{job.dataset}: writing Parquet (pass {2 if vocab_features else 1}/"
-                                 f"{2 if vocab_features else 1})", opts.progress) as bar:
+        with progress_bar(
+            total,
+            f"{job.dataset}: writing Parquet (pass {2 if vocab_features else 1}/{2 if vocab_features else 1})",
+            opts.progress,
+        ) as bar:
             for k, part in enumerate(job.parts):
                 rows = 0
-                for block in iter_blocks(part.source, lenient=opts.lenient, issues=issues,
-                                         block_size=opts.block_size):
+                for block in iter_blocks(part.source, lenient=opts.lenient, issues=issues, block_size=opts.block_size):
                     parsed, keep = _parse(part, block, opts, issues)
                     codes = _split_codes(job, part, block)
                     cols = [pa.array(parsed.label, pa.float32())]
                     cols += [pa.array(parsed.dense[n], pa.float32()) for n in job.dense]
-                    cols += [_sparse_column(parsed.sparse[f.name], encoders[f.name], parsed.oov.get(f.name),
-                                            f.multi_hot) for f in job.sparse]
+                    cols += [
+                        _sparse_column(parsed.sparse[f.name], encoders[f.name], parsed.oov.get(f.name), f.multi_hot)
+                        for f in job.sparse
+                    ]
                     table = pa.Table.from_arrays(cols, schema=schema)
                     for code, split in enumerate(SPLITS):
                         m = keep & (codes == code)
@@ -240,14 +264,18 @@ def run_job(job: ConvertJob, output: Union[str, Path]) -> ConvertResult:
         for w in writers.values():
             w.close()
         if writers["train"].rows == 0:
-            raise DataError(f"{job.dataset}: no rows were left for the train split "
-                            f"(inputs: {', '.join(str(p.source.path) for p in job.parts)})")
+            raise DataError(
+                f"{job.dataset}: no rows were left for the train split "
+                f"(inputs: {', '.join(str(p.source.path) for p in job.parts)})"
+            )
 
         used = [s for s in SPLITS if writers[s].rows > 0]
         source = {
             "converter": job.dataset,
-            "inputs": [{"path": str(p.source.path.absolute()), "split": p.split or "random",
-                        "rows": input_rows.get(k, 0)} for k, p in enumerate(job.parts)],
+            "inputs": [
+                {"path": str(p.source.path.absolute()), "split": p.split or "random", "rows": input_rows.get(k, 0)}
+                for k, p in enumerate(job.parts)
+            ],
             "split_rule": job.split_rule,
             "fractions": list(job.fractions) if job.fractions else None,
             "options": opts.as_dict(),
@@ -258,12 +286,21 @@ def run_job(job: ConvertJob, output: Union[str, Path]) -> ConvertResult:
         }
         if opts.lenient:
             source["lenient"] = issues.as_dict()
-        meta = DatasetMeta(dense=list(job.dense), sparse=sparse_meta,
-                           splits={s: writers[s].files for s in used},
-                           rows={s: writers[s].rows for s in used}, source=source)
+        meta = DatasetMeta(
+            dense=list(job.dense),
+            sparse=sparse_meta,
+            splits={s: writers[s].files for s in used},
+            rows={s: writers[s].rows for s in used},
+            source=source,
+        )
         meta.save(tmp)
-    return ConvertResult(output=Path(output), meta=meta, seconds=time.perf_counter() - t0, rows_read=rows_read,
-                         issues=issues if opts.lenient else None)
+    return ConvertResult(
+        output=Path(output),
+        meta=meta,
+        seconds=time.perf_counter() - t0,
+        rows_read=rows_read,
+        issues=issues if opts.lenient else None,
+    )
 
 
 __all__ = ["ConvertJob", "ConvertResult", "FeatureSpec", "InputPart", "ParsedBlock", "Parser", "run_job"]

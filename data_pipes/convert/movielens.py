@@ -18,9 +18,10 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,10 +51,10 @@ DEFAULT_MIN_COUNT = 1
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)
 DEFAULT_DROP_COLUMNS = ("movie_title",)
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
-def typed_header(path: Path) -> List[Tuple[str, str]]:
+def typed_header(path: Path) -> list[tuple[str, str]]:
     """``[(name, type)]`` of an atomic file's header (``user_id:token`` -> ``("user_id", "token")``)."""
     fields = []
     for raw in read_header(path, "movielens").split("\t"):
@@ -66,14 +67,15 @@ def typed_header(path: Path) -> List[Tuple[str, str]]:
     return fields
 
 
-def locate_files(input: PathLike) -> Tuple[Path, Optional[Path], Optional[Path]]:
+def locate_files(input: PathLike) -> tuple[Path, Path | None, Path | None]:
     """The ``.inter`` file and its ``.user``/``.item`` siblings (same stem), from a directory or the .inter."""
     input = Path(input)
     if input.is_dir():
         inters = sorted(input.glob("*.inter"))
         if len(inters) != 1:
-            raise DataError(f"movielens {input}: expected one *.inter file in the directory, "
-                            f"found {[p.name for p in inters]}")
+            raise DataError(
+                f"movielens {input}: expected one *.inter file in the directory, found {[p.name for p in inters]}"
+            )
         inter = inters[0]
     elif input.exists():
         inter = input
@@ -84,9 +86,16 @@ def locate_files(input: PathLike) -> Tuple[Path, Optional[Path], Optional[Path]]
     return inter, (user if user.exists() else None), (item if item.exists() else None)
 
 
-def _source(path: Path, fields: List[Tuple[str, str]], include: List[str]) -> TextSource:
-    return TextSource(path=path, dataset="movielens", delimiter="\t", column_names=[n for n, _ in fields],
-                      column_types={n: pa.string() for n, _ in fields}, include=include, header=True)
+def _source(path: Path, fields: list[tuple[str, str]], include: list[str]) -> TextSource:
+    return TextSource(
+        path=path,
+        dataset="movielens",
+        delimiter="\t",
+        column_names=[n for n, _ in fields],
+        column_types={n: pa.string() for n, _ in fields},
+        include=include,
+        header=True,
+    )
 
 
 @dataclass
@@ -96,8 +105,8 @@ class SideTable:
     path: Path
     key: str
     keys: pa.Array
-    features: Dict[str, pa.Array]  # string arrays, or list<string> for token_seq columns
-    multi_hot: Dict[str, bool]
+    features: dict[str, pa.Array]  # string arrays, or list<string> for token_seq columns
+    multi_hot: dict[str, bool]
 
 
 def load_side_table(path: Path, key: str, drop_columns: Sequence[str]) -> SideTable:
@@ -114,7 +123,7 @@ def load_side_table(path: Path, key: str, drop_columns: Sequence[str]) -> SideTa
     if keys.null_count:
         row = int(np.argmax(keys.is_null().to_numpy(zero_copy_only=False))) + 2
         raise DataError(f"movielens {path}: row {row}, column {key}: empty value")
-    seen: Dict[str, int] = {}
+    seen: dict[str, int] = {}
     for i, k in enumerate(keys.to_pylist()):  # side tables are small (ML-20M: 138K users)
         if k in seen:
             raise DataError(f"movielens {path}: row {i + 2}, column {key}: {k!r} repeats row {seen[k] + 2}")
@@ -136,16 +145,17 @@ def load_side_table(path: Path, key: str, drop_columns: Sequence[str]) -> SideTa
     return SideTable(path=path, key=key, keys=keys, features=features, multi_hot=multi)
 
 
-def _make_parser(rating_col: str, threshold: float, sides: List[SideTable]):
+def _make_parser(
+    rating_col: str, threshold: float, sides: list[SideTable]
+) -> Callable[[RawBlock, BlockChecker], ParsedBlock]:
     def parse(block: RawBlock, check: BlockChecker) -> ParsedBlock:
         b = block.batch
         rating = b.column(rating_col)
         values, ok = parse_numbers(rating, rating_col, check, drop=True)
-        check.bad(rating_col, rating.is_null().to_numpy(zero_copy_only=False), rating, "is not a rating",
-                  drop=True)
+        check.bad(rating_col, rating.is_null().to_numpy(zero_copy_only=False), rating, "is not a rating", drop=True)
         label = (ok & (np.nan_to_num(values, nan=-np.inf) >= threshold)).astype(np.float32)
         sparse = {"user_id": b.column("user_id"), "item_id": b.column("item_id")}
-        oov: Dict[str, np.ndarray] = {}
+        oov: dict[str, np.ndarray] = {}
         for side in sides:
             ids = b.column(side.key)
             pos = pc.index_in(ids, value_set=side.keys)
@@ -162,9 +172,16 @@ def _make_parser(rating_col: str, threshold: float, sides: List[SideTable]):
     return parse
 
 
-def convert_movielens(input: PathLike, output: PathLike, *, split: Optional[Sequence[float]] = None,
-                      min_count: int = DEFAULT_MIN_COUNT, click_threshold: float = 4.0,
-                      drop_columns: Sequence[str] = DEFAULT_DROP_COLUMNS, **options: Any) -> ConvertResult:
+def convert_movielens(
+    input: PathLike,
+    output: PathLike,
+    *,
+    split: Sequence[float] | None = None,
+    min_count: int = DEFAULT_MIN_COUNT,
+    click_threshold: float = 4.0,
+    drop_columns: Sequence[str] = DEFAULT_DROP_COLUMNS,
+    **options: Any,
+) -> ConvertResult:
     """Convert a MovieLens atomic-file directory (or its ``.inter`` file) to a Parquet data set.
 
     Args:
@@ -196,13 +213,26 @@ def convert_movielens(input: PathLike, output: PathLike, *, split: Optional[Sequ
             features.append(FeatureSpec(n, multi_hot=multi))
     source = _source(inter, fields, ["user_id", "item_id", "rating"])
     parser = _make_parser("rating", float(click_threshold), sides)
-    rule = (f"random: each row independently to train/valid/test with probabilities "
-            f"{fractions[0]:g}/{fractions[1]:g}/{fractions[2]:g} (seed {opts.seed})")
-    extra = {"label": f"rating >= {click_threshold:g}", "side_files": [str(s.path.absolute()) for s in sides],
-             "dropped_columns": list(drop_columns)}
-    job = ConvertJob(dataset="movielens", parts=[InputPart(source, parser)], dense=[], sparse=features,
-                     options=opts, fractions=fractions, split_rule=rule, extra_source=extra,
-                     extra_inputs=[s.path for s in sides])
+    rule = (
+        f"random: each row independently to train/valid/test with probabilities "
+        f"{fractions[0]:g}/{fractions[1]:g}/{fractions[2]:g} (seed {opts.seed})"
+    )
+    extra = {
+        "label": f"rating >= {click_threshold:g}",
+        "side_files": [str(s.path.absolute()) for s in sides],
+        "dropped_columns": list(drop_columns),
+    }
+    job = ConvertJob(
+        dataset="movielens",
+        parts=[InputPart(source, parser)],
+        dense=[],
+        sparse=features,
+        options=opts,
+        fractions=fractions,
+        split_rule=rule,
+        extra_source=extra,
+        extra_inputs=[s.path for s in sides],
+    )
     return run_job(job, output)
 
 

@@ -1,15 +1,16 @@
 """The options every converter shares (the ``mlet convert`` flags of the same names).
 
-    >>> ConvertOptions(hash_buckets=1000).hash_buckets
-    {'*': 1000}
-    >>> ConvertOptions(hash_buckets={"C3": 11}, min_count=5).as_dict()["min_count"]
-    5
+>>> ConvertOptions(hash_buckets=1000).hash_buckets
+{'*': 1000}
+>>> ConvertOptions(hash_buckets={"C3": 11}, min_count=5).as_dict()["min_count"]
+5
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional, Union
+from typing import Any
 
 import numpy as np
 
@@ -29,11 +30,11 @@ class ConvertOptions:
     """
 
     min_count: int = 1
-    hash_buckets: Union[None, int, Mapping[str, int]] = None
+    hash_buckets: None | int | Mapping[str, int] = None
     seed: int = 0
     lenient: bool = False
     overwrite: bool = False
-    progress: Optional[bool] = None  # None: show a progress bar when stderr is a terminal
+    progress: bool | None = None  # None: show a progress bar when stderr is a terminal
     block_size: int = DEFAULT_BLOCK_SIZE
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS
@@ -54,10 +55,17 @@ class ConvertOptions:
                 raise ValueError(f"hash buckets for {name!r} must be an integer >= 2 (row 0 is the OOV id), got {n!r}")
         self.hash_buckets = dict(buckets) if buckets else None
 
-    def as_dict(self) -> dict:
-        return {"min_count": self.min_count, "hash_buckets": self.hash_buckets, "seed": self.seed,
-                "lenient": self.lenient, "block_size": self.block_size, "rows_per_file": self.rows_per_file,
-                "row_group_rows": self.row_group_rows, "compression": self.compression}
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "min_count": self.min_count,
+            "hash_buckets": self.hash_buckets,
+            "seed": self.seed,
+            "lenient": self.lenient,
+            "block_size": self.block_size,
+            "rows_per_file": self.rows_per_file,
+            "row_group_rows": self.row_group_rows,
+            "compression": self.compression,
+        }
 
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_ROWS_PER_FILE", "DEFAULT_ROW_GROUP_ROWS", "ConvertOptions"]

@@ -10,13 +10,13 @@ the same split however the file is cut into blocks (and on any machine).
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
 from data_pipes.hashing import GOLDEN, splitmix64, unit_interval
 
-SplitFractions = Tuple[float, float, float]
+SplitFractions = tuple[float, float, float]
 _STREAM_MUL = 0xBF58476D1CE4E5B9  # spreads the streams of one seed apart
 
 
@@ -24,10 +24,11 @@ def check_fractions(split: Sequence[float]) -> SplitFractions:
     """``(train, valid, test)`` fractions: three numbers >= 0 summing to 1, train > 0."""
     fr = tuple(float(x) for x in split)
     if len(fr) != 3 or any(not np.isfinite(x) or x < 0 for x in fr) or abs(sum(fr) - 1.0) > 1e-6 or fr[0] <= 0:
-        raise ValueError(f"split fractions must be three numbers >= 0 (train, valid, test) summing to 1 "
-                         f"with train > 0, got {list(split)}")
-    return fr  # type: ignore[return-value]
-
+        raise ValueError(
+            f"split fractions must be three numbers >= 0 (train, valid, test) summing to 1 "
+            f"with train > 0, got {list(split)}"
+        )
+    return fr[0], fr[1], fr[2]
 
 
 def row_uniforms(seed: int, stream: int, start: int, n: int) -> np.ndarray:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
 
 import pyarrow as pa
 import pyarrow.csv as pcsv
@@ -37,9 +37,9 @@ class TextSource:
     path: Path
     dataset: str  # "criteo", ... (the first word of every message)
     delimiter: str
-    column_names: List[str]  # every column of the file, in order
-    column_types: Dict[str, pa.DataType]  # type of each included column (strings or binary)
-    include: Optional[List[str]] = None  # columns to read; None: all
+    column_names: list[str]  # every column of the file, in order
+    column_types: dict[str, pa.DataType]  # type of each included column (strings or binary)
+    include: list[str] | None = None  # columns to read; None: all
     header: bool = False
 
     @property
@@ -101,13 +101,13 @@ class RawBlock:
     start_row: int  # 0-based index of the first row among the rows read from this file
 
     def __len__(self) -> int:
-        return self.batch.num_rows
+        return int(self.batch.num_rows)
 
 
 _WIDTH_RE = re.compile(r"Expected (\d+) columns, got (\d+)")
 
 
-def _split_lines(chunk: bytes) -> List[bytes]:
+def _split_lines(chunk: bytes) -> list[bytes]:
     lines = chunk.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -159,8 +159,9 @@ def _iter_chunks(f: pa.NativeFile, block_size: int) -> Iterator[bytes]:
         yield chunk
 
 
-def iter_blocks(src: TextSource, *, lenient: bool, issues: IssueCounter,
-                block_size: int = DEFAULT_BLOCK_SIZE) -> Iterator[RawBlock]:
+def iter_blocks(
+    src: TextSource, *, lenient: bool, issues: IssueCounter, block_size: int = DEFAULT_BLOCK_SIZE
+) -> Iterator[RawBlock]:
     """Stream a delimited file as blocks of string columns (empty fields are null).
 
     The file is read in chunks of about ``block_size`` bytes cut at line ends, each parsed by
@@ -174,16 +175,27 @@ def iter_blocks(src: TextSource, *, lenient: bool, issues: IssueCounter,
     check_input_file(src.path, src.dataset)
     expected = len(src.column_names)
 
-    def on_invalid(row: "pcsv.InvalidRow") -> str:
+    def on_invalid(row: pcsv.InvalidRow) -> str:
         issues.add("row", f"wrong number of columns (expected {row.expected_columns})", 1, drop=True)
         return "skip"
 
-    parse_opts = pcsv.ParseOptions(delimiter=src.delimiter, quote_char=False, double_quote=False,
-                                   escape_char=False, newlines_in_values=False, ignore_empty_lines=False,
-                                   invalid_row_handler=on_invalid if lenient else None)
-    conv_opts = pcsv.ConvertOptions(column_types=src.column_types, include_columns=src.include,
-                                    null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=True,
-                                    check_utf8=True)
+    parse_opts = pcsv.ParseOptions(
+        delimiter=src.delimiter,
+        quote_char=False,
+        double_quote=False,
+        escape_char=False,
+        newlines_in_values=False,
+        ignore_empty_lines=False,
+        invalid_row_handler=on_invalid if lenient else None,
+    )
+    conv_opts = pcsv.ConvertOptions(
+        column_types=src.column_types,
+        include_columns=src.include,
+        null_values=[""],
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=True,
+        check_utf8=True,
+    )
     sub_block = max(1 << 16, min(4 << 20, block_size // 2))
     line = 1  # number of the first line of the next chunk
     delivered = 0
@@ -206,11 +218,13 @@ def iter_blocks(src: TextSource, *, lenient: bool, issues: IssueCounter,
             line += nlines
             if nlines - skip <= 0:
                 continue
-            read_opts = pcsv.ReadOptions(column_names=src.column_names, skip_rows=skip, block_size=sub_block,
-                                         use_threads=True)
+            read_opts = pcsv.ReadOptions(
+                column_names=src.column_names, skip_rows=skip, block_size=sub_block, use_threads=True
+            )
             try:
-                table = pcsv.read_csv(pa.BufferReader(chunk), read_options=read_opts, parse_options=parse_opts,
-                                      convert_options=conv_opts)
+                table = pcsv.read_csv(
+                    pa.BufferReader(chunk), read_options=read_opts, parse_options=parse_opts, convert_options=conv_opts
+                )
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
                 text = str(e)
                 if _WIDTH_RE.search(text):

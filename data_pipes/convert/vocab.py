@@ -10,9 +10,10 @@ vectorised over Arrow's string buffers, the same on every machine and run). Voca
   every entry is merged O(log) times and the pending entries never outnumber the distinct values).
 
   **Memory**: 16 bytes per distinct value while counting, up to as much again of pending chunk counts,
-  and ~3x that transiently during a merge (one column at a time). The real Criteo Kaggle ``train.txt`` has ~33M distinct values over its 26 columns (the largest
-  column ~10M): ~0.5 GB of counts, ~1.5 GB at the peak of the largest merge. Criteo 1TB has ~880M
-  distinct values: count it with ``hash_buckets`` instead (no counting pass at all).
+  and ~3x that transiently during a merge (one column at a time). The real Criteo Kaggle ``train.txt`` has
+  ~33M distinct values over its 26 columns (the largest column ~10M): ~0.5 GB of counts, ~1.5 GB at the
+  peak of the largest merge. Criteo 1TB has ~880M distinct values: count it with ``hash_buckets`` instead
+  (no counting pass at all).
 * :meth:`VocabCounter.finalize` keeps values seen at least ``min_count`` times and numbers them
   ``1..V`` by decreasing count (ties by hash), giving a :class:`Vocabulary` of 12 bytes per kept value.
 * :class:`HashEncoder` maps a value to ``1 + hash % (buckets - 1)``: the table has exactly ``buckets``
@@ -36,8 +37,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -65,7 +67,7 @@ class VocabCounter:
         self.merge_min = merge_min  # pending entries that trigger a merge at the least
         self._keys = np.empty(0, dtype=np.uint64)
         self._counts = np.empty(0, dtype=np.int64)
-        self._pending: List[tuple[np.ndarray, np.ndarray]] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending_len = 0
         self.total = 0  # values counted
 
@@ -77,7 +79,7 @@ class VocabCounter:
         vc = pc.value_counts(values)
         self.add_hashes(hash_strings(vc.field(0)), vc.field(1).to_numpy(zero_copy_only=False))
 
-    def add_hashes(self, hashes: np.ndarray, counts: Optional[np.ndarray] = None) -> None:
+    def add_hashes(self, hashes: np.ndarray, counts: np.ndarray | None = None) -> None:
         hashes = np.asarray(hashes, dtype=np.uint64)
         counts = np.ones(len(hashes), np.int64) if counts is None else np.asarray(counts, dtype=np.int64)
         if len(hashes) == 0:
@@ -110,14 +112,14 @@ class VocabCounter:
     def nbytes(self) -> int:
         return self._keys.nbytes + self._counts.nbytes + sum(k.nbytes + c.nbytes for k, c in self._pending)
 
-    def count_of(self, value: Optional[str]) -> int:
+    def count_of(self, value: str | None) -> int:
         """Count of one value (for tests and debugging)."""
         self._merge()
         h = hash_strings(pa.array([value], pa.string()))[0]
         i = int(np.searchsorted(self._keys, h))
         return int(self._counts[i]) if i < len(self._keys) and self._keys[i] == h else 0
 
-    def finalize(self, min_count: int = 1) -> "Vocabulary":
+    def finalize(self, min_count: int = 1) -> Vocabulary:
         """Values counted at least ``min_count`` times get ids ``1..V`` by decreasing count (ties: by hash)."""
         if min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
@@ -127,8 +129,13 @@ class VocabCounter:
         order = np.lexsort((keys, -counts))
         ids = np.empty(len(keys), dtype=np.int64)
         ids[order] = np.arange(1, len(keys) + 1, dtype=np.int64)
-        return Vocabulary(keys=keys, ids=ids, distinct=len(self._keys), min_count=min_count,
-                          dropped_values=int(self._counts[~keep].sum()))
+        return Vocabulary(
+            keys=keys,
+            ids=ids,
+            distinct=len(self._keys),
+            min_count=min_count,
+            dropped_values=int(self._counts[~keep].sum()),
+        )
 
 
 @dataclass
@@ -160,10 +167,15 @@ class Vocabulary:
         """Ids (int64) of a string array's values, or of a list array's flattened elements."""
         return _encode_by_dictionary(_flat_values(arr), self.lookup)
 
-    def describe(self) -> dict:
-        return {"mode": "vocabulary", "min_count": self.min_count, "distinct_in_train": self.distinct,
-                "kept": len(self.keys), "oov_occurrences_in_train": self.dropped_values,
-                "cardinality": self.cardinality}
+    def describe(self) -> dict[str, Any]:
+        return {
+            "mode": "vocabulary",
+            "min_count": self.min_count,
+            "distinct_in_train": self.distinct,
+            "kept": len(self.keys),
+            "oov_occurrences_in_train": self.dropped_values,
+            "cardinality": self.cardinality,
+        }
 
 
 @dataclass
@@ -186,20 +198,20 @@ class HashEncoder:
     def encode(self, arr: ArrayLike) -> np.ndarray:
         return _encode_by_dictionary(_flat_values(arr), self.lookup)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"mode": "hashing", "buckets": self.buckets, "cardinality": self.cardinality}
 
 
-Encoder = Union[Vocabulary, HashEncoder]
+Encoder = Vocabulary | HashEncoder
 
 
-def _encode_by_dictionary(values: pa.Array, lookup) -> np.ndarray:
+def _encode_by_dictionary(values: pa.Array, lookup: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """Hash and look up each distinct value of the chunk once, then gather by the dictionary indices."""
     if len(values) == 0:
         return np.empty(0, dtype=np.int64)
     enc = pc.dictionary_encode(values, null_encoding="encode")
     dict_ids = lookup(hash_strings(enc.dictionary))
-    return dict_ids[enc.indices.to_numpy(zero_copy_only=False)]
+    return np.asarray(dict_ids[enc.indices.to_numpy(zero_copy_only=False)])
 
 
 __all__ = ["NULL_HASH", "OOV_ID", "Encoder", "HashEncoder", "VocabCounter", "Vocabulary", "hash_strings"]

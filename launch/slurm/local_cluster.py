@@ -37,14 +37,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from types import TracebackType
 
 APT_PACKAGES = "slurmctld slurmd slurmdbd slurm-client munge mariadb-server"
 APT_COMMAND = f"apt-get install -y {APT_PACKAGES}"
 # what the cluster runs (munge, mariadb-server with its client, slurmdbd, slurmctld, slurmd, slurm-client)
-BINARIES = ("munged", "mariadbd", "mariadb-install-db", "mariadb", "slurmdbd", "slurmctld", "slurmd", "sbatch", "sacct",
-            "sacctmgr", "scontrol", "sinfo")
+BINARIES = (
+    "munged",
+    "mariadbd",
+    "mariadb-install-db",
+    "mariadb",
+    "slurmdbd",
+    "slurmctld",
+    "slurmd",
+    "sbatch",
+    "sacct",
+    "sacctmgr",
+    "scontrol",
+    "sinfo",
+)
 CLUSTER_NAME = "mletlocal"
 # the order daemons start in; they stop in reverse
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld")
@@ -54,12 +67,13 @@ class SlurmUnavailable(RuntimeError):
     """This machine cannot start the local cluster (packages missing, not root, hostname unresolvable)."""
 
 
-def _which(name: str) -> Optional[str]:
-    return shutil.which(name) or next((p for d in ("/usr/sbin", "/sbin") if os.access(p := f"{d}/{name}", os.X_OK)),
-                                      None)
+def _which(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (p for d in ("/usr/sbin", "/sbin") if os.access(p := f"{d}/{name}", os.X_OK)), None
+    )
 
 
-def unavailable_reason() -> Optional[str]:
+def unavailable_reason() -> str | None:
     """One line saying why the local cluster cannot start here, or None when it can."""
     missing = sorted(n for n in BINARIES if _which(n) is None)
     if missing:
@@ -74,12 +88,12 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def node_names(nodes: int = 2) -> List[str]:
+def node_names(nodes: int = 2) -> list[str]:
     host = socket.gethostname().split(".")[0]
     return [host] + [f"{host}-n{i}" for i in range(2, nodes + 1)]
 
 
-def _free_ports(n: int) -> List[int]:
+def _free_ports(n: int) -> list[int]:
     socks = []
     try:
         for _ in range(n):
@@ -109,8 +123,14 @@ def _pid_alive(pid: int) -> bool:
 class LocalSlurmCluster:
     """Start with ``start()`` (or ``with``), stop with ``stop()``; all state under ``root``."""
 
-    def __init__(self, root: os.PathLike, nodes: int = 2, cpus_per_node: int = 1, real_memory_mb: int = 16384,
-                 cred_expire_s: int = 10):
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        nodes: int = 2,
+        cpus_per_node: int = 1,
+        real_memory_mb: int = 16384,
+        cred_expire_s: int = 10,
+    ) -> None:
         self.root = Path(root).resolve()
         self.cred_expire_s = cred_expire_s
         self.nodes = node_names(nodes)
@@ -120,29 +140,29 @@ class LocalSlurmCluster:
         self.conf = self.etc / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket.2"
         self.mysql_socket = self.root / "mysql" / "mysqld.sock"
-        self.timings: Dict[str, float] = {}
-        self._children: Dict[str, subprocess.Popen] = {}
+        self.timings: dict[str, float] = {}
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     # ------------------------------------------------------------------ environment
 
     @property
-    def env(self) -> Dict[str, str]:
+    def env(self) -> dict[str, str]:
         """What a Slurm client (sbatch, sacct, torchx) needs to talk to this cluster."""
         return {"SLURM_CONF": str(self.conf)}
 
-    def client_env(self, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    def client_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ if base is None else base)
         env.update(self.env)
         return env
 
-    def _daemon_env(self) -> Dict[str, str]:
+    def _daemon_env(self) -> dict[str, str]:
         env = self.client_env()
         env["MYSQL_UNIX_PORT"] = str(self.mysql_socket)  # slurmdbd's MariaDB client finds the socket here
         return env
 
     # ------------------------------------------------------------------ start
 
-    def __enter__(self) -> "LocalSlurmCluster":
+    def __enter__(self) -> LocalSlurmCluster:
         try:
             self.start()
         except BaseException:
@@ -150,10 +170,12 @@ class LocalSlurmCluster:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
-    def start(self, timeout: float = 120.0) -> "LocalSlurmCluster":
+    def start(self, timeout: float = 120.0) -> LocalSlurmCluster:
         reason = unavailable_reason()
         if reason:
             raise SlurmUnavailable(reason)
@@ -172,8 +194,9 @@ class LocalSlurmCluster:
         self._wait(lambda: self._ok(["sacctmgr", "-n", "list", "cluster"]), "slurmdbd", timeout)
         self._run(["sacctmgr", "-i", "add", "cluster", CLUSTER_NAME])
         self._spawn("slurmctld", ["slurmctld", "-D", "-i"])
-        self._wait(lambda: self._ok(["scontrol", "ping"]) and "UP" in self._out(["scontrol", "ping"]), "slurmctld",
-                   timeout)
+        self._wait(
+            lambda: self._ok(["scontrol", "ping"]) and "UP" in self._out(["scontrol", "ping"]), "slurmctld", timeout
+        )
         for node in self.nodes:
             (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
             self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node])
@@ -188,7 +211,9 @@ class LocalSlurmCluster:
         ctld_auth = f"AuthType=auth/munge\nAuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire_s}\n"
         nodes = "\n".join(
             f"NodeName={n} NodeAddr=127.0.0.1 Port={p} CPUs={self.cpus_per_node} "
-            f"RealMemory={self.real_memory_mb} State=UNKNOWN" for n, p in zip(self.nodes, self.node_ports))
+            f"RealMemory={self.real_memory_mb} State=UNKNOWN"
+            for n, p in zip(self.nodes, self.node_ports, strict=True)
+        )
         r = self.root
         (self.etc / "slurm.conf").write_text(f"""# throwaway local cluster (launch/slurm/local_cluster.py)
 ClusterName={CLUSTER_NAME}
@@ -251,9 +276,23 @@ StorageLoc=slurm_acct_db
         key = d / "munge.key"
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)
-        self._spawn("munged", ["munged", "-F", "--key-file", str(key), "--socket", str(self.munge_socket),
-                               "--pid-file", str(d / "munged.daemon.pid"), "--log-file", str(self.log / "munged.log"),
-                               "--seed-file", str(d / "munged.seed")])
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "-F",
+                "--key-file",
+                str(key),
+                "--socket",
+                str(self.munge_socket),
+                "--pid-file",
+                str(d / "munged.daemon.pid"),
+                "--log-file",
+                str(self.log / "munged.log"),
+                "--seed-file",
+                str(d / "munged.seed"),
+            ],
+        )
         self._wait(self.munge_socket.exists, "munged", 30)
 
     def _start_mariadb(self, timeout: float) -> None:
@@ -262,40 +301,76 @@ StorageLoc=slurm_acct_db
         shutil.chown(d, "mysql", "mysql")
         data = d / "data"
         with open(self.log / "mariadb-install-db.log", "w") as out:
-            subprocess.run(["mariadb-install-db", "--no-defaults", "--user=mysql", f"--datadir={data}",
-                            "--auth-root-authentication-method=socket", "--skip-test-db"],
-                           stdout=out, stderr=subprocess.STDOUT, check=True, timeout=timeout)
-        self._spawn("mariadbd", ["mariadbd", "--no-defaults", "--user=mysql", f"--datadir={data}",
-                                 f"--socket={self.mysql_socket}", f"--pid-file={d / 'mariadbd.daemon.pid'}",
-                                 "--skip-networking", f"--log-error={self.log / 'mariadbd.log'}",
-                                 "--innodb-lock-wait-timeout=900", "--innodb-buffer-pool-size=128M"])
-        self._wait(lambda: self._ok(["mariadb", "--no-defaults", f"--socket={self.mysql_socket}", "-u", "root",
-                                     "-e", "select 1"]), "mariadbd", timeout)
+            subprocess.run(
+                [
+                    "mariadb-install-db",
+                    "--no-defaults",
+                    "--user=mysql",
+                    f"--datadir={data}",
+                    "--auth-root-authentication-method=socket",
+                    "--skip-test-db",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=True,
+                timeout=timeout,
+            )
+        self._spawn(
+            "mariadbd",
+            [
+                "mariadbd",
+                "--no-defaults",
+                "--user=mysql",
+                f"--datadir={data}",
+                f"--socket={self.mysql_socket}",
+                f"--pid-file={d / 'mariadbd.daemon.pid'}",
+                "--skip-networking",
+                f"--log-error={self.log / 'mariadbd.log'}",
+                "--innodb-lock-wait-timeout=900",
+                "--innodb-buffer-pool-size=128M",
+            ],
+        )
+        self._wait(
+            lambda: self._ok(
+                ["mariadb", "--no-defaults", f"--socket={self.mysql_socket}", "-u", "root", "-e", "select 1"]
+            ),
+            "mariadbd",
+            timeout,
+        )
 
     def _spawn(self, name: str, argv: Sequence[str]) -> None:
         log = open(self.log / f"{name}.stdout", "w")
-        proc = subprocess.Popen([_which(argv[0]) or argv[0], *argv[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=self._daemon_env(), cwd=self.root,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [_which(argv[0]) or argv[0], *argv[1:]],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self._daemon_env(),
+            cwd=self.root,
+            start_new_session=True,
+        )
         log.close()
         self._children[name] = proc
         (self.pids / f"{name}.pid").write_text(f"{proc.pid}\n")
 
-    def _wait(self, ready, what: str, timeout: float) -> None:
+    def _wait(self, ready: Callable[[], bool], what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for name, proc in self._children.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode} while starting {what}; "
-                                       f"see {self.log}/{name}.stdout and {self.log}/")
+                    raise RuntimeError(
+                        f"{name} exited with {proc.returncode} while starting {what}; "
+                        f"see {self.log}/{name}.stdout and {self.log}/"
+                    )
             if ready():
                 return
             time.sleep(0.2)
         raise TimeoutError(f"{what} not ready after {timeout:.0f} s; logs in {self.log}")
 
-    def _run(self, argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(list(argv), env=self.client_env(), capture_output=True, text=True, timeout=60,
-                              check=check)
+    def _run(self, argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            list(argv), env=self.client_env(), capture_output=True, text=True, timeout=60, check=check
+        )
 
     def _ok(self, argv: Sequence[str]) -> bool:
         try:
@@ -307,13 +382,14 @@ StorageLoc=slurm_acct_db
         return self._run(argv, check=False).stdout
 
     def _nodes_idle(self) -> bool:
-        states = dict(line.split() for line in self._out(["sinfo", "-h", "-N", "-o", "%N %t"]).splitlines()
-                      if line.strip())
+        states = dict(
+            line.split() for line in self._out(["sinfo", "-h", "-N", "-o", "%N %t"]).splitlines() if line.strip()
+        )
         return all(states.get(n, "").startswith("idle") for n in self.nodes)
 
     # ------------------------------------------------------------------ stop
 
-    def recorded_pids(self) -> Dict[str, int]:
+    def recorded_pids(self) -> dict[str, int]:
         pids = {}
         if self.pids.is_dir():
             for f in self.pids.glob("*.pid"):
@@ -324,7 +400,7 @@ StorageLoc=slurm_acct_db
                         pass
         return pids
 
-    def job_pids(self) -> List[int]:
+    def job_pids(self) -> list[int]:
         """Processes (slurmstepd, job steps) that carry this cluster's SLURM_CONF but are no daemon of ours."""
         marker = f"SLURM_CONF={self.conf}".encode()
         daemons = set(self.recorded_pids().values())
@@ -372,7 +448,7 @@ StorageLoc=slurm_acct_db
             child.wait(timeout=10)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.slurm.local_cluster", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start the cluster under DIR and leave it running")
@@ -403,8 +479,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         except BaseException:
             cluster.stop()
             raise
-        print(f"# cluster up in {cluster.timings['setup_s']:.1f} s, nodes {' '.join(cluster.nodes)}; "
-              f"stop with: python -m launch.slurm.local_cluster down {cluster.root}")
+        print(
+            f"# cluster up in {cluster.timings['setup_s']:.1f} s, nodes {' '.join(cluster.nodes)}; "
+            f"stop with: python -m launch.slurm.local_cluster down {cluster.root}"
+        )
         print(f"export SLURM_CONF={cluster.conf}")
         return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command

@@ -4,4 +4,5 @@ import sys
 
 from mlet_torchrec.cli.main import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing it (doctest collection) must not run the CLI
+    sys.exit(main())

@@ -1,26 +1,26 @@
 """How every ``mlet`` front end ends: a user's mistake in one line (exit 2), a bug with its traceback (exit 1).
 
-    >>> import argparse
-    >>> parser = argparse.ArgumentParser(prog="mlet doc")
-    >>> def fail(args):
-    ...     raise UserError("data/x: no metadata.json")
-    >>> parser.set_defaults(func=fail)
-    >>> run(parser, [], lambda args: "mlet doc")    # doctest: +SKIP
-    mlet doc: error: data/x: no metadata.json
-    2
+>>> import argparse
+>>> parser = argparse.ArgumentParser(prog="mlet doc")
+>>> def fail(args):
+...     raise UserError("data/x: no metadata.json")
+>>> parser.set_defaults(func=fail)
+>>> run(parser, [], lambda args: "mlet doc")    # doctest: +SKIP
+mlet doc: error: data/x: no metadata.json
+2
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 from mlet_torchrec.errors import EXIT_USER_ERROR, UserError
 from mlet_torchrec.logs import configure_logging
 
 
-def run(parser: argparse.ArgumentParser, argv: Optional[List[str]], name: Callable[[argparse.Namespace], str]) -> int:
+def run(parser: argparse.ArgumentParser, argv: list[str] | None, name: Callable[[argparse.Namespace], str]) -> int:
     """Parse ``argv``, configure logging, run the subcommand; a ``UserError`` -> one line on stderr, exit 2."""
     args = parser.parse_args(argv)
     configure_logging(getattr(args, "log_level", "INFO"))

@@ -2,7 +2,7 @@
 
     mlet train --config FILE_OR_NAME [key.sub=value ...] [--nproc-per-node N] [--seed S]
     mlet collapse --input RUN_DIR --output DIR [--nproc-per-node N] [--output-sharding same]
-    mlet export --input COLLAPSED_DIR --output DIR [--int8] [--format safetensors|npy] [--no-check]
+    mlet export --input COLLAPSED_DIR --output DIR [--int8] [--format safetensors|npy] [--no-check] [--nproc-per-node N]
     mlet evaluate --input RUN_OR_COLLAPSED_DIR [--split test] [--nproc-per-node N] [--auc histogram|exact]
     mlet synth --output DIR [--config FILE_OR_NAME] [key=value ...]
     mlet convert criteo|avazu|movielens --input ... --output DIR
@@ -98,7 +98,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     report = export(source, args.output, int8=args.int8, formats=args.format, check=not args.no_check,
                     split=args.split, max_check_rows=args.max_check_rows, auc_tolerance=args.auc_tolerance,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, nproc_per_node=args.nproc_per_node)
     print(format_report(report))
     return 0
 
@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split of the INT8 quality check")
     p.add_argument("--max-check-rows", type=int, default=None)
     p.add_argument("--auc-tolerance", type=float, default=1e-3)
+    flags.add_nproc(p, 1, "local processes of the INT8 check, each scoring its slice of the split")
     p.set_defaults(func=_cmd_export)
 
     p = _subparser(sub, "evaluate", "metrics of a checkpoint or collapsed model on one split",

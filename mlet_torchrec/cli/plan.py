@@ -24,8 +24,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     overrides = ([f"data.path={args.input}"] if args.input is not None else []) + list(args.overrides)
     config = load_config(args.config, overrides)
     meta = DatasetMeta.load(config.data.path)
-    cluster = Cluster(world_size=args.world_size, local_world_size=args.local_world_size, device=args.device,
-                      hbm_gb=args.hbm_gb, ddr_gb=args.ddr_gb, batch_size=args.batch_size)
+    cluster = Cluster(
+        world_size=args.world_size,
+        local_world_size=args.local_world_size,
+        device=args.device,
+        hbm_gb=args.hbm_gb,
+        ddr_gb=args.ddr_gb,
+        batch_size=args.batch_size,
+    )
     plan = make_plan(config, meta, cluster)
     print(format_plan(plan))
     if args.output is not None:
@@ -33,17 +39,27 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``plan`` to the ``mlet`` subcommands."""
     summary = "plan the sharding of a config on a cluster you describe (no GPU needed): fits or not, and how"
-    p = sub.add_parser("plan", help=summary, description=summary, formatter_class=flags.EXAMPLE_FORMATTER,
-                       parents=[flags.common_parent()], epilog=example(
-                           "mlet plan --config configs/criteo_1tb_dlrm_mlet.yaml --input configs/shapes/criteo_1tb "
-                           "--world-size 32 --hbm-gb 80 --output plan.json",
-                           "mlet train --config tiny --nproc-per-node 2 --plan plan.json"))
+    p = sub.add_parser(
+        "plan",
+        help=summary,
+        description=summary,
+        formatter_class=flags.EXAMPLE_FORMATTER,
+        parents=[flags.common_parent()],
+        epilog=example(
+            "mlet plan --config configs/criteo_1tb_dlrm_mlet.yaml --input configs/shapes/criteo_1tb "
+            "--world-size 32 --hbm-gb 80 --output plan.json",
+            "mlet train --config tiny --nproc-per-node 2 --plan plan.json",
+        ),
+    )
     flags.add_config(p)
-    flags.add_input(p, "data set directory, or a shape-only one holding just metadata.json (short for data.path=...)",
-                    required=False)
+    flags.add_input(
+        p,
+        "data set directory, or a shape-only one holding just metadata.json (short for data.path=...)",
+        required=False,
+    )
     flags.add_output(p, "plan file to write (JSON); printed only when omitted", required=False)
     flags.add_overwrite(p)
     p.add_argument("--world-size", type=int, required=True, help="ranks (GPUs, or processes on CPU) in all")

@@ -107,7 +107,7 @@ def score(
                       for m in models]
             yield Scored(logits, padded.labels[:valid].cpu(), batch)
     finally:
-        for m, was in zip(models, was_training):
+        for m, was in zip(models, was_training, strict=True):
             m.train(was)
 
 

@@ -30,11 +30,11 @@ import torch.distributed as dist
 
 from mlet_torchrec.evaluation.ranking import (
     BINS,
+    add_to_histogram,
     auc_error_bound,
     auc_from_groups,
     average_precision_from_groups,
     exact_groups,
-    histogram,
 )
 
 AucMode = Literal["histogram", "exact"]
@@ -96,13 +96,14 @@ class MetricAccumulator:
         loss = -(y * torch.log(p) + (1 - y) * torch.log1p(-p))
         self.sums += torch.stack([torch.tensor(float(y.numel()), dtype=torch.float64), y.sum(), loss.sum(), p.sum()])
         if self.mode == "histogram":
-            self.counts += histogram(logits, y)
+            add_to_histogram(self.counts, logits, y)
         else:
             self._scores.append(logits)
             self._labels.append(y.to(torch.uint8))
 
     def result(self) -> CTRMetrics:
-        """The metrics over every rank's rows (every rank must call it; all return the same numbers)."""
+        """The metrics over every rank's rows (every rank must call it; all return the same numbers). In exact
+        mode the kept scores are released: call it once."""
         sums, counts = self.sums, self.counts
         distributed = not self.local and _distributed()
         if distributed:
@@ -117,7 +118,8 @@ class MetricAccumulator:
         rows, positives, loss, psum = (float(v) for v in sums)
         if self.mode == "histogram":
             neg, pos = counts[0], counts[1]
-            auc, bound, ap = auc_from_groups(pos, neg), auc_error_bound(pos, neg), average_precision_from_groups(pos, neg)
+            auc, bound = auc_from_groups(pos, neg), auc_error_bound(pos, neg)
+            ap = average_precision_from_groups(pos, neg)
         else:
             auc, ap = _exact_ranking(self._scores, self._labels, distributed)
             bound = 0.0 if not math.isnan(auc) else float("nan")
@@ -134,15 +136,20 @@ class MetricAccumulator:
 
 def _exact_ranking(scores: List[torch.Tensor], labels: List[torch.Tensor], distributed: bool) -> tuple[float, float]:
     """(AUC, PR-AUC) of every rank's rows: sorted local runs streamed to rank 0 in ``CHUNK``-row messages."""
-    s = torch.cat([x.double() for x in scores]) if scores else torch.zeros(0, dtype=torch.float64)
+    s = torch.cat(scores) if scores else torch.zeros(0)
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.uint8)
+    scores.clear()
+    labels.clear()
     s, order = torch.sort(s, stable=True)
     y = y[order]
+    del order
+    runs = 1
     if distributed:
         s, y = _stream_to_rank0(s, y)
+        runs = dist.get_world_size()
     out = torch.tensor([float("nan"), float("nan")], dtype=torch.float64)
     if s is not None:
-        pos, neg = exact_groups(s, y)
+        pos, neg = exact_groups(s, y, presorted=runs == 1)  # rank 0 re-sorts the ranks' sorted runs
         out = torch.tensor([auc_from_groups(pos, neg), average_precision_from_groups(pos, neg)], dtype=torch.float64)
     if distributed:
         dev = _comm_device()
@@ -172,11 +179,11 @@ def _stream_to_rank0(s: torch.Tensor, y: torch.Tensor) -> tuple[Any, Any]:
             for got in inbox:
                 got = got.cpu()
                 k = int(got[0])
-                parts_s.append(got[1:1 + k])
+                parts_s.append(got[1:1 + k].to(s.dtype))
                 parts_y.append(got[1 + CHUNK:1 + CHUNK + k].to(torch.uint8))
     if rank != 0:
         return None, None
-    return (torch.cat(parts_s) if parts_s else torch.zeros(0, dtype=torch.float64)), (
+    return (torch.cat(parts_s) if parts_s else torch.zeros(0, dtype=s.dtype)), (
         torch.cat(parts_y) if parts_y else torch.zeros(0, dtype=torch.uint8))
 
 

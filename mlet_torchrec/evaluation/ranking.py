@@ -38,17 +38,31 @@ def logit_bins(logits: torch.Tensor) -> torch.Tensor:
     return torch.floor((x + LOGIT_LIMIT) / BIN_WIDTH).clamp_(0, BINS - 1).long()
 
 
+def add_to_histogram(counts: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Count rows into ``counts`` ((2, BINS) int64: negatives in row 0, positives in row 1), in place.
+
+    A scatter of the rows' cells: the cost follows the rows, not the 2^16 bins.
+    """
+    cell = logit_bins(logits.reshape(-1)) + BINS * (labels.reshape(-1) > 0.5).long()
+    counts.view(-1).index_put_((cell,), torch.ones_like(cell), accumulate=True)
+
+
 def histogram(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(2, BINS) int64 counts of negatives (row 0) and positives (row 1) per logit bin."""
-    bins = logit_bins(logits.reshape(-1))
-    positive = labels.reshape(-1) > 0.5
-    return torch.stack([torch.bincount(bins[~positive], minlength=BINS), torch.bincount(bins[positive], minlength=BINS)])
+    counts = torch.zeros(2, BINS, dtype=torch.int64)
+    add_to_histogram(counts, logits, labels)
+    return counts
 
 
-def exact_groups(scores: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(positives, negatives) per distinct score, in ascending score order (int64)."""
-    order = torch.argsort(scores.reshape(-1), stable=True)
-    s, y = scores.reshape(-1)[order], (labels.reshape(-1)[order] > 0.5).long()
+def exact_groups(scores: torch.Tensor, labels: torch.Tensor,
+                 presorted: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(positives, negatives) per distinct score, in ascending score order (int64); ``presorted``: the
+    scores already ascend (no second sort)."""
+    s, y = scores.reshape(-1), labels.reshape(-1)
+    if not presorted:
+        order = torch.argsort(s, stable=True)
+        s, y = s[order], y[order]
+    y = (y > 0.5).long()
     _, counts = torch.unique_consecutive(s, return_counts=True)
     ends = torch.cumsum(counts, 0) - 1
     cum_pos = torch.cumsum(y, 0)[ends]

@@ -65,13 +65,73 @@ def _row_frequency(kjt: Any, counts: Dict[str, Any], rows: int) -> "Any":
     return freq
 
 
+def frequency_metrics(model: Any, data_path: str, meta: Any, features: Sequence[str], batch_size: int,
+                      fraction: float = 0.1) -> Dict[str, Any]:
+    """Metrics of the test rows whose rarest id is rarest (``bottom10``) and commonest (``top10``), and of all.
+
+    Bounded memory, two passes: the first counts the test rows per frequency (no model) and fixes the
+    thresholds, the second scores the rows into one metric accumulator per split. A split takes every row
+    at its threshold (ties included), so it can hold a little more than ``fraction`` of the rows.
+    """
+    import torch
+
+    from data_pipes.reader import ParquetBatchReader
+    from mlet_torchrec.evaluation.evaluate import score_split
+    from mlet_torchrec.evaluation.metrics import MetricAccumulator
+
+    counts = _freq_counts(data_path, features, batch_size)
+    per_freq: Dict[int, int] = {}
+    for batch in ParquetBatchReader(data_path, "test", batch_size, drop_last=False, shuffle=False):
+        values, n = torch.unique(_row_frequency(batch.sparse_features, counts, batch.labels.shape[0]),
+                                 return_counts=True)
+        for v, c in zip(values.tolist(), n.tolist(), strict=True):
+            per_freq[v] = per_freq.get(v, 0) + c
+    total = sum(per_freq.values())
+    want = max(1, int(round(fraction * total)))
+    low = _threshold(sorted(per_freq), per_freq, want)
+    high = _threshold(sorted(per_freq, reverse=True), per_freq, want)
+    accs = {name: MetricAccumulator() for name in ("all", "bottom10", "top10")}
+    seen = {name: [None, None] for name in ("bottom10", "top10")}
+    for out in score_split([model], data_path, "test", batch_size, meta):
+        if out.batch is None or not out.labels.numel():
+            continue
+        fq = _row_frequency(out.batch.sparse_features, counts, out.labels.numel())
+        accs["all"].update(out.logits[0], out.labels)
+        for name, rows in (("bottom10", fq <= low), ("top10", fq >= high)):
+            if rows.any():
+                accs[name].update(out.logits[0][rows], out.labels[rows])
+                lo, hi = int(fq[rows].min()), int(fq[rows].max())
+                seen[name] = [lo if seen[name][0] is None else min(seen[name][0], lo),
+                              hi if seen[name][1] is None else max(seen[name][1], hi)]
+    result: Dict[str, Any] = {"features": list(features), "fraction": fraction,
+                              "rule": "min over features of train count (OOV id counts 0); ties at the threshold "
+                                      "included"}
+    for name, acc in accs.items():
+        m = acc.result()
+        keys = ("auc", "pr_auc", "logloss") if name == "all" else ("auc", "pr_auc", "logloss", "positive_rate",
+                                                                    "rows")
+        result[name] = {k: getattr(m, k) for k in keys}
+        result[name]["auc_error_bound"] = m.auc_error_bound
+        if name != "all":
+            result[name].update(min_freq=seen[name][0], max_freq=seen[name][1])
+    return result
+
+
+def _threshold(order: Sequence[int], per_freq: Dict[int, int], want: int) -> int:
+    """The first frequency of ``order`` at which the rows counted so far reach ``want``."""
+    got = 0
+    for value in order:
+        got += per_freq[value]
+        if got >= want:
+            return value
+    return order[-1]
+
+
 def analyse_run(run_dir: Path | str, freq_features: Optional[Sequence[str]] = None,
                 fraction: float = 0.1, compression: bool = True) -> Dict[str, Any]:
     """Single-process measurements of a finished run: frequency splits, singular values, compression."""
     import torch
 
-    from data_pipes.reader import ParquetBatchReader
-    from mlet_torchrec.evaluation.metrics import ctr_metrics
     from mlet_torchrec.serving.artifact import load_artifact, mlet_module
 
     art = load_artifact(run_dir)
@@ -80,27 +140,7 @@ def analyse_run(run_dir: Path | str, freq_features: Optional[Sequence[str]] = No
     unknown = set(features) - set(meta.sparse_names())
     if unknown:
         raise ValueError(f"--freq-features {sorted(unknown)} are not sparse features ({meta.sparse_names()})")
-    bs = config.train.eval_batch_size
-    counts = _freq_counts(config.data.path, features, bs)
-    reader = ParquetBatchReader(config.data.path, "test", bs, drop_last=False, shuffle=False)
-    probs, labels, freqs = [], [], []
-    with torch.no_grad():
-        for batch in reader:
-            logits = model(batch.dense_features, batch.sparse_features)
-            probs.append(torch.sigmoid(logits.float().reshape(-1)))
-            labels.append(batch.labels.float())
-            freqs.append(_row_frequency(batch.sparse_features, counts, batch.labels.shape[0]))
-    p, y, fq = torch.cat(probs), torch.cat(labels), torch.cat(freqs)
-    order = torch.argsort(fq, stable=True)
-    n = max(1, int(round(fraction * len(order))))
-    splits = {}
-    for name, idx in (("bottom10", order[:n]), ("top10", order[-n:])):
-        m = ctr_metrics(p[idx], y[idx])
-        splits[name] = {"auc": m.auc, "pr_auc": m.pr_auc, "logloss": m.logloss, "positive_rate": m.positive_rate,
-                        "rows": m.rows, "min_freq": int(fq[idx].min()), "max_freq": int(fq[idx].max())}
-    all_m = ctr_metrics(p, y)
-    freq = {"features": features, "rule": "min over features of train count (OOV id counts 0)", "fraction": fraction,
-            "all": {"auc": all_m.auc, "pr_auc": all_m.pr_auc, "logloss": all_m.logloss}, **splits}
+    freq = frequency_metrics(model, config.data.path, meta, features, config.train.eval_batch_size, fraction)
 
     prefix, mlet = mlet_module(model)
     state = model.state_dict()

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any
 
 from mlet_torchrec.config import ExperimentConfig
 from mlet_torchrec.experiments.analysis import analyse_run
@@ -33,7 +34,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _vm_hwm_kb() -> Optional[int]:
+def _vm_hwm_kb() -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -43,8 +44,13 @@ def _vm_hwm_kb() -> Optional[int]:
     return None
 
 
-def run_cell_here(config: ExperimentConfig, nproc: int, freq_features: Optional[Sequence[str]],
-                  shared_process: bool = False, compression: bool = True) -> Dict[str, Any]:
+def run_cell_here(
+    config: ExperimentConfig,
+    nproc: int,
+    freq_features: Sequence[str] | None,
+    shared_process: bool = False,
+    compression: bool = True,
+) -> dict[str, Any]:
     """Train and analyse one cell in this process (the child the sweep starts, or the sweep itself with
     ``shared_process``: peak RSS is then this process's VmHWM, reset before training); returns the measurements,
     or ``{"status": "diverged", "error": ...}`` when the NaN guard stopped the training (a result, not a failure)."""
@@ -63,8 +69,9 @@ def _diverged(e: BaseException) -> bool:
     return isinstance(e, TrainingDiverged) or "TrainingDiverged" in repr(e)
 
 
-def _measure_cell(config: ExperimentConfig, nproc: int, freq_features: Optional[Sequence[str]],
-                  shared_process: bool, compression: bool) -> Dict[str, Any]:
+def _measure_cell(
+    config: ExperimentConfig, nproc: int, freq_features: Sequence[str] | None, shared_process: bool, compression: bool
+) -> dict[str, Any]:
     t0 = time.time()
     if shared_process:
         if nproc != 1:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Any
 
 import yaml
 
@@ -32,25 +33,55 @@ def _ensure_data(data: Path) -> None:
     generate(cfg, data)
 
 
-def _row(name: str, d: int, k, lr: float, metrics: Dict, serving: int, training: int, seconds: float,
-         sps: float) -> List[str]:
-    return [name, str(d), "-" if k is None else str(k), f"{lr:g}", f"{metrics['auc']:.4f}", f"{metrics['logloss']:.4f}",
-            f"{serving / 2**20:.2f}", f"{training / 2**20:.2f}", f"{seconds:.0f}", f"{sps:,.0f}"]
+def _row(
+    name: str,
+    d: int,
+    k: int | None,
+    lr: float,
+    metrics: dict[str, float],
+    serving: int,
+    training: int,
+    seconds: float,
+    sps: float,
+) -> list[str]:
+    return [
+        name,
+        str(d),
+        "-" if k is None else str(k),
+        f"{lr:g}",
+        f"{metrics['auc']:.4f}",
+        f"{metrics['logloss']:.4f}",
+        f"{serving / 2**20:.2f}",
+        f"{training / 2**20:.2f}",
+        f"{seconds:.0f}",
+        f"{sps:,.0f}",
+    ]
 
 
-def _print_table(rows: List[List[str]]) -> None:
-    header = ["model", "d", "k", "emb lr", "test AUC", "test LogLoss", "serving MiB", "training MiB", "train s", "samples/s"]
+def _print_table(rows: list[list[str]]) -> None:
+    header = [
+        "model",
+        "d",
+        "k",
+        "emb lr",
+        "test AUC",
+        "test LogLoss",
+        "serving MiB",
+        "training MiB",
+        "train s",
+        "samples/s",
+    ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
 
 
-def run_demo(workdir: Path, data: Path, nproc_per_node: int = 2, overrides: Sequence[str] = ()) -> Dict:
+def run_demo(workdir: Path, data: Path, nproc_per_node: int = 2, overrides: Sequence[str] = ()) -> dict[str, Any]:
     from mlet_torchrec.serving.collapse import collapse
     from mlet_torchrec.training.launcher import train_local
 
     _ensure_data(data)
-    results: Dict[str, Dict] = {}
+    results: dict[str, dict[str, Any]] = {}
     base = load_config(DEMO_CONFIG, [f"data.path={data}", *overrides])
     # MLET scales the effective embedding learning rate (the papers' Theorem 1), so the baseline is also
     # trained with a 5x larger embedding learning rate: the fair comparison, not only the paper's.
@@ -62,10 +93,13 @@ def run_demo(workdir: Path, data: Path, nproc_per_node: int = 2, overrides: Sequ
     for name, extra in variants.items():
         run_dir = workdir / name.replace(" ", "_")
         # run.resume=false: a demo re-run trains again instead of returning the finished run
-        cfg = load_config(DEMO_CONFIG, [f"data.path={data}", f"run.dir={run_dir}", "run.resume=false",
-                                        *overrides, *extra])
-        print(f"\n== training {name}: d={cfg.embedding.d} k={cfg.embedding.k} "
-              f"embedding lr={cfg.sparse_optimizer.lr:g} on {nproc_per_node} ranks")
+        cfg = load_config(
+            DEMO_CONFIG, [f"data.path={data}", f"run.dir={run_dir}", "run.resume=false", *overrides, *extra]
+        )
+        print(
+            f"\n== training {name}: d={cfg.embedding.d} k={cfg.embedding.k} "
+            f"embedding lr={cfg.sparse_optimizer.lr:g} on {nproc_per_node} ranks"
+        )
         start = time.perf_counter()
         summary = train_local(cfg, nproc_per_node)
         summary["wall_seconds"] = time.perf_counter() - start
@@ -80,21 +114,48 @@ def run_demo(workdir: Path, data: Path, nproc_per_node: int = 2, overrides: Sequ
     for name in variants:
         r = results[name]
         emb = r["config"]["embedding"]
-        rows.append(_row(name, emb["d"], emb["k"], r["config"]["sparse_optimizer"]["lr"], r["test"], r["serving_table_bytes"], r["training_table_bytes"],
-                         r["train_seconds"], r["samples_per_second"]))
+        rows.append(
+            _row(
+                name,
+                emb["d"],
+                emb["k"],
+                r["config"]["sparse_optimizer"]["lr"],
+                r["test"],
+                r["serving_table_bytes"],
+                r["training_table_bytes"],
+                r["train_seconds"],
+                r["samples_per_second"],
+            )
+        )
     m = results["mlet"]
-    rows.append(_row("mlet collapsed", m["config"]["embedding"]["d"], None, m["config"]["sparse_optimizer"]["lr"],
-                     report.collapsed_metrics, report.serving_table_bytes, report.serving_table_bytes, 0, 0)[:8]
-                + ["-", "-"])
+    rows.append(
+        _row(
+            "mlet collapsed",
+            m["config"]["embedding"]["d"],
+            None,
+            m["config"]["sparse_optimizer"]["lr"],
+            report.collapsed_metrics,
+            report.serving_table_bytes,
+            report.serving_table_bytes,
+            0,
+            0,
+        )[:8]
+        + ["-", "-"]
+    )
     print()
     _print_table(rows)
-    oracle = DatasetMeta.load(data).source.get("oracle", {}).get("test")
+    planted = DatasetMeta.load(data).source.get("oracle")
+    oracle = planted.get("test") if isinstance(planted, dict) else None
     if oracle:
-        print(f"(the planted model itself: test AUC {oracle['auc']:.4f}, LogLoss {oracle['logloss']:.4f}; "
-              f"always predicting the positive rate: LogLoss {oracle['label_entropy']:.4f})")
-    print("(one seed, one short epoch at the paper's embedding learning rate: MLET's edge here is mostly its larger "
-          "effective learning rate; with both learning rates tuned, MLET and the baseline are within seed noise "
-          "in docs/results/README.md)")
+        print(
+            f"(the planted model itself: test AUC {oracle['auc']:.4f}, LogLoss {oracle['logloss']:.4f}; "
+            f"always predicting the positive rate: LogLoss {oracle['label_entropy']:.4f})"
+        )
+    print(
+        "(one seed, one short epoch at the paper's embedding learning rate: MLET's edge here is mostly its larger "
+        "effective learning rate; with both learning rates tuned, MLET and the baseline are within seed noise "
+        "in docs/results/README.md)"
+    )
     out = {"results": results, "collapse": report.__dict__}
     atomic_write_text(workdir / "demo_results.json", json.dumps(out, indent=2, default=str))
     print(f"\nruns, checkpoints and TensorBoard logs are in {workdir}/ (demo_results.json has every figure)")

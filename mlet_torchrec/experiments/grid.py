@@ -13,9 +13,10 @@ import hashlib
 import itertools
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import yaml
 
@@ -35,14 +36,14 @@ def _yaml_value(raw: str) -> Any:
         raise ConfigError(f"grid value {raw!r} is not valid YAML: {e}") from e
 
 
-def parse_grid(text: str) -> Dict[str, List[Any]]:
+def parse_grid(text: str) -> dict[str, list[Any]]:
     """``"embedding.d=[4,8] embedding.k=[none,64] seed=[0,1]"`` -> ordered {key: values}.
 
     Axes are separated by whitespace outside brackets; a value without brackets is a one-value axis;
     list items may be ``none``/``null``. ``seed``, ``d``, ``k``, ``lr`` are short for ``train.seed``,
     ``embedding.d``, ``embedding.k``, ``sparse_optimizer.lr``.
     """
-    grid: Dict[str, List[Any]] = {}
+    grid: dict[str, list[Any]] = {}
     text = (text or "").strip()
     pos = 0
     pattern = re.compile(r"\s*([A-Za-z_][\w.]*)\s*=\s*(\[[^\]]*\]|[^\s\[\]]+)\s*")
@@ -71,13 +72,13 @@ def format_override(key: str, value: Any) -> str:
     return f"{key}={'null' if value is None else json.dumps(value)}"
 
 
-def expand_grid(grid: Dict[str, List[Any]]) -> List[Dict[str, Any]]:
+def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """Every combination of the axes, the last axis varying fastest."""
     keys = list(grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def _strip(d: Dict[str, Any], path: Tuple[str, ...] = ()) -> Dict[str, Any]:
+def _strip(d: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
     out = {}
     for k, v in d.items():
         p = path + (k,)
@@ -95,33 +96,33 @@ def cell_key(config: ExperimentConfig) -> str:
 
 @dataclass
 class Cell:
-    overrides: Dict[str, Any]
+    overrides: dict[str, Any]
     """The grid (and tuning) values of this run, dotted keys."""
     role: str
     """'grid' (a cell of the grid) or 'tune' (an extra run of the tuning grid)."""
     config: ExperimentConfig
     key: str = ""
-    tags: Dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, Any] = field(default_factory=dict)
 
     def label(self) -> str:
         return " ".join(format_override(k, v) for k, v in self.overrides.items())
 
 
 def plan_cells(
-    config_path: Optional[str],
-    grid: Dict[str, List[Any]],
-    tune: Dict[str, List[Any]],
+    config_path: str | None,
+    grid: dict[str, list[Any]],
+    tune: dict[str, list[Any]],
     base_overrides: Sequence[str] = (),
     runs_dir: str = "runs/sweep",
     tune_mlet: bool = False,
-) -> List[Cell]:
+) -> list[Cell]:
     """The cells of a sweep, de-duplicated by key (a tuning value equal to the base value is one run).
 
     The tuning axes are run for the baseline (k=null) cells, and for every cell when ``tune_mlet``."""
-    cells: List[Cell] = []
-    seen: set = set()
+    cells: list[Cell] = []
+    seen: set[str] = set()
 
-    def add(ov: Dict[str, Any], role: str) -> None:
+    def add(ov: dict[str, Any], role: str) -> None:
         overrides = list(base_overrides) + [format_override(k, v) for k, v in ov.items()]
         config = load_config(config_path, overrides)
         key = cell_key(config)
@@ -145,12 +146,16 @@ def plan_cells(
     return cells
 
 
-def budget_note(grid: Dict[str, List[Any]], tune: Dict[str, List[Any]], tune_mlet: bool = False) -> str:
+def budget_note(grid: dict[str, list[Any]], tune: dict[str, list[Any]], tune_mlet: bool = False) -> str:
     ks = [k for k in grid.get("embedding.k", [None]) if k is not None]
     n_tune = len(expand_grid(tune)) if tune else 1
     axes = ", ".join(tune) or "nothing"
     if tune_mlet:
-        return (f"per (d, seed): every method (the baseline and MLET at each k in {ks}) gets the same {n_tune} "
-                f"tuning run(s) (one per value of {axes}) plus its run at the config's values")
-    return (f"per (d, seed): MLET {len(ks)} run(s) (one per k in {ks}); tuned baseline {n_tune} run(s) "
-            f"(one per value of {axes})")
+        return (
+            f"per (d, seed): every method (the baseline and MLET at each k in {ks}) gets the same {n_tune} "
+            f"tuning run(s) (one per value of {axes}) plus its run at the config's values"
+        )
+    return (
+        f"per (d, seed): MLET {len(ks)} run(s) (one per k in {ks}); tuned baseline {n_tune} run(s) "
+        f"(one per value of {axes})"
+    )

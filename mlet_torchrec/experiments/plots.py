@@ -12,14 +12,20 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Optional
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from mlet_torchrec.experiments.selection import Results
 from mlet_torchrec.experiments.stats import mean_std
 from mlet_torchrec.io import atomic_write_bytes
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-def _plt():
+
+def _plt() -> ModuleType:
+    """``matplotlib.pyplot`` on the Agg backend, imported on first use (the package does not need it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,7 +35,7 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> str:
+def _save(fig: Figure, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
@@ -40,21 +46,28 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
+# matplotlib line keyword arguments per method kind
+_STYLES: dict[str, dict[str, Any]] = {
+    "paper": dict(ls="--", marker="s", color="k"),
+    "tuned": dict(ls="-", marker="s", color="k"),
+}
 
-_STYLES = {"paper": dict(ls="--", marker="s", color="k"), "tuned": dict(ls="-", marker="s", color="k")}
 
-
-def _series_vs_d(ax, res: "Results", variant: str, path: str) -> None:
+def _series_vs_d(ax: Axes, res: Results, variant: str, path: str) -> None:
     """One line per method (mean ± std over seeds of ``path``) against d on a log2 axis."""
     for m in res.methods():
         if m.kind == "mlet_best":
             continue
-        xs, ys, es = [], [], []
+        xs: list[int] = []
+        ys: list[float] = []
+        es: list[float] = []
         for d in res.ds:
             mm, ss, n = mean_std(res.values(m, variant, d, path))
             if n:
-                xs.append(d), ys.append(mm), es.append(0 if math.isnan(ss) else ss)
-        ax.errorbar(xs, ys, yerr=es, capsize=2, label=m.name, lw=1, ms=3, **_STYLES.get(m.kind, dict(marker="o")))
+                xs.append(d)
+                ys.append(mm)
+                es.append(0 if math.isnan(ss) else ss)
+        ax.errorbar(xs, ys, yerr=es, capsize=2, label=m.name, lw=1, ms=3, **_STYLES.get(m.kind, {"marker": "o"}))
     ax.set_xscale("log", base=2)
     ax.set_xticks(res.ds)
     ax.set_xticklabels([str(d) for d in res.ds])
@@ -85,7 +98,7 @@ def plot_freq(res: Results, variant: str, out: Path, title: str) -> str:
     return _save(fig, out)
 
 
-def plot_spectrum(res: Results, variant: str, out: Path, title: str) -> Optional[str]:
+def plot_spectrum(res: Results, variant: str, out: Path, title: str) -> str | None:
     d = max(res.ds)
     seed = res.seeds[0]
     runs = res.cells.get((variant, d, seed), [])
@@ -101,13 +114,23 @@ def plot_spectrum(res: Results, variant: str, out: Path, title: str) -> Optional
         if r is None:
             continue
         s = r["spectrum"][table]["singular_values"]
-        ax.semilogy(range(1, len(s) + 1), [x / s[0] for x in s], marker="o", ms=3, lw=1, label=m.name,
-                    **({"color": "k", "ls": "--"} if m.kind == "paper" else {}))
+        ax.semilogy(
+            range(1, len(s) + 1),
+            [x / s[0] for x in s],
+            marker="o",
+            ms=3,
+            lw=1,
+            label=m.name,
+            **({"color": "k", "ls": "--"} if m.kind == "paper" else {}),
+        )
     ax.axhline(0.01, color="gray", lw=0.8, ls=":")
     ax.set_xlabel("index")
     ax.set_ylabel("σ_i / σ_1")
-    ax.set_title(f"{title}: singular values of collapsed {table} ({runs[0]['spectrum'][table]['rows']} rows), "
-                 f"d={d}, seed {seed}", fontsize=7)
+    ax.set_title(
+        f"{title}: singular values of collapsed {table} ({runs[0]['spectrum'][table]['rows']} rows), "
+        f"d={d}, seed {seed}",
+        fontsize=7,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     return _save(fig, out)

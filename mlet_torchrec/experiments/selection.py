@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 from mlet_torchrec.experiments.stats import _get
 
@@ -25,10 +26,10 @@ from mlet_torchrec.experiments.stats import _get
 class Method:
     name: str
     kind: str  # 'paper', 'tuned' (baseline); 'mlet' (config's lr), 'mlet_tuned' (lr tuned), 'mlet_best' (MLET)
-    k: Optional[int] = None
+    k: int | None = None
 
 
-def _variant(rec: Dict[str, Any]) -> str:
+def _variant(rec: dict[str, Any]) -> str:
     """Grid values other than d, k, seed and the tuning axes (usually empty)."""
     tune = set(rec.get("tune") or {})
     skip = {"embedding.k", "embedding.d", "train.seed"} | tune
@@ -38,7 +39,7 @@ def _variant(rec: Dict[str, Any]) -> str:
 class Results:
     """Results of one data set, indexed by (variant, d, seed)."""
 
-    def __init__(self, records: List[Dict[str, Any]], diverged: Sequence[Dict[str, Any]] = ()) -> None:
+    def __init__(self, records: list[dict[str, Any]], diverged: Sequence[dict[str, Any]] = ()) -> None:
         self.records = records
         # every embedding lr tried, diverged runs included (a diverged top value still counts as tried)
         self.tried_lrs = sorted({r["sparse_lr"] for r in [*records, *diverged]})
@@ -46,7 +47,7 @@ class Results:
         self.ks = sorted({r["k"] for r in records if r["k"] is not None})
         self.seeds = sorted({r["seed"] for r in records})
         self.variants = sorted({_variant(r) for r in records})
-        self.cells: Dict[Tuple[str, int, int], List[Dict[str, Any]]] = defaultdict(list)
+        self.cells: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
         for r in records:
             self.cells[(_variant(r), r["d"], r["seed"])].append(r)
         self.paper_lrs = sorted({r["sparse_lr"] for r in records if r["k"] is None and r.get("role") == "grid"})
@@ -55,7 +56,7 @@ class Results:
         # `mlet sweep --tune`: MLET's learning rate tuned over the same grid as the baseline's
         self.mlet_tuned = any(r.get("role") == "tune" and r["k"] is not None for r in records)
 
-    def methods(self) -> List[Method]:
+    def methods(self) -> list[Method]:
         lrs = "{" + ", ".join(map(_g, self.tune_lrs)) + "}"
         out = [Method(f"baseline (paper lr {','.join(map(_g, self.paper_lrs))})", "paper")]
         if self.has_tuning:
@@ -68,7 +69,7 @@ class Results:
             out.append(Method("MLET best k, lr (valid)" if self.mlet_tuned else "MLET best k (valid)", "mlet_best"))
         return out
 
-    def pick(self, method: Method, variant: str, d: int, seed: int) -> Optional[Dict[str, Any]]:
+    def pick(self, method: Method, variant: str, d: int, seed: int) -> dict[str, Any] | None:
         runs = self.cells.get((variant, d, seed), [])
         base = [r for r in runs if r["k"] is None]
         if method.kind == "paper":
@@ -79,14 +80,15 @@ class Results:
         if method.kind == "mlet":
             c = [r for r in runs if r["k"] == method.k]
             grid = [r for r in c if r.get("role", "grid") == "grid"]
-            return (grid or c or [None])[0]
+            chosen = grid or c
+            return chosen[0] if chosen else None
         if method.kind == "mlet_tuned":
             return _best_valid([r for r in runs if r["k"] == method.k])
         if method.kind == "mlet_best":
             return _best_valid([r for r in runs if r["k"] is not None])
         raise ValueError(method.kind)
 
-    def values(self, method: Method, variant: str, d: int, path: str) -> List[float]:
+    def values(self, method: Method, variant: str, d: int, path: str) -> list[float]:
         out = []
         for s in self.seeds:
             r = self.pick(method, variant, d, s)
@@ -95,7 +97,7 @@ class Results:
                 out.append(v)
         return out
 
-    def paired(self, a: Method, b: Method, variant: str, d: int, path: str) -> List[float]:
+    def paired(self, a: Method, b: Method, variant: str, d: int, path: str) -> list[float]:
         """Per-seed differences a - b (seeds where both exist)."""
         out = []
         for s in self.seeds:
@@ -112,9 +114,8 @@ def _g(x: float) -> str:
     return f"{x:g}"
 
 
-def _best_valid(runs: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    scored = [(_get(r, "valid.auc"), r) for r in runs]
-    scored = [(v, r) for v, r in scored if v is not None and not math.isnan(v)]
+def _best_valid(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    scored = [(v, r) for v, r in ((_get(r, "valid.auc"), r) for r in runs) if v is not None and not math.isnan(v)]
     if not scored:
         return runs[0] if runs else None
     return max(scored, key=lambda x: x[0])[1]

@@ -11,11 +11,25 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 # two-sided 95% critical values of Student's t by degrees of freedom
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        15: 2.131, 20: 2.086, 30: 2.042}
+_T95 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
 
 
 def t95(df: int) -> float:
@@ -28,7 +42,7 @@ def t95(df: int) -> float:
     return 1.96
 
 
-def mean_std(values: Sequence[float]) -> Tuple[float, float, int]:
+def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
         return float("nan"), float("nan"), 0
@@ -37,7 +51,7 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float, int]:
     return m, s, len(vals)
 
 
-def fmt(values: Sequence[float], digits: int = 4, scale: float = 1.0) -> str:
+def fmt(values: Sequence[float | None], digits: int = 4, scale: float = 1.0) -> str:
     """``mean ± std`` over seeds (just the mean for one value, ``–`` for none)."""
     m, s, n = mean_std([v * scale for v in values if v is not None])
     if n == 0:
@@ -47,7 +61,7 @@ def fmt(values: Sequence[float], digits: int = 4, scale: float = 1.0) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def _get(rec: Dict[str, Any], path: str) -> Optional[float]:
+def _get(rec: dict[str, Any], path: str) -> float | None:
     node: Any = rec
     for part in path.split("."):
         if not isinstance(node, dict) or part not in node:

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 log = logging.getLogger("mlet.sweep")
 
@@ -33,13 +33,13 @@ class ResultsStore:
         self.path = Path(path)
         self._lock = threading.Lock()
 
-    def load(self) -> List[Dict[str, Any]]:
+    def load(self) -> list[dict[str, Any]]:
         return load_results(self.path)
 
-    def done_keys(self) -> set:
+    def done_keys(self) -> set[str]:
         return {r["key"] for r in self.load() if r.get("status") in ("ok", "diverged")}
 
-    def append(self, record: Dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, sort_keys=True, default=json_default) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
@@ -81,7 +81,7 @@ def json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def load_results(path: Path | str) -> List[Dict[str, Any]]:
+def load_results(path: Path | str) -> list[dict[str, Any]]:
     """Every complete line of a store (a torn last line from an interrupted write is skipped)."""
     path = Path(path)
     if not path.exists():

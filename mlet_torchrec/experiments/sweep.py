@@ -28,8 +28,9 @@ Measurements in a result line:
 * ``freq``: test rows ranked by the train-split frequency of their ids. A row's frequency is the **minimum**
   over the frequency features (default: every sparse feature; ``--freq-features`` picks some, e.g. the item
   for MovieLens) of the train count of its id (multi-hot: min over the bag; empty bags are skipped; ids
-  unseen in train, and the converters' OOV id (values rarer than ``--min-count``), count 0). ``top10``/``bottom10``: AUC/PR-AUC/positive rate on the 10% of test rows with
-  the highest/lowest frequency (ties broken by row order of the test split).
+  unseen in train, and the converters' OOV id (values rarer than ``--min-count``), count 0).
+  ``top10``/``bottom10``: AUC/PR-AUC/positive rate on the 10% of test rows with the highest/lowest frequency
+  (ties broken by row order of the test split).
 * ``peak_rss_mb``: max resident set size of the training process(es): with ``nproc > 1`` the
   ``RUSAGE_CHILDREN`` max RSS of the cell process (= the largest of its training workers, read right after
   ``train_local`` returns); with ``nproc == 1`` the cell process's own ``RUSAGE_SELF`` max RSS read right after
@@ -55,7 +56,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from mlet_torchrec.experiments.analysis import analyse_run  # noqa: F401  (re-exported)
 from mlet_torchrec.experiments.cell import _cell_main, _measure_cell, run_cell_here  # noqa: F401
@@ -77,55 +78,72 @@ log = logging.getLogger("mlet.sweep")
 
 @dataclass
 class SweepSettings:
-    config: Optional[str]
-    grid: Dict[str, List[Any]]
-    tune: Dict[str, List[Any]] = field(default_factory=dict)
+    config: str | None
+    grid: dict[str, list[Any]]
+    tune: dict[str, list[Any]] = field(default_factory=dict)
     tune_mlet: bool = False  # run the tuning axes for the MLET cells too (every method tuned alike)
     results: str = "results.jsonl"
-    base_overrides: List[str] = field(default_factory=list)
+    base_overrides: list[str] = field(default_factory=list)
     nproc: int = 2
     parallel: int = 1
-    runs_dir: Optional[str] = None
-    freq_features: Optional[List[str]] = None
+    runs_dir: str | None = None
+    freq_features: list[str] | None = None
     keep_runs: bool = False
-    dataset: Optional[str] = None
+    dataset: str | None = None
     dry_run: bool = False
     in_process: bool = False
     compression: bool = True
-    cell_timeout: Optional[float] = None
+    cell_timeout: float | None = None
 
 
-def _run_cell_subprocess(cell: Cell, s: SweepSettings, work: Path) -> Dict[str, Any]:
+def _run_cell_subprocess(cell: Cell, s: SweepSettings, work: Path) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     spec = work / f"{cell.key}.spec.json"
     out = work / f"{cell.key}.out.json"
     logf = work / f"{cell.key}.log"
     out.unlink(missing_ok=True)
-    atomic_write_text(spec, json.dumps({"config": cell.config.model_dump(mode="json"), "nproc": s.nproc,
-                                        "freq_features": s.freq_features, "output": str(out),
-                                        "compression": s.compression}))
+    atomic_write_text(
+        spec,
+        json.dumps(
+            {
+                "config": cell.config.model_dump(mode="json"),
+                "nproc": s.nproc,
+                "freq_features": s.freq_features,
+                "output": str(out),
+                "compression": s.compression,
+            }
+        ),
+    )
     with open(logf, "w") as lf:
-        proc = subprocess.run([sys.executable, "-m", "mlet_torchrec.experiments.sweep", "--cell", str(spec)],
-                              stdout=lf, stderr=subprocess.STDOUT, timeout=s.cell_timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlet_torchrec.experiments.sweep", "--cell", str(spec)],
+            stdout=lf,
+            stderr=subprocess.STDOUT,
+            timeout=s.cell_timeout,
+        )
     if proc.returncode != 0 or not out.exists():
         tail = logf.read_text()[-2000:]
-        raise RuntimeError(f"cell {cell.key} ({cell.label()}) failed with exit code {proc.returncode}; "
-                           f"log {logf}:\n{tail}")
-    return json.loads(out.read_text())
+        raise RuntimeError(
+            f"cell {cell.key} ({cell.label()}) failed with exit code {proc.returncode}; log {logf}:\n{tail}"
+        )
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
 
 
-def _data_hashing(data_path: str) -> Optional[Dict[str, Any]]:
-    """The hashing a data set was made with (``python -m mlet_torchrec.serving.compression hash``), None if un-hashed."""
+def _data_hashing(data_path: str) -> dict[str, Any] | None:
+    """The hashing a data set was made with (``python -m mlet_torchrec.serving.compression hash``);
+    None if un-hashed."""
     from data_pipes.schema import DatasetMeta
 
     try:
         source = DatasetMeta.load(data_path).source
     except FileNotFoundError:  # only in tests that fake the training; a trained cell's data is there
         return None
-    return source.get("hashing") if isinstance(source, dict) else None
+    hashing = source.get("hashing")
+    return hashing if isinstance(hashing, dict) else None
 
 
-def run_sweep(s: SweepSettings) -> Dict[str, int]:
+def run_sweep(s: SweepSettings) -> dict[str, int]:
     """Run every cell not yet in the store; returns counts {planned, skipped, ran, failed}."""
     store = ResultsStore(s.results)
     runs_dir = s.runs_dir or str(Path("runs/sweep") / Path(s.results).parent.name)
@@ -137,8 +155,11 @@ def run_sweep(s: SweepSettings) -> Dict[str, int]:
     ks = [k for k in s.grid.get("embedding.k", [None]) if k is not None]
     if s.tune and not s.tune_mlet and len(expand_grid(s.tune)) != len(ks):
         log.warning("budget not matched: %s", note)
-    print(f"sweep: {len(cells)} runs planned, {len(cells) - len(todo)} already in {s.results}, {len(todo)} to run; "
-          f"budget {note}", flush=True)
+    print(
+        f"sweep: {len(cells)} runs planned, {len(cells) - len(todo)} already in {s.results}, {len(todo)} to run; "
+        f"budget {note}",
+        flush=True,
+    )
     if s.dry_run:
         for c in todo:
             print(f"  {c.key} [{c.role}] {c.label()}")
@@ -148,15 +169,16 @@ def run_sweep(s: SweepSettings) -> Dict[str, int]:
     counts = {"planned": len(cells), "skipped": len(cells) - len(todo), "ran": 0, "failed": 0}
     lock = threading.Lock()
 
-    def one(i_cell: Tuple[int, Cell]) -> None:
+    def one(i_cell: tuple[int, Cell]) -> None:
         i, cell = i_cell
         t0 = time.time()
         fresh = not Path(cell.config.run.dir).exists()  # only a run dir this cell creates is removed after it
         print(f"[{i + 1}/{len(todo)}] {cell.key} [{cell.role}] {cell.label()} ...", flush=True)
         try:
             if s.in_process:
-                meas = run_cell_here(cell.config, s.nproc, s.freq_features, shared_process=True,
-                                     compression=s.compression)
+                meas = run_cell_here(
+                    cell.config, s.nproc, s.freq_features, shared_process=True, compression=s.compression
+                )
             else:
                 meas = _run_cell_subprocess(cell, s, work)
         except Exception as e:  # noqa: BLE001 - report and go on with the other cells
@@ -165,23 +187,40 @@ def run_sweep(s: SweepSettings) -> Dict[str, int]:
                 counts["failed"] += 1
             return
         record = {
-            "version": STORE_VERSION, "key": cell.key, "status": meas.pop("status", "ok"), "role": cell.role,
-            "dataset": dataset, "overrides": cell.overrides, "base_config": s.config,
-            "base_overrides": list(s.base_overrides), "grid": s.grid, "tune": s.tune,
-            "tune_mlet": s.tune_mlet, "budget": note,
-            "nproc": s.nproc, "parallel": s.parallel,
-            "d": cell.config.embedding.d, "k": cell.config.embedding.k, "seed": cell.config.train.seed,
-            "sparse_lr": cell.config.sparse_optimizer.lr, "dense_lr": cell.config.dense_optimizer.lr,
-            "config": cell.config.model_dump(mode="json"), "data_hashing": _data_hashing(cell.config.data.path),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": time.time() - t0,
+            "version": STORE_VERSION,
+            "key": cell.key,
+            "status": meas.pop("status", "ok"),
+            "role": cell.role,
+            "dataset": dataset,
+            "overrides": cell.overrides,
+            "base_config": s.config,
+            "base_overrides": list(s.base_overrides),
+            "grid": s.grid,
+            "tune": s.tune,
+            "tune_mlet": s.tune_mlet,
+            "budget": note,
+            "nproc": s.nproc,
+            "parallel": s.parallel,
+            "d": cell.config.embedding.d,
+            "k": cell.config.embedding.k,
+            "seed": cell.config.train.seed,
+            "sparse_lr": cell.config.sparse_optimizer.lr,
+            "dense_lr": cell.config.dense_optimizer.lr,
+            "config": cell.config.model_dump(mode="json"),
+            "data_hashing": _data_hashing(cell.config.data.path),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "wall_seconds": time.time() - t0,
             **meas,
         }
         store.append(record)
         if not s.keep_runs and fresh:
             shutil.rmtree(cell.config.run.dir, ignore_errors=True)
         t = record.get("test") or {}
-        outcome = ("diverged (recorded; a rerun skips it)" if record["status"] == "diverged" else
-                   f"test AUC {t.get('auc', float('nan')):.4f} LogLoss {t.get('logloss', float('nan')):.4f}")
+        outcome = (
+            "diverged (recorded; a rerun skips it)"
+            if record["status"] == "diverged"
+            else f"test AUC {t.get('auc', float('nan')):.4f} LogLoss {t.get('logloss', float('nan')):.4f}"
+        )
         print(f"[{i + 1}/{len(todo)}] {cell.key} done in {record['wall_seconds']:.0f}s: {outcome}", flush=True)
         with lock:
             counts["ran"] += 1

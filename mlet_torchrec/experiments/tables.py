@@ -9,28 +9,29 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any
 
 from mlet_torchrec.experiments.plots import plot_freq, plot_spectrum, plot_vs_d
 from mlet_torchrec.experiments.selection import Method, Results, _g
 from mlet_torchrec.experiments.stats import _get, fmt, mean_std, verdict
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> List[str]:
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines
 
 
-def _mib(b: Optional[float]) -> str:
+def _mib(b: float | None) -> str:
     return "–" if b is None else f"{b / 2**20:.2f}"
 
 
-def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_mb: Sequence[float]) -> List[str]:
+def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_mb: Sequence[float]) -> list[str]:
     slug = "".join(c if c.isalnum() else "_" for c in f"{name}_{variant}".strip("_"))
     plots = out / "plots"
-    L: List[str] = []
+    L: list[str] = []
     methods = res.methods()
     paper = methods[0]
     tuned = next((m for m in methods if m.kind == "tuned"), None)
@@ -40,24 +41,31 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
     n_seeds = len(res.seeds)
 
     L += [f"## {name}" + (f" ({variant})" if variant else ""), ""]
-    L += [f"- runs: {len(res.records)} ({sum(r.get('role') == 'tune' for r in res.records)} of them "
-          f"{'learning-rate' if res.mlet_tuned else 'baseline'} tuning runs); d ∈ {res.ds}, k ∈ {['null'] + res.ks}, seeds {res.seeds}; processes per run: "
-          f"{sorted({r.get('nproc') for r in res.records})}",
-          f"- base config: `{r0.get('base_config')}`" + (f" with `{' '.join(r0['base_overrides'])}`"
-                                                          if r0.get("base_overrides") else ""),
-          f"- fair baseline: embedding (sparse) learning rate tuned over {res.tune_lrs} per (d, seed) on "
-          f"**validation** AUC{', for MLET (per k) as for the baseline' if res.mlet_tuned else ''}; budget "
-          f"{res.records[-1].get('budget', 'n/a')}." if res.has_tuning else
-          "- no baseline tuning runs in these results (`--tune-baseline` not given)",
-          f"- test rows: {int(_get(r0, 'test.rows') or 0)}, positive rate {(_get(r0, 'test.positive_rate') or 0):.3f}, "
-          f"label entropy (LogLoss of a constant) {(_get(r0, 'test.label_entropy') or 0):.4f}",
-          ""]
+    L += [
+        f"- runs: {len(res.records)} ({sum(r.get('role') == 'tune' for r in res.records)} of them "
+        f"{'learning-rate' if res.mlet_tuned else 'baseline'} tuning runs); d ∈ {res.ds}, k ∈ {['null'] + res.ks}, "
+        f"seeds {res.seeds}; processes per run: "
+        f"{sorted({r['nproc'] for r in res.records})}",  # every sweep record names its nproc
+        f"- base config: `{r0.get('base_config')}`"
+        + (f" with `{' '.join(r0['base_overrides'])}`" if r0.get("base_overrides") else ""),
+        f"- fair baseline: embedding (sparse) learning rate tuned over {res.tune_lrs} per (d, seed) on "
+        f"**validation** AUC{', for MLET (per k) as for the baseline' if res.mlet_tuned else ''}; budget "
+        f"{res.records[-1].get('budget', 'n/a')}."
+        if res.has_tuning
+        else "- no baseline tuning runs in these results (`--tune-baseline` not given)",
+        f"- test rows: {int(_get(r0, 'test.rows') or 0)}, positive rate {(_get(r0, 'test.positive_rate') or 0):.3f}, "
+        f"label entropy (LogLoss of a constant) {(_get(r0, 'test.label_entropy') or 0):.4f}",
+        "",
+    ]
 
     # ---- summary
     L += ["### Summary: MLET vs the single-layer baseline (test AUC, paired over seeds)", ""]
-    L += ["Δ = MLET − baseline on the same seed (mean ± std over seeds). Verdict: paired t-test at 95% "
-          f"(n = {n_seeds} seeds; with 3 seeds a difference must be about 2.5x its std to count). "
-          "'seed std' is the std of the baseline's AUC over seeds.", ""]
+    L += [
+        "Δ = MLET − baseline on the same seed (mean ± std over seeds). Verdict: paired t-test at 95% "
+        f"(n = {n_seeds} seeds; with 3 seeds a difference must be about 2.5x its std to count). "
+        "'seed std' is the std of the baseline's AUC over seeds.",
+        "",
+    ]
     rows = []
     for d in res.ds:
         for m in mlets:
@@ -68,23 +76,39 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
                 _, sstd, _ = mean_std(res.values(b, variant, d, "test.auc"))
                 dm, _, _ = mean_std(diffs)
                 ratio = "–" if not sstd or math.isnan(sstd) else f"{abs(dm) / sstd:.1f}"
-                rows.append([d, m.name, b.name, fmt(diffs, 4), "–" if math.isnan(sstd) else f"{sstd:.4f}", ratio,
-                             verdict(diffs)])
+                rows.append(
+                    [
+                        d,
+                        m.name,
+                        b.name,
+                        fmt(diffs, 4),
+                        "–" if math.isnan(sstd) else f"{sstd:.4f}",
+                        ratio,
+                        verdict(diffs),
+                    ]
+                )
     L += _table(["d", "MLET", "vs", "Δ AUC", "seed std", "|Δ|/seed std", "verdict"], rows) + [""]
     L += _plain_statements(res, variant, paper, tuned, mlets)
     # smaller d with MLET vs larger d baseline (the papers' headline)
     if len(res.ds) > 1:
         rows = []
         for i, d_small in enumerate(res.ds):
-            for d_big in res.ds[i + 1:]:
+            for d_big in res.ds[i + 1 :]:
                 best = next((m for m in mlets if m.kind == "mlet_best"), mlets[0] if mlets else None)
                 if best is None:
                     continue
-                a = res.values(best, variant, d_small, "test.auc")
-                b = res.values(ref, variant, d_big, "test.auc")
-                if a and b:
-                    rows.append([f"{best.name}, d={d_small}", f"{ref.name}, d={d_big}", fmt(a), fmt(b),
-                                 f"{statistics.fmean(a) - statistics.fmean(b):+.4f}"])
+                auc_small = res.values(best, variant, d_small, "test.auc")
+                auc_big = res.values(ref, variant, d_big, "test.auc")
+                if auc_small and auc_big:
+                    rows.append(
+                        [
+                            f"{best.name}, d={d_small}",
+                            f"{ref.name}, d={d_big}",
+                            fmt(auc_small),
+                            fmt(auc_big),
+                            f"{statistics.fmean(auc_small) - statistics.fmean(auc_big):+.4f}",
+                        ]
+                    )
         if rows:
             L += ["Smaller served tables: MLET at a small d against the baseline at a larger d (unpaired means):", ""]
             L += _table(["MLET", "baseline", "MLET AUC", "baseline AUC", "Δ of means"], rows) + [""]
@@ -93,36 +117,56 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
     L += ["### AUC and LogLoss vs d for each k (paper Fig. 2/3)", ""]
     for path, label in (("test.auc", "test AUC"), ("test.logloss", "test LogLoss"), ("valid.auc", "valid AUC")):
         L += [f"**{label}** (mean ± std over seeds)", ""]
-        L += _table(["method"] + [f"d={d}" for d in res.ds],
-                    [[m.name] + [fmt(res.values(m, variant, d, path)) for d in res.ds] for m in methods]) + [""]
+        L += _table(
+            ["method"] + [f"d={d}" for d in res.ds],
+            [[m.name] + [fmt(res.values(m, variant, d, path)) for d in res.ds] for m in methods],
+        ) + [""]
     p1 = plot_vs_d(res, variant, "test.auc", "test AUC", plots / f"{slug}_auc_vs_d.png", f"{name}: AUC vs d")
-    p2 = plot_vs_d(res, variant, "test.logloss", "test LogLoss", plots / f"{slug}_logloss_vs_d.png",
-                   f"{name}: LogLoss vs d")
+    p2 = plot_vs_d(
+        res, variant, "test.logloss", "test LogLoss", plots / f"{slug}_logloss_vs_d.png", f"{name}: LogLoss vs d"
+    )
     L += [f"![AUC vs d](plots/{p1}) ![LogLoss vs d](plots/{p2})", ""]
     chosen_by = [m for m in methods if m.kind in ("tuned", "mlet_tuned", "mlet_best")] if tuned else []
     if chosen_by:
-        L += ["Embedding learning rate the tuning chose (per seed, on validation AUC; `k=` where k was chosen too):", ""]
+        L += [
+            "Embedding learning rate the tuning chose (per seed, on validation AUC; `k=` where k was chosen too):",
+            "",
+        ]
         rows = []
         for m in chosen_by:
             for d in res.ds:
                 picks = [res.pick(m, variant, d, s) for s in res.seeds]
-                rows.append([m.name, d] + ["–" if r is None else _g(r["sparse_lr"])
-                                           + (f" (k={r['k']})" if m.kind == "mlet_best" else "") for r in picks])
+                rows.append(
+                    [m.name, d]
+                    + [
+                        "–" if r is None else _g(r["sparse_lr"]) + (f" (k={r['k']})" if m.kind == "mlet_best" else "")
+                        for r in picks
+                    ]
+                )
         L += _table(["method", "d"] + [f"seed {s}" for s in res.seeds], rows) + [""]
 
     # ---- Table 3
     f0 = r0.get("freq") or {}
     L += ["### PR-AUC on the most and least frequent items (paper Table 3)", ""]
-    L += [f"Test rows ranked by the train-split count of their ids ({f0.get('rule', 'n/a')}; features: "
-          f"{', '.join(f0.get('features', [])) or 'n/a'}); PR-AUC on the top and bottom "
-          f"{int(100 * f0.get('fraction', 0.1))}% of rows (train counts in those splits: top "
-          f"{(f0.get('top10') or {}).get('min_freq', '?')}..{(f0.get('top10') or {}).get('max_freq', '?')}, bottom "
-          f"{(f0.get('bottom10') or {}).get('min_freq', '?')}..{(f0.get('bottom10') or {}).get('max_freq', '?')}; "
-          f"positive rates {(f0.get('top10') or {}).get('positive_rate', float('nan')):.3f} / "
-          f"{(f0.get('bottom10') or {}).get('positive_rate', float('nan')):.3f}).", ""]
+    L += [
+        f"Test rows ranked by the train-split count of their ids ({f0.get('rule', 'n/a')}; features: "
+        f"{', '.join(f0.get('features', [])) or 'n/a'}); PR-AUC on the top and bottom "
+        f"{int(100 * f0.get('fraction', 0.1))}% of rows (train counts in those splits: top "
+        f"{(f0.get('top10') or {}).get('min_freq', '?')}..{(f0.get('top10') or {}).get('max_freq', '?')}, bottom "
+        f"{(f0.get('bottom10') or {}).get('min_freq', '?')}..{(f0.get('bottom10') or {}).get('max_freq', '?')}; "
+        f"positive rates {(f0.get('top10') or {}).get('positive_rate', float('nan')):.3f} / "
+        f"{(f0.get('bottom10') or {}).get('positive_rate', float('nan')):.3f}).",
+        "",
+    ]
     header = ["method"] + [f"{w} d={d}" for d in res.ds for w in ("top 10%", "bottom 10%")]
-    L += _table(header, [[m.name] + [fmt(res.values(m, variant, d, f"freq.{w}.pr_auc"))
-                                     for d in res.ds for w in ("top10", "bottom10")] for m in methods]) + [""]
+    L += _table(
+        header,
+        [
+            [m.name]
+            + [fmt(res.values(m, variant, d, f"freq.{w}.pr_auc")) for d in res.ds for w in ("top10", "bottom10")]
+            for m in methods
+        ],
+    ) + [""]
     rows = []
     for d in res.ds:
         for m in mlets:
@@ -138,21 +182,31 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
 
     # ---- Table 2
     L += ["### Time per iteration and memory per (k, d) (paper Table 2)", ""]
-    L += ["Time: training loop seconds / steps. Peak RSS: " + (r0.get("peak_rss_source") or "n/a") +
-          ". Table MiB: FP32 tables while training (n·k + k·d) and at serving (n·d). "
-          "Timings come from a shared 2-core machine with other jobs running: compare within a sweep only, "
-          "and expect noise.", ""]
+    L += [
+        "Time: training loop seconds / steps. Peak RSS: "
+        + (r0.get("peak_rss_source") or "n/a")
+        + ". Table MiB: FP32 tables while training (n·k + k·d) and at serving (n·d). "
+        "Timings come from a shared 2-core machine with other jobs running: compare within a sweep only, "
+        "and expect noise.",
+        "",
+    ]
     rows = []
     for k in [None] + res.ks:
         m = paper if k is None else Method("", "mlet", k)
         for d in res.ds:
-            rs = [res.pick(m, variant, d, s) for s in res.seeds]
-            rs = [r for r in rs if r is not None]
+            rs = [r for s in res.seeds if (r := res.pick(m, variant, d, s)) is not None]
             if not rs:
                 continue
-            rows.append(["null" if k is None else k, d, fmt([_get(r, "seconds_per_iter") for r in rs], 2, 1e3),
-                         fmt([_get(r, "peak_rss_mb") for r in rs], 0), _mib(_get(rs[0], "training_table_bytes")),
-                         _mib(_get(rs[0], "serving_table_bytes"))])
+            rows.append(
+                [
+                    "null" if k is None else k,
+                    d,
+                    fmt([_get(r, "seconds_per_iter") for r in rs], 2, 1e3),
+                    fmt([_get(r, "peak_rss_mb") for r in rs], 0),
+                    _mib(_get(rs[0], "training_table_bytes")),
+                    _mib(_get(rs[0], "serving_table_bytes")),
+                ]
+            )
     L += _table(["k", "d", "ms / iteration", "peak RSS MiB", "training tables MiB", "serving tables MiB"], rows)
     L += [""]
 
@@ -161,9 +215,12 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
     failed = [r for r in res.records if isinstance(r.get("compression"), dict) and "error" in r["compression"]]
     L += ["### MLET vs SVD (paper Table 4); hashing and INT8 composition (paper Fig. 5/7)", ""]
     if not comp:
-        L += ["not measured yet: these results hold no `compression` measurements (`mlet_torchrec.serving.compression` "
-              "did not exist, or had no `sweep_measurements`, when the runs were made). Rerun the sweep with it "
-              "present; the section then fills in.", ""]
+        L += [
+            "not measured yet: these results hold no `compression` measurements (`mlet_torchrec.serving.compression` "
+            "did not exist, or had no `sweep_measurements`, when the runs were made). Rerun the sweep with it "
+            "present; the section then fills in.",
+            "",
+        ]
     else:
         L += _compression_section(res, variant, comp)
     if failed:
@@ -171,10 +228,13 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
 
     # ---- spectrum
     L += ["### Singular values of the collapsed tables", ""]
-    L += ["Count of singular values of W (n x d; W = W1·W2 for MLET) above 1% of the largest, mean over seeds; "
-          "'all tables' averages the count over tables, 'largest' is the table with the most rows. The maximum "
-          "possible count is d. The third number counts the largest table's singular values above 10% of its largest "
-          "(the 1% threshold rarely discriminates at these d).", ""]
+    L += [
+        "Count of singular values of W (n x d; W = W1·W2 for MLET) above 1% of the largest, mean over seeds; "
+        "'all tables' averages the count over tables, 'largest' is the table with the most rows. The maximum "
+        "possible count is d. The third number counts the largest table's singular values above 10% of its largest "
+        "(the 1% threshold rarely discriminates at these d).",
+        "",
+    ]
     rows = []
     for m in [x for x in methods if x.kind != "mlet_best"]:
         row = [m.name]
@@ -203,7 +263,7 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
     return L
 
 
-def _baselines_for(m: Method, res: Results, paper: Method, tuned: Optional[Method]) -> List[Method]:
+def _baselines_for(m: Method, res: Results, paper: Method, tuned: Method | None) -> list[Method]:
     """What an MLET method is compared with: like with like when MLET's lr is tuned too (paper lr vs paper lr,
     tuned vs tuned); otherwise both baselines."""
     if not res.mlet_tuned:
@@ -211,8 +271,9 @@ def _baselines_for(m: Method, res: Results, paper: Method, tuned: Optional[Metho
     return [paper] if m.kind == "mlet" else ([tuned] if tuned else [])
 
 
-def _plain_statements(res: Results, variant: str, paper: Method, tuned: Optional[Method],
-                      mlets: List[Method]) -> List[str]:
+def _plain_statements(
+    res: Results, variant: str, paper: Method, tuned: Method | None, mlets: list[Method]
+) -> list[str]:
     best = next((m for m in mlets if m.kind == "mlet_best"), mlets[0] if mlets else None)
     if best is None:
         return []
@@ -226,43 +287,60 @@ def _plain_statements(res: Results, variant: str, paper: Method, tuned: Optional
             m, s, n = mean_std(diffs)
             sstd = mean_std(res.values(b, variant, d, "test.auc"))[1]
             v = verdict(diffs)
-            what = ("MLET's advantage holds (paired t-test, 95%)" if v.startswith("MLET better") else
-                    "MLET is worse (paired t-test, 95%)" if v.startswith("MLET worse") else
-                    f"the difference is not significant at 95% (paired t-test, {n} seeds)")
+            what = (
+                "MLET's advantage holds (paired t-test, 95%)"
+                if v.startswith("MLET better")
+                else "MLET is worse (paired t-test, 95%)"
+                if v.startswith("MLET worse")
+                else f"the difference is not significant at 95% (paired t-test, {n} seeds)"
+            )
             rel = "" if not sstd or math.isnan(sstd) else f", {abs(m) / sstd:.1f}x the baseline's seed std"
             parts.append(f"vs {b.name}: {m:+.4f} ± {s:.4f} over {n} seeds{rel}; {what}")
         L.append(f"- d={d}: " + "; ".join(parts) + ".")
-    for m in ([tuned] if tuned else []) + [x for x in mlets if x.kind == "mlet_tuned"]:
-        chosen = [res.pick(m, variant, d, s) for d in res.ds for s in res.seeds]
-        chosen = [r for r in chosen if r is not None]
+    for method in ([tuned] if tuned else []) + [x for x in mlets if x.kind == "mlet_tuned"]:
+        chosen = [r for d in res.ds for s in res.seeds if (r := res.pick(method, variant, d, s)) is not None]
         # the top of the grid as asked (diverged runs are not in the records, but they were tried)
         asked = [v for r in chosen for v in ((r.get("tune") or {}).get("sparse_optimizer.lr") or [])]
         top = max(asked + res.tried_lrs)
         at_top = sum(r["sparse_lr"] == top for r in chosen)
         if chosen and at_top > len(chosen) / 2:
-            L.append(f"- Caveat: the tuning of {m.name} chose the largest learning rate of its grid ({_g(top)}) in "
-                     f"{at_top} of {len(chosen)} (d, seed) cells: it is probably not at its best yet, and a wider "
-                     "grid would likely move it up further.")
+            L.append(
+                f"- Caveat: the tuning of {method.name} chose the largest learning rate of its grid ({_g(top)}) in "
+                f"{at_top} of {len(chosen)} (d, seed) cells: it is probably not at its best yet, and a wider "
+                "grid would likely move it up further."
+            )
     n_mlet = len(res.ks)
     n_base = len(res.tune_lrs)
     if tuned and res.mlet_tuned:
-        L.append(f"- Budget: per (d, seed) the baseline and MLET at each k each had {n_base} runs (one per embedding "
-                 f"learning rate {', '.join(map(_g, res.tune_lrs))}): equal budgets per k. 'MLET best k, lr' chooses "
-                 f"among {n_mlet * n_base} runs, so compare the per-k rows for a budget-matched verdict.")
+        L.append(
+            f"- Budget: per (d, seed) the baseline and MLET at each k each had {n_base} runs (one per embedding "
+            f"learning rate {', '.join(map(_g, res.tune_lrs))}): equal budgets per k. 'MLET best k, lr' chooses "
+            f"among {n_mlet * n_base} runs, so compare the per-k rows for a budget-matched verdict."
+        )
     elif tuned:
-        L.append(f"- Budget: per (d, seed) MLET had {n_mlet} runs (one per k) and the tuned baseline {n_base} "
-                 f"(one per embedding learning rate {', '.join(map(_g, res.tune_lrs))})"
-                 + ("; the budget favours the baseline." if n_base > n_mlet else
-                    "; equal budgets." if n_base == n_mlet else "; the budget favours MLET."))
+        L.append(
+            f"- Budget: per (d, seed) MLET had {n_mlet} runs (one per k) and the tuned baseline {n_base} "
+            f"(one per embedding learning rate {', '.join(map(_g, res.tune_lrs))})"
+            + (
+                "; the budget favours the baseline."
+                if n_base > n_mlet
+                else "; equal budgets."
+                if n_base == n_mlet
+                else "; the budget favours MLET."
+            )
+        )
     return L + [""]
 
 
-def _compression_section(res: Results, variant: str, comp: List[Dict[str, Any]]) -> List[str]:
+def _compression_section(res: Results, variant: str, comp: list[dict[str, Any]]) -> list[str]:
     """INT8 composition (Fig. 7) and MLET vs SVD (Table 4) from the runs' ``compression`` measurements."""
-    L: List[str] = []
+    L: list[str] = []
     methods = [m for m in res.methods() if m.kind in ("paper", "tuned", "mlet", "mlet_tuned")]
-    L += ["Table size is relative to a d = 1 FP32 model (paper A.4.4): FP32 d-dim tables are d, INT8 about d/4. "
-          "Test AUC, mean ± std over seeds.", ""]
+    L += [
+        "Table size is relative to a d = 1 FP32 model (paper A.4.4): FP32 d-dim tables are d, INT8 about d/4. "
+        "Test AUC, mean ± std over seeds.",
+        "",
+    ]
     L += ["**INT8 post-training quantization of the collapsed tables** (paper Fig. 7)", ""]
     rows = []
     for m in methods:
@@ -272,15 +350,28 @@ def _compression_section(res: Results, variant: str, comp: List[Dict[str, Any]])
                 continue
             size32 = res.values(m, variant, d, "compression.fp32.table_size")
             size8 = res.values(m, variant, d, "compression.int8 grid.table_size")
-            q = [a - b for a, b in zip(res.values(m, variant, d, "compression.int8 grid.auc"), fp)]
-            rows.append([m.name, d, f"{statistics.fmean(size32):.2f} → {statistics.fmean(size8):.2f}" if size8 else "–",
-                         fmt(fp), fmt(res.values(m, variant, d, "compression.int8 maxabs.auc")),
-                         fmt(res.values(m, variant, d, "compression.int8 grid.auc")), fmt(q)])
-    L += _table(["method", "d", "size FP32 → INT8", "AUC FP32", "AUC INT8 max-abs", "AUC INT8 grid",
-                 "Δ AUC (grid − FP32)"], rows) + [""]
-    L += ["**MLET vs low-rank SVD of the trained single-layer tables** (paper Table 4): the baseline at d is "
-          "trained, then every table is replaced by its best rank-r approximation (stored as n·r + r·d); MLET "
-          "is trained at d = r directly.", ""]
+            q = [a - b for a, b in zip(res.values(m, variant, d, "compression.int8 grid.auc"), fp, strict=False)]
+            rows.append(
+                [
+                    m.name,
+                    d,
+                    f"{statistics.fmean(size32):.2f} → {statistics.fmean(size8):.2f}" if size8 else "–",
+                    fmt(fp),
+                    fmt(res.values(m, variant, d, "compression.int8 maxabs.auc")),
+                    fmt(res.values(m, variant, d, "compression.int8 grid.auc")),
+                    fmt(q),
+                ]
+            )
+    L += _table(
+        ["method", "d", "size FP32 → INT8", "AUC FP32", "AUC INT8 max-abs", "AUC INT8 grid", "Δ AUC (grid − FP32)"],
+        rows,
+    ) + [""]
+    L += [
+        "**MLET vs low-rank SVD of the trained single-layer tables** (paper Table 4): the baseline at d is "
+        "trained, then every table is replaced by its best rank-r approximation (stored as n·r + r·d); MLET "
+        "is trained at d = r directly.",
+        "",
+    ]
     rows = []
     ref = next((m for m in res.methods() if m.kind == "tuned"), res.methods()[0])
     for d in res.ds:
@@ -294,24 +385,38 @@ def _compression_section(res: Results, variant: str, comp: List[Dict[str, Any]])
             if r in res.ds:
                 best = [m for m in res.methods() if m.kind == "mlet_best"] or [m for m in methods if m.kind == "mlet"]
                 if best:
-                    mv = res.values(best[0], variant, r, "compression.fp32.auc") or res.values(best[0], variant, r, "test.auc")
+                    mv = res.values(best[0], variant, r, "compression.fp32.auc") or res.values(
+                        best[0], variant, r, "test.auc"
+                    )
                     ms = res.values(best[0], variant, r, "compression.fp32.table_size")
                     mlet_txt = f"{fmt(mv)} (size {statistics.fmean(ms):.2f}, {best[0].name})" if ms else fmt(mv)
-            rows.append([f"{ref.name}, d={d}", r, f"{statistics.fmean(size):.2f}", fmt(auc),
-                         fmt(res.values(ref, variant, d, "compression.fp32.auc")), mlet_txt])
+            rows.append(
+                [
+                    f"{ref.name}, d={d}",
+                    r,
+                    f"{statistics.fmean(size):.2f}",
+                    fmt(auc),
+                    fmt(res.values(ref, variant, d, "compression.fp32.auc")),
+                    mlet_txt,
+                ]
+            )
     if rows:
-        L += _table(["baseline", "SVD rank r", "SVD size", "AUC after SVD", "AUC before (FP32)", "MLET at d = r"],
-                    rows) + [""]
+        L += _table(
+            ["baseline", "SVD rank r", "SVD size", "AUC after SVD", "AUC before (FP32)", "MLET at d = r"], rows
+        ) + [""]
     else:
         L += ["no SVD measurements (single-layer runs with d >= 2 needed)", ""]
     if not any(r.get("data_hashing") for r in res.records):
-        L += ["**Hashing** (paper Fig. 5): see the section 'Hashing, smaller d and INT8' when the results hold "
-              "runs on hashed data sets (`python -m mlet_torchrec.serving.compression hash ...`, then a sweep with "
-              "`data.path` on the hashed copy).", ""]
+        L += [
+            "**Hashing** (paper Fig. 5): see the section 'Hashing, smaller d and INT8' when the results hold "
+            "runs on hashed data sets (`python -m mlet_torchrec.serving.compression hash ...`, then a sweep with "
+            "`data.path` on the hashed copy).",
+            "",
+        ]
     return L
 
 
-def _recommendation(res: Results, variant: str, budgets_mb: Sequence[float]) -> List[str]:
+def _recommendation(res: Results, variant: str, budgets_mb: Sequence[float]) -> list[str]:
     options = []  # (serving bytes, method, d, mean valid auc, test values)
     for d in res.ds:
         for m in res.methods():
@@ -321,12 +426,12 @@ def _recommendation(res: Results, variant: str, budgets_mb: Sequence[float]) -> 
                 continue
             if m.kind == "mlet_best":
                 continue
-            rs = [res.pick(m, variant, d, s) for s in res.seeds]
-            rs = [r for r in rs if r is not None]
-            if not rs or _get(rs[0], "serving_table_bytes") is None:
+            rs = [r for s in res.seeds if (r := res.pick(m, variant, d, s)) is not None]
+            size = _get(rs[0], "serving_table_bytes") if rs else None
+            if size is None:
                 continue
             va = mean_std([_get(r, "valid.auc") for r in rs])[0]
-            options.append((_get(rs[0], "serving_table_bytes"), m, d, va, [_get(r, "test.auc") for r in rs]))
+            options.append((size, m, d, va, [_get(r, "test.auc") for r in rs]))
     if not options:
         return ["no runs with table sizes", ""]
     budgets = sorted({o[0] for o in options} | {b * 2**20 for b in budgets_mb})
@@ -343,13 +448,24 @@ def _recommendation(res: Results, variant: str, budgets_mb: Sequence[float]) -> 
             bo = base_same_d[0]
             diffs = res.paired(best[1], bo[1], variant, best[2], "test.auc")
             base_txt = f"{fmt(diffs)} ({verdict(diffs)})"
-        rows.append([_mib(b), f"d={best[2]}, " + ("k=null (single layer)" if best[1].kind not in ("mlet", "mlet_tuned")
-                                                  else f"k={best[1].k}") + f" [{best[1].name}]",
-                     f"{best[3]:.4f}", fmt(best[4]), base_txt])
-    lines = ["For each serving budget (FP32 tables; every d's size and any `--budget-mb` given), the (d, k) with "
-             "the best mean **validation** AUC among the runs whose served tables fit; its test AUC; and, when it "
-             "is MLET, its paired test-AUC gain over the tuned baseline at the same d. The served model is d-dim "
-             "either way (MLET collapses), so k costs only training memory and time (Table 2). When the gain is "
-             "'within noise', train the single-layer baseline with a tuned embedding learning rate instead.", ""]
+        rows.append(
+            [
+                _mib(b),
+                f"d={best[2]}, "
+                + ("k=null (single layer)" if best[1].kind not in ("mlet", "mlet_tuned") else f"k={best[1].k}")
+                + f" [{best[1].name}]",
+                f"{best[3]:.4f}",
+                fmt(best[4]),
+                base_txt,
+            ]
+        )
+    lines = [
+        "For each serving budget (FP32 tables; every d's size and any `--budget-mb` given), the (d, k) with "
+        "the best mean **validation** AUC among the runs whose served tables fit; its test AUC; and, when it "
+        "is MLET, its paired test-AUC gain over the tuned baseline at the same d. The served model is d-dim "
+        "either way (MLET collapses), so k costs only training memory and time (Table 2). When the gain is "
+        "'within noise', train the single-layer baseline with a tuned embedding learning rate instead.",
+        "",
+    ]
     lines += _table(["budget MiB", "choose", "valid AUC", "test AUC", "Δ vs baseline at same d"], rows) + [""]
     return lines

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -11,14 +11,14 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from data_pipes.schema import DatasetMeta, table_name
 from mlet_torchrec.config import EmbeddingConfig, ModelConfig
 from mlet_torchrec.models import autoint, dcn, deepfm, dlrm_dcn, nfm, wdl, xdeepfm
-from mlet_torchrec.models.blocks import linear_tables
+from mlet_torchrec.models.blocks import Embeddings, linear_tables
 from mlet_torchrec.models.dlrm import build_dlrm
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
 
 # (embeddings: an MLETEmbeddingBagCollection or a stock EmbeddingBagCollection, #dense, config) -> model
-ModelBuilder = Callable[[nn.Module, int, ModelConfig], nn.Module]
+ModelBuilder = Callable[[Embeddings, int, ModelConfig], nn.Module]
 
-MODELS: Dict[str, ModelBuilder] = {
+MODELS: dict[str, ModelBuilder] = {
     "dlrm": lambda emb, num_dense, cfg: build_dlrm(emb, num_dense, cfg.bottom_mlp, cfg.top_mlp),
     "dlrm_dcn": dlrm_dcn.build,
     # the DeepCTR-Torch models of the MLET paper; each adds a first-order term on `lin_*` tables
@@ -36,6 +36,8 @@ FIRST_ORDER_MODELS = frozenset({"dcn", "deepfm", "wdl", "nfm", "autoint", "xdeep
 class CTRModel(nn.Module):
     """``(dense, sparse) -> logits (B,)`` around any registered model; the embeddings stay reachable."""
 
+    _embeddings: nn.Module
+
     def __init__(self, net: nn.Module, embeddings: nn.Module) -> None:
         super().__init__()
         self.net = net
@@ -47,10 +49,11 @@ class CTRModel(nn.Module):
         return self._embeddings
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        return self.net(dense, sparse).squeeze(-1)
+        logits: torch.Tensor = self.net(dense, sparse)
+        return logits.squeeze(-1)
 
 
-def table_configs(meta: DatasetMeta, d: int, pooling: str = "sum") -> List[EmbeddingBagConfig]:
+def table_configs(meta: DatasetMeta, d: int, pooling: str = "sum") -> list[EmbeddingBagConfig]:
     """One d-dim table per sparse feature of the data set, sized from its cardinality."""
     from torchrec.modules.embedding_configs import PoolingType
 
@@ -71,7 +74,7 @@ def build_model(
     model_cfg: ModelConfig,
     emb_cfg: EmbeddingConfig,
     meta: DatasetMeta,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
     collapsed: bool = False,
 ) -> CTRModel:
     """Build the configured model; ``collapsed=True`` gives its serving twin on a stock d-dim EBC.
@@ -80,15 +83,20 @@ def build_model(
     ``device="meta"`` builds W1 for the sharder to materialise.
     """
     tables = table_configs(meta, emb_cfg.d, emb_cfg.pooling)
-    embeddings: nn.Module
+    embeddings: Embeddings
     if collapsed:
         embeddings = EmbeddingBagCollection(tables=tables, device=device)
     else:
         inner = {table_name(f.name): emb_cfg.k_for(f.name) for f in meta.sparse}
         extra = linear_tables(tables) if model_cfg.name in FIRST_ORDER_MODELS else []
         embeddings = MLETEmbeddingBagCollection(
-            tables, inner_dim=inner, sigma=emb_cfg.sigma, allow_k_below_d=emb_cfg.allow_k_below_d, device=device,
-            extra_tables=extra, w1_dtype=emb_cfg.w1_dtype,
+            tables,
+            inner_dim=inner,
+            sigma=emb_cfg.sigma,
+            allow_k_below_d=emb_cfg.allow_k_below_d,
+            device=device,
+            extra_tables=extra,
+            w1_dtype=emb_cfg.w1_dtype,
         )
     if model_cfg.name not in MODELS:
         raise ValueError(f"model.name={model_cfg.name!r} is unknown; known models: {sorted(MODELS)}")

@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from mlet_torchrec.config import ConfigError, ModelConfig
-from mlet_torchrec.models.blocks import FieldModel, deep_arch
+from mlet_torchrec.models.blocks import Embeddings, FieldModel, deep_arch
 
 
 class InteractingLayer(nn.Module):
@@ -60,13 +60,21 @@ class InteractingLayer(nn.Module):
 
 class AutoInt(FieldModel):
     def __init__(
-        self, embeddings: nn.Module, num_dense: int, att_layer_num: int = 3, att_head_num: int = 2,
-        att_res: bool = True, dnn_hidden_units: Sequence[int] = (256, 128), dnn_dropout: float = 0.0,
+        self,
+        embeddings: Embeddings,
+        num_dense: int,
+        att_layer_num: int = 3,
+        att_head_num: int = 2,
+        att_res: bool = True,
+        dnn_hidden_units: Sequence[int] = (256, 128),
+        dnn_dropout: float = 0.0,
     ) -> None:
         super().__init__(embeddings, num_dense)
         if att_layer_num <= 0 and not dnn_hidden_units:
             raise ConfigError("model autoint needs model.att_layer_num > 0 or a non-empty model.dnn_hidden_units")
-        self.int_layers = nn.Sequential(*[InteractingLayer(self.d, att_head_num, att_res) for _ in range(att_layer_num)])
+        self.int_layers = nn.Sequential(
+            *[InteractingLayer(self.d, att_head_num, att_res) for _ in range(att_layer_num)]
+        )
         self.deep = deep_arch(self.dnn_in_features, dnn_hidden_units, dnn_dropout)
         out_width = (self.num_fields * self.d if att_layer_num > 0 else 0) + (
             dnn_hidden_units[-1] if dnn_hidden_units else 0
@@ -75,14 +83,16 @@ class AutoInt(FieldModel):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         fields, wide = self.embed(dense, sparse)
-        parts: List[torch.Tensor] = []
+        parts: list[torch.Tensor] = []
         if len(self.int_layers):
             parts.append(self.int_layers(fields).flatten(1))
         if self.deep is not None:
             parts.append(self.deep([fields, dense]))
-        return wide + self.out(torch.cat(parts, dim=1))
+        head: torch.Tensor = self.out(torch.cat(parts, dim=1))
+        return wide + head
 
 
-def build(embeddings: nn.Module, num_dense: int, cfg: ModelConfig) -> AutoInt:
-    return AutoInt(embeddings, num_dense, cfg.att_layer_num, cfg.att_head_num, cfg.att_res, cfg.dnn_units(),
-                   cfg.dnn_dropout)
+def build(embeddings: Embeddings, num_dense: int, cfg: ModelConfig) -> AutoInt:
+    return AutoInt(
+        embeddings, num_dense, cfg.att_layer_num, cfg.att_head_num, cfg.att_res, cfg.dnn_units(), cfg.dnn_dropout
+    )

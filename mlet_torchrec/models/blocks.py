@@ -26,7 +26,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import TypeAlias
 
 import torch
 from torch import nn
@@ -38,29 +39,33 @@ from torchrec.modules.mlp import Perceptron
 from mlet_torchrec.config import ConfigError
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
 
+Embeddings: TypeAlias = MLETEmbeddingBagCollection | EmbeddingBagCollection
+"""What every model is built on: the MLET module while training, a stock d-dim EBC after collapse."""
+
 LINEAR_TABLE_DIM = 4
 LINEAR_PREFIX = "lin_"
 
 
-def embedding_dim(embeddings: nn.Module) -> int:
+def embedding_dim(embeddings: Embeddings) -> int:
     """The common d of the module's tables (every model here needs one d for all fields)."""
-    dims = {t.embedding_dim for t in embeddings.embedding_bag_configs()}
+    dims: set[int] = {t.embedding_dim for t in embeddings.embedding_bag_configs()}
     if len(dims) != 1:
         raise ConfigError(f"all embedding tables must share one d, got {sorted(dims)}")
     return dims.pop()
 
 
-def num_fields(embeddings: nn.Module) -> int:
+def num_fields(embeddings: Embeddings) -> int:
     return sum(len(t.feature_names) for t in embeddings.embedding_bag_configs())
 
 
-def table_device(embeddings: nn.Module) -> torch.device:
+def table_device(embeddings: Embeddings) -> torch.device:
     """Where the module's tables live (``meta`` when the sharder will materialise them)."""
     ebc = embeddings.w1 if isinstance(embeddings, MLETEmbeddingBagCollection) else embeddings
-    return ebc.device
+    device: torch.device = ebc.device
+    return device
 
 
-def linear_tables(tables: Sequence[EmbeddingBagConfig]) -> List[EmbeddingBagConfig]:
+def linear_tables(tables: Sequence[EmbeddingBagConfig]) -> list[EmbeddingBagConfig]:
     """One ``lin_<feature>`` table per table of the model (same rows, features, pooling; width 4)."""
     out = []
     for t in tables:
@@ -80,7 +85,7 @@ class LinearArch(nn.Module):
     """
 
     def __init__(
-        self, tables: Optional[Sequence[EmbeddingBagConfig]], num_dense: int, device: Optional[torch.device] = None
+        self, tables: Sequence[EmbeddingBagConfig] | None, num_dense: int, device: torch.device | None = None
     ) -> None:
         super().__init__()
         self.embedding_bag_collection = (
@@ -89,8 +94,9 @@ class LinearArch(nn.Module):
         self.dense = nn.Linear(num_dense, 1, bias=False) if num_dense > 0 else None
         self.bias = nn.Parameter(torch.zeros(1))
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor, pooled: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
+    def forward(
+        self, dense: torch.Tensor, sparse: KeyedJaggedTensor, pooled: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if pooled is None:
             assert self.embedding_bag_collection is not None, "no first-order tables: pass their pooled rows"
             pooled = self.embedding_bag_collection(sparse).values()
@@ -103,7 +109,7 @@ class LinearArch(nn.Module):
 
 def dnn(in_features: int, hidden: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
     """DeepCTR's DNN: Linear -> ReLU (-> Dropout) per hidden size, from TorchRec ``Perceptron`` blocks."""
-    layers: List[nn.Module] = []
+    layers: list[nn.Module] = []
     for i, width in enumerate(hidden):
         layers.append(Perceptron(hidden[i - 1] if i else in_features, width, bias=True, activation=torch.relu))
         if dropout > 0:
@@ -126,10 +132,11 @@ class BiInteraction(nn.Module):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         b, f, d = embeddings.shape
         per_coordinate = embeddings.transpose(1, 2).reshape(b * d, f)
-        return self.fm([per_coordinate]).view(b, d)
+        pairwise: torch.Tensor = self.fm([per_coordinate])
+        return pairwise.view(b, d)
 
 
-def deep_arch(in_features: int, hidden: Sequence[int], dropout: float = 0.0) -> Optional[DeepFM]:
+def deep_arch(in_features: int, hidden: Sequence[int], dropout: float = 0.0) -> DeepFM | None:
     """TorchRec's ``DeepFM`` block (flatten + concat a list of tensors) around :func:`dnn`; None if no layers."""
     return DeepFM(dense_module=dnn(in_features, hidden, dropout)) if hidden else None
 
@@ -142,27 +149,28 @@ class FieldModel(nn.Module):
     lookup serves both; with a stock EBC (the collapsed model) ``linear_arch`` holds them itself.
     """
 
-    def __init__(self, embeddings: nn.Module, num_dense: int) -> None:
+    def __init__(self, embeddings: Embeddings, num_dense: int) -> None:
         super().__init__()
         self.d = embedding_dim(embeddings)
         self.num_fields = num_fields(embeddings)
         self.num_dense = num_dense
-        self.sparse_arch = SparseArch(embeddings)  # type: ignore[arg-type]  # MLET has the EBC interface
+        self.sparse_arch = SparseArch(embeddings)  # MLET has the EBC interface
         self._shared = isinstance(embeddings, MLETEmbeddingBagCollection) and bool(embeddings.extra_bag_configs())
         if self._shared:
             expected = {t.name for t in linear_tables(embeddings.embedding_bag_configs())}
             got = {t.name for t in embeddings.extra_bag_configs()}
             if got != expected:
-                raise ValueError(f"the MLET module's extra tables {sorted(got)} are not the first-order tables "
-                                 f"{sorted(expected)}")
+                raise ValueError(
+                    f"the MLET module's extra tables {sorted(got)} are not the first-order tables {sorted(expected)}"
+                )
         tables = None if self._shared else embeddings.embedding_bag_configs()
         self.linear_arch = LinearArch(tables, num_dense, table_device(embeddings))
 
-    def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(field embeddings (B, F, d), first-order logit with the bias (B, 1))."""
         if not self._shared:
             return self.sparse_arch(sparse), self.linear_arch(dense, sparse)
-        mlet: MLETEmbeddingBagCollection = self.sparse_arch.embedding_bag_collection  # type: ignore[assignment]
+        mlet: MLETEmbeddingBagCollection = self.sparse_arch.embedding_bag_collection
         kt, first_order = mlet.forward_with_extra(sparse)
         # the module's output is in SparseArch's feature order (its tables' features), each d wide
         fields = kt.values().reshape(-1, self.num_fields, self.d)

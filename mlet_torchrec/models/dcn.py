@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -25,13 +25,13 @@ from torchrec import KeyedJaggedTensor
 from torchrec.modules.crossnet import CrossNet, VectorCrossNet
 
 from mlet_torchrec.config import ConfigError, ModelConfig
-from mlet_torchrec.models.blocks import FieldModel, dnn
+from mlet_torchrec.models.blocks import Embeddings, FieldModel, dnn
 
 
 class DCN(FieldModel):
     def __init__(
         self,
-        embeddings: nn.Module,
+        embeddings: Embeddings,
         num_dense: int,
         cross_num: int = 2,
         cross_parameterization: str = "vector",
@@ -51,13 +51,14 @@ class DCN(FieldModel):
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         fields, wide = self.embed(dense, sparse)
         x0 = torch.cat([fields.flatten(1), dense], dim=1)
-        parts: List[torch.Tensor] = []
+        parts: list[torch.Tensor] = []
         if self.cross is not None:
             parts.append(self.cross(x0))
         if self.deep is not None:
             parts.append(self.deep(x0))
-        return wide + self.out(torch.cat(parts, dim=1))
+        head: torch.Tensor = self.out(torch.cat(parts, dim=1))
+        return wide + head
 
 
-def build(embeddings: nn.Module, num_dense: int, cfg: ModelConfig) -> DCN:
+def build(embeddings: Embeddings, num_dense: int, cfg: ModelConfig) -> DCN:
     return DCN(embeddings, num_dense, cfg.cross_num, cfg.cross_parameterization, cfg.dnn_units(), cfg.dnn_dropout)

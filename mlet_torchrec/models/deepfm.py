@@ -18,19 +18,22 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from mlet_torchrec.config import ModelConfig
-from mlet_torchrec.models.blocks import BiInteraction, FieldModel, deep_arch
+from mlet_torchrec.models.blocks import BiInteraction, Embeddings, FieldModel, deep_arch
 
 
 class DeepFMModel(FieldModel):
     def __init__(
-        self, embeddings: nn.Module, num_dense: int, dnn_hidden_units: Sequence[int] = (256, 128),
+        self,
+        embeddings: Embeddings,
+        num_dense: int,
+        dnn_hidden_units: Sequence[int] = (256, 128),
         dnn_dropout: float = 0.0,
     ) -> None:
         super().__init__(embeddings, num_dense)
@@ -40,11 +43,12 @@ class DeepFMModel(FieldModel):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         fields, wide = self.embed(dense, sparse)
-        logit = wide + self.fm(fields).sum(dim=1, keepdim=True)
-        if self.deep is not None:
+        fm: torch.Tensor = self.fm(fields)
+        logit = wide + fm.sum(dim=1, keepdim=True)
+        if self.deep is not None and self.out is not None:  # set together
             logit = logit + self.out(self.deep([fields, dense]))
         return logit
 
 
-def build(embeddings: nn.Module, num_dense: int, cfg: ModelConfig) -> DeepFMModel:
+def build(embeddings: Embeddings, num_dense: int, cfg: ModelConfig) -> DeepFMModel:
     return DeepFMModel(embeddings, num_dense, cfg.dnn_units(), cfg.dnn_dropout)

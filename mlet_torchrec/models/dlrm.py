@@ -6,29 +6,28 @@ The model is TorchRec's own ``DLRM``; MLET only changes the embedding module it 
 
 from __future__ import annotations
 
-from typing import List
-
 from torch import nn
 from torchrec.models.dlrm import DLRM
 
+from mlet_torchrec.models.blocks import Embeddings
 
-
-CRITEO_BOTTOM_MLP: List[int] = [512, 256, 128]
-AVAZU_BOTTOM_MLP: List[int] = [256, 128]
-TOP_MLP: List[int] = [512, 256]
+CRITEO_BOTTOM_MLP: list[int] = [512, 256, 128]
+AVAZU_BOTTOM_MLP: list[int] = [256, 128]
+TOP_MLP: list[int] = [512, 256]
 
 
 def build_dlrm(
-    embeddings: nn.Module,
+    embeddings: Embeddings,
     num_dense: int,
-    bottom_mlp: List[int],
-    top_mlp: List[int],
+    bottom_mlp: list[int],
+    top_mlp: list[int],
 ) -> nn.Module:
     """TorchRec DLRM whose bottom MLP ends in the embedding dimension d and top MLP in one logit."""
     d = embeddings.embedding_bag_configs()[0].embedding_dim
-    return DLRM(
-        embedding_bag_collection=embeddings,  # type: ignore[arg-type]  # same interface as an EBC
+    model: nn.Module = DLRM(
+        embedding_bag_collection=embeddings,  # same interface as an EBC
         dense_in_features=num_dense,
         dense_arch_layer_sizes=[*bottom_mlp, d],
         over_arch_layer_sizes=[*top_mlp, 1],
     )
+    return model

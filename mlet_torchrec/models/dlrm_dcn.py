@@ -17,21 +17,22 @@ Example:
 
 from __future__ import annotations
 
-from typing import List
-
-from torch import nn
 from torchrec.models.dlrm import DLRM_DCN
 
 from mlet_torchrec.config import ModelConfig
-from mlet_torchrec.models.blocks import embedding_dim
+from mlet_torchrec.models.blocks import Embeddings, embedding_dim
 
 
 def build_dlrm_dcn(
-    embeddings: nn.Module, num_dense: int, bottom_mlp: List[int], top_mlp: List[int], num_layers: int,
+    embeddings: Embeddings,
+    num_dense: int,
+    bottom_mlp: list[int],
+    top_mlp: list[int],
+    num_layers: int,
     low_rank_dim: int,
 ) -> DLRM_DCN:
     return DLRM_DCN(
-        embedding_bag_collection=embeddings,  # type: ignore[arg-type]  # same interface as an EBC
+        embedding_bag_collection=embeddings,  # same interface as an EBC
         dense_in_features=num_dense,
         dense_arch_layer_sizes=[*bottom_mlp, embedding_dim(embeddings)],
         over_arch_layer_sizes=[*top_mlp, 1],
@@ -40,5 +41,5 @@ def build_dlrm_dcn(
     )
 
 
-def build(embeddings: nn.Module, num_dense: int, cfg: ModelConfig) -> DLRM_DCN:
+def build(embeddings: Embeddings, num_dense: int, cfg: ModelConfig) -> DLRM_DCN:
     return build_dlrm_dcn(embeddings, num_dense, cfg.bottom_mlp, cfg.top_mlp, cfg.dcn_num_layers, cfg.dcn_low_rank_dim)

@@ -16,34 +16,40 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
+from torchrec.modules.deepfm import DeepFM
 
 from mlet_torchrec.config import ConfigError, ModelConfig
-from mlet_torchrec.models.blocks import BiInteraction, FieldModel, deep_arch
+from mlet_torchrec.models.blocks import BiInteraction, Embeddings, FieldModel, dnn
 
 
 class NFM(FieldModel):
     def __init__(
-        self, embeddings: nn.Module, num_dense: int, dnn_hidden_units: Sequence[int] = (128, 128),
-        dnn_dropout: float = 0.0, bi_dropout: float = 0.0,
+        self,
+        embeddings: Embeddings,
+        num_dense: int,
+        dnn_hidden_units: Sequence[int] = (128, 128),
+        dnn_dropout: float = 0.0,
+        bi_dropout: float = 0.0,
     ) -> None:
         super().__init__(embeddings, num_dense)
         if not dnn_hidden_units:
             raise ConfigError("model nfm needs a non-empty model.dnn_hidden_units")
         self.bi_pooling = BiInteraction()
         self.bi_dropout = nn.Dropout(bi_dropout) if bi_dropout > 0 else nn.Identity()
-        self.deep = deep_arch(self.d + num_dense, dnn_hidden_units, dnn_dropout)
+        self.deep = DeepFM(dense_module=dnn(self.d + num_dense, dnn_hidden_units, dnn_dropout))  # never empty here
         self.out = nn.Linear(dnn_hidden_units[-1], 1, bias=False)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         fields, wide = self.embed(dense, sparse)
         pooled = self.bi_dropout(self.bi_pooling(fields))
-        return wide + self.out(self.deep([pooled, dense]))
+        deep: torch.Tensor = self.out(self.deep([pooled, dense]))
+        return wide + deep
 
 
-def build(embeddings: nn.Module, num_dense: int, cfg: ModelConfig) -> NFM:
+def build(embeddings: Embeddings, num_dense: int, cfg: ModelConfig) -> NFM:
     return NFM(embeddings, num_dense, cfg.dnn_units(), cfg.dnn_dropout, cfg.bi_dropout)

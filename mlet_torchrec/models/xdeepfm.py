@@ -19,14 +19,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from mlet_torchrec.config import ModelConfig
-from mlet_torchrec.models.blocks import FieldModel, deep_arch
+from mlet_torchrec.models.blocks import Embeddings, FieldModel, deep_arch
 
 
 class CIN(nn.Module):
@@ -54,7 +54,7 @@ class CIN(nn.Module):
             z = (hidden.unsqueeze(3) * x0.unsqueeze(2)).reshape(b, d, -1)  # (B, d, H * F), DeepCTR's channel order
             maps = torch.relu(mix(z))  # (B, d, size)
             if self.split_half and i < len(self.mix) - 1:
-                hidden, direct = maps.split(self.layer_size[i] // 2, dim=2)
+                hidden, direct = torch.split(maps, self.layer_size[i] // 2, dim=2)
             else:
                 hidden, direct = maps, maps
             outputs.append(direct)
@@ -63,8 +63,13 @@ class CIN(nn.Module):
 
 class XDeepFM(FieldModel):
     def __init__(
-        self, embeddings: nn.Module, num_dense: int, dnn_hidden_units: Sequence[int] = (256, 256),
-        cin_layer_size: Sequence[int] = (256, 128), cin_split_half: bool = True, dnn_dropout: float = 0.0,
+        self,
+        embeddings: Embeddings,
+        num_dense: int,
+        dnn_hidden_units: Sequence[int] = (256, 256),
+        cin_layer_size: Sequence[int] = (256, 128),
+        cin_split_half: bool = True,
+        dnn_dropout: float = 0.0,
     ) -> None:
         super().__init__(embeddings, num_dense)
         self.deep = deep_arch(self.dnn_in_features, dnn_hidden_units, dnn_dropout)
@@ -74,12 +79,12 @@ class XDeepFM(FieldModel):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         fields, logit = self.embed(dense, sparse)
-        if self.deep is not None:
+        if self.deep is not None and self.deep_out is not None:  # set together
             logit = logit + self.deep_out(self.deep([fields, dense]))
-        if self.cin is not None:
+        if self.cin is not None and self.cin_out is not None:  # set together
             logit = logit + self.cin_out(self.cin(fields))
         return logit
 
 
-def build(embeddings: nn.Module, num_dense: int, cfg: ModelConfig) -> XDeepFM:
+def build(embeddings: Embeddings, num_dense: int, cfg: ModelConfig) -> XDeepFM:
     return XDeepFM(embeddings, num_dense, cfg.dnn_units(), cfg.cin_layer_size, cfg.cin_split_half, cfg.dnn_dropout)

@@ -55,7 +55,9 @@ class _ProjectionGroup:
 class _Layout:
     """Where each group's k-dim columns sit in W1's pooled output, for one order of its keys."""
 
-    in_columns: Tuple[Optional[torch.Tensor], ...]  # per group; None: the whole output, in order
+    in_columns: Tuple[Union[None, slice, torch.Tensor], ...]  # per group: its W1 columns (None: all of them)
+    w2_rows: Tuple[Tuple[int, ...], ...]  # per group: its tables' W2 for each feature, in W1's key order
+    out_order: Tuple[Optional[torch.Tensor], ...]  # per group: key-order position of each feature (None: same)
     passthrough: Optional[Tuple[torch.Tensor, torch.Tensor]]  # single-layer features: (src, dst) columns
     extra: Optional[torch.Tensor]  # columns of the extra tables, in their order
 
@@ -102,9 +104,20 @@ class W2Projection(nn.Module):
         if layout.passthrough is not None:
             src, dst = layout.passthrough
             out[:, dst.to(values.device)] = values.index_select(1, src.to(values.device))
-        for g, cols, w2_index in zip(self._groups, layout.in_columns, self._group_w2):
-            group_values = values if cols is None else values.index_select(1, cols.to(values.device))
-            projected = self._project(group_values, g, [w2[i] for i in w2_index])
+        for g, cols, rows, order, w2_index in zip(self._groups, layout.in_columns, layout.w2_rows,
+                                                  layout.out_order, self._group_w2):
+            if cols is None:
+                group_values = values
+            elif isinstance(cols, slice):
+                group_values = values[:, cols]  # a view: W1's columns are not copied
+            else:
+                group_values = values.index_select(1, cols.to(values.device))
+            # project in W1's key order (a sharded EBC orders keys by shard), then put the d-wide results,
+            # not the k-wide inputs, in the module's order
+            projected = self._project(group_values, g, [w2[i] for i in w2_index], rows)
+            if order is not None:
+                projected = projected.reshape(batch, -1, g.d).index_select(1, order.to(values.device))
+            projected = projected.reshape(batch, -1)
             if fast:
                 out = projected  # the group covers every feature, already in output order
             else:
@@ -115,13 +128,15 @@ class W2Projection(nn.Module):
         return kt, extra
 
     @staticmethod
-    def _project(values: torch.Tensor, group: _ProjectionGroup, tables: List[torch.Tensor]) -> torch.Tensor:
-        """(B, F*k) pooled W1 rows -> (B, F*d): one batched matmul over all features of the group."""
+    def _project(values: torch.Tensor, group: _ProjectionGroup, tables: List[torch.Tensor],
+                 rows: Tuple[int, ...]) -> torch.Tensor:
+        """(B, F*k) pooled W1 rows -> (B, F, d): one batched matmul over all features of the group;
+        ``rows[f]``: the table (index into ``tables``) of the f-th feature of ``values``."""
         w2 = torch.stack(tables)  # (T, k, d)
-        if len(group.tables) != len(group.feature_table):
-            w2 = w2[list(group.feature_table)]  # tables shared by several features
-        per_feature = values.reshape(values.shape[0], -1, group.k).transpose(0, 1)  # (F, B, k)
-        return mlet_product(per_feature, w2).transpose(0, 1).reshape(values.shape[0], -1)
+        if list(rows) != list(range(len(tables))):
+            w2 = w2[list(rows)]  # features in another order, or tables shared by several features
+        per_feature = values.reshape(values.shape[0], -1, group.k).transpose(0, 1)  # (F, B, k) view
+        return mlet_product(per_feature, w2).transpose(0, 1)
 
     def _layout(self, keys: Sequence[str], lengths: Sequence[int]) -> _Layout:
         """Column indices for W1's output key order (a sharded EBC may order keys by shard, not by table)."""
@@ -135,11 +150,23 @@ class W2Projection(nn.Module):
         def columns(key: str) -> range:
             return range(start[key], start[key] + width[key])
 
-        in_columns: List[Optional[torch.Tensor]] = []
+        in_columns: List[Union[None, slice, torch.Tensor]] = []
+        w2_rows: List[Tuple[int, ...]] = []
+        out_order: List[Optional[torch.Tensor]] = []
         for g in self._groups:
-            cols = [c for f in g.features for c in columns(f)]
-            in_order = cols == list(range(sum(lengths))) and len(self._groups) == 1
-            in_columns.append(None if in_order else torch.tensor(cols, dtype=torch.long))
+            by_key = sorted(range(len(g.features)), key=lambda i: start[g.features[i]])  # features in key order
+            cols = [c for i in by_key for c in columns(g.features[i])]
+            lo = cols[0]
+            if cols == list(range(sum(lengths))) and len(self._groups) == 1:
+                in_columns.append(None)
+            elif cols == list(range(lo, lo + len(cols))):
+                in_columns.append(slice(lo, lo + len(cols)))
+            else:
+                in_columns.append(torch.tensor(cols, dtype=torch.long))
+            w2_rows.append(tuple(g.feature_table[i] for i in by_key))
+            position = {f: p for p, f in enumerate(by_key)}
+            order = [position[i] for i in range(len(g.features))]
+            out_order.append(None if order == list(range(len(order))) else torch.tensor(order, dtype=torch.long))
         src: List[int] = []
         dst: List[int] = []
         for key, out_col, d in self._plan.passthrough:
@@ -147,7 +174,8 @@ class W2Projection(nn.Module):
             dst.extend(range(out_col, out_col + d))
         passthrough = (torch.tensor(src), torch.tensor(dst)) if src else None
         extra = [c for key in self._plan.extra for c in columns(key)]
-        layout = _Layout(tuple(in_columns), passthrough, torch.tensor(extra) if extra else None)
+        layout = _Layout(tuple(in_columns), tuple(w2_rows), tuple(out_order), passthrough,
+                         torch.tensor(extra) if extra else None)
         self._layouts[cache_key] = layout
         return layout
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Dict, Iterator, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,8 +59,12 @@ def table_rows(
     return torch.cat(parts) if parts else torch.empty(0, dim)
 
 
-def _table_weights(module: nn.Module) -> Iterator[Tuple[str, object]]:
-    """(table name, weight) for every EmbeddingBagCollection table in a (possibly sharded) model."""
+def _table_weights(module: nn.Module) -> Iterator[tuple[str, Any]]:
+    """(table name, weight) for every EmbeddingBagCollection table in a (possibly sharded) model.
+
+    A weight is whatever ``state_dict`` holds (typed ``Any`` there): a Tensor, a ShardedTensor or another
+    shard wrapper, told apart by duck typing in :func:`init_tables`.
+    """
     for key, value in module.state_dict().items():
         parts = key.split(".")
         if len(parts) >= 3 and parts[-3] == "embedding_bags" and parts[-1] == "weight":
@@ -67,13 +72,13 @@ def _table_weights(module: nn.Module) -> Iterator[Tuple[str, object]]:
 
 
 @torch.no_grad()
-def init_tables(module: nn.Module, seed: int, init: str = "uniform", std: float = 1e-4) -> Dict[str, int]:
+def init_tables(module: nn.Module, seed: int, init: str = "uniform", std: float = 1e-4) -> dict[str, int]:
     """Fill every embedding table of ``module`` (sharded by DMP or not) from :func:`table_rows`.
 
     Returns the number of rows this rank wrote per table. Writing into the state_dict views works
     because TorchRec's sharded state_dict tensors alias the FBGEMM kernel's weights.
     """
-    written: Dict[str, int] = {}
+    written: dict[str, int] = {}
     for table, weight in _table_weights(module):
         if hasattr(weight, "local_shards"):  # ShardedTensor: fill the shards this rank holds
             num_rows, dim = weight.size()

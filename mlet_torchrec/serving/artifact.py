@@ -221,7 +221,8 @@ def check_eval_args(art: Artifact, split: str, auc: str) -> None:
         raise UserError(f"evaluating {art.path} needs its data set {art.config.data.path} (from the run config), "
                         "which is not there")
     if split not in art.meta.splits:
-        raise UserError(f"data set {art.config.data.path} has no split {split!r} ({', '.join(sorted(art.meta.splits))})")
+        raise UserError(f"data set {art.config.data.path} has no split {split!r} "
+                        f"({', '.join(sorted(art.meta.splits))})")
 
 
 def evaluate_path(path: str | Path, split: str = "test", auc: str = "histogram",

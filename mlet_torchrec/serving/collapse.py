@@ -45,13 +45,14 @@ import errno
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.io import AtomicOutput, OutputError, atomic_write_text, check_output_path, describe_os_error
@@ -93,13 +94,13 @@ ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 class CollapseReport:
     output: str
     source_checkpoint: str
-    tables: Dict[str, Dict[str, Any]]
+    tables: dict[str, dict[str, Any]]
     serving_table_bytes: int
-    check_split: Optional[str]
+    check_split: str | None
     rows_checked: int
     max_abs_diff: float
     tolerance: float
-    collapsed_metrics: Dict[str, float] = field(default_factory=dict)
+    collapsed_metrics: dict[str, float] = field(default_factory=dict)
     world_size: int = 1
     source_world_size: int = 1
     output_sharding: str = "same"
@@ -110,17 +111,17 @@ class CollapseReport:
     sent_bytes: int = 0  # partial products sent between ranks, all ranks together
 
 
-def extra_table_keys(factored: CTRModel, plain: CTRModel) -> Dict[str, str]:
+def extra_table_keys(factored: CTRModel, plain: CTRModel) -> dict[str, str]:
     """Collapsed-model key -> training-model key of the MLET module's extra tables."""
     return {f"{path}.embedding_bags.{t.name}.weight": src for t, path, src in extra_tables(factored, plain)}
 
 
-def collapse_state_dict(factored: CTRModel, plain: CTRModel) -> Dict[str, torch.Tensor]:
+def collapse_state_dict(factored: CTRModel, plain: CTRModel) -> dict[str, torch.Tensor]:
     """The plain model's state dict with every table W1 @ W2 and every other tensor copied."""
     mlet_path, mlet = mlet_module(factored)
     source = factored.state_dict()
     extra = extra_table_keys(factored, plain)
-    out: Dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     table_prefix = f"{mlet_path}.embedding_bags."
     target = plain.state_dict()
     for key in target:
@@ -147,9 +148,9 @@ class _Table:
     rows: int
     in_width: int  # k (or d for a single-layer table)
     width: int  # d
-    w2_key: Optional[str]  # None: copied (single-layer, or a table outside the MLET module)
+    w2_key: str | None  # None: copied (single-layer, or a table outside the MLET module)
     ebc_path: str  # the collapsed model's EBC holding it
-    k: Optional[int]
+    k: int | None
 
 
 @dataclass
@@ -157,8 +158,8 @@ class _Job:
     source: Artifact  # the training checkpoint, resolved once (its model: tables on the meta device)
     plain: CTRModel  # the collapsed model's structure: stock EBCs on the meta device
     ebc_path: str  # the collapsed model's main (d-dim) EBC
-    tables: Dict[str, _Table]  # by output key
-    extra_configs: Dict[str, Any]  # output key -> EmbeddingBagConfig of the tables outside the MLET module
+    tables: dict[str, _Table]  # by output key
+    extra_configs: dict[str, Any]  # output key -> EmbeddingBagConfig of the tables outside the MLET module
 
 
 def _prepare(source: Artifact) -> _Job:
@@ -169,25 +170,35 @@ def _prepare(source: Artifact) -> _Job:
     mlet_path, mlet = mlet_module(factored)
     (ebc_path,) = [name for name, m in plain.named_modules() if m is plain.embeddings]
     inner = mlet.inner_dims()
-    tables: Dict[str, _Table] = {}
+    tables: dict[str, _Table] = {}
     for t in mlet.embedding_bag_configs():
         k = inner[t.name]
         out_key = f"{ebc_path}.embedding_bags.{t.name}.weight"
-        tables[out_key] = _Table(t.name, f"{mlet_path}.w1.embedding_bags.{t.name}.weight", out_key, t.num_embeddings,
-                                 k or t.embedding_dim, t.embedding_dim, f"{mlet_path}.w2.{t.name}" if k else None,
-                                 ebc_path, k)
-    extra: Dict[str, Any] = {}
+        tables[out_key] = _Table(
+            t.name,
+            f"{mlet_path}.w1.embedding_bags.{t.name}.weight",
+            out_key,
+            t.num_embeddings,
+            k or t.embedding_dim,
+            t.embedding_dim,
+            f"{mlet_path}.w2.{t.name}" if k else None,
+            ebc_path,
+            k,
+        )
+    extra: dict[str, Any] = {}
     for t, path, src_key in extra_tables(factored, plain):  # the DeepCTR models' lin_* tables
         out_key = f"{path}.embedding_bags.{t.name}.weight"
-        tables[out_key] = _Table(t.name, src_key, out_key, t.num_embeddings, t.embedding_dim, t.embedding_dim, None,
-                                 path, None)
+        tables[out_key] = _Table(
+            t.name, src_key, out_key, t.num_embeddings, t.embedding_dim, t.embedding_dim, None, path, None
+        )
         extra[out_key] = t
     for path, m in factored.named_modules():  # tables of any other EBC the training model has: copied
         if type(m) is EmbeddingBagCollection and m is not mlet.w1:
             for t in m.embedding_bag_configs():
                 key = f"{path}.embedding_bags.{t.name}.weight"
-                tables[key] = _Table(t.name, key, key, t.num_embeddings, t.embedding_dim, t.embedding_dim, None,
-                                     path, None)
+                tables[key] = _Table(
+                    t.name, key, key, t.num_embeddings, t.embedding_dim, t.embedding_dim, None, path, None
+                )
                 extra[key] = t
     plain_keys = set(plain.state_dict())
     missing = [key for key in tables if key not in plain_keys]
@@ -196,37 +207,50 @@ def _prepare(source: Artifact) -> _Job:
     return _Job(source, plain, ebc_path, tables, extra)
 
 
-def _dense_state(job: _Job, no_dist: bool) -> Dict[str, torch.Tensor]:
+def _dense_state(job: _Job, no_dist: bool) -> dict[str, torch.Tensor]:
     """Every tensor of the factored model but its tables (MLPs, W2), loaded on every rank (they are small)."""
     skip = {t.src_key for t in job.tables.values()}
-    state = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in job.source.model.state_dict().items()
-             if k not in skip}
+    state = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in job.source.model.state_dict().items() if k not in skip}
     load_dcp(job.source.path, {STATE_ROOT: state}, no_dist=no_dist)  # damaged/other model: one line
     return state
 
 
-def _product(job: _Job, rank: int, world: int, device: torch.device, output_sharding: str, block_rows: int,
-             acc: torch.dtype, distributed: bool) -> tuple[Dict[str, Any], Dict[str, List[Box]], int]:
+def _product(
+    job: _Job,
+    rank: int,
+    world: int,
+    device: torch.device,
+    output_sharding: str,
+    block_rows: int,
+    acc: torch.dtype,
+    distributed: bool,
+) -> tuple[dict[str, Any], dict[str, list[Box]], int]:
     """(this rank's output state dict, the output layout, bytes this rank sent): every table's W1 @ W2."""
     ckpt, tables = str(job.source.path), job.tables
     if world == 1:  # whole tables: the product of full rows, as the training-time path computes it
         in_layout = {i: [Box(0, 0, t.rows, t.in_width, 0)] for i, t in tables.items()}
     else:
         chunks = source_chunks(job.source.path, [f"{STATE_ROOT}.{t.src_key}" for t in tables.values()])
-        in_layout = assign_boxes({i: chunks[f"{STATE_ROOT}.{t.src_key}"] for i, t in tables.items()}, world,
-                                 job.source.world_size == world)
+        in_layout = assign_boxes(
+            {i: chunks[f"{STATE_ROOT}.{t.src_key}"] for i, t in tables.items()}, world, job.source.world_size == world
+        )
     if output_sharding == "same" or world == 1:
         out_layout = {i: mirror_layout(in_layout[i], t.rows, t.width) for i, t in tables.items()}
     else:
-        out_layout = plan_layout(job.plain, output_sharding, world, device.type,
-                                 {i: (t.ebc_path, t.name, t.rows, t.width) for i, t in tables.items()})
+        out_layout = plan_layout(
+            job.plain,
+            output_sharding,
+            world,
+            device.type,
+            {i: (t.ebc_path, t.name, t.rows, t.width) for i, t in tables.items()},
+        )
     for i, t in tables.items():
         check_cover(t.name, in_layout[i], t.rows, t.in_width)
         check_cover(t.name, out_layout[i], t.rows, t.width)
 
     dense = _dense_state(job, no_dist=not distributed)
     exchange = Exchange(device if device.type == "cuda" else torch.device("cpu")) if distributed else None
-    out_state: Dict[str, Any] = {}
+    out_state: dict[str, Any] = {}
     for i, t in tables.items():  # one table at a time: only its W1 shards are in memory
         n, d = t.rows, t.width
         mine = [b for b in in_layout[i] if b.rank == rank]
@@ -273,8 +297,8 @@ def _inputs(checkpoint: Path | str, source: Artifact) -> list[Path | str]:
 def collapse(
     checkpoint: Path | str,
     output: Path | str,
-    check_split: Optional[str] = "test",
-    max_check_rows: Optional[int] = None,
+    check_split: str | None = "test",
+    max_check_rows: int | None = None,
     tolerance: float = 1e-5,
     overwrite: bool = False,
     output_sharding: str = "same",
@@ -298,12 +322,14 @@ def collapse(
     inputs = _inputs(checkpoint, source)
     check_output_path(output, inputs, overwrite)  # every rank refuses alike, before any collective
     if check_split is not None and check_split not in source.meta.splits:
-        raise UserError(f"check split {check_split!r} not in data set {source.config.data.path} "
-                        f"({sorted(source.meta.splits)})")
+        raise UserError(
+            f"check split {check_split!r} not in data set {source.config.data.path} ({sorted(source.meta.splits)})"
+        )
     job = _prepare(source)
 
-    args = _Args(output, inputs, overwrite, check_split, max_check_rows, tolerance, output_sharding, block_rows,
-                 accumulate)
+    args = _Args(
+        output, inputs, overwrite, check_split, max_check_rows, tolerance, output_sharding, block_rows, accumulate
+    )
     if not (dist.is_initialized() or in_distributed_job()):
         return _run(job, args, 0, 1, torch.device("cpu"))
     from mlet_torchrec.training.distributed import process_group
@@ -318,8 +344,8 @@ class _Args:
     output: Path | str
     inputs: Sequence[Path | str]
     overwrite: bool
-    check_split: Optional[str]
-    max_check_rows: Optional[int]
+    check_split: str | None
+    max_check_rows: int | None
     tolerance: float
     output_sharding: str
     block_rows: int
@@ -345,9 +371,10 @@ def _run(job: _Job, a: _Args, rank: int, world: int, device: torch.device) -> Co
             dist.barrier()  # the temporary directory exists before any rank writes into it
         tmp = out.tmp
         start = time.perf_counter()
-        out_state, out_layout, sent = _product(job, rank, world, device, output_sharding, block_rows,
-                                               ACCUMULATE[accumulate], distributed)
-        dcp.save({STATE_ROOT: out_state}, checkpoint_id=str(tmp), no_dist=not distributed)
+        out_state, out_layout, sent = _product(
+            job, rank, world, device, output_sharding, block_rows, ACCUMULATE[accumulate], distributed
+        )
+        dcp_save({STATE_ROOT: out_state}, checkpoint_id=str(tmp), no_dist=not distributed)
         collapse_seconds = time.perf_counter() - start
         if distributed:
             total = torch.tensor([sent], dtype=torch.int64, device=device)
@@ -355,13 +382,24 @@ def _run(job: _Job, a: _Args, rank: int, world: int, device: torch.device) -> Co
             sent = int(total.item())
 
         extra = {
-            "collapse": {"world_size": world, "source_world_size": source.world_size,
-                         "output_sharding": output_sharding, "accumulate": accumulate, "block_rows": block_rows},
+            "collapse": {
+                "world_size": world,
+                "source_world_size": source.world_size,
+                "output_sharding": output_sharding,
+                "accumulate": accumulate,
+                "block_rows": block_rows,
+            },
             "output_layout": {job.tables[i].name: [b.as_json() for b in boxes] for i, boxes in out_layout.items()},
         }
-        man = manifest(source.config, source.meta, source.path, source.step, extra,
-                       embedding_prefix=f"{STATE_ROOT}.{job.ebc_path}.",
-                       extra_tables={key: (cfg, f"{STATE_ROOT}.{key}") for key, cfg in job.extra_configs.items()})
+        man = manifest(
+            source.config,
+            source.meta,
+            source.path,
+            source.step,
+            extra,
+            embedding_prefix=f"{STATE_ROOT}.{job.ebc_path}.",
+            extra_tables={key: (cfg, f"{STATE_ROOT}.{key}") for key, cfg in job.extra_configs.items()},
+        )
         man["dcp_metadata_sha256"] = sha256_file(tmp / ".metadata") if is_main else None
         if is_main:
             atomic_write_text(tmp / MANIFEST, json.dumps(man, indent=2))
@@ -378,12 +416,23 @@ def _run(job: _Job, a: _Args, rank: int, world: int, device: torch.device) -> Co
                 f"(> {tolerance:g}) on {rows} rows of {check_split}"
             )
         report = CollapseReport(
-            output=str(output), source_checkpoint=str(source.path), tables=man["tables"],
+            output=str(output),
+            source_checkpoint=str(source.path),
+            tables=man["tables"],
             serving_table_bytes=sum(t["rows"] * t["d"] * 4 for t in man["tables"].values()),
-            check_split=check_split, rows_checked=rows, max_abs_diff=max_diff, tolerance=tolerance,
-            collapsed_metrics=metrics, world_size=world, source_world_size=source.world_size,
-            output_sharding=output_sharding, block_rows=block_rows, accumulate=accumulate,
-            collapse_seconds=collapse_seconds, check_seconds=check_seconds, sent_bytes=sent,
+            check_split=check_split,
+            rows_checked=rows,
+            max_abs_diff=max_diff,
+            tolerance=tolerance,
+            collapsed_metrics=metrics,
+            world_size=world,
+            source_world_size=source.world_size,
+            output_sharding=output_sharding,
+            block_rows=block_rows,
+            accumulate=accumulate,
+            collapse_seconds=collapse_seconds,
+            check_seconds=check_seconds,
+            sent_bytes=sent,
         )
         if distributed:
             dist.barrier()  # every rank's shards are written and checked
@@ -408,15 +457,16 @@ def _run(job: _Job, a: _Args, rank: int, world: int, device: torch.device) -> Co
 # N local processes
 
 
-def _collapse_worker(kwargs: Dict[str, Any], verbose: bool) -> Dict[str, Any]:
+def _collapse_worker(kwargs: dict[str, Any], verbose: bool) -> dict[str, Any]:
     from mlet_torchrec.logs import configure_logging
 
     configure_logging(verbose)
     return asdict(collapse(**kwargs))
 
 
-def collapse_local(checkpoint: Path | str, output: Path | str, nproc_per_node: int, verbose: bool = False,
-                   **kwargs: Any) -> CollapseReport:
+def collapse_local(
+    checkpoint: Path | str, output: Path | str, nproc_per_node: int, verbose: bool = False, **kwargs: Any
+) -> CollapseReport:
     """:func:`collapse` on ``nproc_per_node`` processes of this machine (elastic_launch); rank 0's report."""
     from torch.distributed.launcher.api import elastic_launch
 

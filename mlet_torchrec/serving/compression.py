@@ -386,10 +386,34 @@ def svd_model_tables(model: torch.nn.Module, rank: int) -> Dict[str, Dict[str, f
 
 
 def compression_study(collapsed: Union[str, Path], split: str = "test", svd_ranks: Sequence[int] = (),
-                      int8: bool = True, max_rows: Optional[int] = None) -> List[Dict[str, object]]:
-    """Rows {method, table_size (A.4.4), auc, logloss} for a collapsed model and its compressed variants."""
-    from mlet_torchrec.evaluation.evaluate import predict_split
-    from mlet_torchrec.evaluation.metrics import ctr_metrics
+                      int8: bool = True, max_rows: Optional[int] = None,
+                      nproc_per_node: int = 1) -> List[Dict[str, object]]:
+    """Rows {method, table_size (A.4.4), auc, logloss} for a collapsed model and its compressed variants. On
+    ``nproc_per_node`` > 1 local processes (or inside a job) every rank builds the same variants and scores its
+    slice of the split."""
+    from mlet_torchrec.serving.artifact import load_artifact
+    from mlet_torchrec.training.distributed import process_group
+    from mlet_torchrec.training.launcher import in_distributed_job, launch_local, local_launch_config
+
+    if nproc_per_node > 1 and not in_distributed_job():
+        args = dict(collapsed=str(collapsed), split=split, svd_ranks=list(svd_ranks), int8=int8, max_rows=max_rows)
+        return launch_local(local_launch_config(nproc_per_node, "mlet-compression"), _study_worker, args)[0]
+    if not in_distributed_job():
+        return _study(collapsed, split, svd_ranks, int8, max_rows, 0, 1)
+    with process_group(load_artifact(collapsed).config.run.device) as ctx:
+        return _study(collapsed, split, svd_ranks, int8, max_rows, ctx.rank, ctx.world_size)
+
+
+def _study_worker(args: Dict[str, Any], errors: str) -> List[Dict[str, object]]:
+    from mlet_torchrec.training.launcher import user_errors_to_parent
+
+    with user_errors_to_parent(errors):
+        return compression_study(**args)
+
+
+def _study(collapsed: Union[str, Path], split: str, svd_ranks: Sequence[int], int8: bool, max_rows: Optional[int],
+           rank: int, world: int) -> List[Dict[str, object]]:
+    from mlet_torchrec.evaluation.evaluate import evaluate_split
     from mlet_torchrec.serving.artifact import load_collapsed
 
     model, config, meta = load_collapsed(collapsed)
@@ -400,8 +424,8 @@ def compression_study(collapsed: Union[str, Path], split: str = "test", svd_rank
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def score() -> Dict[str, float]:
-        m = ctr_metrics(*predict_split(model, config.data.path, split, config.train.eval_batch_size, meta, max_rows))
-        return {"auc": m.auc, "logloss": m.logloss}
+        m = evaluate_split(model, config.data.path, split, config.train.eval_batch_size, meta, max_rows, rank, world)
+        return {"auc": m.auc, "logloss": m.logloss, "auc_error_bound": m.auc_error_bound}
 
     dense_params = {t: n * d for t, n in table_rows.items()}
     results: List[Dict[str, object]] = [
@@ -453,13 +477,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--svd-ranks", type=int, nargs="*", default=[])
     p.add_argument("--max-rows", type=int, default=None)
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="local processes, each scoring its slice of the split (default 1)")
     args = parser.parse_args(argv)
     try:
         if args.command == "hash":
             meta = write_hashed_dataset(args.input, args.output, _parse_spec(args.spec), args.overwrite)
             print(json.dumps({"cardinalities": meta.cardinalities(), "hashing": meta.source["hashing"]}, indent=2))
         else:
-            rows = compression_study(args.collapsed, args.split, args.svd_ranks, max_rows=args.max_rows)
+            rows = compression_study(args.collapsed, args.split, args.svd_ranks, max_rows=args.max_rows,
+                                     nproc_per_node=args.nproc_per_node)
             for r in rows:
                 print(f"{r['method']:<24} size {r['table_size']:8.3f}  AUC {r['auc']:.5f}  LogLoss {r['logloss']:.5f}")
     except (UserError, ValueError, KeyError, FileNotFoundError) as e:

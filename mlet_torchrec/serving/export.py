@@ -35,7 +35,8 @@ from torch import nn
 
 from data_pipes.schema import METADATA_FILE, DatasetMeta
 from mlet_torchrec.errors import UserError
-from mlet_torchrec.evaluation.evaluate import predict_split
+from mlet_torchrec.evaluation.evaluate import score_split
+from mlet_torchrec.evaluation.metrics import MetricAccumulator
 from mlet_torchrec.io import atomic_output
 from mlet_torchrec.models import CTRModel
 from mlet_torchrec.serving.artifact import (  # noqa: F401  (read_manifest, meta_from_manifest re-exported)
@@ -165,7 +166,7 @@ def load_int8(path: Path | str) -> torch.jit.ScriptModule:
 
 
 class _Logits(nn.Module):
-    """(dense, sparse) -> logits (B,) around a (B, 1) net, as ``evaluate.predict`` expects."""
+    """(dense, sparse) -> logits (B,) around a (B, 1) net, as ``evaluate.score`` expects."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -280,8 +281,13 @@ def export(
     max_check_rows: Optional[int] = None,
     auc_tolerance: float = 1e-3,
     overwrite: bool = False,
+    nproc_per_node: int = 1,
 ) -> ExportReport:
-    """Export ``collapsed`` (a ``mlet collapse`` output) for serving into ``output``."""
+    """Export ``collapsed`` (a ``mlet collapse`` output) for serving into ``output``.
+
+    ``nproc_per_node`` > 1 runs the INT8 check on that many local processes, each scoring its slice of
+    the split (the FP32 model sharded over them, the INT8 model in each).
+    """
     start = time.perf_counter()
     collapsed, output = Path(collapsed), Path(output)
     if not int8 and not formats:
@@ -323,8 +329,12 @@ def export(
                 "forward": "(dense_features float32 (B, D), sparse_features KeyedJaggedTensor) -> logits (B, 1)",
             }
             if check:
-                _check_int8(report, model, _Logits(load_int8(tmp / INT8_MODEL)), data, split, art.meta,
-                            config.train.eval_batch_size, max_check_rows, auc_tolerance)
+                if nproc_per_node > 1:
+                    found = int8_check_local(collapsed, tmp / INT8_MODEL, split, max_check_rows, nproc_per_node)
+                else:
+                    found = int8_check(model, _Logits(load_int8(tmp / INT8_MODEL)), data, split, art.meta,
+                                       config.train.eval_batch_size, max_check_rows)
+                _judge_int8(report, found, split, auc_tolerance)
         if report.table_files:
             out_manifest["table_files"] = report.table_files
         (tmp / MANIFEST).write_text(json.dumps(out_manifest, indent=2))
@@ -335,19 +345,66 @@ def export(
     return report
 
 
-def _check_int8(report: ExportReport, model: nn.Module, reloaded: nn.Module, data: str, split: str,
-                meta: DatasetMeta, batch: int, max_rows: Optional[int], auc_tolerance: float) -> None:
-    """FP32 against the INT8 model as written (reloaded from its file) on ``split``; fills ``report``."""
-    from mlet_torchrec.evaluation.metrics import ctr_metrics
+def int8_check(model: nn.Module, reloaded: nn.Module, data: str, split: str, meta: DatasetMeta, batch: int,
+               max_rows: Optional[int], rank: int = 0, world_size: int = 1) -> Dict[str, Any]:
+    """FP32 against the INT8 model as written (reloaded from its file) on ``split``, both scoring each batch in
+    one pass: {rows, fp32 metrics, int8 metrics, max |p_int8 - p_fp32|}. Collective when ``world_size`` > 1."""
+    import torch.distributed as dist
 
-    p32, labels = predict_split(model, data, split, batch, meta, max_rows)
-    p8, _ = predict_split(reloaded, data, split, batch, meta, max_rows)
+    acc32, acc8, worst = MetricAccumulator(), MetricAccumulator(), 0.0
+    for out in score_split([model, reloaded], data, split, batch, meta, max_rows, rank, world_size):
+        if out.labels.numel():
+            p32, p8 = torch.sigmoid(out.logits[0].double()), torch.sigmoid(out.logits[1].double())
+            worst = max(worst, float((p32 - p8).abs().max()))
+        acc32.update(out.logits[0], out.labels)
+        acc8.update(out.logits[1], out.labels)
+    m32, m8 = acc32.result(), acc8.result()
+    if world_size > 1:
+        from mlet_torchrec.evaluation.evaluate import eval_device
+
+        stat = torch.tensor([worst], dtype=torch.float64, device=eval_device())
+        dist.all_reduce(stat, op=dist.ReduceOp.MAX)
+        worst = float(stat.item())
+    return {"rows": m32.rows, "fp32": m32.as_dict(), "int8": m8.as_dict(), "max_abs_prob_diff": worst}
+
+
+def _int8_check_job(collapsed: str, int8_file: str, split: str, max_rows: Optional[int]) -> Dict[str, Any]:
+    """:func:`int8_check` as one rank of a job: the FP32 model sharded over the ranks, the INT8 model in each."""
+    from mlet_torchrec.serving.artifact import shard_for_job
+    from mlet_torchrec.training.distributed import process_group
+
+    art = load_artifact(collapsed)
+    with process_group(art.config.run.device) as ctx:
+        model = shard_for_job(art, ctx.device, ctx.world_size)
+        return int8_check(model, _Logits(load_int8(int8_file)), art.config.data.path, split, art.meta,
+                          art.config.train.eval_batch_size, max_rows, ctx.rank, ctx.world_size)
+
+
+def _int8_check_worker(args: Dict[str, Any], verbose: bool, errors: str) -> Dict[str, Any]:
+    from mlet_torchrec.logs import configure_logging
+    from mlet_torchrec.training.launcher import user_errors_to_parent
+
+    configure_logging(verbose)
+    with user_errors_to_parent(errors):
+        return _int8_check_job(**args)
+
+
+def int8_check_local(collapsed: Path | str, int8_file: Path | str, split: str, max_rows: Optional[int],
+                     nproc_per_node: int) -> Dict[str, Any]:
+    """:func:`int8_check` on ``nproc_per_node`` local processes; rank 0's result."""
+    from mlet_torchrec.training.launcher import launch_local, local_launch_config
+
+    args = {"collapsed": str(collapsed), "int8_file": str(int8_file), "split": split, "max_rows": max_rows}
+    return launch_local(local_launch_config(nproc_per_node, "mlet-export-check"), _int8_check_worker, args, False)[0]
+
+
+def _judge_int8(report: ExportReport, found: Dict[str, Any], split: str, auc_tolerance: float) -> None:
+    """Fill ``report`` from a check's result; raise when the INT8 AUC is off by more than the tolerance."""
     report.check_split = split
-    report.rows_checked = int(labels.numel())
-    report.fp32_metrics = ctr_metrics(p32, labels).as_dict()
-    report.int8_metrics = ctr_metrics(p8, labels).as_dict()
+    report.rows_checked = int(found["rows"])
+    report.fp32_metrics, report.int8_metrics = found["fp32"], found["int8"]
     report.auc_diff = abs(report.int8_metrics["auc"] - report.fp32_metrics["auc"])
-    report.max_abs_prob_diff = float((p32 - p8).abs().max()) if labels.numel() else 0.0
+    report.max_abs_prob_diff = float(found["max_abs_prob_diff"])
     if not report.auc_diff <= auc_tolerance:  # NaN fails too
         raise Int8QualityError(
             f"INT8 AUC {report.int8_metrics['auc']:.5f} is {report.auc_diff:.5f} from the FP32 AUC "

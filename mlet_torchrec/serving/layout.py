@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import heapq
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 
 from mlet_torchrec.serving.artifact import quiet_planner
 
@@ -45,22 +46,22 @@ class Box:
     def col_end(self) -> int:
         return self.col + self.cols
 
-    def as_json(self) -> Dict[str, Any]:
+    def as_json(self) -> dict[str, Any]:
         return {"offsets": [self.row, self.col], "sizes": [self.rows, self.cols], "placement": f"rank:{self.rank}"}
 
 
 _WRITER = re.compile(r"__(\d+)_\d+\.distcp$")
 
 
-def source_chunks(checkpoint: Path, fqns: Sequence[str]) -> Dict[str, List[Tuple[Box, Optional[int]]]]:
+def source_chunks(checkpoint: Path, fqns: Sequence[str]) -> dict[str, list[tuple[Box, int | None]]]:
     """For each fqn: the chunks of the DCP checkpoint as boxes (rank -1) and the rank that wrote each."""
-    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
-    writer: Dict[Tuple[str, Tuple[int, ...]], int] = {}
+    metadata = FileSystemReader(str(checkpoint)).read_metadata()
+    writer: dict[tuple[str, tuple[int, ...]], int] = {}
     for index, info in metadata.storage_data.items():
         match = _WRITER.search(str(getattr(info, "relative_path", "")))
         if match and index.offset is not None:
             writer[(index.fqn, tuple(index.offset))] = int(match.group(1))
-    out: Dict[str, List[Tuple[Box, Optional[int]]]] = {}
+    out: dict[str, list[tuple[Box, int | None]]] = {}
     for fqn in fqns:
         md = metadata.state_dict_metadata.get(fqn)
         if md is None or not hasattr(md, "chunks"):
@@ -74,8 +75,8 @@ def source_chunks(checkpoint: Path, fqns: Sequence[str]) -> Dict[str, List[Tuple
 
 
 def assign_boxes(
-    chunks: Dict[str, List[Tuple[Box, Optional[int]]]], world_size: int, keep_writers: bool
-) -> Dict[str, List[Box]]:
+    chunks: dict[str, list[tuple[Box, int | None]]], world_size: int, keep_writers: bool
+) -> dict[str, list[Box]]:
     """Give every chunk to a rank, identically on every rank.
 
     With ``keep_writers`` (the source was written at this world size) each chunk goes to the
@@ -84,10 +85,13 @@ def assign_boxes(
     loaded ranks.
     """
     if keep_writers and all(w is not None and 0 <= w < world_size for cs in chunks.values() for _, w in cs):
-        return {name: sorted(Box(b.row, b.col, b.rows, b.cols, w) for b, w in cs) for name, cs in chunks.items()}
+        return {  # (every w is an int here: checked just above)
+            name: sorted(Box(b.row, b.col, b.rows, b.cols, w) for b, w in cs if w is not None)
+            for name, cs in chunks.items()
+        }
     total = sum(b.rows * b.cols for cs in chunks.values() for b, _ in cs)
     target = max(1, -(-total // world_size))
-    pieces: List[Tuple[int, int, str, Box]] = []
+    pieces: list[tuple[int, int, str, Box]] = []
     order = 0
     for name, cs in chunks.items():
         for b, _ in cs:
@@ -100,7 +104,7 @@ def assign_boxes(
     pieces.sort()
     load = [(0, r) for r in range(world_size)]
     heapq.heapify(load)
-    out: Dict[str, List[Box]] = {name: [] for name in chunks}
+    out: dict[str, list[Box]] = {name: [] for name in chunks}
     for neg, _, name, piece in pieces:
         used, rank = heapq.heappop(load)
         out[name].append(Box(piece.row, piece.col, piece.rows, piece.cols, rank))
@@ -108,18 +112,18 @@ def assign_boxes(
     return {name: sorted(boxes) for name, boxes in out.items()}
 
 
-def mirror_layout(in_boxes: Sequence[Box], num_rows: int, d: int) -> List[Box]:
+def mirror_layout(in_boxes: Sequence[Box], num_rows: int, d: int) -> list[Box]:
     """Output boxes that mirror the input boxes: rows stay with their rank; a row range split by
     columns over m ranks becomes a d-column split over the same ranks (in column order)."""
     cuts = sorted({0, num_rows} | {b.row for b in in_boxes} | {b.row_end for b in in_boxes})
-    segments: List[Tuple[int, int, Tuple[Tuple[int, int, int], ...]]] = []
-    for lo, hi in zip(cuts, cuts[1:]):
+    segments: list[tuple[int, int, tuple[tuple[int, int, int], ...]]] = []
+    for lo, hi in zip(cuts, cuts[1:], strict=False):
         cover = sorted((b for b in in_boxes if b.row < hi and b.row_end > lo), key=lambda b: (b.col, b.rank))
         owners = list(dict.fromkeys(b.rank for b in cover))[: max(1, d)] or [0]
         m = len(owners)
         widths = [d // m + (1 if i < d % m else 0) for i in range(m)]
         starts = [sum(widths[:i]) for i in range(m)]
-        cols = tuple((s, w, o) for s, w, o in zip(starts, widths, owners) if w > 0)
+        cols = tuple((s, w, o) for s, w, o in zip(starts, widths, owners, strict=True) if w > 0)
         if segments and segments[-1][1] == lo and segments[-1][2] == cols:
             segments[-1] = (segments[-1][0], hi, cols)
         else:
@@ -135,8 +139,9 @@ def check_cover(name: str, boxes: Sequence[Box], rows: int, cols: int) -> None:
         raise ValueError(f"table {name}: boxes {boxes} do not tile a {rows} x {cols} table")
 
 
-def plan_layout(model: nn.Module, kind: str, world_size: int, device_type: str,
-                tables: Dict[str, Tuple[str, str, int, int]]) -> Dict[str, List[Box]]:
+def plan_layout(
+    model: nn.Module, kind: str, world_size: int, device_type: str, tables: dict[str, tuple[str, str, int, int]]
+) -> dict[str, list[Box]]:
     """Output boxes from TorchRec's planner for the collapsed model's EBCs (``kind``: a sharding type or 'auto').
 
     ``tables``: id -> (EBC module path, table name, rows, width).
@@ -155,21 +160,22 @@ def plan_layout(model: nn.Module, kind: str, world_size: int, device_type: str,
                 width = d // world_size if d % world_size == 0 else 4
                 kwargs["min_partition"] = max(4, width - width % 4)
             constraints[name] = ParameterConstraints(sharding_types=[kind], **kwargs)
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device=device_type),
-                                       constraints=constraints)
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world_size, compute_device=device_type), constraints=constraints
+    )
     sharders = [MLETEmbeddingBagCollectionSharder()]
     if dist.is_initialized() and dist.get_world_size() == world_size:
         plan = collective_plan(planner, model, sharders)
     else:
         plan = planner.plan(model, sharders)
-    out: Dict[str, List[Box]] = {}
+    out: dict[str, list[Box]] = {}
     for tid, (path, name, rows, d) in tables.items():
-        p = plan.plan[path][name]  # type: ignore[index]
+        p = plan.plan[path][name]
         if p.sharding_spec is None:  # data_parallel: replicated; one copy in the checkpoint
             out[tid] = [Box(0, 0, rows, d, 0)]
             continue
         out[tid] = sorted(
             Box(s.shard_offsets[0], s.shard_offsets[1], s.shard_sizes[0], s.shard_sizes[1], s.placement.rank())
-            for s in p.sharding_spec.shards  # type: ignore[union-attr]
+            for s in p.sharding_spec.shards
         )
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from data_pipes.schema import DatasetMeta
 from mlet_torchrec.config import ExperimentConfig
@@ -34,9 +34,15 @@ def _pooling_name(pooling: Any) -> str:
     return str(getattr(pooling, "name", pooling)).lower()
 
 
-def manifest(config: ExperimentConfig, meta: DatasetMeta, source: Path, step: int,
-             extra: Optional[Dict[str, Any]] = None, embedding_prefix: Optional[str] = None,
-             extra_tables: Optional[Dict[str, Tuple[Any, str]]] = None) -> Dict[str, Any]:
+def manifest(
+    config: ExperimentConfig,
+    meta: DatasetMeta,
+    source: Path,
+    step: int,
+    extra: dict[str, Any] | None = None,
+    embedding_prefix: str | None = None,
+    extra_tables: dict[str, tuple[Any, str]] | None = None,
+) -> dict[str, Any]:
     """What serving needs to rebuild the stock model without this package (see ``export.SERVING_MD``).
 
     ``tables``: the model's d-dim tables (one stock ``EmbeddingBagCollection``, keys under
@@ -62,10 +68,10 @@ def manifest(config: ExperimentConfig, meta: DatasetMeta, source: Path, step: in
     }
     ks = sorted({t["k"] for t in tables.values() if t["k"] is not None})
     source = Path(source)
-    src: Dict[str, Any] = {"path": str(source.resolve()), "step": step}
+    src: dict[str, Any] = {"path": str(source.resolve()), "step": step}
     if (source / ".metadata").is_file():
         src["dcp_metadata_sha256"] = sha256_file(source / ".metadata")
-    out: Dict[str, Any] = {
+    out: dict[str, Any] = {
         "format": FORMAT,
         "model": config.model.name,
         "model_config": config.model.model_dump(mode="json"),
@@ -91,8 +97,15 @@ def manifest(config: ExperimentConfig, meta: DatasetMeta, source: Path, step: in
         }
     if extra_tables:
         out["extra_tables"] = {
-            cfg.name: {"rows": cfg.num_embeddings, "d": cfg.embedding_dim, "features": list(cfg.feature_names),
-                       "pooling": _pooling_name(cfg.pooling), "dtype": "float32", "k": None, "key": key}
+            cfg.name: {
+                "rows": cfg.num_embeddings,
+                "d": cfg.embedding_dim,
+                "features": list(cfg.feature_names),
+                "pooling": _pooling_name(cfg.pooling),
+                "dtype": "float32",
+                "k": None,
+                "key": key,
+            }
             for cfg, key in extra_tables.values()
         }
     if extra:

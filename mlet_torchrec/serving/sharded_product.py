@@ -16,7 +16,8 @@ Example (one process, one box):
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -24,18 +25,26 @@ import torch.distributed as dist
 from mlet_torchrec.modules.product import DEFAULT_BLOCK_ROWS, mlet_product
 from mlet_torchrec.serving.layout import Box
 
+if TYPE_CHECKING:
+    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+
 _SEND_WINDOW = 8  # partial blocks in flight per rank
 
 
-def sharded_tensor(boxes: Sequence[Box], local: Dict[Box, torch.Tensor], size: Tuple[int, int], dtype: torch.dtype):
+def sharded_tensor(
+    boxes: Sequence[Box], local: dict[Box, torch.Tensor], size: tuple[int, int], dtype: torch.dtype
+) -> ShardedTensor:
     from torch.distributed._shard.metadata import ShardMetadata
-    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
-    from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+
+    # the defining modules: the package re-exports these without an __all__
+    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+    from torch.distributed._shard.sharded_tensor.shard import Shard
 
     shards_md = [ShardMetadata([b.row, b.col], [b.rows, b.cols], f"rank:{b.rank}/cpu") for b in boxes]
     md = ShardedTensorMetadata(shards_md, torch.Size(size), TensorProperties(dtype=dtype, layout=torch.strided))
     rank = dist.get_rank()
-    shards = [Shard(local[b], m) for b, m in zip(boxes, shards_md) if b.rank == rank]
+    shards = [Shard(local[b], m) for b, m in zip(boxes, shards_md, strict=True) if b.rank == rank]
     return ShardedTensor._init_from_local_shards_and_global_metadata(shards, md)
 
 
@@ -44,7 +53,7 @@ class Exchange:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.pending: List[Tuple[Any, torch.Tensor]] = []
+        self.pending: list[tuple[Any, torch.Tensor]] = []
         self.sent_bytes = 0
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
@@ -54,7 +63,7 @@ class Exchange:
         while len(self.pending) > _SEND_WINDOW:
             self.pending.pop(0)[0].wait()
 
-    def recv(self, shape: Tuple[int, int], dtype: torch.dtype, src: int) -> torch.Tensor:
+    def recv(self, shape: tuple[int, int], dtype: torch.dtype, src: int) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
         dist.recv(t, src)
         return t.cpu()
@@ -67,16 +76,16 @@ class Exchange:
 
 @torch.no_grad()
 def collapse_boxes(
-    w1_local: Dict[Box, torch.Tensor],
+    w1_local: dict[Box, torch.Tensor],
     in_boxes: Sequence[Box],
     out_boxes: Sequence[Box],
-    w2: Optional[torch.Tensor],
+    w2: torch.Tensor | None,
     rank: int,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     accumulate: torch.dtype = torch.float32,
-    exchange: Optional[Exchange] = None,
+    exchange: Exchange | None = None,
     out_dtype: torch.dtype = torch.float32,
-) -> Dict[Box, torch.Tensor]:
+) -> dict[Box, torch.Tensor]:
     """This rank's output boxes of ``W = W1 @ W2`` from the W1 boxes every rank holds.
 
     Every rank walks the same sequence (output box, row block). For each block, every rank that
@@ -89,7 +98,7 @@ def collapse_boxes(
         w2 = torch.eye(k, dtype=torch.float32)
     w2 = w2.detach().cpu()
     dev = exchange.device if exchange is not None else torch.device("cpu")
-    w2_sub: Dict[Tuple[Box, Box], torch.Tensor] = {}
+    w2_sub: dict[tuple[Box, Box], torch.Tensor] = {}
     out_local = {ob: torch.empty(ob.rows, ob.cols, dtype=out_dtype) for ob in out_boxes if ob.rank == rank}
 
     def sub(ib: Box, ob: Box) -> torch.Tensor:
@@ -100,8 +109,13 @@ def collapse_boxes(
 
     def partial(ib: Box, ob: Box, r0: int, r1: int) -> torch.Tensor:
         x = w1_local[ib][r0 - ib.row : r1 - ib.row]
-        return mlet_product(x.to(dev), sub(ib, ob), block_rows=block_rows, accumulate=accumulate,
-                               out=torch.empty(r1 - r0, ob.cols, dtype=accumulate, device=dev))
+        return mlet_product(
+            x.to(dev),
+            sub(ib, ob),
+            block_rows=block_rows,
+            accumulate=accumulate,
+            out=torch.empty(r1 - r0, ob.cols, dtype=accumulate, device=dev),
+        )
 
     for ob in out_boxes:
         owner = ob.rank == rank
@@ -111,26 +125,36 @@ def collapse_boxes(
             if not any(ib.rank == rank for ib in contributors) and not owner:
                 continue
             target = out_local[ob][b0 - ob.row : b1 - ob.row] if owner else None
-            if (owner and len(contributors) == 1 and contributors[0].rank == rank and accumulate == out_dtype
-                    and dev.type == "cpu"):
+            if (
+                owner
+                and len(contributors) == 1
+                and contributors[0].rank == rank
+                and accumulate == out_dtype
+                and dev.type == "cpu"
+            ):
                 ib = contributors[0]  # the common case: whole rows, local: straight into the output
-                mlet_product(w1_local[ib][b0 - ib.row : b1 - ib.row], sub(ib, ob), out=target,
-                                block_rows=block_rows, accumulate=accumulate)
+                mlet_product(
+                    w1_local[ib][b0 - ib.row : b1 - ib.row],
+                    sub(ib, ob),
+                    out=target,
+                    block_rows=block_rows,
+                    accumulate=accumulate,
+                )
                 continue
             acc = torch.zeros(b1 - b0, ob.cols, dtype=accumulate) if owner else None
             for ib in contributors:  # own partials first would change the sum order: keep box order
                 r0, r1 = max(ib.row, b0), min(ib.row_end, b1)
                 if ib.rank == rank:
                     part = partial(ib, ob, r0, r1)
-                    if owner:
+                    if acc is not None:  # this rank owns the output box
                         acc[r0 - b0 : r1 - b0] += part.cpu()
                     else:
                         assert exchange is not None, "a remote output box needs a process group"
                         exchange.send(part, ob.rank)
-                elif owner:
+                elif acc is not None:
                     assert exchange is not None, "a remote input box needs a process group"
                     acc[r0 - b0 : r1 - b0] += exchange.recv((r1 - r0, ob.cols), accumulate, ib.rank)
-            if owner:
+            if target is not None and acc is not None:  # both set exactly when this rank owns the box
                 target.copy_(acc)
     if exchange is not None:
         exchange.drain()

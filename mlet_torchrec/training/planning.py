@@ -25,9 +25,10 @@ import json
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -72,12 +73,12 @@ class Cluster:
 
     world_size: int
     device: Literal["cuda", "cpu"] = "cuda"
-    local_world_size: Optional[int] = None
+    local_world_size: int | None = None
     hbm_gb: float = 80.0
     """GPU memory per rank, GiB (ignored for cpu)."""
     ddr_gb: float = 128.0
     """Host memory per rank, GiB."""
-    batch_size: Optional[int] = None
+    batch_size: int | None = None
     """Global batch size (None: the config's train.batch_size)."""
 
     def __post_init__(self) -> None:
@@ -97,50 +98,68 @@ def _elem(config: ExperimentConfig) -> int:
     return 2 if config.embedding.w1_dtype == "fp16" else 4
 
 
-def table_sizes(config: ExperimentConfig, meta: DatasetMeta, mlet: bool = True) -> Dict[str, Dict[str, int]]:
+def table_sizes(config: ExperimentConfig, meta: DatasetMeta, mlet: bool = True) -> dict[str, dict[str, int]]:
     """Per table: rows, width, weight bytes and sparse-optimizer state bytes while training.
 
     ``mlet=False``: the single-layer model at d (same optimizer, same W1 dtype). Adagrad keeps one fp32
     value per weight, row-wise Adagrad one per row, SGD none.
     """
     opt = config.sparse_optimizer.name
-    out: Dict[str, Dict[str, int]] = {}
+    out: dict[str, dict[str, int]] = {}
     for f in meta.sparse:
         width = (config.embedding.k_for(f.name) if mlet else None) or config.embedding.d
         state = {"adagrad": f.cardinality * width * 4, "rowwise_adagrad": f.cardinality * 4}.get(opt, 0)
-        out[table_name(f.name)] = {"rows": f.cardinality, "width": width,
-                                   "weights": f.cardinality * width * _elem(config), "state": state}
+        out[table_name(f.name)] = {
+            "rows": f.cardinality,
+            "width": width,
+            "weights": f.cardinality * width * _elem(config),
+            "state": state,
+        }
     return out
 
 
-def _total(sizes: Dict[str, Dict[str, int]]) -> int:
+def _total(sizes: dict[str, dict[str, int]]) -> int:
     return sum(s["weights"] + s["state"] for s in sizes.values())
 
 
-def memory_summary(config: ExperimentConfig, meta: DatasetMeta) -> Dict[str, Any]:
+def memory_summary(config: ExperimentConfig, meta: DatasetMeta) -> dict[str, Any]:
     """Bytes of the tables: MLET training, single-layer training, serving (fp32 n x d), and their ratios."""
     mlet, single = table_sizes(config, meta), table_sizes(config, meta, mlet=False)
     serving = sum(f.cardinality * config.embedding.d * 4 for f in meta.sparse)
     train_bytes, single_bytes = _total(mlet), _total(single)
-    return {"training_bytes": train_bytes, "training_weights_bytes": sum(s["weights"] for s in mlet.values()),
-            "training_state_bytes": sum(s["state"] for s in mlet.values()),
-            "single_layer_training_bytes": single_bytes, "serving_bytes": serving,
-            "training_factor": train_bytes / max(single_bytes, 1)}
+    return {
+        "training_bytes": train_bytes,
+        "training_weights_bytes": sum(s["weights"] for s in mlet.values()),
+        "training_state_bytes": sum(s["state"] for s in mlet.values()),
+        "single_layer_training_bytes": single_bytes,
+        "serving_bytes": serving,
+        "training_factor": train_bytes / max(single_bytes, 1),
+    }
 
 
 # -------------------------------------------------------------------------------- (de)serialising
 
 
-def plan_to_json(plan: ShardingPlan) -> List[Dict[str, Any]]:
+def plan_to_json(plan: ShardingPlan) -> list[dict[str, Any]]:
     """A ShardingPlan as a list of tables (module path, table, sharding type, kernel, ranks, shards)."""
     rows = []
     for module_path, module_plan in plan.plan.items():
-        for table, p in module_plan.items():  # type: ignore[union-attr]
-            shards = [{"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes), "placement": str(s.placement)}
-                      for s in (p.sharding_spec.shards if p.sharding_spec is not None else [])]  # type: ignore
-            rows.append({"module": module_path, "table": table, "sharding_type": p.sharding_type,
-                         "compute_kernel": p.compute_kernel, "ranks": p.ranks, "shards": shards,
-                         "cache_load_factor": p.cache_params.load_factor if p.cache_params else None})
+        for table, p in module_plan.items():
+            shards = [
+                {"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes), "placement": str(s.placement)}
+                for s in (p.sharding_spec.shards if p.sharding_spec is not None else [])
+            ]
+            rows.append(
+                {
+                    "module": module_path,
+                    "table": table,
+                    "sharding_type": p.sharding_type,
+                    "compute_kernel": p.compute_kernel,
+                    "ranks": p.ranks,
+                    "shards": shards,
+                    "cache_load_factor": p.cache_params.load_factor if p.cache_params else None,
+                }
+            )
     return rows
 
 
@@ -148,35 +167,45 @@ def _placement(rank: int, device: str, local_world_size: int) -> str:
     return f"rank:{rank}/cpu" if device == "cpu" else f"rank:{rank}/cuda:{rank % local_world_size}"
 
 
-def plan_from_json(tables: List[Dict[str, Any]], device: str, local_world_size: int) -> ShardingPlan:
+def plan_from_json(tables: list[dict[str, Any]], device: str, local_world_size: int) -> ShardingPlan:
     """The inverse of :func:`plan_to_json`; placements are rebuilt for this job's devices."""
-    modules: Dict[str, EmbeddingModuleShardingPlan] = {}
+    modules: dict[str, EmbeddingModuleShardingPlan] = {}
     for t in tables:
-        shards = [ShardMetadata(shard_offsets=list(s["offsets"]), shard_sizes=list(s["sizes"]),
-                                placement=_placement(int(s["placement"].split("/")[0].split(":")[1]), device,
-                                                     local_world_size))
-                  for s in t["shards"]]
+        shards = [
+            ShardMetadata(
+                shard_offsets=list(s["offsets"]),
+                shard_sizes=list(s["sizes"]),
+                placement=_placement(int(s["placement"].split("/")[0].split(":")[1]), device, local_world_size),
+            )
+            for s in t["shards"]
+        ]
         lf = t.get("cache_load_factor")
         modules.setdefault(t["module"], EmbeddingModuleShardingPlan())[t["table"]] = ParameterSharding(
-            sharding_type=t["sharding_type"], compute_kernel=t["compute_kernel"], ranks=t["ranks"],
+            sharding_type=t["sharding_type"],
+            compute_kernel=t["compute_kernel"],
+            ranks=t["ranks"],
             sharding_spec=EnumerableShardingSpec(shards) if shards else None,
             cache_params=CacheParams(load_factor=lf) if lf is not None else None,
         )
-    return ShardingPlan(modules)  # type: ignore[arg-type]
+    return ShardingPlan(modules)
 
 
 # --------------------------------------------------------------------------------------- planning
 
 
-def planned_for(config: ExperimentConfig, meta: DatasetMeta) -> Dict[str, Any]:
+def planned_for(config: ExperimentConfig, meta: DatasetMeta) -> dict[str, Any]:
     """What a plan depends on: the keys a run must share with it (compared by :func:`load_plan`)."""
     e = config.embedding
     return {
-        "embedding.d": e.d, "embedding.k": e.k, "embedding.w1_dtype": e.w1_dtype,
-        "embedding.uvm_caching": e.uvm_caching, "embedding.uvm_cache_load_factor": e.uvm_cache_load_factor,
+        "embedding.d": e.d,
+        "embedding.k": e.k,
+        "embedding.w1_dtype": e.w1_dtype,
+        "embedding.uvm_caching": e.uvm_caching,
+        "embedding.uvm_cache_load_factor": e.uvm_cache_load_factor,
         "embedding.sharding": e.sharding,
         "embedding.tables": {n: t.model_dump(mode="json") for n, t in sorted(e.tables.items())},
-        "model.name": config.model.name, "sparse_optimizer.name": config.sparse_optimizer.name,
+        "model.name": config.model.name,
+        "sparse_optimizer.name": config.sparse_optimizer.name,
         "data.cardinalities": meta.cardinalities(),
     }
 
@@ -194,8 +223,9 @@ def _quiet_planner() -> Iterator[None]:
         logging.disable(previous)
 
 
-def _run_planner(model: nn.Module, config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster,
-                 batch_size: int) -> tuple[ShardingPlan, EmbeddingShardingPlanner]:
+def _run_planner(
+    model: nn.Module, config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster, batch_size: int
+) -> tuple[ShardingPlan, EmbeddingShardingPlanner]:
     features = meta.sparse_names()
     lws = cluster.local_world_size or min(cluster.world_size, 8)
     caps = {"ddr_cap": int(cluster.ddr_gb * GIB)}
@@ -203,11 +233,13 @@ def _run_planner(model: nn.Module, config: ExperimentConfig, meta: DatasetMeta, 
         caps["hbm_cap"] = int(cluster.hbm_gb * GIB)
     with _quiet_planner():
         planner = EmbeddingShardingPlanner(
-            topology=Topology(world_size=cluster.world_size, local_world_size=lws, compute_device=cluster.device,
-                              **caps),
+            topology=Topology(
+                world_size=cluster.world_size, local_world_size=lws, compute_device=cluster.device, **caps
+            ),
             batch_size=max(1, batch_size // cluster.world_size),
-            constraints=sharding_constraints(config.embedding, features, {f: table_name(f) for f in features},
-                                             cluster.world_size, cluster.device),
+            constraints=sharding_constraints(
+                config.embedding, features, {f: table_name(f) for f in features}, cluster.world_size, cluster.device
+            ),
             debug=False,
         )
         plan = planner.plan(model, [MLETEmbeddingBagCollectionSharder()])
@@ -225,10 +257,11 @@ def _shard_bytes(option: Any, shard: Any, fp32_state_fix: bool) -> tuple[int, in
     return hbm, ddr
 
 
-def _planned(plan: ShardingPlan, planner: EmbeddingShardingPlanner, world_size: int,
-             fp32_state_fix: bool) -> Dict[str, Any]:
+def _planned(
+    plan: ShardingPlan, planner: EmbeddingShardingPlanner, world_size: int, fp32_state_fix: bool
+) -> dict[str, Any]:
     ranks = [{"rank": r, "hbm_bytes": 0, "ddr_bytes": 0} for r in range(world_size)]
-    per_table: Dict[str, Dict[str, int]] = {}
+    per_table: dict[str, dict[str, int]] = {}
     for option in planner._best_plan or []:  # the planner keeps its chosen options (storage per shard)
         t = per_table.setdefault(option.name, {"hbm_bytes": 0, "ddr_bytes": 0})
         for shard in option.shards:
@@ -238,16 +271,18 @@ def _planned(plan: ShardingPlan, planner: EmbeddingShardingPlanner, world_size: 
                 ranks[shard.rank]["hbm_bytes"] += hbm
                 ranks[shard.rank]["ddr_bytes"] += ddr
     tables = plan_to_json(plan)
-    for t in tables:
-        t.update(per_table.get(t["table"], {}))
+    for row in tables:
+        row.update(per_table.get(row["table"], {}))
     return {"tables": tables, "ranks": ranks}
 
 
-def make_plan(config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster) -> Dict[str, Any]:
+def make_plan(config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster) -> dict[str, Any]:
     """Plan the training and serving models of ``config`` on ``cluster``; raises :class:`PlanDoesNotFit`."""
     if config.embedding.uvm_caching and cluster.device != "cuda":
-        raise UserError("embedding.uvm_caching=true needs --device cuda: UVM caching keeps tables in host memory "
-                        "behind a GPU cache, and a CPU run has no GPU")
+        raise UserError(
+            "embedding.uvm_caching=true needs --device cuda: UVM caching keeps tables in host memory "
+            "behind a GPU cache, and a CPU run has no GPU"
+        )
     batch = cluster.batch_size or config.train.batch_size
     torch.manual_seed(0)
     net = build_model(config.model, config.embedding, meta, device=torch.device("meta"))
@@ -266,20 +301,30 @@ def make_plan(config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster) -> 
     fix = config.embedding.w1_dtype == "fp16" and config.sparse_optimizer.name == "adagrad"
     training = _planned(plan, planner, cluster.world_size, fix)
     if fix:  # the planner undercounted Adagrad's fp32 state: check the corrected figures ourselves
-        caps = (cluster.hbm_gb * GIB, cluster.ddr_gb * GIB) if cluster.device == "cuda" else (None, cluster.ddr_gb * GIB)
+        caps = (
+            (cluster.hbm_gb * GIB, cluster.ddr_gb * GIB) if cluster.device == "cuda" else (None, cluster.ddr_gb * GIB)
+        )
         for r in training["ranks"]:
-            over = [(tier, need, cap) for tier, need, cap in (("GPU", r["hbm_bytes"], caps[0]),
-                                                              ("host", r["ddr_bytes"], caps[1]))
-                    if cap is not None and need > cap * (1 - PLANNER_RESERVATION)]
+            over = [
+                (tier, need, cap)
+                for tier, need, cap in (("GPU", r["hbm_bytes"], caps[0]), ("host", r["ddr_bytes"], caps[1]))
+                if cap is not None and need > cap * (1 - PLANNER_RESERVATION)
+            ]
             if over:
                 tier, need, _ = over[0]
-                raise does_not_fit(config, meta, cluster, note=(
-                    f"rank {r['rank']} needs {need / GIB:.1f} GiB of {tier} memory once Adagrad's fp32 state of "
-                    f"fp16 tables is counted (TorchRec's planner counts it at fp16)"))
+                raise does_not_fit(
+                    config,
+                    meta,
+                    cluster,
+                    note=(
+                        f"rank {r['rank']} needs {need / GIB:.1f} GiB of {tier} memory once Adagrad's fp32 state of "
+                        f"fp16 tables is counted (TorchRec's planner counts it at fp16)"
+                    ),
+                )
     serving_net = build_model(config.model, config.embedding, meta, device=torch.device("meta"), collapsed=True)
     try:
         serving_plan, serving_planner = _run_planner(serving_net, config, meta, cluster, batch)
-        serving: Dict[str, Any] = _planned(serving_plan, serving_planner, cluster.world_size, False)
+        serving: dict[str, Any] = _planned(serving_plan, serving_planner, cluster.world_size, False)
     except PlannerError as e:
         serving = {"error": " ".join(str(e).split())[:400]}
     lws = cluster.local_world_size or min(cluster.world_size, 8)
@@ -297,8 +342,9 @@ def does_not_fit(config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster, 
     """One line: what the tables need, what the cluster has, the shortfall and the levers that would help."""
     mem = memory_summary(config, meta)
     need = mem["training_bytes"]
-    tier, per_rank = ("GPU memory", cluster.hbm_gb * GIB) if cluster.device == "cuda" else ("host memory",
-                                                                                          cluster.ddr_gb * GIB)
+    tier, per_rank = (
+        ("GPU memory", cluster.hbm_gb * GIB) if cluster.device == "cuda" else ("host memory", cluster.ddr_gb * GIB)
+    )
     usable = per_rank * (1 - PLANNER_RESERVATION)
     short = need - usable * cluster.world_size
     levers = []
@@ -311,8 +357,11 @@ def does_not_fit(config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster, 
     if cluster.device == "cuda" and not config.embedding.uvm_caching:
         levers.append("embedding.uvm_caching=true (tables in host memory behind a GPU cache)")
     levers.append(f"--world-size {math.ceil(need / usable)} or more")
-    state = (f" + {config.sparse_optimizer.name} state {mem['training_state_bytes'] / GIB:.1f} GiB"
-             if mem["training_state_bytes"] else "")
+    state = (
+        f" + {config.sparse_optimizer.name} state {mem['training_state_bytes'] / GIB:.1f} GiB"
+        if mem["training_state_bytes"]
+        else ""
+    )
     short_text = note or (f"{short / GIB:.1f} GiB short" if short > 0 else "too tight once the shards are placed")
     return PlanDoesNotFit(
         f"the tables do not fit on {cluster.world_size} x {per_rank / GIB:g} GiB of {tier}: training them needs "
@@ -325,7 +374,7 @@ def does_not_fit(config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster, 
 # ------------------------------------------------------------------------------------ plan files
 
 
-def write_plan(plan: Dict[str, Any], output: Path | str, overwrite: bool = False) -> Path:
+def write_plan(plan: dict[str, Any], output: Path | str, overwrite: bool = False) -> Path:
     """Write PLAN.json completely or not at all; refuses to replace a file without ``overwrite``."""
     from mlet_torchrec.io import OutputError, atomic_write_text
 
@@ -346,7 +395,7 @@ def write_plan(plan: Dict[str, Any], output: Path | str, overwrite: bool = False
     return out
 
 
-def read_plan(path: Path | str) -> Dict[str, Any]:
+def read_plan(path: Path | str) -> dict[str, Any]:
     try:
         plan = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -358,23 +407,30 @@ def read_plan(path: Path | str) -> Dict[str, Any]:
     return plan
 
 
-def load_plan(path: Path | str, config: ExperimentConfig, meta: DatasetMeta, world_size: int, device: str,
-              local_world_size: int) -> ShardingPlan:
+def load_plan(
+    path: Path | str, config: ExperimentConfig, meta: DatasetMeta, world_size: int, device: str, local_world_size: int
+) -> ShardingPlan:
     """The training ShardingPlan of ``path`` for this job; :class:`PlanError` if it was made for another one."""
     plan = read_plan(path)
     cluster = plan.get("cluster", {})
     if cluster.get("world_size") != world_size:
-        raise PlanError(f"plan {path} was made for {cluster.get('world_size')} ranks but this run has {world_size}; "
-                        f"run `mlet plan --world-size {world_size}` again")
+        raise PlanError(
+            f"plan {path} was made for {cluster.get('world_size')} ranks but this run has {world_size}; "
+            f"run `mlet plan --world-size {world_size}` again"
+        )
     if cluster.get("device") != device:
-        raise PlanError(f"plan {path} was made for --device {cluster.get('device')} but this run is on {device}; "
-                        f"run `mlet plan --device {device}` again")
+        raise PlanError(
+            f"plan {path} was made for --device {cluster.get('device')} but this run is on {device}; "
+            f"run `mlet plan --device {device}` again"
+        )
     made, now = plan.get("planned_for", {}), planned_for(config, meta)
     for key in now:
         if made.get(key) != now[key]:
             shown = "the data set's cardinalities" if key == "data.cardinalities" else f"{key}={made.get(key)}"
-            raise PlanError(f"plan {path} was made for {shown}, not this run's config "
-                            f"({key}={json.dumps(now[key])[:80]}); run `mlet plan` again for it")
+            raise PlanError(
+                f"plan {path} was made for {shown}, not this run's config "
+                f"({key}={json.dumps(now[key])[:80]}); run `mlet plan` again for it"
+            )
     try:
         return plan_from_json(plan["training"]["tables"], device, local_world_size)
     except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -384,12 +440,14 @@ def load_plan(path: Path | str, config: ExperimentConfig, meta: DatasetMeta, wor
 # ----------------------------------------------------------------------------------------- report
 
 
-def format_plan(plan: Dict[str, Any]) -> str:
+def format_plan(plan: dict[str, Any]) -> str:
     """The plan as a short text report: tables, ranks, memory factor."""
     c, m = plan["cluster"], plan["memory"]
-    lines = [f"plan for {c['world_size']} ranks ({c['local_world_size']} per host) on {c['device']}, "
-             + (f"{c['hbm_gb']:g} GiB HBM + " if c["device"] == "cuda" else "")
-             + f"{c['ddr_gb']:g} GiB DDR per rank, global batch {c['batch_size']}"]
+    lines = [
+        f"plan for {c['world_size']} ranks ({c['local_world_size']} per host) on {c['device']}, "
+        + (f"{c['hbm_gb']:g} GiB HBM + " if c["device"] == "cuda" else "")
+        + f"{c['ddr_gb']:g} GiB DDR per rank, global batch {c['batch_size']}"
+    ]
     for part in ("training", "serving"):
         p = plan[part]
         if "error" in p:
@@ -397,16 +455,22 @@ def format_plan(plan: Dict[str, Any]) -> str:
             continue
         lines.append(f"{part} model: table, sharding, kernel, ranks, HBM GiB, DDR GiB")
         for t in p["tables"]:
-            lines.append(f"  {t['table']:<12} {t['sharding_type']:<15} {t['compute_kernel']:<18} "
-                         f"{len(t['ranks'] or []):>3} {t.get('hbm_bytes', 0) / GIB:>8.2f} {t.get('ddr_bytes', 0) / GIB:>8.2f}")
+            lines.append(
+                f"  {t['table']:<12} {t['sharding_type']:<15} {t['compute_kernel']:<18} "
+                f"{len(t['ranks'] or []):>3} {t.get('hbm_bytes', 0) / GIB:>8.2f} {t.get('ddr_bytes', 0) / GIB:>8.2f}"
+            )
         lws = c["local_world_size"]
         lines.append("  per rank, HBM/DDR GiB:")
         for host in range(0, len(p["ranks"]), lws):
-            ranks = p["ranks"][host:host + lws]
-            lines.append(f"    host {host // lws} (ranks {host}-{host + len(ranks) - 1}): " + "  ".join(
-                f"{r['hbm_bytes'] / GIB:.1f}/{r['ddr_bytes'] / GIB:.1f}" for r in ranks))
-    lines.append(f"tables while training: {m['training_bytes'] / GIB:.1f} GiB (W1 {m['training_weights_bytes'] / GIB:.1f}"
-                 f" + optimizer state {m['training_state_bytes'] / GIB:.1f}); single-layer model at the same d: "
-                 f"{m['single_layer_training_bytes'] / GIB:.1f} GiB; MLET memory factor {m['training_factor']:.2f}x "
-                 f"while training, 1x at serving (collapsed tables {m['serving_bytes'] / GIB:.1f} GiB)")
+            ranks = p["ranks"][host : host + lws]
+            lines.append(
+                f"    host {host // lws} (ranks {host}-{host + len(ranks) - 1}): "
+                + "  ".join(f"{r['hbm_bytes'] / GIB:.1f}/{r['ddr_bytes'] / GIB:.1f}" for r in ranks)
+            )
+    lines.append(
+        f"tables while training: {m['training_bytes'] / GIB:.1f} GiB (W1 {m['training_weights_bytes'] / GIB:.1f}"
+        f" + optimizer state {m['training_state_bytes'] / GIB:.1f}); single-layer model at the same d: "
+        f"{m['single_layer_training_bytes'] / GIB:.1f} GiB; MLET memory factor {m['training_factor']:.2f}x "
+        f"while training, 1x at serving (collapsed tables {m['serving_bytes'] / GIB:.1f} GiB)"
+    )
     return "\n".join(lines)
