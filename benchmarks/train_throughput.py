@@ -13,6 +13,9 @@ a ratio of medians. The load average is printed next to the figures: on a shared
 is low. Target: MLET keeps >= 90% of the baseline's throughput at batch 2048.
 
     python benchmarks/train_throughput.py --batch-size 2048 --repeats 3 --out benchmarks/results/train_throughput.json
+
+``--profile N`` instead profiles N steps of the baseline and of MLET in this process (1 rank, plain loop,
+torch.profiler, after 5 warm-up steps) and prints where each spends its self CPU time, op by op.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import os
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import yaml
 
@@ -41,7 +43,7 @@ RATIOS = {  # name -> (numerator cell, denominator cell)
 }
 
 
-def cells(k: int, nproc: int) -> List[Tuple[str, str, str, int]]:
+def cells(k: int, nproc: int) -> list[tuple[str, str, str, int]]:
     """(name, embedding.k, train.pipeline, ranks) of every cell."""
     return [("baseline", "null", "auto", nproc), ("mlet", str(k), "auto", nproc),
             ("mlet_plain", str(k), "none", nproc), ("mlet_1rank", str(k), "auto", 1)]
@@ -58,18 +60,22 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--cells", nargs="+", default=None, help="measure only these cells (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps instead (see above)")
     args = ap.parse_args()
 
     if not (args.data / METADATA_FILE).is_file():
         cfg = SynthConfig.model_validate(yaml.safe_load((REPO / "configs/synth/demo.yaml").read_text()))
         generate(cfg, args.data)
 
+    if args.profile:
+        profile(args)
+        return
     plan = [c for c in cells(args.k, args.nproc) if args.cells is None or c[0] in args.cells]
-    results: Dict[str, Dict[str, object]] = {}
+    results: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batch_size:
-            sps: Dict[str, List[float]] = {name: [] for name, *_ in plan}
-            loads: List[float] = []
+            sps: dict[str, list[float]] = {name: [] for name, *_ in plan}
+            loads: list[float] = []
             for rep in range(args.repeats):
                 for name, k, pipeline, nproc in plan:
                     cfg = load_config(REPO / "configs/demo.yaml", [
@@ -91,6 +97,39 @@ def main() -> None:
                   + f" (load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores)", flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
+
+
+def profile(args: argparse.Namespace) -> None:
+    """Self CPU time per op, baseline vs MLET, over ``args.profile`` steps of one process."""
+    import torch
+    from torch.profiler import ProfilerActivity, schedule
+
+    from mlet_torchrec.training.train import train
+
+    warm = 5
+    table: dict[str, dict[str, float]] = {}
+    per_step: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, k in (("baseline", "null"), ("mlet", str(args.k))):
+            cfg = load_config(REPO / "configs/demo.yaml", [
+                f"data.path={args.data}", f"run.dir={tmp}/{name}", f"embedding.d={args.d}", f"embedding.k={k}",
+                f"train.batch_size={args.batch_size[0]}", f"train.max_steps={warm + args.profile + 1}",
+                "train.pipeline=none", "train.progress=false", "train.eval_batch_size=65536",
+            ])
+            prof = torch.profiler.profile(activities=[ProfilerActivity.CPU],
+                                          schedule=schedule(wait=0, warmup=warm, active=args.profile, repeat=1))
+            with prof:
+                train(cfg, hooks=[lambda ev, p=prof: p.step()])
+            for e in prof.key_averages():
+                table.setdefault(e.key, {})[name] = e.self_cpu_time_total / 1e3 / args.profile
+            per_step[name] = sum(v.get(name, 0.0) for v in table.values())
+    print(f"self CPU ms per step over {args.profile} steps, batch {args.batch_size[0]}, 1 process: "
+          f"baseline {per_step['baseline']:.1f}, MLET k={args.k} {per_step['mlet']:.1f}")
+    rows = sorted(table.items(), key=lambda kv: -(kv[1].get("mlet", 0.0) - kv[1].get("baseline", 0.0)))
+    print(f"{'op':<60} {'baseline':>9} {'mlet':>9} {'extra':>9}")
+    for key, v in rows[:15]:
+        b, m = v.get("baseline", 0.0), v.get("mlet", 0.0)
+        print(f"{key[:60]:<60} {b:9.2f} {m:9.2f} {m - b:9.2f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import pytest
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 14
 
 
-def worker(config: Dict[str, Any], out: str) -> Dict[str, Any]:
+def worker(config: dict[str, Any], out: str) -> dict[str, Any]:
     """Train on this rank, tracing every step: loss, the batch's ids and how W1 and W2 are held."""
     import os
     import zlib
@@ -64,22 +64,22 @@ def _config(dataset: Path, run_dir: Path, *extra: str) -> ExperimentConfig:
     ])
 
 
-def _launch(cfg: ExperimentConfig, out: Path) -> Dict[str, Any]:
+def _launch(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=f"pipe-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
     return elastic_launch(launch, entrypoint=worker)(cfg.model_dump(mode="json"), str(out))[0]
 
 
-def _trace(out: Path, rank: int) -> Dict[int, Dict[str, Any]]:
+def _trace(out: Path, rank: int) -> dict[int, dict[str, Any]]:
     return {r["step"]: r for r in map(json.loads, (out / f"trace.rank{rank}.jsonl").read_text().splitlines())}
 
 
 @pytest.fixture(scope="module")
-def runs(synth_dataset, tmp_path_factory) -> Dict[str, Any]:
+def runs(synth_dataset, tmp_path_factory) -> dict[str, Any]:
     data = synth_dataset()
     base = tmp_path_factory.mktemp("pipeline")
-    got: Dict[str, Any] = {}
+    got: dict[str, Any] = {}
     for kind in ("none", "sparse_dist"):
         extra = ["train.async_checkpoint=true"] if kind == "sparse_dist" else []
         summary = _launch(_config(data, base / kind, f"train.pipeline={kind}", *extra), base / f"out_{kind}")

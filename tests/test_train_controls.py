@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
 import torch
@@ -29,9 +29,9 @@ def _config(data: Path, run_dir: Path, *extra: str):  # type: ignore[no-untyped-
     ])
 
 
-def _fbgemm_lrs(model: nn.Module) -> List[float]:
+def _fbgemm_lrs(model: nn.Module) -> list[float]:
     """The learning rates FBGEMM's fused W1 kernels hold (what their update in the backward uses)."""
-    found: List[float] = []
+    found: list[float] = []
 
     def walk(opt: Any) -> None:
         if hasattr(opt, "_emb_module"):
@@ -51,7 +51,7 @@ def test_lr_factor_warms_up_then_decays():
 
 
 def test_warmup_and_decay_drive_the_fused_and_the_dense_learning_rate(synth_dataset, tmp_path):
-    seen: Dict[int, Dict[str, Any]] = {}
+    seen: dict[int, dict[str, Any]] = {}
 
     def hook(ev) -> None:  # type: ignore[no-untyped-def]
         seen[ev.step] = {"fbgemm": _fbgemm_lrs(ev.model)}  # what FBGEMM's fused update used at this step
@@ -91,8 +91,8 @@ def test_bf16_autocast_is_refused_on_cpu(synth_dataset, tmp_path):
 
 def test_async_checkpoint_is_visible_only_once_complete_and_holds_its_steps_weights(synth_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    visible: Dict[int, List[str]] = {}
-    weights: Dict[int, Dict[str, torch.Tensor]] = {}
+    visible: dict[int, list[str]] = {}
+    weights: dict[int, dict[str, torch.Tensor]] = {}
 
     def hook(ev) -> None:  # type: ignore[no-untyped-def]
         visible[ev.step] = [p.name for p in complete_checkpoints(run_dir / "checkpoints")]
@@ -107,8 +107,8 @@ def test_async_checkpoint_is_visible_only_once_complete_and_holds_its_steps_weig
     assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == [
         "step_00000004", "step_00000008", "step_00000012"]
     # the background write holds step 4's weights although training went on changing them
-    from mlet_torchrec.models import build_model
     from data_pipes.schema import DatasetMeta
+    from mlet_torchrec.models import build_model
 
     cfg = load_config(run_dir / "config.yaml")
     plain = build_model(cfg.model, cfg.embedding, DatasetMeta.load(cfg.data.path))
@@ -117,7 +117,10 @@ def test_async_checkpoint_is_visible_only_once_complete_and_holds_its_steps_weig
     assert weights[4] and all(torch.equal(got[k], v) for k, v in weights[4].items())
 
 
-def test_nan_loss_stops_before_a_checkpoint_although_read_every_log_every_steps(synth_dataset, tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_nan_loss_stops_before_a_checkpoint_although_read_every_log_every_steps(synth_dataset, tmp_path, background):
+    """With ``background`` the step-4 checkpoint is still being written when the NaN appears: it was taken
+    from finite weights, so it is committed (not dropped) before the run stops."""
     run_dir = tmp_path / "run"
 
     def hook(ev) -> None:  # type: ignore[no-untyped-def]
@@ -129,6 +132,15 @@ def test_nan_loss_stops_before_a_checkpoint_although_read_every_log_every_steps(
                         break
 
     with pytest.raises(TrainingDiverged, match="training loss became nan at step 6") as err:
-        train(_config(synth_dataset(), run_dir, "train.checkpoint_every=4", "train.log_every=100"), hooks=[hook])
+        train(
+            _config(
+                synth_dataset(),
+                run_dir,
+                "train.checkpoint_every=4",
+                "train.log_every=100",
+                f"train.async_checkpoint={str(background).lower()}",
+            ),
+            hooks=[hook],
+        )
     assert "step_00000004, is intact" in str(err.value)
     assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step_00000004"]

@@ -39,7 +39,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 
 APT_PACKAGES = "slurmctld slurmd slurmdbd slurm-client munge mariadb-server"
 APT_COMMAND = f"apt-get install -y {APT_PACKAGES}"
@@ -170,9 +169,7 @@ class LocalSlurmCluster:
             raise
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def start(self, timeout: float = 120.0) -> LocalSlurmCluster:

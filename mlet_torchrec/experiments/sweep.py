@@ -237,6 +237,26 @@ def run_sweep(s: SweepSettings) -> dict[str, int]:
     return counts
 
 
+# the sweep's public names, its own and those it re-exports from grid, store, cell and analysis
+__all__ = [
+    "ALIASES",
+    "STORE_VERSION",
+    "Cell",
+    "ResultsStore",
+    "SweepSettings",
+    "analyse_run",
+    "budget_note",
+    "cell_key",
+    "expand_grid",
+    "format_override",
+    "load_results",
+    "parse_grid",
+    "plan_cells",
+    "run_cell_here",
+    "run_sweep",
+]
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "--cell":
         sys.exit(_cell_main(sys.argv[2:]))

@@ -45,7 +45,7 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
         f"- runs: {len(res.records)} ({sum(r.get('role') == 'tune' for r in res.records)} of them "
         f"{'learning-rate' if res.mlet_tuned else 'baseline'} tuning runs); d ∈ {res.ds}, k ∈ {['null'] + res.ks}, "
         f"seeds {res.seeds}; processes per run: "
-        f"{sorted({r['nproc'] for r in res.records})}",  # every sweep record names its nproc
+        f"{sorted({r.get('nproc') for r in res.records}, key=lambda n: (n is None, n or 0))}",
         f"- base config: `{r0.get('base_config')}`"
         + (f" with `{' '.join(r0['base_overrides'])}`" if r0.get("base_overrides") else ""),
         f"- fair baseline: embedding (sparse) learning rate tuned over {res.tune_lrs} per (d, seed) on "

@@ -102,6 +102,7 @@ class W2Projection(nn.Module):
         fast = len(self._groups) == 1 and layout.passthrough is None
         out = None if fast else values.new_empty(batch, sum(self._out_dims))
         if layout.passthrough is not None:
+            assert out is not None
             src, dst = layout.passthrough
             out[:, dst.to(values.device)] = values.index_select(1, src.to(values.device))
         for g, cols, rows, order, w2_index in zip(self._groups, layout.in_columns, layout.w2_rows,
@@ -121,6 +122,7 @@ class W2Projection(nn.Module):
             if fast:
                 out = projected  # the group covers every feature, already in output order
             else:
+                assert out is not None
                 out[:, list(g.out_columns)] = projected
         extra = None if layout.extra is None else values.index_select(1, layout.extra.to(values.device))
         kt = KeyedTensor(keys=list(self._plan.feature_names), length_per_key=list(self._out_dims), values=out,
@@ -252,9 +254,9 @@ class MLETEmbeddingBagCollection(nn.Module):
         }
         self.w2 = nn.ParameterDict(
             {
-                t.name: nn.Parameter(torch.empty(self._inner[t.name], t.embedding_dim))
+                t.name: nn.Parameter(torch.empty(k, t.embedding_dim))
                 for t in self._tables
-                if self._inner[t.name] is not None
+                if (k := self._inner[t.name]) is not None
             }
         )
         self.reset_projections()

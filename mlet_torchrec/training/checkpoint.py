@@ -48,8 +48,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from mlet_torchrec.config import ExperimentConfig
 from mlet_torchrec.errors import UserError
-from mlet_torchrec.training.staging import CopyStager
 from mlet_torchrec.io import MARKER, AtomicOutput, atomic_write_text, is_ours, remove_output, sweep_stale_in
+from mlet_torchrec.training.staging import CopyStager
 
 log = logging.getLogger("mlet.checkpoint")
 
@@ -266,8 +266,8 @@ def start_checkpoint(
     """
     rank, _ = _world()
     root = checkpoint_root(run_dir)
-    pending = PendingCheckpoint(root, checkpoint_name(step), step, keep,
-                                (complete_checkpoints(root) or [None])[-1])  # for messages only: no full check
+    existing = complete_checkpoints(root)  # for messages only: no full check
+    pending = PendingCheckpoint(root, checkpoint_name(step), step, keep, existing[-1] if existing else None)
     err: Optional[str] = None
     tmp_name: Optional[str] = None
     if rank == 0:

@@ -27,7 +27,8 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from typing import Any, Deque, Iterator, Optional, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,7 @@ from torchrec.datasets.utils import Batch
 
 log = logging.getLogger("mlet.train")
 
-StepOutput = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # this rank's (loss sum, rows, logits), on the device
+StepOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # this rank's (loss sum, rows, logits), on the device
 
 
 class TrainStep(nn.Module):
@@ -51,7 +52,7 @@ class TrainStep(nn.Module):
         self.net = net
         self.bf16 = bf16
 
-    def forward(self, batch: Batch) -> Tuple[torch.Tensor, StepOutput]:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.net(batch.dense_features, batch.sparse_features)
         logits = logits.squeeze(-1).float()
@@ -91,7 +92,7 @@ class LossWindow:
         self._first_bad = torch.minimum(self._first_bad,
                                         torch.where(bad, torch.full_like(self._first_bad, step), self._first_bad))
 
-    def peek(self, world_size: int) -> Tuple[float, float, Optional[int]]:
+    def peek(self, world_size: int) -> tuple[float, float, int | None]:
         """Collective: (global loss sum, global rows, first non-finite step on any rank or None) so far."""
         sums, first = self._sums.clone(), self._first_bad.clone()
         if world_size > 1:
@@ -101,7 +102,7 @@ class LossWindow:
         bad = int(first.item())
         return loss, rows, None if bad == self.NONE else bad
 
-    def read(self, world_size: int) -> Tuple[float, float, Optional[int]]:
+    def read(self, world_size: int) -> tuple[float, float, int | None]:
         """:meth:`peek`, then start a new window."""
         out = self.peek(world_size)
         self._sums.zero_()
@@ -109,7 +110,7 @@ class LossWindow:
         return out
 
 
-def _recording(it: Iterator[Batch], fetched: Deque[Batch]) -> Iterator[Batch]:
+def _recording(it: Iterator[Batch], fetched: deque[Batch]) -> Iterator[Batch]:
     for batch in it:
         fetched.append(batch)
         yield batch
@@ -132,7 +133,7 @@ class StepDriver:
             self._pipeline = TrainPipelineBase(model, optimizer, device)
         self.name = type(self._pipeline).__name__ if self._pipeline is not None else "plain loop"
 
-    def run(self, batches: Iterator[Batch], steps: int) -> Iterator[Tuple[Batch, StepOutput]]:
+    def run(self, batches: Iterator[Batch], steps: int) -> Iterator[tuple[Batch, StepOutput]]:
         """``steps`` training steps on the next ``steps`` batches of ``batches`` (no more are read)."""
         own = itertools.islice(batches, steps)
         if self._pipeline is None:
@@ -146,7 +147,7 @@ class StepDriver:
             return
         if self.kind == "base":
             self._pipeline.reset()  # TrainPipelineBase binds to its first iterator: each run brings its own
-        fetched: Deque[Batch] = deque()
+        fetched: deque[Batch] = deque()
         source = _recording(own, fetched)
         for _ in range(steps):
             out = self._pipeline.progress(source)

@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ class ScheduledOptimizer:
     """
 
     def __init__(self, optimizer: Any, train: TrainConfig, total_steps: int, start_step: int = 0,
-                 base_lr: Optional[Dict[str, float]] = None) -> None:
+                 base_lr: dict[str, float] | None = None) -> None:
         self.optimizer = optimizer
         self._train = train
         self._total = total_steps
@@ -55,10 +55,10 @@ class ScheduledOptimizer:
         # the configured rates (by sub-optimizer name), not the groups' current ones: a loaded checkpoint
         # leaves its last scheduled rate there
         base = base_lr or {}
-        self._base: List[tuple] = [(g, float(base.get(name, g["lr"]))) for name, opt in subs
+        self._base: list[tuple] = [(g, float(base.get(name, g["lr"]))) for name, opt in subs
                                    for g in opt.param_groups if "lr" in g]
         dense = [opt for name, opt in subs if name == "dense"]
-        self._dense: List[nn.Parameter] = (
+        self._dense: list[nn.Parameter] = (
             [p for p in dense[0].params.values() if p.requires_grad] if dense else []
         )
         self._scheduled = train.warmup_steps > 0 or train.lr_decay != "none"
@@ -67,7 +67,7 @@ class ScheduledOptimizer:
         t = self._train
         return lr_factor(self.steps_done, t.warmup_steps, t.lr_decay, self._total, t.min_lr_ratio)
 
-    def lrs(self) -> Dict[str, float]:
+    def lrs(self) -> dict[str, float]:
         """Learning rates of the step about to run, per optimizer (for the logs)."""
         subs = self.optimizer.optimizers if hasattr(self.optimizer, "optimizers") else [("", self.optimizer)]
         return {name: float(opt.param_groups[0]["lr"]) for name, opt in subs if opt.param_groups}
@@ -79,7 +79,7 @@ class ScheduledOptimizer:
                 group["lr"] = base * f
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure: Optional[Any] = None) -> None:
+    def step(self, closure: Any | None = None) -> None:
         clip = self._train.grad_clip_norm
         if clip is not None and self._dense:
             torch.nn.utils.clip_grad_norm_(self._dense, clip, foreach=True)
@@ -88,8 +88,8 @@ class ScheduledOptimizer:
 
     # what TorchRec's pipeline and checkpointing may read through the wrapper
     @property
-    def param_groups(self) -> List[Dict[str, Any]]:
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()

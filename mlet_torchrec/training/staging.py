@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 import torch
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
@@ -29,7 +29,7 @@ class CopyStager(AsyncStager):
 
     _synchronize_after_execute = False
 
-    def stage(self, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         return snapshot(state_dict)
 
     def synchronize_staging(self) -> None:

@@ -16,9 +16,15 @@ reshards weights and optimizer state); settings that change what is trained may 
 (only those mlet marked). ``run.dir`` is claimed with mlet's output marker (``run_dir.py``): one that
 holds foreign files, or is the data, the working directory, home or root, is refused in one line.
 
+Steps: driven by TorchRec's ``TrainPipelineSparseDist`` by default (``train.pipeline``, loop.py), with
+the lr schedule and dense gradient clipping of ``optim.py``. The loop never waits on the device
+between log points: the loss, row counts and the NaN check accumulate there and are read every
+``train.log_every`` steps and before every checkpoint.
+
 Checkpoints: every ``train.checkpoint_every`` steps and at the end, atomically, the newest
-``train.keep_checkpoints`` kept (checkpoint.py). A non-finite loss on any rank stops every rank at
-that step with ``TrainingDiverged``; no checkpoint is ever written from non-finite weights.
+``train.keep_checkpoints`` kept (checkpoint.py; in the background with ``train.async_checkpoint``). A
+non-finite loss on any rank stops every rank at the next read with ``TrainingDiverged``, naming the
+step where it first appeared; no checkpoint is ever written after it or from non-finite weights.
 
 Lifecycle: ``train`` runs inside ``distributed.process_group``; on return or on error the group is
 destroyed (after a barrier when all went well) and the progress bar, TensorBoard writer and DataLoader
@@ -53,6 +59,11 @@ from tqdm import tqdm
 
 from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta, table_name
+from mlet_torchrec.config import ConfigError, ExperimentConfig, load_config
+from mlet_torchrec.evaluation.evaluate import evaluate
+from mlet_torchrec.evaluation.metrics import CTRMetrics
+from mlet_torchrec.models import build_model
+from mlet_torchrec.modules.table_init import init_tables
 from mlet_torchrec.training.checkpoint import (
     CheckpointError,
     PendingCheckpoint,
@@ -62,12 +73,7 @@ from mlet_torchrec.training.checkpoint import (
     read_rank_state,
     start_checkpoint,
 )
-from mlet_torchrec.config import ConfigError, ExperimentConfig, load_config
 from mlet_torchrec.training.distributed import DistContext, plan_summary, process_group, shard_model
-from mlet_torchrec.training.loop import LogitsView, LossWindow, StepDriver, TrainStep
-from mlet_torchrec.training.optim import ScheduledOptimizer
-from mlet_torchrec.training.run_dir import RunLog, prepare_run_dir
-from mlet_torchrec.evaluation.evaluate import evaluate
 from mlet_torchrec.training.guardrails import (
     TablesDoNotFit,
     TrainingDiverged,
@@ -75,9 +81,9 @@ from mlet_torchrec.training.guardrails import (
     nonfinite_weights,
     tables_do_not_fit,
 )
-from mlet_torchrec.evaluation.metrics import CTRMetrics
-from mlet_torchrec.models import build_model
-from mlet_torchrec.modules.table_init import init_tables
+from mlet_torchrec.training.loop import LogitsView, LossWindow, StepDriver, TrainStep
+from mlet_torchrec.training.optim import ScheduledOptimizer
+from mlet_torchrec.training.run_dir import RunLog, prepare_run_dir
 from mlet_torchrec.training.state import (
     check_data_order,
     check_optimizer_layout,
@@ -330,6 +336,9 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
     pending: Optional[PendingCheckpoint] = None
 
     def diverged(loss_all: float, bad_step: int, step: int, epoch: int) -> TrainingDiverged:
+        # collective, as every rank decided this on the same all-reduced values: a background checkpoint
+        # taken before the loss went bad is whole and finite, so it is committed, not dropped
+        finish_pending()
         return TrainingDiverged(
             f"training loss became {loss_all} at step {bad_step} (epoch {epoch}; read at step {step}, every "
             f"train.log_every steps and before checkpoints); stopped without checkpointing. "
@@ -345,6 +354,7 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
     def write_checkpoint(step: int, epoch: int, batches: int, extra: Dict[str, Any], background: bool = False
                          ) -> Optional[Path]:
         nonlocal pending
+        finish_pending()  # one background write at a time, committed in order
         loss_all, _, bad_step = window.peek(ctx.world_size)
         if bad_step is not None:
             raise diverged(loss_all, bad_step, step, epoch)
@@ -360,7 +370,6 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
         position_info = {"epoch": e, "batches_in_epoch": b, "global_batch_size": config.train.batch_size,
                          "num_workers": num_workers, "world_size": ctx.world_size,
                          "virtual_shards": reader.virtual_shards, "rows_per_epoch": reader.rows_per_epoch()}
-        finish_pending()  # one background write at a time, committed in order
         started = start_checkpoint(
             run_dir, step, model, config,
             {**info, "position": position_info, "train_seconds": train_seconds, **extra},
@@ -441,7 +450,9 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
         else:
             final_info = {"valid": valid_metrics and valid_metrics.as_dict(),
                           "test": test_metrics and test_metrics.as_dict(), "final": True}
-            checkpoint = write_checkpoint(step, epoch, batches, final_info)
+            final = write_checkpoint(step, epoch, batches, final_info)  # not in the background: returns it
+            assert final is not None
+            checkpoint = final
         finish_pending()
     finally:
         if pending is not None:  # the run is failing: the background checkpoint never becomes visible
