@@ -74,16 +74,28 @@ def child(data: str, mode: str, batch: int) -> None:
         m = evaluate_split(model, data, "test", batch, meta, auc=mode)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rows": m.rows, "mode": mode, "seconds": seconds, "rss_before_mib": before,
-                      "peak_rss_mib": peak, "growth_mib": peak - before, "auc": m.auc,
-                      "auc_error_bound": m.auc_error_bound}))
+    print(
+        json.dumps(
+            {
+                "rows": m.rows,
+                "mode": mode,
+                "seconds": seconds,
+                "rss_before_mib": before,
+                "peak_rss_mib": peak,
+                "growth_mib": peak - before,
+                "auc": m.auc,
+                "auc_error_bound": m.auc_error_bound,
+            }
+        )
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000], help="test rows per size")
-    ap.add_argument("--modes", nargs="+", default=["histogram", "exact", "held"],
-                    choices=["histogram", "exact", "held"])
+    ap.add_argument(
+        "--modes", nargs="+", default=["histogram", "exact", "held"], choices=["histogram", "exact", "held"]
+    )
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--row-group-size", type=int, default=512)
     ap.add_argument("--child", nargs=2, metavar=("DATA", "MODE"), help=argparse.SUPPRESS)
@@ -99,28 +111,47 @@ def main() -> None:
         for rows in args.rows:
             data = Path(tmp) / f"data{rows}"
             # one row-group size for every size, well under rows / 96 (the reader's virtual shards hold ~2 each)
-            generate(SynthConfig(rows=round(rows / 0.9), num_dense=13, num_sparse=8, max_cardinality=100_000,
-                                 train_fraction=0.05, valid_fraction=0.05, test_fraction=0.9,
-                                 row_group_size=args.row_group_size, seed=1),
-                     data, progress=False)
+            generate(
+                SynthConfig(
+                    rows=round(rows / 0.9),
+                    num_dense=13,
+                    num_sparse=8,
+                    max_cardinality=100_000,
+                    train_fraction=0.05,
+                    valid_fraction=0.05,
+                    test_fraction=0.9,
+                    row_group_size=args.row_group_size,
+                    seed=1,
+                ),
+                data,
+                progress=False,
+            )
             for mode in args.modes:
-                out = subprocess.run([sys.executable, __file__, "--child", str(data), mode, "--batch",
-                                      str(args.batch)], capture_output=True, text=True, check=True)
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", str(data), mode, "--batch", str(args.batch)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 res = json.loads(out.stdout.strip().splitlines()[-1])
                 results.append(res)
                 print(json.dumps(res), flush=True)
     print(f"\n{'test rows':>10} {'mode':>9} {'seconds':>8} {'RSS before':>11} {'peak RSS':>9} {'growth':>8}")
     for r in results:
-        print(f"{r['rows']:>10,} {r['mode']:>9} {r['seconds']:>8.1f} {r['rss_before_mib']:>8.0f} MiB "
-              f"{r['peak_rss_mib']:>5.0f} MiB {r['growth_mib']:>4.0f} MiB")
+        print(
+            f"{r['rows']:>10,} {r['mode']:>9} {r['seconds']:>8.1f} {r['rss_before_mib']:>8.0f} MiB "
+            f"{r['peak_rss_mib']:>5.0f} MiB {r['growth_mib']:>4.0f} MiB"
+        )
     small, large = min(args.rows), max(args.rows)
     for mode in args.modes:
         by = {r["rows"]: r for r in results if r["mode"] == mode}
         lo = next((v for k, v in by.items() if abs(k - small) <= small * 0.01), None)
         hi = next((v for k, v in by.items() if abs(k - large) <= large * 0.01), None)
         if lo and hi:
-            print(f"{mode}: peak RSS {hi['peak_rss_mib'] / lo['peak_rss_mib']:.2f}x, growth "
-                  f"{lo['growth_mib']:.0f} -> {hi['growth_mib']:.0f} MiB for {large / small:.0f}x the rows")
+            print(
+                f"{mode}: peak RSS {hi['peak_rss_mib'] / lo['peak_rss_mib']:.2f}x, growth "
+                f"{lo['growth_mib']:.0f} -> {hi['growth_mib']:.0f} MiB for {large / small:.0f}x the rows"
+            )
 
 
 if __name__ == "__main__":

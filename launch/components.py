@@ -27,8 +27,6 @@ Do not add ``from __future__ import annotations`` here: TorchX reads the real an
 build each component's command line.
 """
 
-from typing import Dict, List, Optional
-
 import torchx.specs as specs
 from torchx.components import dist
 
@@ -76,12 +74,12 @@ def train(
     j: str = "1x2",
     image: str = DEFAULT_IMAGE,
     name: str = "mlet-train",
-    h: Optional[str] = None,
+    h: str | None = None,
     cpu: int = 2,
     gpu: int = 0,
     memMB: int = 4096,
-    env: Optional[Dict[str, str]] = None,
-    mounts: Optional[List[str]] = None,
+    env: dict[str, str] | None = None,
+    mounts: list[str] | None = None,
     max_retries: int = 0,
     max_restarts: int = 0,
     rdzv_port: int = 29500,
@@ -141,12 +139,12 @@ def collapse(
     j: str = "1x1",
     image: str = DEFAULT_IMAGE,
     name: str = "mlet-collapse",
-    h: Optional[str] = None,
+    h: str | None = None,
     cpu: int = 2,
     gpu: int = 0,
     memMB: int = 4096,
-    env: Optional[Dict[str, str]] = None,
-    mounts: Optional[List[str]] = None,
+    env: dict[str, str] | None = None,
+    mounts: list[str] | None = None,
     max_retries: int = 0,
 ) -> specs.AppDef:
     """Collapse: ``mlet collapse --input CHECKPOINT --output OUTPUT`` (W = W1·W2) on every process of the job
@@ -196,12 +194,12 @@ def evaluate(
     j: str = "1x1",
     image: str = DEFAULT_IMAGE,
     name: str = "mlet-evaluate",
-    h: Optional[str] = None,
+    h: str | None = None,
     cpu: int = 2,
     gpu: int = 0,
     memMB: int = 4096,
-    env: Optional[Dict[str, str]] = None,
-    mounts: Optional[List[str]] = None,
+    env: dict[str, str] | None = None,
+    mounts: list[str] | None = None,
     max_retries: int = 0,
 ) -> specs.AppDef:
     """Evaluate: ``mlet evaluate --input CHECKPOINT --split SPLIT --auc AUC`` on every process of the job (each

@@ -1,6 +1,6 @@
 # data_pipes fixtures
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, Tuple
 
 import pytest
 
@@ -14,8 +14,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
 
 
-TINY_SYNTH = dict(rows=3000, num_dense=3, num_sparse=4, min_cardinality=5, max_cardinality=500,
-                  row_group_size=256, seed=1)
+TINY_SYNTH = dict(
+    rows=3000, num_dense=3, num_sparse=4, min_cardinality=5, max_cardinality=500, row_group_size=256, seed=1
+)
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +25,7 @@ def synth_dataset(tmp_path_factory) -> Callable[..., Path]:
     built once per session per distinct overrides. Treat it as read-only."""
     from data_pipes.synth import SynthConfig, generate
 
-    cache: Dict[Tuple, Path] = {}
+    cache: dict[tuple, Path] = {}
 
     def make(**overrides) -> Path:
         key = tuple(sorted(overrides.items()))

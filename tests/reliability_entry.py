@@ -27,7 +27,7 @@ import signal
 import sys
 import zlib
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 
 def _attempt() -> int:
@@ -38,14 +38,13 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _matches(rule: Dict[str, Any] | None, step: int) -> bool:
+def _matches(rule: dict[str, Any] | None, step: int) -> bool:
     if not rule:
         return False
-    return (step == rule["step"] and _rank() == rule.get("rank", 0)
-            and _attempt() == rule.get("attempt", _attempt()))
+    return step == rule["step"] and _rank() == rule.get("rank", 0) and _attempt() == rule.get("attempt", _attempt())
 
 
-def _patch_writer(spec: Dict[str, Any]) -> None:
+def _patch_writer(spec: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
     original = FileSystemWriter.write_data
@@ -64,19 +63,27 @@ def _patch_writer(spec: Dict[str, Any]) -> None:
     FileSystemWriter.write_data = write_data  # type: ignore[method-assign]
 
 
-def _hook(spec: Dict[str, Any], out: Path):  # type: ignore[no-untyped-def]
+def _hook(spec: dict[str, Any], out: Path):  # type: ignore[no-untyped-def]
     import torch
 
     trace = open(out / f"trace.rank{_rank()}.attempt{_attempt()}.jsonl", "a")
 
     def hook(ev) -> None:  # type: ignore[no-untyped-def]
         kjt = ev.batch.sparse_features
-        trace.write(json.dumps({
-            "step": ev.step, "epoch": ev.epoch, "batches": ev.batches_in_epoch, "loss": ev.loss,
-            "labels": float(ev.batch.labels.sum()),
-            "ids": zlib.crc32(kjt.values().numpy().tobytes()) ^ zlib.crc32(kjt.lengths().numpy().tobytes()),
-            "checkpoint": None if ev.checkpoint is None else Path(ev.checkpoint).name,
-        }) + "\n")
+        trace.write(
+            json.dumps(
+                {
+                    "step": ev.step,
+                    "epoch": ev.epoch,
+                    "batches": ev.batches_in_epoch,
+                    "loss": ev.loss,
+                    "labels": float(ev.batch.labels.sum()),
+                    "ids": zlib.crc32(kjt.values().numpy().tobytes()) ^ zlib.crc32(kjt.lengths().numpy().tobytes()),
+                    "checkpoint": None if ev.checkpoint is None else Path(ev.checkpoint).name,
+                }
+            )
+            + "\n"
+        )
         trace.flush()
         if _matches(spec.get("kill"), ev.step):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -90,10 +97,10 @@ def _hook(spec: Dict[str, Any], out: Path):  # type: ignore[no-untyped-def]
     return hook
 
 
-def run(config: Dict[str, Any], spec: Dict[str, Any]) -> Dict[str, Any]:
-    from mlet_torchrec.training.checkpoint import checkpoint_root, latest_checkpoint
+def run(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     from mlet_torchrec.config import ExperimentConfig
     from mlet_torchrec.logs import configure_logging
+    from mlet_torchrec.training.checkpoint import checkpoint_root, latest_checkpoint
     from mlet_torchrec.training.train import train
 
     configure_logging(False)
@@ -103,10 +110,14 @@ def run(config: Dict[str, Any], spec: Dict[str, Any]) -> Dict[str, Any]:
     if _rank() == 0:  # what this attempt finds on disk before train() tidies up
         root = checkpoint_root(cfg.run.dir)
         found = latest_checkpoint(cfg.run.dir)
-        (out / f"start.attempt{_attempt()}.json").write_text(json.dumps({
-            "latest": None if found is None else found.name,
-            "dirs": sorted(p.name for p in root.iterdir()) if root.is_dir() else [],
-        }))
+        (out / f"start.attempt{_attempt()}.json").write_text(
+            json.dumps(
+                {
+                    "latest": None if found is None else found.name,
+                    "dirs": sorted(p.name for p in root.iterdir()) if root.is_dir() else [],
+                }
+            )
+        )
     _patch_writer(spec)
     result_file = out / f"result.rank{_rank()}.attempt{_attempt()}.json"
     try:
@@ -114,18 +125,19 @@ def run(config: Dict[str, Any], spec: Dict[str, Any]) -> Dict[str, Any]:
     except BaseException as e:
         import traceback
 
-        result_file.write_text(json.dumps({"error": type(e).__name__, "message": str(e),
-                                           "traceback": traceback.format_exc()}))
+        result_file.write_text(
+            json.dumps({"error": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()})
+        )
         raise
     result_file.write_text(json.dumps(summary, default=str))
     return summary
 
 
-def worker(config: Dict[str, Any], spec: Dict[str, Any]) -> Dict[str, Any]:
+def worker(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     return run(config, spec)
 
 
-def main(argv: List[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True, help="JSON of an ExperimentConfig")
     p.add_argument("--spec", required=True, help="JSON fault-injection spec")

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import Dict, List, Set
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("mlet_torchrec", "data_pipes", "launch")
 MAX_LINES = 500
 
 # Lowest first. A module may import its own layer and the ones before it, never a later one.
-LAYERS: List[str] = [
+LAYERS: list[str] = [
     "mlet_torchrec.errors mlet_torchrec.io mlet_torchrec.logs",  # foundation: no torch, no project imports
     "data_pipes",  # the data set contract: schema, reader, synth, converters
     "mlet_torchrec.config",  # the typed config
@@ -43,7 +42,7 @@ def layer_of(module: str) -> int:
     return rank
 
 
-def project_modules() -> Dict[str, Path]:
+def project_modules() -> dict[str, Path]:
     out = {}
     for pkg in PACKAGES:
         for path in sorted((REPO / pkg).rglob("*.py")):
@@ -54,11 +53,11 @@ def project_modules() -> Dict[str, Path]:
     return out
 
 
-def imports_of(module: str, path: Path, known: Set[str]) -> Set[str]:
+def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
     """Project modules ``module`` imports (the longest known prefix of each imported name)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    names: Set[str] = set()
+    names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
@@ -82,7 +81,7 @@ def imports_of(module: str, path: Path, known: Set[str]) -> Set[str]:
     return found
 
 
-def graph() -> Dict[str, Set[str]]:
+def graph() -> dict[str, set[str]]:
     modules = project_modules()
     known = set(modules)
     return {m: imports_of(m, p, known) for m, p in modules.items()}
@@ -107,16 +106,16 @@ def test_no_import_cycles() -> None:
     g = graph()
     # package __init__ modules re-exporting children are not edges of a cycle worth reporting
     g = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in g.items()}
-    state: Dict[str, int] = {}
-    stack: List[str] = []
-    cycles: List[List[str]] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
 
     def visit(node: str) -> None:
         state[node] = 1
         stack.append(node)
         for dep in sorted(g.get(node, ())):
             if state.get(dep) == 1:
-                cycles.append(stack[stack.index(dep):] + [dep])
+                cycles.append(stack[stack.index(dep) :] + [dep])
             elif dep not in state:
                 visit(dep)
         stack.pop()

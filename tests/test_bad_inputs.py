@@ -16,8 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +46,7 @@ def one_error_line(p: subprocess.CompletedProcess, *fragments: str) -> str:
     return errors[0]
 
 
-def listing(root: Path) -> List[str]:
+def listing(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
@@ -87,22 +87,62 @@ def _truncated(text: str, drop: int) -> str:
 
 RAW_CASES = [
     # id, dataset, file name, contents (str, or bytes already encoded), expected fragments of the error line
-    ("criteo truncated row", "criteo", "train.tsv", _truncated(criteo_text(50), 120),
-     ["train.tsv", "row 50", "expected 40 tab-separated columns"]),
-    ("criteo truncated gzip", "criteo", "day.tsv.gz", gzip.compress(criteo_text(3000).encode())[:-4000],
-     ["day.tsv.gz", "cannot read after row"]),
-    ("criteo label 2", "criteo", "train.tsv", criteo_text(20) + criteo_line("2", 99) + "\n",
-     ["train.tsv", "row 21", "column label", "'2' is not 0 or 1"]),
-    ("criteo extra column", "criteo", "train.tsv", criteo_text(7) + criteo_line("1") + "\tx\n",
-     ["train.tsv", "row 8", "expected 40 tab-separated columns, got 41"]),
-    ("avazu truncated row", "avazu", "train.csv", _truncated(avazu_text(30), 40),
-     ["train.csv", "row 31", "expected 24 comma-separated columns"]),
-    ("avazu click 0.5", "avazu", "train.csv", avazu_text(10) + avazu_line("0.5", 3) + "\n",
-     ["train.csv", "row 12", "column click", "'0.5' is not 0 or 1"]),
-    ("movielens truncated row", "movielens", "ml", "1\t10\t5\t0\n2\t11\t3\t0\n1\t1",
-     ["ml.inter", "row 4", "expected 4 tab-separated columns, got 2"]),
-    ("movielens rating text", "movielens", "ml", "1\t10\t5\t0\n2\t11\tgood\t0\n",
-     ["ml.inter", "row 3", "column rating", "'good' is not a number"]),
+    (
+        "criteo truncated row",
+        "criteo",
+        "train.tsv",
+        _truncated(criteo_text(50), 120),
+        ["train.tsv", "row 50", "expected 40 tab-separated columns"],
+    ),
+    (
+        "criteo truncated gzip",
+        "criteo",
+        "day.tsv.gz",
+        gzip.compress(criteo_text(3000).encode())[:-4000],
+        ["day.tsv.gz", "cannot read after row"],
+    ),
+    (
+        "criteo label 2",
+        "criteo",
+        "train.tsv",
+        criteo_text(20) + criteo_line("2", 99) + "\n",
+        ["train.tsv", "row 21", "column label", "'2' is not 0 or 1"],
+    ),
+    (
+        "criteo extra column",
+        "criteo",
+        "train.tsv",
+        criteo_text(7) + criteo_line("1") + "\tx\n",
+        ["train.tsv", "row 8", "expected 40 tab-separated columns, got 41"],
+    ),
+    (
+        "avazu truncated row",
+        "avazu",
+        "train.csv",
+        _truncated(avazu_text(30), 40),
+        ["train.csv", "row 31", "expected 24 comma-separated columns"],
+    ),
+    (
+        "avazu click 0.5",
+        "avazu",
+        "train.csv",
+        avazu_text(10) + avazu_line("0.5", 3) + "\n",
+        ["train.csv", "row 12", "column click", "'0.5' is not 0 or 1"],
+    ),
+    (
+        "movielens truncated row",
+        "movielens",
+        "ml",
+        "1\t10\t5\t0\n2\t11\t3\t0\n1\t1",
+        ["ml.inter", "row 4", "expected 4 tab-separated columns, got 2"],
+    ),
+    (
+        "movielens rating text",
+        "movielens",
+        "ml",
+        "1\t10\t5\t0\n2\t11\tgood\t0\n",
+        ["ml.inter", "row 3", "column rating", "'good' is not a number"],
+    ),
 ]
 
 
@@ -114,8 +154,17 @@ def test_convert_bad_raw_input(tmp_path, dataset, name, contents, fragments):
         src = tmp_path / name
         src.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
     before = listing(tmp_path)
-    p = mlet("convert", dataset, "--input", str(src), "--output", str(tmp_path / "out" / "data"), "--min-count", "1",
-             cwd=tmp_path)
+    p = mlet(
+        "convert",
+        dataset,
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "out" / "data"),
+        "--min-count",
+        "1",
+        cwd=tmp_path,
+    )
     one_error_line(p, *fragments)
     assert listing(tmp_path) == before, "partial output or temporaries left behind"
 
@@ -130,9 +179,11 @@ def _foreign(out: Path) -> None:
 
 
 def _foreign_intact(out: Path) -> bool:
-    return ((out / "precious.txt").read_text() == "years of work"
-            and (out / "sub" / "thesis.tex").read_text() == "\\chapter{One}" and listing(out) == [
-                "precious.txt", "sub", "sub/thesis.tex"])
+    return (
+        (out / "precious.txt").read_text() == "years of work"
+        and (out / "sub" / "thesis.tex").read_text() == "\\chapter{One}"
+        and listing(out) == ["precious.txt", "sub", "sub/thesis.tex"]
+    )
 
 
 SYNTH = ["rows=300", "num_sparse=2", "max_cardinality=50"]
@@ -157,13 +208,19 @@ def test_refused_outputs(tmp_path):
     src = work / "in" / "train.tsv"
     src.write_text(criteo_text(30))
     before = listing(tmp_path)
-    for output, why in ((".", "the working directory"), (str(tmp_path), "a parent of the working directory"),
-                        ("/", "the file-system root")):
+    for output, why in (
+        (".", "the working directory"),
+        (str(tmp_path), "a parent of the working directory"),
+        ("/", "the file-system root"),
+    ):
         one_error_line(mlet("synth", "--output", output, "--overwrite", *SYNTH, cwd=work), why)
         one_error_line(mlet("convert", "criteo", "--input", str(src), "--output", output, "--overwrite", cwd=work), why)
     for output, why in ((src, "is the input"), (work / "in", "contains the input")):
-        one_error_line(mlet("convert", "criteo", "--input", str(src), "--output", str(output), "--overwrite",
-                            cwd=tmp_path), why, str(src))
+        one_error_line(
+            mlet("convert", "criteo", "--input", str(src), "--output", str(output), "--overwrite", cwd=tmp_path),
+            why,
+            str(src),
+        )
     assert listing(tmp_path) == before
 
 
@@ -187,7 +244,7 @@ def _kill_when_writing(cmd: Sequence[str], cwd: Path, out: Path, timeout: float 
     assert proc.returncode == -signal.SIGKILL
 
 
-def _same_dataset(out: Path, meta_before: str, files_before: List[str]) -> None:
+def _same_dataset(out: Path, meta_before: str, files_before: list[str]) -> None:
     assert (out / METADATA_FILE).read_text() == meta_before and listing(out) == files_before
     assert not [p for p in out.rglob("*") if ".mlet-tmp-" in p.name or ".mlet-old-" in p.name]
 
@@ -198,8 +255,22 @@ def test_sigkill_mid_write_keeps_the_previous_output(tmp_path):
     out = tmp_path / "synth"
     assert mlet("synth", "--output", str(out), *SYNTH, cwd=tmp_path).returncode == 0
     meta, files = (out / METADATA_FILE).read_text(), listing(out)
-    _kill_when_writing(["synth", "--output", str(out), "--overwrite", "rows=400000", "num_sparse=2",
-                        "max_cardinality=50", "row_group_size=256", "row_groups_per_file=1", "seed=5"], tmp_path, out)
+    _kill_when_writing(
+        [
+            "synth",
+            "--output",
+            str(out),
+            "--overwrite",
+            "rows=400000",
+            "num_sparse=2",
+            "max_cardinality=50",
+            "row_group_size=256",
+            "row_groups_per_file=1",
+            "seed=5",
+        ],
+        tmp_path,
+        out,
+    )
     _same_dataset(out, meta, files)
     assert list(tmp_path.glob(".synth.mlet-tmp-*")), "the killed write's temporary sibling should be hidden beside"
     # the next write sweeps the dead process's temporary directory and replaces the output
@@ -214,14 +285,42 @@ def test_sigkill_mid_write_keeps_the_previous_output(tmp_path):
     fast = ["convert", "criteo", "--input", str(src), "--output", str(out), "--hash-buckets", "50"]
     assert mlet(*fast, "--rows-per-file", "5000", cwd=tmp_path).returncode == 0
     meta, files = (out / METADATA_FILE).read_text(), listing(out)
-    _kill_when_writing([*fast, "--overwrite", "--seed", "4", "--block-size-mb", "0.004", "--row-group-rows", "64",
-                        "--rows-per-file", "64"], tmp_path, out)
+    _kill_when_writing(
+        [
+            *fast,
+            "--overwrite",
+            "--seed",
+            "4",
+            "--block-size-mb",
+            "0.004",
+            "--row-group-rows",
+            "64",
+            "--rows-per-file",
+            "64",
+        ],
+        tmp_path,
+        out,
+    )
     _same_dataset(out, meta, files)
     assert json.loads((out / MARKER).read_text())["command"] == "convert criteo"
     # a killed first write (no previous output) leaves nothing under the output name
     fresh = tmp_path / "fresh"
-    _kill_when_writing([*fast[:5], str(fresh), "--hash-buckets", "50", "--block-size-mb", "0.004",
-                        "--row-group-rows", "64", "--rows-per-file", "64"], tmp_path, fresh)
+    _kill_when_writing(
+        [
+            *fast[:5],
+            str(fresh),
+            "--hash-buckets",
+            "50",
+            "--block-size-mb",
+            "0.004",
+            "--row-group-rows",
+            "64",
+            "--rows-per-file",
+            "64",
+        ],
+        tmp_path,
+        fresh,
+    )
     assert not fresh.exists()
 
 
@@ -233,8 +332,11 @@ def good_dataset(tmp_path_factory) -> Path:
     from data_pipes.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("bad_inputs") / "good"
-    generate(SynthConfig(rows=2000, num_dense=2, num_sparse=3, max_cardinality=100, row_group_size=256, seed=3),
-             out, progress=False)
+    generate(
+        SynthConfig(rows=2000, num_dense=2, num_sparse=3, max_cardinality=100, row_group_size=256, seed=3),
+        out,
+        progress=False,
+    )
     return out
 
 
@@ -248,13 +350,13 @@ def _set_column(t: pa.Table, name: str, values: np.ndarray) -> pa.Table:
     return t.set_column(i, t.schema.field(i), pa.array(values, t.schema.field(i).type))
 
 
-def _break_truncated(root: Path) -> List[str]:
+def _break_truncated(root: Path) -> list[str]:
     f = root / "train" / "part-00000.parquet"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     return ["train/part-00000.parquet", "truncated or corrupt"]
 
 
-def _break_id_out_of_range(root: Path) -> List[str]:
+def _break_id_out_of_range(root: Path) -> list[str]:
     def edit(t: pa.Table) -> pa.Table:
         ids = t.column("C3").to_numpy().copy()
         ids[7] = 100_000
@@ -264,7 +366,7 @@ def _break_id_out_of_range(root: Path) -> List[str]:
     return ["train/part-00000.parquet", "row 7", "'C3'", "100000 outside [0, 100)"]
 
 
-def _break_label(root: Path) -> List[str]:
+def _break_label(root: Path) -> list[str]:
     def edit(t: pa.Table) -> pa.Table:
         labels = t.column("label").to_numpy().copy()
         labels[5] = 2.0
@@ -274,12 +376,12 @@ def _break_label(root: Path) -> List[str]:
     return ["train/part-00000.parquet", "row 5", "'label'", "not 0 or 1"]
 
 
-def _break_schema(root: Path) -> List[str]:
+def _break_schema(root: Path) -> list[str]:
     _rewrite(root / "train" / "part-00000.parquet", lambda t: t.drop_columns(["C2"]))
     return ["train/part-00000.parquet", "'C2'", "missing"]
 
 
-def _break_dtype(root: Path) -> List[str]:
+def _break_dtype(root: Path) -> list[str]:
     def edit(t: pa.Table) -> pa.Table:
         i = t.schema.get_field_index("C1")
         return t.set_column(i, pa.field("C1", pa.float64()), t.column("C1").cast(pa.float64()))
@@ -288,7 +390,7 @@ def _break_dtype(root: Path) -> List[str]:
     return ["train/part-00000.parquet", "'C1'", "expected type int64"]
 
 
-def _break_metadata(root: Path) -> List[str]:
+def _break_metadata(root: Path) -> list[str]:
     (root / METADATA_FILE).unlink()
     return [f"{root}/{METADATA_FILE}", "no metadata.json"]
 

@@ -47,8 +47,15 @@ class _Net(nn.Module):
 
 def _save(run_dir: Path, step: int, model: nn.Module, keep=None) -> Path:
     cfg = load_config(None, [f"run.dir={run_dir}"])
-    return save_checkpoint(run_dir, step, model, cfg, {"position": {"epoch": 0, "batches_in_epoch": step}},
-                           rank_state={"rng": {"step": step}}, keep=keep)
+    return save_checkpoint(
+        run_dir,
+        step,
+        model,
+        cfg,
+        {"position": {"epoch": 0, "batches_in_epoch": step}},
+        rank_state={"rng": {"step": step}},
+        keep=keep,
+    )
 
 
 def _names(root: Path) -> list:
@@ -99,7 +106,7 @@ def _full_disk_child(run_dir: Path, limit: int) -> dict:
     that write() fails with EFBIG), step 8: a real failing write, in a child process."""
     script = f"""
 import json, resource, signal, sys
-sys.path.insert(0, {str(REPO / 'tests')!r})
+sys.path.insert(0, {str(REPO / "tests")!r})
 from test_checkpoint import _Net, _save
 from mlet_torchrec.training.checkpoint import CheckpointError
 model = _Net(256)
@@ -183,8 +190,10 @@ DAMAGE = {
     "truncated data file": (_truncate, "is truncated"),
     "missing metadata": (lambda c: (c / ".metadata").unlink(), ".metadata is missing"),
     "garbled metadata": (lambda c: (c / ".metadata").write_bytes(b"\x80\x04garbage"), ".metadata is unreadable"),
-    "garbled checkpoint.json": (lambda c: (c / "checkpoint.json").write_text("{\"step\": 4,"),
-                                "checkpoint.json is unreadable"),
+    "garbled checkpoint.json": (
+        lambda c: (c / "checkpoint.json").write_text('{"step": 4,'),
+        "checkpoint.json is unreadable",
+    ),
     "missing data file": (lambda c: _distcp(c).unlink(), "is missing"),
 }
 
@@ -290,11 +299,19 @@ def runs(synth_dataset, tmp_path_factory):
 
     data = synth_dataset()
     base = tmp_path_factory.mktemp("ckpt_cli")
-    common = [f"data.path={data}", "train.max_steps=6", "train.checkpoint_every=3", "train.keep_checkpoints=5",
-              "train.progress=false"]
+    common = [
+        f"data.path={data}",
+        "train.max_steps=6",
+        "train.checkpoint_every=3",
+        "train.keep_checkpoints=5",
+        "train.progress=false",
+    ]
     train(load_config(REPO / "configs" / "tiny.yaml", [f"run.dir={base / 'run'}", *common]))
-    train(load_config(REPO / "configs" / "tiny.yaml", [f"run.dir={base / 'other'}", "embedding.d=8",
-                                                       "model.top_mlp=[8]", *common]))
+    train(
+        load_config(
+            REPO / "configs" / "tiny.yaml", [f"run.dir={base / 'other'}", "embedding.d=8", "model.top_mlp=[8]", *common]
+        )
+    )
     return data, base / "run", base / "other"
 
 
@@ -333,8 +350,16 @@ def test_damaged_checkpoint_through_the_cli_is_one_line_exit_2(runs, damage, tmp
     CLI_DAMAGE[damage](run, other)
     newest = run / "checkpoints" / "step_00000006"
     commands = {
-        "train": ["train", "--config", str(REPO / "configs" / "tiny.yaml"), f"data.path={data}", f"run.dir={run}",
-                  "train.max_steps=9", "train.checkpoint_every=3", "train.progress=false"],
+        "train": [
+            "train",
+            "--config",
+            str(REPO / "configs" / "tiny.yaml"),
+            f"data.path={data}",
+            f"run.dir={run}",
+            "train.max_steps=9",
+            "train.checkpoint_every=3",
+            "train.progress=false",
+        ],
         "collapse": ["collapse", "--input", str(run), "--output", str(tmp_path / "collapsed")],
         "evaluate": ["evaluate", "--input", str(run)],
     }
@@ -354,8 +379,17 @@ def test_resuming_with_other_shapes_is_one_line_exit_2(runs, tmp_path, capsys):
     data, trained, _ = runs
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    code, err = _mlet("train", "--config", str(REPO / "configs" / "tiny.yaml"), f"data.path={data}",
-                      f"run.dir={run}", "embedding.d=8", "embedding.k=32", "train.progress=false", capsys=capsys)
+    code, err = _mlet(
+        "train",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        f"data.path={data}",
+        f"run.dir={run}",
+        "embedding.d=8",
+        "embedding.k=32",
+        "train.progress=false",
+        capsys=capsys,
+    )
     errors = [line for line in err.splitlines() if "mlet train: error:" in line]
     assert code == 2 and len(errors) == 1, err[-2000:]
     assert "embedding.d: 4 in the checkpoint, 8 now" in errors[0] and "embedding.k" in errors[0]
@@ -367,8 +401,13 @@ def test_damaged_checkpoint_in_a_fresh_process_exits_2(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     _truncate(run / "checkpoints" / "step_00000006")
-    proc = subprocess.run([sys.executable, "-m", "mlet_torchrec.cli", "evaluate", "--input", str(run)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlet_torchrec.cli", "evaluate", "--input", str(run)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(lines) == 1 and "is truncated" in lines[0] and "Traceback" not in proc.stderr

@@ -75,14 +75,24 @@ def test_vocabulary_flags_per_subcommand():
 @pytest.mark.parametrize(
     "argv, old, new, dest, value",
     [
-        (["collapse", "--checkpoint", "X", "--checkpoint", "X", "--output", "O"], "--checkpoint", "--input", "input",
-         Path("X")),
+        (
+            ["collapse", "--checkpoint", "X", "--checkpoint", "X", "--output", "O"],
+            "--checkpoint",
+            "--input",
+            "input",
+            Path("X"),
+        ),
         (["evaluate", "--checkpoint", "X"], "--checkpoint", "--input", "input", Path("X")),
         (["export", "--collapsed", "X", "--output", "O"], "--collapsed", "--input", "input", Path("X")),
         (["report", "--input", "r.jsonl", "--out", "O"], "--out", "--output", "output", Path("O")),
         (["sweep", "--grid", "d=[4]", "--results", "R"], "--results", "--output", "output", Path("R")),
-        (["sweep", "--grid", "d=[4]", "--output", "R", "--nproc", "3"], "--nproc", "--nproc-per-node",
-         "nproc_per_node", 3),
+        (
+            ["sweep", "--grid", "d=[4]", "--output", "R", "--nproc", "3"],
+            "--nproc",
+            "--nproc-per-node",
+            "nproc_per_node",
+            3,
+        ),
         (["demo", "--workdir", "W"], "--workdir", "--output", "output", Path("W")),
         (["-v", "train"], "-v", "--log-level DEBUG", "log_level", "DEBUG"),
         (["train", "--verbose", "--verbose"], "--verbose", "--log-level DEBUG", "log_level", "DEBUG"),
@@ -104,8 +114,9 @@ def test_old_report_positional_still_works(capsys, tmp_path):
 
 def test_new_spellings_do_not_warn(capsys):
     build_parser().parse_args(["collapse", "--input", "X", "--output", "O", "--log-level", "debug"])
-    build_parser().parse_args(["--log-level", "WARNING", "sweep", "--grid", "d=[4]", "--output", "R",
-                               "--nproc-per-node", "1"])
+    build_parser().parse_args(
+        ["--log-level", "WARNING", "sweep", "--grid", "d=[4]", "--output", "R", "--nproc-per-node", "1"]
+    )
     assert capsys.readouterr().err == ""
 
 
@@ -133,8 +144,10 @@ def test_log_level_before_or_after_the_subcommand():
         (["collapse", "--output", "o"], "the following arguments are required: --input"),
         (["synth", "--output", "o", "rows=many"], "invalid synth settings"),
         (["synth", "--output", "o", "--config", "no/such.yaml"], "config file no/such.yaml does not exist"),
-        (["sweep", "--grid", "d=[4]", "--output", "r.jsonl", "--tune", "lr=[1]", "--tune-baseline", "lr=[1]"],
-         "give --tune (every method) or --tune-baseline"),
+        (
+            ["sweep", "--grid", "d=[4]", "--output", "r.jsonl", "--tune", "lr=[1]", "--tune-baseline", "lr=[1]"],
+            "give --tune (every method) or --tune-baseline",
+        ),
         (["sweep", "--config", "no/such.yaml", "--grid", "d=[4]", "--output", "r.jsonl"], "does not exist"),
         (["sweep", "--grid", "d=[4]", "--output", "r.jsonl", "--in-process"], "--in-process needs --nproc-per-node 1"),
     ],
@@ -156,8 +169,9 @@ def test_yaml_syntax_error_and_bad_value_in_a_file(capsys, tmp_path):
 
 
 def test_missing_data_set_is_a_user_error(capsys, tmp_path):
-    rc, _, err = _mlet(capsys, "train", "--config", "tiny", "--input", str(tmp_path / "nodata"),
-                       "--output", str(tmp_path / "run"))
+    rc, _, err = _mlet(
+        capsys, "train", "--config", "tiny", "--input", str(tmp_path / "nodata"), "--output", str(tmp_path / "run")
+    )
     assert rc == 2 and "no metadata.json" in _one_error_line(err, "train")
 
 
@@ -171,8 +185,9 @@ def test_bad_flags_exit_2_through_argparse(capsys):
 
 
 def test_convert_missing_input(capsys, tmp_path):
-    rc, _, err = _mlet(capsys, "convert", "criteo", "--input", str(tmp_path / "none.tsv"), "--output",
-                       str(tmp_path / "out"))
+    rc, _, err = _mlet(
+        capsys, "convert", "criteo", "--input", str(tmp_path / "none.tsv"), "--output", str(tmp_path / "out")
+    )
     assert rc == 2 and _one_error_line(err, "convert").endswith(f"--input {tmp_path / 'none.tsv'} does not exist")
     assert not (tmp_path / "out").exists()
 
@@ -181,8 +196,14 @@ def test_convert_missing_input(capsys, tmp_path):
 
 
 def test_user_error_has_no_traceback_and_a_bug_keeps_it(tmp_path):
-    user = subprocess.run([sys.executable, "-m", "mlet_torchrec.cli", "train", "--config", "tiny", "train.nope=1"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    user = subprocess.run(
+        [sys.executable, "-m", "mlet_torchrec.cli", "train", "--config", "tiny", "train.nope=1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert user.returncode == 2 and user.stdout == ""
     assert user.stderr.splitlines() == [
         "mlet train: error: invalid config (packaged config tiny with overrides train.nope=1): train.nope: unknown key"
@@ -199,8 +220,9 @@ def test_user_error_has_no_traceback_and_a_bug_keeps_it(tmp_path):
         from mlet_torchrec.cli import main
         sys.exit(main(["synth", "--output", "out", "rows=100"]))
     """)
-    crash = subprocess.run([sys.executable, "-c", bug], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                           check=False)
+    crash = subprocess.run(
+        [sys.executable, "-c", bug], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
     assert crash.returncode == 1
     assert "Traceback (most recent call last)" in crash.stderr
     assert crash.stderr.strip().endswith("RuntimeError: internal: shapes disagree")
@@ -209,9 +231,27 @@ def test_user_error_has_no_traceback_and_a_bug_keeps_it(tmp_path):
 @pytest.mark.slow
 def test_user_error_in_local_workers_is_one_line(tmp_path):
     # the data set is read by the 2 spawned workers, not by the parent: their UserError still ends as one line
-    proc = subprocess.run([sys.executable, "-m", "mlet_torchrec.cli", "train", "--config", "tiny",
-                           "--nproc-per-node", "2", "--input", "nodata", "--output", "run"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlet_torchrec.cli",
+            "train",
+            "--config",
+            "tiny",
+            "--nproc-per-node",
+            "2",
+            "--input",
+            "nodata",
+            "--output",
+            "run",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
         "mlet train: error: nodata/metadata.json: no metadata.json; is nodata a converted data set?"

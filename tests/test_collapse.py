@@ -5,14 +5,19 @@ tests need no training; tests/test_collapse_distributed.py runs the real thing o
 """
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from mlet_torchrec.training.checkpoint import CHECKPOINT_META, LATEST
+from data_pipes.schema import DatasetMeta
+from mlet_torchrec.config import load_config
+from mlet_torchrec.errors import UserError
+from mlet_torchrec.io import OutputError
+from mlet_torchrec.models import build_model
+from mlet_torchrec.modules.product import mlet_product
 from mlet_torchrec.serving.collapse import (
     MANIFEST,
     Box,
@@ -26,12 +31,7 @@ from mlet_torchrec.serving.collapse import (
     mirror_layout,
     source_chunks,
 )
-from mlet_torchrec.config import load_config
-from mlet_torchrec.errors import UserError
-from mlet_torchrec.io import OutputError
-from mlet_torchrec.modules.product import mlet_product
-from mlet_torchrec.models import build_model
-from data_pipes.schema import DatasetMeta
+from mlet_torchrec.training.checkpoint import CHECKPOINT_META, LATEST
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -172,9 +172,11 @@ def test_collapse_one_process(synth_dataset, tmp_path):
     got = plain.state_dict()
     assert set(got) == set(reference)
     for key, value in reference.items():
-        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-6, msg=lambda m: f"{key}: {m}")
-    assert torch.equal(got["net.sparse_arch.embedding_bag_collection.embedding_bags.t_C1.weight"],
-                       factored.state_dict()["net.sparse_arch.embedding_bag_collection.w1.embedding_bags.t_C1.weight"])
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    assert torch.equal(
+        got["net.sparse_arch.embedding_bag_collection.embedding_bags.t_C1.weight"],
+        factored.state_dict()["net.sparse_arch.embedding_bag_collection.w1.embedding_bags.t_C1.weight"],
+    )
 
     man = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert man["format"].startswith("mlet-torchrec collapsed model")
@@ -187,8 +189,11 @@ def test_collapse_one_process(synth_dataset, tmp_path):
     src = man["source_checkpoint"]
     assert src["step"] == 1 and len(src["dcp_metadata_sha256"]) == 64 and src["path"].endswith("step_00000001")
     assert len(man["dcp_metadata_sha256"]) == 64
-    assert man["architecture"] == {"dense_in_features": 3, "dense_arch_layer_sizes": [16, 4],
-                                   "over_arch_layer_sizes": [16, 1]}
+    assert man["architecture"] == {
+        "dense_in_features": 3,
+        "dense_arch_layer_sizes": [16, 4],
+        "over_arch_layer_sizes": [16, 1],
+    }
     assert (tmp_path / "out" / "plan.json").is_file() and (tmp_path / "out" / "collapse_report.json").is_file()
 
     # DCP keys are what a stock model expects

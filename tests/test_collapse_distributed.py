@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from data_pipes.synth import SynthConfig, generate
-from mlet_torchrec.serving.collapse import collapse_state_dict, load_collapsed, load_factored
 from mlet_torchrec.config import load_config
-from mlet_torchrec.training.launcher import train_local
 from mlet_torchrec.models import build_model
+from mlet_torchrec.serving.collapse import collapse_state_dict, load_collapsed, load_factored
+from mlet_torchrec.training.launcher import train_local
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +33,9 @@ EBC = "net.sparse_arch.embedding_bag_collection"
 
 
 def _mlet(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "mlet_torchrec.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlet_torchrec.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     if proc.returncode != 0:
         raise AssertionError(f"mlet {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -53,13 +54,33 @@ def _snippet(markdown: str, index: int, replace: dict) -> str:
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("collapse_dist")
     data = root / "data"
-    generate(SynthConfig(rows=4000, num_dense=3, num_sparse=4, min_cardinality=10, max_cardinality=3000,
-                         multi_hot_features=1, row_group_size=32, seed=5), data, progress=False)
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"data.path={data}", f"run.dir={root / 'run'}", "embedding.d=8", "embedding.k=16",
-        *[f"embedding.tables.{f}.sharding={s}" for f, s in SHARDING.items()],
-        "train.batch_size=64", "train.epochs=1", "train.seed=3",
-    ])
+    generate(
+        SynthConfig(
+            rows=4000,
+            num_dense=3,
+            num_sparse=4,
+            min_cardinality=10,
+            max_cardinality=3000,
+            multi_hot_features=1,
+            row_group_size=32,
+            seed=5,
+        ),
+        data,
+        progress=False,
+    )
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"data.path={data}",
+            f"run.dir={root / 'run'}",
+            "embedding.d=8",
+            "embedding.k=16",
+            *[f"embedding.tables.{f}.sharding={s}" for f, s in SHARDING.items()],
+            "train.batch_size=64",
+            "train.epochs=1",
+            "train.seed=3",
+        ],
+    )
     summary = train_local(cfg, 2)
     run = root / "run"
     plan = json.loads((run / "plan.json").read_text())
@@ -82,7 +103,7 @@ def collapsed2(trained):
 def _assert_equal_state(got: dict, reference: dict) -> None:
     assert set(got) == set(reference)
     for key, ref in reference.items():
-        torch.testing.assert_close(got[key], ref, atol=1e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], ref, atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_two_rank_collapse_is_exact(trained, collapsed2):
@@ -125,8 +146,16 @@ def _four_rank_worker(run: str, collapsed2: str, out4: str, reference: str) -> d
     # stock TorchRec only from here: tables from the manifest, TorchRec's own sharder and planner
     m = json.loads((Path(collapsed2) / "manifest.json").read_text())
     ebc = EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=n, embedding_dim=t["d"], num_embeddings=t["rows"], feature_names=t["features"],
-                                   pooling=PoolingType[t["pooling"].upper()]) for n, t in m["tables"].items()],
+        tables=[
+            EmbeddingBagConfig(
+                name=n,
+                embedding_dim=t["d"],
+                num_embeddings=t["rows"],
+                feature_names=t["features"],
+                pooling=PoolingType[t["pooling"].upper()],
+            )
+            for n, t in m["tables"].items()
+        ],
         device=torch.device("meta"),
     )
     kinds = {"t_C1": "data_parallel", "t_C2": "table_wise", "t_C3": "column_wise", "t_C4": "table_column_wise"}
@@ -152,8 +181,13 @@ def _four_rank_worker(run: str, collapsed2: str, out4: str, reference: str) -> d
             worst = max(worst, float((value - expected).abs().max()))
             shards += 1
     sharded_types = {t: p.sharding_type for t, p in plan.plan[""].items()}
-    return {"max_diff": worst, "shards": shards, "types": sharded_types, "report_world": report.world_size,
-            "sent": report.sent_bytes}
+    return {
+        "max_diff": worst,
+        "shards": shards,
+        "types": sharded_types,
+        "report_world": report.world_size,
+        "sent": report.sent_bytes,
+    }
 
 
 def test_stock_torchrec_loads_at_other_world_sizes(trained, collapsed2):
@@ -161,15 +195,28 @@ def test_stock_torchrec_loads_at_other_world_sizes(trained, collapsed2):
 
     root = trained["root"]
     out4 = root / "collapsed4"
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=4, run_id=f"t-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=4,
+        run_id=f"t-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.5,
+    )
     results = elastic_launch(launch, entrypoint=_four_rank_worker)(
-        str(trained["run"]), str(collapsed2), str(out4), str(root / "reference.pt"))
+        str(trained["run"]), str(collapsed2), str(out4), str(root / "reference.pt")
+    )
     assert set(results) == {0, 1, 2, 3}
     for r in results.values():
         assert r["max_diff"] <= 1e-6 and r["report_world"] == 4
-    assert results[0]["types"] == {"t_C1": "data_parallel", "t_C2": "table_wise", "t_C3": "column_wise",
-                                   "t_C4": "table_column_wise"}
+    assert results[0]["types"] == {
+        "t_C1": "data_parallel",
+        "t_C2": "table_wise",
+        "t_C3": "column_wise",
+        "t_C4": "table_column_wise",
+    }
     assert sum(r["shards"] for r in results.values()) >= 4 + 1 + 2
     assert results[0]["sent"] > 0  # trained at 2, collapsed at 4 into row-wise: rows moved between ranks
 
@@ -185,8 +232,9 @@ def test_stock_torchrec_loads_at_other_world_sizes(trained, collapsed2):
     scope: dict = {}
     exec(_snippet(SERVING_MD, 1, {'"path/to/collapsed"': repr(str(out4))}), scope)
     for name, bag in scope["ebc"].embedding_bags.items():
-        torch.testing.assert_close(bag.weight.detach(), trained["reference"][f"{EBC}.embedding_bags.{name}.weight"],
-                                   atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            bag.weight.detach(), trained["reference"][f"{EBC}.embedding_bags.{name}.weight"], atol=1e-6, rtol=1e-5
+        )
 
 
 def test_int8_export_of_the_trained_model(trained, collapsed2):

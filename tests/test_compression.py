@@ -15,10 +15,6 @@ from mlet_torchrec.serving.compression import (
     compression_study,
     dequantize,
     grid_search_scale,
-    hash_batch,
-    hash_kjt,
-    hash_moduli,
-    hashed_meta,
     main,
     maxabs_scale,
     quantization_error,
@@ -28,6 +24,12 @@ from mlet_torchrec.serving.compression import (
     relative_table_size,
     svd_factors,
     svd_model_tables,
+)
+from mlet_torchrec.serving.hashing import (
+    hash_batch,
+    hash_kjt,
+    hash_moduli,
+    hashed_meta,
     unhashed_cardinalities,
     write_hashed_dataset,
 )
@@ -134,7 +136,7 @@ def test_write_hashed_dataset(synth_dataset, tmp_path):
         src = list(ParquetBatchReader(data, split, 500, shuffle=False, drop_last=False))
         got = list(ParquetBatchReader(out, split, 500, shuffle=False, drop_last=False))
         assert sum(b.labels.numel() for b in got) == meta.rows[split]
-        for a, b in zip(src, got):
+        for a, b in zip(src, got, strict=True):
             da, db = a.sparse_features.to_dict(), b.sparse_features.to_dict()
             assert torch.equal(db["C4"].values(), da["C4"].values() % new.cardinalities()["C4"])
             assert torch.equal(db["C1"].values(), da["C1"].values())
@@ -166,9 +168,10 @@ def test_svd_factors_are_the_best_low_rank_approximation():
 
 
 def test_study_on_a_collapsed_model(synth_dataset, tmp_path):
+    from test_collapse import fake_run
+
     from mlet_torchrec.serving.artifact import load_collapsed
     from mlet_torchrec.serving.collapse import collapse
-    from test_collapse import fake_run
 
     run = fake_run(tmp_path / "run", synth_dataset(), ["embedding.k=null", "embedding.d=8"])  # single-layer
     collapse(run, tmp_path / "collapsed", check_split=None)

@@ -26,8 +26,16 @@ def test_shipped_configs_validate(path):
 
 
 def test_overrides_are_typed_yaml_values():
-    cfg = load_config(CONFIGS / "demo.yaml", ["embedding.k=null", "model.top_mlp=[8, 4]", "train.seed=3",
-                                              "embedding.tables.C1.k=128", "embedding.tables.C1.sharding=row_wise"])
+    cfg = load_config(
+        CONFIGS / "demo.yaml",
+        [
+            "embedding.k=null",
+            "model.top_mlp=[8, 4]",
+            "train.seed=3",
+            "embedding.tables.C1.k=128",
+            "embedding.tables.C1.sharding=row_wise",
+        ],
+    )
     assert cfg.embedding.k is None and cfg.model.top_mlp == [8, 4] and cfg.train.seed == 3
     assert cfg.embedding.k_for("C1") == 128 and cfg.embedding.sharding_for("C1") == "row_wise"
     assert cfg.embedding.k_for("C2") is None and cfg.embedding.sharding_for("C2") == "auto"
@@ -77,7 +85,8 @@ def test_every_config_error_is_one_line_and_a_user_error(tmp_path):
             load_config(tmp_path / path)
         assert "\n" not in str(err.value) and str(tmp_path / path) in str(err.value)
     assert "embedding.d: Input should be greater than 0 (got 0); embedding.dd: unknown key" in _message(
-        tmp_path / "two.yaml")
+        tmp_path / "two.yaml"
+    )
 
 
 def _message(path) -> str:
@@ -95,7 +104,9 @@ def test_packaged_configs_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ here: the names resolve to the package's copies
     assert load_config("tiny") == load_config(CONFIGS / "tiny.yaml")
     assert load_config("models/deepfm.yaml").model.name == "deepfm"
-    with pytest.raises(ConfigError, match=r"config file nope does not exist and is not a packaged config name \(.*tiny"):
+    with pytest.raises(
+        ConfigError, match=r"config file nope does not exist and is not a packaged config name \(.*tiny"
+    ):
         load_config("nope")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("../configs/tiny")  # names stay inside the package

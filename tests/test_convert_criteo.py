@@ -8,7 +8,6 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import List
 
 import numpy as np
 import pyarrow as pa
@@ -22,11 +21,13 @@ from mlet_torchrec.io import MARKER, OutputError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CRITEO = DATA / "criteo_kaggle"
-needs_data = pytest.mark.skipif(not (CRITEO / "train.tsv").is_file(),
-                                reason=f"shared sample data not found at {CRITEO} (../shared/data beside the repo)")
+needs_data = pytest.mark.skipif(
+    not (CRITEO / "train.tsv").is_file(),
+    reason=f"shared sample data not found at {CRITEO} (../shared/data beside the repo)",
+)
 
 
-def read_rows(path: Path) -> List[List[str]]:
+def read_rows(path: Path) -> list[list[str]]:
     """Independent reader: plain Python line splitting."""
     with open(path, encoding="utf-8") as f:
         return [line.rstrip("\n").split("\t") for line in f]
@@ -75,8 +76,14 @@ def expected_dense(value: str) -> float:
 @pytest.mark.parametrize("min_count", [1, 3])
 def test_real_sample_explicit_splits_match_independent_count(tmp_path, min_count):
     out = tmp_path / "criteo"
-    res = convert_criteo(CRITEO / "train.tsv", out, valid=CRITEO / "valid.tsv", test=CRITEO / "test.tsv",
-                         min_count=min_count, progress=False)
+    res = convert_criteo(
+        CRITEO / "train.tsv",
+        out,
+        valid=CRITEO / "valid.tsv",
+        test=CRITEO / "test.tsv",
+        min_count=min_count,
+        progress=False,
+    )
     meta = check_layout(out)
     rows = {s: read_rows(CRITEO / f"{s}.tsv") for s in ("train", "valid", "test")}
     assert meta.rows == {s: len(r) for s, r in rows.items()} == {"train": 7200, "valid": 409, "test": 391}
@@ -88,7 +95,9 @@ def test_real_sample_explicit_splits_match_independent_count(tmp_path, min_count
         t = read_split(out, split)  # explicit files keep their row order
         labels = [int(r[0]) for r in raw]
         assert t.column("label").to_pylist() == labels
-        assert float(np.mean(t.column("label").to_numpy().astype(np.float64))) == pytest.approx(np.mean(labels), abs=1e-12)
+        assert float(np.mean(t.column("label").to_numpy().astype(np.float64))) == pytest.approx(
+            np.mean(labels), abs=1e-12
+        )
         for j, name in enumerate(DENSE[:4]):
             np.testing.assert_allclose(t.column(name).to_numpy(), [expected_dense(r[1 + j]) for r in raw], rtol=1e-6)
         for j, name in enumerate(SPARSE):
@@ -96,7 +105,7 @@ def test_real_sample_explicit_splits_match_independent_count(tmp_path, min_count
             kept = {v for v, n in train_counts[j].items() if n >= min_count}
             # an id is 0 exactly when the value is not in the train vocabulary; otherwise value <-> id is 1:1
             assert [i == 0 for i in ids] == [r[14 + j] not in kept for r in raw], name
-            pairs = {(r[14 + j], i) for r, i in zip(raw, ids) if i != 0}
+            pairs = {(r[14 + j], i) for r, i in zip(raw, ids, strict=True) if i != 0}
             assert len(pairs) == len({v for v, _ in pairs}) == len({i for _, i in pairs})
     # ids are ranked by train frequency: id 1 is the most frequent value
     t = read_split(out, "train")
@@ -116,7 +125,7 @@ def test_real_sample_random_split_is_seeded(tmp_path):
     c = convert_criteo(CRITEO / "train.tsv", tmp_path / "c", seed=8, min_count=2, progress=False).meta
     check_layout(tmp_path / "a")
     assert sum(a.rows.values()) == len(raw) == 7200
-    for s, frac in zip(("train", "valid", "test"), (0.8, 0.1, 0.1)):
+    for s, frac in zip(("train", "valid", "test"), (0.8, 0.1, 0.1), strict=True):
         assert abs(a.rows[s] / 7200 - frac) < 0.03
     assert a.rows == b.rows and a.cardinalities() == b.cardinalities()
     for s in a.splits:
@@ -133,12 +142,12 @@ def test_real_sample_random_split_is_seeded(tmp_path):
 # ------------------------------------------------------------------------------------- synthetic
 
 
-def synthetic_rows(n: int, seed: int = 0, day: int = 0) -> List[List[str]]:
+def synthetic_rows(n: int, seed: int = 0, day: int = 0) -> list[list[str]]:
     rng = np.random.default_rng(seed)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         r = [str(int(rng.random() < 0.3))]
-        for j in range(13):
+        for _ in range(13):
             r.append("" if rng.random() < 0.2 else str(int(rng.integers(-3, 5000))))
         for j in range(26):
             r.append("" if rng.random() < 0.1 else f"{int(rng.integers(0, 3 + 5 * j)):08x}")
@@ -147,7 +156,7 @@ def synthetic_rows(n: int, seed: int = 0, day: int = 0) -> List[List[str]]:
     return rows
 
 
-def write_rows(path: Path, rows: List[List[str]], compress: bool = False) -> Path:
+def write_rows(path: Path, rows: list[list[str]], compress: bool = False) -> Path:
     text = "".join("\t".join(r) + "\n" for r in rows).encode()
     if compress:
         path.write_bytes(gzip.compress(text))
@@ -160,8 +169,16 @@ def test_synthetic_round_trip_multiple_files_and_row_groups(tmp_path):
     rows = synthetic_rows(3000, seed=1)
     src = write_rows(tmp_path / "syn.tsv", rows)
     out = tmp_path / "out"
-    res = convert_criteo(src, out, split=(1, 0, 0), min_count=1, progress=False, block_size=16 << 10,
-                         rows_per_file=1000, row_group_rows=300)
+    res = convert_criteo(
+        src,
+        out,
+        split=(1, 0, 0),
+        min_count=1,
+        progress=False,
+        block_size=16 << 10,
+        rows_per_file=1000,
+        row_group_rows=300,
+    )
     meta = check_layout(out)
     assert meta.splits == {"train": [f"train/part-{i:05d}.parquet" for i in range(3)]}
     assert [pq.ParquetFile(out / f).metadata.num_row_groups for f in meta.splits["train"]] == [4, 4, 4]
@@ -174,7 +191,7 @@ def test_synthetic_round_trip_multiple_files_and_row_groups(tmp_path):
         ids = t.column(name).to_numpy()
         values = [r[14 + j] for r in rows]
         assert ids.min() >= 1  # every value is in the vocabulary (min_count 1, all rows train)
-        assert len({(v, i) for v, i in zip(values, ids)}) == len(set(values)) == len(set(ids.tolist()))
+        assert len({(v, i) for v, i in zip(values, ids, strict=True)}) == len(set(values)) == len(set(ids.tolist()))
         assert meta.cardinalities()[name] == len(set(values)) + 1
     assert meta.source["options"]["rows_per_file"] == 1000
 
@@ -195,8 +212,9 @@ def test_hash_buckets_per_feature(tmp_path):
         assert t.column(name).to_pylist() == expected.tolist()
         assert min(expected) >= 1  # 0 stays the OOV id
     # a mix: C3 hashed, the rest counted
-    meta = convert_criteo(src, tmp_path / "mix", split=(1, 0, 0), hash_buckets={"C3": 11}, min_count=1,
-                          progress=False).meta
+    meta = convert_criteo(
+        src, tmp_path / "mix", split=(1, 0, 0), hash_buckets={"C3": 11}, min_count=1, progress=False
+    ).meta
     assert meta.cardinalities()["C3"] == 11
     assert meta.source["features"]["C4"]["mode"] == "vocabulary"
     with pytest.raises(ValueError, match="unknown features"):
@@ -209,8 +227,11 @@ def test_day_directory_time_split_with_compressed_day(tmp_path):
     days.mkdir()
     per_day = 200
     for d in range(7):
-        write_rows(days / (f"day_{d}.gz" if d == 6 else f"day_{d}"), synthetic_rows(per_day, seed=10 + d, day=d),
-                   compress=(d == 6))
+        write_rows(
+            days / (f"day_{d}.gz" if d == 6 else f"day_{d}"),
+            synthetic_rows(per_day, seed=10 + d, day=d),
+            compress=(d == 6),
+        )
     (days / "README").write_text("not a day file")
     out = tmp_path / "out"
     meta = convert_criteo(days, out, min_count=1, progress=False).meta
@@ -287,8 +308,14 @@ def _content_digest(root: Path) -> str:
 def test_output_is_pinned(tmp_path):
     # pinned values: a change to the split assignment, the string hash or the vocabulary order would
     # silently change every re-converted data set
-    lines = ["\t".join([str(i % 2)] + [str((i * j) % 17) if (i + j) % 5 else "" for j in range(13)]
-                       + [f"{(i * 7 + j * 13) % (j + 3):08x}" for j in range(26)]) for i in range(300)]
+    lines = [
+        "\t".join(
+            [str(i % 2)]
+            + [str((i * j) % 17) if (i + j) % 5 else "" for j in range(13)]
+            + [f"{(i * 7 + j * 13) % (j + 3):08x}" for j in range(26)]
+        )
+        for i in range(300)
+    ]
     (tmp_path / "t.tsv").write_text("\n".join(lines) + "\n")
     vocab = convert_criteo(tmp_path / "t.tsv", tmp_path / "v", min_count=2, progress=False, seed=5).meta
     convert_criteo(tmp_path / "t.tsv", tmp_path / "h", hash_buckets=13, progress=False, seed=5)

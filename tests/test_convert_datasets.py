@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipes.convert.avazu import CATEGORICAL, SPARSE as AVAZU_SPARSE, convert_avazu
+from data_pipes.convert.avazu import CATEGORICAL, convert_avazu
+from data_pipes.convert.avazu import SPARSE as AVAZU_SPARSE
 from data_pipes.convert.movielens import convert_movielens
 from data_pipes.schema import DatasetMeta
 
@@ -55,7 +56,7 @@ def test_avazu_sample_against_independent_count(tmp_path):
     assert t.column("label").to_pylist() == [float(r["click"]) for r in rows]
     for name in ["hour_of_day", "weekday", "device_ip", "C14"]:
         raw = derived[name] if name in derived else [r[name] for r in rows]
-        pairs = set(zip(raw, t.column(name).to_pylist()))
+        pairs = set(zip(raw, t.column(name).to_pylist(), strict=True))
         assert len(pairs) == len(set(raw)) == len({i for _, i in pairs})  # value <-> id is one to one
     # default split: random 90% train, the rest valid/test; deterministic
     a = convert_avazu(AVAZU, tmp_path / "a", min_count=1, progress=False).meta
@@ -77,7 +78,7 @@ def test_movielens_sample_against_independent_count(tmp_path):
     def table(name):
         with open(ML / name, encoding="utf-8") as f:
             header = [h.split(":")[0] for h in f.readline().rstrip("\n").split("\t")]
-            return [dict(zip(header, line.rstrip("\n").split("\t"))) for line in f]
+            return [dict(zip(header, line.rstrip("\n").split("\t"), strict=True)) for line in f]
 
     inter, users, items = table("ml-100k.inter"), table("ml-100k.user"), table("ml-100k.item")
     users = {u["user_id"]: u for u in users}

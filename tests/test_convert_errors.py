@@ -7,13 +7,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipes.convert.avazu import COLUMNS as AVAZU_COLUMNS, convert_avazu
+from data_pipes.convert.avazu import COLUMNS as AVAZU_COLUMNS
+from data_pipes.convert.avazu import convert_avazu
 from data_pipes.convert.criteo import convert_criteo
 from data_pipes.convert.movielens import convert_movielens
 from data_pipes.errors import DataError
@@ -34,7 +34,7 @@ def with_dense(col: int, value: str, label: str = "1") -> str:
     return criteo_line(label=label, dense=dense)
 
 
-def write(path: Path, lines: List[str], mode: str = "w") -> Path:
+def write(path: Path, lines: list[str], mode: str = "w") -> Path:
     if mode == "wb":
         path.write_bytes(b"".join(lines))
     else:
@@ -42,7 +42,7 @@ def write(path: Path, lines: List[str], mode: str = "w") -> Path:
     return path
 
 
-def assert_nothing_left(workdir: Path, inputs: List[str]) -> None:
+def assert_nothing_left(workdir: Path, inputs: list[str]) -> None:
     assert sorted(p.name for p in workdir.iterdir()) == sorted(inputs), "output or temporary dirs left behind"
 
 
@@ -50,10 +50,16 @@ GOOD = [criteo_line(label=str(i % 2)) for i in range(5)]
 
 CRITEO_CASES = [
     # (id, lines, message regex)
-    ("too few columns", GOOD[:2] + [criteo_line()[:-1].rsplit("\t", 1)[0] + "\n"] + GOOD[2:],
-     r"row 3: expected 40 tab-separated columns, got 39 \(no label column"),
-    ("too many columns", GOOD[:3] + [criteo_line()[:-1] + "\textra\n"] + GOOD,
-     r"row 4: expected 40 tab-separated columns, got 41"),
+    (
+        "too few columns",
+        GOOD[:2] + [criteo_line()[:-1].rsplit("\t", 1)[0] + "\n"] + GOOD[2:],
+        r"row 3: expected 40 tab-separated columns, got 39 \(no label column",
+    ),
+    (
+        "too many columns",
+        GOOD[:3] + [criteo_line()[:-1] + "\textra\n"] + GOOD,
+        r"row 4: expected 40 tab-separated columns, got 41",
+    ),
     ("empty line", GOOD[:1] + ["\n"] + GOOD, r"row 2, column label: empty value is not 0 or 1"),
     ("non-numeric dense", GOOD[:1] + [with_dense(5, "abc")] + GOOD, r"row 2, column I5: 'abc' is not a number"),
     ("comma decimal", GOOD + [with_dense(13, "1,5")], r"row 6, column I13: '1,5' is not a number"),
@@ -133,8 +139,12 @@ def test_criteo_errors_in_valid_file_and_missing_paths(tmp_path):
 
 def test_criteo_bad_options(tmp_path):
     src = write(tmp_path / "a.tsv", GOOD)
-    for kwargs, pattern in [(dict(split=(0.5, 0.5, 0.5)), "summing to 1"), (dict(min_count=0), "min_count"),
-                            (dict(hash_buckets=1), ">= 2"), (dict(hash_buckets={"C1": "x"}), "integer")]:
+    for kwargs, pattern in [
+        (dict(split=(0.5, 0.5, 0.5)), "summing to 1"),
+        (dict(min_count=0), "min_count"),
+        (dict(hash_buckets=1), ">= 2"),
+        (dict(hash_buckets={"C1": "x"}), "integer"),
+    ]:
         with pytest.raises(ValueError, match=pattern):
             convert_criteo(src, tmp_path / "out", progress=False, **kwargs)
     assert_nothing_left(tmp_path, ["a.tsv"])
@@ -155,8 +165,7 @@ def test_criteo_lenient_counts_and_maps_bad_values(tmp_path):
     meta = res.meta
     lenient = meta.source["lenient"]
     assert lenient["values_replaced"] == {"I5": {"not a number": 1, "not finite": 1}, "I1": {"not finite": 1}}
-    assert lenient["rows_dropped"] == {"label": {"not 0 or 1": 2},
-                                       "row": {"wrong number of columns (expected 40)": 1}}
+    assert lenient["rows_dropped"] == {"label": {"not 0 or 1": 2}, "row": {"wrong number of columns (expected 40)": 1}}
     assert lenient["total_values_replaced"] == 3 and lenient["total_rows_dropped"] == 3
     assert meta.rows["train"] == 17
     t = pq.read_table(tmp_path / "out" / meta.splits["train"][0])
@@ -176,17 +185,33 @@ def avazu_line(click="0", hour="14102100", id_="1") -> str:
 
 
 AVAZU_CASES = [
-    ("bad hour", [AVAZU_HEADER, avazu_line(), avazu_line(hour="14102124")],
-     r"row 3, column hour: '14102124' is not an hour YYMMDDHH"),
-    ("impossible date", [AVAZU_HEADER, avazu_line(hour="14022900")],
-     r"row 2, column hour: '14022900' is not an hour YYMMDDHH"),
+    (
+        "bad hour",
+        [AVAZU_HEADER, avazu_line(), avazu_line(hour="14102124")],
+        r"row 3, column hour: '14102124' is not an hour YYMMDDHH",
+    ),
+    (
+        "impossible date",
+        [AVAZU_HEADER, avazu_line(hour="14022900")],
+        r"row 2, column hour: '14022900' is not an hour YYMMDDHH",
+    ),
     ("short hour", [AVAZU_HEADER, avazu_line(hour="1410210")], r"row 2, column hour: '1410210' is not an hour"),
-    ("click 2", [AVAZU_HEADER, avazu_line(), avazu_line(), avazu_line(click="2")],
-     r"row 4, column click: '2' is not 0 or 1"),
-    ("columns", [AVAZU_HEADER, avazu_line(), "1,0,14102100,a,b\n"], r"row 3: expected 24 comma-separated columns, got 5"),
+    (
+        "click 2",
+        [AVAZU_HEADER, avazu_line(), avazu_line(), avazu_line(click="2")],
+        r"row 4, column click: '2' is not 0 or 1",
+    ),
+    (
+        "columns",
+        [AVAZU_HEADER, avazu_line(), "1,0,14102100,a,b\n"],
+        r"row 3: expected 24 comma-separated columns, got 5",
+    ),
     ("header only", [AVAZU_HEADER], r"file has a header but no data rows"),
-    ("no click column", [AVAZU_HEADER.replace("click,", ""), "1,14102100," + ",".join("v" * 21) + "\n"],
-     r"row 1: the header lacks column\(s\) \['click'\] \(Avazu's unlabelled test file"),
+    (
+        "no click column",
+        [AVAZU_HEADER.replace("click,", ""), "1,14102100," + ",".join("v" * 21) + "\n"],
+        r"row 1: the header lacks column\(s\) \['click'\] \(Avazu's unlabelled test file",
+    ),
     ("unknown column", [AVAZU_HEADER.replace("C21", "C22")], r"row 1: the header lacks column\(s\) \['C21'\]"),
     ("empty", [], r"file is empty"),
 ]
@@ -214,7 +239,7 @@ def test_avazu_lenient_bad_hour_is_oov(tmp_path):
 # ------------------------------------------------------------------------------------- movielens
 
 
-def ml_dir(tmp_path: Path, inter: List[str], user: List[str] = None, item: List[str] = None) -> Path:
+def ml_dir(tmp_path: Path, inter: list[str], user: list[str] = None, item: list[str] = None) -> Path:
     d = tmp_path / "ml"
     d.mkdir()
     write(d / "ml.inter", ["user_id:token\titem_id:token\trating:float\ttimestamp:float\n"] + inter)
@@ -229,12 +254,30 @@ USERS = ["1\t20\tM\n", "2\t30\tF\n"]
 ITEMS = ["10\tToy Story\tAnimation Comedy\n", "11\tHeat\tAction\n"]
 
 ML_CASES = [
-    ("rating text", ["1\t10\t5\t0\n", "2\t11\tgood\t0\n"], USERS, ITEMS, r"ml\.inter: row 3, column rating: 'good' is not a number"),
+    (
+        "rating text",
+        ["1\t10\t5\t0\n", "2\t11\tgood\t0\n"],
+        USERS,
+        ITEMS,
+        r"ml\.inter: row 3, column rating: 'good' is not a number",
+    ),
     ("rating nan", ["1\t10\tNaN\t0\n"], USERS, ITEMS, r"ml\.inter: row 2, column rating: 'NaN' is not finite"),
     ("rating empty", ["1\t10\t\t0\n"], USERS, ITEMS, r"ml\.inter: row 2, column rating: empty value is not a rating"),
-    ("unknown user", ["1\t10\t5\t0\n", "3\t10\t5\t0\n"], USERS, ITEMS, r"ml\.inter: row 3, column user_id: '3' is not in ml\.user"),
+    (
+        "unknown user",
+        ["1\t10\t5\t0\n", "3\t10\t5\t0\n"],
+        USERS,
+        ITEMS,
+        r"ml\.inter: row 3, column user_id: '3' is not in ml\.user",
+    ),
     ("unknown item", ["1\t12\t5\t0\n"], USERS, ITEMS, r"ml\.inter: row 2, column item_id: '12' is not in ml\.item"),
-    ("duplicate user", ["1\t10\t5\t0\n"], USERS + ["1\t40\tF\n"], ITEMS, r"ml\.user: row 4, column user_id: '1' repeats row 2"),
+    (
+        "duplicate user",
+        ["1\t10\t5\t0\n"],
+        USERS + ["1\t40\tF\n"],
+        ITEMS,
+        r"ml\.user: row 4, column user_id: '1' repeats row 2",
+    ),
     ("columns", ["1\t10\t5\n"], USERS, ITEMS, r"ml\.inter: row 2: expected 4 tab-separated columns, got 3"),
     ("no data", [], USERS, ITEMS, r"ml\.inter: file has a header but no data rows"),
 ]
@@ -267,8 +310,13 @@ def test_movielens_missing_column_and_lenient_unknown_user(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlet_torchrec.cli.convert", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mlet_torchrec.cli.convert", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_bad_input_one_line_no_traceback(tmp_path):
@@ -284,11 +332,31 @@ def test_cli_bad_input_one_line_no_traceback(tmp_path):
 
 def test_cli_good_input_and_lenient(tmp_path):
     src = write(tmp_path / "ok.tsv", GOOD * 4 + [with_dense(5, "abc")])
-    p = run_cli("criteo", "--input", str(src), "--output", str(tmp_path / "out"), "--min-count", "1",
-                "--split", "1", "0", "0", "--hash-buckets", "C1=7", "C2=9", "--lenient", "--seed", "3")
+    p = run_cli(
+        "criteo",
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "out"),
+        "--min-count",
+        "1",
+        "--split",
+        "1",
+        "0",
+        "0",
+        "--hash-buckets",
+        "C1=7",
+        "C2=9",
+        "--lenient",
+        "--seed",
+        "3",
+    )
     assert p.returncode == 0, p.stderr
     assert len(p.stdout.strip().splitlines()) == 1
-    assert p.stdout.startswith("criteo: 21 rows -> ") and "lenient: 1 values replaced (I5: 1), 0 rows dropped (details" in p.stdout
+    assert (
+        p.stdout.startswith("criteo: 21 rows -> ")
+        and "lenient: 1 values replaced (I5: 1), 0 rows dropped (details" in p.stdout
+    )
     meta = DatasetMeta.load(tmp_path / "out")
     assert meta.cardinalities()["C1"] == 7 and meta.cardinalities()["C2"] == 9 and meta.source["options"]["seed"] == 3
 
@@ -300,8 +368,23 @@ def test_register_adds_convert_subcommand(tmp_path):
 
     parser = argparse.ArgumentParser(prog="mlet")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["convert", "avazu", "--input", "a.csv", "--output", "o", "--hash-buckets", "100",
-                              "site_id=5", "--split", "0.9", "0", "0.1"])
+    args = parser.parse_args(
+        [
+            "convert",
+            "avazu",
+            "--input",
+            "a.csv",
+            "--output",
+            "o",
+            "--hash-buckets",
+            "100",
+            "site_id=5",
+            "--split",
+            "0.9",
+            "0",
+            "0.1",
+        ]
+    )
     assert args.command == "convert" and args.dataset == "avazu" and args.min_count == 5
     assert buckets_dict(args.hash_buckets) == {"*": 100, "site_id": 5} and args.split == [0.9, 0.0, 0.1]
     assert callable(args.func)

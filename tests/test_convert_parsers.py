@@ -9,7 +9,8 @@ import re
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from data_pipes.convert.avazu import parse_hour
 from data_pipes.convert.checks import _NUMBER_RE, BlockChecker, IssueCounter, dense_feature, label01
@@ -20,14 +21,16 @@ from data_pipes.errors import DataError
 NUMBER = re.compile(_NUMBER_RE)
 
 numbers = st.one_of(
-    st.integers(-10**12, 10**12).map(str),
+    st.integers(-(10**12), 10**12).map(str),
     st.floats(allow_nan=False, allow_infinity=False, width=64).map(repr),
     st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6).map(lambda x: f"{x:.3e}"),
     st.from_regex(r"\A[+-]?[0-9]{1,5}(\.[0-9]{0,3})?\Z"),
 )
 non_finite = st.sampled_from(["nan", "NaN", "inf", "-inf", "+inf", "Infinity", "1e999", "-1e400"])
-garbage = st.one_of(st.text(alphabet="abcxyz-+., _/", min_size=1, max_size=6).filter(lambda s: not NUMBER.match(s)),
-                    st.sampled_from(["0x10", "1_000", " 5", "5 ", "1,5", "--1", "1e", "e5", ".", "١٢"]))
+garbage = st.one_of(
+    st.text(alphabet="abcxyz-+., _/", min_size=1, max_size=6).filter(lambda s: not NUMBER.match(s)),
+    st.sampled_from(["0x10", "1_000", " 5", "5 ", "1,5", "--1", "1e", "e5", ".", "١٢"]),
+)
 cells = st.lists(st.one_of(numbers, non_finite, garbage, st.none()), max_size=40)
 
 
@@ -69,8 +72,9 @@ def test_dense_values_and_issue_counts_match_reference(vals):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.one_of(st.sampled_from(["0", "1", "2", "", "01", " 1", "1.0", "-0", "true"]), st.none()),
-                max_size=30))
+@given(
+    st.lists(st.one_of(st.sampled_from(["0", "1", "2", "", "01", " 1", "1.0", "-0", "true"]), st.none()), max_size=30)
+)
 def test_label01(vals):
     issues = IssueCounter()
     check = BlockChecker("t f", 1, len(vals), lenient=True, issues=issues)
@@ -80,9 +84,18 @@ def test_label01(vals):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.one_of(st.datetimes(min_value=dt.datetime(2000, 1, 1), max_value=dt.datetime(2099, 12, 31))
-                          .map(lambda d: d.strftime("%y%m%d%H")),
-                          st.from_regex(r"\A[0-9]{6,9}\Z"), st.text(max_size=8)), max_size=30))
+@given(
+    st.lists(
+        st.one_of(
+            st.datetimes(min_value=dt.datetime(2000, 1, 1), max_value=dt.datetime(2099, 12, 31)).map(
+                lambda d: d.strftime("%y%m%d%H")
+            ),
+            st.from_regex(r"\A[0-9]{6,9}\Z"),
+            st.text(max_size=8),
+        ),
+        max_size=30,
+    )
+)
 def test_avazu_hour(vals):
     def ref(s):
         if not re.fullmatch(r"[0-9]{8}", s):
@@ -97,8 +110,8 @@ def test_avazu_hour(vals):
     hod, wd, bad = parse_hour(pa.array(vals, pa.string()), check)
     refs = [ref(v) for v in vals]
     assert bad.tolist() == [r is None for r in refs]
-    assert [h for h, r in zip(hod.to_pylist(), refs) if r] == [str(r.hour) for r in refs if r]
-    assert [w for w, r in zip(wd.to_pylist(), refs) if r] == [str(r.weekday()) for r in refs if r]
+    assert [h for h, r in zip(hod.to_pylist(), refs, strict=True) if r] == [str(r.hour) for r in refs if r]
+    assert [w for w, r in zip(wd.to_pylist(), refs, strict=True) if r] == [str(r.weekday()) for r in refs if r]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -107,8 +120,14 @@ def test_blocks_cover_every_line_with_exact_line_numbers(tmp_path, block_size, h
     path = tmp_path / "f.csv"
     lines = [f"{i},{'x' * (i % 37)},{i * 7 % 13}" for i in range(2000)]
     path.write_text(("a,b,c\n" if header else "") + "\n".join(lines))  # no final newline
-    src = TextSource(path=path, dataset="t", delimiter=",", column_names=["a", "b", "c"],
-                     column_types={c: pa.string() for c in "abc"}, header=header)
+    src = TextSource(
+        path=path,
+        dataset="t",
+        delimiter=",",
+        column_names=["a", "b", "c"],
+        column_types={c: pa.string() for c in "abc"},
+        header=header,
+    )
     got, expect_line = [], 1 + header
     for block in iter_blocks(src, lenient=False, issues=IssueCounter(), block_size=block_size):
         assert block.first_line == expect_line and block.start_row == len(got)
@@ -130,10 +149,34 @@ def test_split_assignment_does_not_depend_on_blocks(start, n, cut, seed):
 
 def test_split_assignment_is_pinned():
     # pinned values: a change would silently move rows between the splits of re-converted data sets
-    assert row_uniforms(7, 2, 1000, 4).tolist() == [0.33439820337215287, 0.4477154590342701, 0.030801835650456133,
-                                                    0.5086620593758432]
-    assert assign_splits((0.8, 0.1, 0.1), 3, 0, 0, 20).tolist() == [0, 0, 0, 0, 1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0,
-                                                                    0, 2, 0, 1]
+    assert row_uniforms(7, 2, 1000, 4).tolist() == [
+        0.33439820337215287,
+        0.4477154590342701,
+        0.030801835650456133,
+        0.5086620593758432,
+    ]
+    assert assign_splits((0.8, 0.1, 0.1), 3, 0, 0, 20).tolist() == [
+        0,
+        0,
+        0,
+        0,
+        1,
+        2,
+        0,
+        0,
+        0,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        2,
+        0,
+        1,
+    ]
 
 
 def test_split_fractions_and_seeds():

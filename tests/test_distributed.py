@@ -13,11 +13,11 @@ import torch
 
 from data_pipes.schema import DatasetMeta
 from data_pipes.synth import SynthConfig, generate
-from mlet_torchrec.serving.collapse import collapse_state_dict, load_factored
 from mlet_torchrec.config import load_config
-from mlet_torchrec.training.launcher import train_local
 from mlet_torchrec.models import build_model
 from mlet_torchrec.modules.table_init import table_rows
+from mlet_torchrec.serving.collapse import collapse_state_dict, load_factored
+from mlet_torchrec.training.launcher import train_local
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,16 @@ STEPS = 12
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist") / "data"
     generate(
-        SynthConfig(rows=4000, num_dense=3, num_sparse=4, min_cardinality=10, max_cardinality=3000,
-                    multi_hot_features=1, row_group_size=LOCAL_BATCH, seed=5),
+        SynthConfig(
+            rows=4000,
+            num_dense=3,
+            num_sparse=4,
+            min_cardinality=10,
+            max_cardinality=3000,
+            multi_hot_features=1,
+            row_group_size=LOCAL_BATCH,
+            seed=5,
+        ),
         out,
         progress=False,
     )
@@ -95,9 +103,9 @@ def test_two_ranks_match_one_process(dataset, reference, tmp_path, sharding):
 
     (ref_collapsed, ref_factored), (got_collapsed, got_factored) = reference[1], _collapsed_state(tmp_path / "run")
     for key, ref in ref_collapsed.items():
-        torch.testing.assert_close(got_collapsed[key], ref, atol=1e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got_collapsed[key], ref, atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     for key, ref in ref_factored.items():
-        torch.testing.assert_close(got_factored[key], ref, atol=1e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got_factored[key], ref, atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     # training moved W1 and W2 away from their initial values (so the agreement is not trivial)
     init = _initial_state(tmp_path / "run")
     for key, value in init.items():

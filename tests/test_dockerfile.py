@@ -13,7 +13,6 @@ import sys
 import tempfile
 import tomllib
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -64,7 +63,7 @@ def _stages() -> dict:
     return stages
 
 
-def _dockerfile_pip_installs(instructions: Optional[list] = None) -> list:
+def _dockerfile_pip_installs(instructions: list | None = None) -> list:
     steps = []
     for keyword, rest in instructions if instructions is not None else _dockerfile_instructions():
         if keyword != "RUN":
@@ -140,14 +139,21 @@ def test_image_basics():
     assert instructions["ENTRYPOINT"] == '["/usr/local/bin/mlet-entrypoint"]'
 
 
-def _source_variant(tmp_path: Path, variant: str, keep_requirements: bool = False,
-                    **env: str) -> subprocess.CompletedProcess:
+def _source_variant(
+    tmp_path: Path, variant: str, keep_requirements: bool = False, **env: str
+) -> subprocess.CompletedProcess:
     if not keep_requirements:
         shutil.copy(REPO / "requirements.txt", tmp_path / "requirements.txt")
     script = f'. "{REPO / "docker" / "variant.sh"}" && echo "EXTRA_INDEX=${{PIP_EXTRA_INDEX_URL:-}}"'
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "TORCH_INDEX_URL"}
-    return subprocess.run(["bash", "-c", script], cwd=tmp_path, env={**clean, "VARIANT": variant, **env},
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        env={**clean, "VARIANT": variant, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_variant_cpu_uses_the_cpu_wheel_index_and_keeps_the_pins(tmp_path):
@@ -169,8 +175,9 @@ def test_variant_cuda_swaps_only_fbgemm_for_its_cuda_build(tmp_path):
     torch = torch_pin.split("==")[1]
     assert [line for line in after if line.startswith("fbgemm-gpu")] == [f"fbgemm-gpu=={version}"]
     # torch keeps its pin but refuses the +cpu build (a find-links directory may hold it; pip prefers it)
-    assert sorted(a for a, b in zip(after, before) if a != b) == sorted(
-        [f"fbgemm-gpu=={version}", f"torch=={torch},!={torch}+cpu"]) and len(after) == len(before)
+    assert sorted(a for a, b in zip(after, before, strict=True) if a != b) == sorted(
+        [f"fbgemm-gpu=={version}", f"torch=={torch},!={torch}+cpu"]
+    ) and len(after) == len(before)
     # sourced again (the test stage): unchanged
     proc = _source_variant(tmp_path, "cuda", keep_requirements=True)
     assert proc.returncode == 0 and (tmp_path / "requirements.txt").read_text().splitlines() == after
@@ -181,36 +188,58 @@ def test_variant_cuda_swaps_only_fbgemm_for_its_cuda_build(tmp_path):
 
 def test_variant_reads_the_index_secret_and_appends_the_torch_index(tmp_path):
     secret = tmp_path / "pip-index.env"
-    secret.write_text("PIP_INDEX_URL='https://mirror.example/simple'\nPIP_EXTRA_INDEX_URL='file:///srv/a file:///srv/b'\n")
-    script = (f'. "{REPO / "docker" / "variant.sh"}" && echo "INDEX=$PIP_INDEX_URL" && '
-              'echo "EXTRA_INDEX=$PIP_EXTRA_INDEX_URL" && env | grep -c "^PIP_INDEX_URL="')
+    secret.write_text(
+        "PIP_INDEX_URL='https://mirror.example/simple'\nPIP_EXTRA_INDEX_URL='file:///srv/a file:///srv/b'\n"
+    )
+    script = (
+        f'. "{REPO / "docker" / "variant.sh"}" && echo "INDEX=$PIP_INDEX_URL" && '
+        'echo "EXTRA_INDEX=$PIP_EXTRA_INDEX_URL" && env | grep -c "^PIP_INDEX_URL="'
+    )
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "TORCH_INDEX_URL"}
     shutil.copy(REPO / "requirements.txt", tmp_path / "requirements.txt")
 
     def run(**env):
-        return subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=30,
-                              env={**clean, "VARIANT": "cpu", "PIP_INDEX_ENV": str(secret), **env})
+        return subprocess.run(
+            ["bash", "-c", script],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**clean, "VARIANT": "cpu", "PIP_INDEX_ENV": str(secret), **env},
+        )
 
     out = run().stdout.splitlines()
-    assert out == ["INDEX=https://mirror.example/simple",
-                   "EXTRA_INDEX=file:///srv/a file:///srv/b https://download.pytorch.org/whl/cpu", "1"]  # exported
+    assert out == [
+        "INDEX=https://mirror.example/simple",
+        "EXTRA_INDEX=file:///srv/a file:///srv/b https://download.pytorch.org/whl/cpu",
+        "1",
+    ]  # exported
     assert run(TORCH_INDEX_URL="none").stdout.splitlines()[1] == "EXTRA_INDEX=file:///srv/a file:///srv/b"
 
 
 def _pip_index(tmp_path: Path, *args: str, **pip_env: str) -> subprocess.CompletedProcess:
     # only the given PIP_* settings: no config files (PIP_CONFIG_FILE=/dev/null), nothing from this machine
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    return subprocess.run([sys.executable, str(REPO / "docker" / "pip_index.py"), *args], capture_output=True,
-                          text=True, timeout=120, env={**clean, "PIP_CONFIG_FILE": os.devnull, **pip_env})
+    return subprocess.run(
+        [sys.executable, str(REPO / "docker" / "pip_index.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, "PIP_CONFIG_FILE": os.devnull, **pip_env},
+    )
 
 
 def test_pip_index_writes_secrets_and_names_local_directories(tmp_path):
     (tmp_path / "repo" / "simple").mkdir(parents=True)
     (tmp_path / "wheels").mkdir()
     (tmp_path / "ca.pem").write_text("CERT")
-    proc = _pip_index(tmp_path, str(tmp_path / "secrets"),
-                      PIP_INDEX_URL=f"file://{tmp_path}/repo/simple", PIP_FIND_LINKS=str(tmp_path / "wheels"),
-                      PIP_CERT=str(tmp_path / "ca.pem"))
+    proc = _pip_index(
+        tmp_path,
+        str(tmp_path / "secrets"),
+        PIP_INDEX_URL=f"file://{tmp_path}/repo/simple",
+        PIP_FIND_LINKS=str(tmp_path / "wheels"),
+        PIP_CERT=str(tmp_path / "ca.pem"),
+    )
     assert proc.returncode == 0, proc.stderr
     # an index's .../simple pages link into its parent (ROOT/files), so the parent is mounted
     assert proc.stdout.split() == [str(tmp_path / "repo"), str(tmp_path / "wheels")]
@@ -273,8 +302,9 @@ def test_entrypoint_dispatch(tmp_path, argv, expected):
         (tmp_path / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"}
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    proc = subprocess.run([str(REPO / "docker" / "entrypoint.sh"), *argv], env=env, capture_output=True, text=True,
-                          timeout=30)
+    proc = subprocess.run(
+        [str(REPO / "docker" / "entrypoint.sh"), *argv], env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == expected.replace("{tmp}", str(tmp_path))
 
@@ -296,8 +326,13 @@ def test_entrypoint_refuses_an_unwritable_output_in_one_line():
         entrypoint = tmp_path / "entrypoint.sh"
         shutil.copy(REPO / "docker" / "entrypoint.sh", entrypoint)
         env = {**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"}
-        proc = subprocess.run([*as_user, str(entrypoint), "collapse", "--input", "r", "--output", str(locked / "out")],
-                              env=env, capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            [*as_user, str(entrypoint), "collapse", "--input", "r", "--output", str(locked / "out")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert proc.returncode == 2 and "RAN" not in proc.stdout, proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"mlet-entrypoint: cannot write {locked}/out")
 
@@ -323,15 +358,37 @@ def _ignored(path: str, patterns: list) -> bool:
 
 
 def test_dockerignore():
-    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert not any(p.startswith("!") for p in patterns)
-    for path in (".venv/bin/python", "benchmarks/.venv-deepctr/bin/python", "runs/x/metrics.json", "data/tiny/metadata.json", ".git/HEAD",
-                 "mlet_torchrec/__pycache__/cli.cpython-311.pyc", ".pytest_cache/v", "mlet_torchrec.egg-info/PKG-INFO"):
+    for path in (
+        ".venv/bin/python",
+        "benchmarks/.venv-deepctr/bin/python",
+        "runs/x/metrics.json",
+        "data/tiny/metadata.json",
+        ".git/HEAD",
+        "mlet_torchrec/__pycache__/cli.cpython-311.pyc",
+        ".pytest_cache/v",
+        "mlet_torchrec.egg-info/PKG-INFO",
+    ):
         assert _ignored(path, patterns), path
-    for path in ("requirements.txt", "requirements-dev.txt", "requirements-torchrec.txt", "pyproject.toml", "README.md",
-                 "mlet_torchrec/cli/main.py", "data_pipes/schema.py", "configs/tiny.yaml", "docker/entrypoint.sh",
-                 "docker/variant.sh", "launch/components.py", "tests/test_launch.py"):
+    for path in (
+        "requirements.txt",
+        "requirements-dev.txt",
+        "requirements-torchrec.txt",
+        "pyproject.toml",
+        "README.md",
+        "mlet_torchrec/cli/main.py",
+        "data_pipes/schema.py",
+        "configs/tiny.yaml",
+        "docker/entrypoint.sh",
+        "docker/variant.sh",
+        "launch/components.py",
+        "tests/test_launch.py",
+    ):
         assert _ignored(path, patterns) is False, path
 
 

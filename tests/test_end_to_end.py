@@ -17,8 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _mlet(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "mlet_torchrec.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlet_torchrec.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"mlet {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -28,15 +34,30 @@ def _mlet(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "data"
     # small tables, so that three epochs of a few thousand rows learn the planted signal
-    generate(SynthConfig(rows=8000, num_dense=4, num_sparse=4, min_cardinality=5, max_cardinality=200,
-                         row_group_size=512, seed=2), out, progress=False)
+    generate(
+        SynthConfig(
+            rows=8000, num_dense=4, num_sparse=4, min_cardinality=5, max_cardinality=200, row_group_size=512, seed=2
+        ),
+        out,
+        progress=False,
+    )
     return out
 
 
 def test_cli_train_collapse_evaluate(tiny_data, tmp_path):
     run = tmp_path / "run"
-    trained = _mlet("train", "--config", "tiny", "--input", str(tiny_data), "--output", str(run), "train.epochs=3",
-                    "--nproc-per-node", "2")
+    trained = _mlet(
+        "train",
+        "--config",
+        "tiny",
+        "--input",
+        str(tiny_data),
+        "--output",
+        str(run),
+        "train.epochs=3",
+        "--nproc-per-node",
+        "2",
+    )
     assert "deprecated and goes in the next release" not in trained.stderr  # the current flag vocabulary
     # log lines say when, which rank and what level
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} rank0 INFO mlet\.", trained.stderr, re.MULTILINE)
@@ -53,7 +74,9 @@ def test_cli_train_collapse_evaluate(tiny_data, tmp_path):
     report = json.loads((tmp_path / "collapsed" / "collapse_report.json").read_text())
     assert report["max_abs_diff"] <= 1e-5 and report["rows_checked"] == metrics["test"]["rows"]
     manifest = json.loads((tmp_path / "collapsed" / "manifest.json").read_text())
-    assert {t["d"] for t in manifest["tables"].values()} == {4} and {t["k"] for t in manifest["tables"].values()} == {16}
+    assert {t["d"] for t in manifest["tables"].values()} == {4} and {t["k"] for t in manifest["tables"].values()} == {
+        16
+    }
 
     factored = json.loads(_mlet("evaluate", "--input", str(run)).stdout)
     collapsed = json.loads(_mlet("evaluate", "--input", str(tmp_path / "collapsed")).stdout)
@@ -69,9 +92,19 @@ def test_cli_train_collapse_evaluate(tiny_data, tmp_path):
 
 
 def test_demo_pieces_on_tiny_data(tiny_data, tmp_path):
-    out = run_demo(tmp_path / "demo", tiny_data, nproc_per_node=2,
-                   overrides=["model.bottom_mlp=[16]", "model.top_mlp=[16]", "embedding.k=16", "train.batch_size=64",
-                              "train.epochs=3", "train.progress=false"])
+    out = run_demo(
+        tmp_path / "demo",
+        tiny_data,
+        nproc_per_node=2,
+        overrides=[
+            "model.bottom_mlp=[16]",
+            "model.top_mlp=[16]",
+            "embedding.k=16",
+            "train.batch_size=64",
+            "train.epochs=3",
+            "train.progress=false",
+        ],
+    )
     results = out["results"]
     assert results["baseline"]["config"]["embedding"]["k"] is None and results["mlet"]["config"]["embedding"]["k"] == 16
     lrs = {name: r["config"]["sparse_optimizer"]["lr"] for name, r in results.items()}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_collapse import fake_run
 
 from data_pipes.reader import ParquetBatchReader
 from mlet_torchrec.errors import UserError
@@ -24,7 +25,6 @@ from mlet_torchrec.serving.export import (
     load_int8,
     read_safetensors,
 )
-from test_collapse import fake_run
 
 EBC = "net.sparse_arch.embedding_bag_collection"
 
@@ -101,8 +101,22 @@ def test_check_needs_the_data_unless_no_check(collapsed, tmp_path):
     from mlet_torchrec.cli import main
 
     assert main(["export", "--collapsed", str(moved), "--output", str(tmp_path / "cli"), "--int8"]) == 2
-    assert main(["export", "--collapsed", str(moved), "--output", str(tmp_path / "cli"), "--int8", "--no-check",
-                 "--format", "npy"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--collapsed",
+                str(moved),
+                "--output",
+                str(tmp_path / "cli"),
+                "--int8",
+                "--no-check",
+                "--format",
+                "npy",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "cli" / "tables" / "t_C4.npy").is_file()
 
 
@@ -123,8 +137,11 @@ def test_quality_failure_and_bad_requests(collapsed, tmp_path):
 
 def test_deepctr_model_with_first_order_tables(synth_dataset, tmp_path):
     """DeepFM has a second EBC (lin_* tables): collapse copies it, export quantizes and writes it too."""
-    run = fake_run(tmp_path / "run", synth_dataset(), ["model.name=deepfm", "embedding.d=8", "embedding.k=16",
-                                                        "model.dnn_hidden_units=[16]"])
+    run = fake_run(
+        tmp_path / "run",
+        synth_dataset(),
+        ["model.name=deepfm", "embedding.d=8", "embedding.k=16", "model.dnn_hidden_units=[16]"],
+    )
     report = collapse(run, tmp_path / "collapsed", max_check_rows=256)
     assert report.max_abs_diff <= 1e-5
     man = json.loads((tmp_path / "collapsed" / "manifest.json").read_text())
@@ -136,6 +153,8 @@ def test_deepctr_model_with_first_order_tables(synth_dataset, tmp_path):
     out = export(tmp_path / "collapsed", tmp_path / "export", int8=True, formats=("npy",), auc_tolerance=1.0)
     assert out.rows_checked == 300 and (tmp_path / "export" / "tables" / "lin_C2.npy").is_file()
     state = load_collapsed(tmp_path / "collapsed")[0].state_dict()
-    assert np.array_equal(np.load(tmp_path / "export" / "tables" / "lin_C2.npy"),
-                          state["net.linear_arch.embedding_bag_collection.embedding_bags.lin_C2.weight"].numpy())
+    assert np.array_equal(
+        np.load(tmp_path / "export" / "tables" / "lin_C2.npy"),
+        state["net.linear_arch.embedding_bag_collection.embedding_bags.lin_C2.weight"].numpy(),
+    )
     assert out.max_abs_prob_diff < 0.02

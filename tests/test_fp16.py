@@ -32,8 +32,17 @@ def test_w1_dtype_is_validated():
 @pytest.mark.slow
 def test_fp16_w1_trains_on_2_ranks_and_collapses_to_fp32(synth_dataset, tmp_path):
     data = synth_dataset()
-    cfg = load_config(TINY, [f"data.path={data}", f"run.dir={tmp_path / 'run'}", "embedding.w1_dtype=fp16",
-                             "run.device=cpu", "train.max_steps=20", "sparse_optimizer.lr=1.0"])
+    cfg = load_config(
+        TINY,
+        [
+            f"data.path={data}",
+            f"run.dir={tmp_path / 'run'}",
+            "embedding.w1_dtype=fp16",
+            "run.device=cpu",
+            "train.max_steps=20",
+            "sparse_optimizer.lr=1.0",
+        ],
+    )
     summary = train_local(cfg, 2)
     assert summary["steps"] == 20 and summary["test"]["auc"] > 0.5
     factored, _, _, _ = load_factored(tmp_path / "run")
@@ -42,9 +51,9 @@ def test_fp16_w1_trains_on_2_ranks_and_collapses_to_fp32(synth_dataset, tmp_path
     assert state[w1_key].dtype == torch.float16
 
     # the fused optimizer moved the fp16 rows away from their initial values
+    from data_pipes.schema import DatasetMeta
     from mlet_torchrec.models import build_model
     from mlet_torchrec.modules.table_init import init_tables
-    from data_pipes.schema import DatasetMeta
 
     fresh = build_model(cfg.model, cfg.embedding, DatasetMeta.load(data))
     init_tables(fresh, cfg.train.seed, cfg.embedding.init, cfg.embedding.init_std)
@@ -70,8 +79,17 @@ def test_fp16_w1_with_uvm_caching_trains_on_one_gpu(synth_dataset, tmp_path):
     from mlet_torchrec.training.train import train
 
     data = synth_dataset()
-    cfg = load_config(TINY, [f"data.path={data}", f"run.dir={tmp_path / 'run'}", "embedding.w1_dtype=fp16",
-                             "embedding.uvm_caching=true", "run.device=cuda", "train.max_steps=10"])
+    cfg = load_config(
+        TINY,
+        [
+            f"data.path={data}",
+            f"run.dir={tmp_path / 'run'}",
+            "embedding.w1_dtype=fp16",
+            "embedding.uvm_caching=true",
+            "run.device=cuda",
+            "train.max_steps=10",
+        ],
+    )
     result = train(cfg)
     assert result.steps == 10 and result.test is not None
     report = collapse(tmp_path / "run", tmp_path / "collapsed", check_split="test")

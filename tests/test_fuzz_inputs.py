@@ -25,8 +25,12 @@ from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta
 from mlet_torchrec.config import ConfigError, load_config
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @pytest.fixture(autouse=True)
@@ -59,8 +63,11 @@ def _expect_clear(root: Path, target: Path) -> None:
         event("read fine")
     except DataError as e:  # names the file first (pyarrow's own words may follow on further lines)
         msg = str(e)
-        event("DataError: " + msg[len(str(target)):].split(":")[1].strip()[:40] if msg.startswith(str(target))
-              else "DataError: metadata")
+        event(
+            "DataError: " + msg[len(str(target)) :].split(":")[1].strip()[:40]
+            if msg.startswith(str(target))
+            else "DataError: metadata"
+        )
         assert msg.startswith(str(target)) or msg.startswith(str(root / "metadata.json")), msg
         assert len(msg) < 4000, msg
 
@@ -92,7 +99,7 @@ def test_corrupted_parquet_bytes_fail_with_one_data_error(base, data):
             raw = bytearray(data.draw(st.binary(min_size=0, max_size=3000)))
         elif kind == "zero_run":
             a = data.draw(st.integers(0, len(raw) - 1))
-            raw[a: a + data.draw(st.integers(1, 400))] = b"\0" * len(raw[a: a + 400])
+            raw[a : a + data.draw(st.integers(1, 400))] = b"\0" * len(raw[a : a + 400])
         else:
             raw = bytearray()
         target.write_bytes(bytes(raw))
@@ -131,12 +138,16 @@ def test_wrong_parquet_content_fails_with_one_data_error(base, data):
         columns = [meta.label, *meta.dense, *meta.sparse_names()]
         col = data.draw(st.sampled_from(columns))
         feature = next((f for f in meta.sparse if f.name == col), None)
-        kind = data.draw(st.sampled_from(["null", "value", "cast", "drop", "extra", "rename", "no_groups",
-                                          "empty_group", "list_nulls"]))
+        kind = data.draw(
+            st.sampled_from(
+                ["null", "value", "cast", "drop", "extra", "rename", "no_groups", "empty_group", "list_nulls"]
+            )
+        )
         group = data.draw(st.integers(0, 2))
         row = data.draw(st.integers(0, 39))
-        bad_value = data.draw(st.sampled_from([-1, 2, 10**12, -(2**63), 2**63 - 1, float("nan"), float("inf"),
-                                               0.5, -0.0]))
+        bad_value = data.draw(
+            st.sampled_from([-1, 2, 10**12, -(2**63), 2**63 - 1, float("nan"), float("inf"), 0.5, -0.0])
+        )
 
         def mutate(groups):
             g = min(group, len(groups) - 1)
@@ -157,11 +168,19 @@ def test_wrong_parquet_content_fails_with_one_data_error(base, data):
                 groups[g] = _set(t, col, values, typ)
             elif kind == "cast":
                 new = pa.string() if data.draw(st.booleans()) else (pa.float64() if feature else pa.int32())
-                groups = [x.set_column(x.schema.get_field_index(col), col,
-                                       pa.array([str(v) if new == pa.string() else v for v in x.column(col).to_pylist()],
-                                                type=new if feature is None or not feature.multi_hot or new == pa.string()
-                                                else pa.list_(pa.int32())))
-                          for x in groups]
+                groups = [
+                    x.set_column(
+                        x.schema.get_field_index(col),
+                        col,
+                        pa.array(
+                            [str(v) if new == pa.string() else v for v in x.column(col).to_pylist()],
+                            type=new
+                            if feature is None or not feature.multi_hot or new == pa.string()
+                            else pa.list_(pa.int32()),
+                        ),
+                    )
+                    for x in groups
+                ]
             elif kind == "drop":
                 groups = [x.drop_columns([col]) for x in groups]
             elif kind == "extra":
@@ -199,14 +218,33 @@ def test_broken_metadata_fails_with_one_clear_error(base, data):
         if kind == "bytes":
             path.write_bytes(data.draw(st.binary(max_size=200)))
         elif kind == "json":
-            path.write_text(json.dumps(data.draw(st.recursive(
-                st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-                lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
-                max_leaves=10))))
+            path.write_text(
+                json.dumps(
+                    data.draw(
+                        st.recursive(
+                            st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                            max_leaves=10,
+                        )
+                    )
+                )
+            )
         else:
             key = data.draw(st.sampled_from(["sparse", "dense", "splits", "rows", "label", "format_version"]))
-            meta[key] = data.draw(st.sampled_from([None, -1, "x", [], {}, [{"name": "C1", "cardinality": 0}],
-                                                   {"train": ["../../etc/passwd"]}, {"train": 10**9}]))
+            meta[key] = data.draw(
+                st.sampled_from(
+                    [
+                        None,
+                        -1,
+                        "x",
+                        [],
+                        {},
+                        [{"name": "C1", "cardinality": 0}],
+                        {"train": ["../../etc/passwd"]},
+                        {"train": 10**9},
+                    ]
+                )
+            )
             path.write_text(json.dumps(meta))
         try:
             _read_all(root)
@@ -224,11 +262,37 @@ def test_broken_metadata_fails_with_one_clear_error(base, data):
 
 yaml_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
-    lambda c: st.lists(c, max_size=4) | st.dictionaries(
-        st.sampled_from(["data", "embedding", "model", "train", "run", "k", "d", "path", "batch_size", "tables",
-                         "sharding", "name", "lr", "x", "C1", "resume", "keep_checkpoints"]) | st.text(max_size=6),
-        c, max_size=4),
-    max_leaves=20)
+    lambda c: (
+        st.lists(c, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "data",
+                    "embedding",
+                    "model",
+                    "train",
+                    "run",
+                    "k",
+                    "d",
+                    "path",
+                    "batch_size",
+                    "tables",
+                    "sharding",
+                    "name",
+                    "lr",
+                    "x",
+                    "C1",
+                    "resume",
+                    "keep_checkpoints",
+                ]
+            )
+            | st.text(max_size=6),
+            c,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
 
 
 def _expect_config_error(path, overrides):
@@ -248,10 +312,27 @@ def test_config_loader_structured_garbage(tmp_path, doc, overrides):
 
 
 @FUZZ
-@given(raw=st.binary(max_size=400) | st.text(max_size=400).map(str.encode),
-       overrides=st.lists(st.sampled_from(["train.batch_size=", "a.b=[", "run=1", "run.dir.x=2", "=", "train",
-                                           "embedding.k=&a [*a]", "x.y={a: [1, {b: 2}]}", "model.top_mlp=[-1]",
-                                           "train.keep_checkpoints=0", "run.resume=maybe"]), max_size=3))
+@given(
+    raw=st.binary(max_size=400) | st.text(max_size=400).map(str.encode),
+    overrides=st.lists(
+        st.sampled_from(
+            [
+                "train.batch_size=",
+                "a.b=[",
+                "run=1",
+                "run.dir.x=2",
+                "=",
+                "train",
+                "embedding.k=&a [*a]",
+                "x.y={a: [1, {b: 2}]}",
+                "model.top_mlp=[-1]",
+                "train.keep_checkpoints=0",
+                "run.resume=maybe",
+            ]
+        ),
+        max_size=3,
+    ),
+)
 def test_config_loader_raw_bytes(tmp_path, raw, overrides):
     path = tmp_path / "c.yaml"  # rewritten by every example
     path.write_bytes(raw)

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -51,8 +50,10 @@ def engine() -> str:
             continue  # a client without a daemon
         break
     else:
-        _unavailable("no container engine to run the image (podman, or docker with a daemon); "
-                     "apt-get install podman runc, then make image")
+        _unavailable(
+            "no container engine to run the image (podman, or docker with a daemon); "
+            "apt-get install podman runc, then make image"
+        )
     if subprocess.run([name, "image", "inspect", IMAGE], env=ENV, capture_output=True, timeout=120).returncode:
         _unavailable(f"image {IMAGE} not built (make image)")
     if os.environ.get("MLET_IMAGE_REQUIRED") != "1":  # make image-test has just rebuilt it
@@ -65,14 +66,24 @@ def engine() -> str:
 def _sources_newer_than(engine: str, image: str) -> str:
     """A source file changed after the image was built, or ''. (An old image would test old code.)"""
     fmt = "{{.Created.Unix}}" if engine == "podman" else "{{.Created}}"
-    created = subprocess.run([engine, "image", "inspect", "--format", fmt, image], env=ENV, capture_output=True,
-                             text=True, timeout=120, check=True).stdout.strip()
+    created = subprocess.run(
+        [engine, "image", "inspect", "--format", fmt, image],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.strip()
     if not created.isdigit():  # docker: RFC 3339 with nanoseconds
         from datetime import datetime
 
         created = datetime.fromisoformat(created[:19] + "+00:00").timestamp()
-    files = [p for top in ("mlet_torchrec", "data_pipes", "configs", "docker") for p in (REPO / top).rglob("*")
-             if p.is_file() and "__pycache__" not in p.parts]
+    files = [
+        p
+        for top in ("mlet_torchrec", "data_pipes", "configs", "docker")
+        for p in (REPO / top).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    ]
     files += [REPO / name for name in ("Dockerfile", "pyproject.toml", "requirements.txt", "requirements-torchrec.txt")]
     newest = max(files, key=lambda p: p.stat().st_mtime)
     return str(newest.relative_to(REPO)) if newest.stat().st_mtime > float(created) + 1 else ""
@@ -94,15 +105,24 @@ def mounts(tmp_path_factory) -> dict:
     return out
 
 
-def _run(engine: str, *args: str, mounts: Optional[dict] = None, user: str = UID, timeout: int = 600,
-         check: bool = True, image: str = IMAGE) -> subprocess.CompletedProcess:
+def _run(
+    engine: str,
+    *args: str,
+    mounts: dict | None = None,
+    user: str = UID,
+    timeout: int = 600,
+    check: bool = True,
+    image: str = IMAGE,
+) -> subprocess.CompletedProcess:
     cmd = [engine, "run", "--rm", "--read-only"] + (["--user", user] if user else [])
     for name, path in (mounts or {}).items():
         cmd += ["-v", f"{path}:/app/{name}"]
     proc = subprocess.run(cmd + [image, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} {image} {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} {image} {' '.join(args)} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -126,13 +146,21 @@ def tiny_data(engine, mounts) -> Path:
 
 
 def test_runtime_image_runs_as_uid_1000_without_test_tools_or_compilers(engine):
-    user = subprocess.run([engine, "image", "inspect", "--format", "{{.Config.User}}", IMAGE], env=ENV,
-                          capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    user = subprocess.run(
+        [engine, "image", "inspect", "--format", "{{.Config.User}}", IMAGE],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.strip()
     assert user == UID
-    probe = ("id -u; for t in pytest ruff hadolint hypothesis gcc cc c++ g++ clang make ld; do "
-             "command -v $t >/dev/null && echo FOUND:$t; done; "
-             "python -c 'import importlib.util as u; print(*(\"FOUND:\" + m for m in "
-             "(\"pytest\", \"ruff\", \"hypothesis\", \"kubernetes\") if u.find_spec(m)))'")
+    probe = (
+        "id -u; for t in pytest ruff hadolint hypothesis gcc cc c++ g++ clang make ld; do "
+        "command -v $t >/dev/null && echo FOUND:$t; done; "
+        'python -c \'import importlib.util as u; print(*("FOUND:" + m for m in '
+        '("pytest", "ruff", "hypothesis", "kubernetes") if u.find_spec(m)))\''
+    )
     out = _run(engine, "bash", "-c", probe, user="").stdout  # the image's own USER
     assert out.split()[0] == "1000"
     assert "FOUND:" not in out, out
@@ -142,16 +170,28 @@ def test_test_stage_runs_the_static_checks(engine):
     # the `test` stage = runtime + requirements-dev.txt; its own copy of the Dockerfile checks runs in it
     if subprocess.run([engine, "image", "inspect", TEST_IMAGE], env=ENV, capture_output=True, timeout=120).returncode:
         _unavailable(f"test-stage image {TEST_IMAGE} not built (make image-test builds it)")
-    out = _run(engine, "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_dockerfile.py",
-               image=TEST_IMAGE).stdout
+    out = _run(
+        engine, "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_dockerfile.py", image=TEST_IMAGE
+    ).stdout
     assert " passed" in out and "failed" not in out, out
 
 
 def test_no_package_index_in_the_image(engine):
-    history = subprocess.run([engine, "history", "--no-trunc", "--format", "{{.CreatedBy}}", IMAGE], env=ENV,
-                             capture_output=True, text=True, timeout=120, check=True).stdout
-    out = _run(engine, "bash", "-c", "ls /run/secrets 2>/dev/null; env | grep -E '^PIP_(INDEX|EXTRA|FIND|CERT)'; "
-               "pip config list; cat /etc/pip.conf 2>/dev/null; true").stdout
+    history = subprocess.run(
+        [engine, "history", "--no-trunc", "--format", "{{.CreatedBy}}", IMAGE],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    out = _run(
+        engine,
+        "bash",
+        "-c",
+        "ls /run/secrets 2>/dev/null; env | grep -E '^PIP_(INDEX|EXTRA|FIND|CERT)'; "
+        "pip config list; cat /etc/pip.conf 2>/dev/null; true",
+    ).stdout
     assert "index-url" not in out.lower() and "find-links" not in out.lower() and "pip-index" not in out, out
     for line in history.splitlines():
         assert "index-url=" not in line.lower() and "PIP_INDEX_URL=" not in line, line
@@ -171,8 +211,10 @@ def _input_flag(help_text: str) -> str:
 def test_tiny_pipeline_auc_equals_the_hosts(engine, mounts, tiny_data, tmp_path):
     flag = _input_flag(_run(engine, "collapse", "--help").stdout)
     start = time.monotonic()
-    for argv in (["train", "--config", "configs/tiny.yaml", "run.dir=runs/tiny"],
-                 ["collapse", flag, "runs/tiny", "--output", "runs/tiny-collapsed"]):
+    for argv in (
+        ["train", "--config", "configs/tiny.yaml", "run.dir=runs/tiny"],
+        ["collapse", flag, "runs/tiny", "--output", "runs/tiny-collapsed"],
+    ):
         _run(engine, *argv, mounts=mounts)
     image = _metrics(_run(engine, "evaluate", flag, "runs/tiny-collapsed", mounts=mounts).stdout)
     in_image_s = time.monotonic() - start
@@ -181,12 +223,16 @@ def test_tiny_pipeline_auc_equals_the_hosts(engine, mounts, tiny_data, tmp_path)
     # the same run on the host, on the same data
     mlet = str(VENV_BIN / "mlet")
     flag = _input_flag(subprocess.run([mlet, "collapse", "--help"], capture_output=True, text=True, timeout=120).stdout)
-    for argv in (["train", "--config", "configs/tiny.yaml", f"data.path={tiny_data}", f"run.dir={tmp_path / 'tiny'}"],
-                 ["collapse", flag, str(tmp_path / "tiny"), "--output", str(tmp_path / "collapsed")]):
+    for argv in (
+        ["train", "--config", "configs/tiny.yaml", f"data.path={tiny_data}", f"run.dir={tmp_path / 'tiny'}"],
+        ["collapse", flag, str(tmp_path / "tiny"), "--output", str(tmp_path / "collapsed")],
+    ):
         _host(mlet, *argv)
     host = _metrics(_host(mlet, "evaluate", flag, str(tmp_path / "collapsed")).stdout)
-    print(f"\nAUC in the image {image['auc']!r}, on the host {host['auc']!r}; LogLoss {image['logloss']!r} vs "
-          f"{host['logloss']!r} (image train+collapse+evaluate {in_image_s:.0f} s)")
+    print(
+        f"\nAUC in the image {image['auc']!r}, on the host {host['auc']!r}; LogLoss {image['logloss']!r} vs "
+        f"{host['logloss']!r} (image train+collapse+evaluate {in_image_s:.0f} s)"
+    )
     assert image["rows"] == host["rows"] == 800
     assert image["auc"] == pytest.approx(host["auc"], abs=1e-6)
     assert image["logloss"] == pytest.approx(host["logloss"], abs=1e-6)
@@ -194,16 +240,20 @@ def test_tiny_pipeline_auc_equals_the_hosts(engine, mounts, tiny_data, tmp_path)
 
 def test_two_process_torchrun_pass_through(engine, mounts, tiny_data):
     # what TorchX's local_docker starts: the entrypoint runs `bash -c "torchrun ..."` as given
-    cmd = ("torchrun --standalone --nnodes 1 --nproc-per-node 2 -m mlet_torchrec.cli "
-           "train --config configs/tiny.yaml run.dir=runs/tiny-2ranks")
+    cmd = (
+        "torchrun --standalone --nnodes 1 --nproc-per-node 2 -m mlet_torchrec.cli "
+        "train --config configs/tiny.yaml run.dir=runs/tiny-2ranks"
+    )
     _run(engine, "bash", "-c", cmd, mounts=mounts)
     metrics = json.loads((mounts["runs"] / "tiny-2ranks" / "metrics.json").read_text())
     assert metrics, metrics
 
 
 def test_clear_error_without_a_writable_mount(engine):
-    for argv in (["synth", "--output", "data/tiny", *TINY_DATA],
-                 ["train", "--config", "configs/tiny.yaml", "run.dir=runs/x"]):
+    for argv in (
+        ["synth", "--output", "data/tiny", *TINY_DATA],
+        ["train", "--config", "configs/tiny.yaml", "run.dir=runs/x"],
+    ):
         proc = _run(engine, *argv, check=False)  # nothing mounted: /app is on the read-only root
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
@@ -219,8 +269,12 @@ def docker_socket(engine, tmp_path):
         return
     sock = Path("/tmp") / f"mlet-podman-{os.getpid()}.sock"  # short path: unix socket names are limited
     with open(tmp_path / "service.log", "w") as log:
-        service = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"], env=ENV,
-                                   stdout=subprocess.DEVNULL, stderr=log)
+        service = subprocess.Popen(
+            ["podman", "system", "service", "--time=0", f"unix://{sock}"],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     try:
         for _ in range(100):
             if sock.exists():
@@ -239,19 +293,43 @@ def docker_socket(engine, tmp_path):
 
 
 def test_torchx_local_docker_through_podman(engine, mounts, tiny_data, docker_socket):
-    env = {**ENV, "DOCKER_HOST": docker_socket, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-           "TORCHXCONFIG": str(REPO / ".torchxconfig"), "LOGLEVEL": "WARNING"}
-    mount_arg = (f"type=bind,src={mounts['runs']},dst=/app/runs,"
-                 f"type=bind,src={mounts['data']},dst=/app/data,readonly")
-    cmd = [str(VENV_BIN / "torchx"), "run", "-s", "local_docker", "--workspace", "", "launch/components.py:train",
-           "--image", IMAGE, "--mounts", mount_arg, "--config", "configs/tiny.yaml", "-j", "1x2",
-           "run.dir=runs/tiny-torchx"]
+    env = {
+        **ENV,
+        "DOCKER_HOST": docker_socket,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+        "TORCHXCONFIG": str(REPO / ".torchxconfig"),
+        "LOGLEVEL": "WARNING",
+    }
+    mount_arg = f"type=bind,src={mounts['runs']},dst=/app/runs,type=bind,src={mounts['data']},dst=/app/data,readonly"
+    cmd = [
+        str(VENV_BIN / "torchx"),
+        "run",
+        "-s",
+        "local_docker",
+        "--workspace",
+        "",
+        "launch/components.py:train",
+        "--image",
+        IMAGE,
+        "--mounts",
+        mount_arg,
+        "--config",
+        "configs/tiny.yaml",
+        "-j",
+        "1x2",
+        "run.dir=runs/tiny-torchx",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     handles = [w for w in proc.stdout.split() if w.startswith("local_docker://")]
     for handle in handles:  # local_docker keeps exited containers: remove this job's
         app_id = handle.rsplit("/", 1)[-1]
-        ids = subprocess.run([engine, "ps", "-aq", "--filter", f"label=torchx.pytorch.org/app-id={app_id}"],
-                             env=ENV, capture_output=True, text=True, timeout=60).stdout.split()
+        ids = subprocess.run(
+            [engine, "ps", "-aq", "--filter", f"label=torchx.pytorch.org/app-id={app_id}"],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
         if ids:
             subprocess.run([engine, "rm", "-f", *ids], env=ENV, capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -20,22 +20,39 @@ COMPONENTS = "launch/components.py"
 VENV_BIN = str(Path(sys.executable).parent)
 
 sys.path.insert(0, str(REPO))
-from launch import components  # noqa: E402
-
 from torchx.runner import get_runner  # noqa: E402
 from torchx.runner.config import load_sections  # noqa: E402
 from torchx.schedulers import get_scheduler_factories  # noqa: E402
 from torchx.specs.file_linter import validate  # noqa: E402
 
+from launch import components  # noqa: E402
+
 HAS_KUBERNETES = importlib.util.find_spec("kubernetes") is not None
 NEEDS_KUBERNETES = pytest.mark.skipif(
     not HAS_KUBERNETES,
-    reason="the kubernetes client package renders TorchX's kubernetes dryrun (kubernetes==25.3.0 in requirements-dev.txt)",
+    reason="the kubernetes client package renders TorchX's kubernetes dryrun "
+    "(kubernetes==25.3.0 in requirements-dev.txt)",
 )
 
 # A 2-node x 4-GPU job as one would launch it on a cluster.
-JOB = ["-j", "2x4", "--gpu", "4", "--cpu", "16", "--memMB", "64000", "--image", "registry.example.com/mlet-torchrec:cuda",
-       "--max_retries", "3", "--max_restarts", "2", "--env", "NCCL_DEBUG=INFO"]
+JOB = [
+    "-j",
+    "2x4",
+    "--gpu",
+    "4",
+    "--cpu",
+    "16",
+    "--memMB",
+    "64000",
+    "--image",
+    "registry.example.com/mlet-torchrec:cuda",
+    "--max_retries",
+    "3",
+    "--max_restarts",
+    "2",
+    "--env",
+    "NCCL_DEBUG=INFO",
+]
 TRAIN_ARGS = ["--config", "configs/tiny.yaml", "run.dir=/mnt/runs/x", "train.epochs=2"]
 MLET_CMD = "-m mlet_torchrec.cli train --config configs/tiny.yaml run.dir=/mnt/runs/x train.epochs=2"
 
@@ -43,13 +60,18 @@ MLET_CMD = "-m mlet_torchrec.cli train --config configs/tiny.yaml run.dir=/mnt/r
 def _env() -> dict:
     # torchx's replicas find torchrun on PATH: put this interpreter's venv first. TORCHXCONFIG pins
     # the repo's .torchxconfig (what the CLI finds in the repo root) and keeps a $HOME one out.
-    return {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""), "LOGLEVEL": "WARNING",
-            "TORCHXCONFIG": str(REPO / ".torchxconfig")}
+    return {
+        **os.environ,
+        "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+        "LOGLEVEL": "WARNING",
+        "TORCHXCONFIG": str(REPO / ".torchxconfig"),
+    }
 
 
 def _torchx(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    proc = subprocess.run([os.path.join(VENV_BIN, "torchx"), *args], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [os.path.join(VENV_BIN, "torchx"), *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         raise AssertionError(f"torchx {shlex.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -72,8 +94,18 @@ def test_components_pass_torchx_linter(name):
 
 
 def test_train_appdef():
-    app = components.train("configs/tiny.yaml", "run.dir=/mnt/runs/x", j="2x4", gpu=4, cpu=16, memMB=64000,
-                           image="img:1", max_retries=3, max_restarts=2, env={"A": "1"})
+    app = components.train(
+        "configs/tiny.yaml",
+        "run.dir=/mnt/runs/x",
+        j="2x4",
+        gpu=4,
+        cpu=16,
+        memMB=64000,
+        image="img:1",
+        max_retries=3,
+        max_restarts=2,
+        env={"A": "1"},
+    )
     (role,) = app.roles
     assert app.name == "mlet-train" and role.name == "train"
     assert role.num_replicas == 2 and role.min_replicas == 2
@@ -83,8 +115,14 @@ def test_train_appdef():
     cmd = shlex.split(role.args[1])
     assert cmd[:3] == ["torchrun", "--max-restarts", "2"]
     assert cmd[cmd.index("--nnodes") + 1] == "2" and cmd[cmd.index("--nproc_per_node") + 1] == "4"
-    assert cmd[cmd.index("-m"):] == ["-m", "mlet_torchrec.cli", "train", "--config", "configs/tiny.yaml",
-                                     "run.dir=/mnt/runs/x"]
+    assert cmd[cmd.index("-m") :] == [
+        "-m",
+        "mlet_torchrec.cli",
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        "run.dir=/mnt/runs/x",
+    ]
 
 
 def test_train_defaults_are_a_local_two_process_cpu_job():
@@ -104,7 +142,7 @@ def test_train_rejects_more_processes_than_gpus():
 
 def _mlet_args(role) -> list:
     cmd = shlex.split(role.args[1])
-    return cmd[cmd.index("mlet_torchrec.cli") + 1:]
+    return cmd[cmd.index("mlet_torchrec.cli") + 1 :]
 
 
 def test_collapse_and_evaluate_default_to_one_process():
@@ -113,8 +151,16 @@ def test_collapse_and_evaluate_default_to_one_process():
     for role in (c, e):
         cmd = shlex.split(role.args[1])
         assert role.num_replicas == 1 and cmd[cmd.index("--nproc_per_node") + 1] == "1"
-    assert _mlet_args(c) == ["collapse", "--input", "runs/a", "--output", "runs/a/collapsed",
-                             "--check-split", "test", "--overwrite"]
+    assert _mlet_args(c) == [
+        "collapse",
+        "--input",
+        "runs/a",
+        "--output",
+        "runs/a/collapsed",
+        "--check-split",
+        "test",
+        "--overwrite",
+    ]
     assert c.max_retries == 1 and c.name == "collapse"
     assert _mlet_args(e) == ["evaluate", "--input", "runs/a/collapsed", "--split", "valid", "--auc", "histogram"]
     assert e.resource.gpu == 1 and e.name == "evaluate"
@@ -148,9 +194,11 @@ def test_component_commands_parse_with_the_mlet_cli(capsys):
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for app in (components.train("configs/tiny.yaml", "run.dir=/x"),
-                components.collapse("runs/a", "runs/b", check_split="none", overwrite=True),
-                components.evaluate("runs/a", split="valid")):
+    for app in (
+        components.train("configs/tiny.yaml", "run.dir=/x"),
+        components.collapse("runs/a", "runs/b", check_split="none", overwrite=True),
+        components.evaluate("runs/a", split="valid"),
+    ):
         args = parser.parse_args(_mlet_args(app.roles[0]))
         assert args.command in sub.choices and args.command == app.roles[0].name
     assert "deprecated" not in capsys.readouterr().err  # the components speak the current flag vocabulary
@@ -189,8 +237,9 @@ def test_kubernetes_dryrun_uses_torchxconfig_queue_and_image():
     (task,) = job["spec"]["tasks"]
     (container,) = task["template"]["spec"]["containers"]
     assert container["image"] == "mlet-torchrec:cpu"  # [component:launch/components.py:evaluate]
-    assert container["command"][2].endswith("-m mlet_torchrec.cli evaluate --input /mnt/runs/x --split test "
-                                            "--auc histogram")
+    assert container["command"][2].endswith(
+        "-m mlet_torchrec.cli evaluate --input /mnt/runs/x --split test --auc histogram"
+    )
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
 
 
@@ -201,8 +250,15 @@ def test_slurm_dryrun():
     for i, line in enumerate(groups):
         opts = line.split()
         assert opts[0] == f"--job-name=train-{i}"
-        for opt in ("--requeue", "--partition=gpu", "--time=4:00:00", "--ntasks-per-node=1", "--cpus-per-task=16",
-                    "--mem=64000", "--gpus-per-task=4"):
+        for opt in (
+            "--requeue",
+            "--partition=gpu",
+            "--time=4:00:00",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=16",
+            "--mem=64000",
+            "--gpus-per-task=4",
+        ):
             assert opt in opts, (opt, line)
     assert "export TORCHX_MAX_RETRIES=3" in script and "scontrol requeue" in script
     srun = [line for line in script.splitlines() if "bash -c" in line]
@@ -221,9 +277,17 @@ def test_local_docker_dryrun_cli():
 
 
 def test_local_docker_dryrun_request():
-    app = components.train("configs/tiny.yaml", "run.dir=/app/runs/x", j="2x2", gpu=2, cpu=4, memMB=8000,
-                           image="mlet-torchrec:cuda", max_retries=1,
-                           mounts=["type=bind", "src=/srv/runs", "dst=/app/runs"])
+    app = components.train(
+        "configs/tiny.yaml",
+        "run.dir=/app/runs/x",
+        j="2x2",
+        gpu=2,
+        cpu=4,
+        memMB=8000,
+        image="mlet-torchrec:cuda",
+        max_retries=1,
+        mounts=["type=bind", "src=/srv/runs", "dst=/app/runs"],
+    )
     with get_runner() as runner:
         info = runner.dryrun(app, "local_docker", cfg={}, workspace=None)
     containers = info.request.containers
@@ -232,7 +296,8 @@ def test_local_docker_dryrun_request():
         assert c.image == "mlet-torchrec:cuda"
         # the image's entrypoint gets these as arguments and runs them (docker/entrypoint.sh)
         assert c.command[:2] == ["bash", "-c"] and c.command[2].endswith(
-            "-m mlet_torchrec.cli train --config configs/tiny.yaml run.dir=/app/runs/x")
+            "-m mlet_torchrec.cli train --config configs/tiny.yaml run.dir=/app/runs/x"
+        )
         kw = c.kwargs
         assert kw["mem_limit"] == "8000m" and kw["nano_cpus"] == 4 * 10**9
         assert kw["restart_policy"] == {"Name": "on-failure", "MaximumRetryCount": 1}
@@ -257,7 +322,7 @@ def test_torchxconfig_names_real_options():
     schedulers = get_scheduler_factories()
     for section in cfg.sections():
         if section.startswith("component:"):
-            path, _, fn_name = section[len("component:"):].rpartition(":")
+            path, _, fn_name = section[len("component:") :].rpartition(":")
             assert path == COMPONENTS, section
             params = inspect.signature(getattr(components, fn_name)).parameters
             for key in cfg[section]:
@@ -275,8 +340,13 @@ def test_torchxconfig_component_defaults_apply(monkeypatch):
     assert set(defaults) == {f"{COMPONENTS}:{n}" for n in ("train", "collapse", "evaluate")}
     monkeypatch.chdir(REPO)  # component paths are relative to the directory torchx runs from
     with get_runner(component_defaults=defaults) as runner:
-        info = runner.dryrun_component(f"{COMPONENTS}:train", ["--config", "configs/tiny.yaml"], "local_cwd",
-                                       cfg={"log_dir": "/tmp/unused"}, workspace=None)
+        info = runner.dryrun_component(
+            f"{COMPONENTS}:train",
+            ["--config", "configs/tiny.yaml"],
+            "local_cwd",
+            cfg={"log_dir": "/tmp/unused"},
+            workspace=None,
+        )
     (role,) = info._app.roles
     assert role.image == defaults[f"{COMPONENTS}:train"]["image"]
     assert f"--nproc_per_node {defaults[f'{COMPONENTS}:train']['j'].split('x')[1]}" in role.args[1]
@@ -289,23 +359,41 @@ def _log_json(out: str, prefix: str) -> dict:
     """The JSON object a replica printed, from torchx's `ROLE/REPLICA [RANK]:line` log stream."""
     lines = [line.split(":", 1)[1] for line in out.splitlines() if line.startswith(prefix)]
     text = "\n".join(lines)
-    return json.loads(text[text.index("{"):text.rindex("}") + 1])
+    return json.loads(text[text.index("{") : text.rindex("}") + 1])
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("mlet_torchrec.training.train") is None,
-                    reason="mlet_torchrec.training.train not available yet")
+@pytest.mark.skipif(
+    importlib.util.find_spec("mlet_torchrec.training.train") is None,
+    reason="mlet_torchrec.training.train not available yet",
+)
 def test_local_cwd_two_process_train_collapse_evaluate(tmp_path):
     from data_pipes.synth import SynthConfig, generate
 
     data, run, collapsed, logs = tmp_path / "data", tmp_path / "run", tmp_path / "collapsed", tmp_path / "logs"
-    generate(SynthConfig(rows=4000, num_dense=4, num_sparse=5, min_cardinality=10, max_cardinality=2000,
-                         row_group_size=512, seed=3), data, progress=False)
+    generate(
+        SynthConfig(
+            rows=4000, num_dense=4, num_sparse=5, min_cardinality=10, max_cardinality=2000, row_group_size=512, seed=3
+        ),
+        data,
+        progress=False,
+    )
     local = ["run", "-s", "local_cwd", "-cfg", f"log_dir={logs}"]
 
     # 1 node x 2 processes; --max_restarts also checks that torchrun takes the flag the component adds
-    out = _torchx(*local, f"{COMPONENTS}:train", "--config", "configs/tiny.yaml", "-j", "1x2", "--max_restarts", "1",
-                  f"data.path={data}", f"run.dir={run}", timeout=600)
+    out = _torchx(
+        *local,
+        f"{COMPONENTS}:train",
+        "--config",
+        "configs/tiny.yaml",
+        "-j",
+        "1x2",
+        "--max_restarts",
+        "1",
+        f"data.path={data}",
+        f"run.dir={run}",
+        timeout=600,
+    )
     assert out.stdout.startswith("local_cwd://")  # the app handle; _torchx checked that the job SUCCEEDED
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] > 0

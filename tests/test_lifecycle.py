@@ -29,9 +29,18 @@ def _threads() -> set:
 
 
 def _config(data: Path, run_dir: Path, *extra: str):
-    return load_config(REPO / "configs" / "tiny.yaml", [
-        f"data.path={data}", f"run.dir={run_dir}", "train.max_steps=4", "train.checkpoint_every=2",
-        "train.progress=true", "data.num_workers=1", *extra])
+    return load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"data.path={data}",
+            f"run.dir={run_dir}",
+            "train.max_steps=4",
+            "train.checkpoint_every=2",
+            "train.progress=true",
+            "data.num_workers=1",
+            *extra,
+        ],
+    )
 
 
 def test_train_shuts_everything_down_on_success_and_on_error(synth_dataset, tmp_path):

@@ -27,7 +27,10 @@ def _kjt(batch=5, seed=0):
     keys, sizes = ["a", "b", "c", "e"], [50, 30, 30, 20]
     lengths = torch.randint(0, 4, (len(keys) * batch,), generator=g)
     values = torch.cat(
-        [torch.randint(0, n, (int(lengths[i * batch : (i + 1) * batch].sum()),), generator=g) for i, n in enumerate(sizes)]
+        [
+            torch.randint(0, n, (int(lengths[i * batch : (i + 1) * batch].sum()),), generator=g)
+            for i, n in enumerate(sizes)
+        ]
     )
     return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
 
@@ -79,8 +82,12 @@ def test_reports_d_dim_configs_and_fits_stock_dlrm():
     module = MLETEmbeddingBagCollection(_tables(d=4), inner_dim=32)
     assert [t.embedding_dim for t in module.embedding_bag_configs()] == [4, 4, 4]
     assert [t.embedding_dim for t in module.w1.embedding_bag_configs()] == [32, 32, 32]
-    dlrm = DLRM(embedding_bag_collection=module, dense_in_features=3, dense_arch_layer_sizes=[8, 4],
-                over_arch_layer_sizes=[8, 1])
+    dlrm = DLRM(
+        embedding_bag_collection=module,
+        dense_in_features=3,
+        dense_arch_layer_sizes=[8, 4],
+        over_arch_layer_sizes=[8, 1],
+    )
     logits = dlrm(torch.randn(5, 3), _kjt())
     assert logits.shape == (5, 1)
     logits.sum().backward()
@@ -89,8 +96,9 @@ def test_reports_d_dim_configs_and_fits_stock_dlrm():
 
 def test_w2_init_statistics():
     torch.manual_seed(0)
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=32, num_embeddings=10, feature_names=[f"f{i}"])
-              for i in range(4)]
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=32, num_embeddings=10, feature_names=[f"f{i}"]) for i in range(4)
+    ]
     for sigma in (0.25, 0.5):
         module = MLETEmbeddingBagCollection(tables, inner_dim=256, sigma=sigma)
         w2 = torch.cat([p.detach().flatten() for p in module.w2.values()])  # 32768 draws
@@ -171,8 +179,11 @@ def test_w1_output_in_any_key_order_gives_the_same_result(inner):
         kt = plain_forward(features)
         order = ["e", "c", "a", "b"]
         parts = kt.to_dict()
-        return KeyedTensor(keys=order, length_per_key=[parts[k].shape[1] for k in order],
-                           values=torch.cat([parts[k] for k in order], dim=1))
+        return KeyedTensor(
+            keys=order,
+            length_per_key=[parts[k].shape[1] for k in order],
+            values=torch.cat([parts[k] for k in order], dim=1),
+        )
 
     module.w1.forward = shuffled_forward
     got = module(kjt)
@@ -184,8 +195,12 @@ def test_w1_output_in_any_key_order_gives_the_same_result(inner):
 def test_extra_tables_share_the_lookup_and_leave_the_output_alone(inner):
     """Extra single-layer tables reading the same features ride along in W1: the module's output is what it is
     without them, and the extra pooled values are a plain lookup of those tables."""
-    extra = [EmbeddingBagConfig(name=f"lin_{t.name}", embedding_dim=4, num_embeddings=t.num_embeddings,
-                                feature_names=list(t.feature_names)) for t in _tables()]
+    extra = [
+        EmbeddingBagConfig(
+            name=f"lin_{t.name}", embedding_dim=4, num_embeddings=t.num_embeddings, feature_names=list(t.feature_names)
+        )
+        for t in _tables()
+    ]
     torch.manual_seed(0)
     alone = MLETEmbeddingBagCollection(_tables(), inner_dim=inner, sigma=0.5)
     torch.manual_seed(0)

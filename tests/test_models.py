@@ -10,20 +10,27 @@ import torch.nn.functional as F
 from torchrec import KeyedJaggedTensor
 
 from data_pipes.schema import DatasetMeta, SparseFeature
-from mlet_torchrec.serving.collapse import collapse_state_dict, extra_table_keys
 from mlet_torchrec.config import ConfigError, ModelName, load_config
 from mlet_torchrec.models import MODELS, build_model
 from mlet_torchrec.models.autoint import InteractingLayer
 from mlet_torchrec.models.blocks import LINEAR_TABLE_DIM, BiInteraction
 from mlet_torchrec.models.xdeepfm import CIN
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
+from mlet_torchrec.serving.collapse import collapse_state_dict, extra_table_keys
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NAMES = sorted(get_args(ModelName))
 CARDS = [5, 20, 60, 200]
 # tiny shapes of every model (a key a model does not read is ignored by it)
-TINY = ["model.bottom_mlp=[8]", "model.top_mlp=[8]", "model.dnn_hidden_units=[16]", "model.cin_layer_size=[8, 4]",
-        "model.dcn_low_rank_dim=4", "model.dcn_num_layers=2", "model.att_layer_num=2"]
+TINY = [
+    "model.bottom_mlp=[8]",
+    "model.top_mlp=[8]",
+    "model.dnn_hidden_units=[16]",
+    "model.cin_layer_size=[8, 4]",
+    "model.dcn_low_rank_dim=4",
+    "model.dcn_num_layers=2",
+    "model.att_layer_num=2",
+]
 
 
 def _meta() -> DatasetMeta:
@@ -35,15 +42,20 @@ def _batch(batch: int = 32, seed: int = 0):
     """Dense features and a KJT with one id for C1..C3 and bags of 0..3 ids (empty ones too) for C4."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.cat([torch.ones(3 * batch, dtype=torch.long), torch.randint(0, 4, (batch,), generator=g)])
-    values = torch.cat([torch.randint(0, c, (int(lengths[i * batch:(i + 1) * batch].sum()),), generator=g)
-                        for i, c in enumerate(CARDS)])
+    values = torch.cat(
+        [
+            torch.randint(0, c, (int(lengths[i * batch : (i + 1) * batch].sum()),), generator=g)
+            for i, c in enumerate(CARDS)
+        ]
+    )
     kjt = KeyedJaggedTensor.from_lengths_sync([f"C{i + 1}" for i in range(4)], values, lengths)
     return torch.randn(batch, 3, generator=g), kjt
 
 
 def _cfg(name: str, k="16", *extra: str):
-    return load_config(None, [f"model.name={name}", "embedding.d=8", f"embedding.k={k}", "embedding.sigma=0.5",
-                              *TINY, *extra])
+    return load_config(
+        None, [f"model.name={name}", "embedding.d=8", f"embedding.k={k}", "embedding.sigma=0.5", *TINY, *extra]
+    )
 
 
 def test_registry_has_every_configurable_model():
@@ -78,7 +90,9 @@ def test_forward_shape_and_collapse_is_exact(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_baseline_and_mlet_run_through_the_same_module(name):
     torch.manual_seed(0)
-    models = {k: build_model(c.model, c.embedding, _meta()) for k, c in (("16", _cfg(name)), ("null", _cfg(name, "null")))}
+    models = {
+        k: build_model(c.model, c.embedding, _meta()) for k, c in (("16", _cfg(name)), ("null", _cfg(name, "null")))
+    }
     assert type(models["16"].net) is type(models["null"].net)
     for k, model in models.items():
         assert isinstance(model.embeddings, MLETEmbeddingBagCollection)
@@ -126,7 +140,7 @@ def test_cin_is_deepctr_cin():
     cin = CIN(num_fields=5, layer_size=[6, 4], split_half=True).double()
     x = torch.randn(3, 5, 4, dtype=torch.float64)
     hidden, outs = [x], []
-    for i, (size, mix) in enumerate(zip([6, 4], cin.mix)):
+    for i, (size, mix) in enumerate(zip([6, 4], cin.mix, strict=True)):
         z = torch.einsum("bhd,bmd->bhmd", hidden[-1], hidden[0]).reshape(3, -1, 4)
         maps = torch.relu(F.conv1d(z, mix.weight.unsqueeze(-1), mix.bias))
         nxt, direct = torch.split(maps, 2 * [size // 2], 1) if i == 0 else (None, maps)
@@ -141,8 +155,10 @@ def test_interacting_layer_is_deepctr_interacting_layer():
     torch.manual_seed(0)
     layer = InteractingLayer(d=4, head_num=2, use_res=True).double()
     x = torch.randn(3, 5, 4, dtype=torch.float64)
-    q, k, v = (torch.stack(torch.split(torch.tensordot(x, w, dims=([-1], [0])), 2, dim=2))
-               for w in (layer.w_query, layer.w_key, layer.w_value))
+    q, k, v = (
+        torch.stack(torch.split(torch.tensordot(x, w, dims=([-1], [0])), 2, dim=2))
+        for w in (layer.w_query, layer.w_key, layer.w_value)
+    )
     att = torch.softmax(torch.einsum("bnik,bnjk->bnij", q, k), dim=-1)
     out = torch.squeeze(torch.cat(torch.split(torch.matmul(att, v), 1), dim=-1), dim=0)
     expected = torch.relu(out + torch.tensordot(x, layer.w_res, dims=([-1], [0])))
@@ -160,26 +176,45 @@ def test_every_model_learns_on_two_ranks_and_collapses_exactly(tmp_path):
 
     data = tmp_path / "data"
     # the data of tests/test_end_to_end.py: small tables, so three epochs learn the planted signal
-    generate(SynthConfig(rows=8000, num_dense=4, num_sparse=4, min_cardinality=5, max_cardinality=200,
-                         row_group_size=512, seed=2), data, progress=False)
+    generate(
+        SynthConfig(
+            rows=8000, num_dense=4, num_sparse=4, min_cardinality=5, max_cardinality=200, row_group_size=512, seed=2
+        ),
+        data,
+        progress=False,
+    )
     failures = {}
     for name in NAMES:
         run = tmp_path / name
-        cfg = load_config(CONFIGS / "tiny.yaml", [
-            f"data.path={data}", f"run.dir={run}", f"model.name={name}", *TINY, "train.epochs=3",
-            "embedding.sigma=0.5", "sparse_optimizer.name=adagrad", "sparse_optimizer.lr=0.05",
-            "dense_optimizer.name=adagrad", "dense_optimizer.lr=0.05",
-        ])
+        cfg = load_config(
+            CONFIGS / "tiny.yaml",
+            [
+                f"data.path={data}",
+                f"run.dir={run}",
+                f"model.name={name}",
+                *TINY,
+                "train.epochs=3",
+                "embedding.sigma=0.5",
+                "sparse_optimizer.name=adagrad",
+                "sparse_optimizer.lr=0.05",
+                "dense_optimizer.name=adagrad",
+                "dense_optimizer.lr=0.05",
+            ],
+        )
         test = train_local(cfg, 2)["test"]
         report = collapse(run, tmp_path / f"{name}-collapsed")
-        if not (test["logloss"] < test["label_entropy"] - 0.05 and report.max_abs_diff <= 1e-5
-                and report.rows_checked == test["rows"]):
+        if not (
+            test["logloss"] < test["label_entropy"] - 0.05
+            and report.max_abs_diff <= 1e-5
+            and report.rows_checked == test["rows"]
+        ):
             failures[name] = (test, report.max_abs_diff)
     assert not failures, failures
 
 
-@pytest.mark.parametrize("kind, linear_kind", [("row_wise", "row_wise"), ("column_wise", "table_wise"),
-                                               ("table_wise", "table_wise")])
+@pytest.mark.parametrize(
+    "kind, linear_kind", [("row_wise", "row_wise"), ("column_wise", "table_wise"), ("table_wise", "table_wise")]
+)
 def test_first_order_tables_follow_their_features_sharding(kind, linear_kind):
     """The planner (2 ranks, planned in this process) puts ``lin_<f>`` where the config puts f's table."""
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -187,14 +222,16 @@ def test_first_order_tables_follow_their_features_sharding(kind, linear_kind):
     from data_pipes.schema import table_name
     from mlet_torchrec.training.distributed import MLETEmbeddingBagCollectionSharder, plan_summary, sharding_constraints
 
-    cfg = load_config(None, ["model.name=deepfm", "embedding.d=4", "embedding.k=16", f"embedding.sharding={kind}",
-                             *TINY])
+    cfg = load_config(
+        None, ["model.name=deepfm", "embedding.d=4", "embedding.k=16", f"embedding.sharding={kind}", *TINY]
+    )
     meta = _meta()
     features = meta.sparse_names()
     model = build_model(cfg.model, cfg.embedding, meta, device=torch.device("meta"))
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=2, compute_device="cpu"),
-        constraints=sharding_constraints(cfg.embedding, features, {f: table_name(f) for f in features}, 2))
+        constraints=sharding_constraints(cfg.embedding, features, {f: table_name(f) for f in features}, 2),
+    )
     plan = plan_summary(planner.plan(model, [MLETEmbeddingBagCollectionSharder()]))
     kinds = {path.rsplit(".", 1)[1]: p["sharding_type"] for path, p in plan.items()}
     assert {kinds[f"t_{f}"] for f in features} == {kind}

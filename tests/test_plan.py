@@ -18,14 +18,17 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 
 def _plan_1tb(tmp_path: Path, *extra: str) -> int:
-    return main(["plan", "--config", str(ROOT / "configs" / "criteo_1tb_dlrm_mlet.yaml"), "--input", str(CRITEO_1TB),
-                 *extra])
+    return main(
+        ["plan", "--config", str(ROOT / "configs" / "criteo_1tb_dlrm_mlet.yaml"), "--input", str(CRITEO_1TB), *extra]
+    )
 
 
 def test_criteo_1tb_mlet_fits_32_gpus_of_80gb(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert _plan_1tb(tmp_path, "--world-size", "32", "--local-world-size", "8", "--hbm-gb", "80",
-                     "--output", str(out)) == 0
+    assert (
+        _plan_1tb(tmp_path, "--world-size", "32", "--local-world-size", "8", "--hbm-gb", "80", "--output", str(out))
+        == 0
+    )
     plan = json.loads(out.read_text())
     tables = {t["table"]: t for t in plan["training"]["tables"]}
     assert len(tables) == 26 and plan["cluster"]["world_size"] == 32
@@ -97,8 +100,24 @@ def test_plan_round_trips_through_train_on_2_cpu_ranks(synth_dataset, tmp_path, 
     plan_path = tmp_path / "plan.json"
     flags = ["--config", str(TINY), "--input", str(data)]
     overrides = ["embedding.tables.C1.sharding=table_wise", "run.device=cpu"]
-    assert main(["plan", *flags, "--world-size", "2", "--device", "cpu", "--ddr-gb", "4",
-                 "--output", str(plan_path), *overrides]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                *flags,
+                "--world-size",
+                "2",
+                "--device",
+                "cpu",
+                "--ddr-gb",
+                "4",
+                "--output",
+                str(plan_path),
+                *overrides,
+            ]
+        )
+        == 0
+    )
     plan = json.loads(plan_path.read_text())
     # move t_C1 to the other rank: a run that planned again would not put it there
     c1 = next(t for t in plan["training"]["tables"] if t["table"] == "t_C1")
@@ -107,20 +126,51 @@ def test_plan_round_trips_through_train_on_2_cpu_ranks(synth_dataset, tmp_path, 
     plan_path.write_text(json.dumps(plan))
     planned = {t["table"]: t for t in plan["training"]["tables"]}
     run = tmp_path / "run"
-    assert main(["train", *flags, "--output", str(run), "--nproc-per-node", "2", "--plan", str(plan_path),
-                 *overrides, "train.max_steps=4"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *flags,
+                "--output",
+                str(run),
+                "--nproc-per-node",
+                "2",
+                "--plan",
+                str(plan_path),
+                *overrides,
+                "train.max_steps=4",
+            ]
+        )
+        == 0
+    )
     used = json.loads((run / "plan.json").read_text())
     assert len(used) == len(planned)
     for key, p in used.items():
         table = key.rsplit(".", 1)[1]
         assert (p["sharding_type"], p["compute_kernel"], p["ranks"]) == (
-            planned[table]["sharding_type"], planned[table]["compute_kernel"], planned[table]["ranks"])
+            planned[table]["sharding_type"],
+            planned[table]["compute_kernel"],
+            planned[table]["ranks"],
+        )
     assert used[next(k for k in used if k.endswith(".t_C1"))]["ranks"] == [moved]
     assert (run / "metrics.json").is_file()
     capsys.readouterr()
     # the same plan refused for another world size: one line, exit 2, before any training
-    assert main(["train", *flags, "--output", str(tmp_path / "run1"), "--plan", str(plan_path), *overrides,
-                 "train.max_steps=2"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                *flags,
+                "--output",
+                str(tmp_path / "run1"),
+                "--plan",
+                str(plan_path),
+                *overrides,
+                "train.max_steps=2",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "made for 2 ranks but this run has 1" in err
 

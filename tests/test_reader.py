@@ -1,9 +1,9 @@
 """ParquetBatchReader: content, shapes, rank/worker splits, counts from footers, shuffle, validation."""
 
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -21,12 +21,12 @@ from data_pipes.reader import ParquetBatchReader, make_dataloader
 from data_pipes.rows import join_batches
 from data_pipes.schema import DatasetMeta, SparseFeature
 
-Row = Tuple[float, Tuple[float, ...], Tuple[Tuple[int, ...], ...]]
+Row = tuple[float, tuple[float, ...], tuple[tuple[int, ...], ...]]
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def batch_rows(batch: Batch, keys: Sequence[str]) -> List[Row]:
+def batch_rows(batch: Batch, keys: Sequence[str]) -> list[Row]:
     """The rows of a Batch as (label, dense values, ids per feature) tuples."""
     n = batch.labels.shape[0]
     per_key = []
@@ -34,13 +34,13 @@ def batch_rows(batch: Batch, keys: Sequence[str]) -> List[Row]:
         jt = batch.sparse_features[key]
         vals = jt.values().tolist()
         offs = [0, *np.cumsum(jt.lengths().numpy()).tolist()]
-        per_key.append([tuple(vals[offs[i]:offs[i + 1]]) for i in range(n)])
+        per_key.append([tuple(vals[offs[i] : offs[i + 1]]) for i in range(n)])
     labels = batch.labels.tolist()
     dense = batch.dense_features.tolist()
     return [(labels[i], tuple(dense[i]), tuple(k[i] for k in per_key)) for i in range(n)]
 
 
-def table_rows(table: pa.Table, meta: DatasetMeta) -> List[Row]:
+def table_rows(table: pa.Table, meta: DatasetMeta) -> list[Row]:
     labels = table.column(meta.label).to_pylist()
     dense = [table.column(d).to_pylist() for d in meta.dense]
     sparse = []
@@ -50,16 +50,16 @@ def table_rows(table: pa.Table, meta: DatasetMeta) -> List[Row]:
     return [(labels[i], tuple(d[i] for d in dense), tuple(s[i] for s in sparse)) for i in range(table.num_rows)]
 
 
-def split_rows(root: Path, split: str) -> List[Row]:
+def split_rows(root: Path, split: str) -> list[Row]:
     meta = DatasetMeta.load(root)
     return [r for p in meta.files(root, split) for r in table_rows(pq.read_table(p), meta)]
 
 
-def all_rows(batches: Iterable[Batch], keys: Sequence[str]) -> List[Row]:
+def all_rows(batches: Iterable[Batch], keys: Sequence[str]) -> list[Row]:
     return [r for b in batches for r in batch_rows(b, keys)]
 
 
-def iterate_as_worker(reader: ParquetBatchReader, monkeypatch, worker: int, workers: int) -> List[Batch]:
+def iterate_as_worker(reader: ParquetBatchReader, monkeypatch, worker: int, workers: int) -> list[Batch]:
     """What DataLoader worker ``worker`` of ``workers`` yields (without starting processes)."""
     real = reader_mod.get_worker_info
     monkeypatch.setattr(reader_mod, "get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=workers))
@@ -81,17 +81,24 @@ def custom_table(start: int, n: int) -> pa.Table:
     lengths = r % 4
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     bag_values = (np.repeat(r, lengths) + np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)) % 50
-    return pa.table({
-        "label": pa.array((r % 3 == 0).astype(np.float32)),
-        "d0": pa.array(r.astype(np.float32)),
-        "d1": pa.array(np.sin(r).astype(np.float32)),
-        "A": pa.array((r * 7) % 1000, pa.int64()),
-        "B": pa.ListArray.from_arrays(pa.array(offsets), pa.array(bag_values.astype(np.int64))),
-    })
+    return pa.table(
+        {
+            "label": pa.array((r % 3 == 0).astype(np.float32)),
+            "d0": pa.array(r.astype(np.float32)),
+            "d1": pa.array(np.sin(r).astype(np.float32)),
+            "A": pa.array((r * 7) % 1000, pa.int64()),
+            "B": pa.ListArray.from_arrays(pa.array(offsets), pa.array(bag_values.astype(np.int64))),
+        }
+    )
 
 
-def write_custom(root: Path, files: Sequence[Sequence[int]], split: str = "train",
-                 tables: Optional[List[pa.Table]] = None, meta_rows: Optional[int] = None) -> Path:
+def write_custom(
+    root: Path,
+    files: Sequence[Sequence[int]],
+    split: str = "train",
+    tables: list[pa.Table] | None = None,
+    meta_rows: int | None = None,
+) -> Path:
     """A data set whose split has ``len(files)`` files with the given row-group sizes."""
     root.mkdir(parents=True, exist_ok=True)
     (root / split).mkdir(exist_ok=True)
@@ -111,14 +118,14 @@ def write_custom(root: Path, files: Sequence[Sequence[int]], split: str = "train
     return root
 
 
-def d0s(batches: Iterable[Batch]) -> List[int]:
+def d0s(batches: Iterable[Batch]) -> list[int]:
     return [int(v) for b in batches for v in b.dense_features[:, 0].tolist()]
 
 
 # ---------------------------------------------------------------------------------------------- content
 
 
-def stream_order(rows: int, virtual_shards: int) -> List[int]:
+def stream_order(rows: int, virtual_shards: int) -> list[int]:
     """The unshuffled epoch order (data_pipes/order.py): stream row t is row t // V of shard t % V."""
     lengths = [rows // virtual_shards + (v < rows % virtual_shards) for v in range(virtual_shards)]
     starts = np.cumsum([0, *lengths])
@@ -149,7 +156,7 @@ def test_batches_have_documented_shapes_and_exact_content(synth_dataset):
     order = stream_order(total, 96)
     got = all_rows(batches, meta.sparse_names())
     for s in range(len(batches)):
-        assert sorted(got[64 * s:64 * (s + 1)]) == sorted(stored[i] for i in order[64 * s:64 * (s + 1)])
+        assert sorted(got[64 * s : 64 * (s + 1)]) == sorted(stored[i] for i in order[64 * s : 64 * (s + 1)])
     assert Counter(got) == Counter(stored)
 
     dropped = list(ParquetBatchReader(root, "train", 64))
@@ -160,13 +167,18 @@ def test_batches_have_documented_shapes_and_exact_content(synth_dataset):
 def test_no_dense_features_and_empty_bags(tmp_path):
     root = tmp_path / "d"
     (root / "train").mkdir(parents=True)
-    table = pa.table({
-        "label": pa.array([0, 1, 1, 0, 1], pa.float32()),
-        "B": pa.array([[], [3], [], [1, 2, 4], []], pa.list_(pa.int64())),
-    })
+    table = pa.table(
+        {
+            "label": pa.array([0, 1, 1, 0, 1], pa.float32()),
+            "B": pa.array([[], [3], [], [1, 2, 4], []], pa.list_(pa.int64())),
+        }
+    )
     pq.write_table(table, root / "train/part-00000.parquet", row_group_size=2)
-    DatasetMeta(sparse=[SparseFeature(name="B", cardinality=5, multi_hot=True)],
-                splits={"train": ["train/part-00000.parquet"]}, rows={"train": 5}).save(root)
+    DatasetMeta(
+        sparse=[SparseFeature(name="B", cardinality=5, multi_hot=True)],
+        splits={"train": ["train/part-00000.parquet"]},
+        rows={"train": 5},
+    ).save(root)
     (b,) = list(ParquetBatchReader(root, "train", 8, drop_last=False))
     assert b.dense_features.shape == (5, 0) and b.dense_features.dtype == torch.float32
     assert b.sparse_features.lengths().tolist() == [0, 1, 0, 3, 0]
@@ -202,7 +214,7 @@ def test_reads_row_groups_never_whole_files(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- splitting
 
 
-def global_steps(root: Path, batch: int, world_size: int, epoch: int = 1, **kw) -> List[List[int]]:
+def global_steps(root: Path, batch: int, world_size: int, epoch: int = 1, **kw) -> list[list[int]]:
     """Per global step, the sorted rows (d0) all ranks of ``world_size`` read; checks the local sizes."""
     per_rank = []
     for rank in range(world_size):
@@ -234,8 +246,9 @@ def test_stream_rows_name_each_rows_stream_position(tmp_path, world_size):
     root = write_custom(tmp_path / "d", [[50, 7, 64], [100, 1, 33]])  # 255 rows
     order = stream_order(255, 12)
     for rank in range(world_size):
-        reader = ParquetBatchReader(root, "train", 4, rank=rank, world_size=world_size, virtual_shards=12,
-                                    drop_last=False)
+        reader = ParquetBatchReader(
+            root, "train", 4, rank=rank, world_size=world_size, virtual_shards=12, drop_last=False
+        )
         for step, batch in enumerate(reader):
             t = reader.stream_rows(step)
             assert d0s([batch]) == [order[i] for i in t]
@@ -244,16 +257,25 @@ def test_stream_rows_name_each_rows_stream_position(tmp_path, world_size):
 
 def test_a_rank_decodes_only_its_shards(tmp_path, monkeypatch):
     root = write_custom(tmp_path / "d", [[10] * 6, [10] * 6])  # 12 row groups = 12 shards of 10 rows
-    decoded: List[Tuple[int, int]] = []
+    decoded: list[tuple[int, int]] = []
     orig = ParquetBatchReader._read
-    monkeypatch.setattr(ParquetBatchReader, "_read",
-                        lambda self, pf, f, g: decoded.append((f, g)) or orig(self, pf, f, g))
+    monkeypatch.setattr(
+        ParquetBatchReader, "_read", lambda self, pf, f, g: decoded.append((f, g)) or orig(self, pf, f, g)
+    )
     for world_size in (1, 2, 3, 4, 6, 12, 5):
         for rank in range(world_size):
             for shuffle in (False, True):
                 decoded.clear()
-                reader = ParquetBatchReader(root, "train", 2, rank=rank, world_size=world_size, shuffle=shuffle,
-                                            virtual_shards=12, drop_last=False)
+                reader = ParquetBatchReader(
+                    root,
+                    "train",
+                    2,
+                    rank=rank,
+                    world_size=world_size,
+                    shuffle=shuffle,
+                    virtual_shards=12,
+                    drop_last=False,
+                )
                 list(reader)
                 groups = {6 * f + g for f, g in decoded}
                 if 12 % world_size:  # gcd(12, 5) = 1: every rank decodes all of it
@@ -264,7 +286,7 @@ def test_a_rank_decodes_only_its_shards(tmp_path, monkeypatch):
                     assert sorted(groups) == sorted(decoded_ids(decoded)) == list(range(rank, 12, world_size))
 
 
-def decoded_ids(decoded: List[Tuple[int, int]]) -> List[int]:
+def decoded_ids(decoded: list[tuple[int, int]]) -> list[int]:
     return [6 * f + g for f, g in decoded]
 
 
@@ -275,7 +297,7 @@ def test_positions_and_workers_give_the_same_batches(synth_dataset, monkeypatch)
     full = [fingerprint(b) for b in reader]
     for workers in (1, 2, 3):  # worker parts, joined as make_dataloader joins real workers' parts
         parts = [iterate_as_worker(reader, monkeypatch, w, workers) for w in range(workers)]
-        assert [fingerprint(join_batches(list(p), reader.keys)) for p in zip(*parts)] == full
+        assert [fingerprint(join_batches(list(p), reader.keys)) for p in zip(*parts, strict=True)] == full
     assert [fingerprint(b) for b in make_dataloader(reader, 2)] == full  # real worker processes
     reader.set_position(2, 7)
     assert [fingerprint(b) for b in reader] == full[7:]
@@ -284,14 +306,18 @@ def test_positions_and_workers_give_the_same_batches(synth_dataset, monkeypatch)
 
 def fingerprint(b: Batch) -> tuple:
     kjt = b.sparse_features
-    return (tuple(b.labels.tolist()), tuple(b.dense_features.flatten().tolist()), tuple(kjt.values().tolist()),
-            tuple(kjt.lengths().tolist()))
+    return (
+        tuple(b.labels.tolist()),
+        tuple(b.dense_features.flatten().tolist()),
+        tuple(kjt.values().tolist()),
+        tuple(kjt.lengths().tolist()),
+    )
 
 
 def test_shuffle_is_deterministic_per_seed_and_epoch(tmp_path):
     root = write_custom(tmp_path / "d", [[10] * 12, [10] * 8])
 
-    def order(seed: int, epoch: int, shuffle: bool = True) -> List[int]:
+    def order(seed: int, epoch: int, shuffle: bool = True) -> list[int]:
         r = ParquetBatchReader(root, "train", 10, shuffle=shuffle, seed=seed, virtual_shards=4)
         r.set_epoch(epoch)
         return d0s(r)
@@ -302,7 +328,7 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(tmp_path):
     assert sorted(order(0, 1)) == list(range(200))
     assert order(0, 3, shuffle=False) == order(1, 0, shuffle=False)
     plain, stream = order(0, 0, shuffle=False), stream_order(200, 4)
-    assert all(sorted(plain[i:i + 10]) == sorted(stream[i:i + 10]) for i in range(0, 200, 10))
+    assert all(sorted(plain[i : i + 10]) == sorted(stream[i : i + 10]) for i in range(0, 200, 10))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -314,16 +340,20 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(tmp_path):
     drop_last=st.booleans(),
     shuffle=st.booleans(),
 )
-def test_property_counts_and_content(tmp_path_factory, files, local_batch, world_size, virtual_shards, drop_last,
-                                     shuffle):
+def test_property_counts_and_content(
+    tmp_path_factory, files, local_batch, world_size, virtual_shards, drop_last, shuffle
+):
     root = write_custom(tmp_path_factory.mktemp("prop"), files)
     total = sum(map(sum, files))
     kw = dict(drop_last=drop_last, shuffle=shuffle, seed=7, virtual_shards=virtual_shards)
     steps = global_steps(root, local_batch * world_size, world_size, **kw)
     assert steps == global_steps(root, local_batch * world_size, 1, **kw)
     seen = [r for s in steps for r in s]
-    assert len(seen) == len(set(seen)) == (total if not drop_last else total // (local_batch * world_size)
-                                           * local_batch * world_size)
+    assert (
+        len(seen)
+        == len(set(seen))
+        == (total if not drop_last else total // (local_batch * world_size) * local_batch * world_size)
+    )
     reader = ParquetBatchReader(root, "train", local_batch, rank=world_size - 1, world_size=world_size, **kw)
     meta = DatasetMeta(**CUSTOM_META, splits={})
     for b in reader:  # each row's content is the stored one
@@ -357,18 +387,36 @@ VALUE_ERRORS = {
     "negative id": (lambda c: c.update(A=pa.array(_set(c["A"].to_pylist(), 13, -1), pa.int64())), "A", "outside"),
     "id too large": (lambda c: c.update(A=pa.array(_set(c["A"].to_pylist(), 13, 1000), pa.int64())), "A", "outside"),
     "bag id too large": (
-        lambda c: c.update(B=pa.array(_set(c["B"].to_pylist(), 13, [1, 50]), pa.list_(pa.int64()))), "B", "50"),
-    "nan dense": (lambda c: c.update(d1=pa.array(_set(c["d1"].to_pylist(), 13, float("nan")), pa.float32())),
-                  "d1", "not finite"),
-    "inf dense": (lambda c: c.update(d0=pa.array(_set(c["d0"].to_pylist(), 13, float("inf")), pa.float32())),
-                  "d0", "not finite"),
-    "label 2": (lambda c: c.update(label=pa.array(_set(c["label"].to_pylist(), 13, 2.0), pa.float32())),
-                "label", "not 0 or 1"),
-    "label 0.5": (lambda c: c.update(label=pa.array(_set(c["label"].to_pylist(), 13, 0.5), pa.float32())),
-                  "label", "not 0 or 1"),
+        lambda c: c.update(B=pa.array(_set(c["B"].to_pylist(), 13, [1, 50]), pa.list_(pa.int64()))),
+        "B",
+        "50",
+    ),
+    "nan dense": (
+        lambda c: c.update(d1=pa.array(_set(c["d1"].to_pylist(), 13, float("nan")), pa.float32())),
+        "d1",
+        "not finite",
+    ),
+    "inf dense": (
+        lambda c: c.update(d0=pa.array(_set(c["d0"].to_pylist(), 13, float("inf")), pa.float32())),
+        "d0",
+        "not finite",
+    ),
+    "label 2": (
+        lambda c: c.update(label=pa.array(_set(c["label"].to_pylist(), 13, 2.0), pa.float32())),
+        "label",
+        "not 0 or 1",
+    ),
+    "label 0.5": (
+        lambda c: c.update(label=pa.array(_set(c["label"].to_pylist(), 13, 0.5), pa.float32())),
+        "label",
+        "not 0 or 1",
+    ),
     "null id": (lambda c: c.update(A=pa.array(_set(c["A"].to_pylist(), 13, None), pa.int64())), "A", "null"),
     "null in bag": (
-        lambda c: c.update(B=pa.array(_set(c["B"].to_pylist(), 13, [1, None]), pa.list_(pa.int64()))), "B", "null"),
+        lambda c: c.update(B=pa.array(_set(c["B"].to_pylist(), 13, [1, None]), pa.list_(pa.int64()))),
+        "B",
+        "null",
+    ),
 }
 
 

@@ -17,19 +17,19 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import pytest
+import reliability_entry
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-import reliability_entry
 from data_pipes.synth import SynthConfig, generate
-from mlet_torchrec.training.checkpoint import complete_checkpoints, read_checkpoint_info
 from mlet_torchrec.config import ExperimentConfig, load_config
 from mlet_torchrec.io import MARKER, claim_directory
+from mlet_torchrec.training.checkpoint import complete_checkpoints, read_checkpoint_info
 
 pytestmark = pytest.mark.slow
 
@@ -42,36 +42,69 @@ TOTAL = 2 * STEPS_PER_EPOCH
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rel") / "data"
-    generate(SynthConfig(rows=1000, num_dense=3, num_sparse=4, min_cardinality=10, max_cardinality=400,
-                         multi_hot_features=1, row_group_size=LOCAL_BATCH, seed=7), out, progress=False)
+    generate(
+        SynthConfig(
+            rows=1000,
+            num_dense=3,
+            num_sparse=4,
+            min_cardinality=10,
+            max_cardinality=400,
+            multi_hot_features=1,
+            row_group_size=LOCAL_BATCH,
+            seed=7,
+        ),
+        out,
+        progress=False,
+    )
     return out
 
 
 def _config(dataset: Path, run_dir: Path, *extra: str) -> ExperimentConfig:
-    return load_config(REPO / "configs" / "tiny.yaml", [
-        f"data.path={dataset}", f"run.dir={run_dir}", "embedding.sharding=table_wise",
-        "sparse_optimizer.name=rowwise_adagrad", "sparse_optimizer.lr=0.05",
-        "dense_optimizer.name=adam", "dense_optimizer.lr=0.01",
-        f"train.batch_size={2 * LOCAL_BATCH}", "train.epochs=2", "train.checkpoint_every=4",
-        "train.keep_checkpoints=2", "train.log_every=2", "train.seed=11", *extra,
-    ])
+    return load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"data.path={dataset}",
+            f"run.dir={run_dir}",
+            "embedding.sharding=table_wise",
+            "sparse_optimizer.name=rowwise_adagrad",
+            "sparse_optimizer.lr=0.05",
+            "dense_optimizer.name=adam",
+            "dense_optimizer.lr=0.01",
+            f"train.batch_size={2 * LOCAL_BATCH}",
+            "train.epochs=2",
+            "train.checkpoint_every=4",
+            "train.keep_checkpoints=2",
+            "train.log_every=2",
+            "train.seed=11",
+            *extra,
+        ],
+    )
 
 
-def _launch(cfg: ExperimentConfig, nproc: int, out: Path, **spec: Any) -> Dict[str, Any]:
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"rel-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+def _launch(cfg: ExperimentConfig, nproc: int, out: Path, **spec: Any) -> dict[str, Any]:
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"rel-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+    )
     results = elastic_launch(launch, entrypoint=reliability_entry.worker)(
-        cfg.model_dump(mode="json"), {"out": str(out), **spec})
+        cfg.model_dump(mode="json"), {"out": str(out), **spec}
+    )
     return results[0]
 
 
-def _results(out: Path) -> Dict[str, Dict[str, Any]]:
+def _results(out: Path) -> dict[str, dict[str, Any]]:
     return {p.name: json.loads(p.read_text()) for p in sorted(out.glob("result.*.json"))}
 
 
-def _trace(out: Path, rank: int) -> Dict[int, Dict[str, Any]]:
+def _trace(out: Path, rank: int) -> dict[int, dict[str, Any]]:
     """step -> (epoch, batches, labels, ids) of this rank's batch, over all attempts (later ones win)."""
-    steps: Dict[int, Dict[str, Any]] = {}
+    steps: dict[int, dict[str, Any]] = {}
     for path in sorted(out.glob(f"trace.rank{rank}.attempt*.jsonl")):
         for line in path.read_text().splitlines():
             rec = json.loads(line)
@@ -79,13 +112,13 @@ def _trace(out: Path, rank: int) -> Dict[int, Dict[str, Any]]:
     return steps
 
 
-def _full_state(checkpoint: Path, tmp: Path) -> Dict[str, Any]:
+def _full_state(checkpoint: Path, tmp: Path) -> dict[str, Any]:
     """Every tensor of a DCP checkpoint, unsharded, flattened to 'model/...' and 'optimizer/...' keys."""
     target = tmp / f"full-{uuid.uuid4().hex[:6]}.pt"
     dcp_to_torch_save(str(checkpoint), str(target))
     state = torch.load(target, weights_only=False)
     target.unlink()
-    flat: Dict[str, Any] = {}
+    flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, dict):
@@ -107,13 +140,16 @@ def _assert_same_state(got: Path, ref: Path, tmp: Path, atol: float = 0.0) -> No
         if atol == 0.0:
             assert torch.equal(a[key], b[key]), f"{key}: max diff {(a[key] - b[key]).abs().max()}"
         else:
-            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def _temporaries(run_dir: Path) -> list:
     """Leftovers of checkpoint writes: io's hidden temporaries (and the old ``.tmp``/``.old`` names)."""
-    return [p.name for p in (run_dir / "checkpoints").iterdir()
-            if ".mlet-tmp-" in p.name or ".mlet-old-" in p.name or p.name.endswith((".tmp", ".old"))]
+    return [
+        p.name
+        for p in (run_dir / "checkpoints").iterdir()
+        if ".mlet-tmp-" in p.name or ".mlet-old-" in p.name or p.name.endswith((".tmp", ".old"))
+    ]
 
 
 def _final(run_dir: Path) -> Path:
@@ -158,8 +194,15 @@ def test_checkpoints_are_complete_rotated_and_hold_the_position(reference, tmp_p
     assert (run_dir / MARKER).is_file()  # and so does the run directory mlet created
     info = read_checkpoint_info(found[0])
     assert info["step"] == 20 and info["world_size"] == 2
-    assert info["position"] == {"epoch": 1, "batches_in_epoch": 8, "global_batch_size": 64, "num_workers": 0,
-                                "world_size": 2, "virtual_shards": 96, "rows_per_epoch": 768}
+    assert info["position"] == {
+        "epoch": 1,
+        "batches_in_epoch": 8,
+        "global_batch_size": 64,
+        "num_workers": 0,
+        "world_size": 2,
+        "virtual_shards": 96,
+        "rows_per_epoch": 768,
+    }
     assert info["plan"] and info["data_shape"]["rows"]["train"] == 800
     for name in ("config.yaml", "checkpoint.json", ".metadata", "rank_00000.pt", "rank_00001.pt"):
         assert (found[0] / name).is_file(), name
@@ -188,8 +231,11 @@ def test_resumed_run_equals_uninterrupted_run(dataset, stopped_two_ranks, refere
         b = torch.load(_final(ref_dir) / f"rank_0000{rank}.pt", weights_only=True)["rng"]
         assert torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"]
     # metrics.jsonl records every logged step once
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
     assert steps == sorted(set(steps)) and steps[-1] == TOTAL
 
 
@@ -206,14 +252,38 @@ def test_sigkilled_ranks_restart_from_the_last_checkpoint(dataset, reference, tm
     run_dir, out = tmp_path / "run", tmp_path / "out"
     cfg_file, spec_file = tmp_path / "config.json", tmp_path / "spec.json"
     cfg_file.write_text(json.dumps(_config(dataset, run_dir).model_dump(mode="json")))
-    spec_file.write_text(json.dumps({"out": str(out), "kill": {"step": 10, "rank": 1, "attempt": 0},
-                                     "kill_in_write": {"step": 16, "rank": 0, "attempt": 1}}))
+    spec_file.write_text(
+        json.dumps(
+            {
+                "out": str(out),
+                "kill": {"step": 10, "rank": 1, "attempt": 0},
+                "kill_in_write": {"step": 16, "rank": 0, "attempt": 1},
+            }
+        )
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
-         "--max-restarts=2", "--monitor-interval=0.2", str(Path(reliability_entry.__file__)),
-         "--config", str(cfg_file), "--spec", str(spec_file)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes=1",
+            "--nproc-per-node=2",
+            "--max-restarts=2",
+            "--monitor-interval=0.2",
+            str(Path(reliability_entry.__file__)),
+            "--config",
+            str(cfg_file),
+            "--spec",
+            str(spec_file),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     starts = {a: json.loads((out / f"start.attempt{a}.json").read_text()) for a in (0, 1, 2)}
@@ -368,20 +438,42 @@ def test_bad_row_group_mid_training_is_one_clear_error_under_torchrun(dataset, t
     for g in (20, 21):
         col = groups[g].column(feature["name"]).to_pylist()
         col[5] = feature["cardinality"] + 5
-        groups[g] = groups[g].set_column(groups[g].schema.get_field_index(feature["name"]), feature["name"],
-                                         pa.array(col, type=pa.int64()))
+        groups[g] = groups[g].set_column(
+            groups[g].schema.get_field_index(feature["name"]), feature["name"], pa.array(col, type=pa.int64())
+        )
     with pq.ParquetWriter(path, groups[0].schema) as writer:
         for t in groups:
             writer.write_table(t)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
-         "--monitor-interval=0.2", "-m", "mlet_torchrec.cli", "train", "--config", str(REPO / "configs/tiny.yaml"),
-         f"data.path={bad}", f"run.dir={tmp_path / 'run'}", "train.epochs=2", "train.batch_size=64"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes=1",
+            "--nproc-per-node=2",
+            "--monitor-interval=0.2",
+            "-m",
+            "mlet_torchrec.cli",
+            "train",
+            "--config",
+            str(REPO / "configs/tiny.yaml"),
+            f"data.path={bad}",
+            f"run.dir={tmp_path / 'run'}",
+            "train.epochs=2",
+            "train.batch_size=64",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "mlet train: error:" in line]
     assert errors, proc.stderr[-3000:]
-    assert f"column '{feature['name']}': id {feature['cardinality'] + 5} outside [0, {feature['cardinality']})" \
+    assert (
+        f"column '{feature['name']}': id {feature['cardinality'] + 5} outside [0, {feature['cardinality']})"
         in errors[0]
+    )
     assert str(path) in errors[0] and ("row group 20" in errors[0] or "row group 21" in errors[0])
     assert "fbgemm_gpu/" not in proc.stderr  # no traceback from inside FBGEMM

@@ -21,10 +21,28 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def test_tiny_sweep_renders_a_report(synth_dataset, tmp_path):
     data = synth_dataset()
     results = tmp_path / "results.jsonl"
-    args = [sys.executable, "-m", "mlet_torchrec.cli", "sweep", "--config", "configs/tiny.yaml",
-            "--grid", "embedding.d=[4] embedding.k=[none,16] seed=[0,1]", "--tune-baseline", "sparse_optimizer.lr=[0.2]",
-            "--results", str(results), "--nproc", "1", "--in-process", "--runs-dir", str(tmp_path / "runs"),
-            f"data.path={data}", "train.batch_size=128", "train.eval_batch_size=256"]
+    args = [
+        sys.executable,
+        "-m",
+        "mlet_torchrec.cli",
+        "sweep",
+        "--config",
+        "configs/tiny.yaml",
+        "--grid",
+        "embedding.d=[4] embedding.k=[none,16] seed=[0,1]",
+        "--tune-baseline",
+        "sparse_optimizer.lr=[0.2]",
+        "--results",
+        str(results),
+        "--nproc",
+        "1",
+        "--in-process",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        f"data.path={data}",
+        "train.batch_size=128",
+        "train.eval_batch_size=256",
+    ]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = load_results(results)
@@ -42,8 +60,14 @@ def test_tiny_sweep_renders_a_report(synth_dataset, tmp_path):
     assert len(load_results(results)) == 4
 
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "mlet_torchrec.cli", "report", str(results), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlet_torchrec.cli", "report", str(results), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     md = (out / "report.md").read_text()
     pngs = sorted((out / "plots").glob("*.png"))

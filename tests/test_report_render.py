@@ -27,5 +27,6 @@ def test_committed_report_rerenders_byte_for_byte(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the report names its command with the paths as given
     out = render_report(str(rel / "results.jsonl"), str(rel))
     assert out.read_bytes() == (committed / "report.md").read_bytes()
-    assert sorted(p.name for p in (tmp_path / rel / "plots").iterdir()) == \
-        sorted(p.name for p in (committed / "plots").iterdir())
+    assert sorted(p.name for p in (tmp_path / rel / "plots").iterdir()) == sorted(
+        p.name for p in (committed / "plots").iterdir()
+    )

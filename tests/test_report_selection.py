@@ -3,30 +3,44 @@ baseline and, with ``mlet sweep --tune``, for MLET at each k) and the hashing se
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 from mlet_torchrec.experiments.report import Results, fmt, render_report
 
 HASHING = {"moduli": {"C2": 25}, "original_cardinalities": {"C1": 10, "C2": 100}}
 
 
-def rec(k: Optional[int], seed: int, lr: float, valid: float, test: float, role: str = "tune", d: int = 4,
-        hashed: bool = False) -> Dict[str, Any]:
+def rec(
+    k: int | None, seed: int, lr: float, valid: float, test: float, role: str = "tune", d: int = 4, hashed: bool = False
+) -> dict[str, Any]:
     rows = 10 + (25 if hashed else 100)
     size = rows * d / 110  # A.4.4: relative to d = 1, un-hashed (110 rows)
-    overrides: Dict[str, Any] = {"embedding.d": d, "embedding.k": k, "train.seed": seed}
+    overrides: dict[str, Any] = {"embedding.d": d, "embedding.k": k, "train.seed": seed}
     if role == "tune":
         overrides["sparse_optimizer.lr"] = lr
     if hashed:
         overrides["data.path"] = "data/hashed"
     return {
-        "key": f"{k}-{seed}-{lr}-{d}-{hashed}", "status": "ok", "role": role, "dataset": "toy",
-        "overrides": overrides, "tune": {"sparse_optimizer.lr": [0.2, 3.2]}, "budget": "test",
-        "d": d, "k": k, "seed": seed, "sparse_lr": lr, "dense_lr": 0.2,
-        "valid": {"auc": valid}, "test": {"auc": test, "logloss": 0.5, "rows": 100},
-        "serving_table_bytes": rows * d * 4, "data_hashing": HASHING if hashed else None,
-        "compression": {"fp32": {"auc": test, "table_size": size},
-                        "int8 grid": {"auc": test - 0.001, "table_size": size / 4}},
+        "key": f"{k}-{seed}-{lr}-{d}-{hashed}",
+        "status": "ok",
+        "role": role,
+        "dataset": "toy",
+        "overrides": overrides,
+        "tune": {"sparse_optimizer.lr": [0.2, 3.2]},
+        "budget": "test",
+        "d": d,
+        "k": k,
+        "seed": seed,
+        "sparse_lr": lr,
+        "dense_lr": 0.2,
+        "valid": {"auc": valid},
+        "test": {"auc": test, "logloss": 0.5, "rows": 100},
+        "serving_table_bytes": rows * d * 4,
+        "data_hashing": HASHING if hashed else None,
+        "compression": {
+            "fp32": {"auc": test, "table_size": size},
+            "int8 grid": {"auc": test - 0.001, "table_size": size / 4},
+        },
     }
 
 
@@ -34,7 +48,7 @@ def store(tmp_path: Path, hashed: bool = False) -> Path:
     records = []
     for seed in (0, 1):
         s = 0.01 * seed
-        for h in ((False, True) if hashed else (False,)):
+        for h in (False, True) if hashed else (False,):
             records += [
                 rec(None, seed, 0.2, 0.60 + s, 0.61 + s, "grid", hashed=h),
                 rec(None, seed, 3.2, 0.70 + s, 0.71 + s, hashed=h),  # the baseline's tuned pick
@@ -53,8 +67,13 @@ def test_every_method_is_tuned_on_validation_only(tmp_path):
     kinds = {m.kind: m for m in res.methods()}
     assert set(kinds) == {"paper", "tuned", "mlet", "mlet_tuned", "mlet_best"}
     picks = {kind: [res.pick(m, "", 4, s)["sparse_lr"] for s in (0, 1)] for kind, m in kinds.items()}
-    assert picks == {"paper": [0.2, 0.2], "tuned": [3.2, 3.2], "mlet": [0.2, 0.2], "mlet_tuned": [0.2, 0.2],
-                     "mlet_best": [0.2, 0.2]}
+    assert picks == {
+        "paper": [0.2, 0.2],
+        "tuned": [3.2, 3.2],
+        "mlet": [0.2, 0.2],
+        "mlet_tuned": [0.2, 0.2],
+        "mlet_best": [0.2, 0.2],
+    }
     # like with like: MLET at the paper lr against the paper-lr baseline, tuned against tuned
     assert res.paired(kinds["mlet_tuned"], kinds["tuned"], "", 4, "test.auc") == [0.66 - 0.71, 0.67 - 0.72]
 

@@ -8,7 +8,6 @@ import errno
 import json
 import os
 from pathlib import Path
-from typing import List
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
 import mlet_torchrec.training.state as ts
 from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta
+from mlet_torchrec.config import ConfigError, load_config
 from mlet_torchrec.training.checkpoint import (
     CheckpointError,
     complete_checkpoints,
@@ -31,7 +31,6 @@ from mlet_torchrec.training.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from mlet_torchrec.config import ConfigError, load_config
 from mlet_torchrec.training.guardrails import (
     host_memory_available,
     memory_capacity,
@@ -43,10 +42,16 @@ from mlet_torchrec.training.guardrails import (
 # ------------------------------------------------------------------------------ skipping consumed batches
 
 
-def _fingerprint(batches) -> List[tuple]:
-    return [(tuple(b.labels.tolist()), tuple(b.sparse_features.values().tolist()),
-             tuple(b.sparse_features.lengths().tolist()), tuple(b.dense_features.flatten().tolist()))
-            for b in batches]
+def _fingerprint(batches) -> list[tuple]:
+    return [
+        (
+            tuple(b.labels.tolist()),
+            tuple(b.sparse_features.values().tolist()),
+            tuple(b.sparse_features.lengths().tolist()),
+            tuple(b.dense_features.flatten().tolist()),
+        )
+        for b in batches
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +60,24 @@ def uneven_data(synth_dataset):
     return synth_dataset(rows=900, row_group_size=37, row_groups_per_file=4, multi_hot_features=1)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(batch=st.integers(5, 80), world=st.integers(1, 3), rank_pick=st.integers(0, 2), shuffle=st.booleans(),
-       epoch=st.integers(0, 3), skip_frac=st.floats(0, 1.2), virtual_shards=st.sampled_from([1, 6, 96]))
-def test_a_position_yields_the_tail_of_a_full_epoch(uneven_data, batch, world, rank_pick, shuffle, epoch, skip_frac,
-                                                    virtual_shards):
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    batch=st.integers(5, 80),
+    world=st.integers(1, 3),
+    rank_pick=st.integers(0, 2),
+    shuffle=st.booleans(),
+    epoch=st.integers(0, 3),
+    skip_frac=st.floats(0, 1.2),
+    virtual_shards=st.sampled_from([1, 6, 96]),
+)
+def test_a_position_yields_the_tail_of_a_full_epoch(
+    uneven_data, batch, world, rank_pick, shuffle, epoch, skip_frac, virtual_shards
+):
     kw = dict(rank=rank_pick % world, world_size=world, shuffle=shuffle, seed=3, virtual_shards=virtual_shards)
     full = ParquetBatchReader(uneven_data, "train", batch, **kw)
     full.set_epoch(epoch)
@@ -88,7 +105,9 @@ def test_skipped_row_groups_are_not_decoded(uneven_data, monkeypatch):
     reader = ParquetBatchReader(uneven_data, "train", 40, shuffle=False, virtual_shards=1)
     reads = []
     orig = ParquetBatchReader._read
-    monkeypatch.setattr(ParquetBatchReader, "_read", lambda self, pf, f, g: reads.append((f, g)) or orig(self, pf, f, g))
+    monkeypatch.setattr(
+        ParquetBatchReader, "_read", lambda self, pf, f, g: reads.append((f, g)) or orig(self, pf, f, g)
+    )
     reader.set_position(0, 10)  # 400 rows = 10 whole row groups of 37 + 30 rows of the 11th
     next(iter(reader))
     assert reads[0] == (2, 2)  # file 2, row group 2: the 11th row group, the first one decoded
@@ -161,8 +180,15 @@ class _Tiny(nn.Module):
 
 def _save(run_dir: Path, step: int, model: nn.Module, keep=None):
     cfg = load_config(None, [f"run.dir={run_dir}"])
-    return save_checkpoint(run_dir, step, model, cfg, {"position": {"epoch": 0, "batches_in_epoch": step}},
-                           rank_state={"rng": ts.rng_state()}, keep=keep)
+    return save_checkpoint(
+        run_dir,
+        step,
+        model,
+        cfg,
+        {"position": {"epoch": 0, "batches_in_epoch": step}},
+        rank_state={"rng": ts.rng_state()},
+        keep=keep,
+    )
 
 
 def test_checkpoints_commit_atomically_and_keep_the_newest(tmp_path):
@@ -226,12 +252,23 @@ def test_check_resumable_lists_what_differs(synth_dataset):
     saved = load_config(None, [f"data.path={data}", "embedding.k=16", "train.batch_size=64"])
     info = {"position": {}, "data_shape": ts.data_shape(meta)}
     # how it runs may change: sharding, world size (not in the config), lr, epochs, intervals, data path
-    same = load_config(None, [f"data.path={data}", "embedding.k=16", "train.batch_size=64", "embedding.sharding=row_wise",
-                              "sparse_optimizer.lr=0.01", "train.epochs=3", "train.checkpoint_every=7",
-                              "run.dir=elsewhere"])
+    same = load_config(
+        None,
+        [
+            f"data.path={data}",
+            "embedding.k=16",
+            "train.batch_size=64",
+            "embedding.sharding=row_wise",
+            "sparse_optimizer.lr=0.01",
+            "train.epochs=3",
+            "train.checkpoint_every=7",
+            "run.dir=elsewhere",
+        ],
+    )
     ts.check_resumable("ckpt", saved, same, info, meta)
-    changed = load_config(None, [f"data.path={data}", "embedding.k=32", "train.batch_size=128",
-                                 "sparse_optimizer.name=adagrad"])
+    changed = load_config(
+        None, [f"data.path={data}", "embedding.k=32", "train.batch_size=128", "sparse_optimizer.name=adagrad"]
+    )
     with pytest.raises(ConfigError) as err:
         ts.check_resumable("ckpt", saved, changed, info, meta)
     msg = str(err.value)
@@ -257,14 +294,25 @@ def test_memory_capacity_is_this_machines():
 
 def test_tables_do_not_fit_message_has_the_numbers(synth_dataset):
     meta = DatasetMeta.load(synth_dataset())
-    meta = meta.model_copy(update={"sparse": [f.model_copy(update={"cardinality": 10**10}) if i == 0 else f
-                                              for i, f in enumerate(meta.sparse)]})
+    meta = meta.model_copy(
+        update={
+            "sparse": [f.model_copy(update={"cardinality": 10**10}) if i == 0 else f for i, f in enumerate(meta.sparse)]
+        }
+    )
     cfg = load_config(None, ["embedding.d=8", "embedding.k=32", "sparse_optimizer.name=adagrad"])
     need = table_memory(meta, cfg)
-    assert need["weights"] == sum(f.cardinality * 32 * 4 for f in meta.sparse) and need["optimizer_state"] == need["weights"]
-    err = tables_do_not_fit(PlannerError("...\nShard of size X does not fit on any rank.",
-                                         PlannerErrorType.INSUFFICIENT_STORAGE),
-                            meta, cfg, 4, {"ddr_cap": 8 * 2**30}, torch.device("cpu"))
+    assert (
+        need["weights"] == sum(f.cardinality * 32 * 4 for f in meta.sparse)
+        and need["optimizer_state"] == need["weights"]
+    )
+    err = tables_do_not_fit(
+        PlannerError("...\nShard of size X does not fit on any rank.", PlannerErrorType.INSUFFICIENT_STORAGE),
+        meta,
+        cfg,
+        4,
+        {"ddr_cap": 8 * 2**30},
+        torch.device("cpu"),
+    )
     msg = str(err)
     assert isinstance(err, ConfigError)
     assert "needs 2.33 TiB (W1 1.16 TiB + adagrad state 1.16 TiB" in msg
@@ -310,10 +358,18 @@ def test_restarts_get_an_isolated_process_group_store(monkeypatch):
 
 def test_rowwise_adagrad_state_cannot_change_its_column_split():
     tw = {"m.t_a": {"sharding_type": "table_wise", "shards": [{"offsets": [0, 0], "sizes": [10, 16]}]}}
-    rw = {"m.t_a": {"sharding_type": "row_wise", "shards": [{"offsets": [0, 0], "sizes": [5, 16]},
-                                                           {"offsets": [5, 0], "sizes": [5, 16]}]}}
-    cw = {"m.t_a": {"sharding_type": "column_wise", "shards": [{"offsets": [0, 0], "sizes": [10, 8]},
-                                                              {"offsets": [0, 8], "sizes": [10, 8]}]}}
+    rw = {
+        "m.t_a": {
+            "sharding_type": "row_wise",
+            "shards": [{"offsets": [0, 0], "sizes": [5, 16]}, {"offsets": [5, 0], "sizes": [5, 16]}],
+        }
+    }
+    cw = {
+        "m.t_a": {
+            "sharding_type": "column_wise",
+            "shards": [{"offsets": [0, 0], "sizes": [10, 8]}, {"offsets": [0, 8], "sizes": [10, 8]}],
+        }
+    }
     ts.check_optimizer_layout("ckpt", tw, rw, "rowwise_adagrad")  # row-wise <-> table-wise reshard freely
     ts.check_optimizer_layout("ckpt", tw, cw, "adagrad")  # full Adagrad state has the weights' shape
     with pytest.raises(ConfigError, match="t_a: table_wise with 1 column shard\\(s\\) -> column_wise with 2"):

@@ -152,8 +152,9 @@ def test_one_two_and_three_gloo_ranks_give_the_same_metrics():
 
 
 def _mlet(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "mlet_torchrec.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlet_torchrec.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"mlet {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
@@ -166,11 +167,22 @@ def test_mlet_evaluate_on_two_and_three_ranks_prints_the_one_process_metrics(tmp
 
     data = synth_dataset(rows=4000, row_group_size=64)
     run = tmp_path / "run"
-    train(load_config("tiny", [f"data.path={data}", f"run.dir={run}", "train.max_steps=20",
-                               "embedding.tables.C2.sharding=row_wise", "embedding.tables.C3.sharding=column_wise"]))
+    train(
+        load_config(
+            "tiny",
+            [
+                f"data.path={data}",
+                f"run.dir={run}",
+                "train.max_steps=20",
+                "embedding.tables.C2.sharding=row_wise",
+                "embedding.tables.C3.sharding=column_wise",
+            ],
+        )
+    )
     one = json.loads(_mlet("evaluate", "--input", str(run), "--split", "test", "--auc", "exact"))
-    two = json.loads(_mlet("evaluate", "--input", str(run), "--split", "test", "--auc", "exact",
-                           "--nproc-per-node", "2"))
+    two = json.loads(
+        _mlet("evaluate", "--input", str(run), "--split", "test", "--auc", "exact", "--nproc-per-node", "2")
+    )
     three = evaluate_local(run, 3, "test", "histogram")
     one_hist = evaluate_path(run, "test", "histogram")  # in this process
     assert one["rows"] == two["rows"] == three["rows"] > 0

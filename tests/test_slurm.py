@@ -95,23 +95,34 @@ def data(work):
 
 
 def _env(cluster=None) -> dict:
-    env = {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""), "LOGLEVEL": "WARNING",
-           "TORCHXCONFIG": str(REPO / ".torchxconfig")}
+    env = {
+        **os.environ,
+        "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+        "LOGLEVEL": "WARNING",
+        "TORCHXCONFIG": str(REPO / ".torchxconfig"),
+    }
     if cluster is not None:
         env.update(cluster.env)
     return env
 
 
 def _mlet(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([os.path.join(VENV_BIN, "mlet"), *args], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [os.path.join(VENV_BIN, "mlet"), *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"mlet {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     return proc
 
 
 def _torchx(cluster, cwd: Path, *args: str, check: bool = True, timeout: int = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run([os.path.join(VENV_BIN, "torchx"), *args], cwd=cwd, env=_env(cluster), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [os.path.join(VENV_BIN, "torchx"), *args],
+        cwd=cwd,
+        env=_env(cluster),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check:
         assert proc.returncode == 0, f"torchx {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     return proc
@@ -126,8 +137,13 @@ def _submit(cluster, cwd: Path, component: str, *args: str) -> str:
 
 
 def _sacct_states(cluster, job: str) -> list:
-    proc = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job], env=_env(cluster),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", job],
+        env=_env(cluster),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
 
 
@@ -147,8 +163,7 @@ def _wait(cluster, job: str, timeout: float = 600, on_poll=None) -> dict:
             return seen
         time.sleep(0.25)
     subprocess.run(["scancel", job], env=_env(cluster))
-    pytest.fail(f"job {job} not finished after {timeout} s: {_sacct_states(cluster, job)}; "
-                f"logs in {cluster.log}")
+    pytest.fail(f"job {job} not finished after {timeout} s: {_sacct_states(cluster, job)}; logs in {cluster.log}")
 
 
 def _metrics(run_dir: Path) -> dict:
@@ -167,7 +182,7 @@ def _assert_same_metrics(a: dict, b: dict, tol: float = 1e-6) -> dict:
 def _json_in(text: str) -> dict:
     """The JSON object in a log: plain, or with torchrun's `[RANK]:` or torchx's `ROLE/REPLICA [RANK]:` prefixes."""
     text = "\n".join(re.sub(r"^(\S+/\d+ )?\[\d+\]:", "", line) for line in text.splitlines())
-    return json.loads(text[text.index("{"):text.rindex("}") + 1])
+    return json.loads(text[text.index("{") : text.rindex("}") + 1])
 
 
 # ---------------------------------------------------------------- without the packages
@@ -178,8 +193,10 @@ def test_refuses_in_one_line_without_the_packages(monkeypatch, tmp_path, capsys)
 
     monkeypatch.setattr(local_cluster, "_which", lambda name: None if name == "slurmd" else "/usr/bin/" + name)
     reason = local_cluster.unavailable_reason()
-    assert reason == ("Slurm test cluster: missing slurmd; install with: apt-get install -y slurmctld slurmd slurmdbd "
-                      "slurm-client munge mariadb-server")
+    assert reason == (
+        "Slurm test cluster: missing slurmd; install with: apt-get install -y slurmctld slurmd slurmdbd "
+        "slurm-client munge mariadb-server"
+    )
     with pytest.raises(local_cluster.SlurmUnavailable, match="missing slurmd"):
         LocalSlurmCluster(tmp_path / "c").start()
     assert not (tmp_path / "c").exists()  # refused before creating anything
@@ -214,8 +231,21 @@ JOBS = {}  # job ids the later tests read
 
 
 def _train_args(data: Path, run: Path, *extra: str) -> list:
-    return ["--config", CONFIG, "-j", "2x1", *NODE_RES, "--rdzv_port", str(_free_port()),
-            "--env", "OMP_NUM_THREADS=1", *extra, f"data.path={data}", f"run.dir={run}", *OVERRIDES]
+    return [
+        "--config",
+        CONFIG,
+        "-j",
+        "2x1",
+        *NODE_RES,
+        "--rdzv_port",
+        str(_free_port()),
+        "--env",
+        "OMP_NUM_THREADS=1",
+        *extra,
+        f"data.path={data}",
+        f"run.dir={run}",
+        *OVERRIDES,
+    ]
 
 
 @pytest.mark.slow
@@ -235,8 +265,9 @@ def test_two_node_train_collapse_evaluate_match_local(cluster, work, data, local
     FIGURES["train: max |slurm - local| metric"] = max(diffs.values())
     FIGURES["train: test auc slurm / local"] = [slurm["test"]["auc"], local["test"]["auc"]]
     # the two replicas ran on the two nodes
-    nodes = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "NodeList", "-j", job], env=_env(cluster),
-                           capture_output=True, text=True).stdout.split()
+    nodes = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "NodeList", "-j", job], env=_env(cluster), capture_output=True, text=True
+    ).stdout.split()
     assert sorted(nodes) == sorted(cluster.nodes), nodes
 
     collapsed = run / "collapsed"
@@ -286,13 +317,20 @@ def _worker_pids(cluster, node: str) -> list:
     found = []
     for pid in cluster.job_pids():
         try:
-            env = dict(kv.split("=", 1) for kv in
-                       Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0") if "=" in kv)
+            env = dict(
+                kv.split("=", 1)
+                for kv in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in kv
+            )
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if env.get("SLURMD_NODENAME") == node and "LOCAL_RANK" in env and "mlet_torchrec.cli" in cmd \
-                and not any("torchrun" in c for c in cmd):
+        if (
+            env.get("SLURMD_NODENAME") == node
+            and "LOCAL_RANK" in env
+            and "mlet_torchrec.cli" in cmd
+            and not any("torchrun" in c for c in cmd)
+        ):
             found.append(pid)
     return found
 
@@ -329,12 +367,13 @@ def test_killed_worker_requeues_and_resumes(cluster, work, data, local_run):
     err = (work / f"slurm-{job}-train-1.err").read_text()
     assert waited["state"] == "COMPLETED", (waited, err[-3000:])
     FIGURES["requeue: killed worker -> requeued / running again / COMPLETED (s)"] = [
-        round(killed.get("requeued_after_s", -1), 1), round(killed.get("running_again_after_s", -1), 1),
-        round(t0 + waited["total_s"] - killed["t"], 1)]
+        round(killed.get("requeued_after_s", -1), 1),
+        round(killed.get("running_again_after_s", -1), 1),
+        round(t0 + waited["total_s"] - killed["t"], 1),
+    ]
     assert "running_again_after_s" in killed, killed  # the job went back to the queue and ran again
 
-    show = subprocess.run(["scontrol", "show", "job", job], env=_env(cluster), capture_output=True,
-                          text=True).stdout
+    show = subprocess.run(["scontrol", "show", "job", job], env=_env(cluster), capture_output=True, text=True).stdout
     assert re.search(r"Restarts=1\b", show), show
     metrics = _metrics(run)
     assert metrics["resumed_from"], metrics  # the second attempt started from a checkpoint, not from scratch
@@ -352,8 +391,19 @@ def test_killed_worker_requeues_and_resumes(cluster, work, data, local_run):
 @pytest.mark.slow
 @NEEDS_SLURM
 def test_bad_config_fails_with_one_line_error(cluster, work, data):
-    job = _submit(cluster, work, "train", "--config", CONFIG, "-j", "1x1", *NODE_RES, f"data.path={data}",
-                  f"run.dir={work / 'slurm_bad'}", "model.name=no_such_model")
+    job = _submit(
+        cluster,
+        work,
+        "train",
+        "--config",
+        CONFIG,
+        "-j",
+        "1x1",
+        *NODE_RES,
+        f"data.path={data}",
+        f"run.dir={work / 'slurm_bad'}",
+        "model.name=no_such_model",
+    )
     assert _wait(cluster, job)["state"] == "FAILED"
     status = _torchx(cluster, work, "status", f"slurm://torchx/{job}").stdout
     assert re.search(r"State:\s*FAILED", status), status

@@ -3,6 +3,7 @@
 import pytest
 
 from mlet_torchrec.config import ConfigError, load_config
+from mlet_torchrec.experiments.analysis import _row_frequency
 from mlet_torchrec.experiments.report import fmt, mean_std, verdict
 from mlet_torchrec.experiments.sweep import (
     ResultsStore,
@@ -15,13 +16,17 @@ from mlet_torchrec.experiments.sweep import (
     plan_cells,
     run_sweep,
 )
-from mlet_torchrec.experiments.analysis import _row_frequency
 
 
 def test_parse_grid_reads_yaml_lists_none_and_aliases():
     g = parse_grid("embedding.d=[4, 8,16] k=[none, 16,64 ] seed=[0,1] lr=0.5 model.name=[dlrm,dcn]")
-    assert g == {"embedding.d": [4, 8, 16], "embedding.k": [None, 16, 64], "train.seed": [0, 1],
-                 "sparse_optimizer.lr": [0.5], "model.name": ["dlrm", "dcn"]}
+    assert g == {
+        "embedding.d": [4, 8, 16],
+        "embedding.k": [None, 16, 64],
+        "train.seed": [0, 1],
+        "sparse_optimizer.lr": [0.5],
+        "model.name": ["dlrm", "dcn"],
+    }
     assert parse_grid("k=[None] lr=[0.2,1.0e-1]") == {"embedding.k": [None], "sparse_optimizer.lr": [0.2, 0.1]}
 
 
@@ -85,8 +90,12 @@ def test_sweep_skips_cells_already_in_the_store(tmp_path, monkeypatch, capsys):
         return {"valid": {"auc": 0.5}, "test": {"auc": 0.5, "logloss": 0.7}}
 
     monkeypatch.setattr(sweep, "_run_cell_subprocess", fake_cell)
-    s = SweepSettings(config=None, grid=parse_grid("embedding.k=[none,16] seed=[0,1]"), results=str(tmp_path / "r.jsonl"),
-                      runs_dir=str(tmp_path / "runs"))
+    s = SweepSettings(
+        config=None,
+        grid=parse_grid("embedding.k=[none,16] seed=[0,1]"),
+        results=str(tmp_path / "r.jsonl"),
+        runs_dir=str(tmp_path / "runs"),
+    )
     first = run_sweep(s)
     assert first == {"planned": 4, "skipped": 0, "ran": 3, "failed": 1}
     lines = load_results(tmp_path / "r.jsonl")
@@ -130,7 +139,7 @@ def test_row_frequency_is_the_min_over_features():
 
 
 def test_report_helpers():
-    assert mean_std([1.0, 3.0])[:2] == (2.0, pytest.approx(2 ** 0.5))
+    assert mean_std([1.0, 3.0])[:2] == (2.0, pytest.approx(2**0.5))
     assert fmt([0.5, 0.7]) == "0.6000 ± 0.1414"
     assert fmt([0.5]) == "0.5000" and fmt([]) == "–"
     assert verdict([0.01, 0.011, 0.012]).startswith("MLET better")
@@ -142,7 +151,9 @@ def test_plan_cells_with_tune_mlet_tunes_every_method_alike(tmp_path):
     grid = parse_grid("embedding.d=[4] embedding.k=[none,16,64] seed=[0]")
     tune = parse_grid("sparse_optimizer.lr=[0.8,3.2]")
     cells = plan_cells(None, grid, tune, runs_dir=str(tmp_path), tune_mlet=True)
-    per_k = {k: sorted(c.config.sparse_optimizer.lr for c in cells if c.config.embedding.k == k) for k in (None, 16, 64)}
+    per_k = {
+        k: sorted(c.config.sparse_optimizer.lr for c in cells if c.config.embedding.k == k) for k in (None, 16, 64)
+    }
     assert per_k == {None: [0.2, 0.8, 3.2], 16: [0.2, 0.8, 3.2], 64: [0.2, 0.8, 3.2]}
     assert "the same 2 tuning run(s)" in budget_note(grid, tune, tune_mlet=True)
 
@@ -160,8 +171,14 @@ def test_a_diverged_cell_is_recorded_and_skipped_on_rerun(tmp_path, monkeypatch)
         return {"valid": {"auc": 0.5}, "test": {"auc": 0.5, "logloss": 0.7}}
 
     monkeypatch.setattr(cell, "_measure_cell", fake_here)
-    s = SweepSettings(config=None, grid=parse_grid("embedding.k=[none,16]"), results=str(tmp_path / "r.jsonl"),
-                      runs_dir=str(tmp_path / "runs"), nproc=1, in_process=True)
+    s = SweepSettings(
+        config=None,
+        grid=parse_grid("embedding.k=[none,16]"),
+        results=str(tmp_path / "r.jsonl"),
+        runs_dir=str(tmp_path / "runs"),
+        nproc=1,
+        in_process=True,
+    )
     assert run_sweep(s) == {"planned": 2, "skipped": 0, "ran": 2, "failed": 0}
     lines = sorted(load_results(tmp_path / "r.jsonl"), key=lambda r: r["status"])
     assert [(r["k"], r["status"]) for r in lines] == [(16, "diverged"), (None, "ok")]

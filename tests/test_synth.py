@@ -29,8 +29,16 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def test_deterministic_for_a_seed(tmp_path):
-    cfg = SynthConfig(rows=2000, num_dense=2, num_sparse=3, max_cardinality=300, multi_hot_features=1,
-                      row_group_size=300, row_groups_per_file=3, seed=7)
+    cfg = SynthConfig(
+        rows=2000,
+        num_dense=2,
+        num_sparse=3,
+        max_cardinality=300,
+        multi_hot_features=1,
+        row_group_size=300,
+        row_groups_per_file=3,
+        seed=7,
+    )
     a = generate(cfg, tmp_path / "a", progress=False)
     b = generate(cfg, tmp_path / "b", progress=False)
     c = generate(cfg.model_copy(update={"seed": 8}), tmp_path / "c", progress=False)
@@ -43,8 +51,9 @@ def test_deterministic_for_a_seed(tmp_path):
 
 
 def test_layout_metadata_and_row_groups(tmp_path):
-    cfg = SynthConfig(rows=5000, num_dense=2, num_sparse=3, max_cardinality=1000, row_group_size=300,
-                      row_groups_per_file=4, seed=3)
+    cfg = SynthConfig(
+        rows=5000, num_dense=2, num_sparse=3, max_cardinality=1000, row_group_size=300, row_groups_per_file=4, seed=3
+    )
     meta = generate(cfg, tmp_path / "d", progress=False)
     assert meta == DatasetMeta.load(tmp_path / "d")
     assert meta.rows == {"train": 4000, "valid": 500, "test": 500}
@@ -68,8 +77,9 @@ def test_layout_metadata_and_row_groups(tmp_path):
 
 
 def test_cardinalities_and_ids_in_range(tmp_path):
-    cfg = SynthConfig(rows=3000, num_dense=1, num_sparse=5, min_cardinality=3, max_cardinality=30_000,
-                      multi_hot_features=2, seed=2)
+    cfg = SynthConfig(
+        rows=3000, num_dense=1, num_sparse=5, min_cardinality=3, max_cardinality=30_000, multi_hot_features=2, seed=2
+    )
     meta = generate(cfg, tmp_path / "d", progress=False)
     cards = [f.cardinality for f in meta.sparse]
     assert cards[0] == 3 and cards[-1] == 30_000
@@ -99,8 +109,18 @@ def test_permutation_is_a_bijection():
 
 
 def test_zipf_skew(tmp_path):
-    cfg = SynthConfig(rows=20_000, num_dense=0, num_sparse=2, min_cardinality=100_000, max_cardinality=100_000,
-                      zipf_exponent=1.1, train_fraction=1.0, valid_fraction=0.0, test_fraction=0.0, seed=4)
+    cfg = SynthConfig(
+        rows=20_000,
+        num_dense=0,
+        num_sparse=2,
+        min_cardinality=100_000,
+        max_cardinality=100_000,
+        zipf_exponent=1.1,
+        train_fraction=1.0,
+        valid_fraction=0.0,
+        test_fraction=0.0,
+        seed=4,
+    )
     meta = generate(cfg, tmp_path / "d", progress=False)
     assert list(meta.splits) == ["train"]
     ids = _read_split(tmp_path / "d", "train").column("C1").to_numpy()
@@ -117,8 +137,9 @@ def test_zipf_skew(tmp_path):
 
 
 def test_planted_labels_are_learnable_and_calibrated(tmp_path):
-    cfg = SynthConfig(rows=30_000, num_dense=4, num_sparse=6, max_cardinality=5000, multi_hot_features=2,
-                      positive_rate=0.3, seed=5)
+    cfg = SynthConfig(
+        rows=30_000, num_dense=4, num_sparse=6, max_cardinality=5000, multi_hot_features=2, positive_rate=0.3, seed=5
+    )
     meta = generate(cfg, tmp_path / "d", progress=False)
     oracle = meta.source["oracle"]["test"]
     assert oracle["auc"] > 0.75
@@ -139,8 +160,9 @@ def test_planted_labels_are_learnable_and_calibrated(tmp_path):
 
 
 def test_multi_hot_bags(tmp_path):
-    cfg = SynthConfig(rows=3000, num_dense=1, num_sparse=4, max_cardinality=800, multi_hot_features=2,
-                      max_bag_size=5, seed=6)
+    cfg = SynthConfig(
+        rows=3000, num_dense=1, num_sparse=4, max_cardinality=800, multi_hot_features=2, max_bag_size=5, seed=6
+    )
     meta = generate(cfg, tmp_path / "d", progress=False)
     assert [f.multi_hot for f in meta.sparse] == [False, False, True, True]
     table = _read_split(tmp_path / "d", "train")
@@ -250,9 +272,21 @@ def _content_digest(root: Path) -> str:
 
 def test_output_is_pinned(tmp_path):
     # pinned values: a change to the keyed hashing or the draws would silently change every data set
-    cfg = SynthConfig(rows=600, num_dense=2, num_sparse=3, max_cardinality=500, multi_hot_features=1,
-                      row_group_size=128, row_groups_per_file=2, seed=11)
+    cfg = SynthConfig(
+        rows=600,
+        num_dense=2,
+        num_sparse=3,
+        max_cardinality=500,
+        multi_hot_features=1,
+        row_group_size=128,
+        row_groups_per_file=2,
+        seed=11,
+    )
     meta = generate(cfg, tmp_path / "s", progress=False)
     assert _content_digest(tmp_path / "s") == "b168a449e5e359de58cfe194ba3005c28ac820ad8c53785507bb787437d76396"
-    assert meta.source["planted"] == {"intercept": -1.871860513680918, "dense_coef": 0.24769933248837542,
-                                      "interaction_coef": 0.45205762533381655, "id_bias_coef": 0.36011123283902613}
+    assert meta.source["planted"] == {
+        "intercept": -1.871860513680918,
+        "dense_coef": 0.24769933248837542,
+        "interaction_coef": 0.45205762533381655,
+        "id_bias_coef": 0.36011123283902613,
+    }

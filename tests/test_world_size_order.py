@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -27,7 +27,7 @@ STEPS_PER_EPOCH = 25  # 1200 train rows // 48 (the last 0 rows dropped)
 TOTAL = 2 * STEPS_PER_EPOCH
 
 
-def worker(config: Dict[str, Any], out: str) -> Dict[str, Any]:
+def worker(config: dict[str, Any], out: str) -> dict[str, Any]:
     """Train ``config`` on this rank, writing the rows (dense values) of every step's batch."""
     import os
 
@@ -39,8 +39,17 @@ def worker(config: Dict[str, Any], out: str) -> Dict[str, Any]:
     trace = open(Path(out) / f"rows.rank{rank}.jsonl", "a")
 
     def hook(ev) -> None:  # type: ignore[no-untyped-def]
-        trace.write(json.dumps({"step": ev.step, "epoch": ev.epoch, "batches": ev.batches_in_epoch,
-                                "rows": ev.batch.dense_features.tolist()}) + "\n")
+        trace.write(
+            json.dumps(
+                {
+                    "step": ev.step,
+                    "epoch": ev.epoch,
+                    "batches": ev.batches_in_epoch,
+                    "rows": ev.batch.dense_features.tolist(),
+                }
+            )
+            + "\n"
+        )
         trace.flush()
 
     try:
@@ -52,31 +61,63 @@ def worker(config: Dict[str, Any], out: str) -> Dict[str, Any]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("order") / "data"
-    generate(SynthConfig(rows=1500, num_dense=3, num_sparse=4, min_cardinality=10, max_cardinality=300,
-                         multi_hot_features=1, row_group_size=50, row_groups_per_file=5, seed=3), out,
-             progress=False)
+    generate(
+        SynthConfig(
+            rows=1500,
+            num_dense=3,
+            num_sparse=4,
+            min_cardinality=10,
+            max_cardinality=300,
+            multi_hot_features=1,
+            row_group_size=50,
+            row_groups_per_file=5,
+            seed=3,
+        ),
+        out,
+        progress=False,
+    )
     return out
 
 
 def _config(dataset: Path, run_dir: Path, *extra: str) -> ExperimentConfig:
-    return load_config(REPO / "configs" / "tiny.yaml", [
-        f"data.path={dataset}", f"run.dir={run_dir}", "embedding.sharding=table_wise",
-        "sparse_optimizer.name=rowwise_adagrad", "sparse_optimizer.lr=0.05",
-        "dense_optimizer.name=adam", "dense_optimizer.lr=0.01", "data.shuffle=true",
-        f"train.batch_size={BATCH}", "train.epochs=2", "train.checkpoint_every=5", "train.seed=4", *extra,
-    ])
+    return load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"data.path={dataset}",
+            f"run.dir={run_dir}",
+            "embedding.sharding=table_wise",
+            "sparse_optimizer.name=rowwise_adagrad",
+            "sparse_optimizer.lr=0.05",
+            "dense_optimizer.name=adam",
+            "dense_optimizer.lr=0.01",
+            "data.shuffle=true",
+            f"train.batch_size={BATCH}",
+            "train.epochs=2",
+            "train.checkpoint_every=5",
+            "train.seed=4",
+            *extra,
+        ],
+    )
 
 
-def _launch(cfg: ExperimentConfig, nproc: int, out: Path) -> Dict[str, Any]:
+def _launch(cfg: ExperimentConfig, nproc: int, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"ord-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"ord-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+    )
     return elastic_launch(launch, entrypoint=worker)(cfg.model_dump(mode="json"), str(out))[0]
 
 
-def _global_rows(out: Path, nproc: int) -> Dict[int, List[List[float]]]:
+def _global_rows(out: Path, nproc: int) -> dict[int, list[list[float]]]:
     """step -> the sorted rows every rank read at that step, checking each rank read BATCH / nproc."""
-    steps: Dict[int, List[List[float]]] = {}
+    steps: dict[int, list[list[float]]] = {}
     for rank in range(nproc):
         for line in (out / f"rows.rank{rank}.jsonl").read_text().splitlines():
             rec = json.loads(line)
@@ -88,7 +129,7 @@ def _global_rows(out: Path, nproc: int) -> Dict[int, List[List[float]]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(dataset, tmp_path_factory) -> Dict[str, Any]:
+def uninterrupted(dataset, tmp_path_factory) -> dict[str, Any]:
     """The whole run on 1 process: its summary and the rows of every step."""
     base = tmp_path_factory.mktemp("whole")
     summary = _launch(_config(dataset, base / "run"), 1, base / "out")
@@ -97,7 +138,7 @@ def uninterrupted(dataset, tmp_path_factory) -> Dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def handed_over(dataset, tmp_path_factory) -> List[Dict[str, Any]]:
+def handed_over(dataset, tmp_path_factory) -> list[dict[str, Any]]:
     """2 ranks to step 10, 1 rank to 30 (across the epoch boundary), 3 ranks to 40, 2 ranks to the end."""
     base = tmp_path_factory.mktemp("handed")
     legs, start = [], 0

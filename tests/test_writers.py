@@ -15,14 +15,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_collapse import fake_run
 
 from mlet_torchrec.cli.main import main
 from mlet_torchrec.experiments.report import render_report
 from mlet_torchrec.io import OutputError
 from mlet_torchrec.serving.collapse import collapse
-from mlet_torchrec.serving.compression import write_hashed_dataset
 from mlet_torchrec.serving.export import export
-from test_collapse import fake_run
+from mlet_torchrec.serving.hashing import write_hashed_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +35,9 @@ def _foreign(directory: Path) -> Path:
 
 
 def _intact(directory: Path) -> bool:
-    return ((directory / "precious.txt").read_text() == "mine"
-            and (directory / "sub" / "thesis.tex").read_text() == "\\section{mine}")
+    return (directory / "precious.txt").read_text() == "mine" and (
+        directory / "sub" / "thesis.tex"
+    ).read_text() == "\\section{mine}"
 
 
 def _refused_in_one_line(argv, capsys) -> str:
@@ -59,16 +60,19 @@ def test_collapse_refusals(artifacts, tmp_path, monkeypatch, capsys):
     foreign = _foreign(tmp_path / "foreign")
     err = _refused_in_one_line(["collapse", "--input", str(run), "--output", str(foreign), "--overwrite"], capsys)
     assert "did not write" in err and _intact(foreign)
-    assert "is the input" in _refused_in_one_line(["collapse", "--input", str(run), "--output", str(run),
-                                                   "--overwrite"], capsys)
-    assert "contains the input" in _refused_in_one_line(["collapse", "--input", str(run), "--output",
-                                                         str(run.parent), "--overwrite"], capsys)
+    assert "is the input" in _refused_in_one_line(
+        ["collapse", "--input", str(run), "--output", str(run), "--overwrite"], capsys
+    )
+    assert "contains the input" in _refused_in_one_line(
+        ["collapse", "--input", str(run), "--output", str(run.parent), "--overwrite"], capsys
+    )
     ckpt = run / "checkpoints" / "step_00000001"
     with pytest.raises(OutputError, match="is the input"):  # the resolved checkpoint counts too
         collapse(run, ckpt, check_split=None, overwrite=True)
     monkeypatch.chdir(tmp_path)
-    assert "working directory" in _refused_in_one_line(["collapse", "--input", str(run), "--output", ".",
-                                                        "--overwrite"], capsys)
+    assert "working directory" in _refused_in_one_line(
+        ["collapse", "--input", str(run), "--output", ".", "--overwrite"], capsys
+    )
     assert _intact(foreign) and sorted(p.name for p in tmp_path.iterdir()) == ["foreign"]
 
 
@@ -83,8 +87,9 @@ def test_export_refusals(artifacts, tmp_path, monkeypatch, capsys):
     with pytest.raises(OutputError, match="contains the input"):
         export(collapsed, collapsed.parent, int8=False, formats=("npy",), overwrite=True)
     monkeypatch.chdir(tmp_path)
-    err = _refused_in_one_line(["export", "--input", str(collapsed), "--output", ".", "--format", "npy",
-                                "--no-check", "--overwrite"], capsys)
+    err = _refused_in_one_line(
+        ["export", "--input", str(collapsed), "--output", ".", "--format", "npy", "--no-check", "--overwrite"], capsys
+    )
     assert "working directory" in err and (collapsed / "manifest.json").is_file()
 
 
@@ -143,8 +148,7 @@ def test_sigkill_in_the_middle_of_a_collapse_keeps_the_old_output(artifacts, tmp
     collapse(run, out, check_split=None)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(run), str(out)], env=env, capture_output=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(run), str(out)], env=env, capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # the old output, whole; nothing of the new one

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from mlet_torchrec.errors import InputNotFound, UserError
 from mlet_torchrec.logs import LEVELS
@@ -36,19 +37,27 @@ def example(*lines: str) -> str:
 class DeprecatedAlias(argparse.Action):
     """An old spelling of a flag: stores into the new flag's ``dest`` and warns once per parse."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "", value: Any = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, option_strings: Sequence[str], dest: str, new: str = "", value: Any = None, **kwargs: Any
+    ) -> None:
         self.new = new
         self.value = value
         self.warned = False
         super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: Optional[str] = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         if not self.warned:
             self.warned = True
-            print(f"{parser.prog}: warning: {option_string} is deprecated and goes in the next release; "
-                  f"use {self.new}", file=sys.stderr)
+            print(
+                f"{parser.prog}: warning: {option_string} is deprecated and goes in the next release; use {self.new}",
+                file=sys.stderr,
+            )
         setattr(namespace, self.dest, self.value if self.nargs == 0 else values)
 
 
@@ -60,8 +69,13 @@ def add_alias(p: argparse.ArgumentParser, old: Sequence[str], new: str, dest: st
 
 def add_log_level(p: argparse.ArgumentParser) -> None:
     """``--log-level`` (and the old ``-v/--verbose``); accepted before or after the subcommand."""
-    p.add_argument("--log-level", type=str.upper, choices=LEVELS, default=argparse.SUPPRESS,
-                   help="log level of mlet's own messages (default INFO); DEBUG also shows every library warning")
+    p.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LEVELS,
+        default=argparse.SUPPRESS,
+        help="log level of mlet's own messages (default INFO); DEBUG also shows every library warning",
+    )
     add_alias(p, ["-v", "--verbose"], "--log-level DEBUG", "log_level", nargs=0, value="DEBUG")
 
 
@@ -72,23 +86,28 @@ def common_parent() -> argparse.ArgumentParser:
     return parent
 
 
-def add_input(p: argparse.ArgumentParser, help: str, old: Sequence[str] = (), nargs: Optional[str] = None,
-              required: bool = True) -> None:
+def add_input(
+    p: argparse.ArgumentParser, help: str, old: Sequence[str] = (), nargs: str | None = None, required: bool = True
+) -> None:
     """``--input``; with old spellings argparse cannot require it: the command calls :func:`require`."""
     p.add_argument("--input", type=Path, required=required and not old, nargs=nargs, default=None, help=help)
     add_alias(p, old, "--input", "input", type=Path, nargs=nargs)
 
 
-def add_output(p: argparse.ArgumentParser, help: str, old: Sequence[str] = (), required: bool = True,
-               default: Any = None) -> None:
+def add_output(
+    p: argparse.ArgumentParser, help: str, old: Sequence[str] = (), required: bool = True, default: Any = None
+) -> None:
     """``--output``; with old spellings argparse cannot require it: the command calls :func:`require`."""
     p.add_argument("--output", type=Path, required=required and not old, default=default, help=help)
     add_alias(p, old, "--output", "output", type=Path)
 
 
 def add_overwrite(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output that mlet wrote (refuses one holding other files)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output that mlet wrote (refuses one holding other files)",
+    )
 
 
 def add_nproc(p: argparse.ArgumentParser, default: int, help: str, old: Sequence[str] = ()) -> None:
@@ -100,8 +119,11 @@ def add_seed(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--seed", type=int, default=None, help=help)
 
 
-def add_config(p: argparse.ArgumentParser, help: str = "YAML config file, or the name of a packaged one "
-               "(tiny, demo, models/deepfm, ...); defaults when omitted") -> None:
+def add_config(
+    p: argparse.ArgumentParser,
+    help: str = "YAML config file, or the name of a packaged one "
+    "(tiny, demo, models/deepfm, ...); defaults when omitted",
+) -> None:
     p.add_argument("--config", default=None, metavar="FILE_OR_NAME", help=help)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied in order")
 

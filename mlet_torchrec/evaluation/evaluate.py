@@ -15,9 +15,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,9 @@ def pad_batch(batch: Batch, size: int) -> Batch:
     lengths = kjt.lengths().view(len(keys), rows)
     lengths = torch.cat([lengths, lengths.new_zeros(len(keys), pad)], dim=1).reshape(-1)
     return Batch(
-        dense_features=torch.cat([batch.dense_features, batch.dense_features.new_zeros(pad, batch.dense_features.shape[1])]),
+        dense_features=torch.cat(
+            [batch.dense_features, batch.dense_features.new_zeros(pad, batch.dense_features.shape[1])]
+        ),
         sparse_features=KeyedJaggedTensor.from_lengths_sync(keys=keys, values=kjt.values(), lengths=lengths),
         labels=torch.cat([batch.labels, batch.labels.new_zeros(pad)]),
     )
@@ -51,7 +53,9 @@ def empty_batch(keys: list[str], num_dense: int, size: int) -> Batch:
     return Batch(
         dense_features=torch.zeros(size, num_dense),
         sparse_features=KeyedJaggedTensor.from_lengths_sync(
-            keys=keys, values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(len(keys) * size, dtype=torch.int64)
+            keys=keys,
+            values=torch.zeros(0, dtype=torch.int64),
+            lengths=torch.zeros(len(keys) * size, dtype=torch.int64),
         ),
         labels=torch.zeros(size),
     )
@@ -69,9 +73,9 @@ def _steps_over_ranks(local_steps: int, device: torch.device) -> int:
 class Scored:
     """One batch of this rank's rows: each model's logits (float32, CPU), the labels and the batch itself."""
 
-    logits: List[torch.Tensor]
+    logits: list[torch.Tensor]
     labels: torch.Tensor
-    batch: Optional[Batch]  # the rows as read (None for a rank whose data is exhausted)
+    batch: Batch | None  # the rows as read (None for a rank whose data is exhausted)
 
 
 @torch.no_grad()
@@ -83,7 +87,7 @@ def score(
     keys: list[str],
     num_dense: int,
     device: torch.device,
-    keep: Optional[Sequence[int]] = None,
+    keep: Sequence[int] | None = None,
 ) -> Iterator[Scored]:
     """Every model's logits on this rank's batches, one batch at a time, running as many steps as the
     slowest rank needs. Collective: consume the whole iterator on every rank.
@@ -103,8 +107,9 @@ def score(
                 valid = min(valid, keep[s] if s < len(keep) else 0)
             padded = empty_batch(keys, num_dense, batch_size) if batch is None else pad_batch(batch, batch_size)
             padded = padded.to(device)
-            logits = [m(padded.dense_features, padded.sparse_features).reshape(-1)[:valid].float().cpu()
-                      for m in models]
+            logits = [
+                m(padded.dense_features, padded.sparse_features).reshape(-1)[:valid].float().cpu() for m in models
+            ]
             yield Scored(logits, padded.labels[:valid].cpu(), batch)
     finally:
         for m, was in zip(models, was_training, strict=True):
@@ -141,17 +146,25 @@ def split_stream(
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
-    max_rows: Optional[int] = None,
+    max_rows: int | None = None,
     validate: bool = True,
-) -> Tuple[ParquetBatchReader, int, int, Optional[List[int]]]:
+) -> tuple[ParquetBatchReader, int, int, list[int] | None]:
     """(reader, steps, local batch, rows kept per step) of this rank's slice of ``split``.
 
     ``batch_size`` is global (split over the ranks). ``max_rows`` keeps the first ``max_rows`` rows of
     the split's stream (rank ``r`` holds its rows ``t ≡ r mod world_size``), the same rows at any world size.
     """
     local_batch = max(1, -(-batch_size // world_size))
-    reader = ParquetBatchReader(data_path, split, local_batch, rank=rank, world_size=world_size,
-                                drop_last=False, shuffle=False, validate=validate)
+    reader = ParquetBatchReader(
+        data_path,
+        split,
+        local_batch,
+        rank=rank,
+        world_size=world_size,
+        drop_last=False,
+        shuffle=False,
+        validate=validate,
+    )
     steps = reader.num_batches()
     keep = None
     if max_rows is not None:
@@ -168,7 +181,7 @@ def score_split(
     split: str,
     batch_size: int,
     meta: DatasetMeta,
-    max_rows: Optional[int] = None,
+    max_rows: int | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[Scored]:
@@ -184,7 +197,7 @@ def evaluate_split(
     split: str,
     batch_size: int,
     meta: DatasetMeta,
-    max_rows: Optional[int] = None,
+    max_rows: int | None = None,
     rank: int = 0,
     world_size: int = 1,
     auc: str = "histogram",
@@ -202,10 +215,10 @@ def predict_split(
     split: str,
     batch_size: int,
     meta: DatasetMeta,
-    max_rows: Optional[int] = None,
+    max_rows: int | None = None,
     rank: int = 0,
     world_size: int = 1,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (probabilities, labels) on ``split``, held in memory (tests and small checks only;
     metrics use :func:`evaluate_split`)."""
     probs, labels = [], []

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -56,7 +56,7 @@ class CTRMetrics:
     auc_mode: str = "histogram"
     auc_error_bound: float = 0.0  # |AUC - exact AUC| <= this (0 in exact mode)
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -83,8 +83,8 @@ class MetricAccumulator:
         # rows, positives, Σ logloss, Σ p: float64 (exact integers up to 2^53 rows)
         self.sums = torch.zeros(4, dtype=torch.float64)
         self.counts = torch.zeros(2, BINS, dtype=torch.int64)
-        self._scores: List[torch.Tensor] = []
-        self._labels: List[torch.Tensor] = []
+        self._scores: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add rows: the model's logits (not probabilities) and their 0/1 labels."""
@@ -127,14 +127,20 @@ class MetricAccumulator:
         entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)) if 0 < rate < 1 else 0.0
         mean_p = psum / rows if rows else float("nan")
         return CTRMetrics(
-            auc=auc, logloss=loss / rows if rows else float("nan"), pr_auc=ap, positive_rate=rate,
-            label_entropy=entropy, rows=int(rows), mean_prediction=mean_p,
+            auc=auc,
+            logloss=loss / rows if rows else float("nan"),
+            pr_auc=ap,
+            positive_rate=rate,
+            label_entropy=entropy,
+            rows=int(rows),
+            mean_prediction=mean_p,
             calibration=mean_p / rate if rate and rate == rate else float("nan"),
-            auc_mode=self.mode, auc_error_bound=bound,
+            auc_mode=self.mode,
+            auc_error_bound=bound,
         )
 
 
-def _exact_ranking(scores: List[torch.Tensor], labels: List[torch.Tensor], distributed: bool) -> tuple[float, float]:
+def _exact_ranking(scores: list[torch.Tensor], labels: list[torch.Tensor], distributed: bool) -> tuple[float, float]:
     """(AUC, PR-AUC) of every rank's rows: sorted local runs streamed to rank 0 in ``CHUNK``-row messages."""
     s = torch.cat(scores) if scores else torch.zeros(0)
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.uint8)
@@ -164,14 +170,14 @@ def _stream_to_rank0(s: torch.Tensor, y: torch.Tensor) -> tuple[Any, Any]:
     dev, world, rank = _comm_device(), dist.get_world_size(), dist.get_rank()
     longest = torch.tensor([s.numel()], dtype=torch.int64, device=dev)
     dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-    parts_s: List[torch.Tensor] = []
-    parts_y: List[torch.Tensor] = []
+    parts_s: list[torch.Tensor] = []
+    parts_y: list[torch.Tensor] = []
     for start in range(0, int(longest.item()), CHUNK):
         piece = torch.zeros(2 * CHUNK + 1, dtype=torch.float64)
         n = max(0, min(CHUNK, s.numel() - start))
         piece[0] = n
-        piece[1:1 + n] = s[start:start + n].double()
-        piece[1 + CHUNK:1 + CHUNK + n] = y[start:start + n].double()
+        piece[1 : 1 + n] = s[start : start + n].double()
+        piece[1 + CHUNK : 1 + CHUNK + n] = y[start : start + n].double()
         piece = piece.to(dev)
         inbox = [torch.empty_like(piece) for _ in range(world)] if rank == 0 else None
         dist.gather(piece, inbox, dst=0)
@@ -179,12 +185,13 @@ def _stream_to_rank0(s: torch.Tensor, y: torch.Tensor) -> tuple[Any, Any]:
             for got in inbox:
                 got = got.cpu()
                 k = int(got[0])
-                parts_s.append(got[1:1 + k].to(s.dtype))
-                parts_y.append(got[1 + CHUNK:1 + CHUNK + k].to(torch.uint8))
+                parts_s.append(got[1 : 1 + k].to(s.dtype))
+                parts_y.append(got[1 + CHUNK : 1 + CHUNK + k].to(torch.uint8))
     if rank != 0:
         return None, None
     return (torch.cat(parts_s) if parts_s else torch.zeros(0, dtype=s.dtype)), (
-        torch.cat(parts_y) if parts_y else torch.zeros(0, dtype=torch.uint8))
+        torch.cat(parts_y) if parts_y else torch.zeros(0, dtype=torch.uint8)
+    )
 
 
 def ctr_metrics(probs: torch.Tensor, labels: torch.Tensor, auc: str = "exact") -> CTRMetrics:

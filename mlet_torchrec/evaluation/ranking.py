@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Tuple
 
 import torch
 
@@ -54,8 +53,9 @@ def histogram(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-def exact_groups(scores: torch.Tensor, labels: torch.Tensor,
-                 presorted: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def exact_groups(
+    scores: torch.Tensor, labels: torch.Tensor, presorted: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(positives, negatives) per distinct score, in ascending score order (int64); ``presorted``: the
     scores already ascend (no second sort)."""
     s, y = scores.reshape(-1), labels.reshape(-1)

@@ -9,18 +9,19 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any
 
 from mlet_torchrec.config import ExperimentConfig
 
 log = logging.getLogger("mlet.sweep")
 
 
-_COUNTS_CACHE: Dict[Tuple[str, Tuple[str, ...]], Dict[str, Any]] = {}
+_COUNTS_CACHE: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
 
 
-def _freq_counts(data_path: str, features: Sequence[str], batch_size: int) -> Dict[str, "Any"]:
+def _freq_counts(data_path: str, features: Sequence[str], batch_size: int) -> dict[str, Any]:
     """Train-split id counts per feature (cached per process and data set)."""
     cache_key = (str(Path(data_path).resolve()), tuple(features))
     if cache_key not in _COUNTS_CACHE:
@@ -28,7 +29,7 @@ def _freq_counts(data_path: str, features: Sequence[str], batch_size: int) -> Di
     return _COUNTS_CACHE[cache_key]
 
 
-def _count_ids(data_path: str, features: Sequence[str], batch_size: int) -> Dict[str, "Any"]:
+def _count_ids(data_path: str, features: Sequence[str], batch_size: int) -> dict[str, Any]:
     import torch
 
     from data_pipes.reader import ParquetBatchReader
@@ -41,14 +42,15 @@ def _count_ids(data_path: str, features: Sequence[str], batch_size: int) -> Dict
         for f in features:
             v = kjt[f].values()
             counts[f] += torch.bincount(v, minlength=cards[f])[: cards[f]]
-    oov = (reader.meta.source or {}).get("oov_id") if isinstance(getattr(reader.meta, "source", None), dict) else None
-    if oov is not None:
+    source = getattr(reader.meta, "source", None)
+    oov = source.get("oov_id") if isinstance(source, dict) else None
+    if isinstance(oov, int):
         for f in features:  # the OOV id stands for values rarer than the converter's min_count: count it as 0
-            counts[f][int(oov)] = 0
+            counts[f][oov] = 0
     return counts
 
 
-def _row_frequency(kjt: Any, counts: Dict[str, Any], rows: int) -> "Any":
+def _row_frequency(kjt: Any, counts: dict[str, Any], rows: int) -> Any:
     import torch
 
     freq = torch.full((rows,), torch.iinfo(torch.int64).max, dtype=torch.int64)
@@ -65,8 +67,9 @@ def _row_frequency(kjt: Any, counts: Dict[str, Any], rows: int) -> "Any":
     return freq
 
 
-def frequency_metrics(model: Any, data_path: str, meta: Any, features: Sequence[str], batch_size: int,
-                      fraction: float = 0.1) -> Dict[str, Any]:
+def frequency_metrics(
+    model: Any, data_path: str, meta: Any, features: Sequence[str], batch_size: int, fraction: float = 0.1
+) -> dict[str, Any]:
     """Metrics of the test rows whose rarest id is rarest (``bottom10``) and commonest (``top10``), and of all.
 
     Bounded memory, two passes: the first counts the test rows per frequency (no model) and fixes the
@@ -80,10 +83,11 @@ def frequency_metrics(model: Any, data_path: str, meta: Any, features: Sequence[
     from mlet_torchrec.evaluation.metrics import MetricAccumulator
 
     counts = _freq_counts(data_path, features, batch_size)
-    per_freq: Dict[int, int] = {}
+    per_freq: dict[int, int] = {}
     for batch in ParquetBatchReader(data_path, "test", batch_size, drop_last=False, shuffle=False):
-        values, n = torch.unique(_row_frequency(batch.sparse_features, counts, batch.labels.shape[0]),
-                                 return_counts=True)
+        values, n = torch.unique(
+            _row_frequency(batch.sparse_features, counts, batch.labels.shape[0]), return_counts=True
+        )
         for v, c in zip(values.tolist(), n.tolist(), strict=True):
             per_freq[v] = per_freq.get(v, 0) + c
     total = sum(per_freq.values())
@@ -91,7 +95,7 @@ def frequency_metrics(model: Any, data_path: str, meta: Any, features: Sequence[
     low = _threshold(sorted(per_freq), per_freq, want)
     high = _threshold(sorted(per_freq, reverse=True), per_freq, want)
     accs = {name: MetricAccumulator() for name in ("all", "bottom10", "top10")}
-    seen = {name: [None, None] for name in ("bottom10", "top10")}
+    seen: dict[str, tuple[int | None, int | None]] = {name: (None, None) for name in ("bottom10", "top10")}
     for out in score_split([model], data_path, "test", batch_size, meta):
         if out.batch is None or not out.labels.numel():
             continue
@@ -101,15 +105,19 @@ def frequency_metrics(model: Any, data_path: str, meta: Any, features: Sequence[
             if rows.any():
                 accs[name].update(out.logits[0][rows], out.labels[rows])
                 lo, hi = int(fq[rows].min()), int(fq[rows].max())
-                seen[name] = [lo if seen[name][0] is None else min(seen[name][0], lo),
-                              hi if seen[name][1] is None else max(seen[name][1], hi)]
-    result: Dict[str, Any] = {"features": list(features), "fraction": fraction,
-                              "rule": "min over features of train count (OOV id counts 0); ties at the threshold "
-                                      "included"}
+                prev_lo, prev_hi = seen[name]
+                seen[name] = (
+                    lo if prev_lo is None else min(prev_lo, lo),
+                    hi if prev_hi is None else max(prev_hi, hi),
+                )
+    result: dict[str, Any] = {
+        "features": list(features),
+        "fraction": fraction,
+        "rule": "min over features of train count (OOV id counts 0); ties at the threshold included",
+    }
     for name, acc in accs.items():
         m = acc.result()
-        keys = ("auc", "pr_auc", "logloss") if name == "all" else ("auc", "pr_auc", "logloss", "positive_rate",
-                                                                    "rows")
+        keys = ("auc", "pr_auc", "logloss") if name == "all" else ("auc", "pr_auc", "logloss", "positive_rate", "rows")
         result[name] = {k: getattr(m, k) for k in keys}
         result[name]["auc_error_bound"] = m.auc_error_bound
         if name != "all":
@@ -117,7 +125,7 @@ def frequency_metrics(model: Any, data_path: str, meta: Any, features: Sequence[
     return result
 
 
-def _threshold(order: Sequence[int], per_freq: Dict[int, int], want: int) -> int:
+def _threshold(order: Sequence[int], per_freq: dict[int, int], want: int) -> int:
     """The first frequency of ``order`` at which the rows counted so far reach ``want``."""
     got = 0
     for value in order:
@@ -127,8 +135,9 @@ def _threshold(order: Sequence[int], per_freq: Dict[int, int], want: int) -> int
     return order[-1]
 
 
-def analyse_run(run_dir: Path | str, freq_features: Optional[Sequence[str]] = None,
-                fraction: float = 0.1, compression: bool = True) -> Dict[str, Any]:
+def analyse_run(
+    run_dir: Path | str, freq_features: Sequence[str] | None = None, fraction: float = 0.1, compression: bool = True
+) -> dict[str, Any]:
     """Single-process measurements of a finished run: frequency splits, singular values, compression."""
     import torch
 
@@ -149,22 +158,25 @@ def analyse_run(run_dir: Path | str, freq_features: Optional[Sequence[str]] = No
         w1 = state[f"{prefix}.w1.embedding_bags.{t.name}.weight"]
         w = mlet.collapse_table(t.name, w1.double()).float()
         s = torch.linalg.svdvals(w.double())
-        spectrum[t.name] = {"rows": int(w.shape[0]), "d": int(w.shape[1]),
-                            "above_1pct": int((s > 0.01 * s[0]).sum()) if s.numel() and s[0] > 0 else 0,
-                            "singular_values": [float(x) for x in s]}
-    out: Dict[str, Any] = {"freq": freq, "spectrum": spectrum, "checkpoint": str(ckpt)}
+        spectrum[t.name] = {
+            "rows": int(w.shape[0]),
+            "d": int(w.shape[1]),
+            "above_1pct": int((s > 0.01 * s[0]).sum()) if s.numel() and s[0] > 0 else 0,
+            "singular_values": [float(x) for x in s],
+        }
+    out: dict[str, Any] = {"freq": freq, "spectrum": spectrum, "checkpoint": str(ckpt)}
     comp = _compression(Path(run_dir), config) if compression else None
     if comp is not None:
         out["compression"] = comp
     return out
 
 
-def _compression(run_dir: Path, config: ExperimentConfig) -> Optional[Dict[str, Any]]:
+def _compression(run_dir: Path, config: ExperimentConfig) -> dict[str, Any] | None:
     """INT8 (max-abs and grid-searched scale) of every run and low-rank SVD (ranks d/4, d/2) of the single-layer
     runs, on the test split, via ``mlet_torchrec.serving.compression.compression_study`` on a collapsed copy of the run;
     None while that module does not exist."""
     try:
-        from mlet_torchrec.serving import compression  # type: ignore[attr-defined]
+        from mlet_torchrec.serving import compression
     except ImportError:
         return None
     study = getattr(compression, "compression_study", None)
@@ -183,7 +195,7 @@ def _compression(run_dir: Path, config: ExperimentConfig) -> Optional[Dict[str, 
     except Exception as e:  # noqa: BLE001 - a compression failure must not lose the training result
         log.warning("compression measurements failed: %s", e)
         return {"error": f"{type(e).__name__}: {e}"}
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for row in rows:
         name = str(row["method"]).replace(f" d={d}", "").replace(" of", "")
         out[name] = {k: v for k, v in row.items() if k != "method" and isinstance(v, (int, float))}

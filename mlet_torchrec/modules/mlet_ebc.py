@@ -27,8 +27,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
-from torchrec.modules.embedding_modules import get_embedding_names_by_table
 from torchrec.modules.embedding_configs import DataType
+from torchrec.modules.embedding_modules import get_embedding_names_by_table
 
 from mlet_torchrec.modules.product import mlet_product
 
@@ -106,7 +106,7 @@ class W2Projection(nn.Module):
             src, dst = layout.passthrough
             out[:, dst.to(values.device)] = values.index_select(1, src.to(values.device))
         for g, cols, rows, order, w2_index in zip(self._groups, layout.in_columns, layout.w2_rows,
-                                                  layout.out_order, self._group_w2):
+                                                  layout.out_order, self._group_w2, strict=True):
             if cols is None:
                 group_values = values
             elif isinstance(cols, slice):
@@ -146,8 +146,8 @@ class W2Projection(nn.Module):
         cached = self._layouts.get(cache_key)
         if cached is not None:
             return cached
-        start = dict(zip(keys, [sum(lengths[:i]) for i in range(len(lengths))]))
-        width = dict(zip(keys, lengths))
+        start = dict(zip(keys, [sum(lengths[:i]) for i in range(len(lengths))], strict=True))
+        width = dict(zip(keys, lengths, strict=True))
 
         def columns(key: str) -> range:
             return range(start[key], start[key] + width[key])
@@ -250,7 +250,9 @@ class MLETEmbeddingBagCollection(nn.Module):
         # W1's output keys: the feature name, or "feature@table" where tables share a feature
         names = get_embedding_names_by_table(w1_tables + self._extra)
         self._key: Dict[Tuple[str, str], str] = {
-            (t.name, f): n for t, ns in zip(w1_tables + self._extra, names) for f, n in zip(t.feature_names, ns)
+            (t.name, f): n
+            for t, ns in zip(w1_tables + self._extra, names, strict=True)
+            for f, n in zip(t.feature_names, ns, strict=True)
         }
         self.w2 = nn.ParameterDict(
             {

@@ -20,7 +20,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,20 +40,25 @@ STATE_ROOT = "model"  # every DCP state dict of the project is {"model": model.s
 
 def quiet_planner() -> None:
     """TorchRec's planner logs its whole plan at INFO/WARNING; collapse and its check only need errors."""
-    for name in ("torchrec.distributed.planner", "torchrec.distributed.planner.types",
-                 "torchrec.distributed.planner.storage_reservations", "torchrec.distributed.planner.stats"):
+    for name in (
+        "torchrec.distributed.planner",
+        "torchrec.distributed.planner.types",
+        "torchrec.distributed.planner.storage_reservations",
+        "torchrec.distributed.planner.stats",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def read_manifest(collapsed: Path | str) -> Dict[str, Any]:
+def read_manifest(collapsed: Path | str) -> dict[str, Any]:
     """The ``manifest.json`` of a collapse (or export) output."""
     path = Path(collapsed) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{collapsed}: no {MANIFEST}; is it the output of `mlet collapse`?")
-    return json.loads(path.read_text())
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    return manifest
 
 
-def meta_from_manifest(man: Dict[str, Any]) -> DatasetMeta:
+def meta_from_manifest(man: dict[str, Any]) -> DatasetMeta:
     """The model-shaping part of the data set's metadata (features, cardinalities), from the manifest."""
     by_feature = {f: t["rows"] for t in man["tables"].values() for f in t["features"]}
     return DatasetMeta(
@@ -72,7 +77,7 @@ class Artifact:
     config: ExperimentConfig
     meta: DatasetMeta
     model: CTRModel  # the structure: tables on the meta device until materialize() / shard()
-    info: Dict[str, Any] = field(default_factory=dict)  # checkpoint.json (step, world_size) or the manifest
+    info: dict[str, Any] = field(default_factory=dict)  # checkpoint.json (step, world_size) or the manifest
     loaded: bool = False
 
     @property
@@ -94,7 +99,7 @@ class Artifact:
             self.loaded = True
         return self.model.eval()
 
-    def shard(self, constraints: Dict[str, Any], device: torch.device) -> nn.Module:
+    def shard(self, constraints: dict[str, Any], device: torch.device) -> nn.Module:
         """Collective: the model sharded by TorchRec's planner over the job, this rank's shards loaded."""
         import torch.distributed as dist
         from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -108,12 +113,14 @@ class Artifact:
         quiet_planner()
         sharders = [MLETEmbeddingBagCollectionSharder()]
         topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
-        plan = collective_plan(EmbeddingShardingPlanner(topology=topology, constraints=constraints), self.model,
-                               sharders)
+        plan = collective_plan(
+            EmbeddingShardingPlanner(topology=topology, constraints=constraints), self.model, sharders
+        )
         sharded = DistributedModelParallel(module=self.model, device=device, plan=plan, sharders=sharders)
         load_model_state(self.path, sharded)
         self.loaded = True
-        return sharded.eval()
+        model: nn.Module = sharded.eval()
+        return model
 
 
 def _allocate_meta(model: nn.Module) -> None:
@@ -133,7 +140,9 @@ def _allocate_meta(model: nn.Module) -> None:
                     raise ValueError(f"{type(m).__name__}.{name}: a non-persistent buffer on the meta device")
                 m._buffers[name] = torch.empty_like(b, device=cpu)
         if getattr(getattr(m, "_device", None), "type", None) == "meta":
-            m._device = cpu  # TorchRec's EBCs remember the device they were built on
+            # TorchRec's EBCs remember the device they were built on; torch types every dynamic Module
+            # attribute as Tensor | Module
+            m._device = cpu  # type: ignore[assignment]
 
 
 def load_artifact(path: Path | str) -> Artifact:
@@ -158,7 +167,7 @@ def load_artifact(path: Path | str) -> Artifact:
     return Artifact(ckpt, "checkpoint", config, meta, model, read_checkpoint_info(ckpt))
 
 
-def load_factored(checkpoint: Path | str) -> Tuple[CTRModel, ExperimentConfig, DatasetMeta, Path]:
+def load_factored(checkpoint: Path | str) -> tuple[CTRModel, ExperimentConfig, DatasetMeta, Path]:
     """A training checkpoint as an unsharded factored model in this process (DCP reshards)."""
     art = load_artifact(checkpoint)
     if art.kind != "checkpoint":
@@ -166,7 +175,7 @@ def load_factored(checkpoint: Path | str) -> Tuple[CTRModel, ExperimentConfig, D
     return art.materialize(), art.config, art.meta, art.path
 
 
-def load_collapsed(directory: Path | str) -> Tuple[CTRModel, ExperimentConfig, DatasetMeta]:
+def load_collapsed(directory: Path | str) -> tuple[CTRModel, ExperimentConfig, DatasetMeta]:
     """A collapse output as a plain d-dim model (stock TorchRec EBC) in this process."""
     directory = Path(directory)
     read_manifest(directory)  # a clear error when it is not a collapse output
@@ -178,7 +187,7 @@ def load_collapsed(directory: Path | str) -> Tuple[CTRModel, ExperimentConfig, D
 # where the MLET tables sit in a factored model
 
 
-def mlet_module(model: nn.Module) -> Tuple[str, MLETEmbeddingBagCollection]:
+def mlet_module(model: nn.Module) -> tuple[str, MLETEmbeddingBagCollection]:
     """(path, module) of the one MLET module of a factored model."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, MLETEmbeddingBagCollection)]
     if len(found) != 1:
@@ -186,14 +195,18 @@ def mlet_module(model: nn.Module) -> Tuple[str, MLETEmbeddingBagCollection]:
     return found[0]
 
 
-def extra_tables(factored: nn.Module, plain: nn.Module) -> List[Tuple[Any, str, str]]:
+def extra_tables(factored: nn.Module, plain: nn.Module) -> list[tuple[Any, str, str]]:
     """(config, the collapsed model's EBC path, training-model key) of each extra table of the MLET module (the
     ``lin_*`` tables ride along in W1 while training; the collapsed model keeps them in another plain EBC)."""
     from torchrec import EmbeddingBagCollection
 
     mlet_path, mlet = mlet_module(factored)
-    where = {t.name: path for path, m in plain.named_modules() if type(m) is EmbeddingBagCollection
-             for t in m.embedding_bag_configs()}
+    where = {
+        t.name: path
+        for path, m in plain.named_modules()
+        if type(m) is EmbeddingBagCollection
+        for t in m.embedding_bag_configs()
+    }
     out = []
     for t in mlet.extra_bag_configs():
         if t.name not in where:
@@ -208,8 +221,9 @@ def shard_for_job(art: Artifact, rank_device: torch.device, world_size: int) -> 
     from mlet_torchrec.training.distributed import sharding_constraints
 
     features = art.meta.sparse_names()
-    constraints = sharding_constraints(art.config.embedding, features, {f: table_name(f) for f in features},
-                                       world_size, rank_device.type)
+    constraints = sharding_constraints(
+        art.config.embedding, features, {f: table_name(f) for f in features}, world_size, rank_device.type
+    )
     return art.shard(constraints, rank_device)
 
 
@@ -218,15 +232,18 @@ def check_eval_args(art: Artifact, split: str, auc: str) -> None:
     if auc not in AUC_MODES:
         raise UserError(f"--auc {auc!r} is not one of {', '.join(AUC_MODES)}")
     if not (Path(art.config.data.path) / METADATA_FILE).is_file():
-        raise UserError(f"evaluating {art.path} needs its data set {art.config.data.path} (from the run config), "
-                        "which is not there")
+        raise UserError(
+            f"evaluating {art.path} needs its data set {art.config.data.path} (from the run config), which is not there"
+        )
     if split not in art.meta.splits:
-        raise UserError(f"data set {art.config.data.path} has no split {split!r} "
-                        f"({', '.join(sorted(art.meta.splits))})")
+        raise UserError(
+            f"data set {art.config.data.path} has no split {split!r} ({', '.join(sorted(art.meta.splits))})"
+        )
 
 
-def evaluate_path(path: str | Path, split: str = "test", auc: str = "histogram",
-                  max_rows: Optional[int] = None) -> Dict[str, Any]:
+def evaluate_path(
+    path: str | Path, split: str = "test", auc: str = "histogram", max_rows: int | None = None
+) -> dict[str, Any]:
     """Metrics of a training checkpoint (run dir) or a collapse output on ``split``.
 
     In one process, or as one rank of a job (torchrun, TorchX, :func:`evaluate_local`): every rank
@@ -238,12 +255,21 @@ def evaluate_path(path: str | Path, split: str = "test", auc: str = "histogram",
     check_eval_args(art, split, auc)
     with process_group(art.config.run.device) as ctx:
         model = shard_for_job(art, ctx.device, ctx.world_size)
-        metrics = evaluate_split(model, art.config.data.path, split, art.config.train.eval_batch_size, art.meta,
-                                 max_rows, ctx.rank, ctx.world_size, auc)
+        metrics = evaluate_split(
+            model,
+            art.config.data.path,
+            split,
+            art.config.train.eval_batch_size,
+            art.meta,
+            max_rows,
+            ctx.rank,
+            ctx.world_size,
+            auc,
+        )
     return {"split": split, **metrics.as_dict()}
 
 
-def _evaluate_worker(args: Dict[str, Any], verbose: bool, errors: str) -> Dict[str, Any]:
+def _evaluate_worker(args: dict[str, Any], verbose: bool, errors: str) -> dict[str, Any]:
     from mlet_torchrec.logs import configure_logging
     from mlet_torchrec.training.launcher import user_errors_to_parent
 
@@ -252,8 +278,14 @@ def _evaluate_worker(args: Dict[str, Any], verbose: bool, errors: str) -> Dict[s
         return evaluate_path(**args)
 
 
-def evaluate_local(path: str | Path, nproc_per_node: int, split: str = "test", auc: str = "histogram",
-                   max_rows: Optional[int] = None, verbose: bool = False) -> Dict[str, Any]:
+def evaluate_local(
+    path: str | Path,
+    nproc_per_node: int,
+    split: str = "test",
+    auc: str = "histogram",
+    max_rows: int | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
     """:func:`evaluate_path` on ``nproc_per_node`` processes of this machine; rank 0's metrics."""
     from mlet_torchrec.training.launcher import launch_local, local_launch_config
 
@@ -262,4 +294,5 @@ def evaluate_local(path: str | Path, nproc_per_node: int, split: str = "test", a
     check_eval_args(load_artifact(path), split, auc)  # fail here in one line, not in N workers
     args = {"path": str(path), "split": split, "auc": auc, "max_rows": max_rows}
     results = launch_local(local_launch_config(nproc_per_node, "mlet-evaluate"), _evaluate_worker, args, verbose)
-    return results[0]
+    metrics: dict[str, Any] = results[0]
+    return metrics

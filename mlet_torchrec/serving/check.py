@@ -12,8 +12,6 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
-
 import torch
 import torch.distributed as dist
 
@@ -26,8 +24,9 @@ class CollapseMismatch(RuntimeError):
     """The collapsed model does not reproduce the factored model's predictions."""
 
 
-def check_predictions(source: Artifact, written: Artifact, split: Optional[str], max_rows: Optional[int] = None,
-                      distributed: bool = False) -> Tuple[int, float, Dict[str, float]]:
+def check_predictions(
+    source: Artifact, written: Artifact, split: str | None, max_rows: int | None = None, distributed: bool = False
+) -> tuple[int, float, dict[str, float]]:
     """(rows checked, max |p_factored - p_collapsed|, the collapsed model's metrics) on ``split``.
 
     Both models score each batch in one pass; nothing but the metrics' fixed-size state is kept.
@@ -44,8 +43,9 @@ def check_predictions(source: Artifact, written: Artifact, split: Optional[str],
         factored, plain = source.materialize(), written.materialize()
     acc = MetricAccumulator()
     worst = 0.0
-    for out in score_split([factored, plain], config.data.path, split, config.train.eval_batch_size, meta, max_rows,
-                           rank, world):
+    for out in score_split(
+        [factored, plain], config.data.path, split, config.train.eval_batch_size, meta, max_rows, rank, world
+    ):
         if out.labels.numel():
             diff = (torch.sigmoid(out.logits[0].double()) - torch.sigmoid(out.logits[1].double())).abs().max()
             worst = max(worst, float(diff))

@@ -3,10 +3,8 @@
 Three ways to shrink the served tables, each comparable with MLET's smaller d:
 
 * **Hashing trick** (training time): the ids of chosen features are taken modulo m, a fraction
-  of their cardinality, so those tables have m rows. :func:`write_hashed_dataset` writes a hashed
-  copy of a data set (ids modulo m, new cardinalities in its metadata), which every command then
-  uses unchanged through ``data.path``; :func:`hash_batch` / :func:`hashed_meta` do the same on the
-  fly for a trainer that wires them in (see the functions' docs).
+  of their cardinality, so those tables have m rows (:mod:`mlet_torchrec.serving.hashing`:
+  a hashed copy of a data set, used unchanged through ``data.path``, or hashing on the fly).
 * **INT8 post-training quantization** with one symmetric scale per table,
   ``q = clamp(round(w / s), -127, 127)``, the scale found by a grid search minimising the L2 error
   ``||W - s q||`` (:func:`grid_search_scale`), against the max-abs scale ``s = max|W| / 127``.
@@ -37,28 +35,28 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
-import numpy as np
 import torch
 
-from data_pipes.schema import DatasetMeta, SparseFeature, table_name
+from data_pipes.schema import table_name
 from mlet_torchrec.errors import UserError
-from mlet_torchrec.io import atomic_output
 from mlet_torchrec.modules.product import mlet_product
+from mlet_torchrec.serving.hashing import unhashed_cardinalities, write_hashed_dataset
 
 QMAX = {8: 127, 4: 7}
-HashSpec = Mapping[str, Union[int, float]]
 
 
 # --------------------------------------------------------------------------------------------
 # sizes (A.4.4)
 
 
-def relative_table_size(unhashed_rows: Mapping[str, int], params: Mapping[str, int],
-                        bits: Union[int, Mapping[str, int]] = 32, extra_bits: int = 0) -> float:
+def relative_table_size(
+    unhashed_rows: Mapping[str, int], params: Mapping[str, int], bits: int | Mapping[str, int] = 32, extra_bits: int = 0
+) -> float:
     """Served table size relative to d = 1, un-hashed, FP32 tables (A.4.4).
 
     ``params``: stored parameters per table (n' x d for a dense table of n' rows, n r + r d for a
@@ -73,122 +71,6 @@ def relative_table_size(unhashed_rows: Mapping[str, int], params: Mapping[str, i
         b = bits[name] if isinstance(bits, Mapping) else bits
         total += p * b + extra_bits
     return total / (32 * base)
-
-
-# --------------------------------------------------------------------------------------------
-# hashing trick
-
-
-def hash_moduli(cardinalities: Mapping[str, int], spec: HashSpec) -> Dict[str, int]:
-    """Rows after hashing for every feature named in ``spec``.
-
-    A float in (0, 1] is a fraction of the feature's cardinality (rounded up, at least 1 row), an
-    int a row count; either is capped at the cardinality.
-    """
-    out: Dict[str, int] = {}
-    for feature, value in spec.items():
-        if feature not in cardinalities:
-            raise KeyError(f"hashing names feature {feature!r}, not one of {sorted(cardinalities)}")
-        n = cardinalities[feature]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"hashing {feature}={value!r}: give a fraction in (0, 1] or a row count")
-        if isinstance(value, float):
-            if value > 1:
-                raise ValueError(f"hashing {feature}={value!r}: a fraction must be in (0, 1]; an int is a row count")
-            m = max(1, math.ceil(n * value))
-        else:
-            m = int(value)
-        out[feature] = min(n, m)
-    return out
-
-
-def hashed_meta(meta: DatasetMeta, spec: HashSpec) -> Tuple[DatasetMeta, Dict[str, int]]:
-    """``meta`` with the hashed features' cardinalities replaced, and the moduli per feature."""
-    moduli = hash_moduli(meta.cardinalities(), spec)
-    sparse = [SparseFeature(name=f.name, cardinality=moduli.get(f.name, f.cardinality), multi_hot=f.multi_hot)
-              for f in meta.sparse]
-    source = dict(meta.source)
-    previous = source.get("hashing") or {}
-    original = dict(previous.get("original_cardinalities") or meta.cardinalities())
-    source["hashing"] = {"moduli": {**(previous.get("moduli") or {}), **moduli}, "original_cardinalities": original}
-    return meta.model_copy(update={"sparse": sparse, "source": source}), moduli
-
-
-def unhashed_cardinalities(meta: DatasetMeta) -> Dict[str, int]:
-    """The cardinalities before any hashing (what A.4.4 sizes are relative to)."""
-    hashing = meta.source.get("hashing") if isinstance(meta.source, dict) else None
-    if isinstance(hashing, dict) and hashing.get("original_cardinalities"):
-        return {k: int(v) for k, v in hashing["original_cardinalities"].items()}
-    return meta.cardinalities()
-
-
-def hash_kjt(kjt, moduli: Mapping[str, int]):
-    """A KeyedJaggedTensor with the values of the features in ``moduli`` taken modulo their m."""
-    from torchrec import KeyedJaggedTensor
-
-    if not moduli:
-        return kjt
-    values = kjt.values().clone()
-    start = 0
-    for key, length in zip(kjt.keys(), kjt.length_per_key()):
-        if key in moduli:
-            values[start : start + length] = torch.remainder(values[start : start + length], moduli[key])
-        start += length
-    return KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=values, lengths=kjt.lengths(),
-                                               weights=kjt.weights_or_none())
-
-
-def hash_batch(batch, moduli: Mapping[str, int]):
-    """A ``torchrec.datasets.utils.Batch`` with hashed sparse features (see :func:`hash_kjt`)."""
-    from torchrec.datasets.utils import Batch
-
-    if not moduli:
-        return batch
-    return Batch(dense_features=batch.dense_features, sparse_features=hash_kjt(batch.sparse_features, moduli),
-                 labels=batch.labels)
-
-
-def _hash_table(table: Any, schema: Any, moduli: Mapping[str, int]) -> Any:
-    """One row group with the ids of the features in ``moduli`` taken modulo their m."""
-    import pyarrow as pa
-
-    for feature, m in moduli.items():
-        idx = table.schema.get_field_index(feature)
-        col = table.column(idx).combine_chunks()
-        if pa.types.is_list(col.type):
-            flat = np.remainder(col.values.to_numpy(zero_copy_only=False), m)
-            new = pa.ListArray.from_arrays(col.offsets, pa.array(flat, pa.int64()))
-        else:
-            new = pa.array(np.remainder(col.to_numpy(zero_copy_only=False), m), pa.int64())
-        table = table.set_column(idx, schema.field(feature), new)
-    return table
-
-
-def write_hashed_dataset(source: Union[str, Path], output: Union[str, Path], spec: HashSpec,
-                         overwrite: bool = False) -> DatasetMeta:
-    """A copy of data set ``source`` with the ids of the features in ``spec`` modulo m (row group by row group).
-
-    The copy's ``metadata.json`` has the new cardinalities and, under ``source.hashing``, the moduli
-    and the original cardinalities. Train on it by pointing ``data.path`` at ``output``.
-    """
-    import pyarrow.parquet as pq
-
-    source, output = Path(source), Path(output)
-    meta = DatasetMeta.load(source)
-    new_meta, moduli = hashed_meta(meta, spec)
-    with atomic_output(output, "mlet compression hash", inputs=[source], overwrite=overwrite) as tmp:
-        schema = meta.arrow_schema()
-        for split, files in meta.splits.items():
-            for rel in files:
-                src = pq.ParquetFile(source / rel)
-                dst_path = tmp / rel
-                dst_path.parent.mkdir(parents=True, exist_ok=True)
-                with pq.ParquetWriter(dst_path, schema) as writer:
-                    for g in range(src.num_row_groups):
-                        table = _hash_table(src.read_row_group(g), schema, moduli)
-                        writer.write_table(table, row_group_size=table.num_rows)
-        new_meta.save(tmp)
-    return new_meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,9 +123,9 @@ class _Probe:
     plus a uniform sample of the rest, weighted to stand for all of it (the tail decides the
     clipping error, so it is never left to chance)."""
 
-    def __init__(self, w: torch.Tensor, sample: Optional[int], seed: int) -> None:
+    def __init__(self, w: torch.Tensor, sample: int | None, seed: int) -> None:
         flat = w.reshape(-1)
-        self.parts: List[Tuple[torch.Tensor, float]] = [(flat, 1.0)]
+        self.parts: list[tuple[torch.Tensor, float]] = [(flat, 1.0)]
         if sample is None or flat.numel() <= sample:
             return
         top_k = max(1, sample // 8)
@@ -259,11 +141,22 @@ class _Probe:
             self.parts.append((body, rest / max(1.0, drawn.numel() * rest / flat.numel())))
 
     def errors(self, scales: torch.Tensor, bits: int) -> torch.Tensor:
-        return sum(_errors(x, scales, bits) * weight for x, weight in self.parts)  # type: ignore[return-value]
+        (first, first_weight), *rest = self.parts
+        total = _errors(first, scales, bits) * first_weight
+        for x, weight in rest:
+            total = total + _errors(x, scales, bits) * weight
+        return total
 
 
-def grid_search_scale(w: torch.Tensor, num_grid: int = 64, min_fraction: float = 0.05, bits: int = 8,
-                      refine: int = 2, sample: Optional[int] = 1 << 18, seed: int = 0) -> Tuple[float, float]:
+def grid_search_scale(
+    w: torch.Tensor,
+    num_grid: int = 64,
+    min_fraction: float = 0.05,
+    bits: int = 8,
+    refine: int = 2,
+    sample: int | None = 1 << 18,
+    seed: int = 0,
+) -> tuple[float, float]:
     """(scale, L2 error) of the symmetric per-table scale that minimises the L2 error.
 
     Candidates are ``a * maxabs_scale(w)`` for ``a`` on a grid over [min_fraction, 1] (so the
@@ -300,8 +193,9 @@ class QuantizedTable:
     bits: int = 8
 
 
-def quantize_table(name: str, w: torch.Tensor, method: str = "grid",
-                   bits: int = 8) -> Tuple[torch.Tensor, QuantizedTable]:
+def quantize_table(
+    name: str, w: torch.Tensor, method: str = "grid", bits: int = 8
+) -> tuple[torch.Tensor, QuantizedTable]:
     """(int8 codes, description) of one table with a symmetric per-table scale."""
     base = maxabs_scale(w, bits)
     err_max = quantization_error(w, base, bits)
@@ -314,22 +208,23 @@ def quantize_table(name: str, w: torch.Tensor, method: str = "grid",
     return quantize_symmetric(w, scale, bits), QuantizedTable(name, method, scale, err, err_max, bits)
 
 
-def _embedding_tables(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+def _embedding_tables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Table name -> weight of a collapsed model's d-dim EmbeddingBagCollection (``model.embeddings``,
     or the only stock EBC); other EBCs (first-order ``lin_*`` tables) are left alone."""
     from torchrec import EmbeddingBagCollection
 
-    ebc = getattr(model, "embeddings", None)
-    if type(ebc) is not EmbeddingBagCollection:
-        ebcs = [m for m in model.modules() if type(m) is EmbeddingBagCollection]
-        if len(ebcs) != 1:
-            raise ValueError(f"expected one plain EmbeddingBagCollection (a collapsed model), found {len(ebcs)}")
-        ebc = ebcs[0]
+    named = getattr(model, "embeddings", None)
+    ebcs = [m for m in model.modules() if isinstance(m, EmbeddingBagCollection) and type(m) is EmbeddingBagCollection]
+    if isinstance(named, EmbeddingBagCollection) and type(named) is EmbeddingBagCollection:
+        ebcs = [named]
+    elif len(ebcs) != 1:
+        raise ValueError(f"expected one plain EmbeddingBagCollection (a collapsed model), found {len(ebcs)}")
+    (ebc,) = ebcs
     return {name: bag.weight for name, bag in ebc.embedding_bags.items()}
 
 
 @torch.no_grad()
-def quantize_model_tables(model: torch.nn.Module, method: str = "grid", bits: int = 8) -> Dict[str, QuantizedTable]:
+def quantize_model_tables(model: torch.nn.Module, method: str = "grid", bits: int = 8) -> dict[str, QuantizedTable]:
     """Replace every table of a collapsed model by its INT8 round trip (fake quantization)."""
     out = {}
     for name, weight in _embedding_tables(model).items():
@@ -344,8 +239,9 @@ def quantize_model_tables(model: torch.nn.Module, method: str = "grid", bits: in
 
 
 @torch.no_grad()
-def svd_factors(w: torch.Tensor, rank: int,
-                block_rows: int = 1 << 16) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def svd_factors(
+    w: torch.Tensor, rank: int, block_rows: int = 1 << 16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A n x r, B r x d, singular values) with ``A @ B`` the best rank-r approximation of ``w``.
 
     From the d x d Gram matrix ``W^T W = V S^2 V^T`` (float64, accumulated in row blocks):
@@ -368,15 +264,18 @@ def svd_factors(w: torch.Tensor, rank: int,
 
 
 @torch.no_grad()
-def svd_model_tables(model: torch.nn.Module, rank: int) -> Dict[str, Dict[str, float]]:
+def svd_model_tables(model: torch.nn.Module, rank: int) -> dict[str, dict[str, float]]:
     """Replace every table of a collapsed (e.g. single-layer) model by its rank-r SVD approximation."""
     out = {}
     for name, weight in _embedding_tables(model).items():
         r = min(rank, weight.shape[1])
         a, b, sv = svd_factors(weight.detach(), r)
         approx = mlet_product(a, b, block_rows=1 << 16)
-        out[name] = {"rank": r, "rel_l2_error": float((approx - weight).norm() / weight.norm().clamp_min(1e-30)),
-                     "params": a.numel() + b.numel()}
+        out[name] = {
+            "rank": r,
+            "rel_l2_error": float((approx - weight).norm() / weight.norm().clamp_min(1e-30)),
+            "params": a.numel() + b.numel(),
+        }
         weight.copy_(approx)
     return out
 
@@ -385,9 +284,14 @@ def svd_model_tables(model: torch.nn.Module, rank: int) -> Dict[str, Dict[str, f
 # the study
 
 
-def compression_study(collapsed: Union[str, Path], split: str = "test", svd_ranks: Sequence[int] = (),
-                      int8: bool = True, max_rows: Optional[int] = None,
-                      nproc_per_node: int = 1) -> List[Dict[str, object]]:
+def compression_study(
+    collapsed: str | Path,
+    split: str = "test",
+    svd_ranks: Sequence[int] = (),
+    int8: bool = True,
+    max_rows: int | None = None,
+    nproc_per_node: int = 1,
+) -> list[dict[str, object]]:
     """Rows {method, table_size (A.4.4), auc, logloss} for a collapsed model and its compressed variants. On
     ``nproc_per_node`` > 1 local processes (or inside a job) every rank builds the same variants and scores its
     slice of the split."""
@@ -397,22 +301,26 @@ def compression_study(collapsed: Union[str, Path], split: str = "test", svd_rank
 
     if nproc_per_node > 1 and not in_distributed_job():
         args = dict(collapsed=str(collapsed), split=split, svd_ranks=list(svd_ranks), int8=int8, max_rows=max_rows)
-        return launch_local(local_launch_config(nproc_per_node, "mlet-compression"), _study_worker, args)[0]
+        rows: list[dict[str, object]] = launch_local(
+            local_launch_config(nproc_per_node, "mlet-compression"), _study_worker, args
+        )[0]
+        return rows
     if not in_distributed_job():
         return _study(collapsed, split, svd_ranks, int8, max_rows, 0, 1)
     with process_group(load_artifact(collapsed).config.run.device) as ctx:
         return _study(collapsed, split, svd_ranks, int8, max_rows, ctx.rank, ctx.world_size)
 
 
-def _study_worker(args: Dict[str, Any], errors: str) -> List[Dict[str, object]]:
+def _study_worker(args: dict[str, Any], errors: str) -> list[dict[str, object]]:
     from mlet_torchrec.training.launcher import user_errors_to_parent
 
     with user_errors_to_parent(errors):
         return compression_study(**args)
 
 
-def _study(collapsed: Union[str, Path], split: str, svd_ranks: Sequence[int], int8: bool, max_rows: Optional[int],
-           rank: int, world: int) -> List[Dict[str, object]]:
+def _study(
+    collapsed: str | Path, split: str, svd_ranks: Sequence[int], int8: bool, max_rows: int | None, rank: int, world: int
+) -> list[dict[str, object]]:
     from mlet_torchrec.evaluation.evaluate import evaluate_split
     from mlet_torchrec.serving.artifact import load_collapsed
 
@@ -423,38 +331,42 @@ def _study(collapsed: Union[str, Path], split: str, svd_ranks: Sequence[int], in
     d = config.embedding.d
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def score() -> Dict[str, float]:
+    def score() -> dict[str, float]:
         m = evaluate_split(model, config.data.path, split, config.train.eval_batch_size, meta, max_rows, rank, world)
         return {"auc": m.auc, "logloss": m.logloss, "auc_error_bound": m.auc_error_bound}
 
     dense_params = {t: n * d for t, n in table_rows.items()}
-    results: List[Dict[str, object]] = [
+    results: list[dict[str, object]] = [
         {"method": f"fp32 d={d}", "table_size": relative_table_size(base_rows, dense_params), **score()}
     ]
     if int8:
         for method in ("maxabs", "grid"):
             model.load_state_dict(state)
             info = quantize_model_tables(model, method)
-            results.append({
-                "method": f"int8 {method} d={d}",
-                "table_size": relative_table_size(base_rows, dense_params, bits=8, extra_bits=32),
-                "l2_error": math.sqrt(sum(i.l2_error ** 2 for i in info.values())),
-                **score(),
-            })
+            results.append(
+                {
+                    "method": f"int8 {method} d={d}",
+                    "table_size": relative_table_size(base_rows, dense_params, bits=8, extra_bits=32),
+                    "l2_error": math.sqrt(sum(i.l2_error**2 for i in info.values())),
+                    **score(),
+                }
+            )
     for r in svd_ranks:
         model.load_state_dict(state)
-        info = svd_model_tables(model, r)
-        results.append({
-            "method": f"svd rank {r} of d={d}",
-            "table_size": relative_table_size(base_rows, {t: int(i["params"]) for t, i in info.items()}),
-            **score(),
-        })
+        svd_info = svd_model_tables(model, r)
+        results.append(
+            {
+                "method": f"svd rank {r} of d={d}",
+                "table_size": relative_table_size(base_rows, {t: int(i["params"]) for t, i in svd_info.items()}),
+                **score(),
+            }
+        )
     model.load_state_dict(state)
     return results
 
 
-def _parse_spec(items: Sequence[str]) -> Dict[str, Union[int, float]]:
-    spec: Dict[str, Union[int, float]] = {}
+def _parse_spec(items: Sequence[str]) -> dict[str, int | float]:
+    spec: dict[str, int | float] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -463,9 +375,10 @@ def _parse_spec(items: Sequence[str]) -> Dict[str, Union[int, float]]:
     return spec
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlet_torchrec.serving.compression",
-                                     description="the papers' compression studies (appendix A.4)")
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlet_torchrec.serving.compression", description="the papers' compression studies (appendix A.4)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("hash", help="write a copy of a data set with hashed (modulo) ids")
     p.add_argument("--input", type=Path, required=True)
@@ -477,16 +390,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--svd-ranks", type=int, nargs="*", default=[])
     p.add_argument("--max-rows", type=int, default=None)
-    p.add_argument("--nproc-per-node", type=int, default=1,
-                   help="local processes, each scoring its slice of the split (default 1)")
+    p.add_argument(
+        "--nproc-per-node", type=int, default=1, help="local processes, each scoring its slice of the split (default 1)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "hash":
             meta = write_hashed_dataset(args.input, args.output, _parse_spec(args.spec), args.overwrite)
             print(json.dumps({"cardinalities": meta.cardinalities(), "hashing": meta.source["hashing"]}, indent=2))
         else:
-            rows = compression_study(args.collapsed, args.split, args.svd_ranks, max_rows=args.max_rows,
-                                     nproc_per_node=args.nproc_per_node)
+            rows = compression_study(
+                args.collapsed, args.split, args.svd_ranks, max_rows=args.max_rows, nproc_per_node=args.nproc_per_node
+            )
             for r in rows:
                 print(f"{r['method']:<24} size {r['table_size']:8.3f}  AUC {r['auc']:.5f}  LogLoss {r['logloss']:.5f}")
     except (UserError, ValueError, KeyError, FileNotFoundError) as e:

@@ -24,9 +24,10 @@ import json
 import shutil
 import time
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,21 +112,21 @@ class Int8QualityError(ValueError):
 class ExportReport:
     output: str
     collapsed: str
-    int8_model: Optional[str] = None
+    int8_model: str | None = None
     int8_table_bytes: int = 0
     fp32_table_bytes: int = 0
-    table_files: Dict[str, str] = field(default_factory=dict)
-    check_split: Optional[str] = None
+    table_files: dict[str, str] = field(default_factory=dict)
+    check_split: str | None = None
     rows_checked: int = 0
-    fp32_metrics: Dict[str, float] = field(default_factory=dict)
-    int8_metrics: Dict[str, float] = field(default_factory=dict)
-    auc_diff: Optional[float] = None
+    fp32_metrics: dict[str, float] = field(default_factory=dict)
+    int8_metrics: dict[str, float] = field(default_factory=dict)
+    auc_diff: float | None = None
     auc_tolerance: float = 1e-3
-    max_abs_prob_diff: Optional[float] = None
+    max_abs_prob_diff: float | None = None
     seconds: float = 0.0
 
 
-def load_collapsed_model(collapsed: Path | str) -> Tuple[CTRModel, Dict[str, Any]]:
+def load_collapsed_model(collapsed: Path | str) -> tuple[CTRModel, dict[str, Any]]:
     """The collapsed FP32 model (stock EBC) and its manifest; the data set is not needed."""
     art = load_artifact(collapsed)
     if art.kind != "collapsed":
@@ -155,14 +156,17 @@ def build_int8(model: CTRModel) -> torch.jit.ScriptModule:
         elif node.op == "output" and "return" in hints:
             node.type = hints["return"]
     graph_module.recompile()
-    return torch.jit.script(graph_module)
+    scripted: torch.jit.ScriptModule = torch.jit.script(graph_module)
+    return scripted
 
 
 def load_int8(path: Path | str) -> torch.jit.ScriptModule:
     """``torch.jit.load`` of an exported INT8 model (importing torchrec registers the FBGEMM ops)."""
     import torchrec  # noqa: F401
 
-    return torch.jit.load(str(path), map_location="cpu")
+    # torch.jit.load has no annotations
+    loaded: torch.jit.ScriptModule = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+    return loaded
 
 
 class _Logits(nn.Module):
@@ -173,21 +177,26 @@ class _Logits(nn.Module):
         self.net = net
 
     def forward(self, dense: torch.Tensor, sparse: Any) -> torch.Tensor:
-        return self.net(dense, sparse).squeeze(-1)
+        logits: torch.Tensor = self.net(dense, sparse).squeeze(-1)
+        return logits
 
 
 def _int8_table_bytes(scripted: torch.jit.ScriptModule) -> int:
     """Bytes of the INT8 kernels' weight buffers (rows with their scale/bias, as FBGEMM aligns them)."""
-    return sum(v.numel() * v.element_size() for k, v in scripted.state_dict().items()
-               if k.rsplit(".", 1)[-1] in ("weights_host", "weights_dev", "weights_uvm"))
+    return sum(
+        v.numel() * v.element_size()
+        for k, v in scripted.state_dict().items()
+        if k.rsplit(".", 1)[-1] in ("weights_host", "weights_dev", "weights_uvm")
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # plain per-table files
 
 
-def _table_holder(shape: Tuple[int, int], path: Path, offset: int = 0,
-                  npy: bool = False) -> Tuple[np.ndarray, torch.Tensor]:
+def _table_holder(
+    shape: tuple[int, int], path: Path, offset: int = 0, npy: bool = False
+) -> tuple[np.memmap[Any, np.dtype[np.float32]], torch.Tensor]:
     if npy:
         mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
     else:
@@ -200,14 +209,14 @@ def _load_table_into(collapsed: Path, key: str, target: torch.Tensor) -> None:
     dcp.load({STATE_ROOT: {key[len(prefix) :]: target}}, checkpoint_id=str(collapsed), no_dist=True)
 
 
-def export_tables(collapsed: Path | str, output: Path | str, fmt: str) -> Dict[str, str]:
+def export_tables(collapsed: Path | str, output: Path | str, fmt: str) -> dict[str, str]:
     """Every d-dim table as ``.npy`` files or one ``.safetensors`` file; returns table -> file (relative)."""
     if fmt not in FORMATS:
         raise UserError(f"table format {fmt!r} is not one of {FORMATS}")
     collapsed, output = Path(collapsed), Path(output)
     man = read_manifest(collapsed)
     tables = {**man["tables"], **man.get("extra_tables", {})}  # extra: e.g. the DeepCTR models' lin_* tables
-    files: Dict[str, str] = {}
+    files: dict[str, str] = {}
     if fmt == "npy":
         (output / TABLES_DIR).mkdir(parents=True, exist_ok=True)
         for name, t in tables.items():
@@ -220,7 +229,7 @@ def export_tables(collapsed: Path | str, output: Path | str, fmt: str) -> Dict[s
         return files
 
     # safetensors: 8-byte little-endian header length, JSON header, then the raw row-major data
-    header: Dict[str, Any] = {}
+    header: dict[str, Any] = {}
     offset = 0
     for name, t in tables.items():
         nbytes = t["rows"] * t["d"] * 4
@@ -249,7 +258,7 @@ def export_tables(collapsed: Path | str, output: Path | str, fmt: str) -> Dict[s
     return files
 
 
-def read_safetensors(path: Path | str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+def read_safetensors(path: Path | str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """A minimal reader of (float32) safetensors files: (tensors as memory maps, ``__metadata__``)."""
     path = Path(path)
     with open(path, "rb") as f:
@@ -262,8 +271,11 @@ def read_safetensors(path: Path | str) -> Tuple[Dict[str, np.ndarray], Dict[str,
             raise ValueError(f"{path}: {name} has dtype {h['dtype']}; this reader knows F32")
         b, e = h["data_offsets"]
         shape = tuple(h["shape"])
-        out[name] = np.memmap(path, dtype=np.float32, mode="r", offset=8 + size + b, shape=shape) if e > b \
+        out[name] = (
+            np.memmap(path, dtype=np.float32, mode="r", offset=8 + size + b, shape=shape)
+            if e > b
             else np.zeros(shape, np.float32)
+        )
     return out, meta
 
 
@@ -278,7 +290,7 @@ def export(
     formats: Sequence[str] = (),
     check: bool = True,
     split: str = "test",
-    max_check_rows: Optional[int] = None,
+    max_check_rows: int | None = None,
     auc_tolerance: float = 1e-3,
     overwrite: bool = False,
     nproc_per_node: int = 1,
@@ -309,8 +321,9 @@ def export(
             raise UserError(f"data set {data} has no split {split!r}; pass --split or --no-check")
 
     report = ExportReport(output=str(output), collapsed=str(collapsed), auc_tolerance=auc_tolerance)
-    report.fp32_table_bytes = sum(t["rows"] * t["d"] * 4 for t in [*man["tables"].values(),
-                                                                   *man.get("extra_tables", {}).values()])
+    report.fp32_table_bytes = sum(
+        t["rows"] * t["d"] * 4 for t in [*man["tables"].values(), *man.get("extra_tables", {}).values()]
+    )
     with atomic_output(output, COMMAND, inputs=[collapsed, data], overwrite=overwrite) as tmp:
         for fmt in formats:
             report.table_files.update({f"{fmt}:{k}": v for k, v in export_tables(collapsed, tmp, fmt).items()})
@@ -332,8 +345,15 @@ def export(
                 if nproc_per_node > 1:
                     found = int8_check_local(collapsed, tmp / INT8_MODEL, split, max_check_rows, nproc_per_node)
                 else:
-                    found = int8_check(model, _Logits(load_int8(tmp / INT8_MODEL)), data, split, art.meta,
-                                       config.train.eval_batch_size, max_check_rows)
+                    found = int8_check(
+                        model,
+                        _Logits(load_int8(tmp / INT8_MODEL)),
+                        data,
+                        split,
+                        art.meta,
+                        config.train.eval_batch_size,
+                        max_check_rows,
+                    )
                 _judge_int8(report, found, split, auc_tolerance)
         if report.table_files:
             out_manifest["table_files"] = report.table_files
@@ -345,8 +365,17 @@ def export(
     return report
 
 
-def int8_check(model: nn.Module, reloaded: nn.Module, data: str, split: str, meta: DatasetMeta, batch: int,
-               max_rows: Optional[int], rank: int = 0, world_size: int = 1) -> Dict[str, Any]:
+def int8_check(
+    model: nn.Module,
+    reloaded: nn.Module,
+    data: str,
+    split: str,
+    meta: DatasetMeta,
+    batch: int,
+    max_rows: int | None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
     """FP32 against the INT8 model as written (reloaded from its file) on ``split``, both scoring each batch in
     one pass: {rows, fp32 metrics, int8 metrics, max |p_int8 - p_fp32|}. Collective when ``world_size`` > 1."""
     import torch.distributed as dist
@@ -368,7 +397,7 @@ def int8_check(model: nn.Module, reloaded: nn.Module, data: str, split: str, met
     return {"rows": m32.rows, "fp32": m32.as_dict(), "int8": m8.as_dict(), "max_abs_prob_diff": worst}
 
 
-def _int8_check_job(collapsed: str, int8_file: str, split: str, max_rows: Optional[int]) -> Dict[str, Any]:
+def _int8_check_job(collapsed: str, int8_file: str, split: str, max_rows: int | None) -> dict[str, Any]:
     """:func:`int8_check` as one rank of a job: the FP32 model sharded over the ranks, the INT8 model in each."""
     from mlet_torchrec.serving.artifact import shard_for_job
     from mlet_torchrec.training.distributed import process_group
@@ -376,11 +405,20 @@ def _int8_check_job(collapsed: str, int8_file: str, split: str, max_rows: Option
     art = load_artifact(collapsed)
     with process_group(art.config.run.device) as ctx:
         model = shard_for_job(art, ctx.device, ctx.world_size)
-        return int8_check(model, _Logits(load_int8(int8_file)), art.config.data.path, split, art.meta,
-                          art.config.train.eval_batch_size, max_rows, ctx.rank, ctx.world_size)
+        return int8_check(
+            model,
+            _Logits(load_int8(int8_file)),
+            art.config.data.path,
+            split,
+            art.meta,
+            art.config.train.eval_batch_size,
+            max_rows,
+            ctx.rank,
+            ctx.world_size,
+        )
 
 
-def _int8_check_worker(args: Dict[str, Any], verbose: bool, errors: str) -> Dict[str, Any]:
+def _int8_check_worker(args: dict[str, Any], verbose: bool, errors: str) -> dict[str, Any]:
     from mlet_torchrec.logs import configure_logging
     from mlet_torchrec.training.launcher import user_errors_to_parent
 
@@ -389,16 +427,19 @@ def _int8_check_worker(args: Dict[str, Any], verbose: bool, errors: str) -> Dict
         return _int8_check_job(**args)
 
 
-def int8_check_local(collapsed: Path | str, int8_file: Path | str, split: str, max_rows: Optional[int],
-                     nproc_per_node: int) -> Dict[str, Any]:
+def int8_check_local(
+    collapsed: Path | str, int8_file: Path | str, split: str, max_rows: int | None, nproc_per_node: int
+) -> dict[str, Any]:
     """:func:`int8_check` on ``nproc_per_node`` local processes; rank 0's result."""
     from mlet_torchrec.training.launcher import launch_local, local_launch_config
 
     args = {"collapsed": str(collapsed), "int8_file": str(int8_file), "split": split, "max_rows": max_rows}
-    return launch_local(local_launch_config(nproc_per_node, "mlet-export-check"), _int8_check_worker, args, False)[0]
+    results = launch_local(local_launch_config(nproc_per_node, "mlet-export-check"), _int8_check_worker, args, False)
+    check: dict[str, Any] = results[0]
+    return check
 
 
-def _judge_int8(report: ExportReport, found: Dict[str, Any], split: str, auc_tolerance: float) -> None:
+def _judge_int8(report: ExportReport, found: dict[str, Any], split: str, auc_tolerance: float) -> None:
     """Fill ``report`` from a check's result; raise when the INT8 AUC is off by more than the tolerance."""
     report.check_split = split
     report.rows_checked = int(found["rows"])
@@ -416,8 +457,10 @@ def _judge_int8(report: ExportReport, found: Dict[str, Any], split: str, auc_tol
 def format_report(report: ExportReport) -> str:
     lines = [f"exported {report.collapsed} -> {report.output}"]
     if report.int8_model:
-        lines.append(f"  INT8 model: {report.int8_model} ({report.int8_table_bytes / 2**20:.2f} MiB of tables "
-                     f"vs {report.fp32_table_bytes / 2**20:.2f} MiB FP32)")
+        lines.append(
+            f"  INT8 model: {report.int8_model} ({report.int8_table_bytes / 2**20:.2f} MiB of tables "
+            f"vs {report.fp32_table_bytes / 2**20:.2f} MiB FP32)"
+        )
     if report.table_files:
         lines.append(f"  tables: {', '.join(sorted(set(report.table_files.values())))}")
     if report.check_split:

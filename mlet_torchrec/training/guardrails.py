@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, TypedDict
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
-def _read_int(path: str) -> Optional[int]:
+def _read_int(path: str) -> int | None:
     try:
         text = Path(path).read_text().strip()
     except OSError:
@@ -57,7 +57,7 @@ def _read_int(path: str) -> Optional[int]:
         return None
 
 
-def host_memory_available() -> Dict[str, int]:
+def host_memory_available() -> dict[str, int]:
     """Bytes of host memory this process group may use: MemAvailable (or total pages), capped by the
     cgroup v2/v1 memory limit minus its usage. Returns the figure and where it came from."""
     avail = None
@@ -71,9 +71,10 @@ def host_memory_available() -> Dict[str, int]:
     if avail is None:
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     out = {"available": avail, "meminfo": avail}
-    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_path, usage_path in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         limit = _read_int(limit_path)
         if limit is not None and limit < 2**60:
             usage = _read_int(usage_path) or 0
@@ -83,7 +84,7 @@ def host_memory_available() -> Dict[str, int]:
     return out
 
 
-def memory_capacity(device: torch.device) -> Dict[str, int]:
+def memory_capacity(device: torch.device) -> dict[str, int]:
     """``Topology`` keyword arguments for this machine: ``ddr_cap`` (host memory per local rank) and,
     on CUDA, ``hbm_cap`` (free memory of this rank's GPU)."""
     local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -94,14 +95,14 @@ def memory_capacity(device: torch.device) -> Dict[str, int]:
     return caps
 
 
-def collective_plan(planner: Any, module: nn.Module, sharders: List[Any]) -> Any:
+def collective_plan(planner: Any, module: nn.Module, sharders: list[Any]) -> Any:
     """``planner.plan`` on rank 0, its plan or its ``PlannerError`` broadcast to every rank.
 
     TorchRec's own ``collective_plan`` leaves ranks > 0 waiting in the broadcast when rank 0 raises.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return planner.plan(module, sharders)
-    box: List[Any] = [None]
+    box: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
             box = [("plan", planner.plan(module, sharders))]
@@ -118,7 +119,17 @@ def collective_plan(planner: Any, module: nn.Module, sharders: List[Any]) -> Any
     raise RuntimeError(f"sharding planner failed on rank 0: {rest[0]}")
 
 
-def table_memory(meta: DatasetMeta, config: ExperimentConfig) -> Dict[str, int]:
+class TableMemory(TypedDict):
+    """Bytes of :func:`table_memory`: in all, and of the largest table (by feature name)."""
+
+    weights: int
+    optimizer_state: int
+    total: int
+    largest: int
+    largest_feature: str
+
+
+def table_memory(meta: DatasetMeta, config: ExperimentConfig) -> TableMemory:
     """FP32 bytes the sharded tables need while training: W1 (rows x width) and the fused optimizer's
     state (Adagrad: one value per weight; row-wise Adagrad: one per row; SGD: none)."""
     weights, state, largest, largest_name = 0, 0, 0, ""
@@ -130,20 +141,34 @@ def table_memory(meta: DatasetMeta, config: ExperimentConfig) -> Dict[str, int]:
         weights, state = weights + w, state + s
         if w + s > largest:
             largest, largest_name = w + s, f.name
-    return {"weights": weights, "optimizer_state": state, "total": weights + state, "largest": largest,
-            "largest_feature": largest_name}  # type: ignore[dict-item]
+    return {
+        "weights": weights,
+        "optimizer_state": state,
+        "total": weights + state,
+        "largest": largest,
+        "largest_feature": largest_name,
+    }
 
 
-def tables_do_not_fit(err: PlannerError, meta: DatasetMeta, config: ExperimentConfig, world_size: int,
-                      caps: Dict[str, int], device: torch.device) -> TablesDoNotFit:
+def tables_do_not_fit(
+    err: PlannerError,
+    meta: DatasetMeta,
+    config: ExperimentConfig,
+    world_size: int,
+    caps: dict[str, int],
+    device: torch.device,
+) -> TablesDoNotFit:
     """The planner's storage error as one message with the numbers (needed vs available)."""
     need = table_memory(meta, config)
     kind, per_rank = ("GPU memory", caps["hbm_cap"]) if "hbm_cap" in caps else ("host memory", caps["ddr_cap"])
     usable = per_rank * (1 - PLANNER_RESERVATION)
     detail = str(err).strip().splitlines()[-1].strip() if str(err).strip() else ""
     opt = config.sparse_optimizer.name
-    parts = (f"W1 {_gib(need['weights'])} + {opt} state {_gib(need['optimizer_state'])}, fp32"
-             if need["optimizer_state"] else f"W1, fp32; {opt} keeps no state")
+    parts = (
+        f"W1 {_gib(need['weights'])} + {opt} state {_gib(need['optimizer_state'])}, fp32"
+        if need["optimizer_state"]
+        else f"W1, fp32; {opt} keeps no state"
+    )
     return TablesDoNotFit(
         f"the embedding tables do not fit in memory: training them needs {_gib(need['total'])} ({parts}; "
         f"largest table t_{need['largest_feature']} {_gib(need['largest'])}) but the {world_size} rank(s) have "
@@ -153,7 +178,7 @@ def tables_do_not_fit(err: PlannerError, meta: DatasetMeta, config: ExperimentCo
     )
 
 
-def _local_tensors(value: Any) -> List[torch.Tensor]:
+def _local_tensors(value: Any) -> list[torch.Tensor]:
     if hasattr(value, "local_shards"):
         return [s.tensor for s in value.local_shards()]
     if hasattr(value, "to_local"):
@@ -164,7 +189,7 @@ def _local_tensors(value: Any) -> List[torch.Tensor]:
 
 
 @torch.no_grad()
-def nonfinite_weights(model: nn.Module, chunk_rows: int = 1 << 16) -> List[str]:
+def nonfinite_weights(model: nn.Module, chunk_rows: int = 1 << 16) -> list[str]:
     """Names of this rank's weights (local shards) holding NaN or inf, checked in row chunks."""
     bad = []
     for name, value in model.state_dict().items():
@@ -172,8 +197,9 @@ def nonfinite_weights(model: nn.Module, chunk_rows: int = 1 << 16) -> List[str]:
             if not t.is_floating_point() or t.numel() == 0:
                 continue
             flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
-            if any(not bool(torch.isfinite(flat[i:i + chunk_rows]).all())
-                   for i in range(0, flat.shape[0], chunk_rows)):
+            if any(
+                not bool(torch.isfinite(flat[i : i + chunk_rows]).all()) for i in range(0, flat.shape[0], chunk_rows)
+            ):
                 bad.append(name)
                 break
     return bad

@@ -10,8 +10,9 @@ import logging
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -19,7 +20,8 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from mlet_torchrec.config import ExperimentConfig
 from mlet_torchrec.errors import EXIT_USER_ERROR, UserError
 
-def _train_worker(config: Dict[str, Any], verbose: bool, errors: str) -> Dict[str, Any]:
+
+def _train_worker(config: dict[str, Any], verbose: bool, errors: str) -> dict[str, Any]:
     from mlet_torchrec.logs import configure_logging
     from mlet_torchrec.training.train import train
 
@@ -39,14 +41,13 @@ class user_errors_to_parent:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: Any, err: Any, tb: Any) -> bool:
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> None:
         if isinstance(err, UserError):
             Path(self.errors, f"rank{os.environ.get('RANK', '0')}").write_text(" ".join(str(err).split()))
             raise SystemExit(EXIT_USER_ERROR) from None  # a plain exit status: elastic records no stack trace
-        return False
 
 
-def launch_local(launch: LaunchConfig, entrypoint: Callable[..., Any], *args: Any) -> Dict[int, Any]:
+def launch_local(launch: LaunchConfig, entrypoint: Callable[..., Any], *args: Any) -> dict[int, Any]:
     """``elastic_launch(launch, entrypoint)(*args, errors)``, but a worker's ``UserError`` (see
     :class:`user_errors_to_parent`) is raised here as that ``UserError``'s one line, not as a ChildFailedError."""
     with tempfile.TemporaryDirectory(prefix="mlet-errors-") as folder:
@@ -56,7 +57,8 @@ def launch_local(launch: LaunchConfig, entrypoint: Callable[..., Any], *args: An
         quiet = _WhenUserError(Path(folder))
         elastic_log.addFilter(quiet)
         try:
-            return elastic_launch(launch, entrypoint=entrypoint)(*args, folder)
+            results: dict[int, Any] = elastic_launch(launch, entrypoint=entrypoint)(*args, folder)
+            return results
         except ChildFailedError:
             messages = sorted(Path(folder).iterdir())
             if messages:
@@ -96,8 +98,9 @@ def local_launch_config(nproc_per_node: int, run_prefix: str, max_restarts: int 
 
 def train_local(
     config: ExperimentConfig, nproc_per_node: int, max_restarts: int = 0, verbose: bool = False
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Train on ``nproc_per_node`` processes of this machine; returns rank 0's result summary."""
     launch = local_launch_config(nproc_per_node, "mlet", max_restarts)
     results = launch_local(launch, _train_worker, config.model_dump(mode="json"), verbose)
-    return results[0]
+    summary: dict[str, Any] = results[0]
+    return summary

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch.distributed as dist
 
@@ -32,6 +32,9 @@ from mlet_torchrec.training.checkpoint import (
 )
 from mlet_torchrec.training.distributed import DistContext
 
+if TYPE_CHECKING:  # imported where used: TensorBoard is slow to import
+    from torch.utils.tensorboard import SummaryWriter
+
 log = logging.getLogger("mlet.train")
 
 
@@ -42,7 +45,7 @@ def _broadcast(value: Any) -> Any:
     return box[0]
 
 
-def prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext) -> Optional[Path]:
+def prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext) -> Path | None:
     """Rank 0 claims the run directory (created with mlet's marker, or one that has it; never the
     data, the working directory, home or root, nor a directory of foreign files), clears interrupted
     checkpoint writes and picks the checkpoint to resume from (None: start at step 0); every rank
@@ -59,8 +62,11 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext) -
             else:
                 removed = remove_checkpoints(run_dir)
                 if removed:
-                    log.warning("run.resume=false: deleted the %d checkpoint(s) in %s; starting over", len(removed),
-                                checkpoint_root(run_dir))
+                    log.warning(
+                        "run.resume=false: deleted the %d checkpoint(s) in %s; starting over",
+                        len(removed),
+                        checkpoint_root(run_dir),
+                    )
                 decision = ("ok", None)
         except UserError as e:
             decision = (type(e).__name__, str(e))
@@ -81,11 +87,11 @@ class RunLog:
 
     def __init__(self, run_dir: Path, enabled: bool, start_step: int) -> None:
         self.enabled = enabled
-        self._jsonl = None
-        self._tb = None
+        self._jsonl: TextIO | None = None
+        self._tb: SummaryWriter | None = None
         if enabled:
             path = run_dir / "metrics.jsonl"
-            kept: List[str] = []
+            kept: list[str] = []
             if path.exists():
                 for line in path.read_text().splitlines():
                     try:
@@ -99,8 +105,8 @@ class RunLog:
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
 
-    def record(self, step: int, kind: str, values: Dict[str, float]) -> None:
-        if not self.enabled:
+    def record(self, step: int, kind: str, values: dict[str, float]) -> None:
+        if self._jsonl is None or self._tb is None:  # not enabled
             return
         self._jsonl.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
         self._jsonl.flush()
@@ -109,6 +115,7 @@ class RunLog:
                 self._tb.add_scalar(f"{kind}/{key}", value, step)
 
     def close(self) -> None:
-        if self.enabled:
+        if self._jsonl is not None:
             self._jsonl.close()
+        if self._tb is not None:
             self._tb.close()

@@ -125,7 +125,7 @@ def init_optimizer_state(optimizer: Any) -> None:
         try:
             opt.init_state()
         finally:
-            for g, lr in zip(opt.param_groups, lrs):
+            for g, lr in zip(opt.param_groups, lrs, strict=True):
                 if lr is not None:
                     g["lr"] = lr
             for p in opt.params.values():
