@@ -45,8 +45,12 @@ RATIOS = {  # name -> (numerator cell, denominator cell)
 
 def cells(k: int, nproc: int) -> list[tuple[str, str, str, int]]:
     """(name, embedding.k, train.pipeline, ranks) of every cell."""
-    return [("baseline", "null", "auto", nproc), ("mlet", str(k), "auto", nproc),
-            ("mlet_plain", str(k), "none", nproc), ("mlet_1rank", str(k), "auto", 1)]
+    return [
+        ("baseline", "null", "auto", nproc),
+        ("mlet", str(k), "auto", nproc),
+        ("mlet_plain", str(k), "none", nproc),
+        ("mlet_1rank", str(k), "auto", 1),
+    ]
 
 
 def main() -> None:
@@ -78,23 +82,45 @@ def main() -> None:
             loads: list[float] = []
             for rep in range(args.repeats):
                 for name, k, pipeline, nproc in plan:
-                    cfg = load_config(REPO / "configs/demo.yaml", [
-                        f"data.path={args.data}", f"run.dir={tmp}/{name}-{batch}-{rep}", f"embedding.d={args.d}",
-                        f"embedding.k={k}", f"train.batch_size={batch}", f"train.max_steps={args.steps}",
-                        f"train.pipeline={pipeline}", "train.progress=false", "train.eval_batch_size=65536",
-                        f"train.log_every={args.steps}",
-                    ])
+                    cfg = load_config(
+                        REPO / "configs/demo.yaml",
+                        [
+                            f"data.path={args.data}",
+                            f"run.dir={tmp}/{name}-{batch}-{rep}",
+                            f"embedding.d={args.d}",
+                            f"embedding.k={k}",
+                            f"train.batch_size={batch}",
+                            f"train.max_steps={args.steps}",
+                            f"train.pipeline={pipeline}",
+                            "train.progress=false",
+                            "train.eval_batch_size=65536",
+                            f"train.log_every={args.steps}",
+                        ],
+                    )
                     sps[name].append(train_local(cfg, nproc)["samples_per_second"])
                     loads.append(os.getloadavg()[0])
-                    print(f"batch {batch} {name} run {rep}: {sps[name][-1]:,.0f} samples/s "
-                          f"(load average {loads[-1]:.1f})", flush=True)
+                    print(
+                        f"batch {batch} {name} run {rep}: {sps[name][-1]:,.0f} samples/s "
+                        f"(load average {loads[-1]:.1f})",
+                        flush=True,
+                    )
             median = {name: statistics.median(v) for name, v in sps.items()}
             ratios = {r: median[a] / median[b] for r, (a, b) in RATIOS.items() if a in median and b in median}
-            results[str(batch)] = {"samples_per_s": sps, "median_samples_per_s": median, "ratios": ratios,
-                                   "load_average_1min": loads, "cpu_count": os.cpu_count(), "steps": args.steps}
+            results[str(batch)] = {
+                "samples_per_s": sps,
+                "median_samples_per_s": median,
+                "ratios": ratios,
+                "load_average_1min": loads,
+                "cpu_count": os.cpu_count(),
+                "steps": args.steps,
+            }
             print(f"batch {batch}: " + ", ".join(f"{n} {v:,.0f} samples/s" for n, v in median.items()), flush=True)
-            print(f"batch {batch}: " + ", ".join(f"{r} {v:.3f}" for r, v in ratios.items())
-                  + f" (load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores)", flush=True)
+            print(
+                f"batch {batch}: "
+                + ", ".join(f"{r} {v:.3f}" for r, v in ratios.items())
+                + f" (load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores)",
+                flush=True,
+            )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 
@@ -111,20 +137,32 @@ def profile(args: argparse.Namespace) -> None:
     per_step: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, k in (("baseline", "null"), ("mlet", str(args.k))):
-            cfg = load_config(REPO / "configs/demo.yaml", [
-                f"data.path={args.data}", f"run.dir={tmp}/{name}", f"embedding.d={args.d}", f"embedding.k={k}",
-                f"train.batch_size={args.batch_size[0]}", f"train.max_steps={warm + args.profile + 1}",
-                "train.pipeline=none", "train.progress=false", "train.eval_batch_size=65536",
-            ])
-            prof = torch.profiler.profile(activities=[ProfilerActivity.CPU],
-                                          schedule=schedule(wait=0, warmup=warm, active=args.profile, repeat=1))
+            cfg = load_config(
+                REPO / "configs/demo.yaml",
+                [
+                    f"data.path={args.data}",
+                    f"run.dir={tmp}/{name}",
+                    f"embedding.d={args.d}",
+                    f"embedding.k={k}",
+                    f"train.batch_size={args.batch_size[0]}",
+                    f"train.max_steps={warm + args.profile + 1}",
+                    "train.pipeline=none",
+                    "train.progress=false",
+                    "train.eval_batch_size=65536",
+                ],
+            )
+            prof = torch.profiler.profile(
+                activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=warm, active=args.profile, repeat=1)
+            )
             with prof:
                 train(cfg, hooks=[lambda ev, p=prof: p.step()])
             for e in prof.key_averages():
                 table.setdefault(e.key, {})[name] = e.self_cpu_time_total / 1e3 / args.profile
             per_step[name] = sum(v.get(name, 0.0) for v in table.values())
-    print(f"self CPU ms per step over {args.profile} steps, batch {args.batch_size[0]}, 1 process: "
-          f"baseline {per_step['baseline']:.1f}, MLET k={args.k} {per_step['mlet']:.1f}")
+    print(
+        f"self CPU ms per step over {args.profile} steps, batch {args.batch_size[0]}, 1 process: "
+        f"baseline {per_step['baseline']:.1f}, MLET k={args.k} {per_step['mlet']:.1f}"
+    )
     rows = sorted(table.items(), key=lambda kv: -(kv[1].get("mlet", 0.0) - kv[1].get("baseline", 0.0)))
     print(f"{'op':<60} {'baseline':>9} {'mlet':>9} {'extra':>9}")
     for key, v in rows[:15]:

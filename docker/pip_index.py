@@ -76,7 +76,8 @@ def main() -> int:
         return 0 if reachable(sys.argv[2], settings.get("cert"), timeout=10) is None else 1
     secrets = Path(sys.argv[1])
     no_index = settings.get("no-index", "").lower() in ("1", "true", "yes", "on")
-    indexes = [] if no_index else [settings.get("index-url", DEFAULT_INDEX), *settings.get("extra-index-url", "").split()]
+    extra = settings.get("extra-index-url", "").split()
+    indexes = [] if no_index else [settings.get("index-url", DEFAULT_INDEX), *extra]
     find_links = settings.get("find-links", "").split()
     cert = settings.get("cert", "")
 
@@ -95,17 +96,26 @@ def main() -> int:
             why = reachable(location, cert)
             (problems.append(f"{location} ({why})") if why else usable.append(location))
     if not usable:
-        print("make image: no package index reachable (checked " + ", ".join(problems or ["nothing"]) +
-              "); the image installs from the host's pip index: set PIP_INDEX_URL or "
-              "`pip config set global.index-url URL`", file=sys.stderr)
+        print(
+            "make image: no package index reachable (checked "
+            + ", ".join(problems or ["nothing"])
+            + "); the image installs from the host's pip index: set PIP_INDEX_URL or "
+            "`pip config set global.index-url URL`",
+            file=sys.stderr,
+        )
         return 2
     for problem in problems:
         print(f"make image: warning: package location unusable, pip will skip it: {problem}", file=sys.stderr)
 
     secrets.mkdir(parents=True, exist_ok=True)
-    env = {"PIP_INDEX_URL": settings.get("index-url"), "PIP_EXTRA_INDEX_URL": settings.get("extra-index-url"),
-           "PIP_FIND_LINKS": settings.get("find-links"), "PIP_TRUSTED_HOST": settings.get("trusted-host"),
-           "PIP_NO_INDEX": "1" if no_index else None, "PIP_CERT": "/run/secrets/pip-cert" if cert else None}
+    env = {
+        "PIP_INDEX_URL": settings.get("index-url"),
+        "PIP_EXTRA_INDEX_URL": settings.get("extra-index-url"),
+        "PIP_FIND_LINKS": settings.get("find-links"),
+        "PIP_TRUSTED_HOST": settings.get("trusted-host"),
+        "PIP_NO_INDEX": "1" if no_index else None,
+        "PIP_CERT": "/run/secrets/pip-cert" if cert else None,
+    }
     lines = [f"{k}={shlex.quote(v)}" for k, v in env.items() if v]
     (secrets / "pip-index.env").write_text("".join(line + "\n" for line in lines))
     (secrets / "pip-cert").write_bytes(Path(cert).read_bytes() if cert else b"")

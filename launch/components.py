@@ -23,9 +23,12 @@ Restarts on failure, two levels (both default to 0):
 A restarted ``mlet train`` resumes in the same ``run.dir`` from its newest complete checkpoint (model,
 optimizer state, data position, RNG; ``run.resume``, on by default): set ``train.checkpoint_every``.
 
-Do not add ``from __future__ import annotations`` here: TorchX reads the real annotations to
-build each component's command line.
+Do not add ``from __future__ import annotations`` here, nor write ``X | None`` or ``dict[...]``:
+TorchX reads the real annotations to build each component's command line, and its component
+linter knows only ``typing``'s ``Optional``, ``Dict`` and ``List`` (ruff's UP rules are off here).
 """
+
+from typing import Dict, List, Optional
 
 import torchx.specs as specs
 from torchx.components import dist
@@ -74,12 +77,12 @@ def train(
     j: str = "1x2",
     image: str = DEFAULT_IMAGE,
     name: str = "mlet-train",
-    h: str | None = None,
+    h: Optional[str] = None,
     cpu: int = 2,
     gpu: int = 0,
     memMB: int = 4096,
-    env: dict[str, str] | None = None,
-    mounts: list[str] | None = None,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
     max_retries: int = 0,
     max_restarts: int = 0,
     rdzv_port: int = 29500,
@@ -139,12 +142,12 @@ def collapse(
     j: str = "1x1",
     image: str = DEFAULT_IMAGE,
     name: str = "mlet-collapse",
-    h: str | None = None,
+    h: Optional[str] = None,
     cpu: int = 2,
     gpu: int = 0,
     memMB: int = 4096,
-    env: dict[str, str] | None = None,
-    mounts: list[str] | None = None,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
     max_retries: int = 0,
 ) -> specs.AppDef:
     """Collapse: ``mlet collapse --input CHECKPOINT --output OUTPUT`` (W = W1·W2) on every process of the job
@@ -194,12 +197,12 @@ def evaluate(
     j: str = "1x1",
     image: str = DEFAULT_IMAGE,
     name: str = "mlet-evaluate",
-    h: str | None = None,
+    h: Optional[str] = None,
     cpu: int = 2,
     gpu: int = 0,
     memMB: int = 4096,
-    env: dict[str, str] | None = None,
-    mounts: list[str] | None = None,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
     max_retries: int = 0,
 ) -> specs.AppDef:
     """Evaluate: ``mlet evaluate --input CHECKPOINT --split SPLIT --auc AUC`` on every process of the job (each

@@ -14,10 +14,11 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -51,14 +52,14 @@ class DataConfig(_Strict):
 class TableConfig(_Strict):
     """Per-table settings that override the embedding-wide ones."""
 
-    k: Optional[int] = Field(None, gt=0)
-    sharding: Optional[ShardingType] = None
+    k: int | None = Field(None, gt=0)
+    sharding: ShardingType | None = None
 
 
 class EmbeddingConfig(_Strict):
     d: int = Field(16, gt=0)
     """Embedding dimension served after collapse."""
-    k: Optional[int] = Field(None, gt=0)
+    k: int | None = Field(None, gt=0)
     """MLET inner dimension for every table; null trains single-layer d-dim tables (the baseline)."""
     sigma: float = Field(0.25, gt=0)
     """Std of the N(0, sigma^2) init of W2 (papers: 0.25 for DLRM, 0.5 for the DeepCTR models)."""
@@ -78,11 +79,11 @@ class EmbeddingConfig(_Strict):
     cache (FBGEMM's fused_uvm_caching kernel); false keeps every table in GPU memory. A CPU run refuses it."""
     uvm_cache_load_factor: float = Field(0.2, gt=0, le=1)
     """With uvm_caching: the share of a cached table's rows held in the GPU cache."""
-    tables: Dict[str, TableConfig] = Field(default_factory=dict)
+    tables: dict[str, TableConfig] = Field(default_factory=dict)
     """Per-feature overrides, keyed by sparse feature name."""
 
     @model_validator(mode="after")
-    def _k_not_below_d(self) -> "EmbeddingConfig":
+    def _k_not_below_d(self) -> EmbeddingConfig:
         ks = {"embedding.k": self.k} | {f"embedding.tables.{n}.k": t.k for n, t in self.tables.items()}
         for key, k in ks.items():
             if k is not None and k < self.d and not self.allow_k_below_d:
@@ -92,7 +93,7 @@ class EmbeddingConfig(_Strict):
                 )
         return self
 
-    def k_for(self, feature: str) -> Optional[int]:
+    def k_for(self, feature: str) -> int | None:
         table = self.tables.get(feature)
         return table.k if table is not None and table.k is not None else self.k
 
@@ -122,8 +123,12 @@ class DenseOptimizerConfig(OptimizerConfig):
 
 ModelName = Literal["dlrm", "dlrm_dcn", "dcn", "deepfm", "wdl", "nfm", "autoint", "xdeepfm"]
 
-DEEPCTR_DNN_DEFAULTS: Dict[str, List[int]] = {
-    "dcn": [128, 128], "deepfm": [256, 128], "wdl": [256, 128], "nfm": [128, 128], "autoint": [256, 128],
+DEEPCTR_DNN_DEFAULTS: dict[str, list[int]] = {
+    "dcn": [128, 128],
+    "deepfm": [256, 128],
+    "wdl": [256, 128],
+    "nfm": [128, 128],
+    "autoint": [256, 128],
     "xdeepfm": [256, 256],
 }
 """DeepCTR-Torch's default ``dnn_hidden_units`` per model (what ``model.dnn_hidden_units: null`` means)."""
@@ -137,15 +142,15 @@ class ModelConfig(_Strict):
     name: ModelName = "dlrm"
     """dlrm; dlrm_dcn (DLRM with a DCN-v2 interaction); the DeepCTR-Torch models dcn, deepfm, wdl (Wide & Deep),
     nfm, autoint, xdeepfm (CIN). All take the MLET embeddings and all but the DLRM family add a first-order term."""
-    bottom_mlp: List[int] = Field(default_factory=lambda: [512, 256, 128])
+    bottom_mlp: list[int] = Field(default_factory=lambda: [512, 256, 128])
     """[dlrm, dlrm_dcn] Hidden sizes of the dense-feature MLP; a final layer of size embedding.d is appended."""
-    top_mlp: List[int] = Field(default_factory=lambda: [512, 256])
+    top_mlp: list[int] = Field(default_factory=lambda: [512, 256])
     """[dlrm, dlrm_dcn] Hidden sizes of the over-arch MLP; a final layer of size 1 is appended."""
     dcn_num_layers: int = Field(3, gt=0)
     """[dlrm_dcn] Low-rank cross layers of the DCN-v2 interaction (TorchRec's DLRM-DCN reference: 3)."""
     dcn_low_rank_dim: int = Field(512, gt=0)
     """[dlrm_dcn] Rank r of each cross layer's W = U V (TorchRec's DLRM-DCN reference: 512)."""
-    dnn_hidden_units: Optional[List[int]] = None
+    dnn_hidden_units: list[int] | None = None
     """[dcn, deepfm, wdl, nfm, autoint, xdeepfm] Hidden sizes of the DNN; null: DeepCTR-Torch's default for the
     model (DEEPCTR_DNN_DEFAULTS); [] drops the DNN (not for nfm, whose DNN is its only non-linear part)."""
     dnn_dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -162,13 +167,13 @@ class ModelConfig(_Strict):
     """[autoint] Attention heads; must divide embedding.d."""
     att_res: bool = True
     """[autoint] Residual connection in every interacting layer."""
-    cin_layer_size: List[int] = Field(default_factory=lambda: [256, 128])
+    cin_layer_size: list[int] = Field(default_factory=lambda: [256, 128])
     """[xdeepfm] Feature maps per CIN layer ([] drops the CIN)."""
     cin_split_half: bool = True
     """[xdeepfm] Half of every CIN layer but the last feeds the next layer, the other half the output."""
 
     @model_validator(mode="after")
-    def _sizes(self) -> "ModelConfig":
+    def _sizes(self) -> ModelConfig:
         for key in ("bottom_mlp", "top_mlp", "dnn_hidden_units", "cin_layer_size"):
             if any(n <= 0 for n in getattr(self, key) or []):
                 raise ValueError(f"model.{key}: layer sizes must be positive, got {getattr(self, key)}")
@@ -178,7 +183,7 @@ class ModelConfig(_Strict):
             )
         return self
 
-    def dnn_units(self) -> List[int]:
+    def dnn_units(self) -> list[int]:
         """``dnn_hidden_units``, or DeepCTR-Torch's default for this model when it is null."""
         if self.dnn_hidden_units is not None:
             return list(self.dnn_hidden_units)
@@ -189,7 +194,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(128, gt=0)
     """Global batch size, split evenly over the ranks."""
     epochs: int = Field(1, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0)
     """Stop after this many steps (all epochs together); null runs every epoch to the end."""
     eval_every: int = Field(0, ge=0)
     """Evaluate on the validation split every N steps (0: only at the end)."""
@@ -210,7 +215,7 @@ class TrainConfig(_Strict):
     lr_decay: Literal["none", "linear", "cosine"] = "none"
     """Decay of both learning rates after the warmup, to ``min_lr_ratio`` of their base at the last step."""
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    grad_clip_norm: Optional[float] = Field(None, gt=0)
+    grad_clip_norm: float | None = Field(None, gt=0)
     """Clip the dense parameters' (MLPs, W2) global gradient norm to this; null: no clipping."""
     bf16_autocast: bool = False
     """CUDA only: run the forward under bf16 autocast (the loss stays fp32). A CPU run refuses it."""
@@ -225,7 +230,7 @@ class RunConfig(_Strict):
     resume: bool = True
     """Continue from the newest complete checkpoint in ``dir`` (model, both optimizers, data position,
     RNG states), as torchrun/TorchX restarts need; false starts over and deletes ``dir``'s checkpoints."""
-    plan: Optional[str] = None
+    plan: str | None = None
     """A sharding plan written by ``mlet plan`` (PLAN.json) to use instead of planning again; refused if it was
     made for another world size, device or config."""
 
@@ -281,7 +286,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
         node = raw
@@ -300,9 +305,9 @@ def packaged_configs() -> Traversable:
     return files("mlet_torchrec") / "configs"
 
 
-def packaged_config_names() -> List[str]:
+def packaged_config_names() -> list[str]:
     """Names ``--config`` accepts without a file: ``['avazu_dcn', ..., 'models/deepfm', ..., 'tiny']``."""
-    names: List[str] = []
+    names: list[str] = []
 
     def walk(node: Traversable, prefix: str) -> None:
         for child in node.iterdir():
@@ -340,7 +345,7 @@ def read_config_text(name: Path | str) -> tuple[str, str]:
     raise ConfigError(f"config file {path} does not exist and is not a packaged config name ({known})")
 
 
-def read_config_mapping(name: Path | str) -> tuple[Dict[str, Any], str]:
+def read_config_mapping(name: Path | str) -> tuple[dict[str, Any], str]:
     """``(mapping, source)`` of a YAML config named by a path or a packaged name (see :func:`read_config_text`).
 
     Any YAML file of settings goes through here (run configs, ``mlet synth --config``), so every one of them
@@ -359,10 +364,10 @@ def read_config_mapping(name: Path | str) -> tuple[Dict[str, Any], str]:
     return raw, source
 
 
-def load_config(path: Optional[Path | str], overrides: Sequence[str] = ()) -> ExperimentConfig:
+def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML config (a file, a packaged config's name, or the defaults when ``path`` is None) and apply
     dotted overrides."""
-    raw: Dict[str, Any] = {}
+    raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         raw, source = read_config_mapping(path)

@@ -40,12 +40,19 @@ def worker(config: dict[str, Any], out: str) -> dict[str, Any]:
     def hook(ev) -> None:  # type: ignore[no-untyped-def]
         mlet = ev.model.module.net.sparse_arch.embedding_bag_collection
         kjt = ev.batch.sparse_features
-        trace.write(json.dumps({
-            "step": ev.step, "loss": ev.loss,
-            "ids": zlib.crc32(kjt.values().numpy().tobytes()) ^ zlib.crc32(kjt.lengths().numpy().tobytes()),
-            "w1": type(mlet.w1).__name__, "w1_forward": type(mlet.w1.forward).__name__,
-            "w2": {n: list(p.shape) for n, p in mlet.w2.items()},
-        }) + "\n")
+        trace.write(
+            json.dumps(
+                {
+                    "step": ev.step,
+                    "loss": ev.loss,
+                    "ids": zlib.crc32(kjt.values().numpy().tobytes()) ^ zlib.crc32(kjt.lengths().numpy().tobytes()),
+                    "w1": type(mlet.w1).__name__,
+                    "w1_forward": type(mlet.w1.forward).__name__,
+                    "w2": {n: list(p.shape) for n, p in mlet.w2.items()},
+                }
+            )
+            + "\n"
+        )
         trace.flush()
 
     try:
@@ -55,19 +62,41 @@ def worker(config: dict[str, Any], out: str) -> dict[str, Any]:
 
 
 def _config(dataset: Path, run_dir: Path, *extra: str) -> ExperimentConfig:
-    return load_config(REPO / "configs" / "tiny.yaml", [
-        f"data.path={dataset}", f"run.dir={run_dir}", "embedding.sharding=row_wise", "embedding.k=8",
-        "sparse_optimizer.name=rowwise_adagrad", "sparse_optimizer.lr=0.05",
-        "dense_optimizer.name=adam", "dense_optimizer.lr=0.01", "train.batch_size=64",
-        f"train.max_steps={STEPS}", "train.checkpoint_every=4", "train.eval_every=6", "train.log_every=5",
-        "train.keep_checkpoints=5", "train.seed=3", *extra,
-    ])
+    return load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"data.path={dataset}",
+            f"run.dir={run_dir}",
+            "embedding.sharding=row_wise",
+            "embedding.k=8",
+            "sparse_optimizer.name=rowwise_adagrad",
+            "sparse_optimizer.lr=0.05",
+            "dense_optimizer.name=adam",
+            "dense_optimizer.lr=0.01",
+            "train.batch_size=64",
+            f"train.max_steps={STEPS}",
+            "train.checkpoint_every=4",
+            "train.eval_every=6",
+            "train.log_every=5",
+            "train.keep_checkpoints=5",
+            "train.seed=3",
+            *extra,
+        ],
+    )
 
 
 def _launch(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=f"pipe-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=2,
+        run_id=f"pipe-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+    )
     return elastic_launch(launch, entrypoint=worker)(cfg.model_dump(mode="json"), str(out))[0]
 
 
@@ -116,6 +145,7 @@ def test_resume_from_a_checkpoint_written_with_batches_in_flight_is_exact(runs):
     for rank in (0, 1):
         ref, got = _trace(whole["out"], rank), _trace(runs["base"] / "out_resumed", rank)
         assert sorted(got) == list(range(9, STEPS + 1))
-        assert all(got[s]["ids"] == ref[s]["ids"] and got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6)
-                   for s in got)
+        assert all(
+            got[s]["ids"] == ref[s]["ids"] and got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6) for s in got
+        )
     assert summary["test"]["auc"] == pytest.approx(whole["summary"]["test"]["auc"], abs=1e-6)

@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _mlet(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "mlet_torchrec.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlet_torchrec.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"mlet {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
     return proc
 
@@ -29,13 +30,25 @@ def _mlet(*args: str) -> subprocess.CompletedProcess:
 def test_train_on_4_ranks_collapse_on_4_evaluate_on_2(synth_dataset, tmp_path):
     data = synth_dataset(rows=2000)
     run, collapsed = tmp_path / "run", tmp_path / "collapsed"
-    _mlet("train", "--config", "tiny", "--nproc-per-node", "4", f"data.path={data}", f"run.dir={run}",
-          "embedding.sharding=table_wise", "train.batch_size=64", "train.max_steps=12",
-          "train.eval_batch_size=256", "train.checkpoint_every=6")
+    _mlet(
+        "train",
+        "--config",
+        "tiny",
+        "--nproc-per-node",
+        "4",
+        f"data.path={data}",
+        f"run.dir={run}",
+        "embedding.sharding=table_wise",
+        "train.batch_size=64",
+        "train.max_steps=12",
+        "train.eval_batch_size=256",
+        "train.checkpoint_every=6",
+    )
     trained = json.loads((run / "metrics.json").read_text())
     assert trained["world_size"] == 4 and trained["steps"] == 12
     _mlet("collapse", "--input", str(run), "--output", str(collapsed), "--nproc-per-node", "4")
-    metrics = json.loads(_mlet("evaluate", "--input", str(collapsed), "--split", "test",
-                               "--nproc-per-node", "2").stdout)
+    metrics = json.loads(
+        _mlet("evaluate", "--input", str(collapsed), "--split", "test", "--nproc-per-node", "2").stdout
+    )
     assert metrics["auc"] == pytest.approx(trained["test"]["auc"], abs=1e-4)
     assert metrics["logloss"] == pytest.approx(trained["test"]["logloss"], abs=1e-4)

@@ -23,10 +23,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(data: Path, run_dir: Path, *extra: str):  # type: ignore[no-untyped-def]
-    return load_config(REPO / "configs" / "tiny.yaml", [
-        f"data.path={data}", f"run.dir={run_dir}", "train.max_steps=12", "train.log_every=4",
-        "sparse_optimizer.lr=0.2", "dense_optimizer.lr=0.1", *extra,
-    ])
+    return load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"data.path={data}",
+            f"run.dir={run_dir}",
+            "train.max_steps=12",
+            "train.log_every=4",
+            "sparse_optimizer.lr=0.2",
+            "dense_optimizer.lr=0.1",
+            *extra,
+        ],
+    )
 
 
 def _fbgemm_lrs(model: nn.Module) -> list[float]:
@@ -56,8 +64,9 @@ def test_warmup_and_decay_drive_the_fused_and_the_dense_learning_rate(synth_data
     def hook(ev) -> None:  # type: ignore[no-untyped-def]
         seen[ev.step] = {"fbgemm": _fbgemm_lrs(ev.model)}  # what FBGEMM's fused update used at this step
 
-    cfg = _config(synth_dataset(), tmp_path / "run", "train.warmup_steps=4", "train.lr_decay=linear",
-                  "train.min_lr_ratio=0.5")
+    cfg = _config(
+        synth_dataset(), tmp_path / "run", "train.warmup_steps=4", "train.lr_decay=linear", "train.min_lr_ratio=0.5"
+    )
     train(cfg, hooks=[hook])
     for step, got in seen.items():
         f = lr_factor(step - 1, 4, "linear", 12, 0.5)
@@ -74,8 +83,9 @@ def test_dense_gradient_clipping_bounds_the_global_norm():
     torch.manual_seed(0)
     a, b = nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(4))
     dense = KeyedOptimizerWrapper({"a": a, "b": b}, lambda ps: torch.optim.SGD(list(ps), lr=1.0))
-    opt = ScheduledOptimizer(CombinedOptimizer([("dense", dense)]),
-                             load_config(None, ["train.grad_clip_norm=0.5"]).train, total_steps=10)
+    opt = ScheduledOptimizer(
+        CombinedOptimizer([("dense", dense)]), load_config(None, ["train.grad_clip_norm=0.5"]).train, total_steps=10
+    )
     before = a.detach().clone(), b.detach().clone()
     opt.zero_grad()
     (a.sum() * 100 + b.sum() * 100).backward()
@@ -97,15 +107,29 @@ def test_async_checkpoint_is_visible_only_once_complete_and_holds_its_steps_weig
     def hook(ev) -> None:  # type: ignore[no-untyped-def]
         visible[ev.step] = [p.name for p in complete_checkpoints(run_dir / "checkpoints")]
         if ev.step == 4:
-            weights[4] = {k: v.detach().clone() for k, v in ev.model.state_dict().items()
-                          if isinstance(v, torch.Tensor) and "over_arch" in k}
+            weights[4] = {
+                k: v.detach().clone()
+                for k, v in ev.model.state_dict().items()
+                if isinstance(v, torch.Tensor) and "over_arch" in k
+            }
 
-    train(_config(synth_dataset(), run_dir, "train.checkpoint_every=4", "train.async_checkpoint=true",
-                  "train.keep_checkpoints=5"), hooks=[hook])
+    train(
+        _config(
+            synth_dataset(),
+            run_dir,
+            "train.checkpoint_every=4",
+            "train.async_checkpoint=true",
+            "train.keep_checkpoints=5",
+        ),
+        hooks=[hook],
+    )
     assert "step_00000004" not in visible[4] and "step_00000004" not in visible[7]  # written in the background
     assert "step_00000004" in visible[8]  # committed when the next one started, after its write completed
     assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == [
-        "step_00000004", "step_00000008", "step_00000012"]
+        "step_00000004",
+        "step_00000008",
+        "step_00000012",
+    ]
     # the background write holds step 4's weights although training went on changing them
     from data_pipes.schema import DatasetMeta
     from mlet_torchrec.models import build_model

@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from torchrec.modules.embedding_modules import get_embedding_names_by_table
 
 from mlet_torchrec.modules.product import mlet_product
 
-InnerDims = Union[None, int, Mapping[str, Optional[int]]]
+InnerDims = None | int | Mapping[str, int | None]
 
 
 class InnerDimensionError(ValueError):
@@ -45,30 +45,30 @@ class _ProjectionGroup:
 
     k: int
     d: int
-    tables: Tuple[str, ...]  # W2 parameters stacked in this order
-    features: Tuple[str, ...]  # the group's W1 output keys (embedding names), in the module's feature order
-    feature_table: Tuple[int, ...]  # for each feature: index into ``tables``
-    out_columns: Tuple[int, ...]  # where the group's d-dim outputs go in the module's output
+    tables: tuple[str, ...]  # W2 parameters stacked in this order
+    features: tuple[str, ...]  # the group's W1 output keys (embedding names), in the module's feature order
+    feature_table: tuple[int, ...]  # for each feature: index into ``tables``
+    out_columns: tuple[int, ...]  # where the group's d-dim outputs go in the module's output
 
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
     """Where each group's k-dim columns sit in W1's pooled output, for one order of its keys."""
 
-    in_columns: Tuple[Union[None, slice, torch.Tensor], ...]  # per group: its W1 columns (None: all of them)
-    w2_rows: Tuple[Tuple[int, ...], ...]  # per group: its tables' W2 for each feature, in W1's key order
-    out_order: Tuple[Optional[torch.Tensor], ...]  # per group: key-order position of each feature (None: same)
-    passthrough: Optional[Tuple[torch.Tensor, torch.Tensor]]  # single-layer features: (src, dst) columns
-    extra: Optional[torch.Tensor]  # columns of the extra tables, in their order
+    in_columns: tuple[None | slice | torch.Tensor, ...]  # per group: its W1 columns (None: all of them)
+    w2_rows: tuple[tuple[int, ...], ...]  # per group: its tables' W2 for each feature, in W1's key order
+    out_order: tuple[torch.Tensor | None, ...]  # per group: key-order position of each feature (None: same)
+    passthrough: tuple[torch.Tensor, torch.Tensor] | None  # single-layer features: (src, dst) columns
+    extra: torch.Tensor | None  # columns of the extra tables, in their order
 
 
 @dataclasses.dataclass(frozen=True)
 class _LayoutPlan:
     """What the projection needs of the tables, whatever order W1's output keys come in."""
 
-    passthrough: Tuple[Tuple[str, int, int], ...]  # single-layer features: (W1 key, output column, width)
-    extra: Tuple[str, ...]  # the extra tables' W1 keys, in their order
-    feature_names: Tuple[str, ...]  # the module's output keys
+    passthrough: tuple[tuple[str, int, int], ...]  # single-layer features: (W1 key, output column, width)
+    extra: tuple[str, ...]  # the extra tables' W1 keys, in their order
+    feature_names: tuple[str, ...]  # the module's output keys
 
 
 class W2Projection(nn.Module):
@@ -79,8 +79,14 @@ class W2Projection(nn.Module):
     stays a parameter of the MLET module (its checkpoint keys do not move) and comes in as arguments.
     """
 
-    def __init__(self, groups: Sequence[_ProjectionGroup], out_dims: Sequence[int], w2_order: Sequence[str],
-                 plan: _LayoutPlan, w1_half: bool) -> None:
+    def __init__(
+        self,
+        groups: Sequence[_ProjectionGroup],
+        out_dims: Sequence[int],
+        w2_order: Sequence[str],
+        plan: _LayoutPlan,
+        w1_half: bool,
+    ) -> None:
         super().__init__()
         self._groups = list(groups)
         self._out_dims = list(out_dims)
@@ -88,12 +94,13 @@ class W2Projection(nn.Module):
         self._w1_half = w1_half
         index = {name: i for i, name in enumerate(w2_order)}
         self._group_w2 = [[index[name] for name in g.tables] for g in self._groups]
-        self._layouts: Dict[Tuple[Tuple[str, ...], Tuple[int, ...]], _Layout] = {}
+        self._layouts: dict[tuple[tuple[str, ...], tuple[int, ...]], _Layout] = {}
 
-    def forward(self, pooled: KeyedTensor, *w2: torch.Tensor) -> Tuple[KeyedTensor, Optional[torch.Tensor]]:
+    def forward(self, pooled: KeyedTensor, *w2: torch.Tensor) -> tuple[KeyedTensor, torch.Tensor | None]:
         if self._w1_half:  # fp16 W1 pools to fp16 when unsharded (TorchRec's sharded kernels emit fp32)
-            pooled = KeyedTensor(keys=pooled.keys(), length_per_key=pooled.length_per_key(),
-                                 values=pooled.values().float(), key_dim=1)
+            pooled = KeyedTensor(
+                keys=pooled.keys(), length_per_key=pooled.length_per_key(), values=pooled.values().float(), key_dim=1
+            )
         if not self._groups and not self._plan.extra:
             return pooled, None
         values = pooled.values()
@@ -105,8 +112,9 @@ class W2Projection(nn.Module):
             assert out is not None
             src, dst = layout.passthrough
             out[:, dst.to(values.device)] = values.index_select(1, src.to(values.device))
-        for g, cols, rows, order, w2_index in zip(self._groups, layout.in_columns, layout.w2_rows,
-                                                  layout.out_order, self._group_w2, strict=True):
+        for g, cols, rows, order, w2_index in zip(
+            self._groups, layout.in_columns, layout.w2_rows, layout.out_order, self._group_w2, strict=True
+        ):
             if cols is None:
                 group_values = values
             elif isinstance(cols, slice):
@@ -125,13 +133,15 @@ class W2Projection(nn.Module):
                 assert out is not None
                 out[:, list(g.out_columns)] = projected
         extra = None if layout.extra is None else values.index_select(1, layout.extra.to(values.device))
-        kt = KeyedTensor(keys=list(self._plan.feature_names), length_per_key=list(self._out_dims), values=out,
-                         key_dim=1)
+        kt = KeyedTensor(
+            keys=list(self._plan.feature_names), length_per_key=list(self._out_dims), values=out, key_dim=1
+        )
         return kt, extra
 
     @staticmethod
-    def _project(values: torch.Tensor, group: _ProjectionGroup, tables: List[torch.Tensor],
-                 rows: Tuple[int, ...]) -> torch.Tensor:
+    def _project(
+        values: torch.Tensor, group: _ProjectionGroup, tables: list[torch.Tensor], rows: tuple[int, ...]
+    ) -> torch.Tensor:
         """(B, F*k) pooled W1 rows -> (B, F, d): one batched matmul over all features of the group;
         ``rows[f]``: the table (index into ``tables``) of the f-th feature of ``values``."""
         w2 = torch.stack(tables)  # (T, k, d)
@@ -152,9 +162,9 @@ class W2Projection(nn.Module):
         def columns(key: str) -> range:
             return range(start[key], start[key] + width[key])
 
-        in_columns: List[Union[None, slice, torch.Tensor]] = []
-        w2_rows: List[Tuple[int, ...]] = []
-        out_order: List[Optional[torch.Tensor]] = []
+        in_columns: list[None | slice | torch.Tensor] = []
+        w2_rows: list[tuple[int, ...]] = []
+        out_order: list[torch.Tensor | None] = []
         for g in self._groups:
             by_key = sorted(range(len(g.features)), key=lambda i: start[g.features[i]])  # features in key order
             cols = [c for i in by_key for c in columns(g.features[i])]
@@ -169,15 +179,16 @@ class W2Projection(nn.Module):
             position = {f: p for p, f in enumerate(by_key)}
             order = [position[i] for i in range(len(g.features))]
             out_order.append(None if order == list(range(len(order))) else torch.tensor(order, dtype=torch.long))
-        src: List[int] = []
-        dst: List[int] = []
+        src: list[int] = []
+        dst: list[int] = []
         for key, out_col, d in self._plan.passthrough:
             src.extend(columns(key))
             dst.extend(range(out_col, out_col + d))
         passthrough = (torch.tensor(src), torch.tensor(dst)) if src else None
         extra = [c for key in self._plan.extra for c in columns(key)]
-        layout = _Layout(tuple(in_columns), tuple(w2_rows), tuple(out_order), passthrough,
-                         torch.tensor(extra) if extra else None)
+        layout = _Layout(
+            tuple(in_columns), tuple(w2_rows), tuple(out_order), passthrough, torch.tensor(extra) if extra else None
+        )
         self._layouts[cache_key] = layout
         return layout
 
@@ -208,19 +219,19 @@ class MLETEmbeddingBagCollection(nn.Module):
         inner_dim: InnerDims,
         sigma: float = 0.25,
         allow_k_below_d: bool = False,
-        device: Optional[torch.device] = None,
+        device: torch.device | None = None,
         extra_tables: Sequence[EmbeddingBagConfig] = (),
         w1_dtype: str = "fp32",
     ) -> None:
         super().__init__()
         if not tables:
             raise ValueError("MLETEmbeddingBagCollection needs at least one table")
-        self._tables: List[EmbeddingBagConfig] = list(tables)
-        self._extra: List[EmbeddingBagConfig] = list(extra_tables)
+        self._tables: list[EmbeddingBagConfig] = list(tables)
+        self._extra: list[EmbeddingBagConfig] = list(extra_tables)
         clash = {t.name for t in self._extra} & {t.name for t in self._tables}
         if clash or len({t.name for t in self._extra}) != len(self._extra):
             raise ValueError(f"extra table names must be unique and differ from the tables' ({sorted(clash)})")
-        self._inner: Dict[str, Optional[int]] = {}
+        self._inner: dict[str, int | None] = {}
         for t in self._tables:
             k = inner_dim.get(t.name) if isinstance(inner_dim, Mapping) else inner_dim
             if k is not None and k < t.embedding_dim and not allow_k_below_d:
@@ -249,7 +260,7 @@ class MLETEmbeddingBagCollection(nn.Module):
         self.w1 = EmbeddingBagCollection(tables=w1_tables + w1_extra, device=device)
         # W1's output keys: the feature name, or "feature@table" where tables share a feature
         names = get_embedding_names_by_table(w1_tables + self._extra)
-        self._key: Dict[Tuple[str, str], str] = {
+        self._key: dict[tuple[str, str], str] = {
             (t.name, f): n
             for t, ns in zip(w1_tables + self._extra, names, strict=True)
             for f, n in zip(t.feature_names, ns, strict=True)
@@ -263,11 +274,10 @@ class MLETEmbeddingBagCollection(nn.Module):
         )
         self.reset_projections()
         self._groups, out_dims = self._plan_groups()
-        self._w2_order: Tuple[str, ...] = tuple(self.w2.keys())
-        self.projection = W2Projection(self._groups, out_dims, self._w2_order, self._layout_plan(),
-                                       self._w1_half)
+        self._w2_order: tuple[str, ...] = tuple(self.w2.keys())
+        self.projection = W2Projection(self._groups, out_dims, self._w2_order, self._layout_plan(), self._w1_half)
 
-    def _layout_plan(self) -> "_LayoutPlan":
+    def _layout_plan(self) -> _LayoutPlan:
         passthrough = []
         out_col = 0
         for t in self._tables:
@@ -278,10 +288,10 @@ class MLETEmbeddingBagCollection(nn.Module):
         extra = tuple(self._key[(t.name, f)] for t in self._extra for f in t.feature_names)
         return _LayoutPlan(tuple(passthrough), extra, tuple(f for t in self._tables for f in t.feature_names))
 
-    def _plan_groups(self) -> Tuple[List[_ProjectionGroup], List[int]]:
-        by_shape: Dict[Tuple[int, int], Dict[str, list]] = {}
+    def _plan_groups(self) -> tuple[list[_ProjectionGroup], list[int]]:
+        by_shape: dict[tuple[int, int], dict[str, list]] = {}
         out_col = 0
-        out_dims: List[int] = []
+        out_dims: list[int] = []
         for t in self._tables:
             k, d = self._inner[t.name], t.embedding_dim
             for feature in t.feature_names:
@@ -310,22 +320,22 @@ class MLETEmbeddingBagCollection(nn.Module):
     def is_factored(self) -> bool:
         return len(self.w2) > 0
 
-    def inner_dims(self) -> Dict[str, Optional[int]]:
+    def inner_dims(self) -> dict[str, int | None]:
         """Table name -> k (None for single-layer tables)."""
         return dict(self._inner)
 
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The d-dim tables this module stands for (what a stock model and collapse see)."""
         return list(self._tables)
 
-    def extra_bag_configs(self) -> List[EmbeddingBagConfig]:
+    def extra_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The single-layer tables that ride along in W1 (see ``extra_tables``)."""
         return list(self._extra)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         return self.forward_with_extra(features)[0]
 
-    def forward_with_extra(self, features: KeyedJaggedTensor) -> Tuple[KeyedTensor, Optional[torch.Tensor]]:
+    def forward_with_extra(self, features: KeyedJaggedTensor) -> tuple[KeyedTensor, torch.Tensor | None]:
         """The module's output and the extra tables' pooled values (B, their total width; None without any)."""
         pooled = self.w1(features)
         if not self._groups and not self._extra and not self._w1_half:

@@ -20,8 +20,6 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 DEFAULT_BLOCK_ROWS = 16384
@@ -30,9 +28,9 @@ DEFAULT_BLOCK_ROWS = 16384
 def mlet_product(
     w1: torch.Tensor,
     w2: torch.Tensor,
-    out: Optional[torch.Tensor] = None,
-    block_rows: Optional[int] = None,
-    accumulate: Optional[torch.dtype] = None,
+    out: torch.Tensor | None = None,
+    block_rows: int | None = None,
+    accumulate: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``w1 @ w2``: differentiable when ``block_rows`` is None, else blocked into ``out`` (2-D, no grad)."""
     if block_rows is None and out is None and accumulate is None:
@@ -41,8 +39,9 @@ def mlet_product(
 
 
 @torch.no_grad()
-def _blocked(w1: torch.Tensor, w2: torch.Tensor, out: Optional[torch.Tensor], block_rows: int,
-             accumulate: torch.dtype) -> torch.Tensor:
+def _blocked(
+    w1: torch.Tensor, w2: torch.Tensor, out: torch.Tensor | None, block_rows: int, accumulate: torch.dtype
+) -> torch.Tensor:
     if block_rows <= 0:
         raise ValueError(f"block_rows must be positive, got {block_rows}")
     n = w1.shape[0]

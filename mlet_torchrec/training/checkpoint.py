@@ -37,7 +37,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -91,12 +91,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def agree(error: Optional[str]) -> Optional[str]:
+def agree(error: str | None) -> str | None:
     """Collective: the first error any rank reports (prefixed with its rank), or None everywhere."""
     rank, world = _world()
     if world == 1:
         return error
-    errors: List[Optional[str]] = [None] * world
+    errors: list[str | None] = [None] * world
     dist.all_gather_object(errors, error)
     for r, e in enumerate(errors):
         if e:
@@ -127,23 +127,27 @@ def _root_of(run_dir_or_root: Path | str) -> Path:
     return root
 
 
-def committed_checkpoints(run_dir_or_root: Path | str) -> List[Path]:
+def committed_checkpoints(run_dir_or_root: Path | str) -> list[Path]:
     """Every committed ``step_N`` directory, oldest first, whole or damaged since."""
     root = _root_of(run_dir_or_root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), child) for child in root.iterdir()
-             if (m := _STEP_DIR.match(child.name)) and child.is_dir()]
+    found = [
+        (int(m.group(1)), child) for child in root.iterdir() if (m := _STEP_DIR.match(child.name)) and child.is_dir()
+    ]
     return [p for _, p in sorted(found)]
 
 
-def complete_checkpoints(run_dir_or_root: Path | str) -> List[Path]:
+def complete_checkpoints(run_dir_or_root: Path | str) -> list[Path]:
     """Complete checkpoints (committed ``step_N`` directories with their metadata), oldest first."""
-    return [p for p in committed_checkpoints(run_dir_or_root)
-            if (p / CHECKPOINT_META).is_file() and (p / DCP_METADATA).is_file()]
+    return [
+        p
+        for p in committed_checkpoints(run_dir_or_root)
+        if (p / CHECKPOINT_META).is_file() and (p / DCP_METADATA).is_file()
+    ]
 
 
-def latest_checkpoint(run_dir: Path | str) -> Optional[Path]:
+def latest_checkpoint(run_dir: Path | str) -> Path | None:
     """The newest committed checkpoint of a run directory, checked (:func:`check_checkpoint`), or None.
 
     Does not trust ``LATEST``: a crash between the commit and the ``LATEST`` update still finds the
@@ -157,13 +161,15 @@ def latest_checkpoint(run_dir: Path | str) -> Optional[Path]:
     return found[-1]
 
 
-def _damaged(checkpoint: Path, what: str, older: Optional[Path]) -> CheckpointError:
+def _damaged(checkpoint: Path, what: str, older: Path | None) -> CheckpointError:
     fallback = f"delete it to use the one before ({older.name})" if older else "delete it"
-    return CheckpointError(f"checkpoint {checkpoint} is damaged: {_one_line(what)}; {fallback}, or set "
-                           "run.resume=false (training) to start over")
+    return CheckpointError(
+        f"checkpoint {checkpoint} is damaged: {_one_line(what)}; {fallback}, or set "
+        "run.resume=false (training) to start over"
+    )
 
 
-def check_checkpoint(checkpoint: Path | str, older: Optional[Path] = None) -> Dict[str, Any]:
+def check_checkpoint(checkpoint: Path | str, older: Path | None = None) -> dict[str, Any]:
     """Check a checkpoint's files without loading its tensors; returns its ``checkpoint.json``.
 
     Catches a missing or garbled ``checkpoint.json`` or DCP ``.metadata`` and data files that are
@@ -184,13 +190,14 @@ def check_checkpoint(checkpoint: Path | str, older: Optional[Path] = None) -> Di
         raise _damaged(path, f"its DCP metadata file {DCP_METADATA} is missing", older)
     try:
         metadata = FileSystemReader(str(path)).read_metadata()
-        needed: Dict[str, int] = {}
+        needed: dict[str, int] = {}
         for item in (metadata.storage_data or {}).values():
             end = int(item.offset) + int(item.length)
             needed[item.relative_path] = max(needed.get(item.relative_path, 0), end)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a garbled file
-        raise _damaged(path, f"its DCP metadata file {DCP_METADATA} is unreadable ({type(e).__name__}: {e})",
-                       older) from None
+        raise _damaged(
+            path, f"its DCP metadata file {DCP_METADATA} is unreadable ({type(e).__name__}: {e})", older
+        ) from None
     for name, size in sorted(needed.items()):
         file = path / name
         if not file.is_file():
@@ -200,20 +207,22 @@ def check_checkpoint(checkpoint: Path | str, older: Optional[Path] = None) -> Di
     return info
 
 
-def remove_incomplete(run_dir: Path | str) -> List[Path]:
+def remove_incomplete(run_dir: Path | str) -> list[Path]:
     """Delete the hidden temporaries of interrupted checkpoint writes; rank 0 only, before training
     (the job is then the run directory's only writer, whichever machine the killed one ran on)."""
     return sweep_stale_in(checkpoint_root(run_dir), any_pid=True)
 
 
-def remove_checkpoints(run_dir: Path | str) -> List[Path]:
+def remove_checkpoints(run_dir: Path | str) -> list[Path]:
     """Delete a run directory's checkpoints (``run.resume=false``); rank 0 only. Only those that carry
     mlet's marker: raises ``CheckpointError``, deleting nothing, if another one is there."""
     root = checkpoint_root(run_dir)
     foreign = [p for p in committed_checkpoints(root) if not is_ours(p)]
     if foreign:
-        raise CheckpointError(f"run.resume=false would delete {foreign[0]}, which lacks mlet's marker "
-                              f"({MARKER}); delete it yourself or choose a new run.dir")
+        raise CheckpointError(
+            f"run.resume=false would delete {foreign[0]}, which lacks mlet's marker "
+            f"({MARKER}); delete it yourself or choose a new run.dir"
+        )
     removed = [p for p in committed_checkpoints(root) if remove_output(p)]
     removed += sweep_stale_in(root, any_pid=True)
     if (root / LATEST).is_file():
@@ -232,10 +241,10 @@ def save_checkpoint(
     step: int,
     model: nn.Module,
     config: ExperimentConfig,
-    info: Dict[str, Any],
-    optimizer: Optional[Any] = None,
-    rank_state: Optional[Dict[str, Any]] = None,
-    keep: Optional[int] = None,
+    info: dict[str, Any],
+    optimizer: Any | None = None,
+    rank_state: dict[str, Any] | None = None,
+    keep: int | None = None,
 ) -> Path:
     """Collective: every rank calls this. Returns the committed checkpoint directory.
 
@@ -251,12 +260,12 @@ def start_checkpoint(
     step: int,
     model: nn.Module,
     config: ExperimentConfig,
-    info: Dict[str, Any],
-    optimizer: Optional[Any] = None,
-    rank_state: Optional[Dict[str, Any]] = None,
-    keep: Optional[int] = None,
-    async_group: Optional[Any] = None,
-) -> "PendingCheckpoint":
+    info: dict[str, Any],
+    optimizer: Any | None = None,
+    rank_state: dict[str, Any] | None = None,
+    keep: int | None = None,
+    async_group: Any | None = None,
+) -> PendingCheckpoint:
     """Collective: write a checkpoint into its hidden temporary; :meth:`PendingCheckpoint.finish` commits it.
 
     With ``async_group`` (a gloo process group of all ranks, kept apart from training's collectives)
@@ -268,8 +277,8 @@ def start_checkpoint(
     root = checkpoint_root(run_dir)
     existing = complete_checkpoints(root)  # for messages only: no full check
     pending = PendingCheckpoint(root, checkpoint_name(step), step, keep, existing[-1] if existing else None)
-    err: Optional[str] = None
-    tmp_name: Optional[str] = None
+    err: str | None = None
+    tmp_name: str | None = None
     if rank == 0:
         try:
             pending.out = AtomicOutput(pending.final, command="train", overwrite=True)
@@ -282,14 +291,15 @@ def start_checkpoint(
     tmp = pending.tmp = Path(tmp_name)
 
     try:
-        state: Dict[str, Any] = {"model": model.state_dict()}
+        state: dict[str, Any] = {"model": model.state_dict()}
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
         if async_group is None:
             dcp.save(state, checkpoint_id=str(tmp))
         else:
-            response = dcp.async_save(state, checkpoint_id=str(tmp), process_group=async_group,
-                                      async_stager=CopyStager())
+            response = dcp.async_save(
+                state, checkpoint_id=str(tmp), process_group=async_group, async_stager=CopyStager()
+            )
             pending.future = getattr(response, "upload_completion", response)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         err = describe_exception(e)
@@ -312,22 +322,23 @@ def start_checkpoint(
 class PendingCheckpoint:
     """A checkpoint written (or being written) into its temporary directory, not yet visible."""
 
-    def __init__(self, root: Path, name: str, step: int, keep: Optional[int], previous: Optional[Path]) -> None:
+    def __init__(self, root: Path, name: str, step: int, keep: int | None, previous: Path | None) -> None:
         self.root, self.final, self.step, self.keep, self.previous = root, root / name, step, keep, previous
-        self.out: Optional[AtomicOutput] = None  # rank 0's handle on the temporary directory
-        self.tmp: Optional[Path] = None
-        self.future: Optional[Any] = None  # DCP async_save's, when written in the background
-        self.error: Optional[str] = None
+        self.out: AtomicOutput | None = None  # rank 0's handle on the temporary directory
+        self.tmp: Path | None = None
+        self.future: Any | None = None  # DCP async_save's, when written in the background
+        self.error: str | None = None
 
     def fail(self, err: str) -> CheckpointError:
         if self.out is not None:
             self.out.abort()
         _barrier()
-        intact = (f"the previous checkpoint {self.previous} is intact" if self.previous
-                  else "no earlier checkpoint exists")
+        intact = (
+            f"the previous checkpoint {self.previous} is intact" if self.previous else "no earlier checkpoint exists"
+        )
         return CheckpointError(f"could not write checkpoint {self.final} (step {self.step}): {err}; {intact}")
 
-    def _wait(self) -> Optional[str]:
+    def _wait(self) -> str | None:
         if self.future is None:
             return None
         try:
@@ -399,19 +410,17 @@ def resolve_checkpoint(path: Path | str) -> Path:
         return path
     found = committed_checkpoints(path)
     if not found:
-        raise CheckpointError(
-            f"{path}: not a checkpoint (no {CHECKPOINT_META}) nor a run directory with checkpoints"
-        )
+        raise CheckpointError(f"{path}: not a checkpoint (no {CHECKPOINT_META}) nor a run directory with checkpoints")
     check_checkpoint(found[-1], older=found[-2] if len(found) > 1 else None)
     return found[-1]
 
 
-def read_checkpoint_info(checkpoint: Path) -> Dict[str, Any]:
+def read_checkpoint_info(checkpoint: Path) -> dict[str, Any]:
     """The checkpoint's ``checkpoint.json`` (step, data position, plan, ...); ``CheckpointError`` if damaged."""
     return check_checkpoint(checkpoint)
 
 
-def read_rank_state(checkpoint: Path, rank: int) -> Optional[Dict[str, Any]]:
+def read_rank_state(checkpoint: Path, rank: int) -> dict[str, Any] | None:
     """This rank's saved state (RNG states), or None when the checkpoint has none for ``rank``."""
     path = Path(checkpoint) / rank_state_file(rank)
     if not path.is_file():
@@ -422,7 +431,7 @@ def read_rank_state(checkpoint: Path, rank: int) -> Optional[Dict[str, Any]]:
         raise _damaged(Path(checkpoint), f"{path.name} is unreadable ({type(e).__name__}: {e})", None) from None
 
 
-def load_dcp(checkpoint: Path | str, state: Dict[str, Any], no_dist: bool = False) -> None:
+def load_dcp(checkpoint: Path | str, state: dict[str, Any], no_dist: bool = False) -> None:
     """``dcp.load`` of ``state`` (filled in place) from a checkpoint; collective unless ``no_dist``.
 
     A damaged checkpoint, or one of another model (missing keys, other shapes), raises a one-line
@@ -431,8 +440,10 @@ def load_dcp(checkpoint: Path | str, state: Dict[str, Any], no_dist: bool = Fals
     try:
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=no_dist)
     except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"could not load checkpoint {checkpoint}: {describe_exception(e)} (damaged, or "
-                              "written by another model or configuration)") from None
+        raise CheckpointError(
+            f"could not load checkpoint {checkpoint}: {describe_exception(e)} (damaged, or "
+            "written by another model or configuration)"
+        ) from None
 
 
 def load_model_state(checkpoint: Path, model: nn.Module) -> None:
@@ -445,8 +456,10 @@ def load_model_state(checkpoint: Path, model: nn.Module) -> None:
     try:
         model.load_state_dict(state["model"])
     except Exception as e:  # noqa: BLE001 - keys or shapes of another model
-        raise CheckpointError(f"could not load checkpoint {checkpoint}: {describe_exception(e)} (written by "
-                              "another model or configuration)") from None
+        raise CheckpointError(
+            f"could not load checkpoint {checkpoint}: {describe_exception(e)} (written by "
+            "another model or configuration)"
+        ) from None
 
 
 def load_training_state(checkpoint: Path, model: nn.Module, optimizer: Any) -> None:

@@ -19,8 +19,8 @@ import gc
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -54,7 +54,7 @@ class DistContext:
         return self.rank == 0
 
 
-def _restarted_attempt_store(timeout: datetime.timedelta) -> Optional[dist.Store]:
+def _restarted_attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
     """The process-group store of a worker that torchrun restarted, isolated from earlier attempts.
 
     torchrun's agent keeps one TCPStore for all attempts (TORCHELASTIC_USE_AGENT_STORE): the
@@ -64,11 +64,19 @@ def _restarted_attempt_store(timeout: datetime.timedelta) -> Optional[dist.Store
     TorchX ``train`` component sets it with ``max_restarts``).
     """
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt == 0
-            or os.environ.get("WORLD_SIZE") != os.environ.get("LOCAL_WORLD_SIZE")):
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        or attempt == 0
+        or os.environ.get("WORLD_SIZE") != os.environ.get("LOCAL_WORLD_SIZE")
+    ):
         return None
-    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout,
+    )
     return dist.PrefixStore(f"mlet/attempt_{attempt}", client)
 
 
@@ -89,11 +97,11 @@ def init_distributed(device: str = "auto") -> DistContext:
             dist.init_process_group(backend=backend, timeout=timeout, store=dist.HashStore(), rank=0, world_size=1)
         else:
             store = _restarted_attempt_store(timeout)
-            dist.init_process_group(
-                backend=backend, timeout=timeout,
-                **({} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
-                                             "world_size": int(os.environ["WORLD_SIZE"])}),
-            )
+            if store is None:
+                dist.init_process_group(backend=backend, timeout=timeout)
+            else:
+                rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+                dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank, world_size=world)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -132,8 +140,10 @@ def shutdown_process_group(clean: bool) -> None:
         done.start()
         done.join(SHUTDOWN_ON_ERROR_S)
         if done.is_alive():
-            log.warning("the process group did not shut down within %.0f s (a peer is gone); exiting anyway",
-                        SHUTDOWN_ON_ERROR_S)
+            log.warning(
+                "the process group did not shut down within %.0f s (a peer is gone); exiting anyway",
+                SHUTDOWN_ON_ERROR_S,
+            )
     # modules (DDP reducers, TorchRec's sharded modules) and futures sit in reference cycles that hold
     # tensors and group handles: free them while the interpreter is whole, not during its teardown
     gc.collect()
@@ -175,7 +185,7 @@ class MLETEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
     2-rank gloo tests check that row-wise training matches a 1-process run.
     """
 
-    def sharding_types(self, compute_device_type: str) -> List[str]:
+    def sharding_types(self, compute_device_type: str) -> list[str]:
         types = list(super().sharding_types(compute_device_type))
         for extra in ("row_wise", "table_row_wise"):
             if extra not in types:
@@ -184,9 +194,12 @@ class MLETEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
 
 
 def sharding_constraints(
-    emb: EmbeddingConfig, features: List[str], table_of: Dict[str, str], world_size: int,
+    emb: EmbeddingConfig,
+    features: list[str],
+    table_of: dict[str, str],
+    world_size: int,
     compute_device: str = "cpu",
-) -> Dict[str, ParameterConstraints]:
+) -> dict[str, ParameterConstraints]:
     """Planner constraints from the config: a fixed sharding type per table unless 'auto'; on CUDA, the
     kernels: every table in GPU memory, or with ``embedding.uvm_caching`` also host memory behind a GPU cache
     (TorchRec would otherwise move tables to UVM on its own). ``uvm_caching`` on CPU raises ``UserError``.
@@ -198,9 +211,11 @@ def sharding_constraints(
     from mlet_torchrec.models.blocks import LINEAR_PREFIX
 
     if emb.uvm_caching and compute_device != "cuda":
-        raise UserError("embedding.uvm_caching=true needs CUDA: UVM caching keeps tables in host memory behind a "
-                        "GPU cache; set embedding.uvm_caching=false on CPU")
-    kernels: Dict[str, object] = {}
+        raise UserError(
+            "embedding.uvm_caching=true needs CUDA: UVM caching keeps tables in host memory behind a "
+            "GPU cache; set embedding.uvm_caching=false on CPU"
+        )
+    kernels: dict[str, object] = {}
     if compute_device == "cuda":
         kernels["compute_kernels"] = ["dense", "fused"] + (["fused_uvm_caching"] if emb.uvm_caching else [])
         if emb.uvm_caching:
@@ -209,16 +224,18 @@ def sharding_constraints(
         # TorchRec's data-parallel (dense kernel) fp16 tables receive no update: keep them on fused kernels
         asked = [f for f in features if emb.sharding_for(f) == "data_parallel"]
         if asked:
-            raise UserError(f"embedding.w1_dtype=fp16 does not train data_parallel tables ({', '.join(asked)}): "
-                            "choose another sharding for them or embedding.w1_dtype=fp32")
+            raise UserError(
+                f"embedding.w1_dtype=fp16 does not train data_parallel tables ({', '.join(asked)}): "
+                "choose another sharding for them or embedding.w1_dtype=fp32"
+            )
         kernels["sharding_types"] = ["table_wise", "row_wise", "column_wise", "table_row_wise"]
-    constraints: Dict[str, ParameterConstraints] = {}
+    constraints: dict[str, ParameterConstraints] = {}
     for feature in features:
         kind = emb.sharding_for(feature)
         if kind == "auto":
             if kernels:
-                constraints[table_of[feature]] = ParameterConstraints(**kernels)  # type: ignore[arg-type]
-                constraints[LINEAR_PREFIX + feature] = ParameterConstraints(**kernels)  # type: ignore[arg-type]
+                constraints[table_of[feature]] = ParameterConstraints(**kernels)
+                constraints[LINEAR_PREFIX + feature] = ParameterConstraints(**kernels)
             continue
         width = emb.k_for(feature) or emb.d
         base = {k: v for k, v in kernels.items() if k != "sharding_types"}
@@ -226,13 +243,13 @@ def sharding_constraints(
         if kind == "column_wise" and world_size > 1 and width % world_size == 0:
             # split the columns over all ranks rather than letting the planner keep one shard
             kwargs["min_partition"] = width // world_size
-        constraints[table_of[feature]] = ParameterConstraints(sharding_types=[kind], **kwargs)  # type: ignore
+        constraints[table_of[feature]] = ParameterConstraints(sharding_types=[kind], **kwargs)
         linear_kind = "table_wise" if kind == "column_wise" else kind
-        constraints[LINEAR_PREFIX + feature] = ParameterConstraints(sharding_types=[linear_kind], **base)  # type: ignore
+        constraints[LINEAR_PREFIX + feature] = ParameterConstraints(sharding_types=[linear_kind], **base)
     return constraints
 
 
-def _sparse_optimizer(cfg: SparseOptimizerConfig) -> Tuple[type, Dict[str, float]]:
+def _sparse_optimizer(cfg: SparseOptimizerConfig) -> tuple[type, dict[str, float]]:
     if cfg.name == "sgd":
         return torch.optim.SGD, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.name == "adagrad":
@@ -240,15 +257,15 @@ def _sparse_optimizer(cfg: SparseOptimizerConfig) -> Tuple[type, Dict[str, float
     return RowWiseAdagrad, {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
 
 
-def _dense_optimizer(cfg: DenseOptimizerConfig, params: List[nn.Parameter]) -> torch.optim.Optimizer:
+def _dense_optimizer(cfg: DenseOptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     # CPU: torch's fused kernels update every parameter in one call instead of a few small ops per tensor
     # (at batch 256 the per-op overhead is most of the step); elsewhere torch picks its own default
-    fused = {"fused": True} if params and all(p.device.type == "cpu" for p in params) else {}
+    fused: bool | None = True if params and all(p.device.type == "cpu" for p in params) else None
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.name == "adagrad":
-        return torch.optim.Adagrad(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, **fused)
-    return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.Adagrad(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
 
 
 @dataclass
@@ -261,13 +278,13 @@ class ShardedModel:
 def shard_model(
     model: nn.Module,
     emb: EmbeddingConfig,
-    features: List[str],
-    table_of: Dict[str, str],
+    features: list[str],
+    table_of: dict[str, str],
     sparse_opt: SparseOptimizerConfig,
     dense_opt: DenseOptimizerConfig,
     ctx: DistContext,
-    capacity: Optional[Dict[str, int]] = None,
-    plan: Optional[ShardingPlan] = None,
+    capacity: dict[str, int] | None = None,
+    plan: ShardingPlan | None = None,
 ) -> ShardedModel:
     """Plan, shard and wrap ``model`` (its W1 built on the meta device); attach both optimizers.
 
@@ -296,14 +313,14 @@ def shard_model(
     return ShardedModel(dmp, plan, optimizer)
 
 
-def plan_summary(plan: ShardingPlan) -> Dict[str, Dict[str, object]]:
+def plan_summary(plan: ShardingPlan) -> dict[str, dict[str, object]]:
     """JSON-able view of a plan: table -> sharding type, kernel, ranks and shard boxes."""
-    out: Dict[str, Dict[str, object]] = {}
+    out: dict[str, dict[str, object]] = {}
     for module_path, module_plan in plan.plan.items():
-        for table, p in module_plan.items():  # type: ignore[union-attr]
+        for table, p in module_plan.items():
             shards = []
             if p.sharding_spec is not None:
-                for s in p.sharding_spec.shards:  # type: ignore[union-attr]
+                for s in p.sharding_spec.shards:
                     shards.append(
                         {"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes), "placement": str(s.placement)}
                     )

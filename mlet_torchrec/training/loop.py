@@ -89,8 +89,9 @@ class LossWindow:
         """Account for (1-based) ``step``; no host sync."""
         self._sums += torch.stack([loss_sum.double(), rows.double()])
         bad = ~torch.isfinite(loss_sum)
-        self._first_bad = torch.minimum(self._first_bad,
-                                        torch.where(bad, torch.full_like(self._first_bad, step), self._first_bad))
+        self._first_bad = torch.minimum(
+            self._first_bad, torch.where(bad, torch.full_like(self._first_bad, step), self._first_bad)
+        )
 
     def peek(self, world_size: int) -> tuple[float, float, int | None]:
         """Collective: (global loss sum, global rows, first non-finite step on any rank or None) so far."""

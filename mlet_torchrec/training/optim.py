@@ -45,8 +45,14 @@ class ScheduledOptimizer:
     ``step`` counts the steps taken, starting from ``start_step`` (a resumed run's step).
     """
 
-    def __init__(self, optimizer: Any, train: TrainConfig, total_steps: int, start_step: int = 0,
-                 base_lr: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: Any,
+        train: TrainConfig,
+        total_steps: int,
+        start_step: int = 0,
+        base_lr: dict[str, float] | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self._train = train
         self._total = total_steps
@@ -55,12 +61,11 @@ class ScheduledOptimizer:
         # the configured rates (by sub-optimizer name), not the groups' current ones: a loaded checkpoint
         # leaves its last scheduled rate there
         base = base_lr or {}
-        self._base: list[tuple] = [(g, float(base.get(name, g["lr"]))) for name, opt in subs
-                                   for g in opt.param_groups if "lr" in g]
+        self._base: list[tuple] = [
+            (g, float(base.get(name, g["lr"]))) for name, opt in subs for g in opt.param_groups if "lr" in g
+        ]
         dense = [opt for name, opt in subs if name == "dense"]
-        self._dense: list[nn.Parameter] = (
-            [p for p in dense[0].params.values() if p.requires_grad] if dense else []
-        )
+        self._dense: list[nn.Parameter] = [p for p in dense[0].params.values() if p.requires_grad] if dense else []
         self._scheduled = train.warmup_steps > 0 or train.lr_decay != "none"
 
     def factor(self) -> float:

@@ -44,10 +44,16 @@ def snapshot(value: Any) -> Any:
     if isinstance(value, ShardedTensor):
         shards = [Shard(s.tensor.detach().clone(), s.metadata) for s in value.local_shards()]
         return ShardedTensor._init_from_local_shards_and_global_metadata(  # noqa: SLF001 - the documented way
-            shards, value.metadata(), process_group=value._process_group)
+            shards, value.metadata(), process_group=value._process_group
+        )
     if isinstance(value, DTensor):
-        return DTensor.from_local(value.to_local().detach().clone(), value.device_mesh, value.placements,
-                                  shape=value.shape, stride=value.stride())
+        return DTensor.from_local(
+            value.to_local().detach().clone(),
+            value.device_mesh,
+            value.placements,
+            shape=value.shape,
+            stride=value.stride(),
+        )
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, dict):

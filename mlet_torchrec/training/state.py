@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Dict, Iterable, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -40,31 +41,47 @@ def dataloader(reader: ParquetBatchReader, num_workers: int, seed: int, epoch: i
     return make_dataloader(reader, num_workers, generator=gen)
 
 
-def check_data_order(checkpoint: str, position: Dict[str, Any], reader: ParquetBatchReader) -> None:
+def check_data_order(checkpoint: str, position: dict[str, Any], reader: ParquetBatchReader) -> None:
     """Refuse a checkpoint whose data order this reader cannot continue exactly."""
     saved = position.get("virtual_shards")
     if saved is None:
-        raise ConfigError(f"checkpoint {checkpoint} was written by a reader whose data order depended on the "
-                          "world size; it cannot be resumed exactly: set run.resume=false or choose a new run.dir")
+        raise ConfigError(
+            f"checkpoint {checkpoint} was written by a reader whose data order depended on the "
+            "world size; it cannot be resumed exactly: set run.resume=false or choose a new run.dir"
+        )
     if int(saved) != reader.virtual_shards:
-        raise ConfigError(f"checkpoint {checkpoint} read the data in {saved} virtual shards, this reader uses "
-                          f"{reader.virtual_shards}: resuming would change the data order")
+        raise ConfigError(
+            f"checkpoint {checkpoint} read the data in {saved} virtual shards, this reader uses "
+            f"{reader.virtual_shards}: resuming would change the data order"
+        )
 
 
 def log_data_order(reader: ParquetBatchReader) -> None:
     """Log what an epoch consumes and drops, and whether this world size reads only its share."""
     rows, used, world = reader.num_rows(), reader.rows_per_epoch(), reader.world_size
-    log.info("train split: %d rows; an epoch is %d global batches of %d: %d rows consumed, the last %d of the "
-             "epoch's order dropped; %d virtual shards", rows, reader.num_batches(), reader.global_batch_size,
-             used, rows - used, reader.virtual_shards)
+    log.info(
+        "train split: %d rows; an epoch is %d global batches of %d: %d rows consumed, the last %d of the "
+        "epoch's order dropped; %d virtual shards",
+        rows,
+        reader.num_batches(),
+        reader.global_batch_size,
+        used,
+        rows - used,
+        reader.virtual_shards,
+    )
     share = reads_fraction(reader.virtual_shards, world)
     if share > 1.0 / world:
-        log.warning("%d ranks do not divide the reader's %d virtual shards: the batches are the same as at any "
-                    "world size, but each rank decodes %.0f%% of the data instead of %.0f%%", world,
-                    reader.virtual_shards, 100 * share, 100 / world)
+        log.warning(
+            "%d ranks do not divide the reader's %d virtual shards: the batches are the same as at any "
+            "world size, but each rank decodes %.0f%% of the data instead of %.0f%%",
+            world,
+            reader.virtual_shards,
+            100 * share,
+            100 / world,
+        )
 
 
-def normalize_position(epoch: int, batches: int, epoch_steps: Sequence[int]) -> Tuple[int, int]:
+def normalize_position(epoch: int, batches: int, epoch_steps: Sequence[int]) -> tuple[int, int]:
     """``(epoch, batches)`` moved past epochs that are already complete under ``epoch_steps``."""
     while epoch < len(epoch_steps) and batches >= epoch_steps[epoch]:
         epoch, batches = epoch + 1, 0
@@ -74,12 +91,18 @@ def normalize_position(epoch: int, batches: int, epoch_steps: Sequence[int]) -> 
 # ---------------------------------------------------------------------------------------------- RNG
 
 
-def rng_state() -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    state: Dict[str, Any] = {
+def rng_state() -> dict[str, Any]:
+    # legacy=True: the (name, keys, pos, has_gauss, cached_gaussian) tuple the numpy entry below stores
+    np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -87,11 +110,12 @@ def rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -136,53 +160,79 @@ def init_optimizer_state(optimizer: Any) -> None:
 
 # Keys a resumed run may change: how it runs, not what it trains.
 _MAY_CHANGE = {
-    "data.path", "data.num_workers", "data.validate_ids",
-    "embedding.sharding", "embedding.uvm_caching", "embedding.uvm_cache_load_factor",
-    "sparse_optimizer.lr", "sparse_optimizer.eps", "sparse_optimizer.weight_decay",
-    "dense_optimizer.lr", "dense_optimizer.eps", "dense_optimizer.weight_decay",
-    "train.epochs", "train.max_steps", "train.eval_every", "train.eval_batch_size", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.log_every", "train.progress", "train.pipeline", "train.async_checkpoint",
+    "data.path",
+    "data.num_workers",
+    "data.validate_ids",
+    "embedding.sharding",
+    "embedding.uvm_caching",
+    "embedding.uvm_cache_load_factor",
+    "sparse_optimizer.lr",
+    "sparse_optimizer.eps",
+    "sparse_optimizer.weight_decay",
+    "dense_optimizer.lr",
+    "dense_optimizer.eps",
+    "dense_optimizer.weight_decay",
+    "train.epochs",
+    "train.max_steps",
+    "train.eval_every",
+    "train.eval_batch_size",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.progress",
+    "train.pipeline",
+    "train.async_checkpoint",
 }
 
 
-def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix: d}
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for k, v in d.items():
         out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 
 def _may_change(key: str) -> bool:
-    return key in _MAY_CHANGE or key.startswith("run.") or (
-        key.startswith("embedding.tables.") and key.endswith(".sharding")
+    return (
+        key in _MAY_CHANGE
+        or key.startswith("run.")
+        or (key.startswith("embedding.tables.") and key.endswith(".sharding"))
     )
 
 
-def data_shape(meta: DatasetMeta) -> Dict[str, Any]:
+def data_shape(meta: DatasetMeta) -> dict[str, Any]:
     """What must not change under a resumed run's data set (its path may)."""
-    return {"dense": list(meta.dense), "sparse": {f.name: [f.cardinality, f.multi_hot] for f in meta.sparse},
-            "rows": dict(meta.rows)}
+    return {
+        "dense": list(meta.dense),
+        "sparse": {f.name: [f.cardinality, f.multi_hot] for f in meta.sparse},
+        "rows": dict(meta.rows),
+    }
 
 
-def check_resumable(checkpoint: str, saved: ExperimentConfig, current: ExperimentConfig,
-                    info: Dict[str, Any], meta: DatasetMeta) -> None:
+def check_resumable(
+    checkpoint: str, saved: ExperimentConfig, current: ExperimentConfig, info: dict[str, Any], meta: DatasetMeta
+) -> None:
     """Raise ``ConfigError`` listing every setting that differs in a way the checkpoint cannot continue.
 
     Sharding, world size, learning rates, epochs/max_steps, intervals and the data path may change.
     """
     if "position" not in info:
-        raise ConfigError(f"checkpoint {checkpoint} has no data position (written before resumable checkpoints); "
-                          "set run.resume=false or choose a new run.dir")
+        raise ConfigError(
+            f"checkpoint {checkpoint} has no data position (written before resumable checkpoints); "
+            "set run.resume=false or choose a new run.dir"
+        )
     old, new = _flatten(saved.model_dump(mode="json")), _flatten(current.model_dump(mode="json"))
     diffs = []
     for key in sorted(set(old) | set(new)):
         if not _may_change(key) and old.get(key) != new.get(key):
             diffs.append(f"{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
     if info.get("data_shape") is not None and info["data_shape"] != data_shape(meta):
-        diffs.append(f"data set {current.data.path}: features, cardinalities or row counts differ from the "
-                     f"checkpoint's ({info['data_shape']} vs {data_shape(meta)})")
+        diffs.append(
+            f"data set {current.data.path}: features, cardinalities or row counts differ from the "
+            f"checkpoint's ({info['data_shape']} vs {data_shape(meta)})"
+        )
     if diffs:
         raise ConfigError(
             f"run.dir {current.run.dir} has checkpoint {checkpoint} of a different run; resuming it would change:\n  "
@@ -191,12 +241,13 @@ def check_resumable(checkpoint: str, saved: ExperimentConfig, current: Experimen
         )
 
 
-def _column_splits(table_plan: Dict[str, Any]) -> int:
+def _column_splits(table_plan: dict[str, Any]) -> int:
     return len({tuple(s["offsets"])[1] for s in table_plan.get("shards", [])}) or 1
 
 
-def check_optimizer_layout(checkpoint: str, saved_plan: Dict[str, Any], plan: Dict[str, Any],
-                           sparse_optimizer: str) -> None:
+def check_optimizer_layout(
+    checkpoint: str, saved_plan: dict[str, Any], plan: dict[str, Any], sparse_optimizer: str
+) -> None:
     """Refuse, before loading anything, a plan change DCP cannot map the fused optimizer state across.
 
     Weights, Adagrad and SGD reshard freely. Row-wise Adagrad keeps one accumulator per row *and column
@@ -209,12 +260,15 @@ def check_optimizer_layout(checkpoint: str, saved_plan: Dict[str, Any], plan: Di
     for table, new in plan.items():
         old = saved_plan.get(table)
         if old is not None and _column_splits(old) != _column_splits(new):
-            moved.append(f"{table.rsplit('.', 1)[-1]}: {old['sharding_type']} with {_column_splits(old)} column "
-                         f"shard(s) -> {new['sharding_type']} with {_column_splits(new)}")
+            moved.append(
+                f"{table.rsplit('.', 1)[-1]}: {old['sharding_type']} with {_column_splits(old)} column "
+                f"shard(s) -> {new['sharding_type']} with {_column_splits(new)}"
+            )
     if moved:
         raise ConfigError(
             f"cannot resume {checkpoint} under this sharding plan: row-wise Adagrad keeps one accumulator per row "
-            "and column shard, and these tables change their column split:\n  " + "\n  ".join(moved)
+            "and column shard, and these tables change their column split:\n  "
+            + "\n  ".join(moved)
             + "\nkeep their sharding type (embedding.sharding / embedding.tables.NAME.sharding) and column split "
-              "as in the checkpoint; row-wise and table-wise reshard freely"
+            "as in the checkpoint; row-wise and table-wise reshard freely"
         )

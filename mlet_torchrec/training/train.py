@@ -45,15 +45,13 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
-from torchrec.datasets.utils import Batch
 from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
 from tqdm import tqdm
 
@@ -83,6 +81,7 @@ from mlet_torchrec.training.guardrails import (
 )
 from mlet_torchrec.training.loop import LogitsView, LossWindow, StepDriver, TrainStep
 from mlet_torchrec.training.optim import ScheduledOptimizer
+from mlet_torchrec.training.results import StepEvent, StepHook, TrainResult, table_bytes
 from mlet_torchrec.training.run_dir import RunLog, prepare_run_dir
 from mlet_torchrec.training.state import (
     check_data_order,
@@ -100,67 +99,7 @@ from mlet_torchrec.training.state import (
 
 log = logging.getLogger("mlet.train")
 
-__all__ = ["train", "TrainResult", "StepEvent", "TrainingDiverged", "TablesDoNotFit", "CheckpointError",
-           "table_bytes"]
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    checkpoint: Path
-    steps: int
-    train_seconds: float
-    samples_per_second: float
-    valid: Optional[CTRMetrics]
-    test: Optional[CTRMetrics]
-    resumed_from: Optional[Path] = None
-    """The checkpoint this run continued from (None: it started at step 0)."""
-    start_step: int = 0
-
-    def summary(self) -> Dict[str, Any]:
-        out = asdict(self)
-        out["run_dir"], out["checkpoint"] = str(self.run_dir), str(self.checkpoint)
-        out["resumed_from"] = None if self.resumed_from is None else str(self.resumed_from)
-        return out
-
-
-@dataclass
-class StepEvent:
-    """What a ``train(config, hooks=...)`` hook sees after every step (on every rank)."""
-
-    step: int
-    epoch: int
-    batches_in_epoch: int
-    batch: Batch  # this rank's batch
-    model: nn.Module
-    rank: int
-    world_size: int
-    checkpoint: Optional[Path]  # written at this step, if any
-    step_loss: Tuple[torch.Tensor, torch.Tensor]  # this rank's (loss sum, rows), on the device
-
-    @property
-    def loss(self) -> float:
-        """Mean loss of the step's global batch. Reading it waits for the device, and with several ranks it
-        is collective (an all-reduce): read it on every rank or on none."""
-        stats = torch.stack([t.detach().double() for t in self.step_loss])
-        if self.world_size > 1:
-            dist.all_reduce(stats)
-        loss_sum, rows = stats.tolist()
-        return loss_sum / max(rows, 1.0)
-
-
-StepHook = Callable[[StepEvent], None]
-
-
-def table_bytes(meta: DatasetMeta, config: ExperimentConfig) -> Dict[str, int]:
-    """FP32 bytes of the tables at serving (n x d) and while training (n x k, plus W2)."""
-    d = config.embedding.d
-    serving = sum(f.cardinality * d * 4 for f in meta.sparse)
-    training = 0
-    for f in meta.sparse:
-        k = config.embedding.k_for(f.name)
-        training += f.cardinality * (k or d) * 4 + (k * d * 4 if k else 0)
-    return {"serving_table_bytes": serving, "training_table_bytes": training}
+__all__ = ["train", "TrainResult", "StepEvent", "TrainingDiverged", "TablesDoNotFit", "CheckpointError", "table_bytes"]
 
 
 def _seed_everything(seed: int) -> None:
@@ -187,8 +126,10 @@ def _saved_config(checkpoint: Path) -> ExperimentConfig:
     try:
         return load_config(checkpoint / "config.yaml")
     except ConfigError as e:
-        raise ConfigError(f"cannot resume from {checkpoint}: its config.yaml does not load ({e}); "
-                          "set run.resume=false or choose a new run.dir") from None
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: its config.yaml does not load ({e}); "
+            "set run.resume=false or choose a new run.dir"
+        ) from None
 
 
 def train(config: ExperimentConfig, hooks: Sequence[StepHook] = ()) -> TrainResult:
@@ -207,7 +148,7 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
     meta = DatasetMeta.load(config.data.path)
     _check_config_against_data(config, meta, ctx)
     resume_from = prepare_run_dir(config, run_dir, ctx)
-    resume_info: Dict[str, Any] = {}
+    resume_info: dict[str, Any] = {}
     if resume_from is not None:
         resume_info = read_checkpoint_info(resume_from)
         check_resumable(str(resume_from), _saved_config(resume_from), config, resume_info, meta)
@@ -216,21 +157,26 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
     dist.barrier()
 
     if config.train.bf16_autocast and ctx.device.type != "cuda":
-        raise ConfigError("train.bf16_autocast=true needs CUDA (bf16 autocast of the forward); this run is on "
-                          f"{ctx.device.type}: set train.bf16_autocast=false")
+        raise ConfigError(
+            "train.bf16_autocast=true needs CUDA (bf16 autocast of the forward); this run is on "
+            f"{ctx.device.type}: set train.bf16_autocast=false"
+        )
     _seed_everything(config.train.seed)
     features = meta.sparse_names()
     # the pipelines call the model with the batch alone; TrainStep holds only the model's net, so the
     # checkpoint keys are the model's own
-    net = TrainStep(build_model(config.model, config.embedding, meta, device=torch.device("meta")).net,
-                    bf16=config.train.bf16_autocast)
+    net = TrainStep(
+        build_model(config.model, config.embedding, meta, device=torch.device("meta")).net,
+        bf16=config.train.bf16_autocast,
+    )
     capacity = memory_capacity(ctx.device)
     given_plan = None
     if config.run.plan is not None:  # `mlet plan`'s plan instead of planning again (refused if made for another run)
         from mlet_torchrec.training.planning import load_plan
 
-        given_plan = load_plan(config.run.plan, config, meta, ctx.world_size, ctx.device.type,
-                               int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        given_plan = load_plan(
+            config.run.plan, config, meta, ctx.world_size, ctx.device.type, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        )
     try:
         sharded = shard_model(
             net,
@@ -269,14 +215,22 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
         else:
             reseed(config.train.seed, start_step, ctx.rank)
         if ctx.is_main:
-            log.info("resuming from %s: step %d, epoch %d after %d batches (checkpoint of %d rank(s), now %d)",
-                     resume_from, start_step, position[0], position[1], resume_info.get("world_size", 0),
-                     ctx.world_size)
+            log.info(
+                "resuming from %s: step %d, epoch %d after %d batches (checkpoint of %d rank(s), now %d)",
+                resume_from,
+                start_step,
+                position[0],
+                position[1],
+                resume_info.get("world_size", 0),
+                ctx.world_size,
+            )
 
     num_workers = config.data.num_workers
     if config.train.batch_size % ctx.world_size:
-        raise ConfigError(f"train.batch_size={config.train.batch_size} does not split evenly over {ctx.world_size} "
-                          "ranks; choose a multiple of the world size")
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} does not split evenly over {ctx.world_size} "
+            "ranks; choose a multiple of the world size"
+        )
     reader = ParquetBatchReader(
         config.data.path,
         "train",
@@ -304,36 +258,58 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
     if start_step > total_steps:
-        log.warning("checkpoint %s is at step %d, past this run's %d steps: not training", resume_from,
-                    start_step, total_steps)
+        log.warning(
+            "checkpoint %s is at step %d, past this run's %d steps: not training", resume_from, start_step, total_steps
+        )
 
     eval_local_batch = max(1, math.ceil(config.train.eval_batch_size / ctx.world_size))
 
-    def run_eval(split: str) -> Optional[CTRMetrics]:
+    def run_eval(split: str) -> CTRMetrics | None:
         if split not in meta.splits:
             return None
         eval_reader = ParquetBatchReader(
-            config.data.path, split, eval_local_batch, rank=ctx.rank, world_size=ctx.world_size,
-            drop_last=False, shuffle=False, validate=config.data.validate_ids,
+            config.data.path,
+            split,
+            eval_local_batch,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            drop_last=False,
+            shuffle=False,
+            validate=config.data.validate_ids,
         )
         with driver.plain_model() as plain:  # the pipeline is drained here: no batch is in flight
             return evaluate(
-                LogitsView(plain), iter(eval_reader), eval_reader.num_batches(), eval_local_batch,
-                features, len(meta.dense), ctx.device,
+                LogitsView(plain),
+                iter(eval_reader),
+                eval_reader.num_batches(),
+                eval_local_batch,
+                features,
+                len(meta.dense),
+                ctx.device,
             )
 
-    info = {"data": config.data.path, "plan": plan, "data_shape": data_shape(meta), **table_bytes(meta, config),
-            "epoch_steps": epoch_steps}
+    info = {
+        "data": config.data.path,
+        "plan": plan,
+        "data_shape": data_shape(meta),
+        **table_bytes(meta, config),
+        "epoch_steps": epoch_steps,
+    }
     last_checkpoint = resume_from
     window = LossWindow(ctx.device)
-    scheduled = ScheduledOptimizer(optimizer, config.train, total_steps, start_step,
-                                   {"fused": config.sparse_optimizer.lr, "dense": config.dense_optimizer.lr})
+    scheduled = ScheduledOptimizer(
+        optimizer,
+        config.train,
+        total_steps,
+        start_step,
+        {"fused": config.sparse_optimizer.lr, "dense": config.dense_optimizer.lr},
+    )
     driver = StepDriver(config.train.pipeline, model, scheduled, ctx.device)
     if ctx.is_main:
         log.info("training steps driven by %s (train.pipeline=%s)", driver.name, config.train.pipeline)
     # background checkpoint writes get their own group: their collectives must not interleave with training's
     async_group = dist.new_group(backend="gloo") if config.train.async_checkpoint else None
-    pending: Optional[PendingCheckpoint] = None
+    pending: PendingCheckpoint | None = None
 
     def diverged(loss_all: float, bad_step: int, step: int, epoch: int) -> TrainingDiverged:
         # collective, as every rank decided this on the same all-reduced values: a background checkpoint
@@ -351,8 +327,9 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
             done, pending = pending, None
             last_checkpoint = done.finish()
 
-    def write_checkpoint(step: int, epoch: int, batches: int, extra: Dict[str, Any], background: bool = False
-                         ) -> Optional[Path]:
+    def write_checkpoint(
+        step: int, epoch: int, batches: int, extra: dict[str, Any], background: bool = False
+    ) -> Path | None:
         nonlocal pending
         finish_pending()  # one background write at a time, committed in order
         loss_all, _, bad_step = window.peek(ctx.world_size)
@@ -367,13 +344,24 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
             )
         # the position counts the batches the model consumed, not those the pipeline fetched ahead
         e, b = normalize_position(epoch, batches, epoch_steps)
-        position_info = {"epoch": e, "batches_in_epoch": b, "global_batch_size": config.train.batch_size,
-                         "num_workers": num_workers, "world_size": ctx.world_size,
-                         "virtual_shards": reader.virtual_shards, "rows_per_epoch": reader.rows_per_epoch()}
+        position_info = {
+            "epoch": e,
+            "batches_in_epoch": b,
+            "global_batch_size": config.train.batch_size,
+            "num_workers": num_workers,
+            "world_size": ctx.world_size,
+            "virtual_shards": reader.virtual_shards,
+            "rows_per_epoch": reader.rows_per_epoch(),
+        }
         started = start_checkpoint(
-            run_dir, step, model, config,
+            run_dir,
+            step,
+            model,
+            config,
             {**info, "position": position_info, "train_seconds": train_seconds, **extra},
-            optimizer, rank_state={"rng": rng_state(), "step": step}, keep=config.train.keep_checkpoints,
+            optimizer,
+            rank_state={"rng": rng_state(), "step": step},
+            keep=config.train.keep_checkpoints,
             async_group=async_group if background else None,
         )
         if background:
@@ -382,12 +370,18 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
         return started.finish()
 
     runlog = RunLog(run_dir, ctx.is_main, start_step)
-    bar = tqdm(total=total_steps, initial=min(start_step, total_steps), desc="train", unit="step",
-               disable=not (ctx.is_main and config.train.progress), dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=min(start_step, total_steps),
+        desc="train",
+        unit="step",
+        disable=not (ctx.is_main and config.train.progress),
+        dynamic_ncols=True,
+    )
     step = start_step
     it = None
     epoch, batches = normalize_position(*position, epoch_steps)
-    valid_metrics: Optional[CTRMetrics] = None
+    valid_metrics: CTRMetrics | None = None
     log_every, eval_every, ckpt_every = config.train.log_every, config.train.eval_every, config.train.checkpoint_every
     try:
         model.train()
@@ -411,9 +405,13 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
                             raise diverged(loss_all, bad_step, step, epoch)
                         sps = step * config.train.batch_size / max(train_seconds, 1e-9)
                         lrs = scheduled.lrs()
-                        record = {"loss": loss_all / max(rows_all, 1.0), "samples_per_second": sps, "epoch": epoch,
-                                  "sparse_lr": lrs.get("fused", config.sparse_optimizer.lr),
-                                  "dense_lr": lrs.get("dense", config.dense_optimizer.lr)}
+                        record = {
+                            "loss": loss_all / max(rows_all, 1.0),
+                            "samples_per_second": sps,
+                            "epoch": epoch,
+                            "sparse_lr": lrs.get("fused", config.sparse_optimizer.lr),
+                            "dense_lr": lrs.get("dense", config.dense_optimizer.lr),
+                        }
                         runlog.record(step, "train", record)
                         bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{sps:,.0f}")
                     else:
@@ -423,16 +421,20 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
                         written = write_checkpoint(step, epoch, batches, {}, background=config.train.async_checkpoint)
                         last_checkpoint = written or last_checkpoint
                     for hook in hooks:
-                        hook(StepEvent(step, epoch, batches, batch, model, ctx.rank, ctx.world_size, written,
-                                       (loss_sum, rows)))
+                        hook(
+                            StepEvent(
+                                step, epoch, batches, batch, model, ctx.rank, ctx.world_size, written, (loss_sum, rows)
+                            )
+                        )
                     t0 = time.perf_counter()
                 if eval_every and step % eval_every == 0 and step < total_steps:
                     valid_metrics = run_eval("valid")
                     if valid_metrics is not None:
                         runlog.record(step, "valid", valid_metrics.as_dict())
                         if ctx.is_main:
-                            bar.write(f"step {step}: valid AUC {valid_metrics.auc:.4f} "
-                                      f"LogLoss {valid_metrics.logloss:.4f}")
+                            bar.write(
+                                f"step {step}: valid AUC {valid_metrics.auc:.4f} LogLoss {valid_metrics.logloss:.4f}"
+                            )
             if batches >= epoch_steps[epoch]:
                 if ctx.is_main:
                     log.info("epoch %d done at step %d: %d rows consumed", epoch, step, reader.rows_per_epoch())
@@ -448,8 +450,11 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
         if resume_from is not None and step == start_step:
             checkpoint = resume_from  # nothing trained since: that checkpoint is the final state
         else:
-            final_info = {"valid": valid_metrics and valid_metrics.as_dict(),
-                          "test": test_metrics and test_metrics.as_dict(), "final": True}
+            final_info = {
+                "valid": valid_metrics and valid_metrics.as_dict(),
+                "test": test_metrics and test_metrics.as_dict(),
+                "final": True,
+            }
             final = write_checkpoint(step, epoch, batches, final_info)  # not in the background: returns it
             assert final is not None
             checkpoint = final
@@ -460,8 +465,9 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
         it = None  # the last epoch's DataLoader iterator: its worker processes end now, not at exit
         bar.close()  # also stops tqdm's monitor thread
         runlog.close()  # joins TensorBoard's writer thread
-    result = TrainResult(run_dir, checkpoint, step, train_seconds, sps, valid_metrics, test_metrics,
-                         resume_from, start_step)
+    result = TrainResult(
+        run_dir, checkpoint, step, train_seconds, sps, valid_metrics, test_metrics, resume_from, start_step
+    )
     if ctx.is_main:
         summary = {**result.summary(), **table_bytes(meta, config), "world_size": ctx.world_size}
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -469,7 +475,7 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
     return result
 
 
-def _last_good(checkpoint: Optional[Path]) -> str:
+def _last_good(checkpoint: Path | None) -> str:
     if checkpoint is None:
         return "No checkpoint was written before."
     return f"The last good checkpoint, {checkpoint}, is intact."
