@@ -100,7 +100,14 @@ def train_local(
     config: ExperimentConfig, nproc_per_node: int, max_restarts: int = 0, verbose: bool = False
 ) -> dict[str, Any]:
     """Train on ``nproc_per_node`` processes of this machine; returns rank 0's result summary."""
+    from mlet_torchrec.training.run_dir import discard_fresh_run_dir
+
     launch = local_launch_config(nproc_per_node, "mlet", max_restarts)
-    results = launch_local(launch, _train_worker, config.model_dump(mode="json"), verbose)
+    existed_before = Path(config.run.dir).exists()
+    try:
+        results = launch_local(launch, _train_worker, config.model_dump(mode="json"), verbose)
+    except UserError:
+        discard_fresh_run_dir(config.run.dir, existed_before)
+        raise
     summary: dict[str, Any] = results[0]
     return summary

@@ -22,10 +22,11 @@ import torch.distributed as dist
 
 from mlet_torchrec.config import ConfigError, ExperimentConfig
 from mlet_torchrec.errors import UserError
-from mlet_torchrec.io import OutputError, claim_directory
+from mlet_torchrec.io import OutputError, claim_directory, remove_output
 from mlet_torchrec.training.checkpoint import (
     CheckpointError,
     checkpoint_root,
+    committed_checkpoints,
     latest_checkpoint,
     remove_checkpoints,
     remove_incomplete,
@@ -119,3 +120,19 @@ class RunLog:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def discard_fresh_run_dir(run_dir: Path | str, existed_before: bool) -> bool:
+    """After a user error, remove a run directory this invocation created and left without a checkpoint.
+
+    A bad data file or config found once training has started would otherwise leave a run directory
+    holding only its config, plan and first metrics. One that existed before, or that holds a committed
+    checkpoint (resumable state), is kept. Returns True if it was removed.
+    """
+    path = Path(run_dir)
+    if existed_before or not path.is_dir() or committed_checkpoints(checkpoint_root(path)):
+        return False
+    removed = remove_output(path)
+    if removed:
+        log.info("removed %s: the run failed before its first checkpoint", path)
+    return removed

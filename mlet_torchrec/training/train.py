@@ -58,6 +58,7 @@ from tqdm import tqdm
 from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta, table_name
 from mlet_torchrec.config import ConfigError, ExperimentConfig, load_config
+from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import evaluate
 from mlet_torchrec.evaluation.metrics import CTRMetrics
 from mlet_torchrec.models import build_model
@@ -82,7 +83,7 @@ from mlet_torchrec.training.guardrails import (
 from mlet_torchrec.training.loop import LogitsView, LossWindow, StepDriver, TrainStep
 from mlet_torchrec.training.optim import ScheduledOptimizer
 from mlet_torchrec.training.results import StepEvent, StepHook, TrainResult, table_bytes
-from mlet_torchrec.training.run_dir import RunLog, prepare_run_dir
+from mlet_torchrec.training.run_dir import RunLog, discard_fresh_run_dir, prepare_run_dir
 from mlet_torchrec.training.state import (
     check_data_order,
     check_optimizer_layout,
@@ -139,8 +140,15 @@ def train(config: ExperimentConfig, hooks: Sequence[StepHook] = ()) -> TrainResu
     group (and every thread and DataLoader worker of the run) is shut down before it returns or raises,
     unless the caller set the group up.
     """
+    existed_before = Path(config.run.dir).exists()
     with process_group(config.run.device) as ctx:
-        return _train(config, hooks, ctx)
+        try:
+            return _train(config, hooks, ctx)
+        except UserError:
+            # several ranks may fail at different steps: the local launcher's parent cleans up for them
+            if ctx.world_size == 1:
+                discard_fresh_run_dir(config.run.dir, existed_before)
+            raise
 
 
 def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext) -> TrainResult:
