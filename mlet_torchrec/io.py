@@ -149,14 +149,19 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` exists and is not a zombie (a killed writer's temporaries are stale)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (killed, not yet reaped) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def sweep_stale(output: Path) -> None:
@@ -187,7 +192,7 @@ def _sweep(parent: Path, name: str | None, any_pid: bool) -> list[Path]:
                 pid_text.isdigit()
                 and child.is_dir()
                 and not child.is_symlink()
-                and (any_pid or not _pid_alive(int(pid_text)))
+                and (any_pid or not pid_alive(int(pid_text)))
             ):
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child)

@@ -40,6 +40,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mlet_torchrec.io import pid_alive
+
 APT_PACKAGES = "slurmctld slurmd slurmdbd slurm-client munge mariadb-server"
 APT_COMMAND = f"apt-get install -y {APT_PACKAGES}"
 # what the cluster runs (munge, mariadb-server with its client, slurmdbd, slurmctld, slurmd, slurm-client)
@@ -103,20 +105,6 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class LocalSlurmCluster:
@@ -429,17 +417,17 @@ StorageLoc=slurm_acct_db
 
     def _terminate(self, name: str, pid: int, timeout: float) -> None:
         child = self._children.get(name)
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             if child is not None:
                 child.poll()
             return
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             if child is not None:
                 child.poll()
             time.sleep(0.1)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
         if child is not None:
             child.wait(timeout=10)
