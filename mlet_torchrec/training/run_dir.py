@@ -134,5 +134,5 @@ def discard_fresh_run_dir(run_dir: Path | str, existed_before: bool) -> bool:
         return False
     removed = remove_output(path)
     if removed:
-        log.info("removed %s: the run failed before its first checkpoint", path)
+        log.debug("removed %s: the run failed before its first checkpoint", path)  # the error is the one line
     return removed
