@@ -51,6 +51,12 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
         "torchmetrics 1.0 (a TorchRec dependency) checks the Python version with LooseVersion on import",
     ),
     (
+        r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to (load|save) in a "
+        r"single process",
+        UserWarning,
+        "DCP's note when a one-process collapse or export reads or writes a checkpoint: that is the intent",
+    ),
+    (
         r".*Please use DTensor instead",
         FutureWarning,
         "TorchRec 1.8 still hands out ShardedTensor from state_dict(); checkpoint and collapse must read it",
