@@ -48,7 +48,7 @@ def test_parse_grid_values_and_errors():
 def test_plan_cells_tunes_only_the_baseline_and_dedups(tmp_path):
     grid = parse_grid("embedding.d=[4] embedding.k=[none,16,64] seed=[0,1]")
     tune = parse_grid("sparse_optimizer.lr=[0.2,0.8]")  # 0.2 is the default: the same run as the grid cell
-    cells = plan_cells(None, grid, tune, runs_dir=str(tmp_path))
+    cells, _ = plan_cells(None, grid, tune, runs_dir=str(tmp_path))
     assert len(cells) == 2 * 3 + 2 * 1  # grid cells + one extra lr per baseline (d, seed)
     assert [c.role for c in cells].count("tune") == 2
     assert all(c.config.embedding.k is None for c in cells if c.role == "tune")
@@ -97,13 +97,13 @@ def test_sweep_skips_cells_already_in_the_store(tmp_path, monkeypatch, capsys):
         runs_dir=str(tmp_path / "runs"),
     )
     first = run_sweep(s)
-    assert first == {"planned": 4, "skipped": 0, "ran": 3, "failed": 1}
+    assert first == {"planned": 4, "skipped": 0, "ran": 3, "failed": 1, "pending": 0}
     lines = load_results(tmp_path / "r.jsonl")
     assert len(lines) == 3 and all(r["status"] == "ok" for r in lines)
     assert {"key", "config", "overrides", "d", "k", "seed", "role", "test", "budget"} <= set(lines[0])
     trained.clear()
     second = run_sweep(s)
-    assert second == {"planned": 4, "skipped": 3, "ran": 1, "failed": 0}
+    assert second == {"planned": 4, "skipped": 3, "ran": 1, "failed": 0, "pending": 0}
     assert len(trained) == 1
     assert len(load_results(tmp_path / "r.jsonl")) == 4
     assert run_sweep(s)["skipped"] == 4
@@ -150,7 +150,7 @@ def test_report_helpers():
 def test_plan_cells_with_tune_mlet_tunes_every_method_alike(tmp_path):
     grid = parse_grid("embedding.d=[4] embedding.k=[none,16,64] seed=[0]")
     tune = parse_grid("sparse_optimizer.lr=[0.8,3.2]")
-    cells = plan_cells(None, grid, tune, runs_dir=str(tmp_path), tune_mlet=True)
+    cells, _ = plan_cells(None, grid, tune, runs_dir=str(tmp_path), tune_mlet=True)
     per_k = {
         k: sorted(c.config.sparse_optimizer.lr for c in cells if c.config.embedding.k == k) for k in (None, 16, 64)
     }
@@ -179,8 +179,86 @@ def test_a_diverged_cell_is_recorded_and_skipped_on_rerun(tmp_path, monkeypatch)
         nproc=1,
         in_process=True,
     )
-    assert run_sweep(s) == {"planned": 2, "skipped": 0, "ran": 2, "failed": 0}
+    assert run_sweep(s) == {"planned": 2, "skipped": 0, "ran": 2, "failed": 0, "pending": 0}
     lines = sorted(load_results(tmp_path / "r.jsonl"), key=lambda r: r["status"])
     assert [(r["k"], r["status"]) for r in lines] == [(16, "diverged"), (None, "ok")]
     assert "nan at step 3" in lines[0]["error"] and "test" not in lines[0]
     assert run_sweep(s)["skipped"] == 2 and calls == [None, 16]
+
+
+def test_kd_axis_sets_k_per_d_and_the_baseline_ignores_sigma(tmp_path):
+    grid = parse_grid("d=[4,8] kd=[none,0.5,4] embedding.sigma=[0.1,0.5]")
+    cells, pending = plan_cells(None, grid, {}, runs_dir=str(tmp_path))
+    got = sorted((c.config.embedding.d, c.config.embedding.k or 0, c.config.embedding.sigma) for c in cells)
+    base_sigma = cells[0].config.embedding.sigma  # the baseline keeps the config's sigma: one run per d
+    assert pending == 0
+    assert got == sorted(
+        [(4, 0, base_sigma), (8, 0, base_sigma)]
+        + [(d, k, s) for d in (4, 8) for k in (d // 2, 4 * d) for s in (0.1, 0.5)]
+    )
+    low = [c for c in cells if c.config.embedding.k is not None and c.config.embedding.k < c.config.embedding.d]
+    assert low and all(c.config.embedding.allow_k_below_d for c in low)
+    with pytest.raises(ConfigError, match="whole inner dimension"):
+        plan_cells(None, parse_grid("d=[3] kd=[0.5]"), {}, runs_dir=str(tmp_path))
+
+
+def _finished(cell, valid_auc):
+    return {
+        "key": cell.key,
+        "status": "ok",
+        "overrides": cell.overrides,
+        "seed": cell.config.train.seed,
+        "config": cell.config.model_dump(mode="json"),
+        "valid": {"auc": valid_auc},
+    }
+
+
+def test_tune_seeds_tune_once_then_run_other_seeds_at_the_validation_choice(tmp_path):
+    grid = parse_grid("seed=[0,1,2] d=[4] k=[none,16]")
+    tune = parse_grid("lr=[0.1,1.0] dense_lr=[0.05,0.2]")
+    cells, pending = plan_cells(None, grid, tune, runs_dir=str(tmp_path), tune_mlet=True, tune_seeds=[0])
+    assert {c.config.train.seed for c in cells} == {0} and pending == 4  # seeds 1, 2 x two methods wait
+    # validation AUC peaks at lr 1.0 / dense 0.05 for the baseline and lr 0.1 / dense 0.2 for MLET
+    best = {None: (1.0, 0.05), 16: (0.1, 0.2)}
+    records = [
+        _finished(
+            c,
+            0.9 if (c.config.sparse_optimizer.lr, c.config.dense_optimizer.lr) == best[c.config.embedding.k] else 0.6,
+        )
+        for c in cells
+    ]
+    cells2, pending2 = plan_cells(
+        None, grid, tune, runs_dir=str(tmp_path), tune_mlet=True, tune_seeds=[0], records=records
+    )
+    selected = [c for c in cells2 if c.role == "selected"]
+    assert pending2 == 0 and len(selected) == 4
+    for c in selected:
+        assert c.config.train.seed in (1, 2)
+        assert (c.config.sparse_optimizer.lr, c.config.dense_optimizer.lr) == best[c.config.embedding.k]
+    assert {c.key for c in cells} <= {c.key for c in cells2}  # pass 2 keeps pass 1's keys: a resume skips them
+
+
+def test_sweep_with_tune_seeds_runs_both_passes(tmp_path, monkeypatch):
+    import mlet_torchrec.experiments.sweep as sweep
+
+    def fake_cell(cell, s, work):
+        lr = cell.config.sparse_optimizer.lr
+        return {"valid": {"auc": 0.5 + lr / 10}, "test": {"auc": 0.5}, "steps": 1}
+
+    monkeypatch.setattr(sweep, "_run_cell_subprocess", fake_cell)
+    s = SweepSettings(
+        config=None,
+        grid=parse_grid("seed=[0,1] d=[4] k=[none,16]"),
+        tune=parse_grid("lr=[0.1,1.0]"),
+        tune_mlet=True,
+        tune_seeds=[0],
+        results=str(tmp_path / "r.jsonl"),
+        runs_dir=str(tmp_path / "runs"),
+        nproc=1,
+    )
+    counts = run_sweep(s)
+    recs = load_results(tmp_path / "r.jsonl")
+    seed1 = [r for r in recs if r["seed"] == 1]
+    assert counts["failed"] == 0 and counts["pending"] == 0
+    assert len(seed1) == 2 and all(r["role"] == "selected" and r["sparse_lr"] == 1.0 for r in seed1)
+    assert run_sweep(s)["ran"] == 0  # resumed: nothing left

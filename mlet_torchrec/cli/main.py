@@ -188,6 +188,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             in_process=args.in_process,
             compression=not args.no_compression,
+            tune_seeds=args.tune_seeds,
         )
     )
     return 1 if counts["failed"] else 0
@@ -371,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grid",
         required=True,
-        help='axes "key=[v1,v2] ..." (YAML values, none=null; seed/d/k/lr are short for train.seed, '
-        "embedding.d, embedding.k, sparse_optimizer.lr)",
+        help='axes "key=[v1,v2] ..." (YAML values, none=null; seed/d/k/lr/dense_lr are short for train.seed, '
+        "embedding.d, embedding.k, sparse_optimizer.lr, dense_optimizer.lr; kd=[none,1,4] sets k to that "
+        "multiple of d)",
     )
     p.add_argument(
         "--tune-baseline",
@@ -387,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AXES",
         help='extra axes run for every cell, baseline and MLET alike, e.g. "sparse_optimizer.lr=[0.8,3.2]"; '
         "the report picks each method's best on validation AUC (replaces --tune-baseline)",
+    )
+    p.add_argument(
+        "--tune-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="SEED",
+        help="run the tuning axes on these seeds only; every other seed runs once, at the values its cell's "
+        "tuning seeds chose on validation AUC (a second pass, planned from the store)",
     )
     flags.add_output(p, "results store (JSON lines; appended, resumable)", old=["--results"])
     flags.add_nproc(p, 2, "training processes per cell", old=["--nproc"])

@@ -5,6 +5,10 @@ Example:
     {'embedding.d': [4, 8], 'embedding.k': [None, 64], 'train.seed': [0]}
     >>> len(expand_grid(parse_grid("d=[4,8] k=[none,64]")))
     4
+    >>> resolve_overrides({"embedding.d": 8, K_PER_D: 4, "embedding.sigma": 0.5}, None)
+    {'embedding.d': 8, 'embedding.sigma': 0.5, 'embedding.k': 32}
+    >>> resolve_overrides({"embedding.d": 8, K_PER_D: None, "embedding.sigma": 0.5}, None)
+    {'embedding.d': 8, 'embedding.k': None}
 """
 
 from __future__ import annotations
@@ -22,7 +26,19 @@ import yaml
 
 from mlet_torchrec.config import ConfigError, ExperimentConfig, load_config
 
-ALIASES = {"seed": "train.seed", "d": "embedding.d", "k": "embedding.k", "lr": "sparse_optimizer.lr"}
+K_PER_D = "embedding.k_per_d"
+"""A grid axis, not a config key: the inner dimension as a multiple of d (``kd=[none,1,4,16]`` gives k = d, 4d,
+16d for every d; 0.5 gives d/2 and sets ``embedding.allow_k_below_d`` for that cell)."""
+# Keys that only matter for MLET: a single-layer (k = null) cell drops them, so a sigma axis adds no baseline runs.
+_MLET_ONLY = ("embedding.sigma", "embedding.allow_k_below_d")
+ALIASES = {
+    "seed": "train.seed",
+    "d": "embedding.d",
+    "k": "embedding.k",
+    "kd": K_PER_D,
+    "lr": "sparse_optimizer.lr",
+    "dense_lr": "dense_optimizer.lr",
+}
 # Keys that do not change what a run computes: left out of the cell key.
 _KEY_EXCLUDE = {("run",), ("train", "progress"), ("train", "log_every"), ("data", "num_workers")}
 
@@ -108,6 +124,64 @@ class Cell:
         return " ".join(format_override(k, v) for k, v in self.overrides.items())
 
 
+def resolve_overrides(
+    ov: dict[str, Any], config_path: str | None, base_overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A cell's overrides as config keys: ``kd`` becomes ``embedding.k`` (d times it), and a single-layer cell
+    drops the MLET-only keys (sigma), so the baseline of every sigma is one run."""
+    out = dict(ov)
+    if K_PER_D in out:
+        kd = out.pop(K_PER_D)
+        d = out.get("embedding.d")
+        if d is None:
+            d = load_config(config_path, list(base_overrides)).embedding.d
+        k: int | None = None
+        if kd is not None:
+            k = int(round(d * kd))
+            if k < 1 or abs(k - d * kd) > 1e-9:
+                raise ConfigError(f"grid: kd={kd} with d={d} gives no whole inner dimension k")
+            if kd < 1:  # asking for k below d is the explicit request the config check wants
+                out["embedding.allow_k_below_d"] = True
+        out["embedding.k"] = k
+    k_final = out["embedding.k"] if "embedding.k" in out else _base_k(config_path, base_overrides)
+    if k_final is None:
+        for key in _MLET_ONLY:
+            out.pop(key, None)
+    return out
+
+
+def _base_k(config_path: str | None, base_overrides: Sequence[str]) -> int | None:
+    return load_config(config_path, list(base_overrides)).embedding.k
+
+
+def _without(ov: dict[str, Any], keys: set[str]) -> str:
+    return json.dumps({k: v for k, v in ov.items() if k not in keys}, sort_keys=True)
+
+
+def _config_value(rec: dict[str, Any], dotted: str) -> Any:
+    node: Any = rec.get("config") or {}
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def best_tuning(
+    records: Sequence[dict[str, Any]], tune_keys: Sequence[str], tune_seeds: Sequence[int]
+) -> dict[str, dict[str, Any]]:
+    """Per cell (its overrides without seed and tuning axes, as JSON): the tuning values of its best run on
+    **validation** AUC among the tuning seeds' finished runs (diverged runs never win)."""
+    best: dict[str, tuple[float, dict[str, Any]]] = {}
+    skip = {"train.seed", *tune_keys}
+    for r in records:
+        auc = (r.get("valid") or {}).get("auc")
+        if r.get("status") != "ok" or r.get("seed") not in tune_seeds or auc is None:
+            continue
+        key = _without(r.get("overrides") or {}, skip)
+        if key not in best or auc > best[key][0]:
+            best[key] = (float(auc), {k: _config_value(r, k) for k in tune_keys})
+    return {k: v for k, (_, v) in best.items()}
+
+
 def plan_cells(
     config_path: str | None,
     grid: dict[str, list[Any]],
@@ -115,12 +189,20 @@ def plan_cells(
     base_overrides: Sequence[str] = (),
     runs_dir: str = "runs/sweep",
     tune_mlet: bool = False,
-) -> list[Cell]:
-    """The cells of a sweep, de-duplicated by key (a tuning value equal to the base value is one run).
+    tune_seeds: Sequence[int] | None = None,
+    records: Sequence[dict[str, Any]] = (),
+) -> tuple[list[Cell], int]:
+    """The cells of a sweep, de-duplicated by key (a tuning value equal to the base value is one run), and how
+    many wait for their tuning runs.
 
-    The tuning axes are run for the baseline (k=null) cells, and for every cell when ``tune_mlet``."""
+    The tuning axes are run for the baseline (k=null) cells, and for every cell when ``tune_mlet``. With
+    ``tune_seeds`` they are run for those seeds only; every other seed runs once, at the values its cell's tuning
+    seeds chose on validation AUC (from ``records``, the store), role ``selected``; a cell whose tuning runs are
+    not in the store yet is pending (counted, not planned)."""
     cells: list[Cell] = []
     seen: set[str] = set()
+    pending = 0
+    chosen = best_tuning(records, list(tune), tune_seeds) if tune_seeds is not None else {}
 
     def add(ov: dict[str, Any], role: str) -> None:
         overrides = list(base_overrides) + [format_override(k, v) for k, v in ov.items()]
@@ -134,26 +216,41 @@ def plan_cells(
         config.train.progress = False
         cells.append(Cell(overrides=ov, role=role, config=config, key=key))
 
-    for ov in expand_grid(grid):  # a baseline cell's tuning runs follow it, so a cut-short sweep stays usable
+    for raw in expand_grid(grid):  # a baseline cell's tuning runs follow it, so a cut-short sweep stays usable
+        ov = resolve_overrides(raw, config_path, base_overrides)
+        k = ov["embedding.k"] if "embedding.k" in ov else _base_k(config_path, base_overrides)
+        tuned = bool(tune) and (k is None or tune_mlet)
+        seed = ov.get("train.seed")
+        if tuned and tune_seeds is not None and seed not in tune_seeds:
+            values = chosen.get(_without(ov, {"train.seed", *tune}))
+            if values is None:
+                pending += 1
+            else:
+                add({**ov, **values}, "selected")
+            continue
         add(ov, "grid")
-        if not tune:
-            continue
-        k = load_config(config_path, list(base_overrides) + [format_override(k, v) for k, v in ov.items()]).embedding.k
-        if k is not None and not tune_mlet:
-            continue
-        for tv in expand_grid(tune):
-            add({**ov, **tv}, "tune")
-    return cells
+        if tuned:
+            for tv in expand_grid(tune):
+                add({**ov, **tv}, "tune")
+    return cells, pending
 
 
-def budget_note(grid: dict[str, list[Any]], tune: dict[str, list[Any]], tune_mlet: bool = False) -> str:
+def budget_note(
+    grid: dict[str, list[Any]],
+    tune: dict[str, list[Any]],
+    tune_mlet: bool = False,
+    tune_seeds: Sequence[int] | None = None,
+) -> str:
     ks = [k for k in grid.get("embedding.k", [None]) if k is not None]
+    if K_PER_D in grid:
+        ks = [f"{kd:g}d" for kd in grid[K_PER_D] if kd is not None]
     n_tune = len(expand_grid(tune)) if tune else 1
     axes = ", ".join(tune) or "nothing"
     if tune_mlet:
+        where = f" on seed(s) {list(tune_seeds)}; the other seeds run once at the chosen values" if tune_seeds else ""
         return (
             f"per (d, seed): every method (the baseline and MLET at each k in {ks}) gets the same {n_tune} "
-            f"tuning run(s) (one per value of {axes}) plus its run at the config's values"
+            f"tuning run(s) (one per value of {axes}) plus its run at the config's values{where}"
         )
     return (
         f"per (d, seed): MLET {len(ks)} run(s) (one per k in {ks}); tuned baseline {n_tune} run(s) "

@@ -1,10 +1,28 @@
-"""Seed statistics of the report: mean ± sample std over seeds, and the paired t-test verdict.
+"""Seed statistics of the report, on scipy.stats: mean ± std, t intervals, the paired test, pooling over cells.
+
+Every comparison in the report is paired: MLET and its baseline run with the same seed, so each seed gives one
+difference and the test is a one-sample t-test of those differences against 0.
 
 Example:
     >>> fmt([0.71, 0.73])
     '0.7200 ± 0.0141'
+    >>> round(t95(11), 3), round(t95(40), 3), t95(0)
+    (2.201, 2.021, inf)
+    >>> m, lo, hi, n = t_interval([1.0, 2.0, 3.0])
+    >>> m, round(lo, 3), round(hi, 3), n
+    (2.0, -0.484, 4.484, 3)
+    >>> r = paired_test([0.01, 0.012, 0.011])
+    >>> round(r.t, 1), r.p < 0.05
+    (19.1, True)
     >>> verdict([0.01, 0.012, 0.011])
     'MLET better (t=+19.1, p<0.05)'
+    >>> verdict([0.01, -0.012, 0.011])
+    'within noise (t=+0.4)'
+    >>> p = pooled_estimate([[0.010, 0.012, 0.011], [0.004, 0.006, 0.005]])
+    >>> round(p.estimate, 4), p.n_cells
+    (0.008, 2)
+    >>> fmt_interval(0.0012, -0.0003, 0.0027)
+    '+0.0012 [−0.0003, +0.0027]'
 """
 
 from __future__ import annotations
@@ -12,38 +30,37 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-# two-sided 95% critical values of Student's t by degrees of freedom
-_T95 = {
-    1: 12.706,
-    2: 4.303,
-    3: 3.182,
-    4: 2.776,
-    5: 2.571,
-    6: 2.447,
-    7: 2.365,
-    8: 2.306,
-    9: 2.262,
-    10: 2.228,
-    15: 2.131,
-    20: 2.086,
-    30: 2.042,
-}
+from scipy import stats as sps
+
+_ALPHA = 0.05  # the report's one significance level: "p<0.05" in the verdicts
 
 
 def t95(df: int) -> float:
+    """Two-sided 95% critical value of Student's t with ``df`` degrees of freedom (inf when ``df <= 0``).
+
+    >>> round(t95(1), 3)
+    12.706
+    """
     if df <= 0:
         return float("inf")
-    keys = sorted(_T95)
-    for k in keys:
-        if df <= k:
-            return _T95[k]
-    return 1.96
+    return float(sps.t.ppf(0.975, df))
+
+
+def _clean(values: Sequence[float | None]) -> list[float]:
+    # missing metrics come through as None (or NaN from a diverged run): they are not seeds
+    return [float(v) for v in values if v is not None and not math.isnan(v)]
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    """Mean, sample std (nan for one value) and count of the values that are present.
+
+    >>> mean_std([1.0, None, 3.0])
+    (2.0, 1.4142135623730951, 2)
+    """
+    vals = _clean(values)
     if not vals:
         return float("nan"), float("nan"), 0
     m = statistics.fmean(vals)
@@ -61,6 +78,26 @@ def fmt(values: Sequence[float | None], digits: int = 4, scale: float = 1.0) -> 
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _signed(x: float, digits: int) -> str:
+    if math.isnan(x):
+        return "–"
+    # a true minus sign: it lines up with "+" in Markdown tables and is not read as a hyphen
+    return f"{x:+.{digits}f}".replace("-", "−")
+
+
+def fmt_interval(mean: float, lo: float, hi: float, digits: int = 4) -> str:
+    """``+mean [lo, hi]`` with explicit signs (U+2212 for minus); ``–`` for a missing mean or bound.
+
+    >>> fmt_interval(-0.5, -1.25, 0.25, digits=2)
+    '−0.50 [−1.25, +0.25]'
+    >>> fmt_interval(0.5, float("nan"), float("nan"), digits=1)
+    '+0.5 [–, –]'
+    """
+    if math.isnan(mean):
+        return "–"
+    return f"{_signed(mean, digits)} [{_signed(lo, digits)}, {_signed(hi, digits)}]"
+
+
 def _get(rec: dict[str, Any], path: str) -> float | None:
     node: Any = rec
     for part in path.split("."):
@@ -70,13 +107,146 @@ def _get(rec: dict[str, Any], path: str) -> float | None:
     return None if node is None else float(node)
 
 
-def verdict(diffs: Sequence[float], higher_is_better: bool = True) -> str:
-    m, s, n = mean_std(diffs)
-    if n < 2 or math.isnan(s):
-        return "n<2: no test"
+def t_interval(values: Sequence[float | None], level: float = 0.95) -> tuple[float, float, float, int]:
+    """Student-t interval of the mean: ``(mean, lo, hi, n)``; the interval is nan for fewer than 2 values.
+
+    >>> t_interval([0.5])
+    (0.5, nan, nan, 1)
+    >>> t_interval([2.0, 2.0])
+    (2.0, 2.0, 2.0, 2)
+    """
+    m, s, n = mean_std(values)
+    if n < 2:
+        return m, float("nan"), float("nan"), n
+    half = float(sps.t.ppf(0.5 + level / 2, n - 1)) * s / math.sqrt(n)
+    return m, m - half, m + half, n
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """One-sample t-test of per-seed differences against 0, with the 95% t interval of their mean.
+
+    ``p`` is two-sided. Degenerate inputs are decided without scipy (which would warn and return nan):
+    n < 2 gives ``t = p = nan``; all differences equal (std 0) gives ``p = 1`` when they are all 0 (the data
+    are exactly the null, ``t = 0``) and ``p = 0`` otherwise (``t = ±inf``: no noise can explain the gap).
+    """
+
+    mean: float
+    std: float
+    n: int
+    t: float
+    p: float
+    lo: float
+    hi: float
+
+
+def paired_test(diffs: Sequence[float | None]) -> PairedTest:
+    """Test whether the mean per-seed difference is 0 (``scipy.stats.ttest_1samp``; see ``PairedTest``).
+
+    >>> paired_test([0.0, 0.0, 0.0]).p
+    1.0
+    >>> r = paired_test([0.1, 0.1])
+    >>> r.t, r.p
+    (inf, 0.0)
+    """
+    m, lo, hi, n = t_interval(diffs)
+    s = mean_std(diffs)[1]
+    if n < 2:
+        return PairedTest(m, s, n, float("nan"), float("nan"), lo, hi)
     if s == 0:
-        return "identical" if m == 0 else ("MLET better" if (m > 0) == higher_is_better else "MLET worse")
-    t = m / (s / math.sqrt(n))
-    if abs(t) < t95(n - 1):
-        return f"within noise (t={t:+.1f})"
-    return f"MLET {'better' if (t > 0) == higher_is_better else 'worse'} (t={t:+.1f}, p<0.05)"
+        t = 0.0 if m == 0 else math.copysign(math.inf, m)
+        return PairedTest(m, s, n, t, 1.0 if m == 0 else 0.0, lo, hi)
+    res = sps.ttest_1samp(_clean(diffs), 0.0)
+    return PairedTest(m, s, n, float(res.statistic), float(res.pvalue), lo, hi)
+
+
+def verdict(diffs: Sequence[float], higher_is_better: bool = True) -> str:
+    """The report's one-phrase reading of the paired test (significant when the two-sided p < 0.05).
+
+    >>> verdict([0.01, 0.012, 0.011], higher_is_better=False)
+    'MLET worse (t=+19.1, p<0.05)'
+    >>> verdict([0.0, 0.0]), verdict([0.1])
+    ('identical', 'n<2: no test')
+    """
+    r = paired_test(diffs)
+    if r.n < 2:
+        return "n<2: no test"
+    better = (r.mean > 0) == higher_is_better
+    if r.std == 0:
+        return "identical" if r.mean == 0 else ("MLET better" if better else "MLET worse")
+    if not r.p < _ALPHA:
+        return f"within noise (t={r.t:+.1f})"
+    return f"MLET {'better' if better else 'worse'} (t={r.t:+.1f}, p<0.05)"
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """A pooled mean difference over cells: estimate, its 95% interval, the cells used, tau² and the method."""
+
+    estimate: float
+    lo: float
+    hi: float
+    n_cells: int
+    tau2: float
+    method: str
+
+
+def pooled_estimate(cells: Sequence[Sequence[float]]) -> Pooled:
+    """Random-effects (DerSimonian-Laird) inverse-variance pooled mean of per-cell paired differences.
+
+    Each cell (e.g. one d of a sweep) is the list of its per-seed differences; its mean ``y_i`` has variance
+    ``v_i = s_i²/n_i``. Cells with n < 2 carry no variance and are skipped. DL estimates the between-cell
+    variance ``tau² = max(0, (Q − (k−1)) / C)`` from Cochran's Q of the fixed-effect fit and weights each cell
+    by ``1 / (v_i + tau²)``; the interval is ``estimate ± z(0.975)·SE`` with ``SE = 1/sqrt(Σ weights)``.
+
+    Why z and not Hartung-Knapp: the report pools 1 to 3 cells, where HK's ``t(k−1)`` quantile is infinite for
+    one cell and 12.7 for two (so adding a second agreeing cell would *widen* the interval), and unmodified HK
+    collapses to zero width when cells agree exactly. The z interval is the textbook DL one and shrinks as
+    cells are added; it ignores the uncertainty of tau² and of each ``v_i`` (from a few seeds), so with few
+    cells its coverage is below 95%: read it as a summary, and the per-cell paired tests as the evidence.
+
+    A cell whose seeds agree exactly (``v_i = 0``) would get infinite weight: it is given the smallest positive
+    variance among the cells instead. When every cell has zero variance the estimate is the plain mean of the
+    cell means with a t interval over them (``method="mean of cell means"``).
+
+    Worked example: three cells, each with seed std 0.001 over 3 seeds (``v_i = 1e-6/3``), means 0.011, 0.005,
+    0.019. Equal weights give 0.011667; Q = Σ(y_i − 0.011667)²/v_i = 296 against k − 1 = 2, so the cells
+    differ far beyond their seed noise: ``tau² = (296 − 2)/C``, ``C = Σw − Σw²/Σw = 2/v = 6e6``, i.e. 4.9e-5.
+    Then ``SE = sqrt((v + tau²)/3) = 0.00406`` and the interval is 0.011667 ± 1.96·0.00406; a fixed-effect
+    fit (tau² = 0) would have claimed ± 1.96·sqrt(v/3) = ± 0.00065.
+
+    >>> p = pooled_estimate([[0.010, 0.012, 0.011], [0.004, 0.006, 0.005], [0.020, 0.018, 0.019]])
+    >>> round(p.estimate, 6), round(p.tau2, 7), round(p.lo, 4), round(p.hi, 4), p.n_cells, p.method
+    (0.011667, 4.9e-05, 0.0037, 0.0196, 3, 'dersimonian-laird')
+    >>> pooled_estimate([[0.5, 0.5], [0.7, 0.7], [0.2]]).method
+    'mean of cell means'
+    >>> pooled_estimate([[0.5]]).n_cells
+    0
+    """
+    stats = [mean_std(c) for c in cells]
+    used = [(m, s * s / n) for m, s, n in stats if n >= 2]
+    k = len(used)
+    if k == 0:
+        nan = float("nan")
+        return Pooled(nan, nan, nan, 0, nan, "no cell with 2 seeds")
+    ys = [y for y, _ in used]
+    positive = [v for _, v in used if v > 0]
+    if not positive:
+        m, lo, hi, _ = t_interval(ys)
+        return Pooled(m, lo, hi, k, 0.0, "mean of cell means")
+    # weights are taken relative to the smallest variance so that 1/v cannot overflow for tiny variances
+    vmin = min(positive)
+    vs = [max(v, vmin) for _, v in used]
+    r = [vmin / v for v in vs]
+    sr = math.fsum(r)
+    mu_fe = math.fsum(ri * y for ri, y in zip(r, ys, strict=True)) / sr
+    q_scaled = math.fsum(ri * (y - mu_fe) ** 2 for ri, y in zip(r, ys, strict=True))  # Q · vmin
+    c_scaled = sr - math.fsum(ri * ri for ri in r) / sr  # C · vmin
+    tau2 = max(0.0, (q_scaled - (k - 1) * vmin) / c_scaled) if c_scaled > 0 else 0.0
+    base = vmin + tau2
+    rw = [base / (v + tau2) for v in vs]
+    srw = math.fsum(rw)
+    est = math.fsum(w * y for w, y in zip(rw, ys, strict=True)) / srw
+    se = math.sqrt(base / srw)
+    z = float(sps.norm.ppf(0.975))
+    return Pooled(est, est - z * se, est + z * se, k, tau2, "dersimonian-laird")

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ class ResultsStore:
         with self._lock:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # sweeps in other processes may append to the same store
                 _drop_torn_tail(fd, self.path)
                 os.write(fd, line)
                 os.fsync(fd)

@@ -94,6 +94,7 @@ class SweepSettings:
     in_process: bool = False
     compression: bool = True
     cell_timeout: float | None = None
+    tune_seeds: list[int] | None = None  # tune on these seeds only; the others run at their choice (grid.plan_cells)
 
 
 def _run_cell_subprocess(cell: Cell, s: SweepSettings, work: Path) -> dict[str, Any]:
@@ -144,29 +145,50 @@ def _data_hashing(data_path: str) -> dict[str, Any] | None:
 
 
 def run_sweep(s: SweepSettings) -> dict[str, int]:
-    """Run every cell not yet in the store; returns counts {planned, skipped, ran, failed}."""
+    """Run every cell not yet in the store; returns counts {planned, skipped, ran, failed, pending}.
+
+    With ``tune_seeds`` the sweep runs in passes: the tuning seeds' runs first, then the other seeds at the
+    values those chose (planned from the store, so a resumed sweep picks up either pass)."""
+    counts = {"planned": 0, "skipped": 0, "ran": 0, "failed": 0, "pending": 0}
+    for _ in range(3):  # pass 1 tunes; pass 2 runs the chosen values; a third plans nothing new
+        before = counts["ran"]
+        cells, pending = _run_pass(s, counts)
+        counts["planned"], counts["pending"] = len(cells), pending
+        if s.dry_run or counts["ran"] == before or not pending:
+            break
+    print(f"sweep: {counts}", flush=True)
+    if counts["pending"]:
+        log.warning("%d run(s) still wait for tuning runs that failed or are missing", counts["pending"])
+    return counts
+
+
+def _run_pass(s: SweepSettings, counts: dict[str, int]) -> tuple[list[Cell], int]:
     store = ResultsStore(s.results)
     runs_dir = s.runs_dir or str(Path("runs/sweep") / Path(s.results).parent.name)
     check_location(runs_dir, [s.results])  # it holds the cells' run dirs: never /, ~, the cwd, or the store
-    cells = plan_cells(s.config, s.grid, s.tune, s.base_overrides, runs_dir, s.tune_mlet)
-    done = store.done_keys()
+    records = store.load()
+    cells, pending = plan_cells(
+        s.config, s.grid, s.tune, s.base_overrides, runs_dir, s.tune_mlet, s.tune_seeds, records
+    )
+    done = {r["key"] for r in records if r.get("status") in ("ok", "diverged")}
     todo = [c for c in cells if c.key not in done]
-    note = budget_note(s.grid, s.tune, s.tune_mlet)
+    note = budget_note(s.grid, s.tune, s.tune_mlet, s.tune_seeds)
     ks = [k for k in s.grid.get("embedding.k", [None]) if k is not None]
     if s.tune and not s.tune_mlet and len(expand_grid(s.tune)) != len(ks):
         log.warning("budget not matched: %s", note)
+    waiting = f", {pending} waiting for their tuning runs" if pending else ""
     print(
-        f"sweep: {len(cells)} runs planned, {len(cells) - len(todo)} already in {s.results}, {len(todo)} to run; "
-        f"budget {note}",
+        f"sweep: {len(cells)} runs planned, {len(cells) - len(todo)} already in {s.results}, {len(todo)} to run"
+        f"{waiting}; budget {note}",
         flush=True,
     )
+    counts["skipped"] = len(cells) - len(todo)
     if s.dry_run:
         for c in todo:
             print(f"  {c.key} [{c.role}] {c.label()}")
-        return {"planned": len(cells), "skipped": len(cells) - len(todo), "ran": 0, "failed": 0}
+        return cells, pending
     dataset = s.dataset or Path(cells[0].config.data.path).name if cells else s.dataset
     work = Path(runs_dir) / "_cells"
-    counts = {"planned": len(cells), "skipped": len(cells) - len(todo), "ran": 0, "failed": 0}
     lock = threading.Lock()
 
     def one(i_cell: tuple[int, Cell]) -> None:
@@ -198,6 +220,7 @@ def run_sweep(s: SweepSettings) -> dict[str, int]:
             "grid": s.grid,
             "tune": s.tune,
             "tune_mlet": s.tune_mlet,
+            "tune_seeds": s.tune_seeds,
             "budget": note,
             "nproc": s.nproc,
             "parallel": s.parallel,
@@ -233,8 +256,7 @@ def run_sweep(s: SweepSettings) -> dict[str, int]:
     else:
         for item in enumerate(todo):
             one(item)
-    print(f"sweep: {counts}", flush=True)
-    return counts
+    return cells, pending
 
 
 # the sweep's public names, its own and those it re-exports from grid, store, cell and analysis

@@ -1,0 +1,222 @@
+"""The experiment families of docs/results/families: which sweeps fill which store, in which order.
+
+Five families ask where MLET helps, sized to finish in a few hours on 2 CPU cores:
+
+* (a) ``models``: DeepFM, DCN, AutoInt, xDeepFM with Adagrad (the paper's DeepCTR-Torch setup), d in {4, 8, 16,
+  32}, k in {d, 4d, 16d} against the single-layer table;
+* (b) ``sigma``: the W2 initialisation scale sigma in {0.01, 0.05, 0.25, 0.5, 1.0} at d = 4, k = 64 (DLRM, SGD);
+* (c) ``small_k``: k in {d/2, d} against k = 4d (DeepFM, Adagrad);
+* (d) ``epochs_width``: 1 against 3 epochs, and d up to 64 (DeepFM, Adagrad);
+* (e) ``lr_equivalence``: MLET at embedding lr eta against the single-layer table at k·sigma²·eta (the papers'
+  Theorem 1), from family (b)'s learning-rate grid.
+
+Every method, the baseline included, gets the same tuning grid of embedding **and** dense/W2 learning rates on
+seed 0 (chosen on validation AUC); seeds 1-4 then run once at each method's choice (``mlet sweep --tune-seeds``).
+Runs with equal configs are one run, so the families share a store per (setup, data set) and the reports filter
+it (``StoreSpec.store``). ``mlet results run`` runs the sweeps in order and resumes where it stopped.
+
+Example:
+    >>> [s.name for s in SWEEPS][:2]
+    ['dlrm_sgd_movielens', 'dlrm_sgd_criteo_sample']
+    >>> sorted({s.store for s in SWEEPS})[0]
+    'docs/results/families/deepctr_criteo_sample/results.jsonl'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlet_torchrec.experiments.grid import parse_grid
+from mlet_torchrec.experiments.sweep import SweepSettings, run_sweep
+from mlet_torchrec.io import pid_alive
+
+log = logging.getLogger("mlet.results")
+
+ROOT = "docs/results/families"
+SEEDS = "seed=[0,1,2,3,4]"
+ADAGRAD_TUNE = "lr=[0.005,0.02,0.08] dense_lr=[0.02,0.08]"
+SGD_TUNE = "lr=[0.05,0.2,0.8,3.2,12.8,51.2,204.8,819.2] dense_lr=[0.05,0.2]"
+SGD_TUNE_SYNTH = "lr=[0.2,0.8,3.2,12.8,51.2,204.8] dense_lr=[0.05,0.2]"  # 8 s a run: 2 of the 8 lrs cut
+SIGMAS = "embedding.sigma=[0.01,0.05,0.25,0.5,1.0]"
+
+DATASETS = {
+    # name: (DeepCTR base config, DLRM base config, --freq-features)
+    "movielens": (
+        "configs/experiments/families/movielens_deepctr.yaml",
+        "configs/experiments/movielens_dlrm.yaml",
+        ["item_id"],
+    ),
+    "criteo_sample": (
+        "configs/experiments/families/criteo_sample_deepctr.yaml",
+        "configs/experiments/criteo_sample_dlrm.yaml",
+        None,
+    ),
+    "synth1m": (
+        "configs/experiments/families/synth1m_deepctr.yaml",
+        "configs/experiments/synth1m_dlrm.yaml",
+        None,
+    ),
+}
+
+DATA_COMMANDS = [
+    "mlet convert movielens --input ../shared/data/movielens_100k --output data/exp_ml --row-group-rows 2048",
+    "mlet convert criteo --input ../shared/data/criteo_kaggle/train.tsv --valid ../shared/data/criteo_kaggle/valid.tsv"
+    " --test ../shared/data/criteo_kaggle/test.tsv --output data/exp_criteo --row-group-rows 128",
+    "mlet synth --output data/exp_synth1m rows=1000000 num_dense=4 num_sparse=8 min_cardinality=100"
+    " max_cardinality=100000 row_group_size=8192 seed=0",
+]
+"""The data the sweeps read (as in docs/results/*/COMMANDS.md); ``mlet results run`` makes what is missing."""
+
+
+@dataclass(frozen=True)
+class FamilySweep:
+    """One ``mlet sweep`` call of the families: its grid, tuning grid and store."""
+
+    name: str
+    dataset: str
+    setup: str  # 'deepctr' (Adagrad, DeepCTR-style models) or 'dlrm_sgd'
+    grid: str
+    tune: str
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def config(self) -> str:
+        deepctr, dlrm, _ = DATASETS[self.dataset]
+        return deepctr if self.setup == "deepctr" else dlrm
+
+    @property
+    def store(self) -> str:
+        return f"{ROOT}/{self.setup}_{self.dataset}/results.jsonl"
+
+    def settings(self, runs_dir: str = "runs/exp/families") -> SweepSettings:
+        return SweepSettings(
+            config=self.config,
+            grid=parse_grid(self.grid),
+            tune=parse_grid(self.tune),
+            tune_mlet=True,
+            tune_seeds=[0],
+            results=self.store,
+            base_overrides=list(self.overrides),
+            nproc=1,
+            in_process=True,
+            runs_dir=f"{runs_dir}/{self.setup}_{self.dataset}",
+            freq_features=DATASETS[self.dataset][2],
+            dataset=self.dataset,
+            compression=False,  # INT8/SVD are measured in docs/results/{synth1m,movielens,criteo_sample}
+        )
+
+    def command(self) -> str:
+        """The equivalent ``mlet sweep`` command line (for the reports' COMMANDS section)."""
+        s = self.settings()
+        ff = f" --freq-features {' '.join(s.freq_features)}" if s.freq_features else ""
+        extra = "".join(f" {o}" for o in self.overrides)
+        return (
+            f'mlet sweep --config {self.config} --grid "{self.grid}" --tune "{self.tune}" --tune-seeds 0 '
+            f"--output {self.store} --nproc-per-node 1 --in-process --no-compression --runs-dir {s.runs_dir}"
+            f"{ff} --dataset {self.dataset}{extra}"
+        )
+
+
+def _deepctr(dataset: str, name: str, grid: str) -> FamilySweep:
+    return FamilySweep(f"deepctr_{dataset}_{name}", dataset, "deepctr", f"{SEEDS} {grid}", ADAGRAD_TUNE)
+
+
+# In order of priority: `mlet results run` takes them top-down, so a cut-short run leaves the cheapest, most
+# central families complete. Seed is the slowest axis, so a cut-short second pass still has whole seeds.
+_MODELS = "d=[4,8,16,32] kd=[none,1,4,16]"
+_SMALL_K = "model.name=[deepfm] d=[8,16,32] kd=[none,0.5,1,4]"
+_EPOCHS = "model.name=[deepfm] d=[4,16,64] kd=[none,4] train.epochs=[1,3]"
+_SIGMA = f"{SEEDS} d=[4] k=[none,64] {SIGMAS}"
+SWEEPS: list[FamilySweep] = [
+    FamilySweep("dlrm_sgd_movielens", "movielens", "dlrm_sgd", _SIGMA, SGD_TUNE),
+    FamilySweep("dlrm_sgd_criteo_sample", "criteo_sample", "dlrm_sgd", _SIGMA, SGD_TUNE),
+    _deepctr("movielens", "fast", f"model.name=[deepfm,dcn] {_MODELS}"),
+    _deepctr("criteo_sample", "models", f"model.name=[deepfm,dcn,autoint,xdeepfm] {_MODELS}"),
+    _deepctr("movielens", "small_k", _SMALL_K),
+    _deepctr("criteo_sample", "small_k", _SMALL_K),
+    _deepctr("movielens", "epochs_width", _EPOCHS),
+    _deepctr("criteo_sample", "epochs_width", _EPOCHS),
+    FamilySweep("dlrm_sgd_synth1m", "synth1m", "dlrm_sgd", _SIGMA, SGD_TUNE_SYNTH),
+    _deepctr("movielens", "autoint", f"model.name=[autoint] {_MODELS}"),
+    _deepctr("synth1m", "deepfm", "model.name=[deepfm] d=[4,16] kd=[none,1,4,16]"),
+    _deepctr("movielens", "xdeepfm", f"model.name=[xdeepfm] {_MODELS}"),
+]
+
+
+def sweeps(names: list[str] | None = None) -> list[FamilySweep]:
+    """The sweeps to run, in priority order: all, or those named."""
+    known = {s.name for s in SWEEPS}
+    unknown = sorted(set(names or []) - known)
+    if unknown:
+        from mlet_torchrec.config import ConfigError
+
+        raise ConfigError(f"unknown sweep(s) {unknown}; known: {sorted(known)}")
+    return [s for s in SWEEPS if not names or s.name in names]
+
+
+def _claim(path: Path) -> bool:
+    """Take the store's claim file (holding our pid); a claim whose process is gone is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid_alive(pid):
+                return False
+            path.unlink(missing_ok=True)  # a dead worker's claim
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def work(todo: list[FamilySweep], claims: Path) -> int:
+    """Run the sweeps top-down; a store another worker is filling is skipped until it is free, so two workers
+    never run the same cell. Returns the number of failed cells."""
+    failed = 0
+    remaining = list(todo)
+    while remaining:
+        for sweep in remaining:
+            claim = claims / Path(sweep.store).parent.name
+            if not _claim(claim):
+                continue
+            try:
+                print(f"results: sweep {sweep.name} -> {sweep.store}", flush=True)
+                failed += run_sweep(sweep.settings())["failed"]
+            finally:
+                claim.unlink(missing_ok=True)
+            remaining.remove(sweep)
+            break  # back to the top of the list
+        else:
+            time.sleep(5)  # every remaining store is being filled by another worker
+    return failed
+
+
+def run_families(names: list[str] | None = None, jobs: int = 2, claims: str = "runs/exp/families/.claims") -> int:
+    """``mlet results run``: ``jobs`` worker processes share the sweeps (one process each, one thread)."""
+    todo = sweeps(names)
+    if jobs <= 1:
+        return work(todo, Path(claims))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    args = [sys.executable, "-m", "mlet_torchrec.experiments.families", claims, *[s.name for s in todo]]
+    procs = [subprocess.Popen(args, env=env) for _ in range(jobs)]
+    codes = [p.wait() for p in procs]
+    return max(codes)
+
+
+if __name__ == "__main__":  # one worker of run_families
+    from mlet_torchrec.logs import configure_logging
+
+    configure_logging(False)
+    sys.exit(1 if work(sweeps(sys.argv[2:]), Path(sys.argv[1])) else 0)
