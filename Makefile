@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-fast bench gpu-check clean
+.PHONY: install demo lint test test-fast bench gpu-check results clean
 
 install: $(STAMP)
 
@@ -40,6 +40,14 @@ bench: $(STAMP)
 # Writes benchmarks/results/gpu_check.md; without CUDA it says so in one line and exits 0.
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
+
+# Every experiment store and report of docs/results (README there): makes the missing data sets (a sweep whose raw
+# files in ../shared/data are absent is skipped, in one line), runs the families' sweeps with 2 workers, then
+# re-renders every report from its store. A few hours on 2 CPU cores; stopped, it resumes where it stopped (the
+# finished runs are in the stores). `mlet results run --dry-run` says what is left.
+results: $(STAMP)
+	$(VENV)/bin/mlet results run
+	$(VENV)/bin/mlet results report
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -76,3 +76,21 @@ def test_process_group_shuts_down_on_error():
         with process_group("cpu"):
             raise ValueError("boom")
     assert not dist.is_initialized()
+
+
+def test_a_user_error_on_one_rank_stops_the_others_quietly(tmp_path):
+    # under load a slower rank is still running when the first one fails with a UserError; stopping it
+    # ("Terminating process ... via signal SIGTERM") is housekeeping, not a second message for the user
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    entry = Path(__file__).with_name("launch_entry.py")
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, str(entry)], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == ["error: data/x.parquet: column label, row 7: 3 is not 0 or 1"]
+    assert time.time() - t0 < 100  # rank 1 (sleeping 120 s) was stopped, not waited for

@@ -445,9 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mlet_torchrec.cli.convert import register
     from mlet_torchrec.cli.plan import register as register_plan
+    from mlet_torchrec.cli.results import register as register_results
 
     register(sub)
     register_plan(sub)
+    register_results(sub)
     return parser
 
 

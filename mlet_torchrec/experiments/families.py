@@ -24,14 +24,17 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlet_torchrec.errors import UserError
 from mlet_torchrec.experiments.grid import parse_grid
 from mlet_torchrec.experiments.sweep import SweepSettings, run_sweep
 from mlet_torchrec.io import pid_alive
@@ -160,9 +163,80 @@ def sweeps(names: list[str] | None = None) -> list[FamilySweep]:
     return [s for s in SWEEPS if not names or s.name in names]
 
 
+def data_command_paths(command: str) -> tuple[str, list[str]]:
+    """The data set directory a ``DATA_COMMANDS`` line writes and the raw files it reads.
+
+    >>> data_command_paths("mlet convert criteo --input a.tsv --valid b.tsv --test c.tsv --output data/x")
+    ('data/x', ['a.tsv', 'b.tsv', 'c.tsv'])
+    """
+    argv = shlex.split(command)
+    out, inputs = "", []
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "--output":
+            out = value
+        elif flag in ("--input", "--valid", "--test"):
+            inputs.append(value)
+    return out, inputs
+
+
+def _data_path(sweep: FamilySweep) -> str:
+    from mlet_torchrec.config import load_config
+
+    return os.path.normpath(load_config(sweep.config).data.path)
+
+
+def _make_data(command: str) -> None:
+    """Run one ``DATA_COMMANDS`` line (``mlet ...``) with this interpreter; a failure stops ``results run``."""
+    argv = [sys.executable, "-m", "mlet_torchrec.cli", *shlex.split(command)[1:]]
+    rc = subprocess.run(argv, check=False).returncode
+    if rc:
+        raise UserError(f"making the data failed (exit {rc}, its error is above): {command}")
+
+
+def prepare_data(names: list[str] | None = None, dry_run: bool = False) -> list[str]:
+    """Make the missing data sets of the sweeps (all, or those named) with ``DATA_COMMANDS``; a data set whose
+    directory exists is left alone. Returns the sweeps that cannot run, each group named in one line with the
+    reason (its raw files, e.g. ../shared/data/criteo_kaggle, are absent). ``dry_run`` says what it would make.
+
+    >>> prepare_data(["deepctr_movielens_fast"], dry_run=True)  # doctest: +SKIP
+    results: would make data/exp_ml: mlet convert movielens --input ../shared/data/movielens_100k ...
+    []
+    """
+    todo = sweeps(names)
+    paths = {s.name: _data_path(s) for s in todo}
+    made: set[str] = set()
+    skipped: list[str] = []
+    for command in DATA_COMMANDS:
+        out, inputs = data_command_paths(command)
+        users = [s.name for s in todo if paths[s.name] == os.path.normpath(out)]
+        made.add(os.path.normpath(out))
+        if not users or Path(out).exists():
+            continue
+        missing = [p for p in inputs if not Path(p).exists()]
+        if missing:
+            print(f"results: skipping {', '.join(users)}: missing {', '.join(missing)} (the raw files of {out})")
+            skipped += users
+        elif dry_run:
+            print(f"results: would make {out}: {command}")
+        else:
+            print(f"results: making {out}: {command}", flush=True)
+            _make_data(command)
+    orphans = [s.name for s in todo if paths[s.name] not in made and not Path(paths[s.name]).exists()]
+    for name in orphans:  # a data set no DATA_COMMANDS line makes
+        print(f"results: skipping {name}: its data set {paths[name]} is missing and DATA_COMMANDS does not make it")
+    return skipped + orphans
+
+
 def _claim(path: Path) -> bool:
     """Take the store's claim file (holding our pid); a claim whose process is gone is taken over."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # One claimer at a time: else two workers that both read a dead pid could each delete and take the claim.
+    with open(path.parent / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _take(path)
+
+
+def _take(path: Path) -> bool:
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -181,9 +255,14 @@ def _claim(path: Path) -> bool:
     return False
 
 
+POLL_S = 5.0
+"""Seconds a worker waits before it looks again at the stores other workers hold."""
+
+
 def work(todo: list[FamilySweep], claims: Path) -> int:
     """Run the sweeps top-down; a store another worker is filling is skipped until it is free, so two workers
-    never run the same cell. Returns the number of failed cells."""
+    never run the same cell, and a sweep another worker finished (``claims/NAME.done``) is not run again.
+    Returns the number of failed cells."""
     failed = 0
     remaining = list(todo)
     while remaining:
@@ -191,21 +270,26 @@ def work(todo: list[FamilySweep], claims: Path) -> int:
             claim = claims / Path(sweep.store).parent.name
             if not _claim(claim):
                 continue
+            done = claims / f"{sweep.name}.done"
             try:
-                print(f"results: sweep {sweep.name} -> {sweep.store}", flush=True)
-                failed += run_sweep(sweep.settings())["failed"]
+                if not done.exists():  # checked under the claim: the worker that ran it has released it
+                    print(f"results: sweep {sweep.name} -> {sweep.store}", flush=True)
+                    failed += run_sweep(sweep.settings())["failed"]
+                    done.touch()
             finally:
                 claim.unlink(missing_ok=True)
             remaining.remove(sweep)
             break  # back to the top of the list
         else:
-            time.sleep(5)  # every remaining store is being filled by another worker
+            time.sleep(POLL_S)  # every remaining store is being filled by another worker
     return failed
 
 
 def run_families(names: list[str] | None = None, jobs: int = 2, claims: str = "runs/exp/families/.claims") -> int:
     """``mlet results run``: ``jobs`` worker processes share the sweeps (one process each, one thread)."""
     todo = sweeps(names)
+    for marker in Path(claims).glob("*.done"):  # from an earlier call: this one runs (resumes) every sweep
+        marker.unlink(missing_ok=True)
     if jobs <= 1:
         return work(todo, Path(claims))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

@@ -51,11 +51,12 @@ def launch_local(launch: LaunchConfig, entrypoint: Callable[..., Any], *args: An
     """``elastic_launch(launch, entrypoint)(*args, errors)``, but a worker's ``UserError`` (see
     :class:`user_errors_to_parent`) is raised here as that ``UserError``'s one line, not as a ChildFailedError."""
     with tempfile.TemporaryDirectory(prefix="mlet-errors-") as folder:
-        # elastic logs every failed worker with a stack trace of its own; for a reported UserError the one
-        # line below says it all, so drop those records (and only those: a crash keeps them)
-        elastic_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+        # elastic logs every failed worker with a stack trace of its own, and (as warnings) the signals that stop
+        # the workers still running; for a reported UserError the one line below says it all, so drop those
+        # records (and only those: a crash keeps them)
         quiet = _WhenUserError(Path(folder))
-        elastic_log.addFilter(quiet)
+        for name in _WORKER_LOGGERS:
+            logging.getLogger(name).addFilter(quiet)
         try:
             results: dict[int, Any] = elastic_launch(launch, entrypoint=entrypoint)(*args, folder)
             return results
@@ -65,7 +66,13 @@ def launch_local(launch: LaunchConfig, entrypoint: Callable[..., Any], *args: An
                 raise UserError(messages[0].read_text()) from None
             raise
         finally:
-            elastic_log.removeFilter(quiet)
+            for name in _WORKER_LOGGERS:
+                logging.getLogger(name).removeFilter(quiet)
+
+
+# where torch logs a failed worker ("... failed", ERROR) and the stopping of the others ("Terminating process ...
+# via signal SIGTERM", "Closing process ... via signal", WARNING): under load a slower rank is still running
+_WORKER_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")
 
 
 class _WhenUserError(logging.Filter):
@@ -74,7 +81,7 @@ class _WhenUserError(logging.Filter):
         self.folder = folder
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR or not any(self.folder.iterdir())
+        return record.levelno < logging.WARNING or not any(self.folder.iterdir())
 
 
 def in_distributed_job() -> bool:

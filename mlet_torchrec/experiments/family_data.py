@@ -1,0 +1,171 @@
+"""The runs of the experiment families, indexed by method: the one place that says which run stands for what.
+
+A **method** is a trained configuration minus its learning rates and seed: (model, epochs, d, k, sigma); sigma is
+None for the single-layer baseline (k None). Per (method, seed) the families' sweeps hold either the whole tuning
+grid (seed 0) or the one run at the values seed 0 chose (seeds 1-4, role ``selected``); :func:`tuned` picks the
+best **validation** AUC among them, so both cases give the run the sweep meant. Duplicate lines (two sweeps that
+ran the same cell) count once.
+
+Example:
+    >>> recs = [_example(0.71, 0.70, lr) for lr in (0.1, 1.0)]
+    >>> runs = tuned(recs)
+    >>> [(m.k, s, r["sparse_lr"]) for (m, s), r in runs.items()]
+    [(0, 0, 1.0)]
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, order=True)
+class MethodKey:
+    model: str
+    epochs: int
+    d: int
+    k: int  # 0 for the single-layer baseline (sortable)
+    sigma: float  # 0.0 for the baseline
+
+    @property
+    def is_mlet(self) -> bool:
+        return self.k > 0
+
+    @property
+    def kd(self) -> float:
+        """k as a multiple of d (0 for the baseline)."""
+        return self.k / self.d
+
+    def baseline(self) -> MethodKey:
+        """The single-layer method this one is compared with (same model, epochs and d)."""
+        return MethodKey(self.model, self.epochs, self.d, 0, 0.0)
+
+    def label(self) -> str:
+        if not self.is_mlet:
+            return "baseline"
+        kd = f"{self.kd:g}d"
+        return f"MLET k={self.k} ({kd}, σ={self.sigma:g})"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One experiment family: the store setup its runs come from and which methods belong to it."""
+
+    name: str
+    title: str
+    setup: str  # 'deepctr' or 'dlrm_sgd' (families.FamilySweep.setup)
+    models: tuple[str, ...] = ()
+    ds: tuple[int, ...] = ()
+    kds: tuple[float, ...] = ()  # k/d values; 0 is the baseline
+    epochs: tuple[int, ...] = (1,)  # () for every epoch count (the DLRM configs train 2 or 3 epochs)
+
+    def has(self, m: MethodKey) -> bool:
+        return (
+            (not self.models or m.model in self.models)
+            and (not self.ds or m.d in self.ds)
+            and (not self.kds or m.kd in self.kds)
+            and (not self.epochs or m.epochs in self.epochs)
+        )
+
+
+FAMILIES = [
+    Family(
+        "models",
+        "(a) DeepCTR-style models with Adagrad, d in {4, 8, 16, 32}, k in {d, 4d, 16d}",
+        "deepctr",
+        ("deepfm", "dcn", "autoint", "xdeepfm"),
+        (4, 8, 16, 32),
+        (0, 1, 4, 16),
+    ),
+    Family("sigma", "(b) the W2 initialisation scale sigma (DLRM, SGD, d = 4, k = 64)", "dlrm_sgd", epochs=()),
+    Family(
+        "small_k",
+        "(c) k in {d/2, d} against k = 4d (DeepFM, Adagrad)",
+        "deepctr",
+        ("deepfm",),
+        (8, 16, 32),
+        (0, 0.5, 1, 4),
+    ),
+    Family(
+        "epochs_width",
+        "(d) 1 against 3 epochs, and d up to 64 (DeepFM, Adagrad)",
+        "deepctr",
+        ("deepfm",),
+        (4, 16, 64),
+        (0, 4),
+        (1, 3),
+    ),
+    Family(
+        "lr_equivalence", "(e) MLET at lr eta against the baseline at k sigma^2 eta (DLRM, SGD)", "dlrm_sgd", epochs=()
+    ),
+]
+"""The five families of docs/results/families (the sweeps that fill them: :mod:`.families`)."""
+
+
+def method_of(rec: dict[str, Any]) -> MethodKey:
+    cfg = rec.get("config") or {}
+    k = rec.get("k")
+    sigma = (cfg.get("embedding") or {}).get("sigma", 0.0) if k is not None else 0.0
+    return MethodKey(
+        model=str((cfg.get("model") or {}).get("name", "?")),
+        epochs=int((cfg.get("train") or {}).get("epochs", 1)),
+        d=int(rec["d"]),
+        k=int(k or 0),
+        sigma=float(sigma),
+    )
+
+
+def finished(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs with metrics, one per key (a cell two sweeps both ran counts once: the first line)."""
+    seen: set[str] = set()
+    out = []
+    for r in records:
+        auc = (r.get("valid") or {}).get("auc")
+        if r.get("status") != "ok" or auc is None or math.isnan(float(auc)) or r["key"] in seen:
+            continue
+        seen.add(r["key"])
+        out.append(r)
+    return out
+
+
+def by_method(records: list[dict[str, Any]]) -> dict[tuple[MethodKey, int], list[dict[str, Any]]]:
+    """Every finished run per (method, seed)."""
+    out: dict[tuple[MethodKey, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in finished(records):
+        out[(method_of(r), int(r["seed"]))].append(r)
+    return dict(out)
+
+
+def tuned(records: list[dict[str, Any]]) -> dict[tuple[MethodKey, int], dict[str, Any]]:
+    """Per (method, seed): the run with the best validation AUC (ties: the first), sorted by method and seed."""
+    runs = by_method(records)
+    return {key: max(runs[key], key=lambda r: float(r["valid"]["auc"])) for key in sorted(runs)}
+
+
+def auc_by_seed(runs: dict[tuple[MethodKey, int], dict[str, Any]], method: MethodKey) -> dict[int, float]:
+    """Test AUC per seed of a method's tuned runs."""
+    return {s: float(r["test"]["auc"]) for (m, s), r in runs.items() if m == method}
+
+
+def paired_diffs(
+    runs: dict[tuple[MethodKey, int], dict[str, Any]], method: MethodKey, other: MethodKey | None = None
+) -> list[float]:
+    """Per seed (seeds both have): test AUC of ``method`` minus ``other`` (default: its baseline)."""
+    a, b = auc_by_seed(runs, method), auc_by_seed(runs, other or method.baseline())
+    return [a[s] - b[s] for s in sorted(a) if s in b]
+
+
+def _example(valid: float, test: float, lr: float) -> dict[str, Any]:
+    return {
+        "key": f"k{lr}",
+        "status": "ok",
+        "d": 4,
+        "k": None,
+        "seed": 0,
+        "sparse_lr": lr,
+        "config": {"model": {"name": "deepfm"}, "train": {"epochs": 1}, "embedding": {"sigma": 0.5}},
+        "valid": {"auc": valid + lr / 100},
+        "test": {"auc": test},
+    }

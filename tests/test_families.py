@@ -1,0 +1,249 @@
+"""The experiment families' runner (``mlet results``): workers share the sweeps without ever running two sweeps
+of one store at once, stale claims are taken over, the sweep list is sound, and the data step skips what it
+cannot make. No training: ``run_sweep`` is faked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mlet_torchrec.cli import main
+from mlet_torchrec.config import load_config
+from mlet_torchrec.experiments import families
+from mlet_torchrec.experiments.families import SWEEPS, FamilySweep
+from mlet_torchrec.experiments.grid import plan_cells
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mlet(capsys, *argv: str) -> tuple:
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped (not reused within a test)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def fake_sweeps(tmp_path, monkeypatch) -> list[FamilySweep]:
+    """Three small sweeps over two stores under tmp_path, on a tiny config whose data set is tmp_path/data/x."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data:\n  path: {tmp_path / 'data' / 'x'}\n")
+    monkeypatch.setattr(families, "ROOT", str(tmp_path / "families"))
+    monkeypatch.setattr(families, "DATASETS", {"fake": (str(cfg), str(cfg), None)})
+    fakes = [
+        FamilySweep("a1", "fake", "deepctr", "seed=[0,1] d=[4] kd=[none,1]", "lr=[0.01,0.02]"),
+        FamilySweep("b1", "fake", "dlrm_sgd", "seed=[0] d=[4] k=[none]", "lr=[0.1]"),
+        FamilySweep("a2", "fake", "deepctr", "seed=[0] d=[8] kd=[none]", "lr=[0.01]"),
+    ]
+    monkeypatch.setattr(families, "SWEEPS", fakes)
+    monkeypatch.setattr(families, "DATA_COMMANDS", [])
+    return fakes
+
+
+# ----------------------------------------------------------------------------------- workers and claims
+
+
+def test_two_workers_run_each_sweep_once_and_never_one_store_twice_at_once(tmp_path, monkeypatch, fake_sweeps):
+    calls: list[str] = []
+    active: dict[str, int] = {}
+    overlaps: list[str] = []
+    lock = threading.Lock()
+
+    def fake_run_sweep(settings):
+        with lock:
+            calls.append(settings.results)
+            active[settings.results] = active.get(settings.results, 0) + 1
+            if active[settings.results] > 1:
+                overlaps.append(settings.results)
+        time.sleep(0.2)
+        with lock:
+            active[settings.results] -= 1
+        return {"failed": 1 if settings.results.endswith("dlrm_sgd_fake/results.jsonl") else 0}
+
+    monkeypatch.setattr(families, "run_sweep", fake_run_sweep)
+    monkeypatch.setattr(families, "POLL_S", 0.05)
+    claims = tmp_path / "claims"
+    failed: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: failed.append(families.work(list(fake_sweeps), claims))) for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    stores = [s.store for s in fake_sweeps]
+    assert sorted(calls) == sorted(stores)  # every sweep exactly once (a1 and a2 share a store)
+    assert not overlaps, overlaps
+    assert sum(failed) == 1  # b1's one failed cell, counted by whichever worker ran it
+    left = {p.name for p in claims.iterdir()}
+    assert left == {".lock", "a1.done", "b1.done", "a2.done"}  # every claim released, every sweep marked done
+
+
+def test_run_families_runs_again_what_an_earlier_call_marked_done(tmp_path, monkeypatch, fake_sweeps):
+    ran = []
+    monkeypatch.setattr(families, "run_sweep", lambda settings: ran.append(settings.results) or {"failed": 0})
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    (claims / "a1.done").touch()  # an earlier `mlet results run`
+    assert families.run_families(["a1"], jobs=1, claims=str(claims)) == 0
+    assert ran == [fake_sweeps[0].store]
+    assert families.work([fake_sweeps[0]], claims) == 0 and len(ran) == 1  # within one call: not again
+
+
+def test_claim_takes_over_a_dead_pid_and_refuses_a_live_one(tmp_path):
+    claim = tmp_path / "claims" / "store"
+    claim.parent.mkdir()
+    claim.write_text(str(_dead_pid()))
+    assert families._claim(claim)
+    assert claim.read_text() == str(os.getpid())
+    claim.write_text(str(os.getppid()))  # a live process holds it
+    assert not families._claim(claim)
+    assert claim.read_text() == str(os.getppid())
+    claim.unlink()
+    assert families._claim(claim) and not families._claim(claim)  # our own claim is held too
+
+
+# ----------------------------------------------------------------------------------- the real sweep list
+
+
+def test_sweep_names_are_unique_and_every_config_and_grid_loads():
+    names = [s.name for s in SWEEPS]
+    assert len(names) == len(set(names))
+    for s in SWEEPS:
+        assert (ROOT / s.config).is_file(), s.config
+        load_config(str(ROOT / s.config), list(s.overrides))
+        st = s.settings()
+        cells, pending = plan_cells(
+            str(ROOT / s.config), st.grid, st.tune, st.base_overrides, "runs/x", st.tune_mlet, st.tune_seeds, []
+        )
+        assert cells and all(c.role in ("grid", "tune") for c in cells), s.name
+        assert pending > 0, s.name  # seeds 1-4 wait for seed 0's tuning runs
+
+
+def test_data_commands_name_their_output_and_inputs():
+    for command in families.DATA_COMMANDS:
+        out, inputs = families.data_command_paths(command)
+        assert out.startswith("data/exp_"), command
+        assert all(p.startswith("../shared/data/") for p in inputs), command
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+
+def test_results_list_prints_one_line_per_sweep(capsys, fake_sweeps):
+    rc, out, _ = _mlet(capsys, "results", "list")
+    lines = out.splitlines()
+    assert rc == 0 and len(lines) == len(fake_sweeps)
+    for line, s in zip(lines, fake_sweeps, strict=True):
+        assert line.startswith(s.name + " ") and s.store in line and s.grid in line and s.tune in line
+
+
+def test_results_run_dry_run_counts_planned_done_and_to_run(capsys, tmp_path, fake_sweeps, monkeypatch):
+    (tmp_path / "data" / "x").mkdir(parents=True)
+    a1 = fake_sweeps[0]
+    st = a1.settings()
+    cells, _ = plan_cells(st.config, st.grid, st.tune, st.base_overrides, "r", True, [0], [])
+    Path(a1.store).parent.mkdir(parents=True)
+    from mlet_torchrec.experiments.store import ResultsStore
+
+    store = ResultsStore(a1.store)
+    store.append({"key": cells[0].key, "status": "ok", "seed": 0})
+    store.append({"key": cells[1].key, "status": "failed", "seed": 0})  # a failed run is still to run
+    monkeypatch.setattr(families, "run_families", lambda *a, **k: pytest.fail("--dry-run must not run sweeps"))
+    rc, out, _ = _mlet(capsys, "results", "run", "a1", "b1", "--dry-run")
+    assert rc == 0
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert (
+        lines[0]
+        == f"a1 -> {a1.store}: {len(cells)} planned, 1 done, {len(cells) - 1} to run, 2 waiting for their tuning runs"
+    )
+    assert lines[1].startswith(f"b1 -> {fake_sweeps[1].store}: 2 planned, 0 done, 2 to run")
+    assert not Path(fake_sweeps[1].store).exists()  # nothing written
+
+
+def test_results_run_passes_the_sweeps_and_jobs_on(capsys, tmp_path, fake_sweeps, monkeypatch):
+    (tmp_path / "data" / "x").mkdir(parents=True)
+    seen = []
+    monkeypatch.setattr(families, "run_families", lambda names, jobs: seen.append((names, jobs)) or 0)
+    rc, _, _ = _mlet(capsys, "results", "run", "--jobs", "3")
+    assert rc == 0 and seen == [(["a1", "b1", "a2"], 3)]
+    rc, _, err = _mlet(capsys, "results", "run", "nope")
+    assert rc == 2 and "unknown sweep(s) ['nope']" in err
+
+
+def test_results_report_renders_the_families_and_the_three_older_reports(capsys, monkeypatch):
+    import types
+
+    from mlet_torchrec.experiments import report
+
+    rendered = []
+    fake = types.ModuleType("mlet_torchrec.experiments.family_report")
+    fake.render_families = lambda: [Path("docs/results/families/report.md")]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "mlet_torchrec.experiments.family_report", fake)
+    monkeypatch.setattr(report, "render_report", lambda store, out: rendered.append((store, out)) or f"{out}/r.md")
+    rc, out, _ = _mlet(capsys, "results", "report")
+    assert rc == 0
+    assert rendered == [
+        (f"docs/results/{n}/results.jsonl", f"docs/results/{n}") for n in ("synth1m", "movielens", "criteo_sample")
+    ]
+    assert out.splitlines()[0] == "wrote docs/results/families/report.md"
+
+
+# ----------------------------------------------------------------------------------- data step
+
+
+def test_prepare_data_skips_a_sweep_whose_raw_input_is_missing(capsys, tmp_path, monkeypatch, fake_sweeps):
+    out_dir = tmp_path / "data" / "x"
+    missing = tmp_path / "shared" / "train.tsv"
+    monkeypatch.setattr(families, "DATA_COMMANDS", [f"mlet convert criteo --input {missing} --output {out_dir}"])
+    made = []
+    monkeypatch.setattr(families, "_make_data", made.append)
+    assert families.prepare_data(["a1", "b1"]) == ["a1", "b1"]
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"results: skipping a1, b1: missing {missing} (the raw files of {out_dir})"]
+    assert not made
+    # the CLI says so and runs nothing else (all skipped), exit 0
+    monkeypatch.setattr(families, "run_families", lambda *a, **k: pytest.fail("nothing to run"))
+    rc, out, _ = _mlet(capsys, "results", "run")
+    assert rc == 0 and "skipping a1, b1, a2" in out and "no sweep to run" in out
+
+
+def test_prepare_data_makes_a_missing_data_set_once_and_leaves_an_existing_one(
+    capsys, tmp_path, monkeypatch, fake_sweeps
+):
+    out_dir = tmp_path / "data" / "x"
+    command = (
+        f"mlet synth --output {out_dir} rows=400 num_dense=1 num_sparse=2 min_cardinality=4 max_cardinality=20"
+        " row_group_size=128 seed=0"
+    )
+    monkeypatch.setattr(families, "DATA_COMMANDS", [command])
+    assert families.prepare_data(None, dry_run=True) == []
+    assert capsys.readouterr().out.startswith(f"results: would make {out_dir}: mlet synth")
+    assert not out_dir.exists()
+    assert families.prepare_data(None) == []
+    assert (out_dir / "metadata.json").is_file()
+    stamp = (out_dir / "metadata.json").stat().st_mtime_ns
+    assert families.prepare_data(None) == []
+    assert (out_dir / "metadata.json").stat().st_mtime_ns == stamp  # left alone
+
+
+def test_prepare_data_skips_a_data_set_no_command_makes(capsys, fake_sweeps):
+    assert families.prepare_data(["b1"]) == ["b1"]
+    assert "DATA_COMMANDS does not make it" in capsys.readouterr().out

@@ -1,0 +1,209 @@
+"""The family reports (mlet_torchrec.experiments.family_report / family_tables) on small constructed stores."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlet_torchrec.experiments.families import SWEEPS
+from mlet_torchrec.experiments.family_data import FAMILIES, MethodKey
+from mlet_torchrec.experiments.family_report import GENERATED, render_families
+from mlet_torchrec.experiments.family_tables import (
+    LOSS,
+    LR,
+    PENDING,
+    TIE,
+    WIN,
+    cells,
+    expected_methods,
+    interp_log,
+    lr_points,
+    mark,
+    paper_lrs,
+)
+from mlet_torchrec.experiments.stats import paired_test
+from mlet_torchrec.io import OutputError
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILY = {f.name: f for f in FAMILIES}
+PAPER = (0.02, 0.02)  # the deepctr configs' learning rates
+
+
+def rec(
+    d: int,
+    k: int | None,
+    seed: int,
+    lr: float,
+    valid: float,
+    test: float,
+    role: str,
+    dense_lr: float = 0.02,
+    model: str = "deepfm",
+    sigma: float = 0.5,
+    rank: int = 4,
+) -> dict[str, Any]:
+    """One store line as the sweep writes it (the fields the reports read)."""
+    return {
+        "key": f"{model}-{d}-{k}-{sigma}-{seed}-{lr}-{dense_lr}",
+        "status": "ok",
+        "role": role,
+        "d": d,
+        "k": k,
+        "seed": seed,
+        "sparse_lr": lr,
+        "dense_lr": dense_lr,
+        "config": {"model": {"name": model}, "train": {"epochs": 1}, "embedding": {"sigma": sigma}},
+        "valid": {"auc": valid},
+        "test": {"auc": test},
+        "spectrum": {"t_a": {"above_1pct": rank}, "t_b": {"above_1pct": d}},
+    }
+
+
+def seeds(d: int, k: int | None, tests: list[float], paper_test: float, tuned_lr: float = 0.08) -> list[dict]:
+    """Seed 0: a run at the paper lrs (role grid) and one tuning run that wins on validation; seeds 1-4: the
+    selected runs. ``tests[s]`` is seed s's tuned test AUC."""
+    out = [
+        rec(d, k, 0, PAPER[0], 0.60, paper_test, "grid"),
+        rec(d, k, 0, tuned_lr, 0.70, tests[0], "tune"),
+    ]
+    out += [rec(d, k, s, tuned_lr, 0.70, t, "selected") for s, t in enumerate(tests) if s > 0]
+    return out
+
+
+BASE = [0.700, 0.702, 0.698, 0.701, 0.699]  # seed std 0.0016
+
+
+def deepctr_store() -> list[dict]:
+    """d=4: k=16 (4d) clearly worse than the baseline on every seed; k=4 (d) tied when tuned but far better at
+    the paper lrs (lr-explained); d=8: k=32 better on every seed."""
+    r = seeds(4, None, BASE, paper_test=0.650)
+    r += seeds(4, 16, [b - 0.02 + 0.001 * (s % 2) for s, b in enumerate(BASE)], paper_test=0.655)
+    r += seeds(4, 4, [b + (0.001 if s % 2 else -0.001) for s, b in enumerate(BASE)], paper_test=0.690)
+    base8 = [b + 0.01 for b in BASE]
+    r += seeds(8, None, base8, paper_test=0.66)
+    r += seeds(8, 32, [b + 0.01 + 0.0005 * s for s, b in enumerate(base8)], paper_test=0.665)
+    return r
+
+
+def dlrm_store() -> list[dict]:
+    """Seed 0 of DLRM: the baseline at lr 0.1, 0.4 and 1.6; MLET (k=64, sigma=0.25: k·sigma² = 4) at eta 0.05
+    (baseline at 0.2: between 0.1 and 0.4) and at eta 1.0 (baseline at 4: outside the grid)."""
+    base = [rec(4, None, 0, lr, v, v, "tune", 0.2, "dlrm") for lr, v in ((0.1, 0.60), (0.4, 0.64), (1.6, 0.62))]
+    base += [rec(4, None, s, 0.4, 0.64, 0.64 + 0.001 * s, "selected", 0.2, "dlrm") for s in (1, 2)]
+    mlet = [rec(4, 64, 0, eta, v, v, "tune", 0.2, "dlrm", sigma=0.25) for eta, v in ((0.05, 0.63), (1.0, 0.65))]
+    return base + mlet
+
+
+def write(root: Path, name: str, records: list[dict]) -> None:
+    (root / name).mkdir(parents=True, exist_ok=True)
+    (root / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Path:
+    root = tmp_path / "families"
+    write(root, "deepctr_movielens", deepctr_store())
+    write(root, "dlrm_sgd_movielens", dlrm_store())
+    return root
+
+
+def test_mark_rule_on_known_differences() -> None:
+    assert mark(paired_test([0.01, 0.012, 0.011]), float("nan"), 0.01) == WIN
+    assert mark(paired_test([-0.01, -0.012, -0.011]), 0.5, 0.01) == LOSS  # significance beats the paper lrs
+    noisy = paired_test([0.001, -0.001, 0.0005])
+    assert mark(noisy, paper_diff=0.02, base_std=0.01) == LR
+    assert mark(noisy, paper_diff=0.005, base_std=0.01) == TIE
+    assert mark(noisy, paper_diff=float("nan"), base_std=0.01) == TIE  # a missing paper-lr run claims nothing
+    assert mark(paired_test([0.05]), 0.5, 0.01) == PENDING
+
+
+def test_cells_from_records() -> None:
+    recs = deepctr_store()
+    assert paper_lrs(recs) == PAPER
+    got = {(c.method.d, c.method.k): c for c in cells(FAMILY["models"], recs)}
+    assert set(got) == {(4, 4), (4, 16), (8, 32)}
+    assert got[(4, 16)].mark == LOSS and got[(4, 16)].test.mean == pytest.approx(-0.0196)
+    assert got[(4, 4)].mark == LR
+    assert got[(4, 4)].paper_diff == pytest.approx(0.04)  # 0.690 − 0.650, the seed-0 grid runs
+    assert got[(8, 32)].mark == WIN and got[(8, 32)].test.n == 5
+
+
+def test_expected_cells_show_as_missing() -> None:
+    extra = MethodKey("deepfm", 1, 16, 64, 0.5)
+    cs = cells(FAMILY["models"], deepctr_store(), expected=[extra])
+    missing = [c for c in cs if c.method == extra]
+    assert len(missing) == 1 and missing[0].test.n == 0 and missing[0].mark == PENDING
+
+
+def test_expected_methods_from_the_sweep_grids(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # the sweeps name their base configs relative to the repository
+    got = expected_methods(SWEEPS, "deepctr", "synth1m")
+    assert {(m.model, m.d, m.k) for m in got} == {("deepfm", d, d * kd) for d in (4, 16) for kd in (1, 4, 16)}
+
+
+def test_interp_log_known_answers() -> None:
+    pts = [(0.1, 0.60), (0.4, 0.64), (1.6, 0.62)]
+    assert interp_log(pts, 0.2) == pytest.approx(0.62)  # log-midpoint of 0.1 and 0.4
+    assert interp_log(pts, 0.8) == pytest.approx(0.63)
+    assert interp_log(pts, 0.4) == pytest.approx(0.64)
+    assert interp_log(pts, 1.6 * (1 + 1e-12)) == pytest.approx(0.62)  # float noise at the edge is inside
+    assert interp_log(pts, 0.05) is None and interp_log(pts, 4.0) is None
+    assert interp_log([], 1.0) is None
+
+
+def test_lr_points_rescale_by_k_sigma_squared() -> None:
+    pts = {p.eta: p for p in lr_points(dlrm_store())}
+    assert pts[0.05].scale == pytest.approx(4.0)
+    assert pts[0.05].base_test == pytest.approx(0.62) and pts[0.05].diff == pytest.approx(0.01)
+    assert pts[1.0].base_test is None and pts[1.0].diff is None
+
+
+def test_render_is_byte_identical_and_lists_losses(stores: Path, tmp_path: Path) -> None:
+    first = render_families(stores, sweeps=[], plots=False)
+    texts = {p.name: p.read_bytes() for p in first}
+    assert render_families(stores, sweeps=[], plots=False) == first
+    assert {p.name: p.read_bytes() for p in first} == texts
+    other = tmp_path / "copy"
+    shutil.copytree(stores, other, ignore=shutil.ignore_patterns("*.md"))
+    render_families(other, sweeps=[], plots=False)
+    assert {p.name: (other / p.name).read_bytes() for p in first} == texts  # nothing depends on the place
+
+    models = texts["models.md"].decode()
+    loses = models.split("## Where MLET loses")[1].split("##")[0]
+    assert "d=4, MLET k=16" in loses and "k=32" not in loses and "k=4 " not in loses
+    assert LR in models and WIN in models and GENERATED in models
+    pooled = models.split("Pooled Δ AUC over cells")[1].split("##")[0]
+    assert "| all cells |" in pooled and "| 3 of 3 |" in pooled
+    assert pooled.index("k = 1d") < pooled.index("k = 4d")  # groups in numeric order
+    readme = texts["README.md"].decode()
+    assert "| [models](models.md) | movielens |" in readme and "1 / 0 / 1 / 1" in readme
+    assert "d=4, MLET k=16" in readme.split("Every significantly worse cell")[1]
+    lr = texts["lr_equivalence.md"].decode()
+    assert "outside grid" in lr and "0.6200" in lr
+
+
+def test_refuses_a_file_it_did_not_write(stores: Path) -> None:
+    (stores / "README.md").write_text("# hand-written notes\n")
+    with pytest.raises(OutputError, match="did not write"):
+        render_families(stores, sweeps=[], plots=False)
+    assert (stores / "README.md").read_text() == "# hand-written notes\n"
+    assert not (stores / "models.md").exists()  # checked before anything is written
+
+
+def test_effective_rank_verdict_follows_the_spectra() -> None:
+    from mlet_torchrec.experiments.family_tables import rank_rows, rank_verdict
+
+    def store(mlet_rank: int) -> list[dict]:
+        return [rec(8, None, s, 0.02, 0.7, 0.7, "grid", rank=6) for s in (0, 1)] + [
+            rec(8, 32, s, 0.02, 0.7, 0.7, "grid", rank=mlet_rank) for s in (0, 1)
+        ]
+
+    rows = rank_rows(FAMILY["models"], store(2))
+    assert [(m.k, a, b, n) for m, a, b, n in rows] == [(32, 5.0, 7.0, 2)]  # mean of (2, 8) against (6, 8)
+    assert "agrees with paper 003" in rank_verdict(rows)
+    assert "contradicts paper 003" in rank_verdict(rank_rows(FAMILY["models"], store(8)))
+    assert "neither" in rank_verdict(rank_rows(FAMILY["models"], store(6)))
