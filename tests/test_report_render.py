@@ -30,3 +30,29 @@ def test_committed_report_rerenders_byte_for_byte(name, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / rel / "plots").iterdir()) == sorted(
         p.name for p in (committed / "plots").iterdir()
     )
+
+
+FAMILIES_DIR = Path("docs/results/families")
+
+
+@pytest.mark.skipif(
+    not (ROOT / FAMILIES_DIR / "README.md").exists(), reason="docs/results/families is not rendered in this checkout"
+)
+def test_committed_family_reports_rerender_byte_for_byte(tmp_path, monkeypatch):
+    from mlet_torchrec.experiments.family_report import render_families
+
+    committed = ROOT / FAMILIES_DIR
+    for store in committed.glob("*/results.jsonl"):
+        dest = tmp_path / FAMILIES_DIR / store.parent.name
+        dest.mkdir(parents=True)
+        shutil.copy(store, dest / "results.jsonl")
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")  # the sweeps' base configs give the expected cells
+    monkeypatch.chdir(tmp_path)
+    written = render_families(str(FAMILIES_DIR))
+    assert written
+    for path in written:
+        assert path.read_bytes() == (ROOT / path).read_bytes(), path
+    rendered = sorted(p.name for p in (tmp_path / FAMILIES_DIR / "plots").iterdir())
+    assert rendered == sorted(p.name for p in (committed / "plots").iterdir())
+    for name in rendered:
+        assert (tmp_path / FAMILIES_DIR / "plots" / name).read_bytes() == (committed / "plots" / name).read_bytes()

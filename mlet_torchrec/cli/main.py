@@ -9,6 +9,7 @@
     mlet demo [--output DIR]
     mlet sweep --config FILE_OR_NAME --grid "embedding.d=[4,8] embedding.k=[none,64] seed=[0,1,2]" --output FILE
     mlet report --input RESULTS --output DIR
+    mlet advise --input RESULTS [--json]
 
 Every subcommand takes ``--log-level``. A ``UserError`` (bad config, missing input, bad data...) prints
 one line ``mlet CMD: error: MESSAGE`` and exits 2; anything else is a bug and keeps its traceback (exit 1).
@@ -443,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_report)
 
+    from mlet_torchrec.cli.advise import register as register_advise
     from mlet_torchrec.cli.convert import register
     from mlet_torchrec.cli.plan import register as register_plan
     from mlet_torchrec.cli.results import register as register_results
@@ -450,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     register(sub)
     register_plan(sub)
     register_results(sub)
+    register_advise(sub)
     return parser
 
 

@@ -140,14 +140,15 @@ SWEEPS: list[FamilySweep] = [
     FamilySweep("dlrm_sgd_movielens", "movielens", "dlrm_sgd", _SIGMA, SGD_TUNE),
     FamilySweep("dlrm_sgd_criteo_sample", "criteo_sample", "dlrm_sgd", _SIGMA, SGD_TUNE),
     _deepctr("movielens", "fast", f"model.name=[deepfm,dcn] {_MODELS}"),
-    _deepctr("criteo_sample", "models", f"model.name=[deepfm,dcn,autoint,xdeepfm] {_MODELS}"),
+    _deepctr("criteo_sample", "fast", f"model.name=[deepfm,dcn] {_MODELS}"),
+    FamilySweep("dlrm_sgd_synth1m", "synth1m", "dlrm_sgd", _SIGMA, SGD_TUNE_SYNTH),
     _deepctr("movielens", "small_k", _SMALL_K),
     _deepctr("criteo_sample", "small_k", _SMALL_K),
     _deepctr("movielens", "epochs_width", _EPOCHS),
     _deepctr("criteo_sample", "epochs_width", _EPOCHS),
-    FamilySweep("dlrm_sgd_synth1m", "synth1m", "dlrm_sgd", _SIGMA, SGD_TUNE_SYNTH),
-    _deepctr("movielens", "autoint", f"model.name=[autoint] {_MODELS}"),
     _deepctr("synth1m", "deepfm", "model.name=[deepfm] d=[4,16] kd=[none,1,4,16]"),
+    _deepctr("movielens", "autoint", f"model.name=[autoint] {_MODELS}"),
+    _deepctr("criteo_sample", "slow", f"model.name=[autoint,xdeepfm] {_MODELS}"),
     _deepctr("movielens", "xdeepfm", f"model.name=[xdeepfm] {_MODELS}"),
 ]
 
