@@ -59,7 +59,7 @@ def rec(
         "config": {"model": {"name": model}, "train": {"epochs": 1}, "embedding": {"sigma": sigma}},
         "valid": {"auc": valid},
         "test": {"auc": test},
-        "spectrum": {"t_a": {"above_1pct": rank}, "t_b": {"above_1pct": d}},
+        "spectrum": {"t_a": {"above_1pct": rank, "rows": 1000}, "t_b": {"above_1pct": d, "rows": 10}},
     }
 
 
@@ -203,7 +203,7 @@ def test_effective_rank_verdict_follows_the_spectra() -> None:
         ]
 
     rows = rank_rows(FAMILY["models"], store(2))
-    assert [(m.k, a, b, n) for m, a, b, n in rows] == [(32, 5.0, 7.0, 2)]  # mean of (2, 8) against (6, 8)
+    assert [(m.k, a, b, n) for m, a, b, n in rows] == [(32, 2.0, 6.0, 2)]  # the largest table (t_a) counts
     assert "agrees with paper 003" in rank_verdict(rows)
     assert "contradicts paper 003" in rank_verdict(rank_rows(FAMILY["models"], store(8)))
     assert "neither" in rank_verdict(rank_rows(FAMILY["models"], store(6)))
