@@ -207,3 +207,30 @@ def test_effective_rank_verdict_follows_the_spectra() -> None:
     assert "agrees with paper 003" in rank_verdict(rows)
     assert "contradicts paper 003" in rank_verdict(rank_rows(FAMILY["models"], store(8)))
     assert "neither" in rank_verdict(rank_rows(FAMILY["models"], store(6)))
+
+
+def test_a_selected_seed_follows_seed_0s_current_choice() -> None:
+    from mlet_torchrec.experiments.family_data import tuned
+
+    # seed 0 first chose lr 0.02 (seed 1 ran there), then a wider grid found 0.005 better: seed 1's old run
+    # is not the protocol's any more, so seed 1 is missing until it runs at 0.005
+    seed0 = [rec(8, None, 0, lr, v, 0.7, "tune") for lr, v in ((0.02, 0.70), (0.005, 0.72))]
+    old = rec(8, None, 1, 0.02, 0.99, 0.7, "selected")
+    assert [(s, r["sparse_lr"]) for (_, s), r in tuned([*seed0, old]).items()] == [(0, 0.005)]
+    new = rec(8, None, 1, 0.005, 0.60, 0.7, "selected")
+    assert [(s, r["sparse_lr"]) for (_, s), r in tuned([*seed0, old, new]).items()] == [(0, 0.005), (1, 0.005)]
+    full = [rec(8, None, 1, lr, v, 0.7, "tune") for lr, v in ((0.02, 0.8), (0.005, 0.6))]  # a full grid on seed 1
+    assert [(s, r["sparse_lr"]) for (_, s), r in tuned([*seed0, *full]).items()] == [(0, 0.005), (1, 0.02)]
+
+
+def test_a_choice_at_the_end_of_the_grid_is_flagged() -> None:
+    from mlet_torchrec.experiments.family_data import edge_choices
+
+    grid = (0.005, 0.02, 0.08)
+    low = [rec(8, 32, 0, lr, 0.8 - lr, 0.7, "tune") for lr in grid]  # best at 0.005: lowest
+    mid = [rec(8, None, 0, lr, 0.8 - abs(lr - 0.02), 0.7, "tune") for lr in grid]  # best at 0.02: inside
+    assert {m.k: why for m, why in edge_choices([*low, *mid]).items()} == {32: "lowest"}
+    high = [rec(4, None, 0, lr, 0.5 + lr, 0.7, "tune") for lr in grid]
+    assert {m.d: why for m, why in edge_choices(high).items()} == {4: "highest"}
+    diverged = {**rec(4, None, 0, 0.32, 0.0, 0.0, "tune"), "status": "diverged", "key": "div"}
+    assert edge_choices([*high, diverged]) == {}  # 0.32 diverged: 0.08 is the largest stable lr, not an edge

@@ -2,9 +2,10 @@
 
 A **method** is a trained configuration minus its learning rates and seed: (model, epochs, d, k, sigma); sigma is
 None for the single-layer baseline (k None). Per (method, seed) the families' sweeps hold either the whole tuning
-grid (seed 0) or the one run at the values seed 0 chose (seeds 1-4, role ``selected``); :func:`tuned` picks the
-best **validation** AUC among them, so both cases give the run the sweep meant. Duplicate lines (two sweeps that
-ran the same cell) count once.
+grid (seed 0) or the run at the values seed 0 chose (seeds 1-4, role ``selected``); :func:`tuned` picks the
+best **validation** AUC of a full grid, and for a ``selected`` seed the run at seed 0's current choice (a seed whose
+run at that choice is not in the store yet is missing, not replaced by a run at an older choice). Duplicate lines
+(two sweeps that ran the same cell) count once.
 
 Example:
     >>> recs = [_example(0.71, 0.70, lr) for lr in (0.1, 1.0)]
@@ -138,10 +139,55 @@ def by_method(records: list[dict[str, Any]]) -> dict[tuple[MethodKey, int], list
     return dict(out)
 
 
+TUNE_SEED = 0
+"""The seed whose full learning-rate grid chooses every seed's learning rates (``mlet sweep --tune-seeds 0``)."""
+
+
+def _lrs(r: dict[str, Any]) -> tuple[Any, Any]:
+    return r.get("sparse_lr"), r.get("dense_lr")
+
+
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(runs, key=lambda r: float(r["valid"]["auc"]))
+
+
 def tuned(records: list[dict[str, Any]]) -> dict[tuple[MethodKey, int], dict[str, Any]]:
-    """Per (method, seed): the run with the best validation AUC (ties: the first), sorted by method and seed."""
+    """Per (method, seed): the run with the best validation AUC (ties: the first); for a seed that ran only at
+    seed 0's choice (role ``selected``), the run at seed 0's current choice. Sorted by method and seed."""
     runs = by_method(records)
-    return {key: max(runs[key], key=lambda r: float(r["valid"]["auc"])) for key in sorted(runs)}
+    choice = {m: _lrs(_best(rs)) for (m, s), rs in runs.items() if s == TUNE_SEED}
+    out: dict[tuple[MethodKey, int], dict[str, Any]] = {}
+    for (m, s), rs in sorted(runs.items()):
+        if s != TUNE_SEED and any(r.get("role") == "selected" for r in rs):
+            rs = [r for r in rs if m in choice and _lrs(r) == choice[m]]
+        if rs:
+            out[(m, s)] = _best(rs)
+    return out
+
+
+def edge_choices(records: list[dict[str, Any]]) -> dict[MethodKey, str]:
+    """Methods whose seed-0 choice of embedding lr is at an end of the grid they tried: ``"lowest"`` or
+    ``"highest"`` (a highest lr is an edge only when no larger one was tried and diverged). The optimum may then
+    lie outside the grid, and the comparison of that method is not settled by it.
+
+    >>> recs = [_example(0.7, 0.7, lr) for lr in (0.1, 1.0)]
+    >>> [(m.k, why) for m, why in edge_choices(recs).items()]
+    [(0, 'highest')]
+    """
+    tried: dict[MethodKey, set[float]] = defaultdict(set)
+    for r in records:
+        if r.get("seed") == TUNE_SEED and r.get("status") in ("ok", "diverged") and "d" in r:
+            tried[method_of(r)].add(float(r["sparse_lr"]))
+    out = {}
+    for (m, s), r in tuned(records).items():
+        lrs = sorted(tried.get(m, ()))
+        if s != TUNE_SEED or len(lrs) < 2:
+            continue
+        if float(r["sparse_lr"]) == lrs[0]:
+            out[m] = "lowest"
+        elif float(r["sparse_lr"]) == lrs[-1]:
+            out[m] = "highest"
+    return out
 
 
 def auc_by_seed(runs: dict[tuple[MethodKey, int], dict[str, Any]], method: MethodKey) -> dict[int, float]:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mlet_torchrec.experiments.families import DATA_COMMANDS, DATASETS, SWEEPS, FamilySweep
-from mlet_torchrec.experiments.family_data import FAMILIES, Family, MethodKey, method_of
+from mlet_torchrec.experiments.family_data import FAMILIES, Family, MethodKey, edge_choices, method_of
 from mlet_torchrec.experiments.family_tables import (
     EXPECTED_SEEDS,
     LOSS,
@@ -263,10 +263,29 @@ def _family_md(
                 ["cells", "pooled Δ AUC [95%]", "τ²", "cells used", "method"], _pooled_rows(cs, _grouping(family))
             ) + [""]
         L += ["## Where MLET loses", ""] + _losses(by_ds)
+        L += _edges(family, recs)
         if family.name in ("models", "sigma"):
             L += rank_section(family, recs)
     L += _how(family, sweeps)
     return "\n".join(L).rstrip("\n") + "\n"
+
+
+def _edges(family: Family, recs: dict[str, Records]) -> list[str]:
+    """The methods whose chosen embedding lr sits at an end of the grid: their optimum may be outside it."""
+    L = [
+        "## Learning rates chosen at the edge of the grid",
+        "",
+        "A method whose best embedding lr on seed 0 is the lowest (or the highest, with no larger lr diverging) of "
+        "the grid may do better outside it; its cells above are not settled by this grid.",
+        "",
+    ]
+    rows = [
+        [ds, m.model, str(m.epochs), str(m.d), m.label(), why]
+        for ds, rs in recs.items()
+        for m, why in edge_choices(rs).items()
+        if family.has(m)
+    ]
+    return L + (_table(["data set", "model", "epochs", "d", "method", "chosen lr"], rows) if rows else ["None."]) + [""]
 
 
 def _headline(family: Family, ds: str, rs: Records, cs: list[Cell], plot: bool) -> list[str]:
