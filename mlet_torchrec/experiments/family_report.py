@@ -63,10 +63,14 @@ SWEEPS_OF = {  # which sweeps (name suffix) feed a family; a family not listed t
 CUTS = """\
 - xDeepFM's CIN layers are [64, 64] instead of DeepCTR's [256, 128]: about 3x cheaper, so xDeepFM fits the
   CPU budget (configs/experiments/families/*_deepctr.yaml).
-- synth1m (1M rows) is the slowest data set: family (a) there is DeepFM only, at d in {4, 16}; the DLRM
-  learning-rate grid there drops 0.05 and 819.2 (8 s a run); families (c) and (d) do not run on synth1m.
-- Runs not finished when this page was rendered are shown as missing: the n columns count the seeds present
-  out of the 5 expected, and a cell with fewer than 2 paired seeds is marked pending."""
+- synth1m (1M rows) is the slowest data set: family (a) there is DeepFM only, at d in {4, 16} and batch 2048;
+  the DLRM learning-rate grid there drops 0.05 and 819.2; families (c) and (d) do not run on synth1m.
+- The sweeps run in the priority order of `mlet_torchrec/experiments/families.py` (SWEEPS: the DLRM sigma and
+  learning-rate grids first, then DeepFM and DCN, k <= d, epochs and width, synth1m DeepFM, then AutoInt and
+  xDeepFM) and were stopped when the CPU budget of the run that made these stores ran out. Cells of unfinished
+  sweeps show as missing: the n columns count the seeds present out of the 5 expected, and a cell with fewer
+  than 2 paired seeds is marked pending. `make results` (or `mlet results run`) resumes the sweeps where they
+  stopped; `mlet results run --dry-run` lists what is left."""
 """What was cut and why (edit here; it is printed in every report)."""
 MARK_RULE = f"""\
 Mark of a cell (MLET method against its single-layer baseline, test AUC, paired over seeds):
