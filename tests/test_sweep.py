@@ -262,3 +262,30 @@ def test_sweep_with_tune_seeds_runs_both_passes(tmp_path, monkeypatch):
     assert counts["failed"] == 0 and counts["pending"] == 0
     assert len(seed1) == 2 and all(r["role"] == "selected" and r["sparse_lr"] == 1.0 for r in seed1)
     assert run_sweep(s)["ran"] == 0  # resumed: nothing left
+
+
+def test_a_widened_tuning_grid_reruns_the_other_seeds_at_the_new_choice(tmp_path, monkeypatch):
+    import mlet_torchrec.experiments.sweep as sweep
+
+    def fake_cell(cell, s, work):
+        lr = cell.config.sparse_optimizer.lr
+        return {"valid": {"auc": 0.5 + lr / 100}, "test": {"auc": 0.5}, "steps": 1}
+
+    monkeypatch.setattr(sweep, "_run_cell_subprocess", fake_cell)
+
+    def settings(tune: str) -> SweepSettings:
+        return SweepSettings(
+            config=None,
+            grid=parse_grid("seed=[0,1] d=[4] k=[none]"),
+            tune=parse_grid(tune),
+            tune_mlet=True,
+            tune_seeds=[0],
+            results=str(tmp_path / "r.jsonl"),
+            runs_dir=str(tmp_path / "runs"),
+            nproc=1,
+        )
+
+    run_sweep(settings("lr=[0.1,1.0]"))
+    counts = run_sweep(settings("lr=[0.1,1.0,4.0]"))  # 4.0 wins on seed 0: seed 1 must run there too
+    seed1 = sorted(r["sparse_lr"] for r in load_results(tmp_path / "r.jsonl") if r["seed"] == 1)
+    assert seed1 == [1.0, 4.0] and counts["ran"] == 2

@@ -150,11 +150,12 @@ def run_sweep(s: SweepSettings) -> dict[str, int]:
     With ``tune_seeds`` the sweep runs in passes: the tuning seeds' runs first, then the other seeds at the
     values those chose (planned from the store, so a resumed sweep picks up either pass)."""
     counts = {"planned": 0, "skipped": 0, "ran": 0, "failed": 0, "pending": 0}
-    for _ in range(3):  # pass 1 tunes; pass 2 runs the chosen values; a third plans nothing new
+    for _ in range(4):  # pass 1 tunes; pass 2 runs the chosen values; a third plans nothing new
         before = counts["ran"]
         cells, pending = _run_pass(s, counts)
         counts["planned"], counts["pending"] = len(cells), pending
-        if s.dry_run or counts["ran"] == before or not pending:
+        # new tuning runs can change a choice even when nothing waited (a widened grid): plan again
+        if s.dry_run or counts["ran"] == before or s.tune_seeds is None:
             break
     print(f"sweep: {counts}", flush=True)
     if counts["pending"]:
