@@ -44,6 +44,7 @@ def tuned_runs(d: int, k: int | None, tests: list[float], paper_test: float) -> 
         rec(d, k, 0, PAPER, PAPER, 0.60, paper_test, "grid"),
         rec(d, k, 0, TUNED, PAPER, 0.70, tests[0], "tune"),
         rec(d, k, 0, TUNED, TUNED, 0.65, 0.5, "tune"),
+        rec(d, k, 0, 4 * TUNED, PAPER, 0.62, 0.5, "tune"),  # worse: the choice is inside the grid
     ]
     return out + [rec(d, k, s, TUNED, PAPER, 0.70, t, "selected") for s, t in enumerate(tests) if s > 0]
 
@@ -153,3 +154,10 @@ def test_errors_are_one_line_exit_2(capsys, tmp_path, content, message):
     assert len(err) == 1 and err[0].startswith("mlet advise: error: ") and message in err[0], err
     with pytest.raises(UserError):
         load_store(path)
+
+
+def test_a_choice_at_the_end_of_the_grid_is_advised(tmp_path):
+    records = [r for r in known_store() if r["sparse_lr"] != 4 * TUNED]  # TUNED is now the top of the grid
+    a = advise(records, "s.jsonl")
+    edge = [x for x in a.advice if "end of the grid" in x]
+    assert len(edge) == 1 and "deepfm d=4 baseline (highest)" in edge[0] and "MLET k=16" in edge[0]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mlet_torchrec.errors import InputNotFound, UserError
-from mlet_torchrec.experiments.family_data import Family, MethodKey, finished, method_of
+from mlet_torchrec.experiments.family_data import TUNE_SEED, Family, MethodKey, edge_choices, finished, method_of
 from mlet_torchrec.experiments.family_tables import LOSS, LR, PENDING, TIE, WIN, Cell, Records, _num, cells
 from mlet_torchrec.experiments.stats import Pooled, fmt_interval, pooled_estimate
 from mlet_torchrec.experiments.store import load_results
@@ -188,6 +188,13 @@ def advice_lines(records: Records, cs: Sequence[Cell]) -> list[str]:
     if len(dense) < 2:
         one = f" ({dense[0]:g})" if dense else ""
         out.append(f"The dense (and W2) learning rate was not tuned{one}: add dense_lr=[...] to --tune.")
+    edges = edge_choices(records)
+    if edges:
+        names = ", ".join(f"{m.model} d={m.d} {m.label()} ({why})" for m, why in sorted(edges.items()))
+        out.append(
+            f"The embedding lr chosen on seed {TUNE_SEED} is at an end of the grid for {names}: its optimum may "
+            "lie outside; extend --tune lr=[...] past that end."
+        )
     return out
 
 
