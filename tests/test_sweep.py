@@ -289,3 +289,21 @@ def test_a_widened_tuning_grid_reruns_the_other_seeds_at_the_new_choice(tmp_path
     counts = run_sweep(settings("lr=[0.1,1.0,4.0]"))  # 4.0 wins on seed 0: seed 1 must run there too
     seed1 = sorted(r["sparse_lr"] for r in load_results(tmp_path / "r.jsonl") if r["seed"] == 1)
     assert seed1 == [1.0, 4.0] and counts["ran"] == 2
+
+
+def test_tuning_runs_of_another_sweep_with_the_same_config_count(tmp_path):
+    # sweep A tuned d=4 without an epochs axis; sweep B has train.epochs=[1]: the same runs, other overrides
+    tune = parse_grid("lr=[0.1,1.0]")
+    a, _ = plan_cells(None, parse_grid("seed=[0] d=[4]"), tune, runs_dir=str(tmp_path), tune_mlet=True, tune_seeds=[0])
+    records = [_finished(c, 0.5 + c.config.sparse_optimizer.lr / 10) for c in a]
+    b, pending = plan_cells(
+        None,
+        parse_grid("seed=[0,1] d=[4] train.epochs=[1]"),
+        tune,
+        runs_dir=str(tmp_path),
+        tune_mlet=True,
+        tune_seeds=[0],
+        records=records,
+    )
+    selected = [c for c in b if c.role == "selected"]
+    assert pending == 0 and [c.config.sparse_optimizer.lr for c in selected] == [1.0]

@@ -154,10 +154,6 @@ def _base_k(config_path: str | None, base_overrides: Sequence[str]) -> int | Non
     return load_config(config_path, list(base_overrides)).embedding.k
 
 
-def _without(ov: dict[str, Any], keys: set[str]) -> str:
-    return json.dumps({k: v for k, v in ov.items() if k not in keys}, sort_keys=True)
-
-
 def _config_value(rec: dict[str, Any], dotted: str) -> Any:
     node: Any = rec.get("config") or {}
     for part in dotted.split("."):
@@ -165,18 +161,31 @@ def _config_value(rec: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+def tuning_identity(config: dict[str, Any], tune_keys: Sequence[str]) -> str:
+    """What a run computes apart from its seed and tuning values: its resolved config (as :func:`cell_key`
+    sees it) with those keys blanked. Runs made by different sweeps (other grids, same config) share it."""
+    canon = _strip(json.loads(json.dumps(config)))
+    for dotted in ("train.seed", *tune_keys):
+        node: Any = canon
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node[last] = None
+    return json.dumps(canon, sort_keys=True, separators=(",", ":"))
+
+
 def best_tuning(
     records: Sequence[dict[str, Any]], tune_keys: Sequence[str], tune_seeds: Sequence[int]
 ) -> dict[str, dict[str, Any]]:
-    """Per cell (its overrides without seed and tuning axes, as JSON): the tuning values of its best run on
-    **validation** AUC among the tuning seeds' finished runs (diverged runs never win)."""
+    """Per cell (:func:`tuning_identity`): the tuning values of its best run on **validation** AUC among the
+    tuning seeds' finished runs (diverged runs never win)."""
     best: dict[str, tuple[float, dict[str, Any]]] = {}
-    skip = {"train.seed", *tune_keys}
     for r in records:
         auc = (r.get("valid") or {}).get("auc")
-        if r.get("status") != "ok" or r.get("seed") not in tune_seeds or auc is None:
+        if r.get("status") != "ok" or r.get("seed") not in tune_seeds or auc is None or "config" not in r:
             continue
-        key = _without(r.get("overrides") or {}, skip)
+        key = tuning_identity(r["config"], tune_keys)
         if key not in best or auc > best[key][0]:
             best[key] = (float(auc), {k: _config_value(r, k) for k in tune_keys})
     return {k: v for k, (_, v) in best.items()}
@@ -222,7 +231,8 @@ def plan_cells(
         tuned = bool(tune) and (k is None or tune_mlet)
         seed = ov.get("train.seed")
         if tuned and tune_seeds is not None and seed not in tune_seeds:
-            values = chosen.get(_without(ov, {"train.seed", *tune}))
+            config = load_config(config_path, list(base_overrides) + [format_override(k, v) for k, v in ov.items()])
+            values = chosen.get(tuning_identity(config.model_dump(mode="json"), list(tune)))
             if values is None:
                 pending += 1
             else:
