@@ -185,14 +185,23 @@ def plot_models(recs_by_ds: Records, out: Path) -> Path | None:
     return _finish(fig, axes, fam.title, out)
 
 
-def plot_sigma(recs_by_ds: Records, out: Path) -> Path | None:
-    """(b) Test AUC against the W2 initialisation scale σ for MLET, the tuned baseline as a line and band."""
-    fam = _family("sigma")
+def _one_row(name: str, recs_by_ds: Records, out: Path, draw: Callable[[Axes, str, Runs], None]) -> Path | None:
+    """The figure of families (b)-(d): one panel per data set, ``draw(ax, dataset, runs)`` fills each."""
+    fam = _family(name)
     by_ds = _runs_by_ds(recs_by_ds, fam)
     if not by_ds:
         return None
     fig, axes = _figure(1, len(by_ds), w=3.4)
     for ax, (ds, runs) in zip(axes[0], by_ds.items(), strict=True):
+        draw(ax, ds, runs)
+    axes[0][0].set_ylabel(_TEST_AUC)
+    return _finish(fig, axes, fam.title, out)
+
+
+def plot_sigma(recs_by_ds: Records, out: Path) -> Path | None:
+    """(b) Test AUC against the W2 initialisation scale σ for MLET, the tuned baseline as a line and band."""
+
+    def draw(ax: Axes, ds: str, runs: Runs) -> None:
         ms = _methods(runs)
         cells = sorted({(m.model, m.epochs, m.d, m.k) for m in ms if m.is_mlet})
         for c in cells:
@@ -207,49 +216,41 @@ def plot_sigma(recs_by_ds: Records, out: Path) -> Path | None:
         ax.minorticks_off()
         ax.set_xlabel("W2 init scale σ")
         ax.set_title(f"{ds}: {', '.join(sorted({m.model for m in ms}))}")
-    axes[0][0].set_ylabel(_TEST_AUC)
-    return _finish(fig, axes, fam.title, out)
+
+    return _one_row("sigma", recs_by_ds, out, draw)
 
 
 def plot_small_k(recs_by_ds: Records, out: Path) -> Path | None:
     """(c) Test AUC against k/d (0.5, 1, 4) per d, each d's baseline as a dashed line of its colour."""
-    fam = _family("small_k")
-    by_ds = _runs_by_ds(recs_by_ds, fam)
-    if not by_ds:
-        return None
-    fig, axes = _figure(1, len(by_ds), w=3.4)
-    for ax, (ds, runs) in zip(axes[0], by_ds.items(), strict=True):
+    kds = [kd for kd in _family("small_k").kds if kd > 0]
+
+    def draw(ax: Axes, ds: str, runs: Runs) -> None:
         ms = _methods(runs)
         for d in sorted({m.d for m in ms}):
             color = _D_COLOR.get(d, "gray")
             _series(ax, runs, [(m.kd, m) for m in ms if m.d == d and m.is_mlet], f"MLET d={d}", color=color)
             for b in sorted({m.baseline() for m in ms if m.d == d}):
                 _baseline_line(ax, runs, b, f"baseline d={d}", color=color, band=False)
-        kds = [kd for kd in fam.kds if kd > 0]
         ax.set_xscale("log", base=2)
         ax.set_xticks(kds, [f"{kd:g}" for kd in kds])
         ax.minorticks_off()
         ax.set_xlabel("k / d")
         ax.set_title(f"{ds}: deepfm")
-    axes[0][0].set_ylabel(_TEST_AUC)
-    return _finish(fig, axes, fam.title, out)
+
+    return _one_row("small_k", recs_by_ds, out, draw)
 
 
 def plot_epochs_width(recs_by_ds: Records, out: Path) -> Path | None:
     """(d) Test AUC against d for 1 and 3 epochs: the baseline and MLET k = 4d (solid: 1 epoch, dashed: 3)."""
-    fam = _family("epochs_width")
-    by_ds = _runs_by_ds(recs_by_ds, fam)
-    if not by_ds:
-        return None
-    fig, axes = _figure(1, len(by_ds), w=3.4)
-    for ax, (ds, runs) in zip(axes[0], by_ds.items(), strict=True):
+
+    def draw(ax: Axes, ds: str, runs: Runs) -> None:
         ms = _methods(runs)
         _vs_d(ax, runs, ms, lambda m: f"{_kd_label(m.kd)}, {m.epochs} epoch{'s' if m.epochs != 1 else ''}")
         _log2_d(ax, sorted({m.d for m in ms}))
         ax.set_xlabel("embedding dim d")
         ax.set_title(f"{ds}: deepfm")
-    axes[0][0].set_ylabel(_TEST_AUC)
-    return _finish(fig, axes, fam.title, out)
+
+    return _one_row("epochs_width", recs_by_ds, out, draw)
 
 
 def lr_curves(records: list[dict[str, Any]], fam: Family) -> dict[MethodKey, list[tuple[float, float]]]:

@@ -42,6 +42,7 @@ from mlet_torchrec.experiments.family_tables import (
     paper_lrs,
     rank_section,
 )
+from mlet_torchrec.experiments.report import written_by
 from mlet_torchrec.experiments.stats import _signed, fmt_interval, pooled_estimate
 from mlet_torchrec.experiments.store import load_results
 from mlet_torchrec.experiments.tables import _table
@@ -312,7 +313,7 @@ def _headline(family: Family, ds: str, rs: Records, cs: list[Cell], plot: bool) 
 
 
 def _check_ours(path: Path) -> None:
-    if path.exists() and (not path.is_file() or GENERATED not in path.read_text(errors="replace")[:4096]):
+    if path.exists() and not written_by(path, GENERATED):
         raise OutputError(f"refusing to replace {path}: the family report did not write it")
 
 

@@ -189,6 +189,12 @@ def render_report(
     return report
 
 
+def written_by(path: Path, marker: str) -> bool:
+    """Whether an existing ``path`` is a file whose first 4 KiB hold ``marker`` (a generated report's line):
+    only such a file, or none, may be replaced by the renderer that writes that marker."""
+    return path.is_file() and marker in path.read_text(errors="replace")[:4096]
+
+
 def _check_report_dir(out: Path, inputs: Sequence[Path | str]) -> Path:
     """The report adds ``report.md`` and ``plots/`` to ``out`` (which may hold its results store and notes) and
     deletes nothing; it refuses the places no command may write to and a ``report.md`` it did not write."""
@@ -197,6 +203,6 @@ def _check_report_dir(out: Path, inputs: Sequence[Path | str]) -> Path:
         if Path(given).resolve() == out.resolve():
             raise OutputError(f"refusing to write the report to {out}: it is the input {given}")
     report = out / "report.md"
-    if report.exists() and (not report.is_file() or GENERATED not in report.read_text(errors="replace")[:4096]):
+    if report.exists() and not written_by(report, GENERATED):
         raise OutputError(f"refusing to replace {report}: `mlet report` did not write it; choose another --output")
     return report
