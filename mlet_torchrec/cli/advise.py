@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from mlet_torchrec.cli import flags
-from mlet_torchrec.cli.flags import example, existing
+from mlet_torchrec.cli.flags import existing
 
 
 def _cmd_advise(args: argparse.Namespace) -> int:
@@ -29,13 +29,8 @@ def _cmd_advise(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``advise`` to the ``mlet`` subcommands."""
     summary = "does MLET beat a tuned baseline on your sweep? per-cell marks, pooled estimate, what to run next"
-    p = sub.add_parser(
-        "advise",
-        help=summary,
-        description=summary,
-        formatter_class=flags.EXAMPLE_FORMATTER,
-        parents=[flags.common_parent()],
-        epilog=example("mlet advise --input runs/sweep.jsonl", "mlet advise --input runs/sweep.jsonl --json"),
+    p = flags.subparser(
+        sub, "advise", summary, "mlet advise --input runs/sweep.jsonl", "mlet advise --input runs/sweep.jsonl --json"
     )
     flags.add_input(p, "results store of `mlet sweep` (JSON lines), or a directory holding results.jsonl")
     p.add_argument("--json", action="store_true", help="print cells, pooled estimate and verdict as JSON")

@@ -13,8 +13,11 @@ mlet doc: error: data/x: no metadata.json
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from mlet_torchrec.errors import EXIT_USER_ERROR, UserError
 from mlet_torchrec.logs import configure_logging
@@ -31,3 +34,9 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, name: Callable[
         message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the source wrote
         print(f"{name(args)}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print a command's result as JSON, once: on rank 0 (every rank of a job computes the same)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=2, default=str))

@@ -67,6 +67,25 @@ def add_alias(p: argparse.ArgumentParser, old: Sequence[str], new: str, dest: st
         p.add_argument(*old, action=DeprecatedAlias, new=new, dest=dest, default=argparse.SUPPRESS, **kwargs)
 
 
+def subparser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str, *examples: str
+) -> argparse.ArgumentParser:
+    """A subcommand of ``sub`` with its one-line summary, its ``example:`` lines and the common flags.
+
+    >>> sub = argparse.ArgumentParser(prog="mlet").add_subparsers()
+    >>> subparser(sub, "doc", "print the docs", "mlet doc").prog
+    'mlet doc'
+    """
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog=example(*examples),
+        formatter_class=EXAMPLE_FORMATTER,
+        parents=[common_parent()],
+    )
+
+
 def add_log_level(p: argparse.ArgumentParser) -> None:
     """``--log-level`` (and the old ``-v/--verbose``); accepted before or after the subcommand."""
     p.add_argument(
@@ -126,6 +145,11 @@ def add_config(
 ) -> None:
     p.add_argument("--config", default=None, metavar="FILE_OR_NAME", help=help)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied in order")
+
+
+def verbose(args: argparse.Namespace) -> bool:
+    """Whether ``--log-level DEBUG`` was asked for (what the workers of a local job are told)."""
+    return bool(getattr(args, "log_level", "INFO") == "DEBUG")
 
 
 def require(args: argparse.Namespace, name: str, flag: str) -> Any:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 
 from mlet_torchrec.cli import flags
-from mlet_torchrec.cli.flags import example
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -42,17 +41,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``plan`` to the ``mlet`` subcommands."""
     summary = "plan the sharding of a config on a cluster you describe (no GPU needed): fits or not, and how"
-    p = sub.add_parser(
+    p = flags.subparser(
+        sub,
         "plan",
-        help=summary,
-        description=summary,
-        formatter_class=flags.EXAMPLE_FORMATTER,
-        parents=[flags.common_parent()],
-        epilog=example(
-            "mlet plan --config configs/criteo_1tb_dlrm_mlet.yaml --input configs/shapes/criteo_1tb "
-            "--world-size 32 --hbm-gb 80 --output plan.json",
-            "mlet train --config tiny --nproc-per-node 2 --plan plan.json",
-        ),
+        summary,
+        "mlet plan --config configs/criteo_1tb_dlrm_mlet.yaml --input configs/shapes/criteo_1tb "
+        "--world-size 32 --hbm-gb 80 --output plan.json",
+        "mlet train --config tiny --nproc-per-node 2 --plan plan.json",
     )
     flags.add_config(p)
     flags.add_input(

@@ -15,7 +15,6 @@ import argparse
 from pathlib import Path
 
 from mlet_torchrec.cli import flags
-from mlet_torchrec.cli.flags import example
 
 OLDER_REPORTS = ("synth1m", "movielens", "criteo_sample")
 """The reports of docs/results/NAME rendered from docs/results/NAME/results.jsonl (``mlet report``)."""
@@ -83,27 +82,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``results`` (with ``run``, ``report``, ``list``) to the ``mlet`` subcommands."""
     summary = "run every experiment sweep of docs/results (resumable) and re-render every report"
-    p = sub.add_parser(
-        "results",
-        help=summary,
-        description=summary,
-        formatter_class=flags.EXAMPLE_FORMATTER,
-        parents=[flags.common_parent()],
-        epilog=example("mlet results run --dry-run", "mlet results run --jobs 2", "mlet results report"),
+    p = flags.subparser(
+        sub, "results", summary, "mlet results run --dry-run", "mlet results run --jobs 2", "mlet results report"
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="{run,report,list}")
 
-    def action(name: str, help: str, *examples: str) -> argparse.ArgumentParser:
-        return actions.add_parser(
-            name,
-            help=help,
-            description=help,
-            formatter_class=flags.EXAMPLE_FORMATTER,
-            parents=[flags.common_parent()],
-            epilog=example(*examples),
-        )
-
-    q = action(
+    q = flags.subparser(
+        actions,
         "run",
         "make the missing data sets, then run the sweeps in order; resumes where it stopped",
         "mlet results run --dry-run",
@@ -114,13 +99,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q.add_argument("--dry-run", action="store_true", help="per sweep: runs planned, done and to run; train nothing")
     q.set_defaults(func=_cmd_run)
 
-    q = action(
+    q = flags.subparser(
+        actions,
         "report",
         "re-render every report (the families' and docs/results/{synth1m,movielens,criteo_sample}) from its store",
         "mlet results report",
     )
     q.set_defaults(func=_cmd_report)
 
-    q = action("list", "one line per sweep: name, data set, store, grid, tuning grid", "mlet results list")
+    q = flags.subparser(
+        actions, "list", "one line per sweep: name, data set, store, grid, tuning grid", "mlet results list"
+    )
     q.add_argument("names", nargs="*", metavar="NAME", help="sweeps to list (default: all)")
     q.set_defaults(func=_cmd_list)

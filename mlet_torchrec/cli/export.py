@@ -1,0 +1,61 @@
+"""``mlet export --input COLLAPSED_DIR --output DIR [--int8] [--format safetensors|npy] [--no-check]``.
+
+A collapsed model -> TorchRec's INT8 inference model (TorchScript, checked against FP32 AUC) and/or every table
+as plain float32 arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mlet_torchrec.cli import flags
+from mlet_torchrec.cli.flags import existing, require
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    if not args.int8 and not args.format:
+        raise flags.UsageError("nothing to export: ask for --int8 and/or --format npy|safetensors")
+    source = existing(require(args, "input", "--input"))
+    from mlet_torchrec.serving.export import export, format_report
+
+    report = export(
+        source,
+        args.output,
+        int8=args.int8,
+        formats=args.format,
+        check=not args.no_check,
+        split=args.split,
+        max_check_rows=args.max_check_rows,
+        auc_tolerance=args.auc_tolerance,
+        overwrite=args.overwrite,
+        nproc_per_node=args.nproc_per_node,
+    )
+    print(format_report(report))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``export`` to the ``mlet`` subcommands."""
+    p = flags.subparser(
+        sub,
+        "export",
+        "a collapsed model -> TorchRec INT8 inference model and/or per-table files",
+        "mlet export --input runs/tiny/collapsed --output runs/tiny/serving --int8 --format npy",
+    )
+    flags.add_input(p, "output directory of `mlet collapse`", old=["--collapsed"])
+    flags.add_output(p, "directory of the exported model")
+    flags.add_overwrite(p)
+    p.add_argument("--int8", action="store_true", help="TorchRec's quantized (INT8) inference model, TorchScript")
+    p.add_argument(
+        "--format",
+        action="append",
+        default=[],
+        choices=["safetensors", "npy"],
+        help="also write every table as plain float32 arrays (repeatable)",
+    )
+    p.add_argument("--no-check", action="store_true", help="skip the INT8-vs-FP32 AUC check (needs the data set)")
+    p.add_argument("--split", default="test", help="split of the INT8 quality check")
+    p.add_argument("--max-check-rows", type=int, default=None)
+    p.add_argument("--auc-tolerance", type=float, default=1e-3)
+    flags.add_nproc(p, 1, "local processes of the INT8 check, each scoring its slice of the split")
+    p.set_defaults(func=_cmd_export)

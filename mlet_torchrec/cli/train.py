@@ -1,0 +1,66 @@
+"""``mlet train --config FILE_OR_NAME [key.sub=value ...] [--nproc-per-node N] [--seed S] [--plan PLAN.json]``.
+
+One process, or N local ones with ``--nproc-per-node``; under torchrun/TorchX every replica runs this same
+command and trains as one rank. Prints rank 0's result summary as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mlet_torchrec.cli import flags
+from mlet_torchrec.cli.entry import print_summary
+from mlet_torchrec.config import load_config
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--input``/``--output``/``--seed``/``--plan`` are short for ``data.path``/``run.dir``/``train.seed``/
+    ``run.plan``; the overrides given after them win."""
+    extra = [
+        f"{key}={value}"
+        for key, value in (
+            ("data.path", args.input),
+            ("run.dir", args.output),
+            ("train.seed", args.seed),
+            ("run.plan", args.plan),
+        )
+        if value is not None
+    ]
+    return extra + list(args.overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mlet_torchrec.training.launcher import in_distributed_job, train_local
+
+    config = load_config(args.config, _overrides(args))
+    if args.nproc_per_node > 1 and not in_distributed_job():
+        summary = train_local(config, args.nproc_per_node, max_restarts=args.max_restarts, verbose=flags.verbose(args))
+    else:
+        from mlet_torchrec.training.train import train
+
+        summary = train(config).summary()
+    print_summary(summary)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``train`` to the ``mlet`` subcommands."""
+    p = flags.subparser(
+        sub,
+        "train",
+        "train a model (one process, or N with --nproc-per-node)",
+        "mlet train --config tiny --nproc-per-node 2 embedding.k=32 run.dir=runs/k32",
+    )
+    flags.add_config(p)
+    flags.add_input(p, "data set directory (short for data.path=...)", required=False)
+    flags.add_output(p, "run directory: checkpoints, config.yaml, metrics (short for run.dir=...)", required=False)
+    flags.add_seed(p, "seed of initialisation and data order (short for train.seed=...)")
+    flags.add_nproc(p, 1, "local processes (ignored under torchrun/TorchX)")
+    p.add_argument("--max-restarts", type=int, default=0, help="restarts of the local job on failure")
+    p.add_argument(
+        "--plan",
+        default=None,
+        metavar="PLAN.json",
+        help="shard with this plan of `mlet plan` instead of planning (short for run.plan=...)",
+    )
+    p.set_defaults(func=_cmd_train)
