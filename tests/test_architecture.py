@@ -22,8 +22,8 @@ LAYERS: list[str] = [
     "mlet_torchrec.models",  # CTR models built on them
     "mlet_torchrec.evaluation",  # metrics and scoring (training evaluates while it trains)
     "mlet_torchrec.training",  # distributed setup, plan, optimizers, loop, checkpoints
-    "mlet_torchrec.serving",  # artifact loader, collapse, export, compression
-    "mlet_torchrec.experiments",  # sweeps, reports, statistics, demo
+    "mlet_torchrec.serving",  # artifact loader, collapse, export
+    "mlet_torchrec.experiments",  # the research layer: sweeps, reports, statistics, compression, demo
     "mlet_torchrec.cli",  # argument parsing only
     "launch",  # TorchX components
 ]
@@ -137,3 +137,51 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
     src.write_text("def f():\n    from mlet_torchrec.cli import main\n    from . import sibling\n")
     found = imports_of("mlet_torchrec.serving.m", src, {"mlet_torchrec.cli", "mlet_torchrec.serving.sibling"})
     assert found == {"mlet_torchrec.cli", "mlet_torchrec.serving.sibling"}
+
+
+LIBRARY_PACKAGES = ("mlet_torchrec", "data_pipes")
+FRONT_END = "mlet_torchrec.cli"
+RESEARCH = "mlet_torchrec.experiments"
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def argparse_users(modules: dict[str, Path]) -> list[str]:
+    """Modules of the library outside ``cli/`` that import argparse (``launch/`` has its own tools)."""
+    out = []
+    for module, path in modules.items():
+        if module.split(".")[0] not in LIBRARY_PACKAGES or _within(module, FRONT_END):
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            if any(n.split(".")[0] == "argparse" for n in names):
+                out.append(module)
+                break
+    return out
+
+
+def test_argparse_only_in_cli() -> None:
+    bad = argparse_users(project_modules())
+    assert not bad, f"argparse outside {FRONT_END} (declare the flags in a cli/ module): {bad}"
+
+
+def test_the_library_never_imports_the_research_layer() -> None:
+    bad = [
+        f"{m} imports {d}"
+        for m, deps in graph().items()
+        if not (_within(m, RESEARCH) or _within(m, FRONT_END))
+        for d in sorted(deps)
+        if _within(d, RESEARCH)
+    ]
+    assert not bad, "the library imports the research layer (experiments/):\n" + "\n".join(bad)
+
+
+def test_the_argparse_checker_sees_from_imports(tmp_path: Path) -> None:
+    src = tmp_path / "m.py"
+    src.write_text("def f():\n    from argparse import ArgumentParser\n")
+    assert argparse_users({"mlet_torchrec.serving.m": src, "mlet_torchrec.cli.m": src}) == ["mlet_torchrec.serving.m"]

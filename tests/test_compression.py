@@ -9,13 +9,12 @@ from hypothesis import strategies as st
 
 from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta
-from mlet_torchrec.io import OutputError
-from mlet_torchrec.serving.compression import (
+from mlet_torchrec.cli.main import main
+from mlet_torchrec.experiments.compression import (
     _errors,
     compression_study,
     dequantize,
     grid_search_scale,
-    main,
     maxabs_scale,
     quantization_error,
     quantize_model_tables,
@@ -25,7 +24,8 @@ from mlet_torchrec.serving.compression import (
     svd_factors,
     svd_model_tables,
 )
-from mlet_torchrec.serving.hashing import (
+from mlet_torchrec.experiments.hashing import (
+    HashSpecError,
     hash_batch,
     hash_kjt,
     hash_moduli,
@@ -33,6 +33,7 @@ from mlet_torchrec.serving.hashing import (
     unhashed_cardinalities,
     write_hashed_dataset,
 )
+from mlet_torchrec.io import OutputError
 
 
 def _table(kind: str, seed: int = 0) -> torch.Tensor:
@@ -103,7 +104,7 @@ def test_hash_moduli_fractions_and_counts():
     for bad in ({"C1": 0}, {"C1": -0.5}, {"C1": 1.5}, {"C1": "x"}, {"C1": True}):
         with pytest.raises(ValueError):
             hash_moduli(card, bad)
-    with pytest.raises(KeyError):
+    with pytest.raises(HashSpecError, match="C9"):  # a user's mistake: one line, exit 2 in `mlet`
         hash_moduli(card, {"C9": 0.5})
 
 
@@ -148,9 +149,9 @@ def test_write_hashed_dataset(synth_dataset, tmp_path):
         write_hashed_dataset(data, out, {"C4": 0.5})
     with pytest.raises(OutputError, match="input"):  # the copy must not replace its own source
         write_hashed_dataset(data, data, {"C4": 0.5}, overwrite=True)
-    assert main(["hash", "--input", str(data), "--output", str(tmp_path / "cli"), "C4=0.5", "C2=3"]) == 0
+    assert main(["compression", "hash", "--input", str(data), "--output", str(tmp_path / "cli"), "C4=0.5", "C2=3"]) == 0
     assert DatasetMeta.load(tmp_path / "cli").cardinalities()["C2"] == 3
-    assert main(["hash", "--input", str(data), "--output", str(tmp_path / "cli2"), "C4"]) == 2
+    assert main(["compression", "hash", "--input", str(data), "--output", str(tmp_path / "cli2"), "C4"]) == 2
 
 
 def test_svd_factors_are_the_best_low_rank_approximation():
@@ -190,4 +191,4 @@ def test_study_on_a_collapsed_model(synth_dataset, tmp_path):
     assert by["int8 grid d=8"]["l2_error"] <= by["int8 maxabs d=8"]["l2_error"]
     assert 2.0 < by["svd rank 2 of d=8"]["table_size"] < 2.2  # n r + r d parameters per table
     assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
-    assert main(["study", "--collapsed", str(tmp_path / "collapsed"), "--svd-ranks", "1"]) == 0
+    assert main(["compression", "study", "--input", str(tmp_path / "collapsed"), "--svd-ranks", "1"]) == 0

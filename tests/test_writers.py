@@ -18,11 +18,11 @@ import pytest
 from test_collapse import fake_run
 
 from mlet_torchrec.cli.main import main
+from mlet_torchrec.experiments.hashing import write_hashed_dataset
 from mlet_torchrec.experiments.report import render_report
 from mlet_torchrec.io import OutputError
 from mlet_torchrec.serving.collapse import collapse
 from mlet_torchrec.serving.export import export
-from mlet_torchrec.serving.hashing import write_hashed_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

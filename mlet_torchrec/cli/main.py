@@ -10,6 +10,7 @@
     mlet sweep --config FILE_OR_NAME --grid "embedding.d=[4,8] embedding.k=[none,64] seed=[0,1,2]" --output FILE
     mlet report --input RESULTS --output DIR
     mlet advise --input RESULTS [--json]
+    mlet compression hash|study --input ...
 
 Each module (``cli/train.py``, ``cli/collapse.py``, ...) has a ``register(subparsers)`` declaring its
 arguments and a ``_cmd_*`` calling one function of a lower layer; :data:`COMMANDS` lists them in help order.
@@ -25,6 +26,7 @@ import sys
 from mlet_torchrec.cli import (
     advise,
     collapse,
+    compression,
     convert,
     demo,
     evaluate,
@@ -39,7 +41,7 @@ from mlet_torchrec.cli import (
 )
 from mlet_torchrec.cli.entry import run
 
-COMMANDS = (train, collapse, export, evaluate, synth, demo, sweep, report, convert, plan, results, advise)
+COMMANDS = (train, collapse, export, evaluate, synth, demo, sweep, report, convert, plan, results, advise, compression)
 """The subcommand modules, in the order ``mlet --help`` lists them."""
 
 

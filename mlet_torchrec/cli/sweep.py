@@ -109,6 +109,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--no-compression",
         action="store_true",
-        help="skip the INT8/SVD measurements of mlet_torchrec.serving.compression (when present)",
+        help="skip the INT8/SVD measurements (mlet_torchrec.experiments.compression)",
     )
     p.set_defaults(func=_cmd_sweep)

@@ -165,25 +165,18 @@ def analyse_run(
             "singular_values": [float(x) for x in s],
         }
     out: dict[str, Any] = {"freq": freq, "spectrum": spectrum, "checkpoint": str(ckpt)}
-    comp = _compression(Path(run_dir), config) if compression else None
-    if comp is not None:
-        out["compression"] = comp
+    if compression:
+        out["compression"] = _compression(Path(run_dir), config)
     return out
 
 
-def _compression(run_dir: Path, config: ExperimentConfig) -> dict[str, Any] | None:
+def _compression(run_dir: Path, config: ExperimentConfig) -> dict[str, Any]:
     """INT8 (max-abs and grid-searched scale) of every run and low-rank SVD (ranks d/4, d/2) of the single-layer
-    runs, on the test split, via ``mlet_torchrec.serving.compression.compression_study`` on a collapsed copy of the run;
-    None while that module does not exist."""
-    try:
-        from mlet_torchrec.serving import compression
-    except ImportError:
-        return None
-    study = getattr(compression, "compression_study", None)
-    if study is None:
-        return None
+    runs, on the test split, via :func:`~mlet_torchrec.experiments.compression.compression_study` on a collapsed
+    copy of the run."""
     import tempfile
 
+    from mlet_torchrec.experiments.compression import compression_study
     from mlet_torchrec.serving.collapse import collapse
 
     d = config.embedding.d
@@ -191,7 +184,7 @@ def _compression(run_dir: Path, config: ExperimentConfig) -> dict[str, Any] | No
     try:
         with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
             collapse(run_dir, Path(tmp) / "collapsed", None)
-            rows = study(Path(tmp) / "collapsed", "test", svd_ranks=ranks, int8=True)
+            rows = compression_study(Path(tmp) / "collapsed", "test", svd_ranks=ranks, int8=True)
     except Exception as e:  # noqa: BLE001 - a compression failure must not lose the training result
         log.warning("compression measurements failed: %s", e)
         return {"error": f"{type(e).__name__}: {e}"}

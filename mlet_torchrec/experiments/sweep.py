@@ -40,7 +40,7 @@ Measurements in a result line:
   count above 1% of the largest.
 * ``compression``: test AUC/LogLoss and relative table size (paper A.4.4) of the collapsed model in FP32, INT8
   (max-abs and grid scale) and, for single-layer runs, rank d/4 and d/2 SVD, from
-  ``mlet_torchrec.serving.compression.compression_study`` when that module exists (``--no-compression`` skips it).
+  ``mlet_torchrec.experiments.compression.compression_study`` (``--no-compression`` skips it).
   Hashing needs its own training runs on a hashed data set, so it is not measured per cell.
 """
 
@@ -132,7 +132,7 @@ def _run_cell_subprocess(cell: Cell, s: SweepSettings, work: Path) -> dict[str, 
 
 
 def _data_hashing(data_path: str) -> dict[str, Any] | None:
-    """The hashing a data set was made with (``python -m mlet_torchrec.serving.compression hash``);
+    """The hashing a data set was made with (``mlet compression hash``);
     None if un-hashed."""
     from data_pipes.schema import DatasetMeta
 

@@ -216,9 +216,8 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
     L += ["### MLET vs SVD (paper Table 4); hashing and INT8 composition (paper Fig. 5/7)", ""]
     if not comp:
         L += [
-            "not measured yet: these results hold no `compression` measurements (`mlet_torchrec.serving.compression` "
-            "did not exist, or had no `sweep_measurements`, when the runs were made). Rerun the sweep with it "
-            "present; the section then fills in.",
+            "not measured yet: these results hold no `compression` measurements (a sweep with "
+            "`--no-compression`). Rerun the sweep without it; the section then fills in.",
             "",
         ]
     else:
@@ -409,7 +408,7 @@ def _compression_section(res: Results, variant: str, comp: list[dict[str, Any]])
     if not any(r.get("data_hashing") for r in res.records):
         L += [
             "**Hashing** (paper Fig. 5): see the section 'Hashing, smaller d and INT8' when the results hold "
-            "runs on hashed data sets (`python -m mlet_torchrec.serving.compression hash ...`, then a sweep with "
+            "runs on hashed data sets (`mlet compression hash ...`, then a sweep with "
             "`data.path` on the hashed copy).",
             "",
         ]

@@ -1,1 +1,1 @@
-"""Serving: load a trained run, collapse W1 @ W2 into d-dim tables, export and compress them."""
+"""Serving: load a trained run, collapse W1 @ W2 into d-dim tables, export them."""

@@ -3,7 +3,7 @@
 Three ways to shrink the served tables, each comparable with MLET's smaller d:
 
 * **Hashing trick** (training time): the ids of chosen features are taken modulo m, a fraction
-  of their cardinality, so those tables have m rows (:mod:`mlet_torchrec.serving.hashing`:
+  of their cardinality, so those tables have m rows (:mod:`mlet_torchrec.experiments.hashing`:
   a hashed copy of a data set, used unchanged through ``data.path``, or hashing on the fly).
 * **INT8 post-training quantization** with one symmetric scale per table,
   ``q = clamp(round(w / s), -127, 127)``, the scale found by a grid search minimising the L2 error
@@ -17,9 +17,8 @@ i.e. ``sum_t params_t * bits / 32 / sum_t n_t`` with n_t the un-hashed rows
 (:func:`relative_table_size`): a d = 16 FP32 model is 16, its INT8 version 4 (plus one scale per
 table), hashing every table to a quarter of its rows gives 4, a rank-r SVD about r.
 
-``python -m mlet_torchrec.serving.compression study --collapsed DIR`` evaluates the INT8 and SVD variants
-of a collapsed model on the test split; ``python -m mlet_torchrec.serving.compression hash --input DATA
---output DIR C3=0.25 C4=0.1`` writes a hashed data set.
+``mlet compression study --input COLLAPSED_DIR`` evaluates the INT8 and SVD variants of a collapsed model on
+the test split; ``mlet compression hash --input DATA --output DIR C3=0.25 C4=0.1`` writes a hashed data set.
 
 Example:
     >>> import torch
@@ -31,10 +30,7 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +39,8 @@ from typing import Any
 import torch
 
 from data_pipes.schema import table_name
-from mlet_torchrec.errors import UserError
+from mlet_torchrec.experiments.hashing import unhashed_cardinalities
 from mlet_torchrec.modules.product import mlet_product
-from mlet_torchrec.serving.hashing import unhashed_cardinalities, write_hashed_dataset
 
 QMAX = {8: 127, 4: 7}
 
@@ -363,52 +358,3 @@ def _study(
         )
     model.load_state_dict(state)
     return results
-
-
-def _parse_spec(items: Sequence[str]) -> dict[str, int | float]:
-    spec: dict[str, int | float] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"{item!r}: expected FEATURE=FRACTION or FEATURE=ROWS")
-        spec[key] = int(raw) if raw.strip().isdigit() else float(raw)
-    return spec
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mlet_torchrec.serving.compression", description="the papers' compression studies (appendix A.4)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("hash", help="write a copy of a data set with hashed (modulo) ids")
-    p.add_argument("--input", type=Path, required=True)
-    p.add_argument("--output", type=Path, required=True)
-    p.add_argument("spec", nargs="+", metavar="FEATURE=FRACTION|ROWS")
-    p.add_argument("--overwrite", action="store_true")
-    p = sub.add_parser("study", help="INT8 (max-abs vs grid) and SVD variants of a collapsed model")
-    p.add_argument("--collapsed", type=Path, required=True)
-    p.add_argument("--split", default="test")
-    p.add_argument("--svd-ranks", type=int, nargs="*", default=[])
-    p.add_argument("--max-rows", type=int, default=None)
-    p.add_argument(
-        "--nproc-per-node", type=int, default=1, help="local processes, each scoring its slice of the split (default 1)"
-    )
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "hash":
-            meta = write_hashed_dataset(args.input, args.output, _parse_spec(args.spec), args.overwrite)
-            print(json.dumps({"cardinalities": meta.cardinalities(), "hashing": meta.source["hashing"]}, indent=2))
-        else:
-            rows = compression_study(
-                args.collapsed, args.split, args.svd_ranks, max_rows=args.max_rows, nproc_per_node=args.nproc_per_node
-            )
-            for r in rows:
-                print(f"{r['method']:<24} size {r['table_size']:8.3f}  AUC {r['auc']:.5f}  LogLoss {r['logloss']:.5f}")
-    except (UserError, ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

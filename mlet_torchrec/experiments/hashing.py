@@ -4,7 +4,7 @@ The ids of chosen features are taken modulo m, a fraction of their cardinality (
 those tables have m rows. :func:`write_hashed_dataset` writes a hashed copy of a data set (ids modulo
 m, new cardinalities and the original ones in its metadata), which every command then uses unchanged
 through ``data.path``; :func:`hash_batch` / :func:`hashed_meta` do the same on the fly for a trainer
-that wires them in. ``python -m mlet_torchrec.serving.compression hash`` is its command line.
+that wires them in. ``mlet compression hash`` is its command line.
 
 Example:
     >>> hash_moduli({"C1": 1000, "C2": 10}, {"C1": 0.25, "C2": 3})
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from data_pipes.schema import DatasetMeta, SparseFeature
+from mlet_torchrec.errors import UserError
 from mlet_torchrec.io import atomic_output
 
 if TYPE_CHECKING:  # imported where used: torchrec is slow to import
@@ -29,6 +30,10 @@ if TYPE_CHECKING:  # imported where used: torchrec is slow to import
     from torchrec.datasets.utils import Batch
 
 HashSpec = Mapping[str, int | float]
+
+
+class HashSpecError(UserError, ValueError):
+    """A hashing spec naming a feature the data set lacks, or a fraction/row count that is not one."""
 
 
 def hash_moduli(cardinalities: Mapping[str, int], spec: HashSpec) -> dict[str, int]:
@@ -40,13 +45,13 @@ def hash_moduli(cardinalities: Mapping[str, int], spec: HashSpec) -> dict[str, i
     out: dict[str, int] = {}
     for feature, value in spec.items():
         if feature not in cardinalities:
-            raise KeyError(f"hashing names feature {feature!r}, not one of {sorted(cardinalities)}")
+            raise HashSpecError(f"hashing names feature {feature!r}, not one of {sorted(cardinalities)}")
         n = cardinalities[feature]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"hashing {feature}={value!r}: give a fraction in (0, 1] or a row count")
+            raise HashSpecError(f"hashing {feature}={value!r}: give a fraction in (0, 1] or a row count")
         if isinstance(value, float):
             if value > 1:
-                raise ValueError(f"hashing {feature}={value!r}: a fraction must be in (0, 1]; an int is a row count")
+                raise HashSpecError(f"hashing {feature}={value!r}: a fraction must be in (0, 1]; an int is a row count")
             m = max(1, math.ceil(n * value))
         else:
             m = int(value)
