@@ -92,13 +92,15 @@ def reference(dataset, tmp_path_factory):
     return summary, _collapsed_state(run_dir)
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise"])
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise", "data_parallel"])
 def test_two_ranks_match_one_process(dataset, reference, tmp_path, sharding):
     summary = _run(dataset, tmp_path / "run", 2, sharding)
     assert summary["steps"] == STEPS
     plan = (tmp_path / "run" / "plan.json").read_text()
     assert f'"sharding_type": "{sharding}"' in plan
-    if sharding != "table_wise":  # the table really is split over both ranks
+    if sharding == "data_parallel":  # every table replicated on both ranks (fbgemm's dense kernel, logs.py)
+        assert all(p["ranks"] == [0, 1] for p in json.loads(plan).values())
+    elif sharding != "table_wise":  # the table really is split over both ranks
         assert '"rank:1' in plan and '"rank:0' in plan
 
     (ref_collapsed, ref_factored), (got_collapsed, got_factored) = reference[1], _collapsed_state(tmp_path / "run")
