@@ -4,6 +4,7 @@ A data set is a directory::
 
     DATASET/
       metadata.json          # DatasetMeta below
+      transform/             # the feature transform that encoded the rows (data_pipes.transform)
       train/part-00000.parquet ...
       valid/part-00000.parquet ...
       test/part-00000.parquet ...
@@ -32,6 +33,7 @@ METADATA_FILE = "metadata.json"
 LABEL_COLUMN = "label"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
+TRANSFORM_DIR = "transform"
 
 
 class SparseFeature(BaseModel):
@@ -114,5 +116,6 @@ __all__ = [
     "METADATA_FILE",
     "LABEL_COLUMN",
     "SPLITS",
+    "TRANSFORM_DIR",
     "table_name",
 ]

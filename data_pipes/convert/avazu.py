@@ -21,11 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from data_pipes.convert.checks import BlockChecker, label01
+from data_pipes.convert.checks import BlockChecker, label01, parse_hour
 from data_pipes.convert.job import (
     ConvertJob,
     ConvertResult,
@@ -104,21 +102,6 @@ def avazu_source(path: PathLike) -> TextSource:
     )
 
 
-def parse_hour(hour: pa.Array, check: BlockChecker) -> tuple[pa.Array, pa.Array, np.ndarray]:
-    """``YYMMDDHH`` strings -> (hour-of-day strings, weekday strings, bad mask)."""
-    fmt_ok = pc.match_substring_regex(hour, r"^[0-9]{8}$").fill_null(False)
-    ts = pc.strptime(
-        pc.if_else(fmt_ok, hour, pa.scalar(None, pa.string())), format="%y%m%d%H", unit="s", error_is_null=True
-    )
-    # strptime normalises impossible dates (14022900 -> 2014-03-01): demand a round trip
-    ok = pc.equal(pc.strftime(ts, format="%y%m%d%H"), hour).fill_null(False).to_numpy(zero_copy_only=False)
-    bad = ~ok
-    check.bad("hour", bad, hour, "is not an hour YYMMDDHH")
-    hod = pc.cast(pc.hour(ts), pa.string())
-    wd = pc.cast(pc.day_of_week(ts), pa.string())
-    return hod, wd, bad
-
-
 def parse_block(block: RawBlock, check: BlockChecker) -> ParsedBlock:
     b = block.batch
     label = label01(b.column("click"), "click", check)
@@ -155,11 +138,13 @@ def convert_avazu(
         dataset="avazu",
         parts=[InputPart(source, parse_block)],
         dense=[],
-        sparse=[FeatureSpec(n) for n in SPARSE],
+        sparse=[FeatureSpec(n, column="hour", derive=n) for n in SPARSE[:2]] + [FeatureSpec(n) for n in CATEGORICAL],
         options=opts,
         fractions=fractions,
         split_rule=rule,
         extra_source={"dropped_columns": ["id"], "derived": {"hour": ["hour_of_day", "weekday"]}},
+        raw_columns=[("id", "ignored"), ("click", "label"), ("hour", "hour")] + [(c, "token") for c in CATEGORICAL],
+        label=("click", "0 or 1"),
     )
     return run_job(job, output)
 

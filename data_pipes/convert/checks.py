@@ -18,6 +18,7 @@ categorical -> the OOV id) or their rows dropped (bad labels).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,31 @@ import pyarrow.compute as pc
 
 from data_pipes.errors import DataError
 
-DENSE_TRANSFORM = "log(1 + max(x, 0)); missing -> 0"
+
+@dataclass(frozen=True)
+class DenseTransform:
+    """How a raw number becomes a dense feature: ``log(1 + max(x, clip_min))`` (or ``max(x, clip_min)``
+    without ``log1p``); missing values (and, in lenient mode, bad ones) are ``fill`` before it.
+
+    >>> DenseTransform().apply(np.array([3.0, -2.0, 9.0]), np.array([True, True, False])).round(4).tolist()
+    [1.3863, 0.0, 0.0]
+    """
+
+    log1p: bool = True
+    clip_min: float = 0.0
+    fill: float = 0.0
+
+    def apply(self, values: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        x = np.where(ok, values, self.fill)
+        np.maximum(x, self.clip_min, out=x)
+        return (np.log1p(x) if self.log1p else x).astype(np.float32)
+
+    def describe(self) -> str:
+        core = f"max(x, {self.clip_min:g})"
+        return f"{f'log(1 + {core})' if self.log1p else core}; missing -> x = {self.fill:g}"
+
+
+DENSE_TRANSFORM = DenseTransform().describe()
 
 
 class IssueCounter:
@@ -146,12 +171,46 @@ def parse_numbers(arr: pa.Array, column: str, check: BlockChecker, drop: bool = 
     return values, ok
 
 
-def dense_feature(arr: pa.Array, column: str, check: BlockChecker) -> np.ndarray:
-    """``log(1 + max(x, 0))`` as float32; missing (and, in lenient mode, bad) values -> 0."""
+def dense_feature(
+    arr: pa.Array, column: str, check: BlockChecker, transform: DenseTransform = DenseTransform()
+) -> np.ndarray:
+    """``transform`` (default ``log(1 + max(x, 0))``) as float32; missing (and, lenient, bad) values -> fill."""
     values, ok = parse_numbers(arr, column, check)
-    x = np.where(ok, values, 0.0)
-    np.maximum(x, 0.0, out=x)
-    return np.log1p(x).astype(np.float32)
+    return transform.apply(values, ok)
+
+
+def token_bags(col: pa.Array) -> pa.Array:
+    """``token_seq`` strings -> ``list<string>`` bags split on whitespace; empty or missing -> ``[""]``.
+
+    >>> token_bags(pa.array(["a b", "", None])).to_pylist()
+    [['a', 'b'], [''], ['']]
+    """
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_binary(col.type):
+        col = col.cast(pa.string())
+    bags = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(col.fill_null("")))
+    empty = pc.equal(pc.list_value_length(bags), 0).to_numpy(zero_copy_only=False)
+    if empty.any():
+        bags = pc.if_else(pa.array(empty), pa.scalar([""], pa.list_(pa.string())), bags)
+    return bags
+
+
+def parse_hour(hour: pa.Array, check: BlockChecker) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """``YYMMDDHH`` strings -> (hour-of-day strings, weekday strings, bad mask)."""
+    if pa.types.is_binary(hour.type):
+        hour = hour.cast(pa.string())
+    fmt_ok = pc.match_substring_regex(hour, r"^[0-9]{8}$").fill_null(False)
+    ts = pc.strptime(
+        pc.if_else(fmt_ok, hour, pa.scalar(None, pa.string())), format="%y%m%d%H", unit="s", error_is_null=True
+    )
+    # strptime normalises impossible dates (14022900 -> 2014-03-01): demand a round trip
+    ok = pc.equal(pc.strftime(ts, format="%y%m%d%H"), hour).fill_null(False).to_numpy(zero_copy_only=False)
+    bad = ~ok
+    check.bad("hour", bad, hour, "is not an hour YYMMDDHH")
+    hod = pc.cast(pc.hour(ts), pa.string())
+    wd = pc.cast(pc.day_of_week(ts), pa.string())
+    return hod, wd, bad
 
 
 def label01(arr: pa.Array, column: str, check: BlockChecker) -> np.ndarray:
@@ -165,9 +224,12 @@ def label01(arr: pa.Array, column: str, check: BlockChecker) -> np.ndarray:
 __all__ = [
     "DENSE_TRANSFORM",
     "BlockChecker",
+    "DenseTransform",
     "IssueCounter",
     "dense_feature",
     "label01",
+    "parse_hour",
     "parse_numbers",
+    "token_bags",
     "show_value",
 ]

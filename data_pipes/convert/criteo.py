@@ -150,6 +150,8 @@ def convert_criteo(
         options=opts,
         fractions=fractions,
         split_rule=rule,
+        raw_columns=[("label", "label")] + [(n, "number") for n in DENSE] + [(n, "token") for n in SPARSE],
+        label=("label", "0 or 1"),
     )
     return run_job(job, output)
 

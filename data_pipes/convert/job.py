@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,14 +40,21 @@ from data_pipes.convert.text import RawBlock, TextSource, iter_blocks
 from data_pipes.convert.vocab import OOV_ID, Encoder, HashEncoder, VocabCounter
 from data_pipes.convert.writer import SplitWriter, progress_bar
 from data_pipes.errors import DataError
-from data_pipes.schema import SPLITS, DatasetMeta, SparseFeature
+from data_pipes.schema import SPLITS, TRANSFORM_DIR, DatasetMeta, SparseFeature
 from mlet_torchrec.io import atomic_output
+
+if TYPE_CHECKING:  # data_pipes.transform imports data_pipes.convert: imported where used
+    from data_pipes.transform import FeatureTransform
 
 
 @dataclass
 class FeatureSpec:
+    """A categorical feature: its raw ``column`` (default: ``name``), possibly a value ``derive``d from it."""
+
     name: str
     multi_hot: bool = False
+    column: str | None = None
+    derive: str | None = None  # "hour_of_day" | "weekday" (see data_pipes.transform)
 
 
 @dataclass
@@ -84,10 +91,13 @@ class ConvertJob:
     split_rule: str = ""
     extra_source: dict[str, Any] = field(default_factory=dict)
     extra_inputs: list[Path] = field(default_factory=list)  # files read besides the parts (side tables)
+    raw_columns: list[tuple[str, str]] = field(default_factory=list)  # (name, type) as in data_pipes.transform
+    label: tuple[str, str] | None = None  # (column, rule)
 
     def inputs(self) -> list[Path]:
         """Every file the job reads: the output may neither be nor contain one of them."""
-        return [p.source.path for p in self.parts] + list(self.extra_inputs)
+        extra = [Path(self.options.features_from)] if self.options.features_from is not None else []
+        return [p.source.path for p in self.parts] + list(self.extra_inputs) + extra
 
 
 @dataclass
@@ -142,6 +152,8 @@ def _part_has_train(job: ConvertJob, part: InputPart) -> bool:
 
 def _split_codes(job: ConvertJob, part: InputPart, block: RawBlock) -> np.ndarray:
     n = len(block)
+    if job.options.features_from is not None:  # every row, in input order, to the one split
+        return np.full(n, SPLITS.index(job.options.split_name), dtype=np.int8)
     if part.split is not None:
         return np.full(n, SPLITS.index(part.split), dtype=np.int8)
     assert job.fractions is not None
@@ -172,13 +184,49 @@ def _sparse_column(values: pa.Array, enc: Encoder, oov: np.ndarray | None, multi
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, pa.int64()))
 
 
+def new_transform(job: ConvertJob, encoders: dict[str, Encoder]) -> FeatureTransform:
+    """The feature transform of a conversion that counted its own vocabularies."""
+    from data_pipes.transform import DenseSpec, FeatureTransform, LabelSpec, RawColumn, SparseSource
+
+    raw = [RawColumn.model_validate({"name": n, "type": t}) for n, t in job.raw_columns]
+    label = LabelSpec(column=job.label[0], rule=job.label[1]) if job.label else None
+    sources = [(SparseSource(f.name, f.column or f.name, f.derive, f.multi_hot), encoders[f.name]) for f in job.sparse]
+    dense = [DenseSpec(name=n, column=n) for n in job.dense]
+    return FeatureTransform.from_encoders(job.dataset, raw, label, dense, sources)
+
+
+def reused_transform(job: ConvertJob) -> FeatureTransform | None:
+    """``--features-from``'s transform, checked against the features this input makes (None without it)."""
+    from data_pipes.transform import FeatureTransform
+
+    path = job.options.features_from
+    if path is None:
+        return None
+    t = FeatureTransform.load(path)
+    ours = [(f.name, f.column or f.name, f.derive, f.multi_hot) for f in job.sparse]
+    theirs = [(s.name, s.column, s.derive, s.multi_hot) for s in t.manifest.sparse]
+    if t.dataset != job.dataset or t.dense_names != list(job.dense) or ours != theirs:
+        mine = list(job.dense) + [f.name for f in job.sparse]
+        want = t.dense_names + t.sparse_names
+        lacks = [n for n in want if n not in mine][:5]
+        extra = [n for n in mine if n not in want][:5]
+        raise DataError(
+            f"--features-from {path}: its transform encodes {t.dataset} features that this {job.dataset} input "
+            f"does not make (missing {lacks}, unknown {extra}, or another order or kind)"
+        )
+    return t
+
+
 def run_job(job: ConvertJob, output: str | Path) -> ConvertResult:
     """Run a conversion (see the module docstring); returns the written data set's metadata."""
     t0 = time.perf_counter()
     opts = job.options
     plan = _encoders_plan(job)
-    vocab_features = [n for n, b in plan.items() if b is None]
+    reused = reused_transform(job)
+    vocab_features = [n for n, b in plan.items() if b is None] if reused is None else []
     encoders: dict[str, Encoder] = {n: HashEncoder(b) for n, b in plan.items() if b is not None}
+    if reused is not None:
+        encoders = dict(reused.encoders)
     issues = IssueCounter()
     input_rows: dict[int, int] = {}
 
@@ -263,11 +311,13 @@ def run_job(job: ConvertJob, output: str | Path) -> ConvertResult:
                 rows_read += rows
         for w in writers.values():
             w.close()
-        if writers["train"].rows == 0:
+        target = opts.split_name if reused is not None else "train"
+        if writers[target].rows == 0:
             raise DataError(
-                f"{job.dataset}: no rows were left for the train split "
+                f"{job.dataset}: no rows were left for the {target} split "
                 f"(inputs: {', '.join(str(p.source.path) for p in job.parts)})"
             )
+        transform = (reused or new_transform(job, encoders)).save(tmp / TRANSFORM_DIR)
 
         used = [s for s in SPLITS if writers[s].rows > 0]
         source = {
@@ -282,8 +332,11 @@ def run_job(job: ConvertJob, output: str | Path) -> ConvertResult:
             "oov_id": OOV_ID,
             "dense_transform": DENSE_TRANSFORM if job.dense else None,
             "features": {n: encoders[n].describe() for n in plan},
+            "transform": {"dir": TRANSFORM_DIR, "identity": transform.identity},
             **job.extra_source,
         }
+        if reused is not None:
+            source["features_from"] = str(Path(str(opts.features_from)).absolute())
         if opts.lenient:
             source["lenient"] = issues.as_dict()
         meta = DatasetMeta(

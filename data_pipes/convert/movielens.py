@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_pipes.convert.checks import BlockChecker, IssueCounter, parse_numbers
+from data_pipes.convert.checks import BlockChecker, IssueCounter, parse_numbers, token_bags
 from data_pipes.convert.job import (
     ConvertJob,
     ConvertResult,
@@ -107,6 +107,7 @@ class SideTable:
     keys: pa.Array
     features: dict[str, pa.Array]  # string arrays, or list<string> for token_seq columns
     multi_hot: dict[str, bool]
+    dropped: list[str]  # columns of the file that are no feature
 
 
 def load_side_table(path: Path, key: str, drop_columns: Sequence[str]) -> SideTable:
@@ -135,14 +136,11 @@ def load_side_table(path: Path, key: str, drop_columns: Sequence[str]) -> SideTa
             continue
         col = table.column(n).combine_chunks() if table.num_rows else pa.array([], pa.string())
         if types[n] == "token_seq":
-            bags = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(col.fill_null("")))
-            empty = pc.equal(pc.list_value_length(bags), 0).to_numpy(zero_copy_only=False)
-            if empty.any():  # "" -> [""] (the empty token), so every bag has at least one id
-                bags = pc.if_else(pa.array(empty), pa.scalar([""], pa.list_(pa.string())), bags)
-            features[n], multi[n] = bags, True
+            features[n], multi[n] = token_bags(col), True
         else:
             features[n], multi[n] = col, False
-    return SideTable(path=path, key=key, keys=keys, features=features, multi_hot=multi)
+    dropped = [n for n in names if n not in keep]
+    return SideTable(path=path, key=key, keys=keys, features=features, multi_hot=multi, dropped=dropped)
 
 
 def _make_parser(
@@ -170,6 +168,19 @@ def _make_parser(
         return ParsedBlock(label=label, dense={}, sparse=sparse, oov=oov)
 
     return parse
+
+
+def _raw_columns(inter_names: list[str], sides: list[SideTable]) -> list[tuple[str, str]]:
+    """The columns of a joined row (interaction + side features), as the feature transform knows them."""
+    kinds = {"user_id": "token", "item_id": "token", "rating": "label"}
+    cols = [(n, kinds.get(n, "ignored")) for n in inter_names]
+    for side in sides:
+        cols += [(n, "token_seq" if multi else "token") for n, multi in side.multi_hot.items()]
+        cols += [(n, "ignored") for n in side.dropped]
+    first: dict[str, str] = {}
+    for n, t in cols:
+        first.setdefault(n, t)
+    return list(first.items())
 
 
 def convert_movielens(
@@ -232,6 +243,8 @@ def convert_movielens(
         split_rule=rule,
         extra_source=extra,
         extra_inputs=[s.path for s in sides],
+        raw_columns=_raw_columns(names, sides),
+        label=("rating", f"rating >= {click_threshold:g}"),
     )
     return run_job(job, output)
 

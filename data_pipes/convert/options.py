@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,8 @@ class ConvertOptions:
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS
     compression: str = "snappy"
+    features_from: str | Path | None = None  # encode with this transform (a data set, run, export...)
+    split_name: str = "test"  # with features_from: the split every row goes to
 
     def __post_init__(self) -> None:
         if self.min_count < 1:
@@ -47,6 +50,10 @@ class ConvertOptions:
             raise ValueError(f"block_size must be >= 4096 bytes, got {self.block_size}")
         if self.row_group_rows < 1 or self.rows_per_file < 1:
             raise ValueError("rows_per_file and row_group_rows must be >= 1")
+        if self.split_name not in ("train", "valid", "test"):
+            raise ValueError(f"split_name must be train, valid or test, got {self.split_name!r}")
+        if self.features_from is not None and self.hash_buckets is not None:
+            raise ValueError("hash buckets come from --features-from's transform; do not give --hash-buckets too")
         buckets = self.hash_buckets
         if buckets is not None and not isinstance(buckets, Mapping):
             buckets = {"*": buckets}
@@ -65,6 +72,8 @@ class ConvertOptions:
             "rows_per_file": self.rows_per_file,
             "row_group_rows": self.row_group_rows,
             "compression": self.compression,
+            "features_from": None if self.features_from is None else str(self.features_from),
+            "split_name": self.split_name if self.features_from is not None else None,
         }
 
 

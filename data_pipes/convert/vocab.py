@@ -161,7 +161,7 @@ class Vocabulary:
         pos = np.empty(len(hashes), dtype=np.intp)
         pos[order] = np.searchsorted(self.keys, hashes[order])
         pos[pos == len(self.keys)] = 0
-        return np.where(self.keys[pos] == hashes, self.ids[pos], OOV_ID)
+        return np.where(self.keys[pos] == hashes, self.ids[pos], OOV_ID).astype(np.int64, copy=False)
 
     def encode(self, arr: ArrayLike) -> np.ndarray:
         """Ids (int64) of a string array's values, or of a list array's flattened elements."""

@@ -84,6 +84,19 @@ def _common(
         help="count bad values instead of failing: bad categorical/dense values -> OOV id / 0, rows "
         "with a bad label or column count dropped; counts go to metadata.json",
     )
+    p.add_argument(
+        "--features-from",
+        type=Path,
+        metavar="DATASET|RUN|EXPORT",
+        help="encode with the feature transform of this data set, run, collapse or export dir (its vocabularies; "
+        "unseen values -> OOV): every input row, in input order, goes to --split-name",
+    )
+    p.add_argument(
+        "--split-name",
+        choices=("train", "valid", "test"),
+        default="test",
+        help="with --features-from: the split that gets every row (default test)",
+    )
     flags.add_overwrite(p)
     p.add_argument(
         "--progress",
@@ -112,7 +125,19 @@ def _common(
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.features_from is not None:
+        given = [f for f, v in (("--hash-buckets", args.hash_buckets), ("--split", args.split)) if v]
+        given += [f for f in ("--valid", "--test") if getattr(args, f[2:], None) is not None]
+        if given:
+            raise flags.UsageError(
+                f"--features-from takes the ids from its transform and writes every row to --split-name; "
+                f"drop {' '.join(given)}"
+            )
+    elif args.split_name != "test":
+        raise flags.UsageError("--split-name applies with --features-from only")
     return dict(
+        features_from=None if args.features_from is None else existing(args.features_from, "--features-from"),
+        split_name=args.split_name,
         min_count=args.min_count,
         hash_buckets=buckets_dict(args.hash_buckets),
         seed=args.seed,
