@@ -139,7 +139,7 @@ def test_log_level_before_or_after_the_subcommand():
         (["train", "--config", "tiny", "model.top_mlp=[1,"], "override 'model.top_mlp=[1,': value is not valid YAML"),
         (["collapse", "--input", "no/run", "--output", "o"], "--input no/run does not exist"),
         (["export", "--input", "no/run", "--output", "o", "--int8"], "--input no/run does not exist"),
-        (["export", "--input", "no/run", "--output", "o"], "nothing to export"),
+        (["export", "--input", ".", "--output", "o", "--shards", "2"], "--shards shards the INT8 model: add --int8"),
         (["evaluate", "--input", "no/run"], "--input no/run does not exist"),
         (["collapse", "--output", "o"], "the following arguments are required: --input"),
         (["synth", "--output", "o", "rows=many"], "invalid synth settings"),

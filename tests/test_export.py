@@ -1,7 +1,10 @@
 """`mlet export`: TorchRec's INT8 inference model from a collapsed model, per-table files, the checks."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +19,33 @@ from mlet_torchrec.io import OutputError
 from mlet_torchrec.serving.artifact import load_collapsed
 from mlet_torchrec.serving.collapse import collapse
 from mlet_torchrec.serving.export import (
-    INT8_MODEL,
     SERVING_MD,
     Int8QualityError,
     export,
     export_tables,
     load_collapsed_model,
-    load_int8,
     read_safetensors,
 )
+from mlet_torchrec.serving.torchrec_package import (
+    PREDICT_FP32,
+    PREDICT_INT8,
+    batch_from_kjt,
+    read_extra_files,
+    sharded_file,
+)
+
+INT8_MODEL = PREDICT_INT8
+# a process that imports only torch and torchrec: loads each dict-signature module and scores the batch
+ONLY_TORCHREC = """
+import sys, torch, torchrec
+batch = torch.load(sys.argv[1])
+out = {}
+for name in sys.argv[3:]:
+    model = torch.jit.load(name)
+    out[name] = model(batch)["default"]
+ours = sorted(m for m in sys.modules if m.split(".")[0] in ("mlet_torchrec", "data_pipes"))
+torch.save({"probs": out, "ours": ours}, sys.argv[2])
+"""
 
 EBC = "net.sparse_arch.embedding_bag_collection"
 
@@ -45,26 +66,50 @@ def _tables(directory: Path) -> dict:
 
 def test_int8_model_and_table_files(collapsed, tmp_path):
     out = tmp_path / "export"
-    report = export(collapsed, out, int8=True, formats=("npy", "safetensors"), auc_tolerance=1.0)
-    assert report.int8_model == INT8_MODEL and (out / INT8_MODEL).is_file()
+    report = export(collapsed, out, int8=True, formats=("npy", "safetensors"), auc_tolerance=1.0, shards=2)
+    assert report.int8_model == INT8_MODEL and report.fp32_model == PREDICT_FP32
+    assert report.sharded_model == sharded_file(2) and report.sharded_max_abs_prob_diff <= 1e-6
     assert report.check_split == "test" and report.rows_checked == 300
     assert report.auc_diff == pytest.approx(abs(report.int8_metrics["auc"] - report.fp32_metrics["auc"]))
     assert 0 < report.int8_table_bytes < report.fp32_table_bytes
     man = json.loads((out / "manifest.json").read_text())
-    assert man["int8"]["builder"] == "torchrec.inference.modules.quantize_inference_model"
+    modules = man["predict_modules"]
+    assert modules["int8"]["builder"] == "torchrec.inference.modules.quantize_inference_model"
+    assert (
+        modules["int8_shards2"]["sharding"]["shards"] == 2
+        and "table_wise" in modules["int8_shards2"]["sharding"]["plan"]
+    )
+    assert modules["fp32"]["id_list_features_keys"] == man["sparse_features"]
     assert (out / "SERVING.md").read_text() == SERVING_MD and (out / "config.yaml").is_file()
     assert json.loads((out / "export_report.json").read_text())["int8_model"] == INT8_MODEL
+    # the metadata TorchRec's PredictFactory declares, inside the scripted file
+    assert read_extra_files(out / PREDICT_INT8) == {
+        "batching_metadata": {
+            "float_features": {"type": "dense", "device": "cpu", "pinned": []},
+            "id_list_features": {"type": "sparse", "device": "cpu", "pinned": []},
+        },
+        "result_metadata": "dict_of_tensor",
+    }
 
-    # the INT8 model predicts what the FP32 model does, up to INT8 rounding of the tables
+    # a process importing only torch and torchrec calls every module with TorchRec's dict signature
     fp32 = load_collapsed(collapsed)[0]
-    int8 = load_int8(out / INT8_MODEL)
     config = yaml.safe_load((collapsed / "config.yaml").read_text())
     batch = next(iter(ParquetBatchReader(config["data"]["path"], "test", 64, shuffle=False)))
+    dict_batch = batch_from_kjt(batch.dense_features, batch.sparse_features)
+    torch.save({k: v.clone() for k, v in dict_batch.items()}, tmp_path / "batch.pt")
+    files = [str(out / f) for f in (PREDICT_FP32, PREDICT_INT8, sharded_file(2))]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-c", ONLY_TORCHREC, str(tmp_path / "batch.pt"), str(tmp_path / "out.pt"), *files]
+    subprocess.run(cmd, check=True, cwd=tmp_path, env=env)
+    got = torch.load(tmp_path / "out.pt")
+    assert got["ours"] == []
+    p_fp32, p_int8, p_sharded = (got["probs"][f] for f in files)
     with torch.no_grad():
         p32 = torch.sigmoid(fp32(batch.dense_features, batch.sparse_features))
-        p8 = torch.sigmoid(int8(batch.dense_features, batch.sparse_features).squeeze(-1))
-    assert p8.shape == p32.shape == (64,)
-    assert 0 < float((p8 - p32).abs().max()) < 0.02
+    assert p_int8.shape == p32.shape == (64,)
+    assert float((p_fp32 - p32).abs().max()) <= 1e-6  # the FP32 module is the collapsed model
+    assert 0 < float((p_int8 - p32).abs().max()) < 0.02  # INT8 rounding of the tables
+    assert float((p_sharded - p_int8).abs().max()) <= 1e-6  # sharding moves tables, not numbers
 
     tables = _tables(collapsed)
     st, meta = read_safetensors(out / "tables.safetensors")
@@ -124,8 +169,8 @@ def test_quality_failure_and_bad_requests(collapsed, tmp_path):
     with pytest.raises(Int8QualityError, match="tolerance"):
         export(collapsed, tmp_path / "out", int8=True, auc_tolerance=-1.0)
     assert not (tmp_path / "out").exists()  # a failed check writes nothing
-    with pytest.raises(UserError, match="nothing to export"):
-        export(collapsed, tmp_path / "out", int8=False)
+    with pytest.raises(UserError, match="--int8"):
+        export(collapsed, tmp_path / "out", int8=False, shards=2)
     with pytest.raises(UserError, match="format"):
         export(collapsed, tmp_path / "out", int8=False, formats=("parquet",))
     with pytest.raises(UserError, match="mlet collapse"):
@@ -150,11 +195,11 @@ def test_deepctr_model_with_first_order_tables(synth_dataset, tmp_path):
     assert lin["key"] == "model.net.linear_arch.embedding_bag_collection.embedding_bags.lin_C2.weight"
     assert lin["rows"] == man["tables"]["t_C2"]["rows"] and lin["pooling"] == "sum"
 
-    out = export(tmp_path / "collapsed", tmp_path / "export", int8=True, formats=("npy",), auc_tolerance=1.0)
+    out = export(tmp_path / "collapsed", tmp_path / "export", int8=True, formats=("npy",), auc_tolerance=1.0, shards=2)
     assert out.rows_checked == 300 and (tmp_path / "export" / "tables" / "lin_C2.npy").is_file()
     state = load_collapsed(tmp_path / "collapsed")[0].state_dict()
     assert np.array_equal(
         np.load(tmp_path / "export" / "tables" / "lin_C2.npy"),
         state["net.linear_arch.embedding_bag_collection.embedding_bags.lin_C2.weight"].numpy(),
     )
-    assert out.max_abs_prob_diff < 0.02
+    assert out.max_abs_prob_diff < 0.02 and out.sharded_max_abs_prob_diff <= 1e-6  # both EBCs sharded

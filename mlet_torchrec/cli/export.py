@@ -1,7 +1,8 @@
-"""``mlet export --input COLLAPSED_DIR --output DIR [--int8] [--format safetensors|npy] [--no-check]``.
+"""``mlet export --input COLLAPSED_DIR --output DIR [--int8] [--shards N] [--format safetensors|npy] [--no-check]``.
 
-A collapsed model -> TorchRec's INT8 inference model (TorchScript, checked against FP32 AUC) and/or every table
-as plain float32 arrays.
+A collapsed model -> TorchRec's inference package (TorchScript modules with TorchRec's dict signature: FP32 always,
+INT8 with ``--int8`` checked against FP32 AUC, sharded INT8 with ``--shards``) and every table as plain float32
+arrays with ``--format``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from mlet_torchrec.cli.flags import existing, require
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    if not args.int8 and not args.format:
-        raise flags.UsageError("nothing to export: ask for --int8 and/or --format npy|safetensors")
     source = existing(require(args, "input", "--input"))
     from mlet_torchrec.serving.export import export, format_report
 
@@ -29,6 +28,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         auc_tolerance=args.auc_tolerance,
         overwrite=args.overwrite,
         nproc_per_node=args.nproc_per_node,
+        shards=args.shards,
     )
     print(format_report(report))
     return 0
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = flags.subparser(
         sub,
         "export",
-        "a collapsed model -> TorchRec INT8 inference model and/or per-table files",
+        "a collapsed model -> TorchRec inference modules (FP32, --int8, --shards N) and per-table files",
         "mlet export --input runs/tiny/collapsed --output runs/tiny/serving --int8 --format npy",
     )
     flags.add_input(p, "output directory of `mlet collapse`", old=["--collapsed"])
@@ -52,6 +52,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=[],
         choices=["safetensors", "npy"],
         help="also write every table as plain float32 arrays (repeatable)",
+    )
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write the INT8 model sharded table-wise over N devices (TorchRec's shard_quant_model)",
     )
     p.add_argument("--no-check", action="store_true", help="skip the INT8-vs-FP32 AUC check (needs the data set)")
     p.add_argument("--split", default="test", help="split of the INT8 quality check")

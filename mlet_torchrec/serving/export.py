@@ -1,11 +1,13 @@
-"""Serving exports of a collapse output: TorchRec's INT8 inference model and plain per-table files.
+"""Serving exports of a collapse output: TorchRec's inference package and plain per-table files.
 
-``mlet export --collapsed DIR --output OUT --int8`` builds TorchRec's quantized inference model
-(``torchrec.inference.modules.quantize_inference_model``: every table of the stock
-``EmbeddingBagCollection`` becomes a ``QuantEmbeddingBagCollection`` with row-wise INT8 weights
-run by FBGEMM's inference kernels) from the collapsed model, so INT8 is applied after collapse,
-and saves it as TorchScript (``model_int8.pt``). It then checks the INT8 model against the FP32
-collapsed model on the test split (AUC within 0.001, both reported) unless ``--no-check``.
+Every export holds the FP32 model with TorchRec's dict signature as TorchScript (``predict_fp32.pt``;
+see :mod:`mlet_torchrec.serving.torchrec_package`). ``mlet export --input DIR --output OUT --int8`` also
+builds TorchRec's quantized inference model (``torchrec.inference.modules.quantize_inference_model``:
+every table of the stock ``EmbeddingBagCollection`` becomes a ``QuantEmbeddingBagCollection`` with
+row-wise INT8 weights run by FBGEMM's inference kernels), so INT8 is applied after collapse
+(``predict_int8.pt``), and checks it against the FP32 collapsed model on the test split (AUC within
+0.001, both reported) unless ``--no-check``. ``--shards N`` adds the INT8 model sharded table-wise over
+N devices by ``shard_quant_model`` (``predict_int8_shardsN.pt``), checked against the unsharded one.
 
 ``--format npy`` / ``--format safetensors`` writes every d-dim table for consumers outside
 TorchRec (``tables/<table>.npy``, or one ``tables.safetensors`` whose ``__metadata__`` holds the
@@ -19,11 +21,9 @@ its code blocks as written).
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
-import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,9 +47,19 @@ from mlet_torchrec.serving.artifact import (  # noqa: F401  (read_manifest, meta
     meta_from_manifest,
     read_manifest,
 )
+from mlet_torchrec.serving.torchrec_package import (
+    PREDICT_FP32,
+    PREDICT_INT8,
+    SHARDED_TOLERANCE,
+    DictLogits,
+    MLETPredictFactory,
+    batch_from_ids,
+    load_predict_module,
+    save_predict_module,
+    sharded_file,
+)
 
 COMMAND = "mlet export"
-INT8_MODEL = "model_int8.pt"
 TABLES_DIR = "tables"
 SAFETENSORS_FILE = "tables.safetensors"
 REPORT_FILE = "export_report.json"
@@ -58,27 +68,27 @@ FORMATS = ("npy", "safetensors")
 
 SERVING_MD = """# Serving an `mlet export`
 
-## The INT8 model (TorchRec's quantized inference model, TorchScript)
+## The INT8 model (TorchRec's quantized inference model, TorchScript, TorchRec's dict signature)
 
 ```python
 import json, torch
 import torchrec  # registers FBGEMM's INT8 embedding kernels with TorchScript
-from torchrec import KeyedJaggedTensor
 
 EXPORT = "path/to/export"  # the directory `mlet export --int8` wrote
 manifest = json.load(open(f"{EXPORT}/manifest.json"))
-model = torch.jit.load(f"{EXPORT}/model_int8.pt")
+model = torch.jit.load(f"{EXPORT}/predict_int8.pt")  # predict_fp32.pt: the FP32 model, same signature
 # a batch of 2 rows: dense features (2, #dense) float32, one id per sparse feature and row
 keys = manifest["sparse_features"]
-dense = torch.zeros(2, len(manifest["dense_features"]))
-sparse = KeyedJaggedTensor.from_lengths_sync(
-    keys=keys, values=torch.zeros(2 * len(keys), dtype=torch.int64),
-    lengths=torch.ones(2 * len(keys), dtype=torch.int64))
-probs = torch.sigmoid(model(dense, sparse).squeeze(-1))  # (2,) click probabilities
+batch = {
+    "float_features": torch.zeros(2, len(manifest["dense_features"])),
+    "id_list_features.lengths": torch.ones(2 * len(keys), dtype=torch.int64),
+    "id_list_features.values": torch.zeros(2 * len(keys), dtype=torch.int64),  # feature-major
+}
+probs = model(batch)["default"]  # (2,) click probabilities
 ```
 
-Sparse features go in the manifest's `sparse_features` order; bags of several ids (lengths > 1) are
-pooled as the manifest's `pooling` says.
+Sparse features go in the manifest's `sparse_features` order, feature-major (all rows of the first
+feature, then the second...); bags of several ids (lengths > 1) are pooled as the manifest's `pooling` says.
 
 ## The FP32 collapsed model with stock TorchRec (any world size: DCP reshards)
 
@@ -112,7 +122,10 @@ class Int8QualityError(ValueError):
 class ExportReport:
     output: str
     collapsed: str
+    fp32_model: str | None = None
     int8_model: str | None = None
+    sharded_model: str | None = None
+    sharded_max_abs_prob_diff: float | None = None
     int8_table_bytes: int = 0
     fp32_table_bytes: int = 0
     table_files: dict[str, str] = field(default_factory=dict)
@@ -132,62 +145,6 @@ def load_collapsed_model(collapsed: Path | str) -> tuple[CTRModel, dict[str, Any
     if art.kind != "collapsed":
         raise UserError(f"{collapsed}: no {MANIFEST}; is it the output of `mlet collapse`?")
     return art.materialize(), art.info
-
-
-# --------------------------------------------------------------------------------------------
-# INT8
-
-
-def build_int8(model: CTRModel) -> torch.jit.ScriptModule:
-    """TorchRec's quantized inference model of the collapsed model's net, as TorchScript.
-
-    ``forward(dense_features, sparse_features: KeyedJaggedTensor) -> logits (B, 1)``.
-    """
-    from torchrec.fx import symbolic_trace
-    from torchrec.inference.modules import quantize_inference_model
-
-    net = copy.deepcopy(model.net).eval()
-    hints = typing.get_type_hints(type(net).forward)  # string annotations (PEP 563) resolved
-    quantized = quantize_inference_model(net)
-    graph_module = symbolic_trace(quantized)
-    for node in graph_module.graph.nodes:  # FX copies annotations as written; TorchScript needs the types
-        if node.op == "placeholder" and node.target in hints:
-            node.type = hints[node.target]
-        elif node.op == "output" and "return" in hints:
-            node.type = hints["return"]
-    graph_module.recompile()
-    scripted: torch.jit.ScriptModule = torch.jit.script(graph_module)
-    return scripted
-
-
-def load_int8(path: Path | str) -> torch.jit.ScriptModule:
-    """``torch.jit.load`` of an exported INT8 model (importing torchrec registers the FBGEMM ops)."""
-    import torchrec  # noqa: F401
-
-    # torch.jit.load has no annotations
-    loaded: torch.jit.ScriptModule = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
-    return loaded
-
-
-class _Logits(nn.Module):
-    """(dense, sparse) -> logits (B,) around a (B, 1) net, as ``evaluate.score`` expects."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, dense: torch.Tensor, sparse: Any) -> torch.Tensor:
-        logits: torch.Tensor = self.net(dense, sparse).squeeze(-1)
-        return logits
-
-
-def _int8_table_bytes(scripted: torch.jit.ScriptModule) -> int:
-    """Bytes of the INT8 kernels' weight buffers (rows with their scale/bias, as FBGEMM aligns them)."""
-    return sum(
-        v.numel() * v.element_size()
-        for k, v in scripted.state_dict().items()
-        if k.rsplit(".", 1)[-1] in ("weights_host", "weights_dev", "weights_uvm")
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,16 +251,20 @@ def export(
     auc_tolerance: float = 1e-3,
     overwrite: bool = False,
     nproc_per_node: int = 1,
+    shards: int = 0,
 ) -> ExportReport:
     """Export ``collapsed`` (a ``mlet collapse`` output) for serving into ``output``.
 
     ``nproc_per_node`` > 1 runs the INT8 check on that many local processes, each scoring its slice of
-    the split (the FP32 model sharded over them, the INT8 model in each).
+    the split (the FP32 model sharded over them, the INT8 model in each). ``shards`` > 0 also writes the INT8
+    model sharded table-wise over that many devices by ``shard_quant_model``, checked against the unsharded one.
     """
     start = time.perf_counter()
     collapsed, output = Path(collapsed), Path(output)
-    if not int8 and not formats:
-        raise UserError("nothing to export: ask for --int8 and/or --format npy|safetensors")
+    if shards and not int8:
+        raise UserError("--shards shards the INT8 model: add --int8")
+    if shards < 0:
+        raise UserError(f"--shards {shards}: give a number of devices >= 1")
     for fmt in formats:
         if fmt not in FORMATS:
             raise UserError(f"table format {fmt!r} is not one of {FORMATS}")
@@ -328,33 +289,22 @@ def export(
         for fmt in formats:
             report.table_files.update({f"{fmt}:{k}": v for k, v in export_tables(collapsed, tmp, fmt).items()})
         out_manifest = dict(man)
-        if int8:
-            model = art.materialize()
-            scripted = build_int8(model)
-            scripted.save(str(tmp / INT8_MODEL))
-            report.int8_model = INT8_MODEL
-            report.int8_table_bytes = _int8_table_bytes(scripted)
-            out_manifest["int8"] = {
-                "file": INT8_MODEL,
-                "builder": "torchrec.inference.modules.quantize_inference_model",
-                "weights": "row-wise INT8 with per-row scale and bias (FBGEMM IntNBit TBE)",
-                "table_bytes": report.int8_table_bytes,
-                "forward": "(dense_features float32 (B, D), sparse_features KeyedJaggedTensor) -> logits (B, 1)",
-            }
-            if check:
-                if nproc_per_node > 1:
-                    found = int8_check_local(collapsed, tmp / INT8_MODEL, split, max_check_rows, nproc_per_node)
-                else:
-                    found = int8_check(
-                        model,
-                        _Logits(load_int8(tmp / INT8_MODEL)),
-                        data,
-                        split,
-                        art.meta,
-                        config.train.eval_batch_size,
-                        max_check_rows,
-                    )
-                _judge_int8(report, found, split, auc_tolerance)
+        model = art.materialize()
+        out_manifest["predict_modules"] = write_predict_modules(model, art.meta, tmp, int8, shards, report)
+        if int8 and check:
+            if nproc_per_node > 1:
+                found = int8_check_local(collapsed, tmp / PREDICT_INT8, split, max_check_rows, nproc_per_node)
+            else:
+                found = int8_check(
+                    model,
+                    DictLogits(load_predict_module(tmp / PREDICT_INT8)),
+                    data,
+                    split,
+                    art.meta,
+                    config.train.eval_batch_size,
+                    max_check_rows,
+                )
+            _judge_int8(report, found, split, auc_tolerance)
         if report.table_files:
             out_manifest["table_files"] = report.table_files
         (tmp / MANIFEST).write_text(json.dumps(out_manifest, indent=2))
@@ -363,6 +313,49 @@ def export(
         report.seconds = time.perf_counter() - start
         (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
     return report
+
+
+def write_predict_modules(
+    model: CTRModel, meta: DatasetMeta, out: Path, int8: bool, shards: int, report: ExportReport
+) -> dict[str, Any]:
+    """TorchRec's inference package into ``out``: the FP32 dict-signature module, with ``int8`` the INT8 one,
+    with ``shards`` the INT8 one sharded (checked against the unsharded one). Returns the manifest's entries."""
+    keys, num_dense = meta.sparse_names(), len(meta.dense)
+    entries: dict[str, Any] = {}
+    fp32 = MLETPredictFactory(model.net, keys, num_dense)
+    save_predict_module(fp32, out / PREDICT_FP32)
+    entries["fp32"] = {"file": PREDICT_FP32, **fp32.describe()}
+    report.fp32_model = PREDICT_FP32
+    if not int8:
+        return entries
+    factory = MLETPredictFactory(model.net, keys, num_dense, int8=True)
+    save_predict_module(factory, out / PREDICT_INT8)
+    report.int8_model, report.int8_table_bytes = PREDICT_INT8, factory.table_bytes
+    entries["int8"] = {"file": PREDICT_INT8, **factory.describe()}
+    if shards:
+        sharded_factory = MLETPredictFactory(model.net, keys, num_dense, int8=True, shards=shards)
+        name = sharded_file(shards)
+        save_predict_module(sharded_factory, out / name)
+        diff = _max_prob_diff(load_predict_module(out / PREDICT_INT8), load_predict_module(out / name), meta)
+        if not diff <= SHARDED_TOLERANCE:
+            raise ValueError(f"the model sharded over {shards} devices is {diff:.2e} from the unsharded INT8 model")
+        report.sharded_model, report.sharded_max_abs_prob_diff = name, diff
+        entries[f"int8_shards{shards}"] = {
+            "file": name,
+            "max_abs_prob_diff_to_int8": diff,
+            **sharded_factory.describe(),
+        }
+    return entries
+
+
+def _max_prob_diff(a: nn.Module, b: nn.Module, meta: DatasetMeta, rows: int = 512, seed: int = 0) -> float:
+    """max |p_a - p_b| of two dict-signature modules on ``rows`` random rows (every table's ids drawn)."""
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randn(rows, len(meta.dense), generator=g)
+    ids = torch.stack([torch.randint(0, f.cardinality, (rows,), generator=g) for f in meta.sparse], dim=1)
+    batch = batch_from_ids(dense, ids)
+    with torch.no_grad():
+        return float((a(batch)["default"].double() - b(batch)["default"].double()).abs().max())
 
 
 def int8_check(
@@ -407,7 +400,7 @@ def _int8_check_job(collapsed: str, int8_file: str, split: str, max_rows: int | 
         model = shard_for_job(art, ctx.device, ctx.world_size)
         return int8_check(
             model,
-            _Logits(load_int8(int8_file)),
+            DictLogits(load_predict_module(int8_file)),
             art.config.data.path,
             split,
             art.meta,
@@ -456,10 +449,17 @@ def _judge_int8(report: ExportReport, found: dict[str, Any], split: str, auc_tol
 
 def format_report(report: ExportReport) -> str:
     lines = [f"exported {report.collapsed} -> {report.output}"]
+    if report.fp32_model:
+        lines.append(f"  FP32 model: {report.fp32_model} (TorchRec dict signature, TorchScript)")
     if report.int8_model:
         lines.append(
             f"  INT8 model: {report.int8_model} ({report.int8_table_bytes / 2**20:.2f} MiB of tables "
             f"vs {report.fp32_table_bytes / 2**20:.2f} MiB FP32)"
+        )
+    if report.sharded_model:
+        lines.append(
+            f"  sharded INT8 model: {report.sharded_model} "
+            f"(max |p_sharded - p_int8| {report.sharded_max_abs_prob_diff:.1e} on 512 random rows)"
         )
     if report.table_files:
         lines.append(f"  tables: {', '.join(sorted(set(report.table_files.values())))}")
