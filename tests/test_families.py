@@ -133,14 +133,21 @@ def test_sweep_names_are_unique_and_every_config_and_grid_loads():
             str(ROOT / s.config), st.grid, st.tune, st.base_overrides, "runs/x", st.tune_mlet, st.tune_seeds, []
         )
         assert cells and all(c.role in ("grid", "tune") for c in cells), s.name
-        assert pending > 0, s.name  # seeds 1-4 wait for seed 0's tuning runs
+        if s.setup == "resplit":  # one seed per split, each split tuned on its own validation rows
+            assert pending == 0 and {c.config.data.path for c in cells} == set(families._data_paths(s)), s.name
+        else:
+            assert pending > 0, s.name  # seeds 1-4 wait for seed 0's tuning runs
 
 
 def test_data_commands_name_their_output_and_inputs():
+    made: set[str] = set()
     for command in families.DATA_COMMANDS:
         out, inputs = families.data_command_paths(command)
-        assert out.startswith("data/exp_"), command
-        assert all(p.startswith("../shared/data/") for p in inputs), command
+        assert out.startswith("data/"), command
+        assert all(p.startswith("../shared/data/") or p in made for p in inputs), command  # raw, or made above
+        made.add(out)
+    for s in SWEEPS:  # every data set a sweep reads is made by a line
+        assert set(families._data_paths(s)) <= made, s.name
 
 
 # ----------------------------------------------------------------------------------- CLI
@@ -242,6 +249,28 @@ def test_prepare_data_makes_a_missing_data_set_once_and_leaves_an_existing_one(
     stamp = (out_dir / "metadata.json").stat().st_mtime_ns
     assert families.prepare_data(None) == []
     assert (out_dir / "metadata.json").stat().st_mtime_ns == stamp  # left alone
+
+
+def test_prepare_data_pools_then_splits_and_skips_the_chain_when_its_raw_file_is_missing(
+    capsys, tmp_path, monkeypatch, fake_sweeps
+):
+    raw = [tmp_path / "shared" / f"{n}.tsv" for n in ("train", "test")]
+    pooled, split = tmp_path / "data" / "pooled.tsv", tmp_path / "data" / "x"
+    inputs = " ".join(f"--input {p}" for p in raw)
+    commands = [f"pool {inputs} --output {pooled}", f"mlet convert criteo --input {pooled} --seed 3 --output {split}"]
+    monkeypatch.setattr(families, "DATA_COMMANDS", commands)
+    made: list[str] = []
+    monkeypatch.setattr(families, "_make_data", made.append)
+    assert families.prepare_data(["a1"]) == ["a1"]  # the raw files are missing: the split cannot be made either
+    assert capsys.readouterr().out.splitlines() == [
+        f"results: skipping a1: missing {raw[0]}, {raw[1]} (the raw files of {pooled})"
+    ]
+    raw[0].parent.mkdir(parents=True)
+    raw[0].write_text("0\t1\n1\t2")  # no newline at the end: pooling adds one
+    raw[1].write_text("1\t3\n")
+    assert families.prepare_data(["a1"]) == [] and made == commands  # in order: the pool, then the split
+    families.pool_files([str(p) for p in raw], str(pooled))
+    assert pooled.read_text() == "0\t1\n1\t2\n1\t3\n"
 
 
 def test_prepare_data_skips_a_data_set_no_command_makes(capsys, fake_sweeps):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from mlet_torchrec.experiments.delong import auc
+from mlet_torchrec.experiments.predictions import decode_predictions
 from mlet_torchrec.experiments.report import fmt, render_report
 from mlet_torchrec.experiments.sweep import load_results
 
@@ -52,6 +54,8 @@ def test_tiny_sweep_renders_a_report(synth_dataset, tmp_path):
         assert {"top10", "bottom10"} <= set(r["freq"]) and r["freq"]["top10"]["rows"] > 0
         assert r["peak_rss_mb"] > 0 and r["seconds_per_iter"] > 0 and r["serving_table_bytes"] > 0
         assert all(0 < t["above_1pct"] <= 4 for t in r["spectrum"].values())
+        logits, labels = decode_predictions(r["test_predictions"])  # a small test set: its predictions are kept
+        assert abs(auc(logits, labels) - r["test"]["auc"]) < 2e-3
     assert not (tmp_path / "runs" / lines[0]["key"]).exists()  # run dirs are removed once recorded
 
     # a rerun skips every done cell

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mlet_torchrec.config import ExperimentConfig
+from mlet_torchrec.experiments.predictions import MAX_STORED_PREDICTIONS, encode_predictions
 
 log = logging.getLogger("mlet.sweep")
 
@@ -68,13 +69,20 @@ def _row_frequency(kjt: Any, counts: dict[str, Any], rows: int) -> Any:
 
 
 def frequency_metrics(
-    model: Any, data_path: str, meta: Any, features: Sequence[str], batch_size: int, fraction: float = 0.1
+    model: Any,
+    data_path: str,
+    meta: Any,
+    features: Sequence[str],
+    batch_size: int,
+    fraction: float = 0.1,
+    scored: list[tuple[Any, Any]] | None = None,
 ) -> dict[str, Any]:
     """Metrics of the test rows whose rarest id is rarest (``bottom10``) and commonest (``top10``), and of all.
 
     Bounded memory, two passes: the first counts the test rows per frequency (no model) and fixes the
     thresholds, the second scores the rows into one metric accumulator per split. A split takes every row
-    at its threshold (ties included), so it can hold a little more than ``fraction`` of the rows.
+    at its threshold (ties included), so it can hold a little more than ``fraction`` of the rows. ``scored``,
+    when given, receives each test batch's (logits, labels) in row order.
     """
     import torch
 
@@ -101,6 +109,8 @@ def frequency_metrics(
             continue
         fq = _row_frequency(out.batch.sparse_features, counts, out.labels.numel())
         accs["all"].update(out.logits[0], out.labels)
+        if scored is not None:
+            scored.append((out.logits[0].detach(), out.labels.detach()))
         for name, rows in (("bottom10", fq <= low), ("top10", fq >= high)):
             if rows.any():
                 accs[name].update(out.logits[0][rows], out.labels[rows])
@@ -149,7 +159,8 @@ def analyse_run(
     unknown = set(features) - set(meta.sparse_names())
     if unknown:
         raise ValueError(f"--freq-features {sorted(unknown)} are not sparse features ({meta.sparse_names()})")
-    freq = frequency_metrics(model, config.data.path, meta, features, config.train.eval_batch_size, fraction)
+    scored: list[tuple[Any, Any]] = []
+    freq = frequency_metrics(model, config.data.path, meta, features, config.train.eval_batch_size, fraction, scored)
 
     prefix, mlet = mlet_module(model)
     state = model.state_dict()
@@ -165,6 +176,11 @@ def analyse_run(
             "singular_values": [float(x) for x in s],
         }
     out: dict[str, Any] = {"freq": freq, "spectrum": spectrum, "checkpoint": str(ckpt)}
+    rows = sum(int(labels.numel()) for _, labels in scored)
+    if 0 < rows <= MAX_STORED_PREDICTIONS:
+        out["test_predictions"] = encode_predictions(
+            torch.cat([logits.float() for logits, _ in scored]).numpy(), torch.cat([lb for _, lb in scored]).numpy()
+        )
     if compression:
         out["compression"] = _compression(Path(run_dir), config)
     return out

@@ -37,7 +37,7 @@ from pathlib import Path
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.experiments.grid import parse_grid
 from mlet_torchrec.experiments.sweep import SweepSettings, run_sweep
-from mlet_torchrec.io import pid_alive
+from mlet_torchrec.io import atomic_write_bytes, pid_alive
 
 log = logging.getLogger("mlet.results")
 
@@ -69,14 +69,43 @@ DATASETS = {
     ),
 }
 
+SPLITS = 10
+"""Random re-splits of each small real data set (the re-split sweeps): split ``i`` is its rows split with seed ``i``."""
+POOLED_CRITEO = "data/criteo_sample_pooled.tsv"
+
+
+def split_path(dataset: str, i: int) -> str:
+    """The data set directory of re-split ``i`` of ``dataset`` ('criteo_sample' or 'movielens').
+
+    >>> split_path("criteo_sample", 3)
+    'data/exp_criteo_split3'
+    """
+    return f"data/exp_{'criteo' if dataset == 'criteo_sample' else 'ml'}_split{i}"
+
+
 DATA_COMMANDS = [
     "mlet convert movielens --input ../shared/data/movielens_100k --output data/exp_ml --row-group-rows 2048",
     "mlet convert criteo --input ../shared/data/criteo_kaggle/train.tsv --valid ../shared/data/criteo_kaggle/valid.tsv"
     " --test ../shared/data/criteo_kaggle/test.tsv --output data/exp_criteo --row-group-rows 128",
     "mlet synth --output data/exp_synth1m rows=1000000 num_dense=4 num_sparse=8 min_cardinality=100"
     " max_cardinality=100000 row_group_size=8192 seed=0",
+    # the re-splits: the Criteo sample's three files pooled (8,000 rows), then split 90/5/5 with seed i (about the
+    # sample's own 7,200 / 409 / 391); MovieLens-100K split 80/10/10 with seed i (split 0 is data/exp_ml's split)
+    "pool --input ../shared/data/criteo_kaggle/train.tsv --input ../shared/data/criteo_kaggle/valid.tsv"
+    f" --input ../shared/data/criteo_kaggle/test.tsv --output {POOLED_CRITEO}",
+    *[
+        f"mlet convert criteo --input {POOLED_CRITEO} --split 0.9 0.05 0.05 --seed {i}"
+        f" --output {split_path('criteo_sample', i)} --row-group-rows 128"
+        for i in range(SPLITS)
+    ],
+    *[
+        f"mlet convert movielens --input ../shared/data/movielens_100k --seed {i}"
+        f" --output {split_path('movielens', i)} --row-group-rows 2048"
+        for i in range(SPLITS)
+    ],
 ]
-"""The data the sweeps read (as in docs/results/*/COMMANDS.md); ``mlet results run`` makes what is missing."""
+"""The data the sweeps read (as in docs/results/*/COMMANDS.md); ``mlet results run`` makes what is missing. A
+``pool`` line concatenates its text inputs into its output (:func:`pool_files`)."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +114,7 @@ class FamilySweep:
 
     name: str
     dataset: str
-    setup: str  # 'deepctr' (Adagrad, DeepCTR-style models) or 'dlrm_sgd'
+    setup: str  # 'deepctr' (Adagrad, DeepCTR-style models), 'dlrm_sgd', or 'resplit' (deepctr on re-splits)
     grid: str
     tune: str
     overrides: tuple[str, ...] = field(default_factory=tuple)
@@ -93,7 +122,7 @@ class FamilySweep:
     @property
     def config(self) -> str:
         deepctr, dlrm, _ = DATASETS[self.dataset]
-        return deepctr if self.setup == "deepctr" else dlrm
+        return dlrm if self.setup == "dlrm_sgd" else deepctr
 
     @property
     def store(self) -> str:
@@ -138,10 +167,24 @@ _MODELS = "d=[4,8,16,32] kd=[none,1,4,16]"
 _SMALL_K = "model.name=[deepfm] d=[8,16,32] kd=[none,0.5,1,4]"
 _EPOCHS = "model.name=[deepfm] d=[4,16,64] kd=[none,4] train.epochs=[1,3]"
 _SIGMA = f"{SEEDS} d=[4] k=[none,64] {SIGMAS}"
+# The re-splits: one seed per split, every method's lrs chosen on that split's validation rows. The model is the
+# slowest axis, then the split, so a cut-short sweep leaves whole splits of the first model (DeepFM). A dense lr
+# grid of 3 values (the families' chose 0.02, the lower of their two, for most methods).
+RESPLIT_TUNE = "lr=[0.00125,0.005,0.02,0.08] dense_lr=[0.005,0.02,0.08]"
+
+
+def _resplit(dataset: str, models: str) -> FamilySweep:
+    paths = ",".join(split_path(dataset, i) for i in range(SPLITS))
+    grid = f"model.name=[{models}] data.path=[{paths}] seed=[0] d=[8,32] kd=[none,1,4]"
+    return FamilySweep(f"resplit_{dataset}", dataset, "resplit", grid, RESPLIT_TUNE)
+
+
 SWEEPS: list[FamilySweep] = [
     FamilySweep("dlrm_sgd_movielens", "movielens", "dlrm_sgd", _SIGMA, SGD_TUNE),
     FamilySweep("dlrm_sgd_criteo_sample", "criteo_sample", "dlrm_sgd", _SIGMA, SGD_TUNE),
     FamilySweep("dlrm_sgd_synth1m", "synth1m", "dlrm_sgd", _SIGMA, SGD_TUNE_SYNTH),
+    _resplit("criteo_sample", "deepfm,dcn"),
+    _resplit("movielens", "deepfm"),
     _deepctr("movielens", "fast", f"model.name=[deepfm,dcn] {_MODELS}"),
     _deepctr("criteo_sample", "fast", f"model.name=[deepfm,dcn] {_MODELS}"),
     _deepctr("movielens", "small_k", _SMALL_K),
@@ -182,18 +225,46 @@ def data_command_paths(command: str) -> tuple[str, list[str]]:
     return out, inputs
 
 
-def _data_path(sweep: FamilySweep) -> str:
+def _data_paths(sweep: FamilySweep) -> list[str]:
+    """The data set directories a sweep reads: its grid's ``data.path`` values (the re-splits), else its config's."""
     from mlet_torchrec.config import load_config
 
-    return os.path.normpath(load_config(sweep.config).data.path)
+    grid = parse_grid(sweep.grid).get("data.path") or [load_config(sweep.config).data.path]
+    return [os.path.normpath(p) for p in grid]
+
+
+def pool_files(inputs: list[str], output: str) -> None:
+    """Concatenate text files (e.g. the Criteo sample's train, valid and test rows) into ``output``, atomically;
+    a last line without a newline gets one, so no two rows are joined."""
+    parts = [Path(p).read_bytes() for p in inputs]
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(output, b"".join(b if b.endswith(b"\n") or not b else b + b"\n" for b in parts))
 
 
 def _make_data(command: str) -> None:
-    """Run one ``DATA_COMMANDS`` line (``mlet ...``) with this interpreter; a failure stops ``results run``."""
+    """Run one ``DATA_COMMANDS`` line (``mlet ...`` with this interpreter, or ``pool``); a failure stops
+    ``results run``."""
+    if command.startswith("pool "):
+        out, inputs = data_command_paths(command)
+        pool_files(inputs, out)
+        return
     argv = [sys.executable, "-m", "mlet_torchrec.cli", *shlex.split(command)[1:]]
     rc = subprocess.run(argv, check=False).returncode
     if rc:
         raise UserError(f"making the data failed (exit {rc}, its error is above): {command}")
+
+
+def _users(todo: list[FamilySweep]) -> dict[str, set[str]]:
+    """Per ``DATA_COMMANDS`` output: the sweeps that need it, directly or through a later command reading it."""
+    users: dict[str, set[str]] = {}
+    for s in todo:
+        for path in _data_paths(s):
+            users.setdefault(path, set()).add(s.name)
+    for command in reversed(DATA_COMMANDS):
+        out, inputs = data_command_paths(command)
+        for p in inputs:
+            users.setdefault(os.path.normpath(p), set()).update(users.get(os.path.normpath(out), set()))
+    return users
 
 
 def prepare_data(names: list[str] | None = None, dry_run: bool = False) -> list[str]:
@@ -206,28 +277,32 @@ def prepare_data(names: list[str] | None = None, dry_run: bool = False) -> list[
     []
     """
     todo = sweeps(names)
-    paths = {s.name: _data_path(s) for s in todo}
+    users = _users(todo)
     made: set[str] = set()
-    skipped: list[str] = []
+    skipped: set[str] = set()
     for command in DATA_COMMANDS:
         out, inputs = data_command_paths(command)
-        users = [s.name for s in todo if paths[s.name] == os.path.normpath(out)]
+        who = [s.name for s in todo if s.name in users.get(os.path.normpath(out), set()) - skipped]  # in order
         made.add(os.path.normpath(out))
-        if not users or Path(out).exists():
+        if not who or Path(out).exists():
             continue
-        missing = [p for p in inputs if not Path(p).exists()]
+        missing = [p for p in inputs if not Path(p).exists() and os.path.normpath(p) not in made]
         if missing:
-            print(f"results: skipping {', '.join(users)}: missing {', '.join(missing)} (the raw files of {out})")
-            skipped += users
+            print(f"results: skipping {', '.join(who)}: missing {', '.join(missing)} (the raw files of {out})")
+            skipped.update(who)
         elif dry_run:
             print(f"results: would make {out}: {command}")
         else:
             print(f"results: making {out}: {command}", flush=True)
             _make_data(command)
-    orphans = [s.name for s in todo if paths[s.name] not in made and not Path(paths[s.name]).exists()]
+    orphans = [
+        s.name
+        for s in todo
+        if s.name not in skipped and any(p not in made and not Path(p).exists() for p in _data_paths(s))
+    ]
     for name in orphans:  # a data set no DATA_COMMANDS line makes
-        print(f"results: skipping {name}: its data set {paths[name]} is missing and DATA_COMMANDS does not make it")
-    return skipped + orphans
+        print(f"results: skipping {name}: its data set is missing and DATA_COMMANDS does not make it")
+    return [s.name for s in todo if s.name in skipped] + orphans
 
 
 def _claim(path: Path) -> bool:
