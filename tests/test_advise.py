@@ -86,7 +86,7 @@ def test_marks_and_verdict_name_the_win_the_loss_and_the_lr_cell(tmp_path):
     assert first.startswith("MLET beats the tuned baseline in 1 of 3 cells (deepfm d=4 k=16 σ=0.5)")
     assert "in 1 cell (deepfm d=16 k=64 σ=0.5) tuning the baseline's learning rate does the same" in first
     assert "it loses in 1 cell (deepfm d=8 k=32 σ=0.5)" in first
-    assert a.pooled.n_cells == 3 and "Pooled over 3 cells" in a.verdict[1]
+    assert a.pooled.n_cells == 3 and "Pooled over 3 baseline cluster(s)" in a.verdict[1]
     assert a.verdict[-1].startswith("Reading: mixed")
     assert a.advice == [] and a.command is None  # 5 seeds, both lrs tuned: nothing to add
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from mlet_torchrec.experiments.family_tables import (
     cells,
     expected_methods,
     interp_log,
+    judge,
     lr_points,
     mark,
     paper_lrs,
@@ -112,13 +114,28 @@ def stores(tmp_path: Path) -> Path:
 
 
 def test_mark_rule_on_known_differences() -> None:
-    assert mark(paired_test([0.01, 0.012, 0.011]), float("nan"), 0.01) == WIN
-    assert mark(paired_test([-0.01, -0.012, -0.011]), 0.5, 0.01) == LOSS  # significance beats the paper lrs
+    win, loss = paired_test([0.01, 0.012, 0.011]), paired_test([-0.01, -0.012, -0.011])
+    assert mark(win, win.p, float("nan"), 0.01) == WIN
+    assert mark(loss, loss.p, 0.5, 0.01) == LOSS  # significance beats the paper lrs
+    assert mark(win, 0.06, float("nan"), 0.01) == TIE  # p < 0.05 but not after Benjamini-Hochberg: no win
     noisy = paired_test([0.001, -0.001, 0.0005])
-    assert mark(noisy, paper_diff=0.02, base_std=0.01) == LR
-    assert mark(noisy, paper_diff=0.005, base_std=0.01) == TIE
-    assert mark(noisy, paper_diff=float("nan"), base_std=0.01) == TIE  # a missing paper-lr run claims nothing
-    assert mark(paired_test([0.05]), 0.5, 0.01) == PENDING
+    assert mark(noisy, noisy.p, paper_diff=0.02, base_std=0.01) == LR
+    assert mark(noisy, noisy.p, paper_diff=0.005, base_std=0.01) == TIE
+    assert mark(noisy, noisy.p, paper_diff=float("nan"), base_std=0.01) == TIE  # a missing paper-lr run: no claim
+    one = paired_test([0.05])
+    assert mark(one, one.p, 0.5, 0.01) == PENDING
+
+
+def test_judge_adjusts_over_every_cell_of_the_report() -> None:
+    """A p of 0.04 is a win alone; among 9 null cells Benjamini-Hochberg takes it back (q = 0.4)."""
+    recs = deepctr_store()
+    cs = cells(FAMILY["models"], recs)
+    lone = replace(cs[0], test=replace(cs[0].test, p=0.04, mean=0.01))
+    nulls = [replace(cs[0], test=replace(cs[0].test, p=0.9)) for _ in range(9)]
+    assert judge([[lone]])[0][0].mark == WIN
+    both = judge([[lone], nulls])
+    assert both[0][0].q == pytest.approx(0.4) and both[0][0].mark != WIN
+    assert [c.q for c in both[1]] == pytest.approx([0.9] * 9)
 
 
 def test_cells_from_records() -> None:
@@ -177,7 +194,8 @@ def test_render_is_byte_identical_and_lists_losses(stores: Path, tmp_path: Path)
     assert "d=4, MLET k=16" in loses and "k=32" not in loses and "k=4 " not in loses
     assert LR in models and WIN in models and GENERATED in models
     pooled = models.split("Pooled Δ AUC over cells")[1].split("##")[0]
-    assert "| all cells |" in pooled and "| 3 of 3 |" in pooled
+    # three cells on two baselines (d=4: k=4 and k=16; d=8: k=32): two clusters
+    assert "| all cells |" in pooled and "| 2 of 2 | hartung-knapp |" in pooled
     assert pooled.index("k = 1d") < pooled.index("k = 4d")  # groups in numeric order
     readme = texts["README.md"].decode()
     assert "| [models](models.md) | movielens |" in readme and "1 / 0 / 1 / 1" in readme

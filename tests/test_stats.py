@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlet_torchrec.experiments.stats import (
+    bh_q,
+    cluster_cells,
     fmt_interval,
     paired_test,
     pooled_estimate,
@@ -98,8 +100,10 @@ def test_verdict_uses_exact_df_between_old_table_keys():
 
 def test_pooled_identical_cells_equal_single_cell_and_narrow():
     cell = [0.010, 0.013, 0.011, 0.012]
+    one = pooled_estimate([cell])
+    assert one.estimate == pytest.approx(statistics.fmean(cell)) and math.isnan(one.lo) and math.isnan(one.hi)
     widths = []
-    for k in (1, 2, 3, 5):
+    for k in (2, 3, 5):
         p = pooled_estimate([cell] * k)
         assert p.estimate == pytest.approx(statistics.fmean(cell))
         assert p.n_cells == k
@@ -107,6 +111,38 @@ def test_pooled_identical_cells_equal_single_cell_and_narrow():
         assert p.lo < p.estimate < p.hi
         widths.append(p.hi - p.lo)
     assert all(a > b for a, b in itertools.pairwise(widths))
+
+
+def test_hartung_knapp_interval_by_hand_and_wider_than_dl_z_for_few_cells():
+    cells = [[0.010, 0.014, 0.012], [0.001, 0.003, 0.008], [0.020, 0.015, 0.016], [0.0, 0.004, 0.002]]
+    p = pooled_estimate(cells)
+    ys = [statistics.fmean(c) for c in cells]
+    vs = [statistics.variance(c) / 3 for c in cells]
+    w = [1 / (v + p.tau2) for v in vs]
+    mu = sum(wi * y for wi, y in zip(w, ys, strict=True)) / sum(w)
+    scatter = sum(wi * (y - mu) ** 2 for wi, y in zip(w, ys, strict=True)) / 3
+    half = scipy.stats.t.ppf(0.975, 3) * math.sqrt(max(1.0, scatter) / sum(w))
+    assert p.estimate == pytest.approx(mu) and p.hi - p.estimate == pytest.approx(half)
+    assert half > 1.959963984540054 / math.sqrt(sum(w))  # DL's z interval is narrower with 4 cells
+
+
+def test_bh_q_matches_the_step_up_rule_and_keeps_missing():
+    ps = [0.001, 0.008, 0.039, 0.041, 0.042, 0.06, 0.074, 0.205, float("nan")]
+    qs = bh_q(ps)
+    m = 8
+    by_hand = [min(min(ps[j] * m / (j + 1) for j in range(i, m)), 1.0) for i in range(m)]
+    assert qs[:m] == pytest.approx(by_hand) and math.isnan(qs[-1])
+    assert sum(p < 0.05 for p in ps[:m]) == 5 and sum(q < 0.05 for q in qs[:m]) == 2
+    assert bh_q([]) == []
+
+
+def test_cluster_cells_averages_members_per_shared_seed():
+    a, b = {0: 0.1, 1: 0.2, 2: 0.3}, {1: 0.4, 2: 0.5}
+    assert cluster_cells([a, b, {5: 1.0}], ["x", "x", "y"]) == [pytest.approx([0.3, 0.4]), [1.0]]
+    # two cells that are one noise (same baseline, same per-seed shift) count as one cell, not two
+    noise = {s: v for s, v in enumerate([0.01, -0.02, 0.015, 0.0, -0.01])}
+    twice = pooled_estimate(cluster_cells([noise, noise], ["base", "base"]))
+    assert twice.n_cells == 1 and math.isnan(twice.lo)
 
 
 def test_pooled_heterogeneous_cells_have_positive_tau2_and_wider_interval():

@@ -2,8 +2,9 @@
 
 Every MLET method of the store (model, epochs, d, k, sigma) is one **cell** against its single-layer baseline
 at the tuned learning rates (:func:`.family_tables.cells`, whatever the config, model or optimizer); its mark says
-whether a gain survives tuning both methods' learning rates alike. The cells are pooled
-(:func:`.stats.pooled_estimate`) and summed up in a few plain lines, with what to run next when the store cannot
+whether a gain survives tuning both methods' learning rates alike and the number of cells tested (Benjamini-Hochberg
+q < 0.05, as in the family reports). The cells are pooled (:func:`.family_tables.pool`: cells sharing a baseline
+clustered, Hartung-Knapp interval) and summed up in a few plain lines, with what to run next when the store cannot
 answer: fewer than 2 seeds, or a baseline (or MLET) run at one embedding learning rate only.
 
 Example:
@@ -26,8 +27,8 @@ from typing import Any
 
 from mlet_torchrec.errors import InputNotFound, UserError
 from mlet_torchrec.experiments.family_data import TUNE_SEED, Family, MethodKey, edge_choices, finished, method_of
-from mlet_torchrec.experiments.family_tables import LOSS, LR, PENDING, TIE, WIN, Cell, Records, _num, cells
-from mlet_torchrec.experiments.stats import Pooled, fmt_interval, pooled_estimate
+from mlet_torchrec.experiments.family_tables import LOSS, LR, PENDING, TIE, WIN, Cell, Records, _num, cells, pool
+from mlet_torchrec.experiments.stats import Pooled, fmt_interval
 from mlet_torchrec.experiments.store import load_results
 from mlet_torchrec.experiments.tables import _table
 
@@ -106,7 +107,7 @@ def verdict_lines(cs: Sequence[Cell], pooled: Pooled) -> list[str]:
     lines = [first + ("; " + "; ".join(rest) if rest else "") + "."]
     if pooled.n_cells:
         lines.append(
-            f"Pooled over {pooled.n_cells} cells, MLET minus the tuned baseline is "
+            f"Pooled over {pooled.n_cells} baseline cluster(s), MLET minus the tuned baseline is "
             f"{fmt_interval(pooled.estimate, pooled.lo, pooled.hi)} test AUC (95% interval, {pooled.method})."
         )
     if win and not loss:
@@ -201,7 +202,7 @@ def advice_lines(records: Records, cs: Sequence[Cell]) -> list[str]:
 def advise(records: Records, store: str) -> Advice:
     """The verdict of ``records`` (a loaded store): cells, pooled estimate, plain lines, advice and command."""
     cs = cells(EVERY_METHOD, records)
-    pooled = pooled_estimate([list(c.diffs) for c in cs])
+    pooled = pool(cs)
     advice = advice_lines(records, cs)
     command = sweep_command(records, store) if advice else None
     return Advice(store, cs, pooled, verdict_lines(cs, pooled), advice, command)
@@ -224,12 +225,13 @@ def format_text(a: Advice) -> str:
             _num(c.mlet[0]),
             fmt_interval(c.test.mean, c.test.lo, c.test.hi),
             _p(c.test.p),
+            _p(c.q),
             str(c.test.n),
             c.mark,
         ]
         for c in a.cells
     ]
-    head = ["model", "epochs", "d", "k", "σ", "baseline AUC", "MLET AUC", "Δ [95%]", "p", "seeds", "mark"]
+    head = ["model", "epochs", "d", "k", "σ", "baseline AUC", "MLET AUC", "Δ [95%]", "p", "q (BH)", "seeds", "mark"]
     lines = [f"{a.store}: {len(a.cells)} MLET cells against the tuned single-layer baseline (test AUC)", ""]
     lines += _table(head, rows) + [""]
     lines += a.verdict
@@ -259,6 +261,7 @@ def as_json(a: Advice) -> str:
             "diff_hi": _f(c.test.hi),
             "t": _f(c.test.t),
             "p": _f(c.test.p),
+            "q": _f(c.q),
             "seeds": c.test.n,
             "mark": c.mark,
             "paper_lr_diff": _f(c.paper_diff),

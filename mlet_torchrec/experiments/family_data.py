@@ -195,14 +195,6 @@ def auc_by_seed(runs: dict[tuple[MethodKey, int], dict[str, Any]], method: Metho
     return {s: float(r["test"]["auc"]) for (m, s), r in runs.items() if m == method}
 
 
-def paired_diffs(
-    runs: dict[tuple[MethodKey, int], dict[str, Any]], method: MethodKey, other: MethodKey | None = None
-) -> list[float]:
-    """Per seed (seeds both have): test AUC of ``method`` minus ``other`` (default: its baseline)."""
-    a, b = auc_by_seed(runs, method), auc_by_seed(runs, other or method.baseline())
-    return [a[s] - b[s] for s in sorted(a) if s in b]
-
-
 def _example(valid: float, test: float, lr: float) -> dict[str, Any]:
     return {
         "key": f"k{lr}",

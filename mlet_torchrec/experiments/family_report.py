@@ -36,14 +36,16 @@ from mlet_torchrec.experiments.family_tables import (
     _num,
     cells,
     expected_methods,
+    judge,
     lr_counts,
     lr_same,
     lr_section,
     paper_lrs,
+    pool,
     rank_section,
 )
 from mlet_torchrec.experiments.report import written_by
-from mlet_torchrec.experiments.stats import _signed, fmt_interval, pooled_estimate
+from mlet_torchrec.experiments.stats import _signed, fmt_interval
 from mlet_torchrec.experiments.store import load_results
 from mlet_torchrec.experiments.tables import _table
 from mlet_torchrec.io import OutputError, atomic_write_text, check_location
@@ -75,8 +77,9 @@ CUTS = """\
 """What was cut and why (edit here; it is printed in every report)."""
 MARK_RULE = f"""\
 Mark of a cell (MLET method against its single-layer baseline, test AUC, paired over seeds):
-- **{WIN}** (`{SHORT[WIN]}`): Δ = MLET − baseline, both at their tuned learning rates, is significantly > 0
-  (paired t-test, p < 0.05);
+- **{WIN}** (`{SHORT[WIN]}`): Δ = MLET − baseline, both at their tuned learning rates, is significantly > 0:
+  paired t-test over seeds, Benjamini-Hochberg q < 0.05 over every cell of this report (the raw p is shown
+  beside q; a p < 0.05 whose q is not is a difference that the number of cells tested can explain);
 - **{LOSS}** (`{SHORT[LOSS]}`): Δ is significantly < 0;
 - **{LR}** (`{SHORT[LR]}`): Δ is not significant, but on seed 0 at the config's ("paper") learning rates
   MLET beat the baseline by more than the baseline's seed std: the gain there is one that tuning the learning
@@ -140,6 +143,7 @@ def _detail(cs: Sequence[Cell]) -> list[str]:
             _auc(c.mlet),
             fmt_interval(c.test.mean, c.test.lo, c.test.hi),
             _p(c.test.p),
+            _p(c.q),
             _signed(c.paper_diff, 4),
             _num(c.base_std),
             c.mark,
@@ -147,7 +151,7 @@ def _detail(cs: Sequence[Cell]) -> list[str]:
         for c in cs
     ]
     head = ["model", "epochs", "d", "MLET", "paired seeds", "baseline AUC [95%]", "MLET AUC [95%]"]
-    return _table([*head, "Δ AUC [95%]", "p", "Δ at paper lrs, seed 0", "baseline seed std", "mark"], rows)
+    return _table([*head, "Δ AUC [95%]", "p", "q (BH)", "Δ at paper lrs, seed 0", "baseline seed std", "mark"], rows)
 
 
 def _pooled_rows(cs: Sequence[Cell], group: Callable[[MethodKey], str] | None) -> list[list[str]]:
@@ -157,9 +161,10 @@ def _pooled_rows(cs: Sequence[Cell], group: Callable[[MethodKey], str] | None) -
         groups += [(k, [c for c in cs if group(c.method) == k]) for k in keys]
     rows = []
     for label, members in groups:
-        p = pooled_estimate([list(c.diffs) for c in members])
+        p = pool(members)
         tau = "–" if math.isnan(p.tau2) else f"{p.tau2:.2e}"
-        rows.append([label, fmt_interval(p.estimate, p.lo, p.hi), tau, f"{p.n_cells} of {len(members)}", p.method])
+        clusters = len({c.method.baseline() for c in members})
+        rows.append([label, fmt_interval(p.estimate, p.lo, p.hi), tau, f"{p.n_cells} of {clusters}", p.method])
     return rows
 
 
@@ -178,7 +183,7 @@ def _losses(by_ds: dict[str, list[Cell]]) -> list[str]:
         return ["No cell is significantly worse for MLET (p < 0.05) in the runs so far.", ""]
     return [
         f"- {ds}: {c.method.model}, {c.method.epochs} epoch(s), d={c.method.d}, {c.method.label()}: Δ AUC "
-        f"{fmt_interval(c.test.mean, c.test.lo, c.test.hi)}, p {_p(c.test.p)}, n={c.test.n}"
+        f"{fmt_interval(c.test.mean, c.test.lo, c.test.hi)}, p {_p(c.test.p)}, q {_p(c.q)}, n={c.test.n}"
         for ds, c in lost
     ] + [""]
 
@@ -263,9 +268,15 @@ def _family_md(
                 continue
             L += ["Δ AUC (MLET − tuned baseline, mean over paired seeds) and mark:", ""] + _matrix(cs) + [""]
             L += ["Every cell:", ""] + _detail(cs) + [""]
-            L += ["Pooled Δ AUC over cells (DerSimonian-Laird random effects; a cell needs 2 paired seeds):", ""]
+            L += [
+                "Pooled Δ AUC over cells: the cells that share one baseline (model, epochs, d) are one cluster (their "
+                "seed-wise mean Δ: they share its noise), then random effects over the clusters (DerSimonian-Laird "
+                "weights, Hartung-Knapp 95% interval; a cluster needs 2 paired seeds, one cluster gives no "
+                "interval):",
+                "",
+            ]
             L += _table(
-                ["cells", "pooled Δ AUC [95%]", "τ²", "cells used", "method"], _pooled_rows(cs, _grouping(family))
+                ["cells", "pooled Δ AUC [95%]", "τ²", "clusters used", "method"], _pooled_rows(cs, _grouping(family))
             ) + [""]
         L += ["## Where MLET loses", ""] + _losses(by_ds)
         L += _edges(family, recs)
@@ -300,7 +311,7 @@ def _headline(family: Family, ds: str, rs: Records, cs: list[Cell], plot: bool) 
         same, inside, outside, undecided = lr_counts(lr_same(family, rs))
         note = f"{same} of {inside} lr points: rescaled baseline the same ({outside} outside grid"
         return [link, ds, "–", note + (f", {undecided} without a seed std yet)" if undecided else ")"), fig]
-    p = pooled_estimate([list(c.diffs) for c in cs])
+    p = pool(cs)
     counts = " / ".join(str(sum(c.mark == m for c in cs)) for m in (WIN, TIE, LOSS, LR))
     pending = sum(c.mark == PENDING for c in cs)
     return [
@@ -333,8 +344,9 @@ def render_families(
         "# Where MLET helps: the experiment families",
         "",
         f"{GENERATED}.render_families` from the stores `<setup>_<dataset>/results.jsonl` here. Pooled Δ = MLET − "
-        "tuned baseline test AUC over a family's cells (DerSimonian-Laird, 95%); cells: wins / ties / losses / "
-        "lr-explained (marks explained in each report).",
+        "tuned baseline test AUC over a family's cells (cells sharing a baseline clustered; random effects with "
+        "a Hartung-Knapp 95% interval); cells: wins / ties / losses / lr-explained, a win or loss needing "
+        "Benjamini-Hochberg q < 0.05 over the report's cells (marks explained in each report).",
         "",
     ]
     rows, losses = [], []
@@ -343,7 +355,8 @@ def render_families(
         recs = {ds: load_results(p) for ds, p in paths.items()}
         wanted = {s.dataset for s in sweeps if s.setup == f.setup}
         recs = {ds: rs for ds, rs in recs.items() if rs or ds in wanted}
-        by_ds = {ds: cells(f, rs, expected_methods(sweeps, f.setup, ds)) for ds, rs in recs.items()}
+        raw = [cells(f, rs, expected_methods(sweeps, f.setup, ds)) for ds, rs in recs.items()]
+        by_ds = dict(zip(recs, judge(raw), strict=True))  # one BH over every cell of the report
         plot = plots and any(recs.values()) and _plot(f, recs, root / "plots" / f"{f.name}.png") is not None
         stores = [str(paths[ds].relative_to(root)) for ds, rs in recs.items() if rs]
         atomic_write_text(target, _family_md(f, recs, by_ds, stores, plot, sweeps))

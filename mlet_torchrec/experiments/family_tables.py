@@ -10,7 +10,8 @@ Example:
     0.71
     >>> interp_log([(0.1, 0.70), (10.0, 0.72)], 100.0) is None
     True
-    >>> mark(paired_test([0.001, -0.001, 0.0005]), paper_diff=0.01, base_std=0.002)
+    >>> t = paired_test([0.001, -0.001, 0.0005])
+    >>> mark(t, t.p, paper_diff=0.01, base_std=0.002)
     'lr explains the gain'
 """
 
@@ -20,7 +21,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from typing import Any
 
@@ -31,11 +32,21 @@ from mlet_torchrec.experiments.family_data import (
     auc_by_seed,
     finished,
     method_of,
-    paired_diffs,
     tuned,
 )
 from mlet_torchrec.experiments.grid import K_PER_D, parse_grid
-from mlet_torchrec.experiments.stats import _ALPHA, PairedTest, _signed, mean_std, paired_test, t_interval
+from mlet_torchrec.experiments.stats import (
+    _ALPHA,
+    PairedTest,
+    Pooled,
+    _signed,
+    bh_q,
+    cluster_cells,
+    mean_std,
+    paired_test,
+    pooled_estimate,
+    t_interval,
+)
 from mlet_torchrec.experiments.tables import _table
 
 EXPECTED_SEEDS = 5
@@ -47,13 +58,13 @@ Records = list[dict[str, Any]]
 Interval = tuple[float, float, float, int]  # mean, lo, hi, n (stats.t_interval)
 
 
-def mark(test: PairedTest, paper_diff: float, base_std: float) -> str:
-    """The cell's mark: significant tuned Δ first (p < 0.05 either way), then whether the config's learning
-    rates alone made MLET look better (seed 0, by more than the baseline's seed std) -- a gain that tuning the
-    learning rates removes."""
+def mark(test: PairedTest, q: float, paper_diff: float, base_std: float) -> str:
+    """The cell's mark: significant tuned Δ first (Benjamini-Hochberg q < 0.05 over the report's cells, either
+    way), then whether the config's learning rates alone made MLET look better (seed 0, by more than the
+    baseline's seed std) -- a gain that tuning the learning rates removes."""
     if test.n < 2 or math.isnan(test.p):
         return PENDING
-    if test.p < _ALPHA:
+    if q < _ALPHA:
         return WIN if test.mean > 0 else LOSS
     if paper_diff > base_std:  # nan (a missing run or std) compares False: no claim without both
         return LR
@@ -67,9 +78,38 @@ class Cell:
     mlet: Interval  # test AUC of tuned MLET over seeds
     test: PairedTest  # of the per-seed differences MLET − baseline
     diffs: tuple[float, ...]
+    seeds: tuple[int, ...]  # the seed of each difference
     base_std: float  # seed std of the tuned baseline's test AUC
     paper_diff: float  # seed 0 at the paper lrs: MLET − baseline test AUC (nan when a run is missing)
+    q: float  # Benjamini-Hochberg adjusted p over the cells judged together (:func:`judge`)
     mark: str
+
+
+def judge(groups: Sequence[Sequence[Cell]]) -> list[list[Cell]]:
+    """The cells with their q (Benjamini-Hochberg over every cell of every group: all cells of one report) and
+    the mark that q gives; the groups keep their order.
+
+    >>> t = paired_test([0.01, 0.012, 0.011])
+    >>> c = Cell(MethodKey("m", 1, 4, 4, 0.5), (0.7, 0.7, 0.7, 3), (0.71, 0.7, 0.72, 3), t, (), (), 0.0, 0.0, 1.0, "")
+    >>> [(round(x.q, 4), x.mark) for x in judge([[c], [c]])[1]]
+    [(0.0027, 'gain beyond lr tuning')]
+    """
+    flat = [c for g in groups for c in g]
+    qs = iter(bh_q([c.test.p for c in flat]))
+    out: list[list[Cell]] = []
+    for g in groups:
+        out.append([])
+        for c in g:
+            q = next(qs)
+            out[-1].append(replace(c, q=q, mark=mark(c.test, q, c.paper_diff, c.base_std)))
+    return out
+
+
+def pool(cs: Sequence[Cell]) -> Pooled:
+    """The cells' pooled Δ: cells sharing a baseline (model, epochs, d) clustered into one (their seed-wise mean
+    Δ, :func:`.stats.cluster_cells`), then random effects with a Hartung-Knapp interval over the clusters."""
+    per_seed = [dict(zip(c.seeds, c.diffs, strict=True)) for c in cs]
+    return pooled_estimate(cluster_cells(per_seed, [c.method.baseline() for c in cs]))
 
 
 def _close(a: Any, b: float) -> bool:
@@ -118,24 +158,24 @@ def _at(runs: Records, m: MethodKey, seed: int, lrs: tuple[float, float] | None)
 
 
 def cells(family: Family, records: Records, expected: Sequence[MethodKey] = ()) -> list[Cell]:
-    """Every MLET method of ``family`` in ``records`` (and those ``expected`` but not run yet), sorted."""
+    """Every MLET method of ``family`` in ``records`` (and those ``expected`` but not run yet), sorted, judged
+    together (:func:`judge`; a report of several stores judges all their cells again, jointly)."""
     runs = {key: r for key, r in tuned(records).items() if family.has(key[0])}
     done = finished(records)
     lrs = paper_lrs(records)
     methods = sorted({m for m, _ in runs if m.is_mlet} | {m for m in expected if m.is_mlet and family.has(m)})
     out = []
     for m in methods:
-        base = auc_by_seed(runs, m.baseline())
-        diffs = paired_diffs(runs, m)
+        base, mine = auc_by_seed(runs, m.baseline()), auc_by_seed(runs, m)
+        seeds = tuple(s for s in sorted(mine) if s in base)
+        diffs = tuple(mine[s] - base[s] for s in seeds)
         t = paired_test(diffs)
         std = mean_std(list(base.values()))[1]
         rm, rb = _at(done, m, 0, lrs), _at(done, m.baseline(), 0, lrs)
         pd = float(rm["test"]["auc"]) - float(rb["test"]["auc"]) if rm and rb else float("nan")
-        mlet_auc = list(auc_by_seed(runs, m).values())
-        out.append(
-            Cell(m, t_interval(list(base.values())), t_interval(mlet_auc), t, tuple(diffs), std, pd, mark(t, pd, std))
-        )
-    return out
+        ivs = t_interval(list(base.values())), t_interval(list(mine.values()))
+        out.append(Cell(m, *ivs, t, diffs, seeds, std, pd, float("nan"), PENDING))
+    return judge([out])[0]
 
 
 def expected_methods(sweeps: Sequence[FamilySweep], setup: str, dataset: str) -> list[MethodKey]:

@@ -1,4 +1,5 @@
-"""Seed statistics of the report, on scipy.stats: mean ± std, t intervals, the paired test, pooling over cells.
+"""Seed statistics of the report, on scipy.stats: mean ± std, t intervals, the paired test, Benjamini-Hochberg q,
+pooling over cells (clustered by shared baseline, Hartung-Knapp intervals).
 
 Every comparison in the report is paired: MLET and its baseline run with the same seed, so each seed gives one
 difference and the test is a one-sample t-test of those differences against 0.
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,33 +192,66 @@ class Pooled:
     method: str
 
 
+def bh_q(ps: Sequence[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (q) of a report's tests, in their order; a missing p (nan) stays nan
+    and is not counted as a test (``scipy.stats.false_discovery_control``). A cell is significant at a false
+    discovery rate of 5% when q < 0.05.
+
+    >>> [round(q, 4) for q in bh_q([0.01, 0.04, float("nan"), 0.03, 0.2])]
+    [0.04, 0.0533, nan, 0.0533, 0.2]
+    """
+    present = [i for i, p in enumerate(ps) if not math.isnan(p)]
+    out = [float("nan")] * len(ps)
+    if present:
+        qs = sps.false_discovery_control([ps[i] for i in present], method="bh")
+        for i, q in zip(present, qs, strict=True):
+            out[i] = float(q)
+    return out
+
+
+def cluster_cells(cells: Sequence[Mapping[int, float]], clusters: Sequence[Hashable]) -> list[list[float]]:
+    """One cell per cluster of cells that share a baseline: per seed that every member has, the mean of the
+    members' differences (keyed by seed). Cells compared with one baseline run are not independent (its noise is
+    in each of them); their seed-wise mean carries that shared noise once, so pooling the clusters does not count
+    it several times. Clusters come out in order of first appearance.
+
+    >>> cluster_cells([{0: 0.1, 1: 0.3}, {0: 0.3, 1: 0.5, 2: 9.0}, {0: 1.0}], ["a", "a", "b"])
+    [[0.2, 0.4], [1.0]]
+    """
+    members: dict[Hashable, list[Mapping[int, float]]] = {}
+    for cell, key in zip(cells, clusters, strict=True):
+        members.setdefault(key, []).append(cell)
+    out = []
+    for group in members.values():
+        seeds = sorted(set.intersection(*(set(c) for c in group)))
+        out.append([statistics.fmean(c[s] for c in group) for s in seeds])
+    return out
+
+
 def pooled_estimate(cells: Sequence[Sequence[float]]) -> Pooled:
-    """Random-effects (DerSimonian-Laird) inverse-variance pooled mean of per-cell paired differences.
+    """Random-effects pooled mean of per-cell paired differences: DerSimonian-Laird weights, Hartung-Knapp interval.
 
-    Each cell (e.g. one d of a sweep) is the list of its per-seed differences; its mean ``y_i`` has variance
-    ``v_i = s_i²/n_i``. Cells with n < 2 carry no variance and are skipped. DL estimates the between-cell
-    variance ``tau² = max(0, (Q − (k−1)) / C)`` from Cochran's Q of the fixed-effect fit and weights each cell
-    by ``1 / (v_i + tau²)``; the interval is ``estimate ± z(0.975)·SE`` with ``SE = 1/sqrt(Σ weights)``.
-
-    Why z and not Hartung-Knapp: the report pools 1 to 3 cells, where HK's ``t(k−1)`` quantile is infinite for
-    one cell and 12.7 for two (so adding a second agreeing cell would *widen* the interval), and unmodified HK
-    collapses to zero width when cells agree exactly. The z interval is the textbook DL one and shrinks as
-    cells are added; it ignores the uncertainty of tau² and of each ``v_i`` (from a few seeds), so with few
-    cells its coverage is below 95%: read it as a summary, and the per-cell paired tests as the evidence.
+    Each cell (e.g. one d of a sweep, or a :func:`cluster_cells` cluster) is the list of its per-seed differences;
+    its mean ``y_i`` has variance ``v_i = s_i²/n_i``. Cells with n < 2 carry no variance and are skipped. DL
+    estimates the between-cell variance ``tau² = max(0, (Q − (k−1)) / C)`` from Cochran's Q of the fixed-effect
+    fit and weights each cell by ``w_i = 1 / (v_i + tau²)``. The interval is Hartung-Knapp's: ``estimate ±
+    t(k−1, 0.975)·SE`` with ``SE² = max(1, Σ w_i (y_i − estimate)² / (k − 1)) / Σ w_i`` (the truncation at 1 keeps
+    it from being narrower than the DL one when cells agree). HK uses the scatter of the cells themselves, so it
+    keeps its coverage with few cells, where DL's z interval is too narrow; with one cell there is no interval
+    (``t(0)`` is infinite), and with two it is wide: the honest answer for two cells.
 
     A cell whose seeds agree exactly (``v_i = 0``) would get infinite weight: it is given the smallest positive
     variance among the cells instead. When every cell has zero variance the estimate is the plain mean of the
     cell means with a t interval over them (``method="mean of cell means"``).
 
     Worked example: three cells, each with seed std 0.001 over 3 seeds (``v_i = 1e-6/3``), means 0.011, 0.005,
-    0.019. Equal weights give 0.011667; Q = Σ(y_i − 0.011667)²/v_i = 296 against k − 1 = 2, so the cells
-    differ far beyond their seed noise: ``tau² = (296 − 2)/C``, ``C = Σw − Σw²/Σw = 2/v = 6e6``, i.e. 4.9e-5.
-    Then ``SE = sqrt((v + tau²)/3) = 0.00406`` and the interval is 0.011667 ± 1.96·0.00406; a fixed-effect
-    fit (tau² = 0) would have claimed ± 1.96·sqrt(v/3) = ± 0.00065.
+    0.019. Equal weights give 0.011667; Q = 296 against k − 1 = 2, so ``tau² = 4.9e-5`` (DL). HK: Σ w_i (y_i −
+    0.011667)² / 2 = 1.00 (with equal v_i, DL's tau² makes it exactly 1), so ``SE² = 1/Σw = (v + tau²)/3``,
+    SE = 0.00406, and the interval is 0.011667 ± t(2)·0.00406 = ± 0.0175 (DL's z interval: ± 0.0080).
 
     >>> p = pooled_estimate([[0.010, 0.012, 0.011], [0.004, 0.006, 0.005], [0.020, 0.018, 0.019]])
     >>> round(p.estimate, 6), round(p.tau2, 7), round(p.lo, 4), round(p.hi, 4), p.n_cells, p.method
-    (0.011667, 4.9e-05, 0.0037, 0.0196, 3, 'dersimonian-laird')
+    (0.011667, 4.9e-05, -0.0058, 0.0291, 3, 'hartung-knapp')
     >>> pooled_estimate([[0.5, 0.5], [0.7, 0.7], [0.2]]).method
     'mean of cell means'
     >>> pooled_estimate([[0.5]]).n_cells
@@ -244,9 +278,12 @@ def pooled_estimate(cells: Sequence[Sequence[float]]) -> Pooled:
     c_scaled = sr - math.fsum(ri * ri for ri in r) / sr  # C · vmin
     tau2 = max(0.0, (q_scaled - (k - 1) * vmin) / c_scaled) if c_scaled > 0 else 0.0
     base = vmin + tau2
-    rw = [base / (v + tau2) for v in vs]
+    rw = [base / (v + tau2) for v in vs]  # w_i · base
     srw = math.fsum(rw)
     est = math.fsum(w * y for w, y in zip(rw, ys, strict=True)) / srw
-    se = math.sqrt(base / srw)
-    z = float(sps.norm.ppf(0.975))
-    return Pooled(est, est - z * se, est + z * se, k, tau2, "dersimonian-laird")
+    if k < 2:
+        return Pooled(est, float("nan"), float("nan"), k, tau2, "hartung-knapp")
+    scatter = math.fsum(w * (y - est) ** 2 for w, y in zip(rw, ys, strict=True)) / base / (k - 1)
+    se = math.sqrt(max(1.0, scatter) * base / srw)
+    half = t95(k - 1) * se
+    return Pooled(est, est - half, est + half, k, tau2, "hartung-knapp")
