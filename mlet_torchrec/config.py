@@ -251,7 +251,7 @@ class ExperimentConfig(_Strict):
         Path(path).write_text(self.to_yaml())
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str) -> str:
     """Every problem of ``err`` on one line: ``invalid config (SOURCE): key: msg (got X); key: ...``."""
     problems = []
     for e in err.errors():
@@ -259,7 +259,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             problems.append(f"{key}: unknown key")
         else:
-            msg = " ".join(str(e["msg"]).split())  # pydantic's messages may span lines
+            # pydantic's messages may span lines; a validator's ValueError comes as "Value error, MESSAGE"
+            msg = " ".join(str(e["msg"]).split()).removeprefix("Value error, ")
             problems.append(f"{key}: {msg} (got {_short_repr(e['input'])})")
     return f"invalid config ({source}): " + "; ".join(problems)
 
@@ -377,4 +378,4 @@ def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> Exper
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source)) from None

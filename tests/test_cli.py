@@ -13,6 +13,7 @@ import pytest
 from mlet_torchrec.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
+CRITEO = ["convert", "criteo", "--input", str(ROOT / "README.md"), "--output", "o"]  # fails before reading
 COMMANDS = sorted(next(a for a in build_parser()._actions if a.dest == "command").choices)
 
 
@@ -142,7 +143,10 @@ def test_log_level_before_or_after_the_subcommand():
         (["export", "--input", ".", "--output", "o", "--shards", "2"], "--shards shards the INT8 model: add --int8"),
         (["evaluate", "--input", "no/run"], "--input no/run does not exist"),
         (["collapse", "--output", "o"], "the following arguments are required: --input"),
-        (["synth", "--output", "o", "rows=many"], "invalid synth settings"),
+        (
+            ["synth", "--output", "o", "rows=many"],
+            "invalid config (synth settings): rows: Input should be a valid integer",
+        ),
         (["synth", "--output", "o", "--config", "no/such.yaml"], "config file no/such.yaml does not exist"),
         (
             ["sweep", "--grid", "d=[4]", "--output", "r.jsonl", "--tune", "lr=[1]", "--tune-baseline", "lr=[1]"],
@@ -150,6 +154,39 @@ def test_log_level_before_or_after_the_subcommand():
         ),
         (["sweep", "--config", "no/such.yaml", "--grid", "d=[4]", "--output", "r.jsonl"], "does not exist"),
         (["sweep", "--grid", "d=[4]", "--output", "r.jsonl", "--in-process"], "--in-process needs --nproc-per-node 1"),
+        (["train", "--config", "tiny", "--nproc-per-node", "0"], "--nproc-per-node: invalid positive integer: '0'"),
+        (["collapse", "--input", "x", "--output", "o", "--tolerance", "-1"], "--tolerance: invalid non-negative"),
+        (["export", "--input", "x", "--output", "o", "--max-check-rows", "0"], "--max-check-rows: invalid positive"),
+        (["sweep", "--grid", "d=[4]", "--output", "r.jsonl", "--parallel", "0"], "--parallel: invalid positive"),
+        (
+            ["train", "--config", "tiny", "model.bottom_mlp=[0]"],
+            "model: model.bottom_mlp: layer sizes must be positive",
+        ),
+        (
+            ["convert", "criteo", "--input", "README.md", "--output", "o", "--split", "0", "0", "1"],
+            "--split: fractions",
+        ),
+        (
+            ["convert", "criteo", "--input", "README.md", "--output", "o", "--min-count", "0"],
+            "--min-count must be >= 1",
+        ),
+        (
+            [
+                "convert",
+                "criteo",
+                "--input",
+                "README.md",
+                "--test",
+                "README.md",
+                "--output",
+                "o",
+                "--split",
+                "1",
+                "0",
+                "0",
+            ],
+            "--split applies to a single input",
+        ),
     ],
 )
 def test_user_errors_are_one_line_exit_2(capsys, argv, message):
@@ -175,13 +212,15 @@ def test_missing_data_set_is_a_user_error(capsys, tmp_path):
     assert rc == 2 and "no metadata.json" in _one_error_line(err, "train")
 
 
-def test_bad_flags_exit_2_through_argparse(capsys):
+def test_bad_flags_exit_2_through_argparse_in_one_line(capsys):
     rc, _, err = _mlet(capsys, "train", "--no-such-flag")
-    assert rc == 2 and err[-1].endswith("unrecognized arguments: --no-such-flag")
+    assert rc == 2 and err == ["mlet: error: unrecognized arguments: --no-such-flag (see mlet --help)"]
     rc, _, err = _mlet(capsys, "collapse", "--input", "x", "--output", "o", "--nproc-per-node", "two")
-    assert rc == 2 and "invalid int value: 'two'" in err[-1]
+    assert rc == 2 and "invalid positive integer: 'two'" in _one_error_line(err, "collapse")
     rc, _, err = _mlet(capsys, "--log-level", "chatty", "train")
-    assert rc == 2 and "invalid choice: 'CHATTY'" in err[-1]
+    assert rc == 2 and len(err) == 1 and "invalid choice: 'CHATTY'" in err[0]
+    rc, _, err = _mlet(capsys, "convert", "avazu", "--output", "o")
+    assert rc == 2 and "required: --input" in _one_error_line(err, "convert avazu")
 
 
 def test_convert_missing_input(capsys, tmp_path):

@@ -141,7 +141,7 @@ def test_criteo_bad_options(tmp_path):
     src = write(tmp_path / "a.tsv", GOOD)
     for kwargs, pattern in [
         (dict(split=(0.5, 0.5, 0.5)), "summing to 1"),
-        (dict(min_count=0), "min_count"),
+        (dict(min_count=0), "--min-count"),
         (dict(hash_buckets=1), ">= 2"),
         (dict(hash_buckets={"C1": "x"}), "integer"),
     ]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mlet_torchrec.errors import UserError
 from mlet_torchrec.experiments.delong import auc
 from mlet_torchrec.experiments.predictions import decode_predictions
 from mlet_torchrec.experiments.report import fmt, render_report
@@ -88,5 +89,5 @@ def test_tiny_sweep_renders_a_report(synth_dataset, tmp_path):
 
 def test_report_rejects_an_empty_store(tmp_path):
     (tmp_path / "r.jsonl").write_text("")
-    with pytest.raises(ValueError, match="no finished runs"):
+    with pytest.raises(UserError, match="no finished runs"):
         render_report(tmp_path / "r.jsonl", tmp_path / "out")

@@ -42,7 +42,7 @@ from data_pipes.convert.job import (
 from data_pipes.convert.options import ConvertOptions
 from data_pipes.convert.splits import check_fractions
 from data_pipes.convert.text import RawBlock, TextSource
-from data_pipes.errors import DataError
+from data_pipes.errors import DataError, OptionError
 
 DENSE = [f"I{i}" for i in range(1, 14)]
 SPARSE = [f"C{i}" for i in range(1, 27)]
@@ -115,7 +115,7 @@ def convert_criteo(
     fractions = None
     if input.is_dir():
         if valid is not None or test is not None or split is not None:
-            raise ValueError(
+            raise OptionError(
                 "a directory of day files is split by time; --valid, --test and --split apply to a single input file"
             )
         days = find_day_files(input)
@@ -128,7 +128,7 @@ def convert_criteo(
         )
     elif valid is not None or test is not None:
         if split is not None:
-            raise ValueError("--split applies to a single input; with --valid/--test the files are the splits")
+            raise OptionError("--split applies to a single input; with --valid/--test the files are the splits")
         parts = [InputPart(criteo_source(input), parse_block, split="train")]
         if valid is not None:
             parts.append(InputPart(criteo_source(valid), parse_block, split="valid"))

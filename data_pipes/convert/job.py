@@ -39,7 +39,7 @@ from data_pipes.convert.splits import SplitFractions, assign_splits
 from data_pipes.convert.text import RawBlock, TextSource, iter_blocks
 from data_pipes.convert.vocab import OOV_ID, Encoder, HashEncoder, VocabCounter
 from data_pipes.convert.writer import SplitWriter, progress_bar
-from data_pipes.errors import DataError
+from data_pipes.errors import DataError, OptionError
 from data_pipes.schema import SPLITS, TRANSFORM_DIR, DatasetMeta, SparseFeature
 from mlet_torchrec.io import atomic_output
 
@@ -141,7 +141,7 @@ def _encoders_plan(job: ConvertJob) -> dict[str, int | None]:
     buckets = dict(hb or {})
     unknown = sorted(set(buckets) - set(names) - {"*"})
     if unknown:
-        raise ValueError(f"--hash-buckets names unknown features {unknown}; {job.dataset} has {names}")
+        raise OptionError(f"--hash-buckets names unknown features {unknown}; {job.dataset} has {names}")
     default = buckets.get("*")
     return {n: buckets.get(n, default) for n in names}
 

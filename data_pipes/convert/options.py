@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from data_pipes.errors import OptionError
+
 DEFAULT_BLOCK_SIZE = 4 << 20  # text per block (~16K Criteo rows); memory is a few times this
 # The trainer's reader shuffles and shards by row group, so groups are small (as data_pipes.synth's).
 DEFAULT_ROW_GROUP_ROWS = 8192
@@ -45,21 +47,23 @@ class ConvertOptions:
 
     def __post_init__(self) -> None:
         if self.min_count < 1:
-            raise ValueError(f"min_count must be >= 1, got {self.min_count}")
+            raise OptionError(f"--min-count must be >= 1, got {self.min_count}")
         if self.block_size < 4096:
-            raise ValueError(f"block_size must be >= 4096 bytes, got {self.block_size}")
+            raise OptionError(f"--block-size-mb must be at least 4096 bytes, got {self.block_size} bytes")
         if self.row_group_rows < 1 or self.rows_per_file < 1:
-            raise ValueError("rows_per_file and row_group_rows must be >= 1")
+            raise OptionError(
+                f"--rows-per-file and --row-group-rows must be >= 1, got {self.rows_per_file}, {self.row_group_rows}"
+            )
         if self.split_name not in ("train", "valid", "test"):
-            raise ValueError(f"split_name must be train, valid or test, got {self.split_name!r}")
+            raise OptionError(f"split_name must be train, valid or test, got {self.split_name!r}")
         if self.features_from is not None and self.hash_buckets is not None:
-            raise ValueError("hash buckets come from --features-from's transform; do not give --hash-buckets too")
+            raise OptionError("hash buckets come from --features-from's transform; do not give --hash-buckets too")
         buckets = self.hash_buckets
         if buckets is not None and not isinstance(buckets, Mapping):
             buckets = {"*": buckets}
         for name, n in (buckets or {}).items():
             if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 2:
-                raise ValueError(f"hash buckets for {name!r} must be an integer >= 2 (row 0 is the OOV id), got {n!r}")
+                raise OptionError(f"hash buckets for {name!r} must be an integer >= 2 (row 0 is the OOV id), got {n!r}")
         self.hash_buckets = dict(buckets) if buckets else None
 
     def as_dict(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from data_pipes.errors import OptionError
 from data_pipes.hashing import GOLDEN, splitmix64, unit_interval
 
 SplitFractions = tuple[float, float, float]
@@ -24,8 +25,8 @@ def check_fractions(split: Sequence[float]) -> SplitFractions:
     """``(train, valid, test)`` fractions: three numbers >= 0 summing to 1, train > 0."""
     fr = tuple(float(x) for x in split)
     if len(fr) != 3 or any(not np.isfinite(x) or x < 0 for x in fr) or abs(sum(fr) - 1.0) > 1e-6 or fr[0] <= 0:
-        raise ValueError(
-            f"split fractions must be three numbers >= 0 (train, valid, test) summing to 1 "
+        raise OptionError(
+            f"--split: fractions must be three numbers >= 0 (train, valid, test) summing to 1 "
             f"with train > 0, got {list(split)}"
         )
     return fr[0], fr[1], fr[2]

@@ -62,15 +62,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     flags.add_overwrite(p)
     flags.add_nproc(p, 1, "local processes, each collapsing its own W1 shards (ignored under torchrun/TorchX)")
     p.add_argument("--check-split", default="test", help="split to compare predictions on, or 'none'")
-    p.add_argument("--max-check-rows", type=int, default=None)
-    p.add_argument("--tolerance", type=float, default=1e-5)
+    p.add_argument(
+        "--max-check-rows", type=flags.positive_int, default=None, help="compare at most this many rows (default all)"
+    )
+    p.add_argument(
+        "--tolerance",
+        type=flags.nonnegative_float,
+        default=1e-5,
+        help="largest |p_collapsed - p_factored| accepted (default 1e-05)",
+    )
     p.add_argument(
         "--output-sharding",
         default="same",
         choices=["same", "auto", "table_wise", "row_wise", "column_wise", "table_row_wise"],
         help="sharding of the output tables: 'same' mirrors the input, others ask TorchRec's planner",
     )
-    p.add_argument("--block-rows", type=int, default=16384, help="rows per block of the W1 @ W2 product")
+    p.add_argument("--block-rows", type=flags.positive_int, default=16384, help="rows per block of the W1 @ W2 product")
     p.add_argument(
         "--accumulate",
         default="float32",

@@ -263,7 +263,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = flags.Parser(
         prog="python -m mlet_torchrec.cli.convert",
         parents=[flags.common_parent()],
         description="Convert raw CTR files to a Parquet data set (= mlet convert).",

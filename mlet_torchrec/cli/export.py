@@ -62,7 +62,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--no-check", action="store_true", help="skip the INT8-vs-FP32 AUC check (needs the data set)")
     p.add_argument("--split", default="test", help="split of the INT8 quality check")
-    p.add_argument("--max-check-rows", type=int, default=None)
-    p.add_argument("--auc-tolerance", type=float, default=1e-3)
+    p.add_argument(
+        "--max-check-rows", type=flags.positive_int, default=None, help="score at most this many rows (default all)"
+    )
+    p.add_argument(
+        "--auc-tolerance",
+        type=flags.nonnegative_float,
+        default=1e-3,
+        help="largest |AUC INT8 - AUC FP32| accepted (default 0.001)",
+    )
     flags.add_nproc(p, 1, "local processes of the INT8 check, each scoring its slice of the split")
     p.set_defaults(func=_cmd_export)

@@ -17,16 +17,30 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from mlet_torchrec.errors import InputNotFound, UserError
 from mlet_torchrec.logs import LEVELS
 
 EXAMPLE_FORMATTER = argparse.RawDescriptionHelpFormatter
 """Keeps the line breaks of each subcommand's ``example:`` epilog."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with its own errors on one line too, like every other user mistake (exit 2).
+
+    Its subcommands' parsers are of this class as well (argparse makes them with the parent's class).
+
+        >>> Parser(prog="mlet doc").parse_args(["--nope"])   # doctest: +SKIP
+        mlet doc: error: unrecognized arguments: --nope (see mlet doc --help)
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def example(*lines: str) -> str:
@@ -129,9 +143,41 @@ def add_overwrite(p: argparse.ArgumentParser) -> None:
     )
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (processes, rows, cells at once).
+
+    >>> positive_int("2")
+    2
+    >>> positive_int("0")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: invalid positive integer: '0' (need an integer >= 1)
+    """
+    return int(_checked(text, int, 1, "positive integer", "an integer >= 1"))
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 0 (restarts)."""
+    return int(_checked(text, int, 0, "non-negative integer", "an integer >= 0"))
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse ``type``: a finite number >= 0 (tolerances)."""
+    return float(_checked(text, float, 0.0, "non-negative number", "a finite number >= 0"))
+
+
+def _checked(text: str, kind: type[int] | type[float], low: float, name: str, need: str) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < low:
+        raise argparse.ArgumentTypeError(f"invalid {name}: {text!r} (need {need})")
+    return value
+
+
 def add_nproc(p: argparse.ArgumentParser, default: int, help: str, old: Sequence[str] = ()) -> None:
-    p.add_argument("--nproc-per-node", type=int, default=default, help=f"{help} (default {default})")
-    add_alias(p, old, "--nproc-per-node", "nproc_per_node", type=int)
+    p.add_argument("--nproc-per-node", type=positive_int, default=default, help=f"{help} (default {default})")
+    add_alias(p, old, "--nproc-per-node", "nproc_per_node", type=positive_int)
 
 
 def add_seed(p: argparse.ArgumentParser, help: str) -> None:

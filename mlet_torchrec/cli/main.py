@@ -47,7 +47,7 @@ COMMANDS = (train, collapse, export, evaluate, synth, demo, sweep, report, conve
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mlet`` parser: the common flags, then every module of :data:`COMMANDS` registers its subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = flags.Parser(
         prog="mlet",
         description="MLET embeddings on sharded TorchRec",
         parents=[flags.common_parent()],

@@ -90,7 +90,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _add_tuning(p)
     flags.add_output(p, "results store (JSON lines; appended, resumable)", old=["--results"])
     flags.add_nproc(p, 2, "training processes per cell", old=["--nproc"])
-    p.add_argument("--parallel", type=int, default=1, help="cells at once (default 1)")
+    p.add_argument("--parallel", type=flags.positive_int, default=1, help="cells at once (default 1)")
     p.add_argument(
         "--in-process",
         action="store_true",

@@ -9,7 +9,7 @@ import argparse
 from typing import Any
 
 from mlet_torchrec.cli import flags
-from mlet_torchrec.config import ConfigError, apply_overrides, read_config_mapping
+from mlet_torchrec.config import ConfigError, apply_overrides, format_validation_error, read_config_mapping
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -21,8 +21,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     raw = apply_overrides(raw, list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else []))
     try:
         cfg = SynthConfig.model_validate(raw)
-    except ValidationError as e:  # pydantic's message names the key and the allowed values
-        raise ConfigError(f"invalid synth settings: {' '.join(str(e).split())}") from None
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "synth settings")) from None
     meta = generate(cfg, args.output, overwrite=args.overwrite)
     print(f"wrote {sum(meta.rows.values())} rows to {args.output} ({meta.rows})")
     return 0

@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     flags.add_output(p, "run directory: checkpoints, config.yaml, metrics (short for run.dir=...)", required=False)
     flags.add_seed(p, "seed of initialisation and data order (short for train.seed=...)")
     flags.add_nproc(p, 1, "local processes (ignored under torchrun/TorchX)")
-    p.add_argument("--max-restarts", type=int, default=0, help="restarts of the local job on failure")
+    p.add_argument("--max-restarts", type=flags.nonnegative_int, default=0, help="restarts of the local job on failure")
     p.add_argument(
         "--plan",
         default=None,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mlet_torchrec.config import ExperimentConfig
+from mlet_torchrec.errors import UserError
 from mlet_torchrec.experiments.predictions import MAX_STORED_PREDICTIONS, encode_predictions
 
 log = logging.getLogger("mlet.sweep")
@@ -158,7 +159,7 @@ def analyse_run(
     features = list(freq_features) if freq_features else meta.sparse_names()
     unknown = set(features) - set(meta.sparse_names())
     if unknown:
-        raise ValueError(f"--freq-features {sorted(unknown)} are not sparse features ({meta.sparse_names()})")
+        raise UserError(f"--freq-features {sorted(unknown)} are not sparse features ({meta.sparse_names()})")
     scored: list[tuple[Any, Any]] = []
     freq = frequency_metrics(model, config.data.path, meta, features, config.train.eval_batch_size, fraction, scored)
 

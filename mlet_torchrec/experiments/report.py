@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mlet_torchrec.errors import UserError
 from mlet_torchrec.experiments.plots import _plt, _save
 from mlet_torchrec.experiments.selection import Method, Results, _g, _variant  # noqa: F401  (re-exported)
 from mlet_torchrec.experiments.stats import _get, fmt, mean_std, t95, verdict  # noqa: F401  (re-exported)
@@ -151,7 +152,7 @@ def render_report(
     records = [r for r in everything if r.get("status") == "ok"]
     diverged = [r for r in everything if r.get("status") == "diverged"]
     if not records:
-        raise ValueError(f"no finished runs in {', '.join(map(str, paths))}")
+        raise UserError(f"no finished runs in {', '.join(map(str, paths))}")
     out = Path(out)
     report = _check_report_dir(out, paths)
     out.mkdir(parents=True, exist_ok=True)

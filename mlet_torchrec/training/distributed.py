@@ -89,7 +89,7 @@ def init_distributed(device: str = "auto") -> DistContext:
     """
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible")
+        raise UserError("run.device=cuda but no CUDA device is visible (use run.device=auto or cpu)")
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         timeout = datetime.timedelta(minutes=30)
