@@ -1,4 +1,4 @@
-"""Test-only entry points for :func:`mlet_torchrec.training.launcher.launch_local` (picklable: module level)."""
+"""A test-only verb for :func:`mlet_torchrec.training.launcher.run_local` (picklable: module level)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,13 @@ import os
 import time
 
 from mlet_torchrec.errors import UserError
-from mlet_torchrec.training.launcher import user_errors_to_parent
 
 
-def rank0_user_error_rank1_busy(errors: str) -> None:
+def rank0_user_error_rank1_busy() -> None:
     """Rank 0 stops at once with a UserError; rank 1 is still working, so the launcher must stop it."""
-    with user_errors_to_parent(errors):
-        if os.environ["RANK"] == "0":
-            raise UserError("data/x.parquet: column label, row 7: 3 is not 0 or 1")
-        time.sleep(120)
+    if os.environ["RANK"] == "0":
+        raise UserError("data/x.parquet: column label, row 7: 3 is not 0 or 1")
+    time.sleep(120)
 
 
 if __name__ == "__main__":  # the test runs this file: the parent's stderr is what a user sees
@@ -25,12 +23,12 @@ if __name__ == "__main__":  # the test runs this file: the parent's stderr is wh
     from launch_entry import rank0_user_error_rank1_busy as entry  # picklable by module name
 
     from mlet_torchrec.logs import configure_logging
-    from mlet_torchrec.training.launcher import launch_local, local_launch_config
+    from mlet_torchrec.training.launcher import run_local
 
-    configure_logging(False)
+    configure_logging("INFO")
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     try:
-        launch_local(local_launch_config(2, "test"), entry)
+        run_local(2, entry)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

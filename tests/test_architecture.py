@@ -148,21 +148,41 @@ def _within(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
+def _imported_names(path: Path) -> set[str]:
+    """Every module name ``path`` imports, lazy imports too (``from a.b import c`` gives ``a.b`` and ``a.b.c``)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def users_of(modules: dict[str, Path], prefixes: tuple[str, ...], allowed: str) -> list[str]:
+    """Modules of the library (``launch/`` has its own tools) outside ``allowed`` importing any of ``prefixes``."""
+    return [
+        module
+        for module, path in modules.items()
+        if module.split(".")[0] in LIBRARY_PACKAGES
+        and not _within(module, allowed)
+        and any(_within(name, prefix) for name in _imported_names(path) for prefix in prefixes)
+    ]
+
+
 def argparse_users(modules: dict[str, Path]) -> list[str]:
-    """Modules of the library outside ``cli/`` that import argparse (``launch/`` has its own tools)."""
-    out = []
-    for module, path in modules.items():
-        if module.split(".")[0] not in LIBRARY_PACKAGES or _within(module, FRONT_END):
-            continue
-        tree = ast.parse(path.read_text(), filename=str(path))
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            if any(n.split(".")[0] == "argparse" for n in names):
-                out.append(module)
-                break
-    return out
+    return users_of(modules, ("argparse",), FRONT_END)
+
+
+LAUNCHER = "mlet_torchrec.training.launcher"
+SPAWNERS = ("torch.distributed.launcher", "torch.distributed.run", "torch.distributed.elastic", "torch.multiprocessing")
+"""What starts a group of local ranks: only :data:`LAUNCHER` may use it."""
+
+
+def test_one_place_starts_local_processes() -> None:
+    bad = users_of(project_modules(), SPAWNERS, LAUNCHER)
+    assert not bad, f"starting local ranks outside {LAUNCHER} (call its run_local): {bad}"
 
 
 def test_argparse_only_in_cli() -> None:
@@ -185,3 +205,10 @@ def test_the_argparse_checker_sees_from_imports(tmp_path: Path) -> None:
     src = tmp_path / "m.py"
     src.write_text("def f():\n    from argparse import ArgumentParser\n")
     assert argparse_users({"mlet_torchrec.serving.m": src, "mlet_torchrec.cli.m": src}) == ["mlet_torchrec.serving.m"]
+
+
+def test_the_spawn_checker_sees_a_second_launcher(tmp_path: Path) -> None:
+    src = tmp_path / "m.py"
+    src.write_text("def f():\n    import torch.multiprocessing as mp\n    from torch.distributed.run import main\n")
+    found = users_of({"mlet_torchrec.serving.m": src, LAUNCHER: src, "launch.m": src}, SPAWNERS, LAUNCHER)
+    assert found == ["mlet_torchrec.serving.m"]

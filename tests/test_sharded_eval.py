@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -162,7 +163,8 @@ def _mlet(*args: str) -> str:
 @pytest.mark.slow
 def test_mlet_evaluate_on_two_and_three_ranks_prints_the_one_process_metrics(tmp_path, synth_dataset):
     from mlet_torchrec.config import load_config
-    from mlet_torchrec.serving.artifact import evaluate_local, evaluate_path
+    from mlet_torchrec.serving.artifact import evaluate_path
+    from mlet_torchrec.training.launcher import run_local
     from mlet_torchrec.training.train import train
 
     data = synth_dataset(rows=4000, row_group_size=64)
@@ -183,7 +185,7 @@ def test_mlet_evaluate_on_two_and_three_ranks_prints_the_one_process_metrics(tmp
     two = json.loads(
         _mlet("evaluate", "--input", str(run), "--split", "test", "--auc", "exact", "--nproc-per-node", "2")
     )
-    three = evaluate_local(run, 3, "test", "histogram")
+    three = run_local(3, partial(evaluate_path, run, "test", "histogram"))
     one_hist = evaluate_path(run, "test", "histogram")  # in this process
     assert one["rows"] == two["rows"] == three["rows"] > 0
     assert one["auc_mode"] == two["auc_mode"] == "exact" and three["auc_mode"] == "histogram"

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 
 from mlet_torchrec.cli import flags
+from mlet_torchrec.cli.entry import on_ranks
 from mlet_torchrec.cli.flags import existing, require
 
 
 def _cmd_collapse(args: argparse.Namespace) -> int:
     source = existing(require(args, "input", "--input"))  # before the imports: a typo fails in a second
     output = require(args, "output", "--output")
-    from mlet_torchrec.serving.collapse import collapse, collapse_local
-    from mlet_torchrec.training.launcher import in_distributed_job
+    from mlet_torchrec.serving.collapse import collapse
 
     split = None if args.check_split == "none" else args.check_split
     kwargs = dict(
@@ -29,10 +30,7 @@ def _cmd_collapse(args: argparse.Namespace) -> int:
         block_rows=args.block_rows,
         accumulate=args.accumulate,
     )
-    if args.nproc_per_node > 1 and not in_distributed_job():
-        report = collapse_local(source, output, args.nproc_per_node, verbose=flags.verbose(args), **kwargs)
-    else:
-        report = collapse(source, output, **kwargs)
+    report = on_ranks(args, partial(collapse, source, output, **kwargs))
     if os.environ.get("RANK", "0") != "0":
         return 0
     print(

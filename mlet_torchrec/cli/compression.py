@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from functools import partial
 
 from mlet_torchrec.cli import flags
+from mlet_torchrec.cli.entry import on_ranks
 from mlet_torchrec.cli.flags import existing
 
 
@@ -48,9 +50,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     source = existing(args.input)
     from mlet_torchrec.experiments.compression import compression_study
 
-    rows = compression_study(
-        source, args.split, args.svd_ranks, max_rows=args.max_rows, nproc_per_node=args.nproc_per_node
-    )
+    rows = on_ranks(args, partial(compression_study, source, args.split, args.svd_ranks, max_rows=args.max_rows))
     for r in rows:
         print(f"{r['method']:<24} size {r['table_size']:8.3f}  AUC {r['auc']:.5f}  LogLoss {r['logloss']:.5f}")
     return 0

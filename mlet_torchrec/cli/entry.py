@@ -17,10 +17,13 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from mlet_torchrec.errors import EXIT_USER_ERROR, UserError
 from mlet_torchrec.logs import configure_logging
+
+T = TypeVar("T")
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None, name: Callable[[argparse.Namespace], str]) -> int:
@@ -40,3 +43,18 @@ def print_summary(summary: dict[str, Any]) -> None:
     """Print a command's result as JSON, once: on rank 0 (every rank of a job computes the same)."""
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2, default=str))
+
+
+def on_ranks(args: argparse.Namespace, call: Callable[[], T], fresh_dir: Path | str | None = None) -> T:
+    """``call()`` on ``--nproc-per-node`` local processes (rank 0's result), or in this process when that is 1
+    or when this process is already one rank of a torchrun/TorchX job: how every verb runs on N ranks.
+
+    ``call`` is a library function written for every rank of a group, bound to its arguments with
+    ``functools.partial``; see :func:`mlet_torchrec.training.launcher.run_local` (``fresh_dir`` too).
+    """
+    from mlet_torchrec.training.launcher import in_distributed_job, run_local
+
+    if args.nproc_per_node > 1 and not in_distributed_job():
+        log_level = getattr(args, "log_level", "INFO")
+        return run_local(args.nproc_per_node, call, log_level, getattr(args, "max_restarts", 0), fresh_dir)
+    return call()

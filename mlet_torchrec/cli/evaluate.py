@@ -6,22 +6,18 @@ Metrics of a training checkpoint or a collapsed model on one split, printed as J
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 from mlet_torchrec.cli import flags
-from mlet_torchrec.cli.entry import print_summary
+from mlet_torchrec.cli.entry import on_ranks, print_summary
 from mlet_torchrec.cli.flags import existing, require
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     source = existing(require(args, "input", "--input"))
-    from mlet_torchrec.serving.artifact import evaluate_local, evaluate_path
-    from mlet_torchrec.training.launcher import in_distributed_job
+    from mlet_torchrec.serving.artifact import evaluate_path
 
-    if args.nproc_per_node > 1 and not in_distributed_job():
-        metrics = evaluate_local(source, args.nproc_per_node, args.split, args.auc, verbose=flags.verbose(args))
-    else:
-        metrics = evaluate_path(source, args.split, args.auc)
-    print_summary(metrics)
+    print_summary(on_ranks(args, partial(evaluate_path, source, args.split, args.auc)))
     return 0
 
 

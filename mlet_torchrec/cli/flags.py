@@ -193,11 +193,6 @@ def add_config(
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied in order")
 
 
-def verbose(args: argparse.Namespace) -> bool:
-    """Whether ``--log-level DEBUG`` was asked for (what the workers of a local job are told)."""
-    return bool(getattr(args, "log_level", "INFO") == "DEBUG")
-
-
 def require(args: argparse.Namespace, name: str, flag: str) -> Any:
     """The value of a required flag that has deprecated aliases (argparse cannot require one of them)."""
     value = getattr(args, name, None)

@@ -7,9 +7,10 @@ command and trains as one rank. Prints rank 0's result summary as JSON.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 from mlet_torchrec.cli import flags
-from mlet_torchrec.cli.entry import print_summary
+from mlet_torchrec.cli.entry import on_ranks, print_summary
 from mlet_torchrec.config import load_config
 
 
@@ -30,16 +31,10 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mlet_torchrec.training.launcher import in_distributed_job, train_local
+    from mlet_torchrec.training.launcher import train_summary
 
     config = load_config(args.config, _overrides(args))
-    if args.nproc_per_node > 1 and not in_distributed_job():
-        summary = train_local(config, args.nproc_per_node, max_restarts=args.max_restarts, verbose=flags.verbose(args))
-    else:
-        from mlet_torchrec.training.train import train
-
-        summary = train(config).summary()
-    print_summary(summary)
+    print_summary(on_ranks(args, partial(train_summary, config.model_dump(mode="json")), fresh_dir=config.run.dir))
     return 0
 
 

@@ -34,7 +34,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -285,32 +284,19 @@ def compression_study(
     svd_ranks: Sequence[int] = (),
     int8: bool = True,
     max_rows: int | None = None,
-    nproc_per_node: int = 1,
 ) -> list[dict[str, object]]:
-    """Rows {method, table_size (A.4.4), auc, logloss} for a collapsed model and its compressed variants. On
-    ``nproc_per_node`` > 1 local processes (or inside a job) every rank builds the same variants and scores its
-    slice of the split."""
+    """Rows {method, table_size (A.4.4), auc, logloss} for a collapsed model and its compressed variants.
+
+    In one process, or as one rank of a job (torchrun, TorchX, ``mlet compression study --nproc-per-node``):
+    every rank builds the same variants, scores its slice of the split, and returns the same rows."""
     from mlet_torchrec.serving.artifact import load_artifact
     from mlet_torchrec.training.distributed import process_group
-    from mlet_torchrec.training.launcher import in_distributed_job, launch_local, local_launch_config
+    from mlet_torchrec.training.launcher import in_distributed_job
 
-    if nproc_per_node > 1 and not in_distributed_job():
-        args = dict(collapsed=str(collapsed), split=split, svd_ranks=list(svd_ranks), int8=int8, max_rows=max_rows)
-        rows: list[dict[str, object]] = launch_local(
-            local_launch_config(nproc_per_node, "mlet-compression"), _study_worker, args
-        )[0]
-        return rows
     if not in_distributed_job():
         return _study(collapsed, split, svd_ranks, int8, max_rows, 0, 1)
     with process_group(load_artifact(collapsed).config.run.device) as ctx:
         return _study(collapsed, split, svd_ranks, int8, max_rows, ctx.rank, ctx.world_size)
-
-
-def _study_worker(args: dict[str, Any], errors: str) -> list[dict[str, object]]:
-    from mlet_torchrec.training.launcher import user_errors_to_parent
-
-    with user_errors_to_parent(errors):
-        return compression_study(**args)
 
 
 def _study(

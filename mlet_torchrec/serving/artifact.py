@@ -246,7 +246,7 @@ def evaluate_path(
 ) -> dict[str, Any]:
     """Metrics of a training checkpoint (run dir) or a collapse output on ``split``.
 
-    In one process, or as one rank of a job (torchrun, TorchX, :func:`evaluate_local`): every rank
+    In one process, or as one rank of a job (torchrun, TorchX, ``mlet evaluate --nproc-per-node``): every rank
     loads its shards, scores its slice of the split, and every rank returns the same metrics.
     """
     from mlet_torchrec.training.distributed import process_group
@@ -267,32 +267,3 @@ def evaluate_path(
             auc,
         )
     return {"split": split, **metrics.as_dict()}
-
-
-def _evaluate_worker(args: dict[str, Any], verbose: bool, errors: str) -> dict[str, Any]:
-    from mlet_torchrec.logs import configure_logging
-    from mlet_torchrec.training.launcher import user_errors_to_parent
-
-    configure_logging(verbose)
-    with user_errors_to_parent(errors):
-        return evaluate_path(**args)
-
-
-def evaluate_local(
-    path: str | Path,
-    nproc_per_node: int,
-    split: str = "test",
-    auc: str = "histogram",
-    max_rows: int | None = None,
-    verbose: bool = False,
-) -> dict[str, Any]:
-    """:func:`evaluate_path` on ``nproc_per_node`` processes of this machine; rank 0's metrics."""
-    from mlet_torchrec.training.launcher import launch_local, local_launch_config
-
-    if nproc_per_node <= 1:
-        return evaluate_path(path, split, auc, max_rows)
-    check_eval_args(load_artifact(path), split, auc)  # fail here in one line, not in N workers
-    args = {"path": str(path), "split": split, "auc": auc, "max_rows": max_rows}
-    results = launch_local(local_launch_config(nproc_per_node, "mlet-evaluate"), _evaluate_worker, args, verbose)
-    metrics: dict[str, Any] = results[0]
-    return metrics

@@ -307,7 +307,7 @@ def collapse(
 ) -> CollapseReport:
     """Collapse ``checkpoint`` into ``output`` and verify the predictions on ``check_split``.
 
-    Runs in this process, or, inside a job (torchrun, TorchX, :func:`collapse_local`; the
+    Runs in this process, or, inside a job (torchrun, TorchX, ``mlet collapse --nproc-per-node``; the
     process group is joined or already initialised), as one rank of a distributed collapse:
     call it on every rank with the same arguments; every rank returns the same report.
     The output appears atomically (``mlet_torchrec.io``): rank 0 names one hidden temporary
@@ -451,32 +451,3 @@ def _run(job: _Job, a: _Args, rank: int, world: int, device: torch.device) -> Co
         if is_main and not committed:
             out.abort()
     return report
-
-
-# --------------------------------------------------------------------------------------------
-# N local processes
-
-
-def _collapse_worker(kwargs: dict[str, Any], verbose: bool) -> dict[str, Any]:
-    from mlet_torchrec.logs import configure_logging
-
-    configure_logging(verbose)
-    return asdict(collapse(**kwargs))
-
-
-def collapse_local(
-    checkpoint: Path | str, output: Path | str, nproc_per_node: int, verbose: bool = False, **kwargs: Any
-) -> CollapseReport:
-    """:func:`collapse` on ``nproc_per_node`` processes of this machine (elastic_launch); rank 0's report."""
-    from torch.distributed.launcher.api import elastic_launch
-
-    from mlet_torchrec.training.launcher import local_launch_config
-
-    if nproc_per_node <= 1:
-        return collapse(checkpoint, output, **kwargs)
-    source = load_artifact(checkpoint)  # fail here, not in N workers
-    check_output_path(output, _inputs(checkpoint, source), kwargs.get("overwrite", False))
-    launch = local_launch_config(nproc_per_node, "mlet-collapse")
-    args = {"checkpoint": str(checkpoint), "output": str(output), **kwargs}
-    results = elastic_launch(launch, entrypoint=_collapse_worker)(args, verbose)
-    return CollapseReport(**results[0])

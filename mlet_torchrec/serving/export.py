@@ -26,6 +26,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +294,10 @@ def export(
         out_manifest["predict_modules"] = write_predict_modules(model, art.meta, tmp, int8, shards, report)
         if int8 and check:
             if nproc_per_node > 1:
-                found = int8_check_local(collapsed, tmp / PREDICT_INT8, split, max_check_rows, nproc_per_node)
+                from mlet_torchrec.training.launcher import run_local
+
+                job = partial(_int8_check_job, str(collapsed), str(tmp / PREDICT_INT8), split, max_check_rows)
+                found = run_local(nproc_per_node, job)
             else:
                 found = int8_check(
                     model,
@@ -409,27 +413,6 @@ def _int8_check_job(collapsed: str, int8_file: str, split: str, max_rows: int | 
             ctx.rank,
             ctx.world_size,
         )
-
-
-def _int8_check_worker(args: dict[str, Any], verbose: bool, errors: str) -> dict[str, Any]:
-    from mlet_torchrec.logs import configure_logging
-    from mlet_torchrec.training.launcher import user_errors_to_parent
-
-    configure_logging(verbose)
-    with user_errors_to_parent(errors):
-        return _int8_check_job(**args)
-
-
-def int8_check_local(
-    collapsed: Path | str, int8_file: Path | str, split: str, max_rows: int | None, nproc_per_node: int
-) -> dict[str, Any]:
-    """:func:`int8_check` on ``nproc_per_node`` local processes; rank 0's result."""
-    from mlet_torchrec.training.launcher import launch_local, local_launch_config
-
-    args = {"collapsed": str(collapsed), "int8_file": str(int8_file), "split": split, "max_rows": max_rows}
-    results = launch_local(local_launch_config(nproc_per_node, "mlet-export-check"), _int8_check_worker, args, False)
-    check: dict[str, Any] = results[0]
-    return check
 
 
 def _judge_int8(report: ExportReport, found: dict[str, Any], split: str, auc_tolerance: float) -> None:

@@ -1,7 +1,16 @@
-"""Run ``train`` on N local processes (a one-machine stand-in for torchrun/TorchX).
+"""The one place that starts local processes: any verb of ``mlet`` on N processes of this machine.
 
-``mlet train --nproc-per-node 2`` and the tests use this; clusters use the TorchX components in
-``launch/``, which start the same ``mlet train`` in every process.
+A verb (train, collapse, evaluate, the INT8 check of export, the compression study) is a library function
+written to run as every rank of a group (torchrun, TorchX, or this module); :func:`run_local` is the
+one-machine stand-in for torchrun that ``mlet VERB --nproc-per-node N`` and the tests use. Clusters use the
+TorchX components in ``launch/``, which start the same ``mlet VERB`` in every process.
+
+A worker's ``UserError`` reaches the parent as that error's one line (raised again there as a ``UserError``),
+not as elastic's ``ChildFailedError`` with a traceback per rank; anything else keeps elastic's report.
+
+    >>> from functools import partial
+    >>> run_local(2, partial(evaluate_path, "runs/tiny", "test"))  # doctest: +SKIP
+    {'split': 'test', 'auc': 0.71, ...}
 """
 
 from __future__ import annotations
@@ -11,8 +20,9 @@ import os
 import tempfile
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -20,59 +30,78 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from mlet_torchrec.config import ExperimentConfig
 from mlet_torchrec.errors import EXIT_USER_ERROR, UserError
 
+T = TypeVar("T")
 
-def _train_worker(config: dict[str, Any], verbose: bool, errors: str) -> dict[str, Any]:
-    from mlet_torchrec.logs import configure_logging
-    from mlet_torchrec.training.train import train
-
-    configure_logging(verbose)
-    with user_errors_to_parent(errors):
-        return train(ExperimentConfig.model_validate(config)).summary()
+# where torch logs a failed worker ("... failed", ERROR) and the stopping of the others ("Terminating process ...
+# via signal SIGTERM", "Closing process ... via signal", WARNING): under load a slower rank is still running
+_WORKER_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")
 
 
-class user_errors_to_parent:
-    """In a worker of :func:`launch_local` (whose last argument is ``errors``): a ``UserError`` leaves its
-    message in that folder for the parent and ends the process with status 2, no traceback; anything else
-    propagates as usual."""
-
-    def __init__(self, errors: str) -> None:
-        self.errors = errors
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, err: Any, tb: Any) -> None:
-        if isinstance(err, UserError):
-            Path(self.errors, f"rank{os.environ.get('RANK', '0')}").write_text(" ".join(str(err).split()))
-            raise SystemExit(EXIT_USER_ERROR) from None  # a plain exit status: elastic records no stack trace
+def in_distributed_job() -> bool:
+    """True inside torchrun/TorchX/:func:`run_local` (they set WORLD_SIZE and RANK)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def launch_local(launch: LaunchConfig, entrypoint: Callable[..., Any], *args: Any) -> dict[int, Any]:
-    """``elastic_launch(launch, entrypoint)(*args, errors)``, but a worker's ``UserError`` (see
-    :class:`user_errors_to_parent`) is raised here as that ``UserError``'s one line, not as a ChildFailedError."""
+def run_local(
+    nproc_per_node: int,
+    call: Callable[[], T],
+    log_level: str | bool = "INFO",
+    max_restarts: int = 0,
+    fresh_dir: Path | str | None = None,
+) -> T:
+    """``call()`` in each of ``nproc_per_node`` local processes, one rank each; returns rank 0's result.
+
+    ``call`` must pickle (a module-level function, or a ``functools.partial`` of one) and so must its
+    result. Each worker logs at ``log_level``. On a worker's ``UserError`` the job stops and that error's one
+    line is raised here; ``fresh_dir``, a run directory the job may have created, is then removed unless it
+    existed before or holds a checkpoint (several ranks may fail at different steps: the parent cleans up).
+    """
+    from mlet_torchrec.training.run_dir import discard_fresh_run_dir
+
+    existed_before = fresh_dir is not None and Path(fresh_dir).exists()
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc_per_node,
+        run_id=f"mlet-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # a free port
+        max_restarts=max_restarts,
+        monitor_interval=0.5,
+    )
     with tempfile.TemporaryDirectory(prefix="mlet-errors-") as folder:
         # elastic logs every failed worker with a stack trace of its own, and (as warnings) the signals that stop
-        # the workers still running; for a reported UserError the one line below says it all, so drop those
-        # records (and only those: a crash keeps them)
+        # the workers still running; for a reported UserError the one line says it all, so drop those records
+        # (and only those: a crash keeps them)
         quiet = _WhenUserError(Path(folder))
         for name in _WORKER_LOGGERS:
             logging.getLogger(name).addFilter(quiet)
         try:
-            results: dict[int, Any] = elastic_launch(launch, entrypoint=entrypoint)(*args, folder)
-            return results
+            results: dict[int, T] = elastic_launch(launch, entrypoint=_worker)(call, log_level, folder)
+            return results[0]
         except ChildFailedError:
             messages = sorted(Path(folder).iterdir())
-            if messages:
-                raise UserError(messages[0].read_text()) from None
-            raise
+            if not messages:
+                raise
+            if fresh_dir is not None:
+                discard_fresh_run_dir(fresh_dir, existed_before)
+            raise UserError(messages[0].read_text()) from None
         finally:
             for name in _WORKER_LOGGERS:
                 logging.getLogger(name).removeFilter(quiet)
 
 
-# where torch logs a failed worker ("... failed", ERROR) and the stopping of the others ("Terminating process ...
-# via signal SIGTERM", "Closing process ... via signal", WARNING): under load a slower rank is still running
-_WORKER_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")
+def _worker(call: Callable[[], T], log_level: str | bool, errors: str) -> T:
+    """One rank of :func:`run_local`: a ``UserError`` leaves its message in ``errors`` for the parent and ends
+    the process with status 2, no traceback; anything else propagates as usual."""
+    from mlet_torchrec.logs import configure_logging
+
+    configure_logging(log_level)  # workers inherit no logging or warning settings
+    try:
+        return call()
+    except UserError as err:
+        Path(errors, f"rank{os.environ.get('RANK', '0')}").write_text(" ".join(str(err).split()))
+        raise SystemExit(EXIT_USER_ERROR) from None  # a plain exit status: elastic records no stack trace
 
 
 class _WhenUserError(logging.Filter):
@@ -84,37 +113,16 @@ class _WhenUserError(logging.Filter):
         return record.levelno < logging.WARNING or not any(self.folder.iterdir())
 
 
-def in_distributed_job() -> bool:
-    """True inside torchrun/TorchX/elastic_launch (they set WORLD_SIZE and RANK)."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+def train_summary(config: dict[str, Any]) -> dict[str, Any]:
+    """``train`` on this rank of the job, from a config as JSON; the result summary (the verb of ``mlet train``)."""
+    from mlet_torchrec.training.train import train
 
-
-def local_launch_config(nproc_per_node: int, run_prefix: str, max_restarts: int = 0) -> LaunchConfig:
-    """One machine, N processes, a free rendezvous port: what the local jobs of `mlet` use."""
-    return LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc_per_node,
-        run_id=f"{run_prefix}-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=max_restarts,
-        monitor_interval=0.5,
-    )
+    return train(ExperimentConfig.model_validate(config)).summary()
 
 
 def train_local(
-    config: ExperimentConfig, nproc_per_node: int, max_restarts: int = 0, verbose: bool = False
+    config: ExperimentConfig, nproc_per_node: int, max_restarts: int = 0, log_level: str | bool = "INFO"
 ) -> dict[str, Any]:
-    """Train on ``nproc_per_node`` processes of this machine; returns rank 0's result summary."""
-    from mlet_torchrec.training.run_dir import discard_fresh_run_dir
-
-    launch = local_launch_config(nproc_per_node, "mlet", max_restarts)
-    existed_before = Path(config.run.dir).exists()
-    try:
-        results = launch_local(launch, _train_worker, config.model_dump(mode="json"), verbose)
-    except UserError:
-        discard_fresh_run_dir(config.run.dir, existed_before)
-        raise
-    summary: dict[str, Any] = results[0]
-    return summary
+    """Train ``config`` on ``nproc_per_node`` processes of this machine; rank 0's result summary."""
+    call = partial(train_summary, config.model_dump(mode="json"))
+    return run_local(nproc_per_node, call, log_level, max_restarts, fresh_dir=config.run.dir)
