@@ -8,10 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from mlet_torchrec.experiments.families import SWEEPS
-from mlet_torchrec.experiments.family_data import FAMILIES, MethodKey
+from mlet_torchrec.experiments.family_data import FAMILIES, MethodKey, as_splits
 from mlet_torchrec.experiments.family_report import GENERATED, render_families
 from mlet_torchrec.experiments.family_tables import (
     LOSS,
@@ -27,6 +28,7 @@ from mlet_torchrec.experiments.family_tables import (
     mark,
     paper_lrs,
 )
+from mlet_torchrec.experiments.predictions import encode_predictions
 from mlet_torchrec.experiments.stats import paired_test
 from mlet_torchrec.io import OutputError
 
@@ -252,3 +254,37 @@ def test_a_choice_at_the_end_of_the_grid_is_flagged() -> None:
     assert {m.d: why for m, why in edge_choices(high).items()} == {4: "highest"}
     diverged = {**rec(4, None, 0, 0.32, 0.0, 0.0, "tune"), "status": "diverged", "key": "div"}
     assert edge_choices([*high, diverged]) == {}  # 0.32 diverged: 0.08 is the largest stable lr, not an edge
+
+
+def resplit_store(splits: int = 3) -> list[dict]:
+    """Per split (its own data set, seed 0): baseline and MLET k=32 at d=8, each with a two-lr grid, test
+    predictions on the split's 40 rows; MLET's chosen run ranks the rows better on every split."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(splits):
+        y = np.arange(40) % 2
+        noise = rng.normal(0, 1, 40)
+        for k, sep in ((None, 0.5), (32, 2.0)):
+            for lr, valid in ((0.005, 0.70), (0.02, 0.72 if k else 0.69)):
+                r = rec(8, k, 0, lr, valid, 0.7 + 0.01 * (k is not None) + 0.001 * i, "tune")
+                r["key"] += f"-split{i}"
+                r["config"]["data"] = {"path": f"data/exp_criteo_split{i}"}
+                r["test_predictions"] = encode_predictions(sep * y + noise, y)
+                out.append(r)
+    return out
+
+
+def test_resplit_family_pairs_over_splits_with_delong_per_split(tmp_path: Path) -> None:
+    root = tmp_path / "families"
+    write(root, "resplit_criteo_sample", resplit_store())
+    render_families(root, sweeps=[], plots=False)
+    text = (root / "resplit.md").read_text()
+    section = text.split("## criteo_sample")[1]
+    row = next(ln for ln in section.splitlines() if ln.startswith("| deepfm | 1 | 8 | k=32"))
+    assert "| 3/10 |" in row and "+0.0100 [+0.0100, +0.0100]" in row  # paired over the 3 splits
+    delong = next(ln for ln in section.splitlines() if ln.startswith("| deepfm | 8 | k=32 (4d) | 3 |"))
+    assert delong.endswith("| 3 of 3 |")  # sep 2.0 against 0.5 on 40 rows: DeLong rejects on every split
+    # the choice per split: the baseline's lowest lr, MLET's highest, on each of the 3 splits (edges)
+    edges = text.split("## Learning rates chosen at the edge of the grid")[1]
+    assert "| baseline | lowest in 3 of 3 |" in edges and "highest in 3 of 3 |" in edges
+    assert as_splits([{"seed": 0, "config": {"data": {"path": "data/exp_ml"}}}]) == []

@@ -17,9 +17,12 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
+
+from mlet_torchrec.experiments.families import SPLITS
 
 
 @dataclass(frozen=True, order=True)
@@ -61,6 +64,8 @@ class Family:
     ds: tuple[int, ...] = ()
     kds: tuple[float, ...] = ()  # k/d values; 0 is the baseline
     epochs: tuple[int, ...] = (1,)  # () for every epoch count (the DLRM configs train 2 or 3 epochs)
+    replicate: str = "seed"  # what the paired differences pair over: "seed", or "split" (:func:`as_splits`)
+    expected: int = 5  # replicates each cell should have
 
     def has(self, m: MethodKey) -> bool:
         return (
@@ -74,9 +79,10 @@ class Family:
 FAMILIES = [
     Family(
         "models",
-        "(a) DeepCTR-style models with Adagrad, d in {4, 8, 16, 32}, k in {d, 4d, 16d}",
+        "(a) DeepCTR-style models with Adagrad (DeepFM, DCN; AutoInt on MovieLens), d in {4, 8, 16, 32}, k in {d, "
+        "4d, 16d}",
         "deepctr",
-        ("deepfm", "dcn", "autoint", "xdeepfm"),
+        ("deepfm", "dcn", "autoint"),
         (4, 8, 16, 32),
         (0, 1, 4, 16),
     ),
@@ -101,6 +107,16 @@ FAMILIES = [
     Family(
         "lr_equivalence", "(e) MLET at lr eta against the baseline at k sigma^2 eta (DLRM, SGD)", "dlrm_sgd", epochs=()
     ),
+    Family(
+        "resplit",
+        "(f) random re-splits of the small real sets: lrs chosen per split (DeepFM, DCN, d in {8, 32}, k in {d, 4d})",
+        "resplit",
+        ("deepfm", "dcn"),
+        (8, 32),
+        (0, 1, 4),
+        replicate="split",
+        expected=SPLITS,
+    ),
 ]
 """The five families of docs/results/families (the sweeps that fill them: :mod:`.families`)."""
 
@@ -116,6 +132,26 @@ def method_of(rec: dict[str, Any]) -> MethodKey:
         k=int(k or 0),
         sigma=float(sigma),
     )
+
+
+_SPLIT = re.compile(r"split(\d+)$")
+
+
+def as_splits(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of a re-split store with each run's split index as its replicate (``seed``): the data set
+    ``.../exp_criteo_split3`` is split 3. Every split then pairs MLET with its baseline and chooses both methods'
+    learning rates on its own validation rows, as each seed does in the other families. Runs on a data set that
+    is not a numbered split are left out.
+
+    >>> [r["seed"] for r in as_splits([{"seed": 0, "config": {"data": {"path": "data/exp_ml_split7"}}}])]
+    [7]
+    """
+    out = []
+    for r in records:
+        m = _SPLIT.search(str(((r.get("config") or {}).get("data") or {}).get("path", "")))
+        if m:
+            out.append({**r, "seed": int(m.group(1))})
+    return out
 
 
 def finished(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -166,27 +202,38 @@ def tuned(records: list[dict[str, Any]]) -> dict[tuple[MethodKey, int], dict[str
 
 
 def edge_choices(records: list[dict[str, Any]]) -> dict[MethodKey, str]:
-    """Methods whose seed-0 choice of embedding lr is at an end of the grid they tried: ``"lowest"`` or
-    ``"highest"`` (a highest lr is an edge only when no larger one was tried and diverged). The optimum may then
-    lie outside the grid, and the comparison of that method is not settled by it.
+    """Methods whose choice of embedding lr is at an end of the grid they tried: ``"lowest"`` or ``"highest"``
+    (a highest lr is an edge only when no larger one was tried and diverged), on every replicate (seed or split)
+    that ran a grid of its own; with several such replicates, how many chose an edge (``"lowest in 2 of 7"``).
+    The optimum may then lie outside the grid, and the comparison of that method is not settled by it.
 
     >>> recs = [_example(0.7, 0.7, lr) for lr in (0.1, 1.0)]
     >>> [(m.k, why) for m, why in edge_choices(recs).items()]
     [(0, 'highest')]
     """
-    tried: dict[MethodKey, set[float]] = defaultdict(set)
+    tried: dict[tuple[MethodKey, int], set[float]] = defaultdict(set)
     for r in records:
-        if r.get("seed") == TUNE_SEED and r.get("status") in ("ok", "diverged") and "d" in r:
-            tried[method_of(r)].add(float(r["sparse_lr"]))
-    out = {}
+        if r.get("status") in ("ok", "diverged") and "d" in r and r.get("role") != "selected":  # the grids only
+            tried[(method_of(r), int(r["seed"]))].add(float(r["sparse_lr"]))
+    ends: dict[MethodKey, dict[str, int]] = defaultdict(lambda: {"lowest": 0, "highest": 0, "grids": 0})
     for (m, s), r in tuned(records).items():
-        lrs = sorted(tried.get(m, ()))
-        if s != TUNE_SEED or len(lrs) < 2:
+        lrs = sorted(tried.get((m, s), ()))
+        if len(lrs) < 2:  # this replicate ran at a chosen lr only
             continue
+        ends[m]["grids"] += 1
         if float(r["sparse_lr"]) == lrs[0]:
-            out[m] = "lowest"
+            ends[m]["lowest"] += 1
         elif float(r["sparse_lr"]) == lrs[-1]:
-            out[m] = "highest"
+            ends[m]["highest"] += 1
+    out = {}
+    for m, n in sorted(ends.items()):
+        at = [
+            f"{side}" + (f" in {n[side]} of {n['grids']}" if n["grids"] > 1 else "")
+            for side in ("lowest", "highest")
+            if n[side]
+        ]
+        if at:
+            out[m] = ", ".join(at)
     return out
 
 

@@ -20,9 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mlet_torchrec.experiments.families import DATA_COMMANDS, DATASETS, SWEEPS, FamilySweep
-from mlet_torchrec.experiments.family_data import FAMILIES, Family, MethodKey, edge_choices, method_of
+from mlet_torchrec.experiments.family_data import FAMILIES, Family, MethodKey, as_splits, edge_choices, method_of
 from mlet_torchrec.experiments.family_tables import (
-    EXPECTED_SEEDS,
     LOSS,
     LR,
     PENDING,
@@ -45,6 +44,7 @@ from mlet_torchrec.experiments.family_tables import (
     rank_section,
 )
 from mlet_torchrec.experiments.report import written_by
+from mlet_torchrec.experiments.split_noise import HEAD, delong_rows
 from mlet_torchrec.experiments.stats import _signed, fmt_interval
 from mlet_torchrec.experiments.store import load_results
 from mlet_torchrec.experiments.tables import _table
@@ -59,37 +59,52 @@ PLOTTERS = {
     "lr_equivalence": "plot_lr_equivalence",
 }
 SWEEPS_OF = {  # which sweeps (name suffix) feed a family; a family not listed takes every sweep of its setup
-    "models": ("fast", "models", "autoint", "xdeepfm", "deepfm"),
+    "models": ("fast", "models", "autoint", "deepfm"),
     "small_k": ("small_k",),
     "epochs_width": ("epochs_width",),
 }
 CUTS = """\
-- xDeepFM's CIN layers are [64, 64] instead of DeepCTR's [256, 128]: about 3x cheaper, so xDeepFM fits the
-  CPU budget (configs/experiments/families/*_deepctr.yaml).
+- Dropped: AutoInt and xDeepFM on the Criteo sample, xDeepFM on MovieLens (family (a)). The Criteo sample's test
+  set (~391 rows, ~86 positives) gives the Δ AUC of two models a DeLong standard error of about 0.01 ([family
+  (f)](resplit.md)), as large as most differences between MLET and its baseline there: more models scored on
+  that test set add little that can be told apart, and the CPU they would take (xDeepFM ~3x DeepFM a run) went
+  to the re-splits instead, which measure that noise. AutoInt on MovieLens ran 2-3 of its 5 seeds before the budget
+  ran out: its cells are in family (a) with n < 5 (and stay in the sweep list, so `make results` completes them).
 - synth1m (1M rows) is the slowest data set: family (a) there is DeepFM only, at d in {4, 16} and batch 2048;
   the DLRM learning-rate grid there drops 0.05 and 819.2; families (c) and (d) do not run on synth1m.
-- The sweeps run in the priority order of `mlet_torchrec/experiments/families.py` (SWEEPS: the DLRM sigma and
-  learning-rate grids first, then DeepFM and DCN, k <= d, epochs and width, synth1m DeepFM, then AutoInt and
-  xDeepFM) and were stopped when the CPU budget of the run that made these stores ran out. Cells of unfinished
-  sweeps show as missing: the n columns count the seeds present out of the 5 expected, and a cell with fewer
-  than 2 paired seeds is marked pending. `make results` (or `mlet results run`) resumes the sweeps where they
-  stopped; `mlet results run --dry-run` lists what is left."""
+- The sweeps run in the priority order of `mlet_torchrec/experiments/families.py` (SWEEPS: the re-splits of
+  family (f), the DLRM sigma and learning-rate grids, DeepFM and DCN, k <= d, epochs and width, synth1m DeepFM,
+  then AutoInt on MovieLens) and are stopped when the CPU budget of the session that fills the stores runs out.
+  Cells of unfinished sweeps show as missing: the n columns count the seeds (splits) present out of those
+  expected, and a cell with fewer than 2 paired seeds is marked pending. `make results` (or `mlet results
+  run`) resumes the sweeps where they stopped; `mlet results run --dry-run` lists what is left."""
 """What was cut and why (edit here; it is printed in every report)."""
 MARK_RULE = f"""\
-Mark of a cell (MLET method against its single-layer baseline, test AUC, paired over seeds):
+Mark of a cell (MLET method against its single-layer baseline, test AUC, paired over seeds or splits):
 - **{WIN}** (`{SHORT[WIN]}`): Δ = MLET − baseline, both at their tuned learning rates, is significantly > 0:
-  paired t-test over seeds, Benjamini-Hochberg q < 0.05 over every cell of this report (the raw p is shown
+  paired t-test over seeds (splits), Benjamini-Hochberg q < 0.05 over every cell of this report (the raw p is shown
   beside q; a p < 0.05 whose q is not is a difference that the number of cells tested can explain);
 - **{LOSS}** (`{SHORT[LOSS]}`): Δ is significantly < 0;
 - **{LR}** (`{SHORT[LR]}`): Δ is not significant, but on seed 0 at the config's ("paper") learning rates
   MLET beat the baseline by more than the baseline's seed std: the gain there is one that tuning the learning
   rates gives the baseline too;
 - **{TIE}** (`{SHORT[TIE]}`): otherwise;
-- **{PENDING}** (`{SHORT[PENDING]}`): fewer than 2 seeds of both are in the store yet.
-
-Each method's learning rates are the best on validation AUC over its seed-0 grid; the intervals are 95% Student
-t over the seeds present (n); "baseline seed std" is the sample std of the tuned baseline's test AUC over seeds;
-"Δ at paper lrs" is MLET − baseline test AUC on seed 0, both at the config's learning rates."""
+- **{PENDING}** (`{SHORT[PENDING]}`): fewer than 2 seeds of both are in the store yet."""
+SELECTION = {
+    "seed": """\
+Each method's learning rates are the best on validation AUC over its seed-0 grid (seeds 1-4 run at that choice:
+the choice is not replicated); the intervals are 95% Student t over the seeds present (n); "baseline seed std" is
+the sample std of the tuned baseline's test AUC over seeds; "Δ at paper lrs" is MLET − baseline test AUC on seed
+0, both at the config's learning rates. Every cell of a data set is scored on the same test rows, so the test
+set's own sampling noise is in none of these intervals: [family (f)](resplit.md) measures it.""",
+    "split": """\
+Here the replicates are random re-splits of the data set (one training seed each): every split chooses each
+method's learning rates on its own validation rows over the whole grid, so the choice is replicated, and the
+intervals are 95% Student t over the splits present (n): they hold the test set's sampling noise and the
+selection's, not only the training seed's. "baseline seed std" is the std of the tuned baseline's test AUC over
+splits; "Δ at paper lrs" is MLET − baseline test AUC on split 0 at the config's learning rates.""",
+}
+"""How the learning rates were chosen and what the intervals hold, per kind of replicate (Family.replicate)."""
 
 
 def _auc(iv: Interval) -> str:
@@ -130,7 +145,7 @@ def _matrix(cs: Sequence[Cell]) -> list[str]:
     return _table(["model", "epochs", "d", *heads], rows)
 
 
-def _detail(cs: Sequence[Cell]) -> list[str]:
+def _detail(cs: Sequence[Cell], family: Family) -> list[str]:
     sigmas = len({c.method.sigma for c in cs})
     rows = [
         [
@@ -138,7 +153,7 @@ def _detail(cs: Sequence[Cell]) -> list[str]:
             str(c.method.epochs),
             str(c.method.d),
             _col(c.method, sigmas) if sigmas > 1 else _col(c.method, 1) + f" σ={c.method.sigma:g}",
-            f"{c.test.n}/{EXPECTED_SEEDS}",
+            f"{c.test.n}/{family.expected}",
             _auc(c.base),
             _auc(c.mlet),
             fmt_interval(c.test.mean, c.test.lo, c.test.hi),
@@ -150,7 +165,7 @@ def _detail(cs: Sequence[Cell]) -> list[str]:
         ]
         for c in cs
     ]
-    head = ["model", "epochs", "d", "MLET", "paired seeds", "baseline AUC [95%]", "MLET AUC [95%]"]
+    head = ["model", "epochs", "d", "MLET", f"paired {family.replicate}s", "baseline AUC [95%]", "MLET AUC [95%]"]
     return _table([*head, "Δ AUC [95%]", "p", "q (BH)", "Δ at paper lrs, seed 0", "baseline seed std", "mark"], rows)
 
 
@@ -197,9 +212,13 @@ def _how(family: Family, sweeps: Sequence[FamilySweep]) -> list[str]:
         "## How these were made",
         "",
         "Every method, the baseline included, is tuned over the same grid of embedding **and** dense/W2 learning "
-        "rates on seed 0, on validation AUC; seeds 1-4 then run once at each method's choice. Reported numbers "
-        "are test AUC. Runs with equal configs are one run: the families share a store per (setup, data set), so "
-        "a cell may come from another family's sweep. The data:",
+        + (
+            "rates on every split, on that split's validation AUC (one training seed per split). "
+            if family.replicate == "split"
+            else "rates on seed 0, on validation AUC; seeds 1-4 then run once at each method's choice. "
+        )
+        + "Reported numbers are test AUC. Runs with equal configs are one run: the families share a store per "
+        "(setup, data set), so a cell may come from another family's sweep. The data:",
         "",
         "```",
         *DATA_COMMANDS,
@@ -253,7 +272,7 @@ def _family_md(
         L += ["The per-cell comparison of these runs (σ as columns) is [family (b)](sigma.md).", ""]
         L += lr_section(family, recs)
     else:
-        L += [MARK_RULE, ""]
+        L += [MARK_RULE, "", SELECTION[family.replicate], ""]
         for ds, rs in recs.items():
             cs = by_ds[ds]
             lrs = paper_lrs(rs)
@@ -266,8 +285,8 @@ def _family_md(
             if not cs:
                 L += ["No runs of this family yet.", ""]
                 continue
-            L += ["Δ AUC (MLET − tuned baseline, mean over paired seeds) and mark:", ""] + _matrix(cs) + [""]
-            L += ["Every cell:", ""] + _detail(cs) + [""]
+            L += [f"Δ AUC (MLET − tuned baseline, mean over paired {family.replicate}s) and mark:", ""]
+            L += _matrix(cs) + ["", "Every cell:", ""] + _detail(cs, family) + [""]
             L += [
                 "Pooled Δ AUC over cells: the cells that share one baseline (model, epochs, d) are one cluster (their "
                 "seed-wise mean Δ: they share its noise), then random effects over the clusters (DerSimonian-Laird "
@@ -278,6 +297,8 @@ def _family_md(
             L += _table(
                 ["cells", "pooled Δ AUC [95%]", "τ²", "clusters used", "method"], _pooled_rows(cs, _grouping(family))
             ) + [""]
+            if family.replicate == "split":
+                L += _testset(rs, cs)
         L += ["## Where MLET loses", ""] + _losses(by_ds)
         L += _edges(family, recs)
         if family.name in ("models", "sigma"):
@@ -286,13 +307,26 @@ def _family_md(
     return "\n".join(L).rstrip("\n") + "\n"
 
 
+def _testset(rs: Records, cs: Sequence[Cell]) -> list[str]:
+    rows = delong_rows(rs, [c.method for c in cs])
+    L = [
+        "Test-set uncertainty of one split: DeLong's paired test of MLET's and the baseline's chosen runs on that "
+        "split's test rows, from their stored test predictions (float16 logits). The median DeLong SE is what one "
+        "split's Δ carries from its test rows alone; the std of Δ over splits adds the training and selection "
+        "noise of a new split.",
+        "",
+    ]
+    return L + (_table(HEAD, rows) if rows else ["No stored test predictions."]) + [""]
+
+
 def _edges(family: Family, recs: dict[str, Records]) -> list[str]:
     """The methods whose chosen embedding lr sits at an end of the grid: their optimum may be outside it."""
     L = [
         "## Learning rates chosen at the edge of the grid",
         "",
-        "A method whose best embedding lr on seed 0 is the lowest (or the highest, with no larger lr diverging) of "
-        "the grid may do better outside it; its cells above are not settled by this grid.",
+        "A method whose best embedding lr (on each seed or split that ran the whole grid) is the lowest (or the "
+        "highest, with no larger lr diverging) of the grid may do better outside it; its cells above are not "
+        "settled by this grid.",
         "",
     ]
     rows = [
@@ -355,9 +389,12 @@ def render_families(
         recs = {ds: load_results(p) for ds, p in paths.items()}
         wanted = {s.dataset for s in sweeps if s.setup == f.setup}
         recs = {ds: rs for ds, rs in recs.items() if rs or ds in wanted}
+        if f.replicate == "split":  # the split is the replicate: it pairs the runs and chooses their lrs
+            recs = {ds: as_splits(rs) for ds, rs in recs.items()}
         raw = [cells(f, rs, expected_methods(sweeps, f.setup, ds)) for ds, rs in recs.items()]
         by_ds = dict(zip(recs, judge(raw), strict=True))  # one BH over every cell of the report
-        plot = plots and any(recs.values()) and _plot(f, recs, root / "plots" / f"{f.name}.png") is not None
+        drawn = plots and f.name in PLOTTERS and any(recs.values())  # family (f) has no plot
+        plot = drawn and _plot(f, recs, root / "plots" / f"{f.name}.png") is not None
         stores = [str(paths[ds].relative_to(root)) for ds, rs in recs.items() if rs]
         atomic_write_text(target, _family_md(f, recs, by_ds, stores, plot, sweeps))
         rows += [_headline(f, ds, recs[ds], by_ds[ds], plot) for ds in recs]
