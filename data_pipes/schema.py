@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from data_pipes.errors import DataError
 from mlet_torchrec.errors import InputNotFound
-from mlet_torchrec.io import atomic_write_text
+from mlet_torchrec.io import UnsafeName, atomic_write_text, check_name, check_relative, path_inside
 
 METADATA_FILE = "metadata.json"
 LABEL_COLUMN = "label"
@@ -45,6 +45,11 @@ class SparseFeature(BaseModel):
     cardinality: int = Field(gt=0)
     multi_hot: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_name(v, "sparse feature name")  # its table's name ends up in file names (export)
+
 
 class DatasetMeta(BaseModel):
     """What a trainer needs to know about a data set without reading its rows."""
@@ -60,6 +65,15 @@ class DatasetMeta(BaseModel):
     rows: dict[str, int] = Field(default_factory=dict)
     # free-form provenance: generator parameters, source files, converter options
     source: dict[str, object] = Field(default_factory=dict)
+
+    @field_validator("splits")
+    @classmethod
+    def _relative_files(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for split, files in v.items():
+            check_name(split, "split name")
+            for f in files:
+                check_relative(f, f"split {split!r} file")
+        return v
 
     @field_validator("format_version")
     @classmethod
@@ -77,7 +91,7 @@ class DatasetMeta(BaseModel):
     def files(self, root: Path | str, split: str) -> list[Path]:
         if split not in self.splits:
             raise KeyError(f"data set {root} has no split {split!r}; it has {sorted(self.splits)}")
-        return [Path(root) / f for f in self.splits[split]]
+        return [path_inside(root, f, f"split {split!r} file") for f in self.splits[split]]
 
     def arrow_schema(self) -> pa.Schema:
         """The exact Parquet schema every file of this data set must have."""
@@ -93,6 +107,8 @@ class DatasetMeta(BaseModel):
             raise InputNotFound(f"{path}: no {METADATA_FILE}; is {root} a converted data set?")
         try:
             return cls.model_validate_json(path.read_text())
+        except UnsafeName as e:
+            raise DataError(f"{path}: {e}") from e
         except ValueError as e:
             raise DataError(f"{path}: invalid data set metadata: {e}") from e
 

@@ -23,16 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from data_pipes.schema import METADATA_FILE, DatasetMeta, SparseFeature
 from mlet_torchrec.config import ExperimentConfig, load_config
-from mlet_torchrec.errors import UserError
+from mlet_torchrec.errors import InputNotFound, UserError
 from mlet_torchrec.evaluation.evaluate import evaluate_split
 from mlet_torchrec.evaluation.metrics import AUC_MODES
+from mlet_torchrec.io import check_name, sha256_file
 from mlet_torchrec.models import CTRModel, build_model
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
 from mlet_torchrec.training.checkpoint import load_model_state, read_checkpoint_info, resolve_checkpoint
+from mlet_torchrec.training.safe_dcp import DCP_METADATA, read_metadata
 
 MANIFEST = "manifest.json"
 STATE_ROOT = "model"  # every DCP state dict of the project is {"model": model.state_dict()}
@@ -49,13 +53,66 @@ def quiet_planner() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class ManifestError(UserError):
+    """A ``manifest.json`` that is truncated, crafted or does not match the tensors beside it."""
+
+
+class ManifestTable(BaseModel):
+    """The fields of one ``manifest.json`` table entry that shape files and memory: checked before use."""
+
+    model_config = ConfigDict(extra="allow")
+
+    rows: StrictInt = Field(gt=0)
+    d: StrictInt = Field(gt=0)
+    features: list[str]
+    key: str
+
+
 def read_manifest(collapsed: Path | str) -> dict[str, Any]:
-    """The ``manifest.json`` of a collapse (or export) output."""
+    """The ``manifest.json`` of a collapse (or export) output, checked as untrusted data.
+
+    Every table name must be a plain file name (:func:`mlet_torchrec.io.check_name`), rows and widths
+    positive integers; beside a DCP ``.metadata``, its SHA-256 must be the recorded one and every
+    table's shape the one DCP holds. Anything else is a one-line :class:`ManifestError`.
+    """
     path = Path(collapsed) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{collapsed}: no {MANIFEST}; is it the output of `mlet collapse`?")
-    manifest: dict[str, Any] = json.loads(path.read_text())
+        raise InputNotFound(f"{collapsed}: no {MANIFEST}; is it the output of `mlet collapse`?")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ManifestError(f"{path}: unreadable ({type(e).__name__}: {e}); collapse the checkpoint again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("tables"), dict) or not manifest["tables"]:
+        raise ManifestError(f"{path}: not a collapse manifest (no tables)")
+    tables: dict[str, ManifestTable] = {}
+    for group in ("tables", "extra_tables"):
+        for name, entry in (manifest.get(group) or {}).items():
+            check_name(name, f"{path}: table name")
+            try:
+                tables[name] = ManifestTable.model_validate(entry)
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(str(x) for x in first["loc"])
+                raise ManifestError(f"{path}: {group}.{name}.{where}: {first['msg']}") from None
+    if (Path(collapsed) / DCP_METADATA).is_file():
+        _check_against_dcp(Path(collapsed), path, manifest, tables)
     return manifest
+
+
+def _check_against_dcp(collapsed: Path, path: Path, manifest: dict[str, Any], tables: dict[str, ManifestTable]) -> None:
+    """The recorded ``.metadata`` hash and every table's (rows, d) against the DCP metadata."""
+    recorded = manifest.get("dcp_metadata_sha256")
+    if recorded is not None and recorded != sha256_file(collapsed / DCP_METADATA):
+        raise ManifestError(f"{path}: {collapsed / DCP_METADATA} does not match the SHA-256 the manifest records")
+    stored = read_metadata(collapsed).state_dict_metadata
+    for name, t in tables.items():
+        found = stored.get(t.key)
+        if not isinstance(found, TensorStorageMetadata):
+            raise ManifestError(f"{path}: table {name}: the checkpoint beside it has no tensor {t.key}")
+        if tuple(found.size) != (t.rows, t.d):
+            raise ManifestError(
+                f"{path}: table {name} says {t.rows} x {t.d} but the checkpoint beside it holds {tuple(found.size)}"
+            )
 
 
 def meta_from_manifest(man: dict[str, Any]) -> DatasetMeta:

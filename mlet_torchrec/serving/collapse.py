@@ -55,7 +55,14 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from mlet_torchrec.errors import UserError
-from mlet_torchrec.io import AtomicOutput, OutputError, atomic_write_text, check_output_path, describe_os_error
+from mlet_torchrec.io import (
+    AtomicOutput,
+    OutputError,
+    atomic_write_text,
+    check_output_path,
+    describe_os_error,
+    sha256_file,
+)
 from mlet_torchrec.models import CTRModel, build_model
 from mlet_torchrec.modules.product import DEFAULT_BLOCK_ROWS
 from mlet_torchrec.serving.artifact import (  # noqa: F401  (load_* re-exported for callers of collapse)
@@ -78,7 +85,7 @@ from mlet_torchrec.serving.layout import (  # noqa: F401  (Box and the layout he
     plan_layout,
     source_chunks,
 )
-from mlet_torchrec.serving.manifest import FORMAT, PLAN_FILE, manifest, sha256_file  # noqa: F401
+from mlet_torchrec.serving.manifest import FORMAT, PLAN_FILE, manifest  # noqa: F401
 from mlet_torchrec.serving.sharded_product import Exchange, collapse_boxes, sharded_tensor
 from mlet_torchrec.training.checkpoint import load_dcp
 

@@ -32,14 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from data_pipes.schema import METADATA_FILE, DatasetMeta
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import score_split
 from mlet_torchrec.evaluation.metrics import MetricAccumulator
-from mlet_torchrec.io import atomic_output
+from mlet_torchrec.io import atomic_output, path_inside
 from mlet_torchrec.models import CTRModel
 from mlet_torchrec.serving.artifact import (  # noqa: F401  (read_manifest, meta_from_manifest re-exported)
     MANIFEST,
@@ -59,6 +58,7 @@ from mlet_torchrec.serving.torchrec_package import (
     save_predict_module,
     sharded_file,
 )
+from mlet_torchrec.training import safe_dcp
 
 COMMAND = "mlet export"
 TABLES_DIR = "tables"
@@ -164,7 +164,7 @@ def _table_holder(
 
 def _load_table_into(collapsed: Path, key: str, target: torch.Tensor) -> None:
     prefix = f"{STATE_ROOT}."
-    dcp.load({STATE_ROOT: {key[len(prefix) :]: target}}, checkpoint_id=str(collapsed), no_dist=True)
+    safe_dcp.load({STATE_ROOT: {key[len(prefix) :]: target}}, collapsed, no_dist=True)
 
 
 def export_tables(collapsed: Path | str, output: Path | str, fmt: str) -> dict[str, str]:
@@ -179,7 +179,7 @@ def export_tables(collapsed: Path | str, output: Path | str, fmt: str) -> dict[s
         (output / TABLES_DIR).mkdir(parents=True, exist_ok=True)
         for name, t in tables.items():
             rel = f"{TABLES_DIR}/{name}.npy"
-            mm, target = _table_holder((t["rows"], t["d"]), output / rel, npy=True)
+            mm, target = _table_holder((t["rows"], t["d"]), path_inside(output, rel, "table file"), npy=True)
             _load_table_into(collapsed, t["key"], target)
             mm.flush()
             del mm, target

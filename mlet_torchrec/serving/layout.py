@@ -21,9 +21,9 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.filesystem import FileSystemReader
 
 from mlet_torchrec.serving.artifact import quiet_planner
+from mlet_torchrec.training.safe_dcp import read_metadata
 
 OUTPUT_SHARDINGS = ("same", "auto", "table_wise", "row_wise", "column_wise", "table_row_wise")
 
@@ -55,7 +55,7 @@ _WRITER = re.compile(r"__(\d+)_\d+\.distcp$")
 
 def source_chunks(checkpoint: Path, fqns: Sequence[str]) -> dict[str, list[tuple[Box, int | None]]]:
     """For each fqn: the chunks of the DCP checkpoint as boxes (rank -1) and the rank that wrote each."""
-    metadata = FileSystemReader(str(checkpoint)).read_metadata()
+    metadata = read_metadata(checkpoint)
     writer: dict[tuple[str, tuple[int, ...]], int] = {}
     for index, info in metadata.storage_data.items():
         match = _WRITER.search(str(getattr(info, "relative_path", "")))

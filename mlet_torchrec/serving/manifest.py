@@ -10,24 +10,16 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from data_pipes.schema import DatasetMeta
 from mlet_torchrec.config import ExperimentConfig
+from mlet_torchrec.io import sha256_file
 from mlet_torchrec.serving.artifact import STATE_ROOT
 
 FORMAT = "mlet-torchrec collapsed model v2"
 PLAN_FILE = "plan.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _pooling_name(pooling: Any) -> str:

@@ -43,19 +43,28 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mlet_torchrec.config import ExperimentConfig
 from mlet_torchrec.errors import UserError
-from mlet_torchrec.io import MARKER, AtomicOutput, atomic_write_text, is_ours, remove_output, sweep_stale_in
+from mlet_torchrec.io import (
+    MARKER,
+    AtomicOutput,
+    atomic_write_text,
+    is_ours,
+    remove_output,
+    sha256_file,
+    sweep_stale_in,
+)
+from mlet_torchrec.training import safe_dcp
+from mlet_torchrec.training.safe_dcp import DCP_METADATA, UnsafeCheckpoint
 from mlet_torchrec.training.staging import CopyStager
 
 log = logging.getLogger("mlet.checkpoint")
 
 CHECKPOINT_META = "checkpoint.json"
 LATEST = "LATEST"
-DCP_METADATA = ".metadata"
+METADATA_SHA256 = "dcp_metadata_sha256"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
@@ -189,15 +198,15 @@ def check_checkpoint(checkpoint: Path | str, older: Path | None = None) -> dict[
     if not (path / DCP_METADATA).is_file():
         raise _damaged(path, f"its DCP metadata file {DCP_METADATA} is missing", older)
     try:
-        metadata = FileSystemReader(str(path)).read_metadata()
-        needed: dict[str, int] = {}
-        for item in (metadata.storage_data or {}).values():
-            end = int(item.offset) + int(item.length)
-            needed[item.relative_path] = max(needed.get(item.relative_path, 0), end)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a garbled file
-        raise _damaged(
-            path, f"its DCP metadata file {DCP_METADATA} is unreadable ({type(e).__name__}: {e})", older
-        ) from None
+        metadata = safe_dcp.read_metadata(path)
+    except UnsafeCheckpoint as e:
+        raise _damaged(path, str(e), older) from None
+    recorded = info.get(METADATA_SHA256)
+    if recorded is not None and recorded != sha256_file(path / DCP_METADATA):
+        raise _damaged(path, f"its {DCP_METADATA} does not match the SHA-256 recorded in {CHECKPOINT_META}", older)
+    needed: dict[str, int] = {}
+    for item in (metadata.storage_data or {}).values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
     for name, size in sorted(needed.items()):
         file = path / name
         if not file.is_file():
@@ -359,6 +368,7 @@ class PendingCheckpoint:
             raise self.fail(err)
         if self.out is not None:  # rank 0 commits what every rank agreed is complete
             try:
+                _record_metadata_hash(self.out.tmp)
                 self.out.commit()
             except (OSError, UserError) as e:
                 err = describe_exception(e)
@@ -379,6 +389,13 @@ class PendingCheckpoint:
         self._wait()
         if self.out is not None:
             self.out.abort()
+
+
+def _record_metadata_hash(tmp: Path) -> None:
+    """Add the SHA-256 of the finished DCP ``.metadata`` to ``checkpoint.json`` (checked on every read)."""
+    meta = json.loads((tmp / CHECKPOINT_META).read_text())
+    meta[METADATA_SHA256] = sha256_file(tmp / DCP_METADATA)
+    atomic_write_text(tmp / CHECKPOINT_META, json.dumps(meta, indent=2, default=str))
 
 
 def _full_disk_note(path: Path) -> str:
@@ -438,7 +455,7 @@ def load_dcp(checkpoint: Path | str, state: dict[str, Any], no_dist: bool = Fals
     ``CheckpointError`` (on every rank of a job) instead of DCP's multi-rank traceback.
     """
     try:
-        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=no_dist)
+        safe_dcp.load(state, checkpoint, no_dist=no_dist)
     except (Exception, CheckpointException) as e:
         raise CheckpointError(
             f"could not load checkpoint {checkpoint}: {describe_exception(e)} (damaged, or "
@@ -470,7 +487,7 @@ def load_training_state(checkpoint: Path, model: nn.Module, optimizer: Any) -> N
     """
     try:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        dcp.load(state, checkpoint_id=str(checkpoint))
+        safe_dcp.load(state, checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     except (Exception, CheckpointException) as e:

@@ -1,0 +1,200 @@
+"""A hostile or careless user, end to end through the ``mlet`` command (real processes and files).
+
+Names read from files that would become paths outside their directory, checkpoint and collapse
+directories crafted to run code or to lie about their tensors: each is refused in one line, exit 2,
+with nothing written outside the output and no code run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+from test_bad_inputs import mlet, one_error_line
+
+from data_pipes.schema import DatasetMeta
+from mlet_torchrec.io import UnsafeName
+from mlet_torchrec.serving.artifact import ManifestError, read_manifest
+from mlet_torchrec.training.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint
+from mlet_torchrec.training.safe_dcp import UnsafeCheckpoint, read_metadata
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth_dataset) -> dict[str, Path]:
+    """A real tiny run (one checkpoint) and its collapse output, made by the ``mlet`` command."""
+    work = tmp_path_factory.mktemp("trust")
+    data = synth_dataset()
+    p = mlet("train", "--config", "tiny", "--input", str(data), "--output", "run", cwd=work)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = mlet("collapse", "--input", "run", "--output", "col", "--check-split", "none", cwd=work)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {"work": work, "data": data, "run": work / "run", "col": work / "col"}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def _checkpoint(run: Path) -> Path:
+    return sorted((run / "checkpoints").glob("step_*"))[-1]
+
+
+class _RunsCode:
+    """Pickles as ``os.system(cmd)``: what a crafted ``.metadata`` hides."""
+
+    def __init__(self, cmd: str) -> None:
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return (os.system, (self.cmd,))
+
+
+def _plant(directory: Path, marker: Path, info_file: str | None) -> None:
+    """Make ``directory/.metadata`` valid DCP metadata that also calls os.system (touching ``marker``), and
+    record its hash where mlet records it, so only the allow-list stands between it and the shell."""
+    md = read_metadata(directory)
+    md.planner_data = {"x": _RunsCode(f"touch {marker}")}
+    (directory / ".metadata").write_bytes(pickle.dumps(md))
+    from mlet_torchrec.io import sha256_file
+
+    if info_file is not None:
+        info = json.loads((directory / info_file).read_text())
+        info["dcp_metadata_sha256"] = sha256_file(directory / ".metadata")
+        (directory / info_file).write_text(json.dumps(info))
+
+
+def test_manifest_table_name_cannot_leave_the_output(trained, tmp_path):
+    col = _copy(trained["col"], tmp_path / "col")
+    man = json.loads((col / "manifest.json").read_text())
+    name = next(iter(man["tables"]))
+    man["tables"]["../../victim"] = man["tables"].pop(name)
+    (col / "manifest.json").write_text(json.dumps(man))
+    victim = tmp_path / "victim.npy"
+    victim.write_text("user data")
+    p = mlet("export", "--input", "col", "--output", "out/exp", "--format", "npy", cwd=tmp_path)
+    one_error_line(p, "manifest.json", "../../victim", "not a plain file name")
+    assert victim.read_text() == "user data"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, fragments",
+    [
+        (lambda text: text[: len(text) // 2], ["manifest.json", "unreadable"]),
+        (lambda text: text.replace('"rows": ', '"rows": 1'), ["manifest.json", "says", "holds"]),
+        (lambda text: text.replace('"rows": ', '"rows": -'), ["manifest.json", "rows", "greater than 0"]),
+        (lambda text: text.replace('"d": 4', '"d": 4000000000000'), ["manifest.json", "says", "holds"]),
+        (lambda text: text.replace('"dcp_metadata_sha256": "', '"dcp_metadata_sha256": "0'), ["SHA-256"]),
+    ],
+    ids=["truncated", "wrong-rows", "negative-rows", "huge-d", "hash"],
+)
+def test_lying_manifest_is_refused(trained, tmp_path, edit, fragments):
+    col = _copy(trained["col"], tmp_path / "col")
+    (col / "manifest.json").write_text(edit((col / "manifest.json").read_text()))
+    with pytest.raises(ManifestError) as e:
+        read_manifest(col)
+    assert all(f in str(e.value) for f in fragments) and "\n" not in str(e.value), str(e.value)
+
+
+def test_lying_manifest_through_the_command(trained, tmp_path):
+    col = _copy(trained["col"], tmp_path / "col")
+    (col / "manifest.json").write_text((col / "manifest.json").read_text().replace('"rows": ', '"rows": 1'))
+    p = mlet("export", "--input", "col", "--output", "exp", "--format", "npy", cwd=tmp_path)
+    one_error_line(p, "manifest.json", "says", "holds")
+    assert not (tmp_path / "exp").exists()
+
+
+def test_dataset_files_stay_inside_the_dataset(trained, tmp_path):
+    data = _copy(trained["data"], tmp_path / "data")
+    meta = json.loads((data / "metadata.json").read_text())
+    meta["splits"]["test"] = ["../../../../../etc/passwd"]
+    (data / "metadata.json").write_text(json.dumps(meta))
+    p = mlet("train", "--config", "tiny", "--input", "data", "--output", "run", cwd=tmp_path)
+    one_error_line(p, "metadata.json", "../../../../../etc/passwd")
+    assert not (tmp_path / "run").exists()
+    # a symbolic link inside the data set that leads out of it
+    meta["splits"]["test"] = ["test/outside.parquet"]
+    (data / "metadata.json").write_text(json.dumps(meta))
+    (data / "test" / "outside.parquet").symlink_to("/etc/passwd")
+    with pytest.raises(UnsafeName, match="leads outside"):
+        DatasetMeta.load(data).files(data, "test")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_crafted_metadata_runs_no_code(trained, tmp_path, command):
+    marker = tmp_path / "pwned"
+    if command == "export":
+        src = _copy(trained["col"], tmp_path / "src")
+        _plant(src, marker, "manifest.json")
+        args = ["export", "--input", "src", "--output", "out", "--format", "npy"]
+    else:
+        src = _copy(trained["run"], tmp_path / "src")
+        _plant(_checkpoint(src), marker, "checkpoint.json")
+        args = {
+            "evaluate": ["evaluate", "--input", "src"],
+        }[command]
+    p = mlet(*args, cwd=tmp_path)
+    one_error_line(p, ".metadata", "system, which DCP metadata never holds")
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_crafted_checkpoint_is_refused_before_resume(trained, tmp_path):
+    """Resume, collapse and evaluate all find the checkpoint through the one check."""
+    marker = tmp_path / "pwned"
+    run = _copy(trained["run"], tmp_path / "run")
+    _plant(_checkpoint(run), marker, "checkpoint.json")
+    for find in (latest_checkpoint, resolve_checkpoint):
+        with pytest.raises(CheckpointError, match="system, which DCP metadata never holds"):
+            find(run)
+    assert not marker.exists()
+
+
+def test_recorded_hash_is_checked(trained, tmp_path):
+    run = _copy(trained["run"], tmp_path / "run")
+    ckpt = _checkpoint(run)
+    md = read_metadata(ckpt)
+    md.storage_meta.save_id = "another save"  # still valid, still allowed: only the hash tells
+    (ckpt / ".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(CheckpointError, match="does not match the SHA-256 recorded in checkpoint.json"):
+        resolve_checkpoint(run)
+
+
+def test_metadata_cannot_name_files_outside(trained, tmp_path):
+    run = _copy(trained["run"], tmp_path / "run")
+    ckpt = _checkpoint(run)
+    md = read_metadata(ckpt)
+    for info in md.storage_data.values():
+        info.relative_path = "../../../../etc/passwd"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(UnsafeCheckpoint, match="not a plain file name"):
+        read_metadata(ckpt)
+
+
+def test_byte_entries_load_without_code(tmp_path):
+    """DCP's default planner torch.load(weights_only=False)-s non-tensor entries; ours does not."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from mlet_torchrec.training import safe_dcp
+
+    marker = tmp_path / "pwned"
+    dcp.save(
+        {"w": torch.ones(2), "extra": _RunsCode(f"touch {marker}")}, checkpoint_id=str(tmp_path / "c"), no_dist=True
+    )
+    state = {"w": torch.zeros(2), "extra": None}
+    with pytest.raises(CheckpointException, match="Weights only load failed"):
+        safe_dcp.load(state, tmp_path / "c", no_dist=True)
+    assert not marker.exists()
+    state = {"w": torch.zeros(2), "extra": None}
+    dcp.save({"w": torch.ones(2), "extra": 0.5}, checkpoint_id=str(tmp_path / "d"), no_dist=True)
+    safe_dcp.load(state, tmp_path / "d", no_dist=True)
+    assert state["extra"] == 0.5 and state["w"].sum() == 2
