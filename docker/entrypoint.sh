@@ -21,7 +21,7 @@ fi
 
 # The image runs as uid 1000, often with a read-only root file system: an output directory that is
 # not on a writable mount would end in a PermissionError traceback deep in mlet. Say it in one line
-# first, for the outputs named on the command line (--output/--out DIR, run.dir=DIR).
+# first, for the outputs named on the command line (--output DIR, run.dir=DIR).
 require_writable() {
     local dir="$1" probe
     [[ "$dir" == /* ]] || dir="$PWD/$dir"
@@ -35,8 +35,8 @@ require_writable() {
 if [[ $# -gt 0 && "$MLET_SUBCOMMANDS" == *" $1 "* ]]; then
     previous=""
     for arg in "$@"; do
-        case "$previous" in --output|--out) require_writable "$arg" ;; esac
-        case "$arg" in --output=*|--out=*) require_writable "${arg#*=}" ;; run.dir=*) require_writable "${arg#run.dir=}" ;; esac
+        case "$previous" in --output) require_writable "$arg" ;; esac
+        case "$arg" in --output=*) require_writable "${arg#*=}" ;; run.dir=*) require_writable "${arg#run.dir=}" ;; esac
         previous="$arg"
     done
 fi

@@ -70,47 +70,27 @@ def test_vocabulary_flags_per_subcommand():
         assert wanted | {"--log-level"} <= have, (command, wanted - have)
 
 
-# ----------------------------------------------------------------------------------- deprecated aliases
+# ----------------------------------------------------------------------------------- one spelling per flag
 
 
 @pytest.mark.parametrize(
-    "argv, old, new, dest, value",
+    "argv, old",
     [
-        (
-            ["collapse", "--checkpoint", "X", "--checkpoint", "X", "--output", "O"],
-            "--checkpoint",
-            "--input",
-            "input",
-            Path("X"),
-        ),
-        (["evaluate", "--checkpoint", "X"], "--checkpoint", "--input", "input", Path("X")),
-        (["export", "--collapsed", "X", "--output", "O"], "--collapsed", "--input", "input", Path("X")),
-        (["report", "--input", "r.jsonl", "--out", "O"], "--out", "--output", "output", Path("O")),
-        (["sweep", "--grid", "d=[4]", "--results", "R"], "--results", "--output", "output", Path("R")),
-        (
-            ["sweep", "--grid", "d=[4]", "--output", "R", "--nproc", "3"],
-            "--nproc",
-            "--nproc-per-node",
-            "nproc_per_node",
-            3,
-        ),
-        (["demo", "--workdir", "W"], "--workdir", "--output", "output", Path("W")),
-        (["-v", "train"], "-v", "--log-level DEBUG", "log_level", "DEBUG"),
-        (["train", "--verbose", "--verbose"], "--verbose", "--log-level DEBUG", "log_level", "DEBUG"),
+        (["collapse", "--input", "X", "--output", "O", "--checkpoint", "X"], "--checkpoint"),
+        (["evaluate", "--input", "X", "--checkpoint", "X"], "--checkpoint"),
+        (["export", "--input", "X", "--output", "O", "--collapsed", "X"], "--collapsed"),
+        (["report", "--input", "r.jsonl", "--out", "O"], "--out"),
+        (["sweep", "--grid", "d=[4]", "--output", "R", "--nproc", "3"], "--nproc"),
+        (["demo", "--workdir", "W"], "--workdir"),
+        (["train", "--verbose"], "--verbose"),
+        (["report", "--input", "r.jsonl", "--output", "O", "--", "s.jsonl"], "s.jsonl"),
     ],
 )
-def test_old_spelling_works_and_warns_once(capsys, argv, old, new, dest, value):
-    args = build_parser().parse_args(argv)
-    assert getattr(args, dest) == value
+def test_old_spellings_and_abbreviations_are_unknown(capsys, argv, old):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
     err = capsys.readouterr().err.splitlines()
-    prog = "mlet" if argv[0] == "-v" else f"mlet {argv[0]}"
-    assert err == [f"{prog}: warning: {old} is deprecated and goes in the next release; use {new}"]
-
-
-def test_old_report_positional_still_works(capsys, tmp_path):
-    rc, _, err = _mlet(capsys, "report", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "r"))
-    assert rc == 2 and "positional arguments are deprecated" in err[0]
-    assert err[1] == f"mlet report: error: --input {tmp_path / 'missing.jsonl'} does not exist"
+    assert e.value.code == 2 and len(err) == 1 and old in err[0], err
 
 
 def test_new_spellings_do_not_warn(capsys):

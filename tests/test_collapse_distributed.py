@@ -95,7 +95,7 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def collapsed2(trained):
     out = trained["root"] / "collapsed2"
-    proc = _mlet("collapse", "--checkpoint", str(trained["run"]), "--output", str(out), "--nproc-per-node", "2")
+    proc = _mlet("collapse", "--input", str(trained["run"]), "--output", str(out), "--nproc-per-node", "2")
     assert "max |p_collapsed - p_factored|" in proc.stdout
     return out
 
@@ -239,7 +239,7 @@ def test_stock_torchrec_loads_at_other_world_sizes(trained, collapsed2):
 
 def test_int8_export_of_the_trained_model(trained, collapsed2):
     out = trained["root"] / "export"
-    proc = _mlet("export", "--collapsed", str(collapsed2), "--output", str(out), "--int8", "--format", "safetensors")
+    proc = _mlet("export", "--input", str(collapsed2), "--output", str(out), "--int8", "--format", "safetensors")
     assert "INT8" in proc.stdout and "AUC: FP32" in proc.stdout
     report = json.loads((out / "export_report.json").read_text())
     assert report["auc_diff"] <= 1e-3 and report["rows_checked"] == trained["summary"]["test"]["rows"]

@@ -145,12 +145,12 @@ def test_check_needs_the_data_unless_no_check(collapsed, tmp_path):
 
     from mlet_torchrec.cli import main
 
-    assert main(["export", "--collapsed", str(moved), "--output", str(tmp_path / "cli"), "--int8"]) == 2
+    assert main(["export", "--input", str(moved), "--output", str(tmp_path / "cli"), "--int8"]) == 2
     assert (
         main(
             [
                 "export",
-                "--collapsed",
+                "--input",
                 str(moved),
                 "--output",
                 str(tmp_path / "cli"),

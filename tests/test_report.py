@@ -35,9 +35,9 @@ def test_tiny_sweep_renders_a_report(synth_dataset, tmp_path):
         "embedding.d=[4] embedding.k=[none,16] seed=[0,1]",
         "--tune-baseline",
         "sparse_optimizer.lr=[0.2]",
-        "--results",
+        "--output",
         str(results),
-        "--nproc",
+        "--nproc-per-node",
         "1",
         "--in-process",
         "--runs-dir",
@@ -66,7 +66,7 @@ def test_tiny_sweep_renders_a_report(synth_dataset, tmp_path):
 
     out = tmp_path / "report"
     proc = subprocess.run(
-        [sys.executable, "-m", "mlet_torchrec.cli", "report", str(results), "--out", str(out)],
+        [sys.executable, "-m", "mlet_torchrec.cli", "report", "--input", str(results), "--output", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,

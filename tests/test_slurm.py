@@ -221,8 +221,8 @@ def local_run(work, data):
 def local_evaluated(local_run):
     """`mlet collapse` and `mlet evaluate` of the local run: the metrics of its collapsed model."""
     collapsed = local_run["dir"] / "collapsed"
-    _mlet("collapse", "--checkpoint", str(local_run["dir"]), "--output", str(collapsed))
-    return _json_in(_mlet("evaluate", "--checkpoint", str(collapsed)).stdout)
+    _mlet("collapse", "--input", str(local_run["dir"]), "--output", str(collapsed))
+    return _json_in(_mlet("evaluate", "--input", str(collapsed)).stdout)
 
 
 # ---------------------------------------------------------------- train, collapse, evaluate on two nodes

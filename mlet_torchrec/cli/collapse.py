@@ -12,12 +12,12 @@ from functools import partial
 
 from mlet_torchrec.cli import flags
 from mlet_torchrec.cli.entry import on_ranks
-from mlet_torchrec.cli.flags import existing, require
+from mlet_torchrec.cli.flags import existing
 
 
 def _cmd_collapse(args: argparse.Namespace) -> int:
-    source = existing(require(args, "input", "--input"))  # before the imports: a typo fails in a second
-    output = require(args, "output", "--output")
+    source = existing(args.input)  # before the imports: a typo fails in a second
+    output = args.output
     from mlet_torchrec.serving.collapse import collapse
 
     split = None if args.check_split == "none" else args.check_split
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "W = W1 @ W2: a trained checkpoint -> plain d-dim model",
         "mlet collapse --input runs/tiny --output runs/tiny/collapsed --nproc-per-node 2",
     )
-    flags.add_input(p, "training run directory or one of its checkpoints", old=["--checkpoint"])
+    flags.add_input(p, "training run directory or one of its checkpoints")
     flags.add_output(p, "directory of the collapsed model")
     flags.add_overwrite(p)
     flags.add_nproc(p, 1, "local processes, each collapsing its own W1 shards (ignored under torchrun/TorchX)")

@@ -24,9 +24,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "synthetic data -> baseline and MLET on 2 ranks -> collapse -> table",
         "mlet demo --output runs/demo --nproc-per-node 2",
     )
-    flags.add_output(
-        p, "work directory of the demo's runs", old=["--workdir"], required=False, default=Path("runs/demo")
-    )
+    flags.add_output(p, "work directory of the demo's runs", required=False, default=Path("runs/demo"))
     p.add_argument("--data", default="data/demo", help="where the demo's synthetic data set goes (reused)")
     flags.add_seed(p, "training seed of every run (short for train.seed=...)")
     flags.add_nproc(p, 2, "local processes per run")

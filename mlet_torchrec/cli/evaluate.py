@@ -10,11 +10,11 @@ from functools import partial
 
 from mlet_torchrec.cli import flags
 from mlet_torchrec.cli.entry import on_ranks, print_summary
-from mlet_torchrec.cli.flags import existing, require
+from mlet_torchrec.cli.flags import existing
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    source = existing(require(args, "input", "--input"))
+    source = existing(args.input)
     from mlet_torchrec.serving.artifact import evaluate_path
 
     print_summary(on_ranks(args, partial(evaluate_path, source, args.split, args.auc)))
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "metrics of a checkpoint or collapsed model on one split",
         "mlet evaluate --input runs/tiny/collapsed --split valid --nproc-per-node 2",
     )
-    flags.add_input(p, "training checkpoint/run directory, or a collapse output", old=["--checkpoint"])
+    flags.add_input(p, "training checkpoint/run directory, or a collapse output")
     p.add_argument("--split", default="test")
     flags.add_nproc(p, 1, "local processes, each scoring its slice of the split (ignored under torchrun/TorchX)")
     p.add_argument(

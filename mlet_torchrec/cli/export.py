@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 
 from mlet_torchrec.cli import flags
-from mlet_torchrec.cli.flags import existing, require
+from mlet_torchrec.cli.flags import existing
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    source = existing(require(args, "input", "--input"))
+    source = existing(args.input)
     from mlet_torchrec.serving.export import export, format_report
 
     report = export(
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "a collapsed model -> TorchRec inference modules (FP32, --int8, --shards N) and per-table files",
         "mlet export --input runs/tiny/collapsed --output runs/tiny/serving --int8 --format npy",
     )
-    flags.add_input(p, "output directory of `mlet collapse`", old=["--collapsed"])
+    flags.add_input(p, "output directory of `mlet collapse`")
     flags.add_output(p, "directory of the exported model")
     flags.add_overwrite(p)
     p.add_argument("--int8", action="store_true", help="TorchRec's quantized (INT8) inference model, TorchScript")

@@ -1,25 +1,18 @@
-"""The one flag vocabulary of every ``mlet`` subcommand, and the old spellings kept for one release.
+"""The one flag vocabulary of every ``mlet`` subcommand.
 
 ``--config FILE_OR_NAME`` with ``key.sub=value`` overrides, ``--input``, ``--output``, ``--overwrite``,
-``--nproc-per-node``, ``--seed``, ``--log-level``. An old spelling (``--checkpoint``, ``--collapsed``,
-``--out``, ``--results``, ``--workdir``, ``--nproc``, ``-v/--verbose``) still works and prints one line:
+``--nproc-per-node``, ``--seed``, ``--log-level``; each subcommand's module declares its flags with these:
 
     >>> p = argparse.ArgumentParser(prog="mlet collapse")
-    >>> add_input(p, "a training run directory", old=("--checkpoint",))
+    >>> add_input(p, "a training run directory")
     >>> p.parse_args(["--input", "runs/a"]).input
     PosixPath('runs/a')
-    >>> p.parse_args(["--checkpoint", "runs/a"]).input     # also prints, on stderr:
-    PosixPath('runs/a')
-
-``mlet collapse: warning: --checkpoint is deprecated and goes in the next release; use --input``
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -39,6 +32,10 @@ class Parser(argparse.ArgumentParser):
         mlet doc: error: unrecognized arguments: --nope (see mlet doc --help)
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # one spelling per flag: `--out` is not `--output`
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
@@ -46,39 +43,6 @@ class Parser(argparse.ArgumentParser):
 def example(*lines: str) -> str:
     """The epilog of a subcommand's help: ``example:`` and the command lines, indented."""
     return "example:\n" + "\n".join(f"  {line}" for line in lines)
-
-
-class DeprecatedAlias(argparse.Action):
-    """An old spelling of a flag: stores into the new flag's ``dest`` and warns once per parse."""
-
-    def __init__(
-        self, option_strings: Sequence[str], dest: str, new: str = "", value: Any = None, **kwargs: Any
-    ) -> None:
-        self.new = new
-        self.value = value
-        self.warned = False
-        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        if not self.warned:
-            self.warned = True
-            print(
-                f"{parser.prog}: warning: {option_string} is deprecated and goes in the next release; use {self.new}",
-                file=sys.stderr,
-            )
-        setattr(namespace, self.dest, self.value if self.nargs == 0 else values)
-
-
-def add_alias(p: argparse.ArgumentParser, old: Sequence[str], new: str, dest: str, **kwargs: Any) -> None:
-    """Accept each spelling of ``old`` as a deprecated alias of the flag ``new`` (same ``dest``)."""
-    if old:
-        p.add_argument(*old, action=DeprecatedAlias, new=new, dest=dest, default=argparse.SUPPRESS, **kwargs)
 
 
 def subparser(
@@ -101,7 +65,7 @@ def subparser(
 
 
 def add_log_level(p: argparse.ArgumentParser) -> None:
-    """``--log-level`` (and the old ``-v/--verbose``); accepted before or after the subcommand."""
+    """``--log-level``; accepted before or after the subcommand."""
     p.add_argument(
         "--log-level",
         type=str.upper,
@@ -109,7 +73,6 @@ def add_log_level(p: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="log level of mlet's own messages (default INFO); DEBUG also shows every library warning",
     )
-    add_alias(p, ["-v", "--verbose"], "--log-level DEBUG", "log_level", nargs=0, value="DEBUG")
 
 
 def common_parent() -> argparse.ArgumentParser:
@@ -119,20 +82,12 @@ def common_parent() -> argparse.ArgumentParser:
     return parent
 
 
-def add_input(
-    p: argparse.ArgumentParser, help: str, old: Sequence[str] = (), nargs: str | None = None, required: bool = True
-) -> None:
-    """``--input``; with old spellings argparse cannot require it: the command calls :func:`require`."""
-    p.add_argument("--input", type=Path, required=required and not old, nargs=nargs, default=None, help=help)
-    add_alias(p, old, "--input", "input", type=Path, nargs=nargs)
+def add_input(p: argparse.ArgumentParser, help: str, nargs: str | None = None, required: bool = True) -> None:
+    p.add_argument("--input", type=Path, required=required, nargs=nargs, default=None, help=help)
 
 
-def add_output(
-    p: argparse.ArgumentParser, help: str, old: Sequence[str] = (), required: bool = True, default: Any = None
-) -> None:
-    """``--output``; with old spellings argparse cannot require it: the command calls :func:`require`."""
-    p.add_argument("--output", type=Path, required=required and not old, default=default, help=help)
-    add_alias(p, old, "--output", "output", type=Path)
+def add_output(p: argparse.ArgumentParser, help: str, required: bool = True, default: Any = None) -> None:
+    p.add_argument("--output", type=Path, required=required, default=default, help=help)
 
 
 def add_overwrite(p: argparse.ArgumentParser) -> None:
@@ -175,9 +130,8 @@ def _checked(text: str, kind: type[int] | type[float], low: float, name: str, ne
     return value
 
 
-def add_nproc(p: argparse.ArgumentParser, default: int, help: str, old: Sequence[str] = ()) -> None:
+def add_nproc(p: argparse.ArgumentParser, default: int, help: str) -> None:
     p.add_argument("--nproc-per-node", type=positive_int, default=default, help=f"{help} (default {default})")
-    add_alias(p, old, "--nproc-per-node", "nproc_per_node", type=positive_int)
 
 
 def add_seed(p: argparse.ArgumentParser, help: str) -> None:
@@ -191,14 +145,6 @@ def add_config(
 ) -> None:
     p.add_argument("--config", default=None, metavar="FILE_OR_NAME", help=help)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied in order")
-
-
-def require(args: argparse.Namespace, name: str, flag: str) -> Any:
-    """The value of a required flag that has deprecated aliases (argparse cannot require one of them)."""
-    value = getattr(args, name, None)
-    if value is None:
-        raise UsageError(f"the following arguments are required: {flag}")
-    return value
 
 
 def existing(path: Path, flag: str = "--input") -> Path:

@@ -4,29 +4,15 @@ sweep's results store(s)."""
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 from mlet_torchrec.cli import flags
-from mlet_torchrec.cli.flags import existing, require
+from mlet_torchrec.cli.flags import existing
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from mlet_torchrec.experiments.report import render_report
 
-    inputs = list(args.input or [])
-    if args.results:
-        print(
-            f"mlet report: warning: results as positional arguments are deprecated and go in the next "
-            f"release; use --input {' '.join(map(str, args.results))}",
-            file=sys.stderr,
-        )
-        inputs += args.results
-    if not inputs:
-        raise flags.UsageError("the following arguments are required: --input")
-    out = render_report(
-        [existing(p) for p in inputs], require(args, "output", "--output"), title=args.title, budget_mb=args.budget_mb
-    )
+    out = render_report([existing(p) for p in args.input], args.output, title=args.title, budget_mb=args.budget_mb)
     print(f"wrote {out}")
     return 0
 
@@ -39,9 +25,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "Markdown tables and PNG plots from a sweep's results store",
         "mlet report --input runs/sweep.jsonl --output runs/report --budget-mb 1 4",
     )
-    flags.add_input(p, "results store(s) (JSON lines)", nargs="+", required=False)
-    p.add_argument("results", type=Path, nargs="*", help=argparse.SUPPRESS)  # the old positional spelling
-    flags.add_output(p, "output directory (report.md, plots/)", old=["--out"])
+    flags.add_input(p, "results store(s) (JSON lines)", nargs="+")
+    flags.add_output(p, "output directory (report.md, plots/)")
     p.add_argument("--title", default=None)
     p.add_argument(
         "--budget-mb",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 
 from mlet_torchrec.cli import flags
-from mlet_torchrec.cli.flags import require
 from mlet_torchrec.config import read_config_text
 
 
@@ -28,7 +27,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             grid=parse_grid(args.grid),
             tune=parse_grid(args.tune or args.tune_baseline or ""),
             tune_mlet=bool(args.tune),
-            results=str(require(args, "output", "--output")),
+            results=str(args.output),
             base_overrides=list(args.overrides),
             nproc=args.nproc_per_node,
             parallel=args.parallel,
@@ -88,8 +87,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "multiple of d)",
     )
     _add_tuning(p)
-    flags.add_output(p, "results store (JSON lines; appended, resumable)", old=["--results"])
-    flags.add_nproc(p, 2, "training processes per cell", old=["--nproc"])
+    flags.add_output(p, "results store (JSON lines; appended, resumable)")
+    flags.add_nproc(p, 2, "training processes per cell")
     p.add_argument("--parallel", type=flags.positive_int, default=1, help="cells at once (default 1)")
     p.add_argument(
         "--in-process",

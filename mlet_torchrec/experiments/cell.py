@@ -75,7 +75,7 @@ def _measure_cell(
     t0 = time.time()
     if shared_process:
         if nproc != 1:
-            raise ValueError("in-process cells train on one process (--nproc 1)")
+            raise ValueError("in-process cells train on one process (--nproc-per-node 1)")
         from mlet_torchrec.training.train import train
 
         reset = _reset_peak_rss()

@@ -1,4 +1,4 @@
-"""``mlet report RESULTS --out DIR``: Markdown tables and PNG plots from a sweep's results store.
+"""``mlet report --input RESULTS --output DIR``: Markdown tables and PNG plots from a sweep's results store.
 
 Sections (paper numbering from the MLET paper, seeds/001):
 * summary: where MLET beats the single-layer baseline, by how much, against seed noise (paired over seeds);

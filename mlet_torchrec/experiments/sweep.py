@@ -1,7 +1,7 @@
 """``mlet sweep``: run a grid of training runs into a resumable results store (one JSON line per run).
 
     mlet sweep --config FILE --grid "embedding.d=[4,8,16] embedding.k=[none,64,128] seed=[0,1,2]" \\
-        --tune-baseline "sparse_optimizer.lr=[0.2,0.8]" --results docs/results/x/results.jsonl
+        --tune-baseline "sparse_optimizer.lr=[0.2,0.8]" --output docs/results/x/results.jsonl
 
 * **Grid**: space-separated ``key=[v1,v2,...]`` axes; each list is read as YAML (``none``/``null`` -> None);
   keys are the dotted overrides of ``mlet train``; ``seed`` means ``train.seed``. Every combination is a cell.
@@ -250,7 +250,7 @@ def _run_pass(s: SweepSettings, counts: dict[str, int]) -> tuple[list[Cell], int
             counts["ran"] += 1
 
     if s.in_process and (s.nproc != 1 or s.parallel != 1):
-        raise ValueError("--in-process needs --nproc 1 and --parallel 1")
+        raise ValueError("--in-process needs --nproc-per-node 1 and --parallel 1")
     if s.parallel > 1:
         with ThreadPoolExecutor(max_workers=s.parallel) as ex:
             list(ex.map(one, enumerate(todo)))
