@@ -417,6 +417,23 @@ class FeatureTransform:
         )
 
 
+def carry_transform(source: Path | str, directory: Path | str) -> str | None:
+    """Save the transform of ``source`` (see :meth:`FeatureTransform.locate`) into ``directory/transform``
+    (collapse and export outputs carry one); its identity, or None when ``source`` has none."""
+    try:
+        t = FeatureTransform.load(source)
+    except InputNotFound:
+        return None
+    return t.save(Path(directory) / TRANSFORM_DIR).identity
+
+
+def dataset_identity(path: Path | str) -> str | None:
+    """The identity of a data set's transform; None for one converted before transforms (or generated)."""
+    if not (Path(path) / TRANSFORM_DIR / MANIFEST_FILE).is_file():
+        return None
+    return FeatureTransform.load(path).identity
+
+
 def write_ref(directory: Path | str, transform_path: Path | str, identity: str) -> None:
     """Record in ``directory`` (a run) which transform it was trained with: a pointer, not a copy."""
     ref = {"identity": identity, "path": str(Path(transform_path).absolute())}
@@ -450,6 +467,8 @@ __all__ = [
     "SparseSource",
     "SparseSpec",
     "TransformManifest",
+    "carry_transform",
+    "dataset_identity",
     "read_ref",
     "write_ref",
 ]

@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from data_pipes.transform import carry_transform
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.io import (
     AtomicOutput,
@@ -409,6 +410,7 @@ def _run(job: _Job, a: _Args, rank: int, world: int, device: torch.device) -> Co
         )
         man["dcp_metadata_sha256"] = sha256_file(tmp / ".metadata") if is_main else None
         if is_main:
+            man["transform_identity"] = carry_transform(source.config.data.path, tmp)
             atomic_write_text(tmp / MANIFEST, json.dumps(man, indent=2))
             source.config.save(tmp / "config.yaml")
             atomic_write_text(tmp / PLAN_FILE, json.dumps(man["output_layout"], indent=2))

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from data_pipes.schema import METADATA_FILE, DatasetMeta
+from data_pipes.transform import carry_transform
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import score_split
 from mlet_torchrec.evaluation.metrics import MetricAccumulator
@@ -311,6 +312,7 @@ def export(
             _judge_int8(report, found, split, auc_tolerance)
         if report.table_files:
             out_manifest["table_files"] = report.table_files
+        out_manifest["transform_identity"] = carry_transform(collapsed, tmp)
         (tmp / MANIFEST).write_text(json.dumps(out_manifest, indent=2))
         shutil.copy(collapsed / "config.yaml", tmp / "config.yaml")
         (tmp / SERVING_DOC).write_text(SERVING_MD)

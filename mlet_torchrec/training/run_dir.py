@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import torch.distributed as dist
 
+from data_pipes.transform import REF_FILE, dataset_identity, write_ref
 from mlet_torchrec.config import ConfigError, ExperimentConfig
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.io import OutputError, claim_directory, remove_output
@@ -59,6 +60,7 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext) -
                 log.info("removed %s (an interrupted checkpoint write)", leftover)
             if config.run.resume:
                 found = latest_checkpoint(run_dir)
+                record_transform(run_dir, config.data.path, resuming=found is not None)
                 decision = ("ok", None if found is None else str(found))
             else:
                 removed = remove_checkpoints(run_dir)
@@ -68,6 +70,7 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext) -
                         len(removed),
                         checkpoint_root(run_dir),
                     )
+                record_transform(run_dir, config.data.path, resuming=False)
                 decision = ("ok", None)
         except UserError as e:
             decision = (type(e).__name__, str(e))
@@ -77,6 +80,24 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext) -
     if kind != "ok":
         raise {"OutputError": OutputError, "CheckpointError": CheckpointError}.get(kind, ConfigError)(value)
     return None if value is None else Path(value)
+
+
+def record_transform(run_dir: Path, data: Path | str, resuming: bool) -> None:
+    """Point the run at its data set's feature transform (``transform-ref.json``: identity and path).
+
+    Resuming a run that was trained with another transform is refused: its ids would mean other values.
+    """
+    identity = dataset_identity(data)
+    if identity is None:
+        return
+    if resuming and (run_dir / REF_FILE).is_file():
+        before = json.loads((run_dir / REF_FILE).read_text()).get("identity")
+        if before != identity:
+            raise ConfigError(
+                f"data.path {data}: its feature transform ({identity[:12]}) is not the one {run_dir} was trained "
+                f"with ({str(before)[:12]}); convert the new data with --features-from {run_dir}"
+            )
+    write_ref(run_dir, data, identity)
 
 
 class RunLog:
