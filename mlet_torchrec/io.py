@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from mlet_torchrec.errors import UserError
@@ -396,6 +396,53 @@ class AtomicOutput:
                 d.rmdir()  # only if still empty: another writer may have put something there
             except OSError:
                 break
+
+
+class AtomicFile:
+    """A one-file output (e.g. ``predictions.parquet``) built in a hidden temporary directory beside it
+    (shared by the ranks of a job through one ``token``, like :class:`AtomicOutput`) and moved into place
+    by one rename, so readers see the old file or the complete new one.
+
+    A file has no marker: ``ours(path)`` says whether an existing file is one this command wrote (e.g.
+    from the file's own metadata); only such a file is replaced, and only with ``overwrite``.
+    """
+
+    def __init__(
+        self,
+        output: Path | str,
+        ours: Callable[[Path], bool],
+        inputs: Sequence[Path | str] = (),
+        overwrite: bool = False,
+        token: str | None = None,
+    ) -> None:
+        out = check_location(output, inputs)
+        if out.is_symlink() or out.is_dir():
+            raise OutputError(f"refusing to write to {out}: it exists and is not a file")
+        if out.exists():
+            if not ours(out):
+                raise OutputError(f"refusing to replace {out}: mlet did not write it; choose another output file")
+            if not overwrite:
+                raise OutputError(f"{out} exists; pass --overwrite to replace it")
+        self.output = out
+        self.token = token or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = out.parent / f".{out.name}{_TMP_TAG}{self.token}"
+
+    def begin(self) -> Path:
+        """Create the temporary directory (idempotent) and return it."""
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(self.output)
+        self.tmp.mkdir(exist_ok=True)
+        return self.tmp
+
+    def commit(self, built: Path) -> Path:
+        """Move ``built`` (a file inside the temporary directory) over the output; remove the directory."""
+        os.replace(built, self.output)
+        _fsync_dir(self.output.parent)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.output
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def describe_os_error(e: OSError, what: Path | str) -> str:

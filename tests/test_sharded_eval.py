@@ -163,7 +163,7 @@ def _mlet(*args: str) -> str:
 @pytest.mark.slow
 def test_mlet_evaluate_on_two_and_three_ranks_prints_the_one_process_metrics(tmp_path, synth_dataset):
     from mlet_torchrec.config import load_config
-    from mlet_torchrec.serving.artifact import evaluate_path
+    from mlet_torchrec.serving.scoring import evaluate_path
     from mlet_torchrec.training.launcher import run_local
     from mlet_torchrec.training.train import train
 

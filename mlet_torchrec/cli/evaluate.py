@@ -1,12 +1,14 @@
-"""``mlet evaluate --input RUN_OR_COLLAPSED_DIR [--split test] [--nproc-per-node N] [--auc histogram|exact]``.
+"""``mlet evaluate --input RUN|COLLAPSED|EXPORT [--data DATASET] [--split test] [--nproc-per-node N] [--auc ...]``.
 
-Metrics of a training checkpoint or a collapsed model on one split, printed as JSON by rank 0.
+Metrics of a training checkpoint, a collapsed model or an export (``--precision int8|fp32``) on one split of its
+own data set or of ``--data`` (same features), printed as JSON by rank 0.
 """
 
 from __future__ import annotations
 
 import argparse
 from functools import partial
+from pathlib import Path
 
 from mlet_torchrec.cli import flags
 from mlet_torchrec.cli.entry import on_ranks, print_summary
@@ -15,9 +17,11 @@ from mlet_torchrec.cli.flags import existing
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     source = existing(args.input)
-    from mlet_torchrec.serving.artifact import evaluate_path
+    data = None if args.data is None else existing(args.data, "--data")
+    from mlet_torchrec.serving.scoring import evaluate_path
 
-    print_summary(on_ranks(args, partial(evaluate_path, source, args.split, args.auc)))
+    call = partial(evaluate_path, source, args.split, args.auc, data=data, precision=args.precision)
+    print_summary(on_ranks(args, call))
     return 0
 
 
@@ -29,8 +33,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "metrics of a checkpoint or collapsed model on one split",
         "mlet evaluate --input runs/tiny/collapsed --split valid --nproc-per-node 2",
     )
-    flags.add_input(p, "training checkpoint/run directory, or a collapse output")
+    flags.add_input(p, "training checkpoint/run directory, a collapse output or an export dir")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="data set to evaluate on (default: the model's own); same features (convert with --features-from)",
+    )
     p.add_argument("--split", default="test")
+    p.add_argument(
+        "--precision",
+        choices=["int8", "fp32"],
+        default=None,
+        help="an export's INT8 model (default) or its FP32 one; runs and collapse outputs are FP32",
+    )
     flags.add_nproc(p, 1, "local processes, each scoring its slice of the split (ignored under torchrun/TorchX)")
     p.add_argument(
         "--auc",

@@ -4,6 +4,7 @@
     mlet collapse --input RUN_DIR --output DIR [--nproc-per-node N] [--output-sharding same]
     mlet export --input COLLAPSED_DIR --output DIR [--int8] [--shards N] [--format safetensors|npy] [--no-check]
     mlet evaluate --input RUN_OR_COLLAPSED_DIR [--split test] [--nproc-per-node N] [--auc histogram|exact]
+    mlet predict --input RUN|COLLAPSED|EXPORT [--data DATASET] [--split S] --output FILE.parquet [--precision fp32]
     mlet synth --output DIR [--config FILE_OR_NAME] [key=value ...]
     mlet convert criteo|avazu|movielens --input ... --output DIR
     mlet demo [--output DIR]
@@ -33,6 +34,7 @@ from mlet_torchrec.cli import (
     export,
     flags,
     plan,
+    predict,
     report,
     results,
     sweep,
@@ -41,7 +43,22 @@ from mlet_torchrec.cli import (
 )
 from mlet_torchrec.cli.entry import run
 
-COMMANDS = (train, collapse, export, evaluate, synth, demo, sweep, report, convert, plan, results, advise, compression)
+COMMANDS = (
+    train,
+    collapse,
+    export,
+    evaluate,
+    predict,
+    synth,
+    demo,
+    sweep,
+    report,
+    convert,
+    plan,
+    results,
+    advise,
+    compression,
+)
 """The subcommand modules, in the order ``mlet --help`` lists them."""
 
 

@@ -30,8 +30,6 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from data_pipes.schema import METADATA_FILE, DatasetMeta, SparseFeature
 from mlet_torchrec.config import ExperimentConfig, load_config
 from mlet_torchrec.errors import InputNotFound, UserError
-from mlet_torchrec.evaluation.evaluate import evaluate_split
-from mlet_torchrec.evaluation.metrics import AUC_MODES
 from mlet_torchrec.io import check_name, sha256_file
 from mlet_torchrec.models import CTRModel, build_model
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
@@ -282,45 +280,3 @@ def shard_for_job(art: Artifact, rank_device: torch.device, world_size: int) -> 
         art.config.embedding, features, {f: table_name(f) for f in features}, world_size, rank_device.type
     )
     return art.shard(constraints, rank_device)
-
-
-def check_eval_args(art: Artifact, split: str, auc: str) -> None:
-    """One-line errors for a split the data set lacks (or no data set) and an unknown AUC mode."""
-    if auc not in AUC_MODES:
-        raise UserError(f"--auc {auc!r} is not one of {', '.join(AUC_MODES)}")
-    if not (Path(art.config.data.path) / METADATA_FILE).is_file():
-        raise UserError(
-            f"evaluating {art.path} needs its data set {art.config.data.path} (from the run config), which is not there"
-        )
-    if split not in art.meta.splits:
-        raise UserError(
-            f"data set {art.config.data.path} has no split {split!r} ({', '.join(sorted(art.meta.splits))})"
-        )
-
-
-def evaluate_path(
-    path: str | Path, split: str = "test", auc: str = "histogram", max_rows: int | None = None
-) -> dict[str, Any]:
-    """Metrics of a training checkpoint (run dir) or a collapse output on ``split``.
-
-    In one process, or as one rank of a job (torchrun, TorchX, ``mlet evaluate --nproc-per-node``): every rank
-    loads its shards, scores its slice of the split, and every rank returns the same metrics.
-    """
-    from mlet_torchrec.training.distributed import process_group
-
-    art = load_artifact(path)
-    check_eval_args(art, split, auc)
-    with process_group(art.config.run.device) as ctx:
-        model = shard_for_job(art, ctx.device, ctx.world_size)
-        metrics = evaluate_split(
-            model,
-            art.config.data.path,
-            split,
-            art.config.train.eval_batch_size,
-            art.meta,
-            max_rows,
-            ctx.rank,
-            ctx.world_size,
-            auc,
-        )
-    return {"split": split, **metrics.as_dict()}

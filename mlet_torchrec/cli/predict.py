@@ -1,0 +1,57 @@
+"""``mlet predict --input RUN|COLLAPSED|EXPORT [--data DATASET] [--split S] --output FILE.parquet``.
+
+Batch scoring: the click probability of every row of a split (and its label), one row per row of the split
+in its order, written atomically as Parquet; ``--nproc-per-node N`` shards the work over local processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from functools import partial
+from pathlib import Path
+
+from mlet_torchrec.cli import flags
+from mlet_torchrec.cli.entry import on_ranks
+from mlet_torchrec.cli.flags import existing
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    source = existing(args.input)
+    data = None if args.data is None else existing(args.data, "--data")
+    from mlet_torchrec.serving.predict import predict
+
+    call = partial(predict, source, data, args.split, args.output, args.precision, args.overwrite)
+    report = on_ranks(args, call)
+    if os.environ.get("RANK", "0") == "0":
+        print(report.summary())
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``predict`` to the ``mlet`` subcommands."""
+    p = flags.subparser(
+        sub,
+        "predict",
+        "click probabilities of every row of a split, by a run, a collapse or an export -> Parquet",
+        "mlet predict --input runs/tiny/export --data data/new --output scores.parquet",
+        "mlet predict --input runs/tiny --split valid --output valid.parquet --nproc-per-node 2",
+    )
+    flags.add_input(p, "training run (or checkpoint) directory, collapse output or export dir")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="data set to score (default: the model's own); convert raw data with --features-from the model",
+    )
+    p.add_argument("--split", default="test", help="split to score (default test)")
+    flags.add_output(p, "Parquet file to write (columns probability, label)")
+    p.add_argument(
+        "--precision",
+        choices=["int8", "fp32"],
+        default=None,
+        help="an export's INT8 model (default) or its FP32 one; runs and collapse outputs are FP32",
+    )
+    flags.add_overwrite(p)
+    flags.add_nproc(p, 1, "local processes, each scoring its slice of the split (ignored under torchrun/TorchX)")
+    p.set_defaults(func=_cmd_predict)

@@ -1,0 +1,200 @@
+"""``mlet predict``: the click probability of every row of a split, by a run, a collapse or an export.
+
+The model comes from a training run (or one of its checkpoints) or a collapse output, sharded over the
+job's ranks as ``mlet evaluate`` shards it, or from an export dir: its INT8 TorchScript model (default) or
+the FP32 one (``precision="fp32"``; every export holds both), whole in every rank. Every rank scores its
+slice of the split (:func:`~mlet_torchrec.evaluation.evaluate.split_stream`) and writes
+``(row, probability, label)`` to its own part file; rank 0 then scatters the parts into a memory-mapped
+column per output field, by the rows' positions in the split (the reader's stream interleaves virtual shards,
+see :mod:`data_pipes.order`), and writes the Parquet file in chunks: memory stays bounded by a batch and a
+chunk, whatever the split's size. The file (``probability`` float32 and ``label`` float32, one row per row
+of the split, in its order) appears by one rename or not at all; the parts live beside it in a hidden
+temporary directory, so on a cluster the output must be on a file system every node sees.
+
+The data set must hold the features the model was trained on: when both record a feature transform
+(:mod:`data_pipes.transform`), their identities must match (raw data is encoded for a model with
+``mlet convert ... --features-from MODEL``); otherwise its features and cardinalities must.
+
+Example:
+    >>> predict("runs/tiny/export", "data/new", "test", "scores.parquet")          # doctest: +SKIP
+    PredictReport(output='scores.parquet', kind='export', precision='int8', rows=3000, ...)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from data_pipes.order import shard_rows
+from data_pipes.reader import ParquetBatchReader
+from data_pipes.schema import DatasetMeta
+from mlet_torchrec.evaluation.evaluate import eval_device, score, split_stream
+from mlet_torchrec.io import AtomicFile
+from mlet_torchrec.serving.scoring import Scorer, check_data, resolve_scorer, scorer_model
+
+WRITER = b"mlet predict"
+CHUNK_ROWS = 1 << 20  # rows per read and write while assembling the output
+_PART_SCHEMA = pa.schema([("row", pa.int64()), ("probability", pa.float32()), ("label", pa.float32())])
+
+
+@dataclass
+class PredictReport:
+    output: str
+    source: str
+    kind: str
+    precision: str
+    data: str
+    split: str
+    rows: int
+    world_size: int
+    seconds: float
+
+    def summary(self) -> str:
+        rate = self.rows / self.seconds if self.seconds > 0 else float("inf")
+        return (
+            f"predict: {self.rows:,} rows of {self.data} ({self.split}) scored by the {self.kind} {self.source} "
+            f"({self.precision}, {self.world_size} process(es)) -> {self.output}; "
+            f"{self.seconds:.1f} s ({rate:,.0f} rows/s)"
+        )
+
+
+def _file_rows(reader: ParquetBatchReader, step: int) -> np.ndarray:
+    """Positions in the split (file and row order) of this rank's rows at ``step`` (no shuffling):
+    stream row ``t`` is row ``t // V`` of virtual shard ``t % V``, which starts at the sum of the lengths before it."""
+    lengths = shard_rows(reader.num_rows(), reader.virtual_shards)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    t = reader.stream_rows(step)
+    return np.asarray(starts[t % reader.virtual_shards] + t // reader.virtual_shards, dtype=np.int64)
+
+
+def _score_part(scorer: Scorer, data: str, split: str, meta: DatasetMeta, part: Path, rank: int, world: int) -> int:
+    """Score this rank's slice of ``split`` into ``part`` (row, probability, label); returns its rows."""
+    device = eval_device()
+    model = scorer_model(scorer, world, device)
+    batch = scorer.config.train.eval_batch_size
+    reader, steps, local_batch, _ = split_stream(data, split, batch, rank, world)
+    keys = meta.sparse_names()
+    written = 0
+    with pq.ParquetWriter(part, _PART_SCHEMA) as writer:
+        for step, out in enumerate(score([model], iter(reader), steps, local_batch, keys, len(meta.dense), device)):
+            n = out.labels.numel()
+            if n == 0:
+                continue
+            rows = _file_rows(reader, step)
+            if len(rows) != n:
+                raise AssertionError(f"step {step}: {n} scored rows but {len(rows)} stream positions")
+            prob = torch.sigmoid(out.logits[0].double()).float().numpy()
+            cols = [pa.array(rows), pa.array(prob), pa.array(out.labels.float().numpy())]
+            writer.write_table(pa.Table.from_arrays(cols, schema=_PART_SCHEMA))
+            written += n
+    return written
+
+
+def _assemble(parts: list[Path], rows: int, tmp: Path, output_name: str, info: dict[str, str]) -> Path:
+    """Rank 0: scatter the parts into memory-mapped columns by row, then write them out in chunks."""
+    prob = np.lib.format.open_memmap(tmp / "probability.npy", mode="w+", dtype=np.float32, shape=(rows,))
+    label = np.lib.format.open_memmap(tmp / "label.npy", mode="w+", dtype=np.float32, shape=(rows,))
+    seen = np.lib.format.open_memmap(tmp / "seen.npy", mode="w+", dtype=np.bool_, shape=(rows,))
+    for part in parts:
+        for b in pq.ParquetFile(part).iter_batches(batch_size=CHUNK_ROWS):
+            r = b.column(0).to_numpy()
+            prob[r], label[r], seen[r] = b.column(1).to_numpy(), b.column(2).to_numpy(), True
+    missing = rows - int(np.count_nonzero(seen))
+    if missing:
+        raise AssertionError(f"{missing} of {rows} rows were not scored")
+    schema = pa.schema([("probability", pa.float32()), ("label", pa.float32())], metadata={b"mlet.writer": WRITER})
+    schema = schema.with_metadata({**schema.metadata, **{f"mlet.{k}".encode(): v.encode() for k, v in info.items()}})
+    built = tmp / output_name
+    with pq.ParquetWriter(built, schema) as writer:
+        for a in range(0, rows, CHUNK_ROWS):
+            b = min(rows, a + CHUNK_ROWS)
+            writer.write_table(pa.Table.from_arrays([pa.array(prob[a:b]), pa.array(label[a:b])], schema=schema))
+    return built
+
+
+def written_by_predict(path: Path) -> bool:
+    """True if ``path`` is a Parquet file ``mlet predict`` wrote (its schema metadata says so)."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return False
+    return meta.get(b"mlet.writer") == WRITER
+
+
+def _broadcast(value: Any) -> Any:
+    box = [value]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def predict(
+    source: Path | str,
+    data: Path | str | None,
+    split: str,
+    output: Path | str,
+    precision: str | None = None,
+    overwrite: bool = False,
+) -> PredictReport:
+    """Score every row of ``split`` of ``data`` (default: the model's own data set) into ``output``.
+
+    In one process, or as one rank of a job (torchrun, TorchX, ``mlet predict --nproc-per-node``); every rank returns
+    the report once rank 0 has written the file.
+    """
+    from mlet_torchrec.training.distributed import process_group
+
+    start = time.perf_counter()
+    scorer = resolve_scorer(source, precision)
+    data = str(data if data is not None else scorer.config.data.path)
+    meta = check_data(scorer, data, split)
+    with process_group(scorer.config.run.device) as ctx:
+        token = _broadcast(AtomicFile(output, written_by_predict, [source, data], overwrite).token)
+        out = AtomicFile(output, written_by_predict, [source, data], overwrite, token=token)
+        try:
+            if ctx.is_main:
+                out.begin()
+            _barrier()
+            part = out.tmp / f"part-{ctx.rank:05d}.parquet"
+            _score_part(scorer, data, split, meta, part, ctx.rank, ctx.world_size)
+            _barrier()
+            rows = meta.rows.get(split) or ParquetBatchReader(data, split, 1, validate=False).num_rows()
+            if ctx.is_main:
+                parts = [out.tmp / f"part-{r:05d}.parquet" for r in range(ctx.world_size)]
+                info = {"source": str(source), "data": data, "split": split, "precision": scorer.precision}
+                out.commit(_assemble(parts, rows, out.tmp, out.output.name, info))
+            _barrier()
+        except BaseException:
+            if ctx.is_main:
+                out.abort()
+            raise
+    return PredictReport(
+        output=str(out.output),
+        source=str(source),
+        kind=scorer.kind,
+        precision=scorer.precision,
+        data=data,
+        split=split,
+        rows=rows,
+        world_size=ctx.world_size,
+        seconds=time.perf_counter() - start,
+    )
+
+
+__all__ = [
+    "PredictReport",
+    "predict",
+    "written_by_predict",
+]

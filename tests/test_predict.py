@@ -1,0 +1,159 @@
+"""`mlet predict` and `mlet evaluate` on runs, collapse outputs and exports, on the model's own data or new data
+converted with --features-from: probabilities in the split's row order, equal to the model's own forward."""
+
+from __future__ import annotations
+
+import json
+import random
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_collapse import fake_run
+from test_transform import _criteo_raw
+from torchrec import KeyedJaggedTensor
+
+from data_pipes.convert import convert_criteo
+from data_pipes.schema import DatasetMeta
+from mlet_torchrec.errors import UserError
+from mlet_torchrec.io import OutputError
+from mlet_torchrec.serving.artifact import load_artifact
+from mlet_torchrec.serving.collapse import collapse
+from mlet_torchrec.serving.export import export
+from mlet_torchrec.serving.predict import predict
+from mlet_torchrec.serving.scoring import evaluate_path
+from mlet_torchrec.serving.torchrec_package import PREDICT_FP32, PREDICT_INT8
+from mlet_torchrec.training.launcher import run_local
+
+MODELS = {"dlrm": [], "deepfm": ["model.name=deepfm"]}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """A converted raw data set, "tomorrow's" raw rows converted --features-from it, and per model a run (a
+    small eval batch, so the reader's stream interleaves the split's rows), its collapse and its export."""
+    root = tmp_path_factory.mktemp("predict")
+    _criteo_raw(root / "day0.tsv", 900, random.Random(0))
+    convert_criteo(root / "day0.tsv", root / "data", min_count=1, progress=False)
+    _criteo_raw(root / "day1.tsv", 250, random.Random(1))
+    convert_criteo(root / "day1.tsv", root / "day1", features_from=root / "data", progress=False)
+    out = {"data": root / "data", "day1": root / "day1", "root": root}
+    for name, overrides in MODELS.items():
+        over = ["embedding.d=8", "embedding.k=16", "train.eval_batch_size=40", *overrides]
+        run = fake_run(root / f"run_{name}", root / "data", over, seed=3)
+        collapse(run, root / f"collapsed_{name}", check_split=None)
+        export(root / f"collapsed_{name}", root / f"export_{name}", int8=True, check=False)
+        out |= {
+            f"run_{name}": run,
+            f"collapsed_{name}": root / f"collapsed_{name}",
+            f"export_{name}": root / f"export_{name}",
+        }
+    return out
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    t = pq.read_table(path)
+    return t.column("probability").to_numpy(), t.column("label").to_numpy()
+
+
+def _direct(run: Path, data: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The factored model's own forward on the split's rows read straight from Parquet, in file order."""
+    model = load_artifact(run).materialize()
+    meta = DatasetMeta.load(data)
+    t = pa.concat_tables([pq.read_table(p) for p in meta.files(data, split)])
+    names = meta.sparse_names()
+    dense = torch.from_numpy(np.stack([t.column(n).to_numpy() for n in meta.dense], 1))
+    values = torch.from_numpy(np.concatenate([t.column(n).to_numpy() for n in names]))
+    kjt = KeyedJaggedTensor.from_lengths_sync(names, values, torch.ones(len(values), dtype=torch.int64))
+    with torch.no_grad():
+        logits = model.net(dense, kjt).reshape(-1)
+    return torch.sigmoid(logits.double()).numpy(), t.column("label").to_numpy()
+
+
+def _auc(p: np.ndarray, labels: np.ndarray) -> float:
+    ranks = np.argsort(np.argsort(p)) + 1.0
+    pos = labels == 1
+    return float((ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * (~pos).sum()))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_run_collapse_and_exports_predict_the_models_own_probabilities(world, name, tmp_path):
+    """On "tomorrow's" data (converted --features-from the training data set): run, collapse and FP32
+    export within 1e-6 of the factored model's own forward; INT8 within the export's AUC tolerance."""
+    expected, labels = _direct(world[f"run_{name}"], world["day1"], "test")
+    assert expected.std() > 1e-3  # the rows get different scores: their order is checked
+    got = {}
+    for kind, precision in (("run", None), ("collapsed", None), ("export", "fp32"), ("export", "int8")):
+        out = tmp_path / f"{kind}-{precision}.parquet"
+        report = predict(world[f"{kind}_{name}"], world["day1"], "test", out, precision)
+        assert report.rows == len(expected) == 250 and report.precision == (precision or "fp32")
+        got[(kind, precision)], got_labels = _read(out)
+        assert np.array_equal(got_labels, labels)
+    for key in (("run", None), ("collapsed", None), ("export", "fp32")):
+        np.testing.assert_allclose(got[key], expected, rtol=0, atol=1e-6, err_msg=str(key))
+    int8 = got[("export", "int8")]
+    assert not np.array_equal(int8, got[("export", "fp32")])  # it is the INT8 model
+    assert abs(_auc(int8, labels) - _auc(expected, labels)) <= 1e-3  # export's auc_tolerance
+    # evaluate scores the FP32 export on the other data set like predict does
+    metrics = evaluate_path(world[f"export_{name}"], "test", "exact", data=world["day1"], precision="fp32")
+    assert metrics["rows"] == 250 and metrics["auc"] == pytest.approx(_auc(expected, labels), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_one_process_file(world, tmp_path):
+    for kind in ("run_dlrm",):  # sharded over the ranks by TorchRec; an export is whole in every rank
+        one = predict(world[kind], world["day1"], "test", tmp_path / f"{kind}-1.parquet")
+        two = run_local(2, partial(predict, world[kind], world["day1"], "test", tmp_path / f"{kind}-2.parquet"))
+        assert one.rows == two.rows == 250 and two.world_size == 2
+        p1, l1 = _read(Path(one.output))
+        p2, l2 = _read(Path(two.output))
+        np.testing.assert_allclose(p2, p1, rtol=0, atol=1e-6)
+        assert np.array_equal(l1, l2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"run_dlrm-{n}.parquet" for n in (1, 2))
+
+
+def test_refusals_are_one_line_and_leave_nothing(world, tmp_path):
+    run, export_dir = world["run_dlrm"], world["export_dlrm"]
+    assert (export_dir / PREDICT_INT8).is_file() and (export_dir / PREDICT_FP32).is_file()
+    man = json.loads((export_dir / "manifest.json").read_text())
+    assert (
+        man["transform_identity"]
+        == json.loads((world["data"] / "metadata.json").read_text())["source"]["transform"]["identity"]
+    )
+    # data converted on its own: another transform, other ids
+    convert_criteo(world["root"] / "day1.tsv", tmp_path / "fresh", min_count=1, progress=False)
+    with pytest.raises(UserError, match="its feature transform .* is not the one .* convert the raw data with"):
+        predict(export_dir, tmp_path / "fresh", "test", tmp_path / "x.parquet")
+    with pytest.raises(UserError, match="--precision int8 needs an export dir"):
+        predict(run, None, "test", tmp_path / "x.parquet", "int8")
+    with pytest.raises(UserError, match="has no split 'valid'"):
+        predict(run, world["day1"], "valid", tmp_path / "x.parquet")
+    foreign = tmp_path / "mine.parquet"
+    foreign.write_bytes(b"not mlet's")
+    with pytest.raises(OutputError, match="mlet did not write it"):
+        predict(run, None, "test", foreign, overwrite=True)
+    assert foreign.read_bytes() == b"not mlet's"
+    ours = tmp_path / "ours.parquet"
+    predict(run, None, "test", ours)
+    with pytest.raises(OutputError, match="exists; pass --overwrite"):
+        predict(run, None, "test", ours)
+    predict(export_dir, None, "test", ours, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "mine.parquet", "ours.parquet"]
+
+
+def test_cli_predict_and_evaluate_on_an_export(world, tmp_path, capsys):
+    from mlet_torchrec.cli.main import main
+
+    out = tmp_path / "p.parquet"
+    export_dir, day1 = str(world["export_dlrm"]), str(world["day1"])
+    assert main(["predict", "--input", export_dir, "--data", day1, "--output", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("predict: 250 rows of")
+    assert main(["evaluate", "--input", export_dir, "--data", day1]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 250
+    assert main(["evaluate", "--input", export_dir, "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mlet evaluate: error: --data {tmp_path}: no metadata.json; is it a converted data set?"
