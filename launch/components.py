@@ -1,4 +1,4 @@
-"""TorchX components that run the ``mlet`` command: ``train``, ``collapse`` and ``evaluate``.
+"""TorchX components that run the ``mlet`` command: ``train``, ``collapse``, ``evaluate`` and ``predict``.
 
 Each one is a thin wrapper around TorchX's builtin ``dist.ddp`` (torchrun under the hood), so the
 same component runs on every TorchX scheduler; only ``-s`` and the image change::
@@ -245,3 +245,64 @@ def evaluate(
         mounts=mounts,
     )
     return _single_role(app, "evaluate")
+
+
+def predict(
+    input: str,
+    output: str,
+    data: Optional[str] = None,
+    split: str = "test",
+    precision: Optional[str] = None,
+    overwrite: bool = False,
+    j: str = "1x1",
+    image: str = DEFAULT_IMAGE,
+    name: str = "mlet-predict",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 4096,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+) -> specs.AppDef:
+    """Batch scoring: ``mlet predict --input INPUT --output OUTPUT [--data DATA] --split SPLIT`` on every process
+    of the job (each scores its slice of the split into a part file beside OUTPUT; rank 0 writes the Parquet file).
+
+    Args:
+        input: a training run directory or checkpoint, a ``collapse`` output or an ``export`` dir
+        output: the Parquet file to write, on a file system every node sees
+        data: data set to score (default: the model's own), converted ``--features-from`` the model
+        split: data split to score
+        precision: an export's ``int8`` (default) or ``fp32`` model; runs and collapse outputs are FP32
+        overwrite: replace an output file that ``mlet predict`` wrote
+        j: ``{nnodes}x{nproc_per_node}``, as for ``train``; with GPUs, nproc_per_node must not exceed ``gpu``
+        image: container image (local_docker, kubernetes)
+        name: job name, ``{experiment}/{run}`` or ``{run}``
+        h: a registered TorchX named resource; takes precedence over cpu, gpu and memMB
+        cpu: CPUs
+        gpu: GPUs
+        memMB: memory in MB
+        env: extra environment variables, ``A=1,B=2``
+        mounts: volumes for docker/kubernetes, e.g. ``type=bind,src=/runs,dst=/app/runs``
+        max_retries: resubmissions by the scheduler on failure (not on local_cwd)
+    """
+    _check_j(j, gpu)
+    args = ["predict", "--input", input, "--output", output, "--split", split]
+    args += ["--data", data] if data is not None else []
+    args += ["--precision", precision] if precision is not None else []
+    args += ["--overwrite"] if overwrite else []
+    app = dist.ddp(
+        *args,
+        m=MODULE,
+        image=image,
+        name=name,
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=j,
+        env=dict(env or {}),
+        max_retries=max_retries,
+        mounts=mounts,
+    )
+    return _single_role(app, "predict")

@@ -88,7 +88,7 @@ def _dryrun(scheduler: str, component: str, *args: str, cfg: str = "") -> str:
 # ---------------------------------------------------------------- the components themselves
 
 
-@pytest.mark.parametrize("name", ["train", "collapse", "evaluate"])
+@pytest.mark.parametrize("name", ["train", "collapse", "evaluate", "predict"])
 def test_components_pass_torchx_linter(name):
     assert validate(str(REPO / COMPONENTS), name) == []
 
@@ -178,6 +178,15 @@ def test_collapse_and_evaluate_take_j_like_train():
             component("runs/a", *(["runs/b"] if component is components.collapse else []), j="1x8", gpu=4)
 
 
+def test_predict_takes_j_and_the_cli_flags():
+    (p,) = components.predict("runs/a/export", "/mnt/p.parquet", j="2x3").roles
+    cmd = shlex.split(p.args[1])
+    assert p.num_replicas == 2 and cmd[cmd.index("--nproc_per_node") + 1] == "3" and p.name == "predict"
+    assert _mlet_args(p) == ["predict", "--input", "runs/a/export", "--output", "/mnt/p.parquet", "--split", "test"]
+    (q,) = components.predict("r", "o.parquet", data="d", split="valid", precision="fp32", overwrite=True).roles
+    assert _mlet_args(q)[5:] == ["--split", "valid", "--data", "d", "--precision", "fp32", "--overwrite"]
+
+
 def test_evaluate_dryrun_runs_torchrun_with_j():
     script = _dryrun("slurm", "evaluate", "--checkpoint", "/mnt/runs/x", "-j", "2x3", "--auc", "exact")
     srun = [line for line in script.splitlines() if "bash -c" in line]
@@ -198,6 +207,7 @@ def test_component_commands_parse_with_the_mlet_cli(capsys):
         components.train("configs/tiny.yaml", "run.dir=/x"),
         components.collapse("runs/a", "runs/b", check_split="none", overwrite=True),
         components.evaluate("runs/a", split="valid"),
+        components.predict("runs/a/export", "p.parquet", data="data/new", precision="fp32", overwrite=True),
     ):
         args = parser.parse_args(_mlet_args(app.roles[0]))
         assert args.command in sub.choices and args.command == app.roles[0].name
