@@ -305,6 +305,10 @@ def test_tables_do_not_fit_message_has_the_numbers(synth_dataset):
         need["weights"] == sum(f.cardinality * 32 * 4 for f in meta.sparse)
         and need["optimizer_state"] == need["weights"]
     )
+    half = table_memory(
+        meta, cfg.model_copy(update={"embedding": cfg.embedding.model_copy(update={"w1_dtype": "fp16"})})
+    )
+    assert half["weights"] == need["weights"] // 2 and half["optimizer_state"] == need["optimizer_state"]  # fp32 state
     err = tables_do_not_fit(
         PlannerError("...\nShard of size X does not fit on any rank.", PlannerErrorType.INSUFFICIENT_STORAGE),
         meta,

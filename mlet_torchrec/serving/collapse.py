@@ -89,6 +89,7 @@ from mlet_torchrec.serving.layout import (  # noqa: F401  (Box and the layout he
 from mlet_torchrec.serving.manifest import FORMAT, PLAN_FILE, manifest  # noqa: F401
 from mlet_torchrec.serving.sharded_product import Exchange, collapse_boxes, sharded_tensor
 from mlet_torchrec.training.checkpoint import load_dcp
+from mlet_torchrec.training.table_size import fp32_table_bytes
 
 log = logging.getLogger("mlet.collapse")
 
@@ -428,7 +429,7 @@ def _run(job: _Job, a: _Args, rank: int, world: int, device: torch.device) -> Co
             output=str(output),
             source_checkpoint=str(source.path),
             tables=man["tables"],
-            serving_table_bytes=sum(t["rows"] * t["d"] * 4 for t in man["tables"].values()),
+            serving_table_bytes=sum(fp32_table_bytes(t["rows"], t["d"]) for t in man["tables"].values()),
             check_split=check_split,
             rows_checked=rows,
             max_abs_diff=max_diff,

@@ -60,6 +60,7 @@ from mlet_torchrec.serving.torchrec_package import (
     sharded_file,
 )
 from mlet_torchrec.training import safe_dcp
+from mlet_torchrec.training.table_size import fp32_table_bytes
 
 COMMAND = "mlet export"
 TABLES_DIR = "tables"
@@ -284,9 +285,8 @@ def export(
             raise UserError(f"data set {data} has no split {split!r}; pass --split or --no-check")
 
     report = ExportReport(output=str(output), collapsed=str(collapsed), auc_tolerance=auc_tolerance)
-    report.fp32_table_bytes = sum(
-        t["rows"] * t["d"] * 4 for t in [*man["tables"].values(), *man.get("extra_tables", {}).values()]
-    )
+    tables = [*man["tables"].values(), *man.get("extra_tables", {}).values()]
+    report.fp32_table_bytes = sum(fp32_table_bytes(t["rows"], t["d"]) for t in tables)
     with atomic_output(output, COMMAND, inputs=[collapsed, data], overwrite=overwrite) as tmp:
         for fmt in formats:
             report.table_files.update({f"{fmt}:{k}": v for k, v in export_tables(collapsed, tmp, fmt).items()})

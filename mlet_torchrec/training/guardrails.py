@@ -23,6 +23,7 @@ from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
 
 from data_pipes.schema import DatasetMeta
 from mlet_torchrec.config import ConfigError, ExperimentConfig
+from mlet_torchrec.training.table_size import table_sizes
 
 # TorchRec's EmbeddingShardingPlanner keeps this share of every device for dense parts and buffers
 PLANNER_RESERVATION = 0.15
@@ -130,23 +131,16 @@ class TableMemory(TypedDict):
 
 
 def table_memory(meta: DatasetMeta, config: ExperimentConfig) -> TableMemory:
-    """FP32 bytes the sharded tables need while training: W1 (rows x width) and the fused optimizer's
-    state (Adagrad: one value per weight; row-wise Adagrad: one per row; SGD: none)."""
-    weights, state, largest, largest_name = 0, 0, 0, ""
-    opt = config.sparse_optimizer.name
-    for f in meta.sparse:
-        width = config.embedding.k_for(f.name) or config.embedding.d
-        w = f.cardinality * width * 4
-        s = w if opt == "adagrad" else (f.cardinality * 4 if opt == "rowwise_adagrad" else 0)
-        weights, state = weights + w, state + s
-        if w + s > largest:
-            largest, largest_name = w + s, f.name
+    """Bytes the sharded tables need while training: W1 at its dtype and the fused optimizer's fp32 state
+    (:mod:`mlet_torchrec.training.table_size`, as the planner counts them)."""
+    sizes = table_sizes(config, meta)
+    largest = max(sizes, key=lambda t: t.sharded, default=None)
     return {
-        "weights": weights,
-        "optimizer_state": state,
-        "total": weights + state,
-        "largest": largest,
-        "largest_feature": largest_name,
+        "weights": sum(t.weights for t in sizes),
+        "optimizer_state": sum(t.state for t in sizes),
+        "total": sum(t.sharded for t in sizes),
+        "largest": largest.sharded if largest else 0,
+        "largest_feature": largest.feature if largest else "",
     }
 
 
@@ -163,11 +157,11 @@ def tables_do_not_fit(
     kind, per_rank = ("GPU memory", caps["hbm_cap"]) if "hbm_cap" in caps else ("host memory", caps["ddr_cap"])
     usable = per_rank * (1 - PLANNER_RESERVATION)
     detail = str(err).strip().splitlines()[-1].strip() if str(err).strip() else ""
-    opt = config.sparse_optimizer.name
+    opt, w1 = config.sparse_optimizer.name, config.embedding.w1_dtype
     parts = (
-        f"W1 {_gib(need['weights'])} + {opt} state {_gib(need['optimizer_state'])}, fp32"
+        f"W1 {_gib(need['weights'])} + {opt} state {_gib(need['optimizer_state'])}; W1 in {w1}, the state in fp32"
         if need["optimizer_state"]
-        else f"W1, fp32; {opt} keeps no state"
+        else f"W1 in {w1}; {opt} keeps no state"
     )
     return TablesDoNotFit(
         f"the embedding tables do not fit in memory: training them needs {_gib(need['total'])} ({parts}; "

@@ -26,7 +26,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +54,7 @@ from mlet_torchrec.training.distributed import (
     sharding_constraints,
 )
 from mlet_torchrec.training.guardrails import PLANNER_RESERVATION
+from mlet_torchrec.training.table_size import table_sizes
 
 PLAN_FORMAT = "mlet-plan/1"
 GIB = 2**30
@@ -94,45 +95,17 @@ class Cluster:
 # ------------------------------------------------------------------------------------------- sizes
 
 
-def _elem(config: ExperimentConfig) -> int:
-    return 2 if config.embedding.w1_dtype == "fp16" else 4
-
-
-def table_sizes(config: ExperimentConfig, meta: DatasetMeta, mlet: bool = True) -> dict[str, dict[str, int]]:
-    """Per table: rows, width, weight bytes and sparse-optimizer state bytes while training.
-
-    ``mlet=False``: the single-layer model at d (same optimizer, same W1 dtype). Adagrad keeps one fp32
-    value per weight, row-wise Adagrad one per row, SGD none.
-    """
-    opt = config.sparse_optimizer.name
-    out: dict[str, dict[str, int]] = {}
-    for f in meta.sparse:
-        width = (config.embedding.k_for(f.name) if mlet else None) or config.embedding.d
-        state = {"adagrad": f.cardinality * width * 4, "rowwise_adagrad": f.cardinality * 4}.get(opt, 0)
-        out[table_name(f.name)] = {
-            "rows": f.cardinality,
-            "width": width,
-            "weights": f.cardinality * width * _elem(config),
-            "state": state,
-        }
-    return out
-
-
-def _total(sizes: dict[str, dict[str, int]]) -> int:
-    return sum(s["weights"] + s["state"] for s in sizes.values())
-
-
 def memory_summary(config: ExperimentConfig, meta: DatasetMeta) -> dict[str, Any]:
-    """Bytes of the tables: MLET training, single-layer training, serving (fp32 n x d), and their ratios."""
+    """Bytes of the tables (:mod:`~mlet_torchrec.training.table_size`): MLET training (W1 and optimizer state, as
+    sharded), single-layer training at d, serving (fp32 n x d), and the MLET memory factor."""
     mlet, single = table_sizes(config, meta), table_sizes(config, meta, mlet=False)
-    serving = sum(f.cardinality * config.embedding.d * 4 for f in meta.sparse)
-    train_bytes, single_bytes = _total(mlet), _total(single)
+    train_bytes, single_bytes = sum(t.sharded for t in mlet), sum(t.sharded for t in single)
     return {
         "training_bytes": train_bytes,
-        "training_weights_bytes": sum(s["weights"] for s in mlet.values()),
-        "training_state_bytes": sum(s["state"] for s in mlet.values()),
+        "training_weights_bytes": sum(t.weights for t in mlet),
+        "training_state_bytes": sum(t.state for t in mlet),
         "single_layer_training_bytes": single_bytes,
-        "serving_bytes": serving,
+        "serving_bytes": sum(t.serving for t in mlet),
         "training_factor": train_bytes / max(single_bytes, 1),
     }
 
@@ -351,8 +324,8 @@ def does_not_fit(config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster, 
     if config.embedding.w1_dtype == "fp32":
         levers.append(f"embedding.w1_dtype=fp16 (saves {mem['training_weights_bytes'] / 2 / GIB:.1f} GiB)")
     if config.sparse_optimizer.name == "adagrad":
-        rows = sum(f.cardinality for f in meta.sparse)
-        saved = mem["training_state_bytes"] - rows * 4
+        rowwise = sum(replace(t, optimizer="rowwise_adagrad").state for t in table_sizes(config, meta))
+        saved = mem["training_state_bytes"] - rowwise
         levers.append(f"sparse_optimizer.name=rowwise_adagrad (saves {saved / GIB:.1f} GiB)")
     if cluster.device == "cuda" and not config.embedding.uvm_caching:
         levers.append("embedding.uvm_caching=true (tables in host memory behind a GPU cache)")

@@ -15,6 +15,7 @@ from torchrec.datasets.utils import Batch
 from data_pipes.schema import DatasetMeta
 from mlet_torchrec.config import ExperimentConfig
 from mlet_torchrec.evaluation.metrics import CTRMetrics
+from mlet_torchrec.training.table_size import table_sizes
 
 
 @dataclass
@@ -66,11 +67,10 @@ StepHook = Callable[[StepEvent], None]
 
 
 def table_bytes(meta: DatasetMeta, config: ExperimentConfig) -> dict[str, int]:
-    """FP32 bytes of the tables at serving (n x d) and while training (n x k, plus W2)."""
-    d = config.embedding.d
-    serving = sum(f.cardinality * d * 4 for f in meta.sparse)
-    training = 0
-    for f in meta.sparse:
-        k = config.embedding.k_for(f.name)
-        training += f.cardinality * (k or d) * 4 + (k * d * 4 if k else 0)
-    return {"serving_table_bytes": serving, "training_table_bytes": training}
+    """Bytes of the tables at serving (fp32 n x d) and while training (W1 at its dtype, plus W2), as
+    :mod:`~mlet_torchrec.training.table_size` counts them."""
+    sizes = table_sizes(config, meta)
+    return {
+        "serving_table_bytes": sum(t.serving for t in sizes),
+        "training_table_bytes": sum(t.weights + t.w2 for t in sizes),
+    }
