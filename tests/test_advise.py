@@ -38,15 +38,18 @@ def rec(d: int, k: int | None, seed: int, lr: float, dense: float, valid: float,
 
 
 def tuned_runs(d: int, k: int | None, tests: list[float], paper_test: float) -> list[dict]:
-    """Seed 0: the run at the config's lrs (role grid) and two tuning runs, the first wins on validation;
-    seeds 1-4: the selected runs. ``tests[s]`` is seed s's tuned test AUC."""
-    out = [
-        rec(d, k, 0, PAPER, PAPER, 0.60, paper_test, "grid"),
-        rec(d, k, 0, TUNED, PAPER, 0.70, tests[0], "tune"),
-        rec(d, k, 0, TUNED, TUNED, 0.65, 0.5, "tune"),
-        rec(d, k, 0, 4 * TUNED, PAPER, 0.62, 0.5, "tune"),  # worse: the choice is inside the grid
-    ]
-    return out + [rec(d, k, s, TUNED, PAPER, 0.70, t, "selected") for s, t in enumerate(tests) if s > 0]
+    """Every seed: the run at the config's lrs (role grid) and its own tuning grid (3 dense lrs), where (TUNED,
+    PAPER) wins on validation, inside the grid. ``tests[s]`` is seed s's tuned test AUC."""
+    out = []
+    for s, t in enumerate(tests):
+        out += [
+            rec(d, k, s, PAPER, PAPER, 0.60, paper_test, "grid"),
+            rec(d, k, s, TUNED, PAPER, 0.70, t, "tune"),
+            rec(d, k, s, TUNED, TUNED, 0.65, 0.5, "tune"),
+            rec(d, k, s, TUNED, 4 * TUNED, 0.64, 0.5, "tune"),
+            rec(d, k, s, 4 * TUNED, PAPER, 0.62, 0.5, "tune"),  # worse: the choice is inside the grid
+        ]
+    return out
 
 
 def shifted(delta: float) -> list[float]:
@@ -114,9 +117,9 @@ def test_untuned_store_gets_the_advice_and_the_sweep_flags(tmp_path):
     records, path = load_store(write(tmp_path / "s.jsonl", recs))
     a = advise(records, str(path))
     assert any(x.startswith("The baseline ran at one embedding learning rate (0.02), so did MLET") for x in a.advice)
-    assert any("dense (and W2) learning rate was not tuned (0.02)" in x for x in a.advice)
+    assert any("dense (and W2) learning rate ran at 1 value(s) (0.02)" in x for x in a.advice)
     assert a.command is not None
-    assert '--tune "lr=[0.005,0.02,0.08,0.32] dense_lr=[0.005,0.02,0.08,0.32]" --tune-seeds 0' in a.command
+    assert '--tune "lr=[0.005,0.02,0.08,0.32] dense_lr=[0.005,0.02,0.08,0.32]" --extend-grid 2' in a.command
     assert "seed=[0,1,2,3,4]" in a.command and "embedding.k=[none,64]" in a.command
     assert a.command.startswith("mlet sweep --config configs/models/deepfm.yaml") and str(path) in a.command
     text = format_text(a)
@@ -160,4 +163,14 @@ def test_a_choice_at_the_end_of_the_grid_is_advised(tmp_path):
     records = [r for r in known_store() if r["sparse_lr"] != 4 * TUNED]  # TUNED is now the top of the grid
     a = advise(records, "s.jsonl")
     edge = [x for x in a.advice if "end of the grid" in x]
-    assert len(edge) == 1 and "deepfm d=4 baseline (highest)" in edge[0] and "MLET k=16" in edge[0]
+    assert len(edge) == 1 and "deepfm d=4 baseline (highest in 5 of 5 (bound hit))" in edge[0]
+    assert "MLET k=16" in edge[0] and "--extend-grid 2" in edge[0]
+
+
+def test_seed_0_choices_for_every_seed_are_advised_as_not_replicated(tmp_path):
+    records = [r for r in known_store() if r["seed"] == 0 or r["sparse_lr"] == TUNED and r["dense_lr"] == PAPER]
+    for r in records:
+        r["role"] = "selected" if r["seed"] else r["role"]
+    a = advise(records, "s.jsonl")
+    assert any(x.startswith("24 of 30 (method, seed) pairs took another seed's learning rates") for x in a.advice)
+    assert "--extend-grid 2" in (a.command or "") and "--tune-seeds" not in (a.command or "")

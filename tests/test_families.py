@@ -133,10 +133,10 @@ def test_sweep_names_are_unique_and_every_config_and_grid_loads():
             str(ROOT / s.config), st.grid, st.tune, st.base_overrides, "runs/x", st.tune_mlet, st.tune_seeds, []
         )
         assert cells and all(c.role in ("grid", "tune") for c in cells), s.name
+        assert pending == 0 and st.tune_seeds is None and st.extend == families.EXTEND, s.name  # every seed tunes
+        assert all(len(v) >= 3 for v in st.tune.values()), s.name  # no axis whose every choice is an edge
         if s.setup == "resplit":  # one seed per split, each split tuned on its own validation rows
-            assert pending == 0 and {c.config.data.path for c in cells} == set(families._data_paths(s)), s.name
-        else:
-            assert pending > 0, s.name  # seeds 1-4 wait for seed 0's tuning runs
+            assert {c.config.data.path for c in cells} == set(families._data_paths(s)), s.name
 
 
 def test_data_commands_name_their_output_and_inputs():
@@ -165,7 +165,7 @@ def test_results_run_dry_run_counts_planned_done_and_to_run(capsys, tmp_path, fa
     (tmp_path / "data" / "x").mkdir(parents=True)
     a1 = fake_sweeps[0]
     st = a1.settings()
-    cells, _ = plan_cells(st.config, st.grid, st.tune, st.base_overrides, "r", True, [0], [])
+    cells, _ = plan_cells(st.config, st.grid, st.tune, st.base_overrides, "r", True, None, [])
     Path(a1.store).parent.mkdir(parents=True)
     from mlet_torchrec.experiments.store import ResultsStore
 
@@ -179,7 +179,7 @@ def test_results_run_dry_run_counts_planned_done_and_to_run(capsys, tmp_path, fa
     assert len(lines) == 2
     assert (
         lines[0]
-        == f"a1 -> {a1.store}: {len(cells)} planned, 1 done, {len(cells) - 1} to run, 2 waiting for their tuning runs"
+        == f"a1 -> {a1.store}: {len(cells)} planned, 1 done, {len(cells) - 1} to run"  # every seed tunes: none wait
     )
     assert lines[1].startswith(f"b1 -> {fake_sweeps[1].store}: 2 planned, 0 done, 2 to run")
     assert not Path(fake_sweeps[1].store).exists()  # nothing written

@@ -249,9 +249,14 @@ def test_a_choice_at_the_end_of_the_grid_is_flagged() -> None:
     grid = (0.005, 0.02, 0.08)
     low = [rec(8, 32, 0, lr, 0.8 - lr, 0.7, "tune") for lr in grid]  # best at 0.005: lowest
     mid = [rec(8, None, 0, lr, 0.8 - abs(lr - 0.02), 0.7, "tune") for lr in grid]  # best at 0.02: inside
-    assert {m.k: why for m, why in edge_choices([*low, *mid]).items()} == {32: "lowest"}
+    assert {m.k: why for m, why in edge_choices([*low, *mid]).items()} == {32: "lowest (bound hit)"}
     high = [rec(4, None, 0, lr, 0.5 + lr, 0.7, "tune") for lr in grid]
-    assert {m.d: why for m, why in edge_choices(high).items()} == {4: "highest"}
+    assert {m.d: why for m, why in edge_choices(high).items()} == {4: "highest (bound hit)"}
+    # a sweep that may extend 2 steps past 0.08 (x4 each) has not reached its bound at 0.08, nor at 0.32
+    extending = [{**r, "tune": {"sparse_optimizer.lr": list(grid)}, "extend": 2} for r in high]
+    assert {m.d: why for m, why in edge_choices(extending).items()} == {4: "highest (1 not yet at the bound)"}
+    top = {**extending[0], "key": "top", "sparse_lr": 1.28, "valid": {"auc": 0.9}}
+    assert {m.d: why for m, why in edge_choices([*extending, top]).items()} == {4: "highest (bound hit)"}
     diverged = {**rec(4, None, 0, 0.32, 0.0, 0.0, "tune"), "status": "diverged", "key": "div"}
     assert edge_choices([*high, diverged]) == {}  # 0.32 diverged: 0.08 is the largest stable lr, not an edge
 
@@ -286,5 +291,5 @@ def test_resplit_family_pairs_over_splits_with_delong_per_split(tmp_path: Path) 
     assert delong.endswith("| 3 of 3 |")  # sep 2.0 against 0.5 on 40 rows: DeLong rejects on every split
     # the choice per split: the baseline's lowest lr, MLET's highest, on each of the 3 splits (edges)
     edges = text.split("## Learning rates chosen at the edge of the grid")[1]
-    assert "| baseline | lowest in 3 of 3 |" in edges and "highest in 3 of 3 |" in edges
+    assert "| baseline | lowest in 3 of 3 (bound hit) |" in edges and "highest in 3 of 3 (bound hit) |" in edges
     assert as_splits([{"seed": 0, "config": {"data": {"path": "data/exp_ml"}}}]) == []

@@ -1,5 +1,7 @@
 """Fast tests of ``mlet sweep``'s pieces: the grid parser, cell planning and the resumable results store."""
 
+import math
+
 import pytest
 
 from mlet_torchrec.config import ConfigError, load_config
@@ -307,3 +309,38 @@ def test_tuning_runs_of_another_sweep_with_the_same_config_count(tmp_path):
     )
     selected = [c for c in b if c.role == "selected"]
     assert pending == 0 and [c.config.sparse_optimizer.lr for c in selected] == [1.0]
+
+
+def test_extend_grid_grows_each_seeds_grid_past_the_edge_up_to_the_bound(tmp_path, monkeypatch):
+    """Validation AUC peaks at lr 0.025 for the baseline (one step below the grid: found, then inside) and keeps
+    rising towards 0 for MLET (two steps below, then the bound); every seed tunes on its own grid."""
+    import mlet_torchrec.experiments.sweep as sweep
+    from mlet_torchrec.experiments.family_data import edge_choices
+
+    def fake_cell(cell, s, work):
+        lr, k = cell.config.sparse_optimizer.lr, cell.config.embedding.k
+        valid = -abs(math.log(lr / 0.025)) if k is None else -lr
+        return {"valid": {"auc": 0.7 + valid / 100}, "test": {"auc": 0.5}, "steps": 1}
+
+    monkeypatch.setattr(sweep, "_run_cell_subprocess", fake_cell)
+    s = SweepSettings(
+        config=None,
+        grid=parse_grid("seed=[0,1] d=[4] k=[none,16]"),
+        tune=parse_grid("lr=[0.1,0.4,1.6] dense_lr=[0.1,0.2]"),
+        tune_mlet=True,
+        results=str(tmp_path / "r.jsonl"),
+        runs_dir=str(tmp_path / "runs"),
+        nproc=1,
+        extend=2,
+    )
+    assert run_sweep(s)["failed"] == 0
+    recs = load_results(tmp_path / "r.jsonl")
+    for seed in (0, 1):
+        base = sorted({r["sparse_lr"] for r in recs if r["seed"] == seed and r["k"] is None})
+        mlet = sorted({r["sparse_lr"] for r in recs if r["seed"] == seed and r["k"] == 16})
+        # 0.2 is the config's lr (the grid run); 0.025 won: one more step below shows it inside
+        assert base == pytest.approx([0.00625, 0.025, 0.1, 0.2, 0.4, 1.6])
+        assert mlet == pytest.approx([0.00625, 0.025, 0.1, 0.2, 0.4, 1.6])  # still rising at 0.00625: the bound
+    assert all(r["extend"] == 2 for r in recs)
+    assert {m.k: why for m, why in edge_choices(recs).items()} == {16: "lowest in 2 of 2 (bound hit)"}
+    assert run_sweep(s)["ran"] == 0  # resumed: nothing left to extend

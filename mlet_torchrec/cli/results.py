@@ -42,7 +42,15 @@ def _dry_run(names: list[str] | None) -> None:
         st = s.settings()
         records = ResultsStore(st.results).load() if Path(st.results).exists() else []
         cells, pending = plan_cells(
-            st.config, st.grid, st.tune, st.base_overrides, st.runs_dir or "", st.tune_mlet, st.tune_seeds, records
+            st.config,
+            st.grid,
+            st.tune,
+            st.base_overrides,
+            st.runs_dir or "",
+            st.tune_mlet,
+            st.tune_seeds,
+            records,
+            st.extend,
         )
         done_keys = {r["key"] for r in records if r.get("status") in ("ok", "diverged")}
         done = sum(c.key in done_keys for c in cells)

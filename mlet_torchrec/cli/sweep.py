@@ -17,6 +17,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.tune and args.tune_baseline:
         raise flags.UsageError("give --tune (every method) or --tune-baseline (the baseline only), not both")
+    if args.extend_grid < 0:
+        raise flags.UsageError(f"--extend-grid must be >= 0, got {args.extend_grid}")
     if args.in_process and (args.nproc_per_node != 1 or args.parallel != 1):
         raise flags.UsageError("--in-process needs --nproc-per-node 1 and --parallel 1")
     if args.config is not None:
@@ -39,6 +41,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             in_process=args.in_process,
             compression=not args.no_compression,
             tune_seeds=args.tune_seeds,
+            extend=args.extend_grid,
         )
     )
     return 1 if counts["failed"] else 0
@@ -67,6 +70,14 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
         metavar="SEED",
         help="run the tuning axes on these seeds only; every other seed runs once, at the values its cell's "
         "tuning seeds chose on validation AUC (a second pass, planned from the store)",
+    )
+    p.add_argument(
+        "--extend-grid",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="while a cell's best value of a numeric tuning axis is the lowest (highest) tried, run one more "
+        "value past it (the grid's own end ratio), at most STEPS past each end (default 0: the grid as given)",
     )
 
 

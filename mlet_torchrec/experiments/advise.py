@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from mlet_torchrec.errors import InputNotFound, UserError
-from mlet_torchrec.experiments.family_data import TUNE_SEED, Family, MethodKey, edge_choices, finished, method_of
+from mlet_torchrec.experiments.families import EXTEND
+from mlet_torchrec.experiments.family_data import Family, MethodKey, edge_choices, finished, method_of, replicated
 from mlet_torchrec.experiments.family_tables import LOSS, LR, PENDING, TIE, WIN, Cell, Records, _num, cells, pool
 from mlet_torchrec.experiments.stats import Pooled, fmt_interval
 from mlet_torchrec.experiments.store import load_results
@@ -128,12 +129,17 @@ def _lrs(records: Records, mlet: bool, key: str) -> list[float]:
 
 
 def _grid_of(values: Sequence[float]) -> str:
-    """A tuning grid: the values the store tried when there are several, else 1/4x .. 16x the one value.
+    """A tuning grid of at least 3 values: the values the store tried when there are 3 or more, two values and
+    one step below them, or 1/4x .. 16x a single value.
 
-    >>> _grid_of([0.2]), _grid_of([0.1, 1.0])
-    ('[0.05,0.2,0.8,3.2]', '[0.1,1]')
+    >>> _grid_of([0.2]), _grid_of([0.1, 1.0]), _grid_of([1, 2, 4])
+    ('[0.05,0.2,0.8,3.2]', '[0.01,0.1,1]', '[1,2,4]')
     """
-    vals = list(values) if len(values) > 1 else [values[0] * 4.0**i for i in (-1, 0, 1, 2)] if values else []
+    vals = list(values)
+    if len(vals) == 1:
+        vals = [vals[0] * 4.0**i for i in (-1, 0, 1, 2)]
+    elif len(vals) == 2:
+        vals = [vals[0] * vals[0] / vals[1], *vals]
     return "[" + ",".join(f"{v:.6g}" for v in vals) + "]" if vals else "[...]"
 
 
@@ -142,8 +148,10 @@ def _axis(values: Sequence[Any]) -> str:
 
 
 def sweep_command(records: Records, store: str) -> str:
-    """The ``mlet sweep`` line that reruns the store's grid with 5 seeds and both learning rates tuned (seed 0
-    tunes, the others run at its choice); the store's config and grid when its records carry them."""
+    """The ``mlet sweep`` line that reruns the store's grid with 5 seeds and both learning rates tuned on every
+    seed (each seed chooses on its own validation AUC: a replicated choice), grids of 3+ values that extend past
+    an end while a choice sits there (``--extend-grid``); the store's config and grid when its records carry
+    them. Runs the store already holds are not run again."""
     rec = next((r for r in records if r.get("grid")), records[0])
     config = rec.get("base_config") or "CONFIG"
     overrides = "".join(f" {o}" for o in rec.get("base_overrides") or [])
@@ -154,7 +162,7 @@ def sweep_command(records: Records, store: str) -> str:
     dense = _grid_of(sorted(set(_lrs(records, False, "dense_lr")) | set(_lrs(records, True, "dense_lr"))))
     return (
         f'mlet sweep --config {config}{overrides} --grid "{" ".join(axes)}" '
-        f'--tune "lr={sparse} dense_lr={dense}" --tune-seeds 0 --output {store}'
+        f'--tune "lr={sparse} dense_lr={dense}" --extend-grid {EXTEND} --output {store}'
     )
 
 
@@ -186,15 +194,24 @@ def advice_lines(records: Records, cs: Sequence[Cell]) -> list[str]:
             '(--tune "lr=[...]") before reading a loss as MLET\'s.'
         )
     dense = sorted(set(_lrs(records, False, "dense_lr")) | set(_lrs(records, True, "dense_lr")))
-    if len(dense) < 2:
-        one = f" ({dense[0]:g})" if dense else ""
-        out.append(f"The dense (and W2) learning rate was not tuned{one}: add dense_lr=[...] to --tune.")
+    if len(dense) < 3:
+        had = f" ({', '.join(f'{v:g}' for v in dense)})" if dense else ""
+        out.append(
+            f"The dense (and W2) learning rate ran at {len(dense)} value(s){had}: every choice sits at an edge; "
+            "give dense_lr=[...] 3 or more values in --tune."
+        )
+    own, pairs = replicated(records)
+    if own < pairs:
+        out.append(
+            f"{pairs - own} of {pairs} (method, seed) pairs took another seed's learning rates (--tune-seeds): "
+            "run the grid on every seed so each chooses on its own validation AUC (a replicated choice)."
+        )
     edges = edge_choices(records)
     if edges:
         names = ", ".join(f"{m.model} d={m.d} {m.label()} ({why})" for m, why in sorted(edges.items()))
         out.append(
-            f"The embedding lr chosen on seed {TUNE_SEED} is at an end of the grid for {names}: its optimum may "
-            "lie outside; extend --tune lr=[...] past that end."
+            f"The embedding lr chosen is at an end of the grid for {names}: its optimum may lie outside; "
+            f"--extend-grid {EXTEND} grows the grid past that end while the choice sits there."
         )
     return out
 

@@ -13,13 +13,15 @@ Five families ask where MLET helps, sized to finish in a few hours on 2 CPU core
   {8, 32}, k in {d, 4d}, every method's lrs chosen on each split's validation rows (first in priority).
 
 Every method, the baseline included, gets the same tuning grid of embedding **and** dense/W2 learning rates on
-seed 0 (chosen on validation AUC); seeds 1-4 then run once at each method's choice (``mlet sweep --tune-seeds``).
+every seed, and each seed chooses on its own validation AUC (the choice is replicated, not seed 0's for all); a
+grid whose best value sits at an end grows by up to ``EXTEND`` steps there (``mlet sweep --extend-grid``). Stores
+made before this rule hold seeds 1-4 at seed 0's choice only; the reports say how many choices are replicated.
 Runs with equal configs are one run, so the families share a store per (setup, data set) and the reports filter
 it (``StoreSpec.store``). ``mlet results run`` runs the sweeps in order and resumes where it stopped.
 
 Example:
-    >>> [s.name for s in SWEEPS][:3]
-    ['resplit_criteo_sample', 'resplit_movielens', 'dlrm_sgd_movielens']
+    >>> [s.name for s in SWEEPS][:2]
+    ['resplit_criteo_sample_deepfm_0', 'resplit_criteo_sample_deepfm_1']
     >>> sorted({s.store for s in SWEEPS})[0]
     'docs/results/families/deepctr_criteo_sample/results.jsonl'
 """
@@ -47,9 +49,12 @@ ROOT = "docs/results/families"
 SEEDS = "seed=[0,1,2,3,4]"
 # 4x steps; widened at both ends once MLET (k >= 4d) kept choosing 0.005 and the baseline 0.08: an optimum at
 # the edge of the grid may lie outside it, and the comparison is only fair when both optima are inside
-ADAGRAD_TUNE = "lr=[0.00125,0.005,0.02,0.08,0.32] dense_lr=[0.02,0.08]"
-SGD_TUNE = "lr=[0.05,0.2,0.8,3.2,12.8,51.2,204.8,819.2] dense_lr=[0.05,0.2]"
-SGD_TUNE_SYNTH = "lr=[0.2,0.8,3.2,12.8,51.2,204.8] dense_lr=[0.05,0.2]"  # 8 s a run: 2 of the 8 lrs cut
+# the dense lr grids have 3 values: with 2, every dense choice was at an edge (Adagrad chose 0.02, SGD 0.2, mostly)
+ADAGRAD_TUNE = "lr=[0.00125,0.005,0.02,0.08,0.32] dense_lr=[0.005,0.02,0.08]"
+SGD_TUNE = "lr=[0.05,0.2,0.8,3.2,12.8,51.2,204.8,819.2] dense_lr=[0.05,0.2,0.8]"
+SGD_TUNE_SYNTH = "lr=[0.2,0.8,3.2,12.8,51.2,204.8] dense_lr=[0.05,0.2,0.8]"  # 8 s a run: 2 of the 8 lrs cut
+EXTEND = 2
+"""Steps a tuning axis may grow past each end of its grid while a method's choice sits there."""
 SIGMAS = "embedding.sigma=[0.01,0.05,0.25,0.5,1.0]"
 
 DATASETS = {
@@ -136,7 +141,8 @@ class FamilySweep:
             grid=parse_grid(self.grid),
             tune=parse_grid(self.tune),
             tune_mlet=True,
-            tune_seeds=[0],
+            tune_seeds=None,  # every seed tunes: the choice is replicated
+            extend=EXTEND,
             results=self.store,
             base_overrides=list(self.overrides),
             nproc=1,
@@ -153,7 +159,7 @@ class FamilySweep:
         ff = f" --freq-features {' '.join(s.freq_features)}" if s.freq_features else ""
         extra = "".join(f" {o}" for o in self.overrides)
         return (
-            f'mlet sweep --config {self.config} --grid "{self.grid}" --tune "{self.tune}" --tune-seeds 0 '
+            f'mlet sweep --config {self.config} --grid "{self.grid}" --tune "{self.tune}" --extend-grid {EXTEND} '
             f"--output {self.store} --nproc-per-node 1 --in-process --no-compression --runs-dir {s.runs_dir}"
             f"{ff} --dataset {self.dataset}{extra}"
         )
@@ -169,21 +175,21 @@ _MODELS = "d=[4,8,16,32] kd=[none,1,4,16]"
 _SMALL_K = "model.name=[deepfm] d=[8,16,32] kd=[none,0.5,1,4]"
 _EPOCHS = "model.name=[deepfm] d=[4,16,64] kd=[none,4] train.epochs=[1,3]"
 _SIGMA = f"{SEEDS} d=[4] k=[none,64] {SIGMAS}"
-# The re-splits: one seed per split, every method's lrs chosen on that split's validation rows. The model is the
-# slowest axis, then the split, so a cut-short sweep leaves whole splits of the first model (DeepFM). A dense lr
-# grid of 3 values (the families' chose 0.02, the lower of their two, for most methods).
+# The re-splits: one seed per split, every method's lrs chosen on that split's validation rows. One sweep per
+# (model, split), so each split's grids are extended before the next split starts and a cut-short run leaves
+# whole splits: DeepFM's splits first, then DCN's on the Criteo sample.
 RESPLIT_TUNE = "lr=[0.00125,0.005,0.02,0.08] dense_lr=[0.005,0.02,0.08]"
 
 
-def _resplit(dataset: str, models: str) -> FamilySweep:
-    paths = ",".join(split_path(dataset, i) for i in range(SPLITS))
-    grid = f"model.name=[{models}] data.path=[{paths}] seed=[0] d=[8,32] kd=[none,1,4]"
-    return FamilySweep(f"resplit_{dataset}", dataset, "resplit", grid, RESPLIT_TUNE)
+def _resplit(dataset: str, model: str, i: int) -> FamilySweep:
+    grid = f"data.path=[{split_path(dataset, i)}] seed=[0] model.name=[{model}] d=[8,32] kd=[none,1,4]"
+    return FamilySweep(f"resplit_{dataset}_{model}_{i}", dataset, "resplit", grid, RESPLIT_TUNE)
 
 
 SWEEPS: list[FamilySweep] = [
-    _resplit("criteo_sample", "deepfm,dcn"),
-    _resplit("movielens", "deepfm"),
+    *[_resplit("criteo_sample", "deepfm", i) for i in range(SPLITS)],
+    *[_resplit("movielens", "deepfm", i) for i in range(SPLITS)],
+    *[_resplit("criteo_sample", "dcn", i) for i in range(SPLITS)],
     FamilySweep("dlrm_sgd_movielens", "movielens", "dlrm_sgd", _SIGMA, SGD_TUNE),
     FamilySweep("dlrm_sgd_criteo_sample", "criteo_sample", "dlrm_sgd", _SIGMA, SGD_TUNE),
     FamilySweep("dlrm_sgd_synth1m", "synth1m", "dlrm_sgd", _SIGMA, SGD_TUNE_SYNTH),

@@ -187,14 +187,27 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return max(runs, key=lambda r: float(r["valid"]["auc"]))
 
 
+def own_grid(runs: list[dict[str, Any]]) -> bool:
+    """Whether a (method, seed)'s runs include a learning-rate grid of its own (2+ lr pairs not run as seed 0's
+    choice): its choice is then made on its own validation AUC."""
+    return len({_lrs(r) for r in runs if r.get("role") != "selected"}) >= 2
+
+
+def replicated(records: list[dict[str, Any]]) -> tuple[int, int]:
+    """(how many, of all) finished (method, seed) pairs chose their learning rates on a grid of their own."""
+    runs = by_method(records)
+    return sum(own_grid(rs) for rs in runs.values()), len(runs)
+
+
 def tuned(records: list[dict[str, Any]]) -> dict[tuple[MethodKey, int], dict[str, Any]]:
-    """Per (method, seed): the run with the best validation AUC (ties: the first); for a seed that ran only at
-    seed 0's choice (role ``selected``), the run at seed 0's current choice. Sorted by method and seed."""
+    """Per (method, seed): the run with the best validation AUC over that seed's own grid (ties: the first); for a
+    seed that ran only at seed 0's choice (role ``selected``, no grid of its own), the run at seed 0's current
+    choice. Sorted by method and seed."""
     runs = by_method(records)
     choice = {m: _lrs(_best(rs)) for (m, s), rs in runs.items() if s == TUNE_SEED}
     out: dict[tuple[MethodKey, int], dict[str, Any]] = {}
     for (m, s), rs in sorted(runs.items()):
-        if s != TUNE_SEED and any(r.get("role") == "selected" for r in rs):
+        if s != TUNE_SEED and not own_grid(rs) and any(r.get("role") == "selected" for r in rs):
             rs = [r for r in rs if m in choice and _lrs(r) == choice[m]]
         if rs:
             out[(m, s)] = _best(rs)
@@ -209,22 +222,25 @@ def edge_choices(records: list[dict[str, Any]]) -> dict[MethodKey, str]:
 
     >>> recs = [_example(0.7, 0.7, lr) for lr in (0.1, 1.0)]
     >>> [(m.k, why) for m, why in edge_choices(recs).items()]
-    [(0, 'highest')]
+    [(0, 'highest (bound hit)')]
     """
     tried: dict[tuple[MethodKey, int], set[float]] = defaultdict(set)
     for r in records:
         if r.get("status") in ("ok", "diverged") and "d" in r and r.get("role") != "selected":  # the grids only
             tried[(method_of(r), int(r["seed"]))].add(float(r["sparse_lr"]))
-    ends: dict[MethodKey, dict[str, int]] = defaultdict(lambda: {"lowest": 0, "highest": 0, "grids": 0})
+    ends: dict[MethodKey, dict[str, int]] = defaultdict(lambda: {"lowest": 0, "highest": 0, "grids": 0, "open": 0})
     for (m, s), r in tuned(records).items():
         lrs = sorted(tried.get((m, s), ()))
         if len(lrs) < 2:  # this replicate ran at a chosen lr only
             continue
         ends[m]["grids"] += 1
-        if float(r["sparse_lr"]) == lrs[0]:
+        lr, (low, high) = float(r["sparse_lr"]), _lr_bounds(r)
+        if lr == lrs[0]:
             ends[m]["lowest"] += 1
-        elif float(r["sparse_lr"]) == lrs[-1]:
+            ends[m]["open"] += lr > low * (1 + 1e-9)
+        elif lr == lrs[-1]:
             ends[m]["highest"] += 1
+            ends[m]["open"] += lr < high * (1 - 1e-9)
     out = {}
     for m, n in sorted(ends.items()):
         at = [
@@ -233,8 +249,23 @@ def edge_choices(records: list[dict[str, Any]]) -> dict[MethodKey, str]:
             if n[side]
         ]
         if at:
-            out[m] = ", ".join(at)
+            out[m] = ", ".join(at) + (f" ({n['open']} not yet at the bound)" if n["open"] else " (bound hit)")
     return out
+
+
+def _lr_bounds(rec: dict[str, Any]) -> tuple[float, float]:
+    """The embedding lrs the run's sweep may reach: its tuning grid's ends, ``extend`` steps past them
+    (:func:`.grid.extensions`); the run's own lr for a store line without a tuning grid."""
+    from mlet_torchrec.experiments.grid import _edge_steps
+
+    tune = rec.get("tune") or {}
+    lrs = tune.get("sparse_optimizer.lr")
+    steps = _edge_steps({"lr": lrs}, int(rec.get("extend") or 0)) if lrs else {}
+    if "lr" in steps:
+        return steps["lr"][0], steps["lr"][1]
+    if lrs and len(lrs) >= 2:
+        return float(min(lrs)), float(max(lrs))
+    return float(rec["sparse_lr"]), float(rec["sparse_lr"])
 
 
 def auc_by_seed(runs: dict[tuple[MethodKey, int], dict[str, Any]], method: MethodKey) -> dict[int, float]:

@@ -20,7 +20,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mlet_torchrec.experiments.families import DATA_COMMANDS, DATASETS, SWEEPS, FamilySweep
-from mlet_torchrec.experiments.family_data import FAMILIES, Family, MethodKey, as_splits, edge_choices, method_of
+from mlet_torchrec.experiments.family_data import (
+    FAMILIES,
+    Family,
+    MethodKey,
+    as_splits,
+    edge_choices,
+    method_of,
+    replicated,
+)
 from mlet_torchrec.experiments.family_tables import (
     LOSS,
     LR,
@@ -92,8 +100,10 @@ Mark of a cell (MLET method against its single-layer baseline, test AUC, paired 
 - **{PENDING}** (`{SHORT[PENDING]}`): fewer than 2 seeds of both are in the store yet."""
 SELECTION = {
     "seed": """\
-Each method's learning rates are the best on validation AUC over its seed-0 grid (seeds 1-4 run at that choice:
-the choice is not replicated); the intervals are 95% Student t over the seeds present (n); "baseline seed std" is
+Each method's learning rates are the best on validation AUC over each seed's own grid; a seed that ran only at
+seed 0's choice (the stores' older rule) takes that choice, which is then not replicated: each data set below says
+for how many (method, seed) pairs the choice is their own. The grids grow past an end while a choice sits there,
+up to a bound (the edge table). The intervals are 95% Student t over the seeds present (n); "baseline seed std" is
 the sample std of the tuned baseline's test AUC over seeds; "Δ at paper lrs" is MLET − baseline test AUC on seed
 0, both at the config's learning rates. Every cell of a data set is scored on the same test rows, so the test
 set's own sampling noise is in none of these intervals: [family (f)](resplit.md) measures it.""",
@@ -279,7 +289,13 @@ def _family_md(
             L += [f"## {ds}", ""]
             if rs:
                 paper = "unknown" if lrs is None else f"embedding {_lr(lrs[0])}, dense {_lr(lrs[1])}"
-                L += [f"Paper (config) learning rates: {paper}; {_diverged(family, rs)} run(s) diverged.", ""]
+                own, pairs = replicated([r for r in rs if "d" in r and family.has(method_of(r))])
+                L += [
+                    f"Paper (config) learning rates: {paper}; {_diverged(family, rs)} run(s) diverged; learning "
+                    f"rates chosen on the {family.replicate}'s own grid for {own} of {pairs} (method, "
+                    f"{family.replicate}) pairs.",
+                    "",
+                ]
             else:
                 L += ["No store yet: every cell below is missing.", ""]
             if not cs:

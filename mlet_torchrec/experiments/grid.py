@@ -191,6 +191,51 @@ def best_tuning(
     return {k: v for k, (_, v) in best.items()}
 
 
+def _edge_steps(tune: dict[str, list[Any]], extend: int) -> dict[str, tuple[float, float, float, float]]:
+    """Per numeric tuning axis of >= 2 positive values: (lowest, highest, step down, step up), the steps being the
+    grid's own end ratios and the bounds ``extend`` steps past each end."""
+    out = {}
+    for key, values in tune.items():
+        vals = sorted(float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool) and v > 0)
+        if len(vals) >= 2 and extend > 0:
+            down, up = vals[1] / vals[0], vals[-1] / vals[-2]
+            out[key] = (vals[0] / down**extend, vals[-1] * up**extend, down, up)
+    return out
+
+
+def extensions(
+    identity: str, tune: dict[str, list[Any]], extend: int, records: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The tuning values that extend a cell's grid: for each numeric tuning axis whose best value on validation
+    AUC (over the store's runs of this cell, :func:`tuning_identity`) is the lowest (highest) value tried, one step
+    further (the grid's end ratio), with every value of the other axes, while within ``extend`` steps of the
+    grid's end. A highest value with a diverged run above it is a real edge: no step up.
+
+    >>> recs = [{"status": "ok", "config": {"sparse_optimizer": {"lr": lr}}, "valid": {"auc": a}}
+    ...         for lr, a in ((0.01, 0.8), (0.04, 0.7))]
+    >>> extensions(tuning_identity(recs[0]["config"], ["sparse_optimizer.lr"]),
+    ...            {"sparse_optimizer.lr": [0.01, 0.04]}, 2, recs)
+    [{'sparse_optimizer.lr': 0.0025}]
+    """
+    keys = list(tune)
+    mine = [r for r in records if "config" in r and tuning_identity(r["config"], keys) == identity]
+    ok = [r for r in mine if r.get("status") == "ok" and (r.get("valid") or {}).get("auc") is not None]
+    if not ok:
+        return []
+    best = max(ok, key=lambda r: float(r["valid"]["auc"]))
+    out: list[dict[str, Any]] = []
+    for key, (low, high, down, up) in _edge_steps(tune, extend).items():
+        tried = sorted({float(_config_value(r, key)) for r in mine if r.get("status") in ("ok", "diverged")})
+        ok_tried = sorted({float(_config_value(r, key)) for r in ok})
+        chosen = float(_config_value(best, key))
+        others = expand_grid({k: v for k, v in tune.items() if k != key})
+        if chosen == tried[0] and chosen / down >= low * (1 - 1e-9):
+            out += [{**o, key: chosen / down} for o in others]
+        if chosen == tried[-1] == ok_tried[-1] and chosen * up <= high * (1 + 1e-9):
+            out += [{**o, key: chosen * up} for o in others]
+    return out
+
+
 def plan_cells(
     config_path: str | None,
     grid: dict[str, list[Any]],
@@ -200,6 +245,7 @@ def plan_cells(
     tune_mlet: bool = False,
     tune_seeds: Sequence[int] | None = None,
     records: Sequence[dict[str, Any]] = (),
+    extend: int = 0,
 ) -> tuple[list[Cell], int]:
     """The cells of a sweep, de-duplicated by key (a tuning value equal to the base value is one run), and how
     many wait for their tuning runs.
@@ -207,7 +253,10 @@ def plan_cells(
     The tuning axes are run for the baseline (k=null) cells, and for every cell when ``tune_mlet``. With
     ``tune_seeds`` they are run for those seeds only; every other seed runs once, at the values its cell's tuning
     seeds chose on validation AUC (from ``records``, the store), role ``selected``; a cell whose tuning runs are
-    not in the store yet is pending (counted, not planned)."""
+    not in the store yet is pending (counted, not planned). With ``extend`` a tuned cell whose best value (in the
+    store) sits at an end of a numeric tuning axis also gets the next value past it (:func:`extensions`, up to
+    ``extend`` steps), so a sweep run until nothing is left to plan ends with every choice inside its grid or
+    at the bound."""
     cells: list[Cell] = []
     seen: set[str] = set()
     pending = 0
@@ -242,6 +291,11 @@ def plan_cells(
         if tuned:
             for tv in expand_grid(tune):
                 add({**ov, **tv}, "tune")
+            if extend and (tune_seeds is None or seed in tune_seeds):
+                config = load_config(config_path, list(base_overrides) + [format_override(k, v) for k, v in ov.items()])
+                identity = tuning_identity(config.model_dump(mode="json"), list(tune))
+                for tv in extensions(identity, tune, extend, [r for r in records if r.get("seed") == seed]):
+                    add({**ov, **tv}, "tune")
     return cells, pending
 
 

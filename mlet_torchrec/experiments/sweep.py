@@ -95,6 +95,7 @@ class SweepSettings:
     compression: bool = True
     cell_timeout: float | None = None
     tune_seeds: list[int] | None = None  # tune on these seeds only; the others run at their choice (grid.plan_cells)
+    extend: int = 0  # steps a tuning axis may grow past each end while a choice sits there (grid.extensions)
 
 
 def _run_cell_subprocess(cell: Cell, s: SweepSettings, work: Path) -> dict[str, Any]:
@@ -150,12 +151,12 @@ def run_sweep(s: SweepSettings) -> dict[str, int]:
     With ``tune_seeds`` the sweep runs in passes: the tuning seeds' runs first, then the other seeds at the
     values those chose (planned from the store, so a resumed sweep picks up either pass)."""
     counts = {"planned": 0, "skipped": 0, "ran": 0, "failed": 0, "pending": 0}
-    for _ in range(4):  # pass 1 tunes; pass 2 runs the chosen values; a third plans nothing new
+    for _ in range(4 + 2 * s.extend):  # tune; extend the grids step by step; run the chosen values; plan nothing
         before = counts["ran"]
         cells, pending = _run_pass(s, counts)
         counts["planned"], counts["pending"] = len(cells), pending
         # new tuning runs can change a choice even when nothing waited (a widened grid): plan again
-        if s.dry_run or counts["ran"] == before or s.tune_seeds is None:
+        if s.dry_run or counts["ran"] == before or (s.tune_seeds is None and not s.extend):
             break
     print(f"sweep: {counts}", flush=True)
     if counts["pending"]:
@@ -169,7 +170,7 @@ def _run_pass(s: SweepSettings, counts: dict[str, int]) -> tuple[list[Cell], int
     check_location(runs_dir, [s.results])  # it holds the cells' run dirs: never /, ~, the cwd, or the store
     records = store.load()
     cells, pending = plan_cells(
-        s.config, s.grid, s.tune, s.base_overrides, runs_dir, s.tune_mlet, s.tune_seeds, records
+        s.config, s.grid, s.tune, s.base_overrides, runs_dir, s.tune_mlet, s.tune_seeds, records, s.extend
     )
     done = {r["key"] for r in records if r.get("status") in ("ok", "diverged")}
     todo = [c for c in cells if c.key not in done]
@@ -222,6 +223,7 @@ def _run_pass(s: SweepSettings, counts: dict[str, int]) -> tuple[list[Cell], int
             "tune": s.tune,
             "tune_mlet": s.tune_mlet,
             "tune_seeds": s.tune_seeds,
+            "extend": s.extend,
             "budget": note,
             "nproc": s.nproc,
             "parallel": s.parallel,
