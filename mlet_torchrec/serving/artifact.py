@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,17 +37,6 @@ from mlet_torchrec.training.safe_dcp import DCP_METADATA, read_metadata
 
 MANIFEST = "manifest.json"
 STATE_ROOT = "model"  # every DCP state dict of the project is {"model": model.state_dict()}
-
-
-def quiet_planner() -> None:
-    """TorchRec's planner logs its whole plan at INFO/WARNING; collapse and its check only need errors."""
-    for name in (
-        "torchrec.distributed.planner",
-        "torchrec.distributed.planner.types",
-        "torchrec.distributed.planner.storage_reservations",
-        "torchrec.distributed.planner.stats",
-    ):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class ManifestError(UserError):
@@ -161,16 +149,16 @@ class Artifact:
         from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 
         from mlet_torchrec.training.distributed import MLETEmbeddingBagCollectionSharder
-        from mlet_torchrec.training.guardrails import collective_plan
+        from mlet_torchrec.training.guardrails import collective_plan, quiet_planner
 
         if self.loaded:
             raise ValueError(f"{self.path}: the model was materialized in this process; load the artifact again")
-        quiet_planner()
         sharders = [MLETEmbeddingBagCollectionSharder()]
         topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
-        plan = collective_plan(
-            EmbeddingShardingPlanner(topology=topology, constraints=constraints), self.model, sharders
-        )
+        with quiet_planner():
+            plan = collective_plan(
+                EmbeddingShardingPlanner(topology=topology, constraints=constraints), self.model, sharders
+            )
         sharded = DistributedModelParallel(module=self.model, device=device, plan=plan, sharders=sharders)
         load_model_state(self.path, sharded)
         self.loaded = True

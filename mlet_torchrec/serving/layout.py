@@ -22,7 +22,6 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from mlet_torchrec.serving.artifact import quiet_planner
 from mlet_torchrec.training.safe_dcp import read_metadata
 
 OUTPUT_SHARDINGS = ("same", "auto", "table_wise", "row_wise", "column_wise", "table_row_wise")
@@ -149,9 +148,8 @@ def plan_layout(
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 
     from mlet_torchrec.training.distributed import MLETEmbeddingBagCollectionSharder
-    from mlet_torchrec.training.guardrails import collective_plan
+    from mlet_torchrec.training.guardrails import collective_plan, quiet_planner
 
-    quiet_planner()
     constraints = {}
     if kind != "auto":
         for _, name, _, d in tables.values():
@@ -164,10 +162,11 @@ def plan_layout(
         topology=Topology(world_size=world_size, compute_device=device_type), constraints=constraints
     )
     sharders = [MLETEmbeddingBagCollectionSharder()]
-    if dist.is_initialized() and dist.get_world_size() == world_size:
-        plan = collective_plan(planner, model, sharders)
-    else:
-        plan = planner.plan(model, sharders)
+    with quiet_planner():
+        if dist.is_initialized() and dist.get_world_size() == world_size:
+            plan = collective_plan(planner, model, sharders)
+        else:
+            plan = planner.plan(model, sharders)
     out: dict[str, list[Box]] = {}
     for tid, (path, name, rows, d) in tables.items():
         p = plan.plan[path][name]

@@ -21,6 +21,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -313,21 +314,31 @@ def shard_model(
     return ShardedModel(dmp, plan, optimizer)
 
 
-def plan_summary(plan: ShardingPlan) -> dict[str, dict[str, object]]:
-    """JSON-able view of a plan: table -> sharding type, kernel, ranks and shard boxes."""
-    out: dict[str, dict[str, object]] = {}
+def plan_to_json(plan: ShardingPlan) -> list[dict[str, Any]]:
+    """A ShardingPlan as a list of tables (module path, table, sharding type, kernel, ranks, shards, cache): the
+    one serialiser of plans (``mlet plan`` files, run directories); ``planning.plan_from_json`` reads it back."""
+    rows = []
     for module_path, module_plan in plan.plan.items():
         for table, p in module_plan.items():
-            shards = []
-            if p.sharding_spec is not None:
-                for s in p.sharding_spec.shards:
-                    shards.append(
-                        {"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes), "placement": str(s.placement)}
-                    )
-            out[f"{module_path}.{table}"] = {
-                "sharding_type": p.sharding_type,
-                "compute_kernel": p.compute_kernel,
-                "ranks": p.ranks,
-                "shards": shards,
-            }
-    return out
+            shards = [
+                {"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes), "placement": str(s.placement)}
+                for s in (p.sharding_spec.shards if p.sharding_spec is not None else [])
+            ]
+            rows.append(
+                {
+                    "module": module_path,
+                    "table": table,
+                    "sharding_type": p.sharding_type,
+                    "compute_kernel": p.compute_kernel,
+                    "ranks": p.ranks,
+                    "shards": shards,
+                    "cache_load_factor": p.cache_params.load_factor if p.cache_params else None,
+                }
+            )
+    return rows
+
+
+def plan_summary(plan: ShardingPlan) -> dict[str, dict[str, object]]:
+    """The run directory's ``plan.json``: :func:`plan_to_json` keyed by ``module.table``."""
+    keys = ("sharding_type", "compute_kernel", "ranks", "shards")
+    return {f"{t['module']}.{t['table']}": {k: t[k] for k in keys} for t in plan_to_json(plan)}

@@ -12,7 +12,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -94,6 +98,20 @@ def memory_capacity(device: torch.device) -> dict[str, int]:
         free, _total = torch.cuda.mem_get_info(device)
         caps["hbm_cap"] = int(free)
     return caps
+
+
+@contextlib.contextmanager
+def quiet_planner() -> Iterator[None]:
+    """While TorchRec's planner runs: its logs (a warning per unplaced table and per dry-run estimate, the whole
+    plan at INFO) and warnings are not for users; its errors are raised, not logged."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def collective_plan(planner: Any, module: nn.Module, sharders: list[Any]) -> Any:

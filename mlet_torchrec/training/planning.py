@@ -20,12 +20,9 @@ When the tables cannot fit, :class:`PlanDoesNotFit` says by how much, in one lin
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -51,9 +48,10 @@ from mlet_torchrec.models import build_model
 from mlet_torchrec.training.distributed import (
     MLETEmbeddingBagCollectionSharder,
     _sparse_optimizer,
+    plan_to_json,
     sharding_constraints,
 )
-from mlet_torchrec.training.guardrails import PLANNER_RESERVATION
+from mlet_torchrec.training.guardrails import PLANNER_RESERVATION, quiet_planner
 from mlet_torchrec.training.table_size import table_sizes
 
 PLAN_FORMAT = "mlet-plan/1"
@@ -113,29 +111,6 @@ def memory_summary(config: ExperimentConfig, meta: DatasetMeta) -> dict[str, Any
 # -------------------------------------------------------------------------------- (de)serialising
 
 
-def plan_to_json(plan: ShardingPlan) -> list[dict[str, Any]]:
-    """A ShardingPlan as a list of tables (module path, table, sharding type, kernel, ranks, shards)."""
-    rows = []
-    for module_path, module_plan in plan.plan.items():
-        for table, p in module_plan.items():
-            shards = [
-                {"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes), "placement": str(s.placement)}
-                for s in (p.sharding_spec.shards if p.sharding_spec is not None else [])
-            ]
-            rows.append(
-                {
-                    "module": module_path,
-                    "table": table,
-                    "sharding_type": p.sharding_type,
-                    "compute_kernel": p.compute_kernel,
-                    "ranks": p.ranks,
-                    "shards": shards,
-                    "cache_load_factor": p.cache_params.load_factor if p.cache_params else None,
-                }
-            )
-    return rows
-
-
 def _placement(rank: int, device: str, local_world_size: int) -> str:
     return f"rank:{rank}/cpu" if device == "cpu" else f"rank:{rank}/cuda:{rank % local_world_size}"
 
@@ -183,19 +158,6 @@ def planned_for(config: ExperimentConfig, meta: DatasetMeta) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _quiet_planner() -> Iterator[None]:
-    """TorchRec's planner logs a warning per unplaced table and per dry-run estimate: not for users."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)
-
-
 def _run_planner(
     model: nn.Module, config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster, batch_size: int
 ) -> tuple[ShardingPlan, EmbeddingShardingPlanner]:
@@ -204,7 +166,7 @@ def _run_planner(
     caps = {"ddr_cap": int(cluster.ddr_gb * GIB)}
     if cluster.device == "cuda":
         caps["hbm_cap"] = int(cluster.hbm_gb * GIB)
-    with _quiet_planner():
+    with quiet_planner():
         planner = EmbeddingShardingPlanner(
             topology=Topology(
                 world_size=cluster.world_size, local_world_size=lws, compute_device=cluster.device, **caps
