@@ -59,13 +59,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from torchrec.datasets.utils import Batch
 
 from data_pipes.errors import DataError
+from data_pipes.handoff import WindowLoader
 from data_pipes.order import DEFAULT_VIRTUAL_SHARDS, EpochOrder, Progression, Segment, rank_shards, shard_offset
-from data_pipes.rows import Rows, join_batches
+from data_pipes.rows import Rows, Window, window_batches
 from data_pipes.schema import DatasetMeta
+
+WINDOW_ROWS = 16384  # a rank's rows decoded together (and handed over by a worker at once)
 
 
 def _type_name(t: pa.DataType) -> str:
@@ -216,29 +219,71 @@ class ParquetBatchReader(IterableDataset[Batch]):
 
     # ------------------------------------------------------------------ rows
 
+    @property
+    def multi_hot(self) -> list[bool]:
+        """Per key (``keys``), whether the feature is multi-hot."""
+        return list(self._multi_hot)
+
+    def window_slot_rows(self, shards: Sequence[tuple[int, Progression]]) -> tuple[int, int, int]:
+        """The most rows a Window of ``shards`` holds, with its single-id and fixed (label + dense) widths."""
+        per_shard = -(-self.global_batch_size // self.virtual_shards)
+        rows = sum(-(-per_shard // prog.stride) for _, prog in shards) * self.window_steps
+        return rows, sum(not m for m in self._multi_hot), 1 + len(self.meta.dense)
+
+    @property
+    def window_steps(self) -> int:
+        """Global batches decoded together: about ``WINDOW_ROWS`` of this rank's rows, at least one batch."""
+        return max(1, WINDOW_ROWS // self.batch_size)
+
+    def worker_shards(self, worker: int, workers: int) -> list[tuple[int, Progression]]:
+        """The contiguous block of this rank's shards that worker ``worker`` of ``workers`` reads: the
+        workers' parts of a batch, joined in worker order, are the rank's batch."""
+        shards = self.shards()
+        return shards[worker * len(shards) // workers : (worker + 1) * len(shards) // workers]
+
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        shards = self.shards()  # contiguous blocks: the joined parts keep the single-process row order
-        return self._stream(shards[worker * len(shards) // workers : (worker + 1) * len(shards) // workers])
+        shards = self.shards() if info is None else self.worker_shards(info.id, info.num_workers)
+        for window in self.windows(shards):
+            yield from window_batches([window], self.keys, self._multi_hot)
 
-    def _stream(self, shards: Sequence[tuple[int, Progression]]) -> Iterator[Batch]:
-        """One Batch per global batch from ``start_step`` on: the rows of ``shards`` in it."""
+    def windows(self, shards: Sequence[tuple[int, Progression]]) -> Iterator[Window]:
+        """The rows of ``shards`` in the global batches from ``start_step`` on, ``window_steps`` batches
+        per Window."""
         order = EpochOrder(self._group_rows, self.virtual_shards, self.shuffle, self.seed, self.epoch)
         groups = _RowGroups(self)
         cursors = [_Cursor(order, v, prog, groups) for v, prog in shards]
-        size, rows, V = self.global_batch_size, order.rows, self.virtual_shards
+        size, V, last = self.global_batch_size, self.virtual_shards, self.num_batches()
+        shard = np.array([v for v, _ in shards], dtype=np.int64)[:, None]
+        residue = np.array([p.residue for _, p in shards], dtype=np.int64)[:, None]
+        stride = np.array([p.stride for _, p in shards], dtype=np.int64)[:, None]
         try:
             for c in cursors:
                 c.seek(c.prog.count(shard_offset(c.shard, self.start_step * size, V)))
                 for seg in c.segments[c.piece :]:
                     groups.expect(seg)
-            for step in range(self.start_step, self.num_batches()):
-                end = min((step + 1) * size, rows)
-                pieces = [c.take(c.prog.count(shard_offset(c.shard, end, V))) for c in cursors]
-                yield Rows.join(pieces, self._empty).to_batch(self.keys, self._multi_hot)
+            for first in range(self.start_step, last, self.window_steps):
+                ends = np.minimum(np.arange(first + 1, min(first + self.window_steps, last) + 1) * size, order.rows)
+                offsets = np.maximum(0, (ends[None, :] - shard + V - 1) // V)  # order.shard_offset, per shard and end
+                yield self._window(cursors, first, np.maximum(0, (offsets - residue + stride - 1) // stride))
         finally:
             groups.close()
+
+    def _window(self, cursors: Sequence[_Cursor], first: int, ends: np.ndarray) -> Window:
+        """The Window of the steps whose ends (positions of each cursor, shape (cursors, steps)) are
+        ``ends``: each cursor's rows taken at once, and the order that puts them batch after batch."""
+        start = np.array([c.pos for c in cursors], dtype=np.int64)
+        steps = ends.shape[1]
+        if not cursors:
+            return Window(first, self._empty, np.zeros(steps + 1, dtype=np.int64))
+        joined = Rows.join([c.take(int(e)) for c, e in zip(cursors, ends[:, -1], strict=True)], self._empty)
+        counts = np.diff(ends, axis=1, prepend=start[:, None])  # rows of (cursor, step)
+        blocks = np.concatenate([[0], np.cumsum(ends[:, -1] - start)[:-1]])  # each cursor's rows in joined
+        firsts = (blocks[:, None] + ends - counts - start[:, None]).T.ravel()
+        lengths = counts.T.ravel()  # step-major: the batch order
+        idx = np.repeat(firsts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum(), dtype=np.int64)
+        bounds = np.concatenate([[0], np.cumsum(counts.sum(axis=0))]).astype(np.int64)
+        return Window(first, joined, bounds, idx if len(cursors) > 1 and steps > 1 else None)
 
     @property
     def _empty(self) -> Rows:
@@ -422,38 +467,18 @@ class _Cursor:
         return chunk
 
 
-class MergedLoader:
-    """Iterates a DataLoader whose ``parts`` workers each yield their shards' part of every batch, and
-    yields the whole batches (a DataLoader takes one item from each worker in turn)."""
-
-    def __init__(self, loader: DataLoader[Batch], parts: int, keys: list[str]) -> None:
-        self.loader, self.parts, self.keys = loader, parts, keys
-
-    def __iter__(self) -> Iterator[Batch]:
-        pending: list[Batch] = []
-        for piece in self.loader:
-            pending.append(piece)
-            if len(pending) == self.parts:
-                yield join_batches(pending, self.keys)
-                pending = []
-        if pending:
-            raise RuntimeError(f"DataLoader workers yielded {len(pending)} of {self.parts} parts of a batch")
-
-    def __len__(self) -> int:
-        return len(self.loader) // self.parts
-
-
 def make_dataloader(
-    reader: ParquetBatchReader, num_workers: int = 0, generator: torch.Generator | None = None
+    reader: ParquetBatchReader,
+    num_workers: int = 0,
+    generator: torch.Generator | None = None,
+    pin_memory: bool = False,
 ) -> Iterable[Batch]:
     """The reader's batches, decoded by ``num_workers`` processes (at most one per virtual shard this
-    rank reads), each streaming its share of the rank's shards. Same batches for any worker count.
-    Build it after ``set_epoch``/``set_position``."""
+    rank reads), each owning a block of the rank's shards (data_pipes/handoff.py). Same batches for
+    any worker count. Build it after ``set_epoch``/``set_position``; ``pin_memory`` on CUDA only."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    workers = min(num_workers, len(reader.shards()))
-    loader = DataLoader(reader, batch_size=None, num_workers=workers, persistent_workers=False, generator=generator)
-    return loader if workers <= 1 else MergedLoader(loader, workers, reader.keys)
+    return WindowLoader(reader, min(num_workers, len(reader.shards())), generator, pin_memory)
 
 
 __all__ = ["ParquetBatchReader", "make_dataloader", "DEFAULT_VIRTUAL_SHARDS"]

@@ -3,7 +3,9 @@
 The reader cuts every global batch out of many shards (data_pipes/order.py), so a batch is joined
 from dozens of small pieces: fixed-width columns live in two 2-D arrays (label and dense values as
 float32, single-id features as int64) so a piece costs two slices, not one per column. Multi-hot
-bags keep (values, offsets) each.
+bags keep (values, offsets) each. Arrays are row-major: gathering whole rows is several times
+faster than gathering along columns, and one 2-D transposed copy puts a batch in the
+KeyedJaggedTensor's key-major layout.
 
 Example:
     >>> import numpy as np
@@ -14,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,8 +44,8 @@ class Rows:
         bags = [(v[o[a] : o[b]], o[a : b + 1] - o[a]) for v, o in self.bags]
         return Rows(self.fixed[a:b], self.ids[a:b], bags)
 
-    def take(self, rows: np.ndarray) -> Rows:
-        """The rows at the indices ``rows``, in that order."""
+    def take(self, rows: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None) -> Rows:
+        """The rows at the indices ``rows``, in that order (fixed and ids written into ``out`` if given)."""
         bags = []
         for values, offsets in self.bags:
             lengths = (offsets[1:] - offsets[:-1])[rows]
@@ -51,7 +53,11 @@ class Rows:
             np.cumsum(lengths, out=new[1:])
             at = np.repeat(offsets[:-1][rows] - new[:-1], lengths) + np.arange(new[-1], dtype=np.int64)
             bags.append((values[at], new))
-        return Rows(self.fixed[rows], self.ids[rows], bags)
+        if out is None:
+            return Rows(np.take(self.fixed, rows, axis=0), np.take(self.ids, rows, axis=0), bags)
+        np.take(self.fixed, rows, axis=0, out=out[0], mode="clip")  # "clip": not buffered; rows are valid
+        np.take(self.ids, rows, axis=0, out=out[1], mode="clip")
+        return Rows(out[0], out[1], bags)
 
     @staticmethod
     def join(parts: Sequence[Rows], empty: Rows) -> Rows:
@@ -67,38 +73,90 @@ class Rows:
             bags.append((np.concatenate([p.bags[k][0] for p in parts]), new))
         return Rows(np.concatenate([p.fixed for p in parts]), np.concatenate([p.ids for p in parts]), bags)
 
-    def to_batch(self, keys: list[str], multi_hot: Sequence[bool]) -> Batch:
-        """A Batch whose four tensors are views of one fresh buffer.
 
-        Copies (a view of a row group would pin it, or ship all of it to the main process), and one
-        buffer because DataLoader workers hand each storage over as its own shared-memory segment:
-        one per batch instead of four makes worker -> main transfers ~2x faster.
-        """
-        n, d = self.rows, self.fixed.shape[1] - 1
-        single, bag = iter(range(self.ids.shape[1])), iter(self.bags)
-        columns = [next(bag) if m else self.ids[:, next(single)] for m in multi_hot]
-        per_key = [len(c[0]) if m else n for c, m in zip(columns, multi_hot, strict=True)]
-        nv, nl = sum(per_key), n * len(keys)
-        nbytes = 8 * (nv + nl) + 4 * (n * d + n)  # int64 parts first keeps every view aligned
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        values = buf[: 8 * nv].view(torch.int64)
-        lengths = buf[8 * nv : 8 * (nv + nl)].view(torch.int64)
-        dense = buf[8 * (nv + nl) : 8 * (nv + nl) + 4 * n * d].view(torch.float32).view(n, d)
-        labels = buf[8 * (nv + nl) + 4 * n * d :].view(torch.float32)
-        values_np, lengths_np = values.numpy(), lengths.numpy()
-        pos = 0
-        for k, (col, m) in enumerate(zip(columns, multi_hot, strict=True)):
-            if m:
-                values_np[pos : pos + per_key[k]] = col[0]
-                np.subtract(col[1][1:], col[1][:-1], out=lengths_np[k * n : (k + 1) * n])
+@dataclass
+class Window:
+    """The rows one process decodes for ``steps`` consecutive global batches: its part of batch
+    ``first_step + j`` is the rows ``order[bounds[j]:bounds[j + 1]]`` (with ``order`` None: the rows
+    ``[bounds[j], bounds[j + 1])``)."""
+
+    first_step: int
+    rows: Rows
+    bounds: np.ndarray  # int64 (steps + 1,), from 0
+    order: np.ndarray | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.bounds) - 1
+
+    def part(self, j: int) -> Rows:
+        a, b = int(self.bounds[j]), int(self.bounds[j + 1])
+        return self.rows.slice(a, b) if self.order is None else self.rows.take(self.order[a:b])
+
+
+def window_batches(
+    parts: Sequence[Window], keys: list[str], multi_hot: Sequence[bool], pin_memory: bool = False
+) -> Iterator[Batch]:
+    """The Batches of windows that cover the same steps, each batch joining the windows' parts in order."""
+    for j in range(parts[0].steps):
+        yield to_batch([w.part(j) for w in parts], keys, multi_hot, pin_memory)
+
+
+def _key_runs(multi_hot: Sequence[bool]) -> list[tuple[int, int]]:
+    """(first key, key count) of each run of consecutive keys that are all single-id or one multi-hot key."""
+    runs: list[tuple[int, int]] = []
+    for k, m in enumerate(multi_hot):
+        if runs and not m and not multi_hot[k - 1]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((k, 1))
+    return runs
+
+
+def to_batch(parts: Sequence[Rows], keys: list[str], multi_hot: Sequence[bool], pin_memory: bool = False) -> Batch:
+    """A Batch of the rows of ``parts`` one after the other, its four tensors views of one fresh buffer
+    (pinned with ``pin_memory``, for asynchronous host-to-device copies on CUDA).
+
+    Copies (a view of a row group would pin it), and one buffer because DataLoader workers hand each
+    storage over as its own shared-memory segment. Runs of single-id keys are copied as one 2-D block
+    per part: the KJT's values are key-major, the rows' ids row-major.
+    """
+    n, d = sum(p.rows for p in parts), parts[0].fixed.shape[1] - 1
+    bag_of = {k: b for b, k in enumerate(k for k, m in enumerate(multi_hot) if m)}
+    per_key = [sum(len(p.bags[bag_of[k]][0]) for p in parts) if m else n for k, m in enumerate(multi_hot)]
+    nv, nl = sum(per_key), n * len(keys)
+    nbytes = 8 * (nv + nl) + 4 * (n * d + n)  # int64 parts first keeps every view aligned
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+    values = buf[: 8 * nv].view(torch.int64)
+    lengths = buf[8 * nv : 8 * (nv + nl)].view(torch.int64)
+    dense = buf[8 * (nv + nl) : 8 * (nv + nl) + 4 * n * d].view(torch.float32).view(n, d)
+    labels = buf[8 * (nv + nl) + 4 * n * d :].view(torch.float32)
+    values_np, lengths_np = values.numpy(), lengths.numpy().reshape(len(keys), n)
+    starts = np.concatenate([[0], np.cumsum(per_key)]).astype(np.int64)
+    for k0, count in _key_runs(multi_hot):
+        if not multi_hot[k0]:
+            lengths_np[k0 : k0 + count] = 1
+    row, bag_pos = 0, [0] * len(bag_of)
+    for p in parts:
+        m = p.rows
+        col = 0
+        for k0, count in _key_runs(multi_hot):
+            if multi_hot[k0]:
+                b = bag_of[k0]
+                vals, offs = p.bags[b]
+                at = int(starts[k0]) + bag_pos[b]
+                values_np[at : at + len(vals)] = vals
+                np.subtract(offs[1:], offs[:-1], out=lengths_np[k0, row : row + m])
+                bag_pos[b] += len(vals)
             else:
-                values_np[pos : pos + n] = col
-                lengths_np[k * n : (k + 1) * n] = 1
-            pos += per_key[k]
-        dense.numpy()[...] = self.fixed[:, 1:]
-        labels.numpy()[...] = self.fixed[:, 0]
-        kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=n, length_per_key=per_key)
-        return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
+                block = values_np[int(starts[k0]) : int(starts[k0 + count])].reshape(count, n)
+                block[:, row : row + m] = p.ids[:, col : col + count].T
+                col += count
+        dense.numpy()[row : row + m] = p.fixed[:, 1:]
+        labels.numpy()[row : row + m] = p.fixed[:, 0]
+        row += m
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=n, length_per_key=per_key)
+    return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
 
 
 def join_batches(pieces: Sequence[Batch], keys: list[str]) -> Batch:
@@ -119,4 +177,4 @@ def join_batches(pieces: Sequence[Batch], keys: list[str]) -> Batch:
     )
 
 
-__all__ = ["Rows", "join_batches"]
+__all__ = ["Rows", "Window", "join_batches", "to_batch", "window_batches"]

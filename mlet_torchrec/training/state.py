@@ -34,11 +34,15 @@ log = logging.getLogger("mlet.train")
 # ---------------------------------------------------------------------------------------- data position
 
 
-def dataloader(reader: ParquetBatchReader, num_workers: int, seed: int, epoch: int) -> Iterable[Batch]:
+def dataloader(
+    reader: ParquetBatchReader, num_workers: int, seed: int, epoch: int, pin_memory: bool = False
+) -> Iterable[Batch]:
     """The reader's batches for one epoch, from its position on, with their own generator: creating
-    the DataLoader leaves the global torch RNG alone (a plain one draws its base seed from it)."""
+    the DataLoader leaves the global torch RNG alone (a plain one draws its base seed from it).
+    ``pin_memory`` (CUDA): batches in page-locked memory, so the TorchRec pipeline's host-to-device
+    copies on its side stream are asynchronous."""
     gen = torch.Generator().manual_seed((int(seed) << 20) + int(epoch))
-    return make_dataloader(reader, num_workers, generator=gen)
+    return make_dataloader(reader, num_workers, generator=gen, pin_memory=pin_memory)
 
 
 def check_data_order(checkpoint: str, position: dict[str, Any], reader: ParquetBatchReader) -> None:

@@ -395,7 +395,7 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
         model.train()
         while step < total_steps and epoch < config.train.epochs:
             reader.set_position(epoch, batches)
-            it = iter(dataloader(reader, num_workers, config.train.seed, epoch))
+            it = iter(dataloader(reader, num_workers, config.train.seed, epoch, ctx.device.type == "cuda"))
             remaining = min(epoch_steps[epoch] - batches, total_steps - step)
             while remaining > 0:
                 # a run of steps ends where evaluation needs the model to itself (the pipeline drains there)
