@@ -2,7 +2,8 @@
 process and through DataLoader workers, side by side.
 
 All read the same row groups of the same split (warm page cache; passes alternate so machine noise
-hits all of them); the figures are median rows/s. Raw pyarrow and the in-process reader run on core 0
+hits all of them); the figures are median rows/s (and the best pass of each, the least disturbed by
+other load). Raw pyarrow and the in-process reader run on core 0
 (like the training run they are compared with). With workers, the training process stays on core 0
 and its workers may use every core (they are started unpinned; the main process is pinned again
 after the first batch): that is what workers are for. The reader yields the training order as one
@@ -111,7 +112,7 @@ def main() -> None:
     ap.add_argument("--multi-hot", type=int, default=0, help="multi-hot features of the generated data set")
     ap.add_argument("--split", default="train")
     ap.add_argument("--batch-size", type=int, default=2048)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
         "--workers", type=int, nargs="*", default=[1, 2], help="also measure with these DataLoader worker counts"
     )
@@ -169,15 +170,20 @@ def main() -> None:
             f"training (DLRM, MLET k=64 d=16, batch {args.batch_size}, 1 core): {train_sps:,.0f} samples/s; "
             f"reader / training = {medians['reader'] / train_sps:.1f}x (target >= 5x)"
         )
-    figures = {f"{k}_rows_per_s": round(v) for k, v in medians.items()} | {
-        "reader_over_raw": round(medians["reader"] / raw, 3),
-        **{f"workers_{w}_over_reader": round(medians[f"workers_{w}"] / medians["reader"], 3) for w in args.workers},
-        "training_samples_per_s": train_sps,
-        "rows": meta.rows.get(args.split),
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
-        "samples": {k: [round(x) for x in v] for k, v in samples.items()},
-    }
+    best = {f"{k}_best_rows_per_s": round(max(v)) for k, v in samples.items()}  # the least disturbed pass
+    figures = (
+        {f"{k}_rows_per_s": round(v) for k, v in medians.items()}
+        | best
+        | {
+            "reader_over_raw": round(medians["reader"] / raw, 3),
+            **{f"workers_{w}_over_reader": round(medians[f"workers_{w}"] / medians["reader"], 3) for w in args.workers},
+            "training_samples_per_s": train_sps,
+            "rows": meta.rows.get(args.split),
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            "samples": {k: [round(x) for x in v] for k, v in samples.items()},
+        }
+    )
     if args.json:
         print(json.dumps(figures))
     if args.out:
