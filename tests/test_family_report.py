@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import statistics
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -293,3 +295,26 @@ def test_resplit_family_pairs_over_splits_with_delong_per_split(tmp_path: Path) 
     edges = text.split("## Learning rates chosen at the edge of the grid")[1]
     assert "| baseline | lowest in 3 of 3 (bound hit) |" in edges and "highest in 3 of 3 (bound hit) |" in edges
     assert as_splits([{"seed": 0, "config": {"data": {"path": "data/exp_ml"}}}]) == []
+
+
+def test_lr_mapping_rejects_the_4x_and_quarter_mappings_when_the_theorem_holds() -> None:
+    """The baseline's test AUC is a peaked curve of log(lr); MLET (k·σ² = 4) at η scores exactly the baseline's
+    curve at 4η (noise 0.001): the theorem's factor fits, 4x and 1/4x are rejected, and 1 is the best factor."""
+    from mlet_torchrec.experiments.lr_mapping import FACTORS, mapping_errors, mapping_section
+
+    def curve(lr: float) -> float:
+        return 0.75 - 0.02 * math.log2(lr / 1.6) ** 2
+
+    grid = [0.05 * 2**i for i in range(12)]  # 0.05 .. 102.4
+    runs = [rec(4, None, 0, lr, curve(lr), curve(lr), "tune", 0.2, "dlrm") for lr in grid]
+    rng = np.random.default_rng(0)
+    for eta in [0.1 * 2 ** (i / 2) for i in range(10)]:
+        auc = curve(4 * eta) + rng.normal(0, 0.001)
+        runs.append(rec(4, 64, 0, eta, auc, auc, "tune", 0.2, "dlrm", sigma=0.25))
+    family = FAMILY["lr_equivalence"]
+    errs = {f: mapping_errors(family, runs, f) for f in FACTORS}
+    assert max(errs[1.0].values()) < 0.01 and statistics.fmean(errs[4.0].values()) > 0.05
+    text = "\n".join(mapping_section(family, {"movielens": runs}))
+    rows = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ") and "factor" not in ln}
+    assert rows["4"].endswith("| rejected |") and rows["0.25"].endswith("| rejected |")
+    assert rows["1"].endswith("| theorem |") and "Best-fitting factor (smallest mean abs Δ test): 1." in text

@@ -51,6 +51,7 @@ from mlet_torchrec.experiments.family_tables import (
     pool,
     rank_section,
 )
+from mlet_torchrec.experiments.lr_mapping import mapping_section
 from mlet_torchrec.experiments.report import written_by
 from mlet_torchrec.experiments.split_noise import HEAD, delong_rows
 from mlet_torchrec.experiments.stats import _signed, fmt_interval
@@ -225,7 +226,8 @@ def _how(family: Family, sweeps: Sequence[FamilySweep]) -> list[str]:
         + (
             "rates on every split, on that split's validation AUC (one training seed per split). "
             if family.replicate == "split"
-            else "rates on seed 0, on validation AUC; seeds 1-4 then run once at each method's choice. "
+            else "rates on every seed, each seed choosing on its own validation AUC (runs made under the earlier "
+            "rule hold seeds 1-4 at seed 0's choice only; each data set above counts the replicated choices). "
         )
         + "Reported numbers are test AUC. Runs with equal configs are one run: the families share a store per "
         "(setup, data set), so a cell may come from another family's sweep. The data:",
@@ -280,7 +282,7 @@ def _family_md(
         L += [f"![{family.name}](plots/{family.name}.png)", ""]
     if family.name == "lr_equivalence":
         L += ["The per-cell comparison of these runs (σ as columns) is [family (b)](sigma.md).", ""]
-        L += lr_section(family, recs)
+        L += lr_section(family, recs) + mapping_section(family, recs)
     else:
         L += [MARK_RULE, "", SELECTION[family.replicate], ""]
         for ds, rs in recs.items():

@@ -247,8 +247,9 @@ class LrPoint:
         return None if self.base_test is None else self.mlet_test - self.base_test
 
 
-def lr_points(records: Records) -> list[LrPoint]:
-    """Every finished seed-0 MLET run with its rescaled-lr baseline (same model, epochs, d and dense lr)."""
+def lr_points(records: Records, factor: float = 1.0) -> list[LrPoint]:
+    """Every finished seed-0 MLET run with its rescaled-lr baseline (same model, epochs, d and dense lr) at
+    ``factor``·k·σ²·η (1: Theorem 1's mapping; others: wrong mappings, to show the comparison can reject them)."""
     runs = [r for r in finished(records) if int(r["seed"]) == 0]
     grid: dict[tuple[MethodKey, float], list[tuple[float, float, float]]] = defaultdict(list)
     for r in runs:
@@ -263,7 +264,7 @@ def lr_points(records: Records) -> list[LrPoint]:
             continue
         eta, dense = float(r["sparse_lr"]), float(r["dense_lr"])
         pts = grid.get((m.baseline(), dense), [])
-        target = m.k * m.sigma**2 * eta
+        target = factor * m.k * m.sigma**2 * eta
         bv = interp_log([(lr, v) for lr, v, _ in pts], target)
         bt = interp_log([(lr, t) for lr, _, t in pts], target)
         out.append(LrPoint(m, dense, eta, float(r["valid"]["auc"]), float(r["test"]["auc"]), bv, bt))
