@@ -440,14 +440,24 @@ def write_ref(directory: Path | str, transform_path: Path | str, identity: str) 
     atomic_write_text(Path(directory) / REF_FILE, json.dumps(ref, indent=1) + "\n")
 
 
+def _parse_ref(path: Path) -> tuple[str, Path]:
+    try:
+        ref = json.loads(path.read_text())
+        return str(ref["identity"]), Path(str(ref["path"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a transform pointer ({e})") from None
+
+
+def ref_identity(directory: Path | str) -> str | None:
+    """The identity a run's pointer records (None: the run has none), whether or not its data set is still there."""
+    path = Path(directory) / REF_FILE
+    return _parse_ref(path)[0] if path.is_file() else None
+
+
 def read_ref(directory: Path | str) -> tuple[str, Path]:
     """``(identity, transform dir)`` of a run's pointer."""
     path = Path(directory) / REF_FILE
-    try:
-        ref = json.loads(path.read_text())
-        identity, target = str(ref["identity"]), Path(str(ref["path"]))
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: not a transform pointer ({e})") from None
+    identity, target = _parse_ref(path)
     if (target / TRANSFORM_DIR / MANIFEST_FILE).is_file():
         target = target / TRANSFORM_DIR
     if not (target / MANIFEST_FILE).is_file():
@@ -470,5 +480,6 @@ __all__ = [
     "carry_transform",
     "dataset_identity",
     "read_ref",
+    "ref_identity",
     "write_ref",
 ]

@@ -233,6 +233,13 @@ class RunConfig(_Strict):
     plan: str | None = None
     """A sharding plan written by ``mlet plan`` (PLAN.json) to use instead of planning again; refused if it was
     made for another world size, device or config."""
+    init_from: str | None = None
+    """A warm start: a run directory (its newest checkpoint) or checkpoint whose model and optimizer state this
+    run starts from when ``dir`` has no checkpoint of its own, e.g. to train on a new day's data set converted
+    with ``--features-from`` that run. The step count (and so the learning-rate schedule, a function of the step)
+    continues from the checkpoint's; the data set is read from its start; ``train.max_steps`` counts this run's
+    steps. Refused when the model, embeddings or optimizers differ, or the data set's features or feature
+    transform are not the checkpoint's."""
 
 
 class ExperimentConfig(_Strict):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from data_pipes.schema import METADATA_FILE, DatasetMeta
-from data_pipes.transform import REF_FILE, dataset_identity, read_ref
+from data_pipes.transform import dataset_identity, ref_identity
 from mlet_torchrec.config import ExperimentConfig, load_config
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import eval_device, evaluate_split
@@ -85,8 +85,7 @@ def resolve_scorer(path: Path | str, precision: str | None = None) -> Scorer:
     if art.kind == "collapsed":
         identity = art.info.get("transform_identity")
     else:
-        run = next((p for p in (path, art.path.parent.parent) if (p / REF_FILE).is_file()), None)
-        identity = read_ref(run)[0] if run is not None else None
+        identity = ref_identity(path) or ref_identity(art.path.parent.parent)
     kind = "collapsed" if art.kind == "collapsed" else "run"
     return Scorer(path, kind, "fp32", art.config, list(meta.dense), sparse, identity)
 

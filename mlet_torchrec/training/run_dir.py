@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import torch.distributed as dist
 
-from data_pipes.transform import REF_FILE, dataset_identity, write_ref
+from data_pipes.transform import dataset_identity, ref_identity, write_ref
 from mlet_torchrec.config import ConfigError, ExperimentConfig
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.io import OutputError, claim_directory, remove_output
@@ -90,13 +90,12 @@ def record_transform(run_dir: Path, data: Path | str, resuming: bool) -> None:
     identity = dataset_identity(data)
     if identity is None:
         return
-    if resuming and (run_dir / REF_FILE).is_file():
-        before = json.loads((run_dir / REF_FILE).read_text()).get("identity")
-        if before != identity:
-            raise ConfigError(
-                f"data.path {data}: its feature transform ({identity[:12]}) is not the one {run_dir} was trained "
-                f"with ({str(before)[:12]}); convert the new data with --features-from {run_dir}"
-            )
+    before = ref_identity(run_dir) if resuming else None
+    if before is not None and before != identity:
+        raise ConfigError(
+            f"data.path {data}: its feature transform ({identity[:12]}) is not the one {run_dir} was trained "
+            f"with ({before[:12]}); convert the new data with --features-from {run_dir}"
+        )
     write_ref(run_dir, data, identity)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -26,7 +27,9 @@ from torchrec.datasets.utils import Batch
 from data_pipes.order import reads_fraction
 from data_pipes.reader import ParquetBatchReader, make_dataloader
 from data_pipes.schema import DatasetMeta
-from mlet_torchrec.config import ConfigError, ExperimentConfig
+from data_pipes.transform import dataset_identity, ref_identity
+from mlet_torchrec.config import ConfigError, ExperimentConfig, load_config
+from mlet_torchrec.training.checkpoint import load_training_state, read_checkpoint_info, resolve_checkpoint
 
 log = logging.getLogger("mlet.train")
 
@@ -243,6 +246,75 @@ def check_resumable(
             + "\n  ".join(diffs)
             + "\nuse another run.dir, or set run.resume=false to start over (deletes its checkpoints)"
         )
+
+
+def _model_shape_keys(config: ExperimentConfig) -> dict[str, Any]:
+    """What a warm start must keep: the model, the embeddings (not their placement) and the optimizers' kinds."""
+    flat = _flatten(config.model_dump(mode="json"))
+    kept = ("model.", "embedding.", "sparse_optimizer.name", "dense_optimizer.name")
+    return {k: v for k, v in flat.items() if k.startswith(kept) and not (_may_change(k) or k.endswith(".sharding"))}
+
+
+def check_warm_start(
+    checkpoint: str,
+    saved: ExperimentConfig,
+    current: ExperimentConfig,
+    info: dict[str, Any],
+    meta: DatasetMeta,
+    identities: tuple[str | None, str | None],
+) -> None:
+    """Raise ``ConfigError`` (one message) when a warm start from ``checkpoint`` cannot load its state into this
+    run: another model, embeddings or optimizer kind, other features or cardinalities, or (``identities`` =
+    the checkpoint's and this data set's feature transforms, when both are known) another transform."""
+    old, new = _model_shape_keys(saved), _model_shape_keys(current)
+    diffs = [
+        f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+    shape = info.get("data_shape")
+    now = data_shape(meta)
+    if shape is not None and {k: shape[k] for k in ("dense", "sparse")} != {k: now[k] for k in ("dense", "sparse")}:
+        diffs.append(f"data set {current.data.path}: its features or cardinalities are not the checkpoint's")
+    theirs, ours = identities
+    if theirs and ours and theirs != ours:
+        diffs.append(
+            f"data set {current.data.path}: its feature transform ({ours[:12]}) is not the one the checkpoint was "
+            f"trained with ({theirs[:12]}); convert the raw data with --features-from {saved.run.dir}"
+        )
+    if diffs:
+        raise ConfigError(f"run.init_from {checkpoint} cannot start this run: " + "; ".join(diffs))
+
+
+def warm_start_source(config: ExperimentConfig, meta: DatasetMeta) -> tuple[Path, dict[str, Any]]:
+    """``run.init_from``'s checkpoint and its ``checkpoint.json``, once :func:`check_warm_start` accepts them."""
+    assert config.run.init_from is not None
+    checkpoint = resolve_checkpoint(config.run.init_from)
+    info = read_checkpoint_info(checkpoint)
+    saved = load_config(checkpoint / "config.yaml")
+    identities = (ref_identity(checkpoint.parent.parent), dataset_identity(config.data.path))
+    check_warm_start(str(checkpoint), saved, config, info, meta, identities)
+    return checkpoint, info
+
+
+def load_warm_start(
+    checkpoint: Path,
+    info: dict[str, Any],
+    plan: dict[str, Any],
+    model: Any,
+    optimizer: Any,
+    config: ExperimentConfig,
+    rank: int,
+) -> int:
+    """Collective: the checkpoint's model and optimizer state into this job's (resharded); returns its step."""
+    check_optimizer_layout(str(checkpoint), info.get("plan", {}), plan, config.sparse_optimizer.name)
+    init_optimizer_state(optimizer)
+    load_training_state(checkpoint, model, optimizer)
+    step = int(info["step"])
+    reseed(config.train.seed, step, rank)
+    if rank == 0:
+        log.info("warm start from %s (step %d); reading %s from its start", checkpoint, step, config.data.path)
+    return step
 
 
 def _column_splits(table_plan: dict[str, Any]) -> int:

@@ -91,11 +91,13 @@ from mlet_torchrec.training.state import (
     data_shape,
     dataloader,
     init_optimizer_state,
+    load_warm_start,
     log_data_order,
     normalize_position,
     reseed,
     rng_state,
     set_rng_state,
+    warm_start_source,
 )
 
 log = logging.getLogger("mlet.train")
@@ -157,9 +159,12 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
     _check_config_against_data(config, meta, ctx)
     resume_from = prepare_run_dir(config, run_dir, ctx)
     resume_info: dict[str, Any] = {}
+    warm_from = None  # run.init_from's checkpoint, when this run starts from another one's state
     if resume_from is not None:
         resume_info = read_checkpoint_info(resume_from)
         check_resumable(str(resume_from), _saved_config(resume_from), config, resume_info, meta)
+    elif config.run.init_from is not None:
+        warm_from, resume_info = warm_start_source(config, meta)
     if ctx.is_main:
         config.save(run_dir / "config.yaml")
     dist.barrier()
@@ -208,7 +213,9 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
 
     start_step, train_seconds = 0, 0.0
     position = (0, 0)
-    if resume_from is None:
+    if warm_from is not None:  # another run's model and optimizer state, this data set from its start
+        start_step = load_warm_start(warm_from, resume_info, plan, model, optimizer, config, ctx.rank)
+    elif resume_from is None:
         init_tables(model, config.train.seed, config.embedding.init, config.embedding.init_std)
     else:
         check_optimizer_layout(str(resume_from), resume_info.get("plan", {}), plan, config.sparse_optimizer.name)
@@ -265,6 +272,8 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
     total_steps = sum(epoch_steps)
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
+    steps_before = start_step if warm_from is not None else 0  # a warm start's steps come after its source's
+    total_steps += steps_before
     if start_step > total_steps:
         log.warning(
             "checkpoint %s is at step %d, past this run's %d steps: not training", resume_from, start_step, total_steps
@@ -411,7 +420,7 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
                         train_seconds += time.perf_counter() - t0
                         if bad_step is not None:
                             raise diverged(loss_all, bad_step, step, epoch)
-                        sps = step * config.train.batch_size / max(train_seconds, 1e-9)
+                        sps = (step - steps_before) * config.train.batch_size / max(train_seconds, 1e-9)
                         lrs = scheduled.lrs()
                         record = {
                             "loss": loss_all / max(rows_all, 1.0),
@@ -454,7 +463,7 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
         for name, m in (("valid", valid_metrics), ("test", test_metrics)):
             if m is not None:
                 runlog.record(step, name, m.as_dict())
-        sps = step * config.train.batch_size / max(train_seconds, 1e-9)
+        sps = (step - steps_before) * config.train.batch_size / max(train_seconds, 1e-9)
         if resume_from is not None and step == start_step:
             checkpoint = resume_from  # nothing trained since: that checkpoint is the final state
         else:

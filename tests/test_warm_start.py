@@ -1,0 +1,62 @@
+"""Incremental training: ``run.init_from`` starts a run from another run's model and optimizer state (bit for bit),
+reads its own data set from the start and continues the step count and learning-rate schedule."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from test_transform import _criteo_raw
+
+from data_pipes.convert import convert_criteo
+from mlet_torchrec.config import ConfigError, load_config
+from mlet_torchrec.serving.artifact import load_artifact
+from mlet_torchrec.training.train import train
+
+
+def _config(data: Path, run: Path, *more: str):
+    base = [
+        f"data.path={data}",
+        f"run.dir={run}",
+        "data.shuffle=false",  # every epoch reads the rows in one order: epoch 1 of a run == epoch 0 of a warm start
+        "sparse_optimizer.name=adagrad",  # state that moves the weights: loaded or not shows in them
+        "dense_optimizer.name=adam",
+        "train.lr_decay=linear",
+        "train.log_every=1000",
+    ]
+    return load_config("tiny", [*base, *more])
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_artifact(run).materialize().state_dict()
+
+
+@pytest.mark.slow
+def test_warm_start_continues_bit_for_bit_and_refuses_other_transforms(tmp_path):
+    _criteo_raw(tmp_path / "day0.tsv", 700, random.Random(5))
+    data = tmp_path / "day0"
+    convert_criteo(tmp_path / "day0.tsv", data, min_count=1, progress=False)
+    first = train(_config(data, tmp_path / "a", "train.epochs=1"))
+    n = first.steps
+    assert n > 3
+
+    # a new run started from the first one's state, one epoch of the data from its start ...
+    warm = train(_config(data, tmp_path / "b", "train.epochs=1", f"run.init_from={tmp_path / 'a'}"))
+    # ... trains exactly what the first run does in its second epoch, resumed in place
+    resumed = train(_config(data, tmp_path / "a", "train.epochs=2"))
+    assert warm.steps == resumed.steps == 2 * n and warm.start_step == n
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # tomorrow's rows, converted with the first run's transform: accepted; a fresh conversion: refused
+    _criteo_raw(tmp_path / "day1.tsv", 300, random.Random(6))
+    convert_criteo(tmp_path / "day1.tsv", tmp_path / "day1", features_from=data, split_name="train", progress=False)
+    more = train(_config(tmp_path / "day1", tmp_path / "c", "train.max_steps=2", f"run.init_from={tmp_path / 'a'}"))
+    assert more.steps == 2 * n + 2
+    convert_criteo(tmp_path / "day1.tsv", tmp_path / "fresh", min_count=1, progress=False)
+    with pytest.raises(ConfigError, match="its feature transform .* is not the one the checkpoint was trained with"):
+        train(_config(tmp_path / "fresh", tmp_path / "d", f"run.init_from={tmp_path / 'a'}"))
+    with pytest.raises(ConfigError, match=r"embedding.k: 16 in the checkpoint, 32 now"):
+        train(_config(data, tmp_path / "e", "embedding.k=32", f"run.init_from={tmp_path / 'a'}"))
