@@ -194,6 +194,7 @@ def evaluate(
     checkpoint: str,
     split: str = "test",
     auc: str = "histogram",
+    json: bool = False,
     j: str = "1x1",
     image: str = DEFAULT_IMAGE,
     name: str = "mlet-evaluate",
@@ -206,12 +207,13 @@ def evaluate(
     max_retries: int = 0,
 ) -> specs.AppDef:
     """Evaluate: ``mlet evaluate --input CHECKPOINT --split SPLIT --auc AUC`` on every process of the job (each
-    scores its slice); rank 0 logs the metrics as JSON.
+    scores its slice); rank 0 logs what it scored and the metrics.
 
     Args:
         checkpoint: a training run directory or checkpoint, or a ``collapse`` output directory
         split: data split to evaluate
         auc: ``histogram`` (bounded memory, error bound reported) or ``exact`` (scores streamed to rank 0)
+        json: rank 0 logs every metric as JSON instead of a two-line summary
         j: ``{nnodes}x{nproc_per_node}``, as for ``train``; with GPUs, nproc_per_node must not exceed ``gpu``
         image: container image (local_docker, kubernetes)
         name: job name, ``{experiment}/{run}`` or ``{run}``
@@ -232,6 +234,7 @@ def evaluate(
         split,
         "--auc",
         auc,
+        *(["--json"] if json else []),
         m=MODULE,
         image=image,
         name=name,

@@ -207,6 +207,7 @@ class TrainConfig(_Strict):
     """Read the loss (and the NaN check) from the device every N steps: the loop never waits on it in between."""
     seed: int = 0
     progress: bool = True
+    """A progress bar on rank 0's stderr, shown only when that is a terminal."""
     pipeline: Literal["auto", "sparse_dist", "base", "none"] = "auto"
     """The step driver: TorchRec's TrainPipelineSparseDist ('sparse_dist': batch i+1's input distribution
     overlaps batch i's compute; 'auto' picks it), TrainPipelineBase ('base'), or a plain loop ('none')."""

@@ -55,12 +55,20 @@ def test_cli_train_collapse_evaluate(tiny_data, tmp_path):
         "--output",
         str(run),
         "train.epochs=3",
+        "train.progress=true",  # the default of every other config: a bar on a terminal only, not here
         "--nproc-per-node",
         "2",
     )
     assert "deprecated and goes in the next release" not in trained.stderr  # the current flag vocabulary
-    # log lines say when, which rank and what level
+    # log lines say when, which rank and what level; at the default level nothing warns and no bar is drawn
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} rank0 INFO mlet\.", trained.stderr, re.MULTILINE)
+    assert "WARNING" not in trained.stderr and "Warning" not in trained.stderr, trained.stderr
+    assert "step/s" not in trained.stderr and len(trained.stderr.splitlines()) <= 4, trained.stderr  # split, 3 epochs
+    # a short summary for a person; every figure in metrics.json (and on stdout with --json)
+    summary = trained.stdout.splitlines()
+    assert 3 <= len(summary) <= 10 and summary[0].startswith("trained ") and "{" not in trained.stdout, summary
+    assert any(line.split()[:2] == ["test:", "AUC"] for line in summary), summary
+    assert summary[-1].startswith(f"every figure: {run / 'metrics.json'}"), summary
     for name in ("config.yaml", "plan.json", "metrics.jsonl", "metrics.json", "checkpoints/LATEST"):
         assert (run / name).exists(), name
     assert list((run / "tensorboard").iterdir())
@@ -78,8 +86,12 @@ def test_cli_train_collapse_evaluate(tiny_data, tmp_path):
         16
     }
 
-    factored = json.loads(_mlet("evaluate", "--input", str(run)).stdout)
-    collapsed = json.loads(_mlet("evaluate", "--input", str(tmp_path / "collapsed")).stdout)
+    scored = _mlet("evaluate", "--input", str(run)).stdout.splitlines()  # names the model, split and data set
+    assert len(scored) == 2 and scored[0].endswith(
+        f"on the test split of {tiny_data} ({metrics['test']['rows']:,} rows):"
+    )
+    factored = json.loads(_mlet("evaluate", "--input", str(run), "--json").stdout)
+    collapsed = json.loads(_mlet("evaluate", "--input", str(tmp_path / "collapsed"), "--json").stdout)
     assert abs(factored["auc"] - metrics["test"]["auc"]) < 1e-6
     assert abs(factored["auc"] - collapsed["auc"]) < 1e-5 and abs(factored["logloss"] - collapsed["logloss"]) < 1e-5
 

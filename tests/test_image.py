@@ -216,7 +216,7 @@ def test_tiny_pipeline_auc_equals_the_hosts(engine, mounts, tiny_data, tmp_path)
         ["collapse", flag, "runs/tiny", "--output", "runs/tiny-collapsed"],
     ):
         _run(engine, *argv, mounts=mounts)
-    image = _metrics(_run(engine, "evaluate", flag, "runs/tiny-collapsed", mounts=mounts).stdout)
+    image = _metrics(_run(engine, "evaluate", flag, "runs/tiny-collapsed", "--json", mounts=mounts).stdout)
     in_image_s = time.monotonic() - start
     assert (mounts["runs"] / "tiny-collapsed" / "manifest.json").is_file()
 
@@ -228,7 +228,7 @@ def test_tiny_pipeline_auc_equals_the_hosts(engine, mounts, tiny_data, tmp_path)
         ["collapse", flag, str(tmp_path / "tiny"), "--output", str(tmp_path / "collapsed")],
     ):
         _host(mlet, *argv)
-    host = _metrics(_host(mlet, "evaluate", flag, str(tmp_path / "collapsed")).stdout)
+    host = _metrics(_host(mlet, "evaluate", flag, str(tmp_path / "collapsed"), "--json").stdout)
     print(
         f"\nAUC in the image {image['auc']!r}, on the host {host['auc']!r}; LogLoss {image['logloss']!r} vs "
         f"{host['logloss']!r} (image train+collapse+evaluate {in_image_s:.0f} s)"

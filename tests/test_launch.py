@@ -413,6 +413,6 @@ def test_local_cwd_two_process_train_collapse_evaluate(tmp_path):
     assert "max |p_collapsed - p_factored|" in out.stdout + out.stderr
     assert (collapsed / "manifest.json").is_file()
 
-    out = _torchx(*local, f"{COMPONENTS}:evaluate", "--checkpoint", str(collapsed), timeout=600)
+    out = _torchx(*local, f"{COMPONENTS}:evaluate", "--checkpoint", str(collapsed), "--json", timeout=600)
     result = _log_json(out.stdout + out.stderr, "evaluate/0")
     assert abs(result["auc"] - metrics["test"]["auc"]) < 1e-5

@@ -48,7 +48,7 @@ def test_train_on_4_ranks_collapse_on_4_evaluate_on_2(synth_dataset, tmp_path):
     assert trained["world_size"] == 4 and trained["steps"] == 12
     _mlet("collapse", "--input", str(run), "--output", str(collapsed), "--nproc-per-node", "4")
     metrics = json.loads(
-        _mlet("evaluate", "--input", str(collapsed), "--split", "test", "--nproc-per-node", "2").stdout
+        _mlet("evaluate", "--input", str(collapsed), "--split", "test", "--nproc-per-node", "2", "--json").stdout
     )
     assert metrics["auc"] == pytest.approx(trained["test"]["auc"], abs=1e-4)
     assert metrics["logloss"] == pytest.approx(trained["test"]["logloss"], abs=1e-4)

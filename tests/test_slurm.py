@@ -222,7 +222,7 @@ def local_evaluated(local_run):
     """`mlet collapse` and `mlet evaluate` of the local run: the metrics of its collapsed model."""
     collapsed = local_run["dir"] / "collapsed"
     _mlet("collapse", "--input", str(local_run["dir"]), "--output", str(collapsed))
-    return _json_in(_mlet("evaluate", "--input", str(collapsed)).stdout)
+    return _json_in(_mlet("evaluate", "--input", str(collapsed), "--json").stdout)
 
 
 # ---------------------------------------------------------------- train, collapse, evaluate on two nodes

@@ -33,5 +33,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         sub, "advise", summary, "mlet advise --input runs/sweep.jsonl", "mlet advise --input runs/sweep.jsonl --json"
     )
     flags.add_input(p, "results store of `mlet sweep` (JSON lines), or a directory holding results.jsonl")
-    p.add_argument("--json", action="store_true", help="print cells, pooled estimate and verdict as JSON")
+    flags.add_json(p, "print cells, pooled estimate and verdict as JSON")
     p.set_defaults(func=_cmd_advise)

@@ -39,10 +39,11 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, name: Callable[
         return EXIT_USER_ERROR
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    """Print a command's result as JSON, once: on rank 0 (every rank of a job computes the same)."""
+def print_summary(summary: dict[str, Any], lines: list[str], as_json: bool) -> None:
+    """Print a command's result once, on rank 0 (every rank of a job computes the same): ``lines`` for a
+    person, or the whole ``summary`` as JSON (``--json``)."""
     if os.environ.get("RANK", "0") == "0":
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps(summary, indent=2, default=str) if as_json else "\n".join(lines))
 
 
 def on_ranks(args: argparse.Namespace, call: Callable[[], T], fresh_dir: Path | str | None = None) -> T:

@@ -1,7 +1,8 @@
 """``mlet evaluate --input RUN|COLLAPSED|EXPORT [--data DATASET] [--split test] [--nproc-per-node N] [--auc ...]``.
 
 Metrics of a training checkpoint, a collapsed model or an export (``--precision int8|fp32``) on one split of its
-own data set or of ``--data`` (same features), printed as JSON by rank 0.
+own data set or of ``--data`` (same features): rank 0 prints what it scored and the headline metrics
+(``--json``: every metric).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from mlet_torchrec.cli import flags
 from mlet_torchrec.cli.entry import on_ranks, print_summary
 from mlet_torchrec.cli.flags import existing
+from mlet_torchrec.cli.summaries import evaluate_lines
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -21,7 +23,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mlet_torchrec.serving.scoring import evaluate_path
 
     call = partial(evaluate_path, source, args.split, args.auc, data=data, precision=args.precision)
-    print_summary(on_ranks(args, call))
+    metrics = on_ranks(args, call)
+    print_summary(metrics, evaluate_lines(metrics), args.json)
     return 0
 
 
@@ -40,13 +43,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="data set to evaluate on (default: the model's own); same features (convert with --features-from)",
     )
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split of the data set to score (default test)")
     p.add_argument(
         "--precision",
         choices=["int8", "fp32"],
         default=None,
         help="an export's INT8 model (default) or its FP32 one; runs and collapse outputs are FP32",
     )
+    flags.add_json(p)
     flags.add_nproc(p, 1, "local processes, each scoring its slice of the split (ignored under torchrun/TorchX)")
     p.add_argument(
         "--auc",

@@ -134,6 +134,12 @@ def add_nproc(p: argparse.ArgumentParser, default: int, help: str) -> None:
     p.add_argument("--nproc-per-node", type=positive_int, default=default, help=f"{help} (default {default})")
 
 
+def add_json(
+    p: argparse.ArgumentParser, help: str = "print the whole result as JSON instead of a short summary"
+) -> None:
+    p.add_argument("--json", action="store_true", help=help)
+
+
 def add_seed(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--seed", type=int, default=None, help=help)
 

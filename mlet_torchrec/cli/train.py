@@ -1,7 +1,7 @@
 """``mlet train --config FILE_OR_NAME [key.sub=value ...] [--nproc-per-node N] [--seed S] [--plan PLAN.json]``.
 
 One process, or N local ones with ``--nproc-per-node``; under torchrun/TorchX every replica runs this same
-command and trains as one rank. Prints rank 0's result summary as JSON.
+command and trains as one rank. Rank 0 prints a short summary (``--json``: all of it, as in RUN_DIR/metrics.json).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from functools import partial
 
 from mlet_torchrec.cli import flags
 from mlet_torchrec.cli.entry import on_ranks, print_summary
+from mlet_torchrec.cli.summaries import train_lines
 from mlet_torchrec.config import load_config
 
 
@@ -34,7 +35,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mlet_torchrec.training.launcher import train_summary
 
     config = load_config(args.config, _overrides(args))
-    print_summary(on_ranks(args, partial(train_summary, config.model_dump(mode="json")), fresh_dir=config.run.dir))
+    summary = on_ranks(args, partial(train_summary, config.model_dump(mode="json")), fresh_dir=config.run.dir)
+    print_summary(summary, train_lines(summary), args.json)
     return 0
 
 
@@ -51,6 +53,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     flags.add_output(p, "run directory: checkpoints, config.yaml, metrics (short for run.dir=...)", required=False)
     flags.add_seed(p, "seed of initialisation and data order (short for train.seed=...)")
     flags.add_nproc(p, 1, "local processes (ignored under torchrun/TorchX)")
+    flags.add_json(p, "print the whole summary as JSON (it is always in RUN_DIR/metrics.json)")
     p.add_argument("--max-restarts", type=flags.nonnegative_int, default=0, help="restarts of the local job on failure")
     p.add_argument(
         "--plan",

@@ -147,7 +147,8 @@ def evaluate_path(
         model = scorer_model(scorer, ctx.world_size, eval_device())
         batch = scorer.config.train.eval_batch_size
         metrics = evaluate_split(model, data, split, batch, meta, max_rows, ctx.rank, ctx.world_size, auc)
-    return {"split": split, **metrics.as_dict()}
+    model_path = str(scorer.model_file or scorer.path)
+    return {"model": model_path, "kind": scorer.kind, "data": data, "split": split, **metrics.as_dict()}
 
 
 __all__ = ["PRECISIONS", "Scorer", "check_data", "evaluate_path", "resolve_scorer", "scorer_model"]

@@ -4,7 +4,8 @@
 mlet's marker, or reused if it carries it; refused with one line if it is the data, the working
 directory, home or root, or holds files mlet did not write), clears interrupted checkpoint writes and
 picks the checkpoint to resume from; ``run.resume=false`` deletes only the checkpoints mlet marked.
-``RunLog`` writes ``metrics.jsonl`` and the TensorBoard scalars.
+``RunLog`` writes ``metrics.jsonl`` and the TensorBoard scalars; rank 0 writes the run's whole summary to
+:data:`METRICS_FILE` when it ends.
 
     >>> run = RunLog(Path(tempfile.mkdtemp()), enabled=True, start_step=0)   # doctest: +SKIP
     >>> run.record(10, "train", {"loss": 0.5}); run.close()                  # doctest: +SKIP
@@ -38,6 +39,9 @@ if TYPE_CHECKING:  # imported where used: TensorBoard is slow to import
     from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger("mlet.train")
+
+METRICS_FILE = "metrics.json"
+"""The run's summary (steps, speed, valid/test metrics, table bytes, world size), written once at the end."""
 
 
 def _broadcast(value: Any) -> Any:

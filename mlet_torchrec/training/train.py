@@ -83,7 +83,7 @@ from mlet_torchrec.training.guardrails import (
 from mlet_torchrec.training.loop import LogitsView, LossWindow, StepDriver, TrainStep
 from mlet_torchrec.training.optim import ScheduledOptimizer
 from mlet_torchrec.training.results import StepEvent, StepHook, TrainResult, table_bytes
-from mlet_torchrec.training.run_dir import RunLog, discard_fresh_run_dir, prepare_run_dir
+from mlet_torchrec.training.run_dir import METRICS_FILE, RunLog, discard_fresh_run_dir, prepare_run_dir
 from mlet_torchrec.training.state import (
     check_data_order,
     check_optimizer_layout,
@@ -323,7 +323,7 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
     )
     driver = StepDriver(config.train.pipeline, model, scheduled, ctx.device)
     if ctx.is_main:
-        log.info("training steps driven by %s (train.pipeline=%s)", driver.name, config.train.pipeline)
+        log.debug("training steps driven by %s (train.pipeline=%s)", driver.name, config.train.pipeline)
     # background checkpoint writes get their own group: their collectives must not interleave with training's
     async_group = dist.new_group(backend="gloo") if config.train.async_checkpoint else None
     pending: PendingCheckpoint | None = None
@@ -392,7 +392,7 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
         initial=min(start_step, total_steps),
         desc="train",
         unit="step",
-        disable=not (ctx.is_main and config.train.progress),
+        disable=None if ctx.is_main and config.train.progress else True,  # None: only on a terminal
         dynamic_ncols=True,
     )
     step = start_step
@@ -487,8 +487,7 @@ def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext
     )
     if ctx.is_main:
         summary = {**result.summary(), **table_bytes(meta, config), "world_size": ctx.world_size}
-        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-        log.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "samples_per_second")}))
+        (run_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2))
     return result
 
 
