@@ -33,16 +33,17 @@ def _cmd_collapse(args: argparse.Namespace) -> int:
     report = on_ranks(args, partial(collapse, source, output, **kwargs))
     if os.environ.get("RANK", "0") != "0":
         return 0
+    copied = f" and {report.copied_tables} first-order tables copied" if report.copied_tables else ""
     print(
-        f"collapsed {len(report.tables)} tables into {report.output} "
-        f"({report.serving_table_bytes / 2**20:.1f} MiB at serving); "
-        + (
-            f"max |p_collapsed - p_factored| = {report.max_abs_diff:.2e} on {report.rows_checked} {split} rows "
-            f"(tolerance {report.tolerance:g}); collapsed AUC {report.collapsed_metrics['auc']:.4f} "
-            f"LogLoss {report.collapsed_metrics['logloss']:.4f}"
-            if split
-            else "prediction check skipped"
-        )
+        f"collapsed {len(report.tables)} embedding tables (W = W1 @ W2){copied} into {report.output} "
+        f"({report.serving_table_bytes / 2**20:.1f} MiB of embedding tables at serving)"
+    )
+    print(
+        f"  check on {report.rows_checked:,} {split} rows: max |p_collapsed - p_factored| = {report.max_abs_diff:.2e} "
+        f"(tolerance {report.tolerance:g}); AUC {report.collapsed_metrics['auc']:.4f} "
+        f"LogLoss {report.collapsed_metrics['logloss']:.4f}"
+        if split
+        else "  prediction check skipped (--check-split none)"
     )
     return 0
 
