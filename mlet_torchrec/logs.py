@@ -104,6 +104,23 @@ KNOWN_LOG_MESSAGES: tuple[tuple[str, str, str], ...] = (
 """Library log records (logger, message start) that are understood and harmless here."""
 
 
+def human_bytes(n: float) -> str:
+    """A size in the largest binary unit that keeps it >= 1, about three digits: how every message shows one.
+
+    >>> human_bytes(0), human_bytes(900), human_bytes(31_000), human_bytes(5 * 2**30), human_bytes(3.2e13)
+    ('0 B', '900 B', '30.3 KiB', '5.00 GiB', '29.1 TiB')
+    """
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024:
+            break
+        value, unit = value / 1024, bigger
+    if unit == "B":
+        return f"{value:.0f} B"
+    decimals = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+    return f"{value:.{decimals}f} {unit}"
+
+
 class _KnownMessages(logging.Filter):
     def __init__(self, prefixes: tuple[str, ...]) -> None:
         super().__init__()

@@ -10,7 +10,7 @@ from mlet_torchrec.cli.main import main
 from mlet_torchrec.config import load_config
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.io import OutputError
-from mlet_torchrec.training.planning import Cluster, PlanError, load_plan, make_plan, write_plan
+from mlet_torchrec.training.planning import Cluster, PlanError, load_plan, make_plan, rank_ids, write_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITEO_1TB = ROOT / "configs" / "shapes" / "criteo_1tb"
@@ -38,7 +38,18 @@ def test_criteo_1tb_mlet_fits_32_gpus_of_80gb(tmp_path, capsys):
     assert plan["memory"]["training_factor"] == pytest.approx(4.0)
     assert len(plan["serving"]["tables"]) == 26
     printed = capsys.readouterr().out
-    assert "MLET memory factor 4.00x" in printed and "host 3 (ranks 24-31)" in printed
+    assert "MLET memory factor 4.00x" in printed
+    # one aligned row per table (rank ids, adaptive units), then one per rank with its host
+    lines = printed.splitlines()
+    start = lines.index("training model:") + 1
+    table = lines[start : start + 2 + len(tables)]
+    assert table[0].split() == ["table", "sharding", "kernel", "ranks", "HBM", "DDR"]
+    assert len({len(line.rstrip()) for line in table[1:]}) <= 2  # the rule line and rows end in the same column
+    row = next(line.split() for line in table if line.split()[0] == "t_C1")
+    assert row[3] == rank_ids(tables["t_C1"]["ranks"]) and row[4:6] != ["0.00", "0.00"] and row[5] == "GiB"
+    assert ["31", "3"] == next(
+        line.split()[:2] for line in lines[start + 2 + len(tables) :] if line.split()[:1] == ["31"]
+    )
 
 
 def test_criteo_1tb_on_2_gpus_of_1gb_exits_2_with_one_line(tmp_path, capsys):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tabulate import tabulate
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
@@ -44,6 +45,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from data_pipes.schema import DatasetMeta, table_name
 from mlet_torchrec.config import ExperimentConfig
 from mlet_torchrec.errors import UserError
+from mlet_torchrec.logs import human_bytes
 from mlet_torchrec.models import build_model
 from mlet_torchrec.training.distributed import (
     MLETEmbeddingBagCollectionSharder,
@@ -376,8 +378,10 @@ def load_plan(
 
 
 def format_plan(plan: dict[str, Any]) -> str:
-    """The plan as a short text report: tables, ranks, memory factor."""
+    """The plan as a short text report: per table its sharding, kernel, rank ids and memory; per rank its
+    memory; the MLET memory factor. Sizes in adaptive units, columns aligned by ``tabulate``."""
     c, m = plan["cluster"], plan["memory"]
+    tiers = (("HBM", "hbm_bytes"), ("DDR", "ddr_bytes")) if c["device"] == "cuda" else (("DDR", "ddr_bytes"),)
     lines = [
         f"plan for {c['world_size']} ranks ({c['local_world_size']} per host) on {c['device']}, "
         + (f"{c['hbm_gb']:g} GiB HBM + " if c["device"] == "cuda" else "")
@@ -388,24 +392,41 @@ def format_plan(plan: dict[str, Any]) -> str:
         if "error" in p:
             lines.append(f"{part}: no plan ({p['error'][:200]})")
             continue
-        lines.append(f"{part} model: table, sharding, kernel, ranks, HBM GiB, DDR GiB")
-        for t in p["tables"]:
-            lines.append(
-                f"  {t['table']:<12} {t['sharding_type']:<15} {t['compute_kernel']:<18} "
-                f"{len(t['ranks'] or []):>3} {t.get('hbm_bytes', 0) / GIB:>8.2f} {t.get('ddr_bytes', 0) / GIB:>8.2f}"
-            )
+        rows = [
+            [t["table"], t["sharding_type"], t["compute_kernel"], rank_ids(t["ranks"] or [])]
+            + [human_bytes(t.get(key, 0)) for _, key in tiers]
+            for t in p["tables"]
+        ]
+        lines += [
+            f"{part} model:",
+            _indent(tabulate(rows, ["table", "sharding", "kernel", "ranks", *(n for n, _ in tiers)])),
+        ]
         lws = c["local_world_size"]
-        lines.append("  per rank, HBM/DDR GiB:")
-        for host in range(0, len(p["ranks"]), lws):
-            ranks = p["ranks"][host : host + lws]
-            lines.append(
-                f"    host {host // lws} (ranks {host}-{host + len(ranks) - 1}): "
-                + "  ".join(f"{r['hbm_bytes'] / GIB:.1f}/{r['ddr_bytes'] / GIB:.1f}" for r in ranks)
-            )
+        per_rank = [[r["rank"], r["rank"] // lws] + [human_bytes(r[key]) for _, key in tiers] for r in p["ranks"]]
+        lines.append(_indent(tabulate(per_rank, ["rank", "host", *(n for n, _ in tiers)])))
     lines.append(
-        f"tables while training: {m['training_bytes'] / GIB:.1f} GiB (W1 {m['training_weights_bytes'] / GIB:.1f}"
-        f" + optimizer state {m['training_state_bytes'] / GIB:.1f}); single-layer model at the same d: "
-        f"{m['single_layer_training_bytes'] / GIB:.1f} GiB; MLET memory factor {m['training_factor']:.2f}x "
-        f"while training, 1x at serving (collapsed tables {m['serving_bytes'] / GIB:.1f} GiB)"
+        f"tables while training: {human_bytes(m['training_bytes'])} (W1 {human_bytes(m['training_weights_bytes'])}"
+        f" + optimizer state {human_bytes(m['training_state_bytes'])}); single-layer model at the same d: "
+        f"{human_bytes(m['single_layer_training_bytes'])}; MLET memory factor {m['training_factor']:.2f}x "
+        f"while training, 1x at serving (collapsed tables {human_bytes(m['serving_bytes'])})"
     )
     return "\n".join(lines)
+
+
+def rank_ids(ranks: list[int]) -> str:
+    """Rank ids as runs: ``[0, 1, 2, 5]`` -> ``"0-2,5"``.
+
+    >>> rank_ids([0, 1, 2, 5, 7, 8]), rank_ids([3]), rank_ids([])
+    ('0-2,5,7-8', '3', '-')
+    """
+    runs: list[list[int]] = []
+    for r in sorted(set(ranks)):
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "-"
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
