@@ -57,6 +57,7 @@ def test_plan_cells_tunes_only_the_baseline_and_dedups(tmp_path):
     assert len({c.key for c in cells}) == len(cells)
     assert all(c.config.run.dir.startswith(str(tmp_path)) for c in cells)
     assert "MLET 2 run(s)" in budget_note(grid, tune) and "tuned baseline 2 run(s)" in budget_note(grid, tune)
+    assert budget_note(grid, {}).endswith("baseline 1 run, not tuned (no --tune axes)")  # not "value of nothing"
 
 
 def test_cell_key_ignores_run_dir_and_logging_only():

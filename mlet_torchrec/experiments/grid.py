@@ -309,14 +309,16 @@ def budget_note(
     if K_PER_D in grid:
         ks = [f"{kd:g}d" for kd in grid[K_PER_D] if kd is not None]
     n_tune = len(expand_grid(tune)) if tune else 1
-    axes = ", ".join(tune) or "nothing"
+    axes, k_list = ", ".join(tune), ", ".join(map(str, ks))
+    if not tune:
+        return f"per (d, seed): MLET {len(ks)} run(s) (one per k: {k_list}); baseline 1 run, not tuned (no --tune axes)"
     if tune_mlet:
         where = f" on seed(s) {list(tune_seeds)}; the other seeds run once at the chosen values" if tune_seeds else ""
         return (
-            f"per (d, seed): every method (the baseline and MLET at each k in {ks}) gets the same {n_tune} "
+            f"per (d, seed): every method (the baseline and MLET at each k: {k_list}) gets the same {n_tune} "
             f"tuning run(s) (one per value of {axes}) plus its run at the config's values{where}"
         )
     return (
-        f"per (d, seed): MLET {len(ks)} run(s) (one per k in {ks}); tuned baseline {n_tune} run(s) "
+        f"per (d, seed): MLET {len(ks)} run(s) (one per k: {k_list}); tuned baseline {n_tune} run(s) "
         f"(one per value of {axes})"
     )

@@ -158,7 +158,12 @@ def run_sweep(s: SweepSettings) -> dict[str, int]:
         # new tuning runs can change a choice even when nothing waited (a widened grid): plan again
         if s.dry_run or counts["ran"] == before or (s.tune_seeds is None and not s.extend):
             break
-    print(f"sweep: {counts}", flush=True)
+    done = "dry run, nothing ran" if s.dry_run else f"{counts['ran']} ran, {counts['failed']} failed"
+    print(
+        f"sweep: {counts['planned']} planned, {counts['skipped']} already in {s.results}, {done}"
+        + (f", {counts['pending']} waiting for tuning runs" if counts["pending"] else ""),
+        flush=True,
+    )
     if counts["pending"]:
         log.warning("%d run(s) still wait for tuning runs that failed or are missing", counts["pending"])
     return counts
