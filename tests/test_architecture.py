@@ -12,6 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("mlet_torchrec", "data_pipes", "launch")
 MAX_LINES = 500
+MAX_FUNCTION_LINES = 100
 
 # Lowest first. A module may import its own layer and the ones before it, never a later one.
 LAYERS: list[str] = [
@@ -130,6 +131,18 @@ def test_no_import_cycles() -> None:
 def test_no_module_over_the_line_limit() -> None:
     long = {m: n for m, p in project_modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them by responsibility): {long}"
+
+
+def test_no_function_in_the_research_layer_over_100_lines() -> None:
+    long = {}
+    for name, path in project_modules().items():
+        if name.startswith("mlet_torchrec.experiments"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    n = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if n > MAX_FUNCTION_LINES:
+                        long[f"{name}.{node.name}"] = n
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines in experiments/ (split them): {long}"
 
 
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path: Path) -> None:

@@ -29,9 +29,9 @@ from mlet_torchrec.errors import InputNotFound, UserError
 from mlet_torchrec.experiments.families import EXTEND
 from mlet_torchrec.experiments.family_data import Family, MethodKey, edge_choices, finished, method_of, replicated
 from mlet_torchrec.experiments.family_tables import LOSS, LR, PENDING, TIE, WIN, Cell, Records, _num, cells, pool
+from mlet_torchrec.experiments.markdown import _table
 from mlet_torchrec.experiments.stats import Pooled, fmt_interval
 from mlet_torchrec.experiments.store import load_results
-from mlet_torchrec.experiments.tables import _table
 
 EVERY_METHOD = Family(name="advise", title="every method of the store", setup="", epochs=())
 """Empty tuples mean "any": every model, d, k/d and epoch count of the store belongs to it."""

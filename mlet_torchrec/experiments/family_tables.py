@@ -35,6 +35,7 @@ from mlet_torchrec.experiments.family_data import (
     tuned,
 )
 from mlet_torchrec.experiments.grid import K_PER_D, parse_grid
+from mlet_torchrec.experiments.markdown import _table
 from mlet_torchrec.experiments.stats import (
     _ALPHA,
     PairedTest,
@@ -47,7 +48,6 @@ from mlet_torchrec.experiments.stats import (
     pooled_estimate,
     t_interval,
 )
-from mlet_torchrec.experiments.tables import _table
 
 EXPECTED_SEEDS = 5
 WIN, LOSS, LR = "gain beyond lr tuning", "loses", "lr explains the gain"

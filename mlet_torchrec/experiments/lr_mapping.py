@@ -22,7 +22,7 @@ from scipy import stats as sps
 
 from mlet_torchrec.experiments.family_data import Family
 from mlet_torchrec.experiments.family_tables import LrPoint, lr_points
-from mlet_torchrec.experiments.tables import _table
+from mlet_torchrec.experiments.markdown import _table
 
 FACTORS = (1 / 16, 1 / 4, 1.0, 4.0, 16.0)
 """The mappings compared: baseline lr = factor·k·σ²·η (1 is Theorem 1's)."""

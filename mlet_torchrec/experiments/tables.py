@@ -1,45 +1,88 @@
 """The report's per-data-set section: Markdown tables of AUC/LogLoss vs d, frequency splits, cost, verdicts.
 
+Compression and the serving-memory recommendation are in :mod:`.compression_tables`.
+
 Example:
-    >>> _table(["a", "b"], [["1", "2"]])
-    ['| a | b |', '|---|---|', '| 1 | 2 |']
+    >>> _section_dataset  # doctest: +ELLIPSIS
+    <function _section_dataset at ...>
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlet_torchrec.experiments.compression_tables import _compression_section, _recommendation
+from mlet_torchrec.experiments.markdown import _mib, _table
 from mlet_torchrec.experiments.plots import plot_freq, plot_spectrum, plot_vs_d
 from mlet_torchrec.experiments.selection import Method, Results, _g
 from mlet_torchrec.experiments.stats import _get, fmt, mean_std, verdict
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines
+@dataclass(frozen=True)
+class _Section:
+    """What every part of one data set's section reads: its results, the variant, the methods and where plots go."""
 
+    res: Results
+    name: str
+    variant: str
+    out: Path
 
-def _mib(b: float | None) -> str:
-    return "–" if b is None else f"{b / 2**20:.2f}"
+    @property
+    def plots(self) -> Path:
+        return self.out / "plots"
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() else "_" for c in f"{self.name}_{self.variant}".strip("_"))
+
+    @property
+    def methods(self) -> list[Method]:
+        return self.res.methods()
+
+    @property
+    def paper(self) -> Method:
+        return self.methods[0]
+
+    @property
+    def tuned(self) -> Method | None:
+        return next((m for m in self.methods if m.kind == "tuned"), None)
+
+    @property
+    def ref(self) -> Method:
+        return self.tuned or self.paper
+
+    @property
+    def mlets(self) -> list[Method]:
+        return [m for m in self.methods if m.kind in ("mlet", "mlet_tuned", "mlet_best")]
+
+    @property
+    def r0(self) -> dict[str, Any]:
+        return self.res.records[0]
 
 
 def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_mb: Sequence[float]) -> list[str]:
-    slug = "".join(c if c.isalnum() else "_" for c in f"{name}_{variant}".strip("_"))
-    plots = out / "plots"
+    """One data set's (and variant's) section of the report: runs, summary, the papers' tables and figures."""
+    c = _Section(res, name, variant, out)
     L: list[str] = []
-    methods = res.methods()
-    paper = methods[0]
-    tuned = next((m for m in methods if m.kind == "tuned"), None)
-    ref = tuned or paper
-    mlets = [m for m in methods if m.kind in ("mlet", "mlet_tuned", "mlet_best")]
-    r0 = res.records[0]
-    n_seeds = len(res.seeds)
+    for part in (_part_header, _part_summary, _part_vs_d, _part_freq, _part_cost, _part_compression, _part_spectrum):
+        L += part(c)
+    L += ["### Recommendation: d and k for a serving-memory budget", ""]
+    L += _recommendation(res, variant, budgets_mb)
+    return L
 
+
+def _part_header(c: _Section) -> list[str]:
+    """Runs, base config, tuning and test rows."""
+    res = c.res
+    variant = c.variant
+    r0 = c.r0
+    name = c.name
+    L: list[str] = []
     L += [f"## {name}" + (f" ({variant})" if variant else ""), ""]
     L += [
         f"- runs: {len(res.records)} ({sum(r.get('role') == 'tune' for r in res.records)} of them "
@@ -57,8 +100,19 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
         f"label entropy (LogLoss of a constant) {(_get(r0, 'test.label_entropy') or 0):.4f}",
         "",
     ]
+    return L
 
-    # ---- summary
+
+def _part_summary(c: _Section) -> list[str]:
+    """MLET against the baseline: paired Δ, plain statements, smaller served tables."""
+    res = c.res
+    variant = c.variant
+    paper = c.paper
+    tuned = c.tuned
+    ref = c.ref
+    mlets = c.mlets
+    L: list[str] = []
+    n_seeds = len(res.seeds)
     L += ["### Summary: MLET vs the single-layer baseline (test AUC, paired over seeds)", ""]
     L += [
         "Δ = MLET − baseline on the same seed (mean ± std over seeds). Verdict: paired t-test at 95% "
@@ -112,8 +166,19 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
         if rows:
             L += ["Smaller served tables: MLET at a small d against the baseline at a larger d (unpaired means):", ""]
             L += _table(["MLET", "baseline", "MLET AUC", "baseline AUC", "Δ of means"], rows) + [""]
+    return L
 
-    # ---- Fig 2/3
+
+def _part_vs_d(c: _Section) -> list[str]:
+    """AUC and LogLoss against d for each k (paper Fig. 2/3) and the chosen learning rates."""
+    res = c.res
+    variant = c.variant
+    methods = c.methods
+    tuned = c.tuned
+    name = c.name
+    plots = c.plots
+    slug = c.slug
+    L: list[str] = []
     L += ["### AUC and LogLoss vs d for each k (paper Fig. 2/3)", ""]
     for path, label in (("test.auc", "test AUC"), ("test.logloss", "test LogLoss"), ("valid.auc", "valid AUC")):
         L += [f"**{label}** (mean ± std over seeds)", ""]
@@ -144,8 +209,21 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
                     ]
                 )
         L += _table(["method", "d"] + [f"seed {s}" for s in res.seeds], rows) + [""]
+    return L
 
-    # ---- Table 3
+
+def _part_freq(c: _Section) -> list[str]:
+    """PR-AUC on the most and least frequent items (paper Table 3)."""
+    res = c.res
+    variant = c.variant
+    methods = c.methods
+    ref = c.ref
+    mlets = c.mlets
+    r0 = c.r0
+    name = c.name
+    plots = c.plots
+    slug = c.slug
+    L: list[str] = []
     f0 = r0.get("freq") or {}
     L += ["### PR-AUC on the most and least frequent items (paper Table 3)", ""]
     L += [
@@ -179,8 +257,16 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
         L += _table(["d", "MLET", "rows", "Δ PR-AUC", "verdict"], rows) + [""]
     p3 = plot_freq(res, variant, plots / f"{slug}_freq_prauc.png", f"{name}: PR-AUC by item frequency")
     L += [f"![PR-AUC by frequency](plots/{p3})", ""]
+    return L
 
-    # ---- Table 2
+
+def _part_cost(c: _Section) -> list[str]:
+    """Time per iteration and memory per (k, d) (paper Table 2)."""
+    res = c.res
+    variant = c.variant
+    paper = c.paper
+    r0 = c.r0
+    L: list[str] = []
     L += ["### Time per iteration and memory per (k, d) (paper Table 2)", ""]
     L += [
         "Time: training loop seconds / steps. Peak RSS: "
@@ -209,8 +295,14 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
             )
     L += _table(["k", "d", "ms / iteration", "peak RSS MiB", "training tables MiB", "serving tables MiB"], rows)
     L += [""]
+    return L
 
-    # ---- Table 4, Fig 5/7
+
+def _part_compression(c: _Section) -> list[str]:
+    """MLET against SVD; hashing and INT8 (paper Table 4, Fig. 5/7)."""
+    res = c.res
+    variant = c.variant
+    L: list[str] = []
     comp = [r for r in res.records if isinstance(r.get("compression"), dict) and "error" not in r["compression"]]
     failed = [r for r in res.records if isinstance(r.get("compression"), dict) and "error" in r["compression"]]
     L += ["### MLET vs SVD (paper Table 4); hashing and INT8 composition (paper Fig. 5/7)", ""]
@@ -224,8 +316,18 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
         L += _compression_section(res, variant, comp)
     if failed:
         L += [f"({len(failed)} runs' compression measurements failed: {failed[0]['compression']['error'][:200]})", ""]
+    return L
 
-    # ---- spectrum
+
+def _part_spectrum(c: _Section) -> list[str]:
+    """Singular values of the collapsed tables."""
+    res = c.res
+    variant = c.variant
+    methods = c.methods
+    name = c.name
+    plots = c.plots
+    slug = c.slug
+    L: list[str] = []
     L += ["### Singular values of the collapsed tables", ""]
     L += [
         "Count of singular values of W (n x d; W = W1·W2 for MLET) above 1% of the largest, mean over seeds; "
@@ -255,10 +357,6 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
     p4 = plot_spectrum(res, variant, plots / f"{slug}_spectrum.png", name)
     if p4:
         L += [f"![spectrum](plots/{p4})", ""]
-
-    # ---- recommendation
-    L += ["### Recommendation: d and k for a serving-memory budget", ""]
-    L += _recommendation(res, variant, budgets_mb)
     return L
 
 
@@ -329,142 +427,3 @@ def _plain_statements(
             )
         )
     return L + [""]
-
-
-def _compression_section(res: Results, variant: str, comp: list[dict[str, Any]]) -> list[str]:
-    """INT8 composition (Fig. 7) and MLET vs SVD (Table 4) from the runs' ``compression`` measurements."""
-    L: list[str] = []
-    methods = [m for m in res.methods() if m.kind in ("paper", "tuned", "mlet", "mlet_tuned")]
-    L += [
-        "Table size is relative to a d = 1 FP32 model (paper A.4.4): FP32 d-dim tables are d, INT8 about d/4. "
-        "Test AUC, mean ± std over seeds.",
-        "",
-    ]
-    L += ["**INT8 post-training quantization of the collapsed tables** (paper Fig. 7)", ""]
-    rows = []
-    for m in methods:
-        for d in res.ds:
-            fp = res.values(m, variant, d, "compression.fp32.auc")
-            if not fp:
-                continue
-            size32 = res.values(m, variant, d, "compression.fp32.table_size")
-            size8 = res.values(m, variant, d, "compression.int8 grid.table_size")
-            q = [a - b for a, b in zip(res.values(m, variant, d, "compression.int8 grid.auc"), fp, strict=False)]
-            rows.append(
-                [
-                    m.name,
-                    d,
-                    f"{statistics.fmean(size32):.2f} → {statistics.fmean(size8):.2f}" if size8 else "–",
-                    fmt(fp),
-                    fmt(res.values(m, variant, d, "compression.int8 maxabs.auc")),
-                    fmt(res.values(m, variant, d, "compression.int8 grid.auc")),
-                    fmt(q),
-                ]
-            )
-    L += _table(
-        ["method", "d", "size FP32 → INT8", "AUC FP32", "AUC INT8 max-abs", "AUC INT8 grid", "Δ AUC (grid − FP32)"],
-        rows,
-    ) + [""]
-    L += [
-        "**MLET vs low-rank SVD of the trained single-layer tables** (paper Table 4): the baseline at d is "
-        "trained, then every table is replaced by its best rank-r approximation (stored as n·r + r·d); MLET "
-        "is trained at d = r directly.",
-        "",
-    ]
-    rows = []
-    ref = next((m for m in res.methods() if m.kind == "tuned"), res.methods()[0])
-    for d in res.ds:
-        for r in sorted({int(k.split()[-1]) for rec in comp for k in rec["compression"] if k.startswith("svd rank")}):
-            key = f"compression.svd rank {r}"
-            auc = res.values(ref, variant, d, f"{key}.auc")
-            if not auc:
-                continue
-            size = res.values(ref, variant, d, f"{key}.table_size")
-            mlet_txt = "–"
-            if r in res.ds:
-                best = [m for m in res.methods() if m.kind == "mlet_best"] or [m for m in methods if m.kind == "mlet"]
-                if best:
-                    mv = res.values(best[0], variant, r, "compression.fp32.auc") or res.values(
-                        best[0], variant, r, "test.auc"
-                    )
-                    ms = res.values(best[0], variant, r, "compression.fp32.table_size")
-                    mlet_txt = f"{fmt(mv)} (size {statistics.fmean(ms):.2f}, {best[0].name})" if ms else fmt(mv)
-            rows.append(
-                [
-                    f"{ref.name}, d={d}",
-                    r,
-                    f"{statistics.fmean(size):.2f}",
-                    fmt(auc),
-                    fmt(res.values(ref, variant, d, "compression.fp32.auc")),
-                    mlet_txt,
-                ]
-            )
-    if rows:
-        L += _table(
-            ["baseline", "SVD rank r", "SVD size", "AUC after SVD", "AUC before (FP32)", "MLET at d = r"], rows
-        ) + [""]
-    else:
-        L += ["no SVD measurements (single-layer runs with d >= 2 needed)", ""]
-    if not any(r.get("data_hashing") for r in res.records):
-        L += [
-            "**Hashing** (paper Fig. 5): see the section 'Hashing, smaller d and INT8' when the results hold "
-            "runs on hashed data sets (`mlet compression hash ...`, then a sweep with "
-            "`data.path` on the hashed copy).",
-            "",
-        ]
-    return L
-
-
-def _recommendation(res: Results, variant: str, budgets_mb: Sequence[float]) -> list[str]:
-    options = []  # (serving bytes, method, d, mean valid auc, test values)
-    for d in res.ds:
-        for m in res.methods():
-            if m.kind in ("mlet_best", "paper") and any(x.kind == "tuned" for x in res.methods()):
-                continue
-            if m.kind == "mlet" and res.mlet_tuned:
-                continue
-            if m.kind == "mlet_best":
-                continue
-            rs = [r for s in res.seeds if (r := res.pick(m, variant, d, s)) is not None]
-            size = _get(rs[0], "serving_table_bytes") if rs else None
-            if size is None:
-                continue
-            va = mean_std([_get(r, "valid.auc") for r in rs])[0]
-            options.append((size, m, d, va, [_get(r, "test.auc") for r in rs]))
-    if not options:
-        return ["no runs with table sizes", ""]
-    budgets = sorted({o[0] for o in options} | {b * 2**20 for b in budgets_mb})
-    rows = []
-    for b in budgets:
-        fit = [o for o in options if o[0] <= b + 1e-9]
-        if not fit:
-            rows.append([_mib(b), "nothing fits", "", "", ""])
-            continue
-        best = max(fit, key=lambda o: o[3])
-        base_same_d = [o for o in fit if o[2] == best[2] and o[1].kind in ("tuned", "paper")]
-        base_txt = "–"
-        if base_same_d and best[1].kind in ("mlet", "mlet_tuned"):
-            bo = base_same_d[0]
-            diffs = res.paired(best[1], bo[1], variant, best[2], "test.auc")
-            base_txt = f"{fmt(diffs)} ({verdict(diffs)})"
-        rows.append(
-            [
-                _mib(b),
-                f"d={best[2]}, "
-                + ("k=null (single layer)" if best[1].kind not in ("mlet", "mlet_tuned") else f"k={best[1].k}")
-                + f" [{best[1].name}]",
-                f"{best[3]:.4f}",
-                fmt(best[4]),
-                base_txt,
-            ]
-        )
-    lines = [
-        "For each serving budget (FP32 tables; every d's size and any `--budget-mb` given), the (d, k) with "
-        "the best mean **validation** AUC among the runs whose served tables fit; its test AUC; and, when it "
-        "is MLET, its paired test-AUC gain over the tuned baseline at the same d. The served model is d-dim "
-        "either way (MLET collapses), so k costs only training memory and time (Table 2). When the gain is "
-        "'within noise', train the single-layer baseline with a tuned embedding learning rate instead.",
-        "",
-    ]
-    lines += _table(["budget MiB", "choose", "valid AUC", "test AUC", "Δ vs baseline at same d"], rows) + [""]
-    return lines
