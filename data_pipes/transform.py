@@ -13,8 +13,9 @@ On disk it is a directory (``DATASET/transform/``; collapse and export dirs carr
 Vocabularies are plain ``.npy`` arrays (12 bytes per value with int32 ids), loaded memory-mapped
 (``np.load(mmap_mode="r", allow_pickle=False)``), so lookups page in only what they touch. Each file's sha256
 is checked when loaded unless ``verify=False`` (``benchmarks/transform_load.py``, 10M values, 120 MB: 3-5 ms
-unchecked, 0.3-1.1 s checked on a shared 2-core machine). Hashed features store only their bucket count. :attr:`FeatureTransform.identity` is the sha256 of the manifest
-(which holds every file's sha256): two transforms with the same identity encode every row alike.
+unchecked, 0.3-1.1 s checked on a shared 2-core machine). Hashed features store only their bucket count.
+:attr:`FeatureTransform.identity` is the sha256 of the manifest (which holds every file's sha256): two
+transforms with the same identity encode every row alike.
 
 A run directory holds no copy but a pointer, ``transform-ref.json`` (``{"identity", "path"}``), that
 :meth:`FeatureTransform.load` follows and checks.
