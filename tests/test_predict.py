@@ -152,7 +152,7 @@ def test_cli_predict_and_evaluate_on_an_export(world, tmp_path, capsys):
     export_dir, day1 = str(world["export_dlrm"]), str(world["day1"])
     assert main(["predict", "--input", export_dir, "--data", day1, "--output", str(out)]) == 0
     assert capsys.readouterr().out.startswith("predict: 250 rows of")
-    assert main(["evaluate", "--input", export_dir, "--data", day1]) == 0
+    assert main(["evaluate", "--input", export_dir, "--data", day1, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 250
     assert main(["evaluate", "--input", export_dir, "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
