@@ -18,19 +18,11 @@ from mlet_torchrec.errors import UserError
 from mlet_torchrec.io import OutputError
 from mlet_torchrec.models import build_model
 from mlet_torchrec.modules.product import mlet_product
-from mlet_torchrec.serving.collapse import (
-    MANIFEST,
-    Box,
-    assign_boxes,
-    collapse,
-    collapse_boxes,
-    collapse_state_dict,
-    load_collapsed,
-    load_factored,
-    manifest,
-    mirror_layout,
-    source_chunks,
-)
+from mlet_torchrec.serving.artifact import MANIFEST, load_collapsed, load_factored
+from mlet_torchrec.serving.collapse import collapse, collapse_state_dict
+from mlet_torchrec.serving.layout import Box, assign_boxes, mirror_layout, source_chunks
+from mlet_torchrec.serving.manifest import manifest
+from mlet_torchrec.serving.sharded_product import collapse_boxes
 from mlet_torchrec.training.checkpoint import CHECKPOINT_META, LATEST
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

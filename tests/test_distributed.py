@@ -16,7 +16,8 @@ from data_pipes.synth import SynthConfig, generate
 from mlet_torchrec.config import load_config
 from mlet_torchrec.models import build_model
 from mlet_torchrec.modules.table_init import table_rows
-from mlet_torchrec.serving.collapse import collapse_state_dict, load_factored
+from mlet_torchrec.serving.artifact import load_factored
+from mlet_torchrec.serving.collapse import collapse_state_dict
 from mlet_torchrec.training.launcher import train_local
 
 pytestmark = pytest.mark.slow

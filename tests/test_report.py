@@ -11,8 +11,9 @@ import pytest
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.experiments.delong import auc
 from mlet_torchrec.experiments.predictions import decode_predictions
-from mlet_torchrec.experiments.report import fmt, render_report
-from mlet_torchrec.experiments.sweep import load_results
+from mlet_torchrec.experiments.report import render_report
+from mlet_torchrec.experiments.stats import fmt
+from mlet_torchrec.experiments.store import load_results
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlet_torchrec.experiments.report import Results, fmt, render_report
+from mlet_torchrec.experiments.report import render_report
+from mlet_torchrec.experiments.selection import Results
+from mlet_torchrec.experiments.stats import fmt
 
 HASHING = {"moduli": {"C2": 25}, "original_cardinalities": {"C1": 10, "C2": 100}}
 

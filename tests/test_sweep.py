@@ -6,18 +6,10 @@ import pytest
 
 from mlet_torchrec.config import ConfigError, load_config
 from mlet_torchrec.experiments.analysis import _row_frequency
-from mlet_torchrec.experiments.report import fmt, mean_std, verdict
-from mlet_torchrec.experiments.sweep import (
-    ResultsStore,
-    SweepSettings,
-    budget_note,
-    cell_key,
-    expand_grid,
-    load_results,
-    parse_grid,
-    plan_cells,
-    run_sweep,
-)
+from mlet_torchrec.experiments.grid import budget_note, cell_key, expand_grid, parse_grid, plan_cells
+from mlet_torchrec.experiments.stats import fmt, mean_std, verdict
+from mlet_torchrec.experiments.store import ResultsStore, load_results
+from mlet_torchrec.experiments.sweep import SweepSettings, run_sweep
 
 
 def test_parse_grid_reads_yaml_lists_none_and_aliases():

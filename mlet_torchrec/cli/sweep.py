@@ -13,7 +13,8 @@ from mlet_torchrec.config import read_config_text
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from mlet_torchrec.experiments.sweep import SweepSettings, parse_grid, run_sweep
+    from mlet_torchrec.experiments.grid import parse_grid
+    from mlet_torchrec.experiments.sweep import SweepSettings, run_sweep
 
     if args.tune and args.tune_baseline:
         raise flags.UsageError("give --tune (every method) or --tune-baseline (the baseline only), not both")

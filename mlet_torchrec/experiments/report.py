@@ -27,8 +27,8 @@ from typing import Any
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.experiments.markdown import _table
 from mlet_torchrec.experiments.plots import _plt, _save
-from mlet_torchrec.experiments.selection import Method, Results, _g, _variant  # noqa: F401  (re-exported)
-from mlet_torchrec.experiments.stats import _get, fmt, mean_std, t95, verdict  # noqa: F401  (re-exported)
+from mlet_torchrec.experiments.selection import Results, _g, _variant
+from mlet_torchrec.experiments.stats import fmt, mean_std
 from mlet_torchrec.experiments.store import load_results
 from mlet_torchrec.experiments.tables import _section_dataset
 from mlet_torchrec.io import OutputError, atomic_write_text, check_location

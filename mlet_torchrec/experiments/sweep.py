@@ -58,9 +58,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlet_torchrec.experiments.analysis import analyse_run  # noqa: F401  (re-exported)
-from mlet_torchrec.experiments.cell import _cell_main, _measure_cell, run_cell_here  # noqa: F401
-from mlet_torchrec.experiments.grid import (  # noqa: F401  (re-exported: the sweep's public names)
+from mlet_torchrec.experiments.analysis import analyse_run
+from mlet_torchrec.experiments.cell import _cell_main, run_cell_here
+from mlet_torchrec.experiments.grid import (
     ALIASES,
     Cell,
     budget_note,
@@ -70,7 +70,7 @@ from mlet_torchrec.experiments.grid import (  # noqa: F401  (re-exported: the sw
     parse_grid,
     plan_cells,
 )
-from mlet_torchrec.experiments.store import STORE_VERSION, ResultsStore, load_results  # noqa: F401
+from mlet_torchrec.experiments.store import STORE_VERSION, ResultsStore, load_results
 from mlet_torchrec.io import atomic_write_text, check_location
 
 log = logging.getLogger("mlet.sweep")

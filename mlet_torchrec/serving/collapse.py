@@ -66,18 +66,16 @@ from mlet_torchrec.io import (
 )
 from mlet_torchrec.models import CTRModel, build_model
 from mlet_torchrec.modules.product import DEFAULT_BLOCK_ROWS
-from mlet_torchrec.serving.artifact import (  # noqa: F401  (load_* re-exported for callers of collapse)
+from mlet_torchrec.serving.artifact import (
     MANIFEST,
     STATE_ROOT,
     Artifact,
     extra_tables,
     load_artifact,
-    load_collapsed,
-    load_factored,
     mlet_module,
 )
 from mlet_torchrec.serving.check import CollapseMismatch, check_predictions
-from mlet_torchrec.serving.layout import (  # noqa: F401  (Box and the layout helpers re-exported)
+from mlet_torchrec.serving.layout import (
     OUTPUT_SHARDINGS,
     Box,
     assign_boxes,
@@ -86,7 +84,7 @@ from mlet_torchrec.serving.layout import (  # noqa: F401  (Box and the layout he
     plan_layout,
     source_chunks,
 )
-from mlet_torchrec.serving.manifest import FORMAT, PLAN_FILE, manifest  # noqa: F401
+from mlet_torchrec.serving.manifest import PLAN_FILE, manifest
 from mlet_torchrec.serving.sharded_product import Exchange, collapse_boxes, sharded_tensor
 from mlet_torchrec.training.checkpoint import load_dcp
 from mlet_torchrec.training.table_size import fp32_table_bytes

@@ -41,11 +41,10 @@ from mlet_torchrec.evaluation.evaluate import score_split
 from mlet_torchrec.evaluation.metrics import MetricAccumulator
 from mlet_torchrec.io import atomic_output, path_inside
 from mlet_torchrec.models import CTRModel
-from mlet_torchrec.serving.artifact import (  # noqa: F401  (read_manifest, meta_from_manifest re-exported)
+from mlet_torchrec.serving.artifact import (
     MANIFEST,
     STATE_ROOT,
     load_artifact,
-    meta_from_manifest,
     read_manifest,
 )
 from mlet_torchrec.serving.torchrec_package import (
