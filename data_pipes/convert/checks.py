@@ -66,6 +66,13 @@ class IssueCounter:
         per = table.setdefault(column, {})
         per[kind] = per.get(kind, 0) + int(n)
 
+    def merge(self, other: IssueCounter) -> None:
+        """Add ``other``'s counts (of the rows after this counter's)."""
+        for drop, table in ((False, other.values_replaced), (True, other.rows_dropped)):
+            for column, kinds in table.items():
+                for kind, n in kinds.items():
+                    self.add(column, kind, n, drop)
+
     @property
     def total_values_replaced(self) -> int:
         return sum(sum(v.values()) for v in self.values_replaced.values())

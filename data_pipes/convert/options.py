@@ -44,6 +44,7 @@ class ConvertOptions:
     compression: str = "snappy"
     features_from: str | Path | None = None  # encode with this transform (a data set, run, export...)
     split_name: str = "test"  # with features_from: the split every row goes to
+    jobs: int = 1  # processes for the two passes (the output does not depend on it: not in as_dict)
 
     def __post_init__(self) -> None:
         if self.min_count < 1:
@@ -54,6 +55,8 @@ class ConvertOptions:
             raise OptionError(
                 f"--rows-per-file and --row-group-rows must be >= 1, got {self.rows_per_file}, {self.row_group_rows}"
             )
+        if isinstance(self.jobs, bool) or not isinstance(self.jobs, (int, np.integer)) or self.jobs < 1:
+            raise OptionError(f"--jobs must be an integer >= 1, got {self.jobs!r}")
         if self.split_name not in ("train", "valid", "test"):
             raise OptionError(f"split_name must be train, valid or test, got {self.split_name!r}")
         if self.features_from is not None and self.hash_buckets is not None:

@@ -54,6 +54,58 @@ def open_input(path: Path) -> pa.NativeFile:
     return pa.input_stream(str(path), compression="detect")
 
 
+def is_compressed(path: Path) -> bool:
+    """Whether ``open_input`` decompresses ``path`` (by its extension): such a file is read whole."""
+    try:
+        pa.Codec.detect(str(path))
+    except (TypeError, ValueError):  # no codec for the extension
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Span:
+    """Bytes ``[start, stop)`` of an uncompressed file (``start`` a line start; ``stop`` None: to the
+    end), with the number of its first line and the data rows of the file before it."""
+
+    start: int = 0
+    stop: int | None = None
+    line: int = 1
+    row: int = 0
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop is None
+
+
+def line_start(path: Path, offset: int, chunk: int = 1 << 16) -> int:
+    """The first line start at or after byte ``offset`` of an uncompressed file (its size if none)."""
+    if offset <= 0:
+        return 0
+    with pa.OSFile(str(path)) as f:
+        f.seek(offset - 1)
+        pos = offset - 1
+        while buf := f.read(chunk):
+            at = buf.find(b"\n")
+            if at >= 0:
+                return int(pos + at + 1)
+            pos += len(buf)
+    return pos
+
+
+def count_lines(path: Path, start: int, stop: int, chunk: int = 16 << 20) -> int:
+    """Lines beginning in bytes ``[start, stop)`` of an uncompressed file (``start`` a line start)."""
+    lines, last = 0, b"\n"
+    with pa.OSFile(str(path)) as f:
+        f.seek(start)
+        left = stop - start
+        while left > 0 and (buf := f.read(min(chunk, left))):
+            lines += int(buf.count(b"\n"))
+            left -= len(buf)
+            last = buf[-1:]
+    return lines + int(last != b"\n")
+
+
 def iter_lines(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
     """The raw lines of a (possibly compressed) file, without line endings; only for error paths."""
     with open_input(path) as f:
@@ -138,12 +190,16 @@ def _utf8_error(src: TextSource, chunk: bytes, first_line: int, skip: int) -> Da
     return src.fail(f"near row {first_line}: text is not valid UTF-8")
 
 
-def _iter_chunks(f: pa.NativeFile, block_size: int) -> Iterator[bytes]:
-    """Chunks of about ``block_size`` bytes ending at a line end (the last one possibly without);
-    one copy per chunk (the partial line carried over + the new bytes up to the last line end)."""
+def _iter_chunks(f: pa.NativeFile, block_size: int, limit: int | None = None) -> Iterator[bytes]:
+    """Chunks of about ``block_size`` bytes ending at a line end (the last one possibly without), of
+    the next ``limit`` bytes (None: all); one copy per chunk (the partial line carried over + the
+    new bytes up to the last line end)."""
     carry = b""
     while True:
-        buf = f.read(block_size)
+        size = block_size if limit is None else min(block_size, limit)
+        buf = f.read(size) if size > 0 else b""
+        if limit is not None:
+            limit -= len(buf)
         if not buf:
             if carry:
                 yield carry
@@ -160,9 +216,14 @@ def _iter_chunks(f: pa.NativeFile, block_size: int) -> Iterator[bytes]:
 
 
 def iter_blocks(
-    src: TextSource, *, lenient: bool, issues: IssueCounter, block_size: int = DEFAULT_BLOCK_SIZE
+    src: TextSource,
+    *,
+    lenient: bool,
+    issues: IssueCounter,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    span: Span = Span(),
 ) -> Iterator[RawBlock]:
-    """Stream a delimited file as blocks of string columns (empty fields are null).
+    """Stream a delimited file (or the ``span`` of it) as blocks of string columns (empty fields are null).
 
     The file is read in chunks of about ``block_size`` bytes cut at line ends, each parsed by
     ``pyarrow.csv.read_csv`` (multi-threaded, explicit column names and types, no quoting), so memory
@@ -197,14 +258,16 @@ def iter_blocks(
         check_utf8=True,
     )
     sub_block = max(1 << 16, min(4 << 20, block_size // 2))
-    line = 1  # number of the first line of the next chunk
-    delivered = 0
+    line = span.line  # number of the first line of the next chunk
+    delivered = span.row
     try:
-        f = open_input(src.path)
+        f = open_input(src.path) if span.whole else pa.OSFile(str(src.path))
     except OSError as e:
         raise src.fail(f"cannot read: {e}") from None
     with f:
-        chunks = _iter_chunks(f, block_size)
+        if not span.whole:
+            f.seek(span.start)
+        chunks = _iter_chunks(f, block_size, None if span.stop is None else span.stop - span.start)
         while True:
             try:
                 chunk = next(chunks)
@@ -241,10 +304,22 @@ def iter_blocks(
             del table
             yield RawBlock(batch, first_line, delivered)
             delivered += batch.num_rows
-    if delivered == 0:
+    if delivered == 0 and span.whole:
         if lenient and issues.rows_dropped.get("row"):
             raise src.fail("no row has the expected number of columns")
         raise src.fail("file has a header but no data rows" if src.header else "file is empty")
 
 
-__all__ = ["RawBlock", "TextSource", "check_input_file", "iter_blocks", "iter_lines", "open_input", "read_header"]
+__all__ = [
+    "RawBlock",
+    "Span",
+    "TextSource",
+    "check_input_file",
+    "count_lines",
+    "is_compressed",
+    "iter_blocks",
+    "iter_lines",
+    "line_start",
+    "open_input",
+    "read_header",
+]

@@ -103,6 +103,12 @@ class VocabCounter:
         self._keys = keys[starts]
         self._counts = np.add.reduceat(counts, starts) if len(starts) else counts[:0]
 
+    def counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct hashes (sorted) and their counts: ``other.add_hashes(*c.counts())`` adds them
+        to ``other`` exactly (counters of disjoint parts of the input merge into the whole's)."""
+        self._merge()
+        return self._keys, self._counts
+
     def __len__(self) -> int:
         """Number of distinct values counted so far."""
         self._merge()

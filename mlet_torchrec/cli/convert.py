@@ -111,6 +111,13 @@ def _common(
         help=f"text read per block, MiB (default {DEFAULT_BLOCK_SIZE / 2**20:g}); memory is a few times this",
     )
     p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="processes for the counting and encoding passes, by file and by byte range of uncompressed "
+        "files; the output is the same for any count (default 1)",
+    )
+    p.add_argument(
         "--row-group-rows",
         type=int,
         default=DEFAULT_ROW_GROUP_ROWS,
@@ -147,6 +154,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         block_size=int(args.block_size_mb * (1 << 20)),
         rows_per_file=args.rows_per_file,
         row_group_rows=args.row_group_rows,
+        jobs=args.jobs,
         split=args.split,
     )
 

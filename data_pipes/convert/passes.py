@@ -1,0 +1,288 @@
+"""The two passes of a conversion over shards of its inputs, in one process or ``options.jobs``.
+
+A shard is one input file or, with several jobs, a byte range of an uncompressed one cut at a line
+start. ``plan_shards`` counts the lines of every range (in parallel), so each shard knows the number
+of its first line and the data rows of the file before it: split draws (counter-based,
+:mod:`.splits`) and error messages are those of one process reading the whole file. Compressed files
+and lenient mode (a dropped row shifts the row numbers after it) keep files whole.
+
+* Pass 1 (:func:`count_pass`): each of ``jobs`` processes counts the train values of a contiguous
+  group of shards; the parent adds the counters up (:meth:`VocabCounter.counts`: counts by hash, so
+  the merge is exact and ``finalize`` numbers the values as one process would).
+* Pass 2 (:func:`encode_pass`): the processes encode shards, at most ``2 * jobs`` ahead of the parent,
+  each into an Arrow IPC file in the output's temporary directory; the parent appends them to the
+  split writers in input order and deletes them. The writers cut files and row groups by row count,
+  so the output (ids, rows, files, row groups) is that of ``jobs=1``.
+
+Workers are forked after the parent put the pass's inputs (job, encoders, schema) in ``_STATE``, so
+nothing large is pickled per task; only shard indices, counts and lenient tallies travel.
+
+Example (run_job calls these):
+    >>> shards = plan_shards(job)                                          # doctest: +SKIP
+    >>> counters, rows = count_pass(job, shards, ["C1"], bar)              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from data_pipes.convert.checks import BlockChecker, IssueCounter
+from data_pipes.convert.spec import ConvertJob, InputPart, ParsedBlock
+from data_pipes.convert.splits import assign_splits
+from data_pipes.convert.text import (
+    RawBlock,
+    Span,
+    check_input_file,
+    count_lines,
+    is_compressed,
+    iter_blocks,
+    line_start,
+)
+from data_pipes.convert.vocab import OOV_ID, Encoder, VocabCounter
+from data_pipes.convert.writer import SplitWriter
+from data_pipes.schema import SPLITS
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+SPLIT_COLUMN = "__split"  # the split code of each row in a pass-2 spool file (-1: dropped)
+_STATE: dict[str, Any] = {}  # the pass's inputs, set by the parent before it forks the workers
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Part ``part`` of the job (its whole file, or ``span`` of it)."""
+
+    part: int
+    span: Span = Span()
+    nbytes: int = 0
+
+
+def _pool(jobs: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"))
+
+
+def plan_shards(job: ConvertJob) -> list[Shard]:
+    """The job's shards in input order (see the module docstring)."""
+    opts, ranges = job.options, list[tuple[int, int, int | None, int]]()
+    for k, part in enumerate(job.parts):
+        path = check_input_file(part.source.path, part.source.dataset)
+        size = path.stat().st_size
+        pieces = min(4 * opts.jobs, size // opts.block_size)
+        if opts.jobs == 1 or opts.lenient or pieces < 2 or is_compressed(path):
+            ranges.append((k, 0, None, size))
+            continue
+        cuts = sorted({line_start(path, size * i // pieces) for i in range(pieces)} | {size})
+        ranges += [(k, a, b, b - a) for a, b in zip(cuts, cuts[1:], strict=False) if a < b]
+    split = [(k, a, b) for k, a, b, _ in ranges if b is not None]
+    if not split:
+        return [Shard(k, Span(), n) for k, _, _, n in ranges]
+    with _pool(opts.jobs) as pool:
+        counted = pool.map(_count_lines, [(str(job.parts[k].source.path), a, b) for k, a, b in split])
+        lines = dict(zip(split, counted, strict=True))
+    shards, before = [], dict.fromkeys(range(len(job.parts)), 0)
+    for k, a, b, n in ranges:
+        header = int(job.parts[k].source.header)
+        span = Span() if b is None else Span(a, b, 1 + before[k], max(0, before[k] - header))
+        shards.append(Shard(k, span, n))
+        before[k] += 0 if b is None else lines[(k, a, b)]
+    return shards
+
+
+def _count_lines(args: tuple[str, int, int]) -> int:
+    path, a, b = args
+    return count_lines(Path(path), a, b)
+
+
+# ------------------------------------------------------------------------------------------ per block
+
+
+def _split_codes(job: ConvertJob, part: InputPart, block: RawBlock) -> np.ndarray:
+    n = len(block)
+    if job.options.features_from is not None:  # every row, in input order, to the one split
+        return np.full(n, SPLITS.index(job.options.split_name), dtype=np.int8)
+    if part.split is not None:
+        return np.full(n, SPLITS.index(part.split), dtype=np.int8)
+    assert job.fractions is not None
+    return assign_splits(job.fractions, job.options.seed, part.stream, block.start_row, n)
+
+
+def _blocks(job: ConvertJob, shard: Shard, issues: IssueCounter) -> Iterator[tuple[RawBlock, ParsedBlock, np.ndarray]]:
+    """Each block of a shard, parsed, with its split codes (-1: a row lenient mode drops)."""
+    part, opts = job.parts[shard.part], job.options
+    for block in iter_blocks(
+        part.source, lenient=opts.lenient, issues=issues, block_size=opts.block_size, span=shard.span
+    ):
+        check = BlockChecker(part.source.prefix, block.first_line, len(block), opts.lenient, issues)
+        parsed = part.parse(block, check)
+        check.finish()
+        yield block, parsed, np.where(check.drop, np.int8(-1), _split_codes(job, part, block))
+
+
+def part_has_train(job: ConvertJob, part: InputPart) -> bool:
+    return part.split == "train" if part.split is not None else bool(job.fractions and job.fractions[0] > 0)
+
+
+# ------------------------------------------------------------------------------------------ pass 1
+
+
+def _count_shards(
+    job: ConvertJob, shards: Sequence[Shard], features: Sequence[str], bar: tqdm[Any] | None = None
+) -> tuple[dict[str, VocabCounter], dict[int, int]]:
+    counters, rows = {n: VocabCounter() for n in features}, dict.fromkeys({s.part for s in shards}, 0)
+    scratch = IssueCounter()  # lenient counts are taken in pass 2, which sees every row
+    for shard in shards:
+        for block, parsed, codes in _blocks(job, shard, scratch):
+            train = codes == 0
+            mask = None if bool(train.all()) else pa.array(train)
+            for n in features:
+                oov = parsed.oov.get(n)
+                m = pa.array(train & ~oov) if oov is not None and oov.any() else mask
+                counters[n].add(parsed.sparse[n] if m is None else parsed.sparse[n].filter(m))
+            rows[shard.part] += len(block)
+            if bar is not None:
+                bar.update(len(block))
+    return counters, rows
+
+
+def _count_group(group: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[int, int]]:
+    counters, rows = _count_shards(_STATE["job"], _STATE["groups"][group], _STATE["features"])
+    return {n: c.counts() for n, c in counters.items()}, rows
+
+
+def count_pass(
+    job: ConvertJob, shards: Sequence[Shard], features: Sequence[str], bar: tqdm[Any]
+) -> tuple[dict[str, VocabCounter], dict[int, int]]:
+    """The train values of ``features`` counted over the shards that hold train rows, and the rows
+    of each part read."""
+    todo = [s for s in shards if part_has_train(job, job.parts[s.part])]
+    jobs = min(job.options.jobs, len(todo))
+    if jobs <= 1:
+        return _count_shards(job, todo, features, bar)
+    ends = np.cumsum([max(s.nbytes, 1) for s in todo])
+    cut = np.searchsorted(ends, ends[-1] * np.arange(1, jobs) / jobs)  # contiguous groups of equal bytes
+    groups = [list(g) for g in np.split(np.array(todo, dtype=object), cut) if len(g)]
+    _STATE.update(job=job, groups=groups, features=list(features))
+    counters, rows = {n: VocabCounter() for n in features}, dict.fromkeys({s.part for s in todo}, 0)
+    try:
+        with _pool(jobs) as pool:
+            for counts, part_rows in pool.map(_count_group, range(len(groups))):
+                for n, (keys, values) in counts.items():
+                    counters[n].add_hashes(keys, values)
+                for k, r in part_rows.items():
+                    rows[k] += r
+                bar.update(sum(part_rows.values()))
+    finally:
+        _STATE.clear()
+    return counters, rows
+
+
+# ------------------------------------------------------------------------------------------ pass 2
+
+
+def _sparse_column(values: pa.Array, enc: Encoder, oov: np.ndarray | None, multi_hot: bool) -> pa.Array:
+    ids = enc.encode(values)
+    if not multi_hot:
+        if oov is not None:
+            ids[oov] = OOV_ID
+        return pa.array(ids, pa.int64())
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    offsets = np.asarray(values.offsets, dtype=np.int64)
+    offsets = offsets - offsets[0]
+    if oov is not None and oov.any():
+        ids[np.repeat(oov, np.diff(offsets))] = OOV_ID
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, pa.int64()))
+
+
+def _encoded(
+    job: ConvertJob, shard: Shard, encoders: dict[str, Encoder], schema: pa.Schema, issues: IssueCounter
+) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """Each block of a shard as a table of the data set's schema, with its rows' split codes."""
+    for _, parsed, codes in _blocks(job, shard, issues):
+        cols = [pa.array(parsed.label, pa.float32())]
+        cols += [pa.array(parsed.dense[n], pa.float32()) for n in job.dense]
+        cols += [
+            _sparse_column(parsed.sparse[f.name], encoders[f.name], parsed.oov.get(f.name), f.multi_hot)
+            for f in job.sparse
+        ]
+        yield pa.Table.from_arrays(cols, schema=schema), codes
+
+
+def _write(writers: dict[str, SplitWriter], table: pa.Table, codes: np.ndarray) -> None:
+    for code, split in enumerate(SPLITS):
+        m = codes == code
+        if m.all():
+            writers[split].write(table)
+        elif m.any():
+            writers[split].write(table.filter(pa.array(m)))
+
+
+def _encode_to_file(i: int) -> tuple[int, IssueCounter]:
+    """Worker: shard ``i`` encoded into its spool file; its rows and lenient tallies."""
+    job, schema, issues, rows = _STATE["job"], _STATE["schema"], IssueCounter(), 0
+    spooled = schema.append(pa.field(SPLIT_COLUMN, pa.int8()))
+    with pa.ipc.new_stream(str(_STATE["spool"] / f"{i}.arrow"), spooled) as out:
+        for table, codes in _encoded(job, _STATE["shards"][i], _STATE["encoders"], schema, issues):
+            out.write_table(table.append_column(SPLIT_COLUMN, pa.array(codes, pa.int8())))
+            rows += table.num_rows
+    return rows, issues
+
+
+def _append_spooled(path: Path, writers: dict[str, SplitWriter]) -> None:
+    with pa.OSFile(str(path)) as f:
+        for batch in pa.ipc.open_stream(f):
+            codes = batch.column(batch.num_columns - 1).to_numpy()
+            _write(writers, pa.Table.from_batches([batch]).drop_columns([SPLIT_COLUMN]), codes)
+    path.unlink()
+
+
+def encode_pass(
+    job: ConvertJob,
+    shards: Sequence[Shard],
+    encoders: dict[str, Encoder],
+    writers: dict[str, SplitWriter],
+    issues: IssueCounter,
+    bar: tqdm[Any],
+) -> dict[int, int]:
+    """Every shard encoded and appended to the split writers in input order; the rows of each part."""
+    schema, rows = writers["train"].schema, dict.fromkeys(range(len(job.parts)), 0)
+    jobs = min(job.options.jobs, len(shards))
+    if jobs <= 1:
+        for shard in shards:
+            for table, codes in _encoded(job, shard, encoders, schema, issues):
+                _write(writers, table, codes)
+                rows[shard.part] += table.num_rows
+                bar.update(table.num_rows)
+        return rows
+    spool = writers["train"].root / ".spool"
+    spool.mkdir()
+    _STATE.update(job=job, shards=list(shards), encoders=encoders, schema=schema, spool=spool)
+    pool = _pool(jobs)
+    try:
+        pending: deque[Future[tuple[int, IssueCounter]]] = deque()
+        for k, shard in enumerate(shards):
+            while len(pending) < 2 * jobs and k + len(pending) < len(shards):
+                pending.append(pool.submit(_encode_to_file, k + len(pending)))
+            n, tallies = pending.popleft().result()
+            _append_spooled(spool / f"{k}.arrow", writers)
+            issues.merge(tallies)
+            rows[shard.part] += n
+            bar.update(n)
+    finally:
+        pool.shutdown(cancel_futures=True)
+        _STATE.clear()
+    spool.rmdir()
+    return rows
+
+
+__all__ = ["Shard", "count_pass", "encode_pass", "part_has_train", "plan_shards"]

@@ -1,0 +1,101 @@
+"""convert --jobs N (data_pipes/convert/passes.py): byte-range and per-file shards counted and encoded
+in N processes give exactly the --jobs 1 data set (ids, rows, files, row groups, metadata, transform)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import data_pipes.convert.job as job_mod
+from data_pipes.convert.criteo import convert_criteo
+from data_pipes.convert.options import ConvertOptions
+from data_pipes.convert.passes import plan_shards
+from data_pipes.convert.text import Span, count_lines, line_start
+from data_pipes.errors import DataError, OptionError
+from data_pipes.schema import DatasetMeta
+
+
+def criteo_text(n: int, seed: int, day: int = 0) -> bytes:
+    """Criteo-format rows with skewed categorical values (so min_count drops some) and empty fields."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n):
+        dense = ["" if rng.random() < 0.2 else str(int(rng.integers(-3, 5000))) for _ in range(13)]
+        sparse = ["" if rng.random() < 0.1 else f"{int(rng.zipf(1.5)) % (7 + 40 * j):08x}" for j in range(26)]
+        sparse[0] = f"d{day:07d}"
+        lines.append("\t".join([str(int(rng.random() < 0.3)), *dense, *sparse]))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def layout(root: Path) -> tuple:
+    """Everything a data set is: metadata (input paths aside), transform files, and per Parquet file
+    its row groups' sizes and its content."""
+    meta = json.loads((root / "metadata.json").read_text())
+    for i in meta["source"]["inputs"]:
+        i.pop("path")
+    transform = sorted(
+        (p.relative_to(root).as_posix(), p.read_bytes()) for p in (root / "transform").rglob("*") if p.is_file()
+    )
+    files = []
+    for split, names in DatasetMeta.load(root).splits.items():
+        for name in names:
+            pf = pq.ParquetFile(root / name)
+            groups = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            files.append((split, name, groups, pf.read().to_pydict()))
+    return json.dumps(meta, sort_keys=True), transform, files
+
+
+SMALL = dict(block_size=4096, rows_per_file=1500, row_group_rows=256, progress=False)
+
+
+@pytest.mark.parametrize("mode", [dict(min_count=2), dict(hash_buckets=97)])
+def test_byte_ranges_give_the_jobs_1_data_set(tmp_path, monkeypatch, mode):
+    text = criteo_text(1500, seed=1)
+    src = tmp_path / "train.txt"
+    src.write_bytes(text[:-1])  # no line end after the last row
+    one = convert_criteo(src, tmp_path / "one", seed=3, **mode, **SMALL)
+    planned = []
+    monkeypatch.setattr(job_mod, "plan_shards", lambda job: planned.extend(plan_shards(job)) or planned)
+    many = convert_criteo(src, tmp_path / "many", seed=3, jobs=3, **mode, **SMALL)
+    assert len(planned) == 12 and planned[-1].span.row > 1300  # byte ranges, numbered as in the whole file
+    assert one.meta.rows == many.meta.rows and sum(one.meta.rows.values()) == 1500
+    assert layout(tmp_path / "one") == layout(tmp_path / "many")
+    assert not (tmp_path / "many" / ".spool").exists()
+
+
+def test_day_files_plain_and_gzip_give_the_jobs_1_data_set(tmp_path):
+    days = tmp_path / "days"
+    days.mkdir()
+    for d in range(4):
+        text = criteo_text(400, seed=10 + d, day=d)
+        (days / f"day_{d}.gz").write_bytes(gzip.compress(text)) if d % 2 else (days / f"day_{d}").write_bytes(text)
+    one = convert_criteo(days, tmp_path / "one", min_count=1, **SMALL)
+    convert_criteo(days, tmp_path / "two", min_count=1, jobs=2, **SMALL)
+    assert one.meta.rows["train"] == 3 * 400
+    assert layout(tmp_path / "one") == layout(tmp_path / "two")
+
+
+def test_errors_in_a_worker_name_the_line_of_the_whole_file(tmp_path):
+    lines = criteo_text(1200, seed=2).decode().splitlines()
+    lines[1100] = lines[1100].replace("\t", "", 1)  # one column short
+    src = tmp_path / "bad.txt"
+    src.write_text("\n".join(lines) + "\n")
+    for jobs in (1, 2):
+        with pytest.raises(DataError, match=r"row 1101: expected 40 tab-separated columns, got 39"):
+            convert_criteo(src, tmp_path / f"out{jobs}", jobs=jobs, **SMALL)
+        assert not (tmp_path / f"out{jobs}").exists()
+
+
+def test_line_starts_and_counts(tmp_path):
+    p = tmp_path / "t"
+    p.write_bytes(b"ab\ncd\n\nef")
+    assert [line_start(p, o) for o in range(10)] == [0, 3, 3, 3, 6, 6, 6, 7, 9, 9]
+    assert count_lines(p, 0, 9) == 4 and count_lines(p, 3, 7) == 2 and count_lines(p, 7, 9) == 1
+    assert Span().whole and not Span(0, 9).whole
+    with pytest.raises(OptionError, match="--jobs"):
+        ConvertOptions(jobs=0)
