@@ -14,10 +14,19 @@ and the command exits with status 2. Anything else is a bug: it keeps its traceb
 from __future__ import annotations
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 class UserError(Exception):
     """A mistake in what the user gave us; the message is one line that names the culprit."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class Interrupted(UserError):
+    """The user pressed Ctrl-C (SIGINT): one line saying where the run stopped and how to go on; exit 130."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 class InputNotFound(UserError, FileNotFoundError):

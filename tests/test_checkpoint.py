@@ -34,6 +34,7 @@ from mlet_torchrec.training.checkpoint import (
     save_checkpoint,
 )
 from mlet_torchrec.training.distributed import process_group
+from mlet_torchrec.training.locks import LOCK_FILE, RunDirLock
 from mlet_torchrec.training.run_dir import prepare_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,8 +237,8 @@ def test_not_a_checkpoint(tmp_path):
 
 def _prepare(run_dir, data, *extra):
     cfg = load_config(None, [f"run.dir={run_dir}", f"data.path={data}", *extra])
-    with process_group("cpu") as ctx:
-        return prepare_run_dir(cfg, Path(cfg.run.dir), ctx)
+    with process_group("cpu") as ctx, RunDirLock(cfg.run.dir) as lock:
+        return prepare_run_dir(cfg, Path(cfg.run.dir), ctx, lock)
 
 
 def test_run_dir_is_claimed_with_the_marker(tmp_path):
@@ -284,7 +285,7 @@ def test_start_over_deletes_only_the_checkpoints(tmp_path):
     (run / "metrics.jsonl").write_text("{}\n")
     assert _prepare(run, tmp_path / "data").name == "step_00000002"  # resume finds it
     assert _prepare(run, tmp_path / "data", "run.resume=false") is None
-    assert sorted(p.name for p in run.iterdir()) == [MARKER, "checkpoints", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, MARKER, "checkpoints", "metrics.jsonl"]
     assert _names(run / "checkpoints") == []
 
 

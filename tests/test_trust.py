@@ -11,10 +11,13 @@ import json
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from test_bad_inputs import mlet, one_error_line
+from test_bad_inputs import MLET, mlet, one_error_line
 
 from data_pipes.schema import DatasetMeta
 from mlet_torchrec.io import UnsafeName
@@ -198,3 +201,57 @@ def test_byte_entries_load_without_code(tmp_path):
     dcp.save({"w": torch.ones(2), "extra": 0.5}, checkpoint_id=str(tmp_path / "d"), no_dist=True)
     safe_dcp.load(state, tmp_path / "d", no_dist=True)
     assert state["extra"] == 0.5 and state["w"].sum() == 2
+
+
+# ---------------------------------------------------------------------------------- live jobs
+
+
+def _start(args: list[str], cwd: Path, err: Path) -> subprocess.Popen:
+    """``mlet ARGS`` in a session of its own, as a terminal runs it (Ctrl-C reaches its whole group)."""
+    return subprocess.Popen(
+        [*MLET, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=open(err, "w"), start_new_session=True
+    )
+
+
+def _wait_for(what, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert proc.poll() is None, f"the job ended early with status {proc.returncode}"
+        assert time.monotonic() < deadline, "timed out waiting for the job"
+        time.sleep(0.2)
+
+
+def _ctrl_c(proc: subprocess.Popen, err: Path) -> str:
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, err.read_text()[-3000:]
+    text = err.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    errors = [ln for ln in text.splitlines() if "error:" in ln]
+    assert len(errors) == 1, text[-3000:]
+    return errors[0]
+
+
+def test_live_run_is_locked_readable_and_interruptible(trained, tmp_path):
+    """A run being trained: a second writer is refused naming the first; a collapse of it (rotation at every
+    checkpoint) succeeds; Ctrl-C ends it in one line with exit 130, and the same command resumes it."""
+    train = ["train", "--config", "tiny", "--input", str(trained["data"]), "--output", "run"]
+    train += ["train.epochs=1000", "train.checkpoint_every=3", "train.keep_checkpoints=1"]
+    first = _start(train, tmp_path, tmp_path / "first.err")
+    try:
+        _wait_for(lambda: any((tmp_path / "run" / "checkpoints").glob("step_*")), first)
+        p = mlet(*train, cwd=tmp_path)
+        one_error_line(p, "run is in use by another job", f"pid {first.pid} on host")
+        p = mlet("collapse", "--input", "run", "--output", "col", "--check-split", "none", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        line = _ctrl_c(first, tmp_path / "first.err")
+        assert "interrupted at step" in line and "resume with the same command" in line, line
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    again = _start(train, tmp_path, tmp_path / "again.err")
+    try:
+        _wait_for(lambda: "resuming from" in (tmp_path / "again.err").read_text(), again)
+        _ctrl_c(again, tmp_path / "again.err")
+    finally:
+        if again.poll() is None:
+            os.killpg(again.pid, signal.SIGKILL)

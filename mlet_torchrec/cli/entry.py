@@ -20,14 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mlet_torchrec.errors import EXIT_USER_ERROR, UserError
+from mlet_torchrec.errors import EXIT_INTERRUPTED, UserError
 from mlet_torchrec.logs import configure_logging
 
 T = TypeVar("T")
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None, name: Callable[[argparse.Namespace], str]) -> int:
-    """Parse ``argv``, configure logging, run the subcommand; a ``UserError`` -> one line on stderr, exit 2."""
+    """Parse ``argv``, configure logging, run the subcommand; a ``UserError`` -> one line on stderr, exit 2
+    (130 for :class:`~mlet_torchrec.errors.Interrupted`, and for a Ctrl-C anywhere else)."""
     args = parser.parse_args(argv)
     configure_logging(getattr(args, "log_level", "INFO"))
     func: Callable[[argparse.Namespace], int] = args.func
@@ -36,7 +37,10 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, name: Callable[
     except UserError as e:
         message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the source wrote
         print(f"{name(args)}: error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{name(args)}: error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def print_summary(summary: dict[str, Any], lines: list[str], as_json: bool) -> None:

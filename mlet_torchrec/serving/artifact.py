@@ -32,8 +32,10 @@ from mlet_torchrec.errors import InputNotFound, UserError
 from mlet_torchrec.io import check_name, sha256_file
 from mlet_torchrec.models import CTRModel, build_model
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
-from mlet_torchrec.training.checkpoint import load_model_state, read_checkpoint_info, resolve_checkpoint
-from mlet_torchrec.training.safe_dcp import DCP_METADATA, read_metadata
+from mlet_torchrec.training.checkpoint import load_model_state, read_checkpoint_info
+from mlet_torchrec.training.locks import CheckpointPin
+from mlet_torchrec.training.run_dir import pinned_checkpoint
+from mlet_torchrec.training.safe_dcp import DCP_METADATA, METADATA_SHA256, read_metadata
 
 MANIFEST = "manifest.json"
 STATE_ROOT = "model"  # every DCP state dict of the project is {"model": model.state_dict()}
@@ -87,7 +89,7 @@ def read_manifest(collapsed: Path | str) -> dict[str, Any]:
 
 def _check_against_dcp(collapsed: Path, path: Path, manifest: dict[str, Any], tables: dict[str, ManifestTable]) -> None:
     """The recorded ``.metadata`` hash and every table's (rows, d) against the DCP metadata."""
-    recorded = manifest.get("dcp_metadata_sha256")
+    recorded = manifest.get(METADATA_SHA256)
     if recorded is not None and recorded != sha256_file(collapsed / DCP_METADATA):
         raise ManifestError(f"{path}: {collapsed / DCP_METADATA} does not match the SHA-256 the manifest records")
     stored = read_metadata(collapsed).state_dict_metadata
@@ -122,6 +124,7 @@ class Artifact:
     model: CTRModel  # the structure: tables on the meta device until materialize() / shard()
     info: dict[str, Any] = field(default_factory=dict)  # checkpoint.json (step, world_size) or the manifest
     loaded: bool = False
+    pin: CheckpointPin | None = None  # held while the artifact lives: see mlet_torchrec.training.locks
 
     @property
     def step(self) -> int:
@@ -203,11 +206,11 @@ def load_artifact(path: Path | str) -> Artifact:
         meta = DatasetMeta.load(config.data.path) if has_data else meta_from_manifest(man)
         model = build_model(config.model, config.embedding, meta, device=meta_dev, collapsed=True)
         return Artifact(path, "collapsed", config, meta, model, man)
-    ckpt = resolve_checkpoint(path)
+    ckpt, held = pinned_checkpoint(path)  # a live run's rotation cannot remove it while this artifact lives
     config = load_config(ckpt / "config.yaml")
     meta = DatasetMeta.load(config.data.path)
     model = build_model(config.model, config.embedding, meta, device=meta_dev)
-    return Artifact(ckpt, "checkpoint", config, meta, model, read_checkpoint_info(ckpt))
+    return Artifact(ckpt, "checkpoint", config, meta, model, read_checkpoint_info(ckpt), pin=held)
 
 
 def load_factored(checkpoint: Path | str) -> tuple[CTRModel, ExperimentConfig, DatasetMeta, Path]:

@@ -87,6 +87,7 @@ from mlet_torchrec.serving.layout import (
 from mlet_torchrec.serving.manifest import PLAN_FILE, manifest
 from mlet_torchrec.serving.sharded_product import Exchange, collapse_boxes, sharded_tensor
 from mlet_torchrec.training.checkpoint import load_dcp
+from mlet_torchrec.training.safe_dcp import DCP_METADATA, METADATA_SHA256
 from mlet_torchrec.training.table_size import fp32_table_bytes
 
 log = logging.getLogger("mlet.collapse")
@@ -408,7 +409,7 @@ def _run(job: _Job, a: _Args, rank: int, world: int, device: torch.device) -> Co
             embedding_prefix=f"{STATE_ROOT}.{job.ebc_path}.",
             extra_tables={key: (cfg, f"{STATE_ROOT}.{key}") for key, cfg in job.extra_configs.items()},
         )
-        man["dcp_metadata_sha256"] = sha256_file(tmp / ".metadata") if is_main else None
+        man[METADATA_SHA256] = sha256_file(tmp / DCP_METADATA) if is_main else None
         if is_main:
             man["transform_identity"] = carry_transform(source.config.data.path, tmp)
             atomic_write_text(tmp / MANIFEST, json.dumps(man, indent=2))

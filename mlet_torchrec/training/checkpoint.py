@@ -57,14 +57,14 @@ from mlet_torchrec.io import (
     sweep_stale_in,
 )
 from mlet_torchrec.training import safe_dcp
-from mlet_torchrec.training.safe_dcp import DCP_METADATA, UnsafeCheckpoint
+from mlet_torchrec.training.locks import unless_pinned
+from mlet_torchrec.training.safe_dcp import DCP_METADATA, METADATA_SHA256, UnsafeCheckpoint
 from mlet_torchrec.training.staging import CopyStager
 
 log = logging.getLogger("mlet.checkpoint")
 
 CHECKPOINT_META = "checkpoint.json"
 LATEST = "LATEST"
-METADATA_SHA256 = "dcp_metadata_sha256"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
@@ -241,8 +241,9 @@ def remove_checkpoints(run_dir: Path | str) -> list[Path]:
 
 def _rotate(root: Path, keep: int, protect: Path) -> None:
     for old in complete_checkpoints(root)[:-keep]:
-        if old != protect and not remove_output(old):
-            log.warning("not deleting %s (keep_checkpoints=%d): it lacks mlet's marker", old, keep)
+        with unless_pinned(old) as free:  # a reader (collapse, evaluate) pins the one it reads
+            if old != protect and free and not remove_output(old):
+                log.warning("not deleting %s (keep_checkpoints=%d): it lacks mlet's marker", old, keep)
 
 
 def save_checkpoint(
@@ -368,7 +369,7 @@ class PendingCheckpoint:
             raise self.fail(err)
         if self.out is not None:  # rank 0 commits what every rank agreed is complete
             try:
-                _record_metadata_hash(self.out.tmp)
+                safe_dcp.record_sha256(self.out.tmp, CHECKPOINT_META)
                 self.out.commit()
             except (OSError, UserError) as e:
                 err = describe_exception(e)
@@ -389,13 +390,6 @@ class PendingCheckpoint:
         self._wait()
         if self.out is not None:
             self.out.abort()
-
-
-def _record_metadata_hash(tmp: Path) -> None:
-    """Add the SHA-256 of the finished DCP ``.metadata`` to ``checkpoint.json`` (checked on every read)."""
-    meta = json.loads((tmp / CHECKPOINT_META).read_text())
-    meta[METADATA_SHA256] = sha256_file(tmp / DCP_METADATA)
-    atomic_write_text(tmp / CHECKPOINT_META, json.dumps(meta, indent=2, default=str))
 
 
 def _full_disk_note(path: Path) -> str:

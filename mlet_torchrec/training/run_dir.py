@@ -13,9 +13,11 @@ picks the checkpoint to resume from; ``run.resume=false`` deletes only the check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -23,7 +25,7 @@ import torch.distributed as dist
 
 from data_pipes.transform import dataset_identity, ref_identity, write_ref
 from mlet_torchrec.config import ConfigError, ExperimentConfig
-from mlet_torchrec.errors import UserError
+from mlet_torchrec.errors import Interrupted, UserError
 from mlet_torchrec.io import OutputError, claim_directory, remove_output
 from mlet_torchrec.training.checkpoint import (
     CheckpointError,
@@ -32,8 +34,11 @@ from mlet_torchrec.training.checkpoint import (
     latest_checkpoint,
     remove_checkpoints,
     remove_incomplete,
+    resolve_checkpoint,
 )
 from mlet_torchrec.training.distributed import DistContext
+from mlet_torchrec.training.locks import CheckpointPin, RunDirBusy, RunDirLock, pin
+from mlet_torchrec.training.results import StepEvent
 
 if TYPE_CHECKING:  # imported where used: TensorBoard is slow to import
     from torch.utils.tensorboard import SummaryWriter
@@ -51,15 +56,17 @@ def _broadcast(value: Any) -> Any:
     return box[0]
 
 
-def prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext) -> Path | None:
+def prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext, lock: RunDirLock) -> Path | None:
     """Rank 0 claims the run directory (created with mlet's marker, or one that has it; never the
-    data, the working directory, home or root, nor a directory of foreign files), clears interrupted
-    checkpoint writes and picks the checkpoint to resume from (None: start at step 0); every rank
-    gets its decision, or its error."""
+    data, the working directory, home or root, nor a directory of foreign files), takes its ``lock``
+    (held until the job ends; refused while another job holds it), clears interrupted checkpoint
+    writes and picks the checkpoint to resume from (None: start at step 0); every rank gets its
+    decision, or its error."""
     decision: Any = None
     if ctx.is_main:
         try:
             claim_directory(run_dir, command="train", inputs=[config.data.path])
+            lock.acquire()  # before the sweep below: the temporaries it removes are then no live job's
             for leftover in remove_incomplete(run_dir):
                 log.info("removed %s (an interrupted checkpoint write)", leftover)
             if config.run.resume:
@@ -82,7 +89,8 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext) -
             decision = ("ConfigError", f"cannot prepare run.dir {run_dir}: {type(e).__name__}: {e}")
     kind, value = _broadcast(decision)
     if kind != "ok":
-        raise {"OutputError": OutputError, "CheckpointError": CheckpointError}.get(kind, ConfigError)(value)
+        errors = {"OutputError": OutputError, "CheckpointError": CheckpointError, "RunDirBusy": RunDirBusy}
+        raise errors.get(kind, ConfigError)(value)
     return None if value is None else Path(value)
 
 
@@ -101,6 +109,19 @@ def record_transform(run_dir: Path, data: Path | str, resuming: bool) -> None:
             f"with ({before[:12]}); convert the new data with --features-from {run_dir}"
         )
     write_ref(run_dir, data, identity)
+
+
+def pinned_checkpoint(path: Path | str, tries: int = 100) -> tuple[Path, CheckpointPin | None]:
+    """:func:`resolve_checkpoint` of a checkpoint or run directory, pinned (see ``locks.pin``) before it
+    is checked, so that a live run's rotation cannot delete it under its reader. If the newest one is
+    rotated away before the pin takes hold, the newest one then is taken (at most ``tries`` times)."""
+    for _ in range(tries):
+        found = committed_checkpoints(path)
+        target = found[-1] if found else Path(path)
+        held = pin(target) if target.is_dir() else None
+        if held is not None or not found:
+            return resolve_checkpoint(target), held
+    raise CheckpointError(f"{path}: its newest checkpoint was rotated away {tries} times while being opened")
 
 
 class RunLog:
@@ -160,3 +181,35 @@ def discard_fresh_run_dir(run_dir: Path | str, existed_before: bool) -> bool:
     if removed:
         log.debug("removed %s: the run failed before its first checkpoint", path)  # the error is the one line
     return removed
+
+
+class LastStep:
+    """A ``train`` hook that remembers the last step completed (for the Ctrl-C message)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def __call__(self, event: StepEvent) -> None:
+        self.step = event.step
+
+
+def interrupted(run_dir: Path | str, step: int) -> Interrupted:
+    """The one line of a Ctrl-C: the step reached and what the same command will do next."""
+    found = committed_checkpoints(checkpoint_root(run_dir))
+    if found:
+        return Interrupted(
+            f"interrupted at step {step}, resume with the same command (it goes on from the checkpoint "
+            f"{found[-1].name} in {run_dir})"
+        )
+    return Interrupted(f"interrupted at step {step}, before the first checkpoint: the same command starts over")
+
+
+@contextlib.contextmanager
+def interruptible(run_dir: Path | str) -> Iterator[LastStep]:
+    """Turns a Ctrl-C (``KeyboardInterrupt``) in the block into :func:`interrupted`'s one line; yields the
+    hook that tracks the step reached."""
+    last = LastStep()
+    try:
+        yield last
+    except KeyboardInterrupt:
+        raise interrupted(run_dir, last.step) from None

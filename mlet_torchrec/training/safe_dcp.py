@@ -21,6 +21,7 @@ through this module instead:
 from __future__ import annotations
 
 import io
+import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,11 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import ReadItem
 
 from mlet_torchrec.errors import UserError
-from mlet_torchrec.io import UnsafeName, check_name
+from mlet_torchrec.io import UnsafeName, atomic_write_text, check_name, sha256_file
 
 DCP_METADATA = ".metadata"
+METADATA_SHA256 = "dcp_metadata_sha256"
+"""The key under which ``checkpoint.json`` and a collapse's ``manifest.json`` record the hash of ``.metadata``."""
 MAX_METADATA_BYTES = 256 << 20
 """A ``.metadata`` larger than this is refused unread (a real one is kilobytes per thousand tensors)."""
 
@@ -169,3 +172,10 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 def load(state: dict[str, Any], checkpoint: Path | str, no_dist: bool = False) -> None:
     """``dcp.load(state, checkpoint_id=checkpoint)`` (in place), reading only data: see the module doc."""
     dcp.load(state, storage_reader=SafeReader(str(checkpoint)), planner=SafeLoadPlanner(), no_dist=no_dist)
+
+
+def record_sha256(directory: Path, info_file: str) -> None:
+    """Add the SHA-256 of ``directory/.metadata`` to the JSON file ``directory/info_file`` (checked on read)."""
+    info = json.loads((directory / info_file).read_text())
+    info[METADATA_SHA256] = sha256_file(directory / DCP_METADATA)
+    atomic_write_text(directory / info_file, json.dumps(info, indent=2, default=str))

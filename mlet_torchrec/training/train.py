@@ -80,10 +80,11 @@ from mlet_torchrec.training.guardrails import (
     nonfinite_weights,
     tables_do_not_fit,
 )
+from mlet_torchrec.training.locks import RunDirLock
 from mlet_torchrec.training.loop import LogitsView, LossWindow, StepDriver, TrainStep
 from mlet_torchrec.training.optim import ScheduledOptimizer
 from mlet_torchrec.training.results import StepEvent, StepHook, TrainResult, table_bytes
-from mlet_torchrec.training.run_dir import METRICS_FILE, RunLog, discard_fresh_run_dir, prepare_run_dir
+from mlet_torchrec.training.run_dir import METRICS_FILE, RunLog, discard_fresh_run_dir, interruptible, prepare_run_dir
 from mlet_torchrec.training.state import (
     check_data_order,
     check_optimizer_layout,
@@ -143,9 +144,10 @@ def train(config: ExperimentConfig, hooks: Sequence[StepHook] = ()) -> TrainResu
     unless the caller set the group up.
     """
     existed_before = Path(config.run.dir).exists()
-    with process_group(config.run.device) as ctx:
+    with process_group(config.run.device) as ctx, RunDirLock(config.run.dir) as lock:
         try:
-            return _train(config, hooks, ctx)
+            with interruptible(config.run.dir) as last:  # Ctrl-C: one line, exit 130, resumable
+                return _train(config, [*hooks, last], ctx, lock)
         except UserError:
             # several ranks may fail at different steps: the local launcher's parent cleans up for them
             if ctx.world_size == 1:
@@ -153,11 +155,11 @@ def train(config: ExperimentConfig, hooks: Sequence[StepHook] = ()) -> TrainResu
             raise
 
 
-def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext) -> TrainResult:
+def _train(config: ExperimentConfig, hooks: Sequence[StepHook], ctx: DistContext, lock: RunDirLock) -> TrainResult:
     run_dir = Path(config.run.dir)
     meta = DatasetMeta.load(config.data.path)
     _check_config_against_data(config, meta, ctx)
-    resume_from = prepare_run_dir(config, run_dir, ctx)
+    resume_from = prepare_run_dir(config, run_dir, ctx, lock)
     resume_info: dict[str, Any] = {}
     warm_from = None  # run.init_from's checkpoint, when this run starts from another one's state
     if resume_from is not None:
