@@ -228,10 +228,11 @@ def test_stock_torchrec_loads_at_other_world_sizes(trained, collapsed2):
     _assert_equal_state(plain.state_dict(), trained["reference"])
 
     # the documented stock-TorchRec snippet, as written, at world size 1
-    from mlet_torchrec.serving.export import SERVING_MD
+    from mlet_torchrec.serving.artifact import read_manifest
+    from mlet_torchrec.serving.serving_doc import serving_md
 
     scope: dict = {}
-    exec(_snippet(SERVING_MD, 1, {'"path/to/collapsed"': repr(str(out4))}), scope)
+    exec(_snippet(serving_md(read_manifest(out4)), 1, {'"path/to/collapsed"': repr(str(out4))}), scope)
     for name, bag in scope["ebc"].embedding_bags.items():
         torch.testing.assert_close(
             bag.weight.detach(), trained["reference"][f"{EBC}.embedding_bags.{name}.weight"], atol=1e-6, rtol=1e-5
@@ -247,10 +248,10 @@ def test_int8_export_of_the_trained_model(trained, collapsed2):
     assert abs(report["fp32_metrics"]["auc"] - trained["summary"]["test"]["auc"]) < 1e-5
     assert 0 < report["int8_table_bytes"] < report["fp32_table_bytes"]
 
-    from mlet_torchrec.serving.export import SERVING_MD, read_safetensors
+    from mlet_torchrec.serving.export import read_safetensors
 
     scope: dict = {}
-    exec(_snippet(SERVING_MD, 0, {'"path/to/export"': repr(str(out))}), scope)
+    exec(_snippet((out / "SERVING.md").read_text(), 0, {'"path/to/export"': repr(str(out))}), scope)
     assert scope["probs"].shape == (2,) and bool(((scope["probs"] > 0) & (scope["probs"] < 1)).all())
     tables, meta = read_safetensors(out / "tables.safetensors")
     plain = load_collapsed(collapsed2)[0].state_dict()

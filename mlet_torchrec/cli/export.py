@@ -1,4 +1,4 @@
-"""``mlet export --input COLLAPSED_DIR --output DIR [--int8] [--shards N] [--format safetensors|npy] [--no-check]``.
+"""``mlet export --input COLLAPSED_DIR --output DIR [--int8] [--shards N] [--format safetensors npy] [--no-check]``.
 
 A collapsed model -> TorchRec's inference package (TorchScript modules with TorchRec's dict signature: FP32 always,
 INT8 with ``--int8`` checked against FP32 AUC, sharded INT8 with ``--shards``) and every table as plain float32
@@ -48,10 +48,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--int8", action="store_true", help="TorchRec's quantized (INT8) inference model, TorchScript")
     p.add_argument(
         "--format",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         choices=["safetensors", "npy"],
-        help="also write every table as plain float32 arrays (repeatable)",
+        help="also write every table as plain float32 arrays: one or both formats (--format safetensors npy)",
     )
     p.add_argument(
         "--shards",

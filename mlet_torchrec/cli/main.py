@@ -2,7 +2,7 @@
 
     mlet train --config FILE_OR_NAME [key.sub=value ...] [--nproc-per-node N] [--seed S]
     mlet collapse --input RUN_DIR --output DIR [--nproc-per-node N] [--output-sharding same]
-    mlet export --input COLLAPSED_DIR --output DIR [--int8] [--shards N] [--format safetensors|npy] [--no-check]
+    mlet export --input COLLAPSED_DIR --output DIR [--int8] [--shards N] [--format safetensors npy] [--no-check]
     mlet evaluate --input RUN_OR_COLLAPSED_DIR [--split test] [--nproc-per-node N] [--auc histogram|exact]
     mlet predict --input RUN|COLLAPSED|EXPORT [--data DATASET] [--split S] --output FILE.parquet [--precision fp32]
     mlet synth --output DIR [--config FILE_OR_NAME] [key=value ...]

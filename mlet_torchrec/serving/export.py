@@ -14,9 +14,9 @@ TorchRec (``tables/<table>.npy``, or one ``tables.safetensors`` whose ``__metada
 manifest's table entries). Tables are streamed from the DCP checkpoint into memory-mapped files,
 one table at a time.
 
-How to load and call the INT8 model, and how to load the FP32 collapsed model with stock TorchRec
-without this package: ``SERVING_MD`` below, also written to ``OUT/SERVING.md`` (the tests run
-its code blocks as written).
+How to load and call the modules, and how to load the FP32 collapsed model with stock TorchRec without
+this package: ``OUT/SERVING.md``, written for the export's model by
+:func:`mlet_torchrec.serving.serving_doc.serving_md` (the tests run its code blocks as written).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from mlet_torchrec.serving.artifact import (
     load_artifact,
     read_manifest,
 )
+from mlet_torchrec.serving.serving_doc import serving_md
 from mlet_torchrec.serving.torchrec_package import (
     PREDICT_FP32,
     PREDICT_INT8,
@@ -67,53 +68,6 @@ SAFETENSORS_FILE = "tables.safetensors"
 REPORT_FILE = "export_report.json"
 SERVING_DOC = "SERVING.md"
 FORMATS = ("npy", "safetensors")
-
-SERVING_MD = """# Serving an `mlet export`
-
-## The INT8 model (TorchRec's quantized inference model, TorchScript, TorchRec's dict signature)
-
-```python
-import json, torch
-import torchrec  # registers FBGEMM's INT8 embedding kernels with TorchScript
-
-EXPORT = "path/to/export"  # the directory `mlet export --int8` wrote
-manifest = json.load(open(f"{EXPORT}/manifest.json"))
-model = torch.jit.load(f"{EXPORT}/predict_int8.pt")  # predict_fp32.pt: the FP32 model, same signature
-# a batch of 2 rows: dense features (2, #dense) float32, one id per sparse feature and row
-keys = manifest["sparse_features"]
-batch = {
-    "float_features": torch.zeros(2, len(manifest["dense_features"])),
-    "id_list_features.lengths": torch.ones(2 * len(keys), dtype=torch.int64),
-    "id_list_features.values": torch.zeros(2 * len(keys), dtype=torch.int64),  # feature-major
-}
-probs = model(batch)["default"]  # (2,) click probabilities
-```
-
-Sparse features go in the manifest's `sparse_features` order, feature-major (all rows of the first
-feature, then the second...); bags of several ids (lengths > 1) are pooled as the manifest's `pooling` says.
-
-## The FP32 collapsed model with stock TorchRec (any world size: DCP reshards)
-
-```python
-import json, torch, torch.distributed.checkpoint as dcp
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-from torchrec.modules.embedding_configs import PoolingType
-
-COLLAPSED = "path/to/collapsed"  # the directory `mlet collapse` wrote
-m = json.load(open(f"{COLLAPSED}/manifest.json"))
-ebc = EmbeddingBagCollection(tables=[
-    EmbeddingBagConfig(name=name, embedding_dim=t["d"], num_embeddings=t["rows"],
-                       feature_names=t["features"], pooling=PoolingType[t["pooling"].upper()])
-    for name, t in m["tables"].items()])
-prefix = m["state_dict"]["embedding_bag_collection"]  # "model.net.sparse_arch.embedding_bag_collection."
-state = {prefix + k: v for k, v in ebc.state_dict().items()}  # a DMP-sharded EBC's ShardedTensors work too
-dcp.load(state, checkpoint_id=COLLAPSED)  # in a job: on every rank, with its own shards
-```
-
-The whole model is `torchrec.models.dlrm.DLRM(ebc, **m["architecture"])`, its keys under
-`m["state_dict"]["model_prefix"]`. `tables.safetensors` / `tables/<table>.npy` (from `--format`) hold
-the same d-dim tables as float32 (n, d) arrays.
-"""
 
 
 class Int8QualityError(ValueError):
@@ -291,6 +245,7 @@ def export(
             report.table_files.update({f"{fmt}:{k}": v for k, v in export_tables(collapsed, tmp, fmt).items()})
         out_manifest = dict(man)
         model = art.materialize()
+        out_manifest["net_class"] = f"{type(model.net).__module__}.{type(model.net).__qualname__}"
         out_manifest["predict_modules"] = write_predict_modules(model, art.meta, tmp, int8, shards, report)
         if int8 and check:
             if nproc_per_node > 1:
@@ -314,7 +269,7 @@ def export(
         out_manifest["transform_identity"] = carry_transform(collapsed, tmp)
         (tmp / MANIFEST).write_text(json.dumps(out_manifest, indent=2))
         shutil.copy(collapsed / "config.yaml", tmp / "config.yaml")
-        (tmp / SERVING_DOC).write_text(SERVING_MD)
+        (tmp / SERVING_DOC).write_text(serving_md(out_manifest))
         report.seconds = time.perf_counter() - start
         (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
     return report

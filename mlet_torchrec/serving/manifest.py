@@ -35,7 +35,7 @@ def manifest(
     embedding_prefix: str | None = None,
     extra_tables: dict[str, tuple[Any, str]] | None = None,
 ) -> dict[str, Any]:
-    """What serving needs to rebuild the stock model without this package (see ``export.SERVING_MD``).
+    """What serving needs to rebuild the stock model without this package (see ``serving_doc.serving_md``).
 
     ``tables``: the model's d-dim tables (one stock ``EmbeddingBagCollection``, keys under
     ``state_dict.embedding_bag_collection``); ``extra_tables``: tables of other EBCs the model has
