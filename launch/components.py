@@ -46,6 +46,16 @@ def _check_j(j: str, gpu: int) -> None:
         raise ValueError(f"-j {j} starts {nproc_per_node} processes per node but only {gpu} GPUs were requested")
 
 
+def _job_env(env: Optional[Dict[str, str]], j: str) -> Dict[str, str]:
+    # torchrun sets OMP_NUM_THREADS=1 for every worker of a multi-process node when it is unset, and says so
+    # in a banner on every run; set it here the same way (a user's own value wins), so the banner never shows.
+    _, _, nproc_per_node, _ = dist.parse_nnodes(j)
+    out = dict(env or {})
+    if nproc_per_node > 1:
+        out.setdefault("OMP_NUM_THREADS", "1")
+    return out
+
+
 def _single_role(app: specs.AppDef, role_name: str) -> specs.AppDef:
     # dist.ddp names the role after the module ("cli"); name it after the subcommand instead, so
     # pods, containers and Slurm jobs read e.g. mlet-train-xxxx-train-0.
@@ -74,6 +84,9 @@ def _with_max_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
 def train(
     config: str,
     *overrides: str,
+    input: Optional[str] = None,
+    output: Optional[str] = None,
+    seed: Optional[int] = None,
     j: str = "1x2",
     image: str = DEFAULT_IMAGE,
     name: str = "mlet-train",
@@ -88,12 +101,16 @@ def train(
     rdzv_port: int = 29500,
     debug: bool = False,
 ) -> specs.AppDef:
-    """Train a model: ``mlet train --config CONFIG [key.sub=value ...]`` on every process of the job.
+    """Train a model: ``mlet train --config CONFIG [--input DATA] [--output RUN_DIR] [--seed S] [key.sub=value ...]``
+    on every process of the job.
 
     Args:
         config: YAML config, a path inside the image's working directory (/app) or, for local_cwd
             and slurm, relative to the directory torchx runs from
-        overrides: config overrides ``key.sub=value`` (e.g. ``run.dir=/mnt/runs/x``); put them last
+        overrides: config overrides ``key.sub=value`` (e.g. ``train.epochs=2``); put them last
+        input: data set directory (short for ``data.path=...``)
+        output: run directory (short for ``run.dir=...``), on a file system every node sees
+        seed: seed of initialisation and data order (short for ``train.seed=...``)
         j: ``{nnodes}x{nproc_per_node}`` (``[{min_nnodes}:]{nnodes}x{nproc_per_node}`` for elastic);
             with GPUs, nproc_per_node must not exceed ``gpu``
         image: container image (local_docker, kubernetes); local_cwd and slurm run the current
@@ -112,10 +129,14 @@ def train(
         debug: turn on TorchX's distributed debug environment variables
     """
     _check_j(j, gpu)
+    shorthands: List[str] = []
+    for flag, value in (("--input", input), ("--output", output), ("--seed", seed)):
+        shorthands += [flag, str(value)] if value is not None else []
     app = dist.ddp(
         "train",
         "--config",
         config,
+        *shorthands,
         *overrides,
         m=MODULE,
         image=image,
@@ -125,7 +146,7 @@ def train(
         gpu=gpu,
         memMB=memMB,
         j=j,
-        env=dict(env or {}),
+        env=_job_env(env, j),
         max_retries=max_retries,
         rdzv_port=rdzv_port,
         mounts=mounts,
@@ -135,7 +156,7 @@ def train(
 
 
 def collapse(
-    checkpoint: str,
+    input: str,
     output: str,
     check_split: str = "test",
     overwrite: bool = False,
@@ -150,11 +171,11 @@ def collapse(
     mounts: Optional[List[str]] = None,
     max_retries: int = 0,
 ) -> specs.AppDef:
-    """Collapse: ``mlet collapse --input CHECKPOINT --output OUTPUT`` (W = W1·W2) on every process of the job
+    """Collapse: ``mlet collapse --input INPUT --output OUTPUT`` (W = W1·W2) on every process of the job
     (each multiplies the W1 shards it holds; the prediction check is sharded too).
 
     Args:
-        checkpoint: a training run directory or one of its checkpoints
+        input: a training run directory or one of its checkpoints
         output: directory for the plain d-dim model (must be empty unless ``overwrite``)
         check_split: split whose predictions are compared with the factored model, or ``none``
         overwrite: replace an existing output directory
@@ -170,7 +191,7 @@ def collapse(
         max_retries: resubmissions by the scheduler on failure (not on local_cwd)
     """
     _check_j(j, gpu)
-    args = ["collapse", "--input", checkpoint, "--output", output, "--check-split", check_split]
+    args = ["collapse", "--input", input, "--output", output, "--check-split", check_split]
     if overwrite:
         args.append("--overwrite")
     app = dist.ddp(
@@ -183,7 +204,7 @@ def collapse(
         gpu=gpu,
         memMB=memMB,
         j=j,
-        env=dict(env or {}),
+        env=_job_env(env, j),
         max_retries=max_retries,
         mounts=mounts,
     )
@@ -191,7 +212,7 @@ def collapse(
 
 
 def evaluate(
-    checkpoint: str,
+    input: str,
     split: str = "test",
     auc: str = "histogram",
     json: bool = False,
@@ -206,11 +227,11 @@ def evaluate(
     mounts: Optional[List[str]] = None,
     max_retries: int = 0,
 ) -> specs.AppDef:
-    """Evaluate: ``mlet evaluate --input CHECKPOINT --split SPLIT --auc AUC`` on every process of the job (each
+    """Evaluate: ``mlet evaluate --input INPUT --split SPLIT --auc AUC`` on every process of the job (each
     scores its slice); rank 0 logs what it scored and the metrics.
 
     Args:
-        checkpoint: a training run directory or checkpoint, or a ``collapse`` output directory
+        input: a training run directory or checkpoint, or a ``collapse`` output directory
         split: data split to evaluate
         auc: ``histogram`` (bounded memory, error bound reported) or ``exact`` (scores streamed to rank 0)
         json: rank 0 logs every metric as JSON instead of a two-line summary
@@ -229,7 +250,7 @@ def evaluate(
     app = dist.ddp(
         "evaluate",
         "--input",
-        checkpoint,
+        input,
         "--split",
         split,
         "--auc",
@@ -243,7 +264,7 @@ def evaluate(
         gpu=gpu,
         memMB=memMB,
         j=j,
-        env=dict(env or {}),
+        env=_job_env(env, j),
         max_retries=max_retries,
         mounts=mounts,
     )
@@ -304,7 +325,7 @@ def predict(
         gpu=gpu,
         memMB=memMB,
         j=j,
-        env=dict(env or {}),
+        env=_job_env(env, j),
         max_retries=max_retries,
         mounts=mounts,
     )

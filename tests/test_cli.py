@@ -133,7 +133,10 @@ def test_log_level_before_or_after_the_subcommand():
             "give --tune (every method) or --tune-baseline",
         ),
         (["sweep", "--config", "no/such.yaml", "--grid", "d=[4]", "--output", "r.jsonl"], "does not exist"),
-        (["sweep", "--grid", "d=[4]", "--output", "r.jsonl", "--in-process"], "--in-process needs --nproc-per-node 1"),
+        (
+            ["sweep", "--grid", "d=[4]", "--output", "r.jsonl", "--in-process", "--nproc-per-node", "2"],
+            "--in-process needs --nproc-per-node 1",
+        ),
         (["train", "--config", "tiny", "--nproc-per-node", "0"], "--nproc-per-node: invalid positive integer: '0'"),
         (["collapse", "--input", "x", "--output", "o", "--tolerance", "-1"], "--tolerance: invalid non-negative"),
         (["export", "--input", "x", "--output", "o", "--max-check-rows", "0"], "--max-check-rows: invalid positive"),

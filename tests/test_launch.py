@@ -188,7 +188,7 @@ def test_predict_takes_j_and_the_cli_flags():
 
 
 def test_evaluate_dryrun_runs_torchrun_with_j():
-    script = _dryrun("slurm", "evaluate", "--checkpoint", "/mnt/runs/x", "-j", "2x3", "--auc", "exact")
+    script = _dryrun("slurm", "evaluate", "--input", "/mnt/runs/x", "-j", "2x3", "--auc", "exact")
     srun = [line for line in script.splitlines() if "bash -c" in line]
     assert len(srun) == 2
     for line in srun:
@@ -242,7 +242,7 @@ def test_kubernetes_dryrun():
 
 @NEEDS_KUBERNETES
 def test_kubernetes_dryrun_uses_torchxconfig_queue_and_image():
-    job = yaml.safe_load(_dryrun("kubernetes", "evaluate", "--checkpoint", "/mnt/runs/x"))
+    job = yaml.safe_load(_dryrun("kubernetes", "evaluate", "--input", "/mnt/runs/x"))
     assert job["spec"]["queue"] == "default"  # from .torchxconfig
     (task,) = job["spec"]["tasks"]
     (container,) = task["template"]["spec"]["containers"]
@@ -400,19 +400,22 @@ def test_local_cwd_two_process_train_collapse_evaluate(tmp_path):
         "1x2",
         "--max_restarts",
         "1",
-        f"data.path={data}",
-        f"run.dir={run}",
+        "--input",
+        str(data),
+        "--output",
+        str(run),
         timeout=600,
     )
     assert out.stdout.startswith("local_cwd://")  # the app handle; _torchx checked that the job SUCCEEDED
+    assert "OMP_NUM_THREADS" not in out.stdout + out.stderr  # the component sets it as torchrun would: no banner
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] > 0
     assert (run / "checkpoints" / "LATEST").is_file()
 
-    out = _torchx(*local, f"{COMPONENTS}:collapse", "--checkpoint", str(run), "--output", str(collapsed), timeout=600)
+    out = _torchx(*local, f"{COMPONENTS}:collapse", "--input", str(run), "--output", str(collapsed), timeout=600)
     assert "max |p_collapsed - p_factored|" in out.stdout + out.stderr
     assert (collapsed / "manifest.json").is_file()
 
-    out = _torchx(*local, f"{COMPONENTS}:evaluate", "--checkpoint", str(collapsed), "--json", timeout=600)
+    out = _torchx(*local, f"{COMPONENTS}:evaluate", "--input", str(collapsed), "--json", "True", timeout=600)
     result = _log_json(out.stdout + out.stderr, "evaluate/0")
     assert abs(result["auc"] - metrics["test"]["auc"]) < 1e-5

@@ -271,11 +271,11 @@ def test_two_node_train_collapse_evaluate_match_local(cluster, work, data, local
     assert sorted(nodes) == sorted(cluster.nodes), nodes
 
     collapsed = run / "collapsed"
-    job = _submit(cluster, work, "collapse", "--checkpoint", str(run), "--output", str(collapsed), *NODE_RES)
+    job = _submit(cluster, work, "collapse", "--input", str(run), "--output", str(collapsed), *NODE_RES)
     assert _wait(cluster, job)["state"] == "COMPLETED", (work / f"slurm-{job}-collapse-0.err").read_text()[-3000:]
     assert (collapsed / "manifest.json").is_file()
 
-    job = _submit(cluster, work, "evaluate", "--checkpoint", str(collapsed), *NODE_RES)
+    job = _submit(cluster, work, "evaluate", "--input", str(collapsed), "--json", "True", *NODE_RES)
     assert _wait(cluster, job)["state"] == "COMPLETED", (work / f"slurm-{job}-evaluate-0.err").read_text()[-3000:]
     evaluated = _json_in((work / f"slurm-{job}-evaluate-0.out").read_text())
     for k in METRIC_KEYS:

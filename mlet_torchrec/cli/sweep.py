@@ -31,7 +31,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             tune=parse_grid(args.tune or args.tune_baseline or ""),
             tune_mlet=bool(args.tune),
             results=str(args.output),
-            base_overrides=list(args.overrides),
+            base_overrides=([f"data.path={args.input}"] if args.input is not None else []) + list(args.overrides),
             nproc=args.nproc_per_node,
             parallel=args.parallel,
             runs_dir=args.runs_dir,
@@ -99,8 +99,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "multiple of d)",
     )
     _add_tuning(p)
+    flags.add_input(p, "data set directory of every cell (short for data.path=...)", required=False)
     flags.add_output(p, "results store (JSON lines; appended, resumable)")
-    flags.add_nproc(p, 2, "training processes per cell")
+    flags.add_nproc(p, 1, "training processes per cell")
     p.add_argument("--parallel", type=flags.positive_int, default=1, help="cells at once (default 1)")
     p.add_argument(
         "--in-process",

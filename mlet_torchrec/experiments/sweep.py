@@ -84,7 +84,7 @@ class SweepSettings:
     tune_mlet: bool = False  # run the tuning axes for the MLET cells too (every method tuned alike)
     results: str = "results.jsonl"
     base_overrides: list[str] = field(default_factory=list)
-    nproc: int = 2
+    nproc: int = 1
     parallel: int = 1
     runs_dir: str | None = None
     freq_features: list[str] | None = None
