@@ -46,7 +46,7 @@ gpu-check: $(STAMP)
 # re-renders every report from its store. A few hours on 2 CPU cores; stopped, it resumes where it stopped (the
 # finished runs are in the stores). `mlet results run --dry-run` says what is left.
 results: $(STAMP)
-	$(VENV)/bin/mlet results run
+	$(VENV)/bin/mlet results run --jobs 2
 	$(VENV)/bin/mlet results report
 
 clean:
