@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -255,3 +256,33 @@ def test_live_run_is_locked_readable_and_interruptible(trained, tmp_path):
     finally:
         if again.poll() is None:
             os.killpg(again.pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------- launch environment
+
+
+def _stale_env(port: int) -> dict[str, str]:
+    """What an earlier torchrun or a copied job script leaves in a shell."""
+    return {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("nproc", ["2", "1"])
+def test_stale_distributed_environment_is_one_line(synth_dataset, tmp_path, nproc):
+    """--nproc-per-node 2 is refused at once; without it, waiting for the missing rank ends after the
+    rendezvous timeout in one line naming the address and port."""
+    env = {**_stale_env(_free_port()), "MLET_RENDEZVOUS_TIMEOUT_S": "2"}
+    args = [*MLET, "train", "--config", "tiny", "--input", str(synth_dataset()), "--output", "run"]
+    p = subprocess.run(
+        [*args, "--nproc-per-node", nproc], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    if nproc == "2":
+        one_error_line(p, "--nproc-per-node 2", "WORLD_SIZE=2", "unset")
+    else:
+        one_error_line(p, f"no rendezvous at 127.0.0.1:{env['MASTER_PORT']} within 2 s", "rank 0 of 2")
+    assert not (tmp_path / "run").exists()

@@ -59,7 +59,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     flags.add_input(p, "training run directory or one of its checkpoints")
     flags.add_output(p, "directory of the collapsed model")
     flags.add_overwrite(p)
-    flags.add_nproc(p, 1, "local processes, each collapsing its own W1 shards (ignored under torchrun/TorchX)")
+    flags.add_nproc(
+        p, 1, "local processes, each collapsing its own W1 shards (1 under torchrun/TorchX, which start the processes)"
+    )
     p.add_argument("--check-split", default="test", help="split to compare predictions on, or 'none'")
     p.add_argument(
         "--max-check-rows", type=flags.positive_int, default=None, help="compare at most this many rows (default all)"

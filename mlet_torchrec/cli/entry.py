@@ -57,8 +57,10 @@ def on_ranks(args: argparse.Namespace, call: Callable[[], T], fresh_dir: Path | 
     ``call`` is a library function written for every rank of a group, bound to its arguments with
     ``functools.partial``; see :func:`mlet_torchrec.training.launcher.run_local` (``fresh_dir`` too).
     """
+    from mlet_torchrec.training.distributed import check_launch_env
     from mlet_torchrec.training.launcher import in_distributed_job, run_local
 
+    check_launch_env(args.nproc_per_node)
     if args.nproc_per_node > 1 and not in_distributed_job():
         log_level = getattr(args, "log_level", "INFO")
         return run_local(args.nproc_per_node, call, log_level, getattr(args, "max_restarts", 0), fresh_dir)

@@ -53,5 +53,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="an export's INT8 model (default) or its FP32 one; runs and collapse outputs are FP32",
     )
     flags.add_overwrite(p)
-    flags.add_nproc(p, 1, "local processes, each scoring its slice of the split (ignored under torchrun/TorchX)")
+    flags.add_nproc(
+        p,
+        1,
+        "local processes, each scoring its slice of the split (1 under torchrun/TorchX, which start the processes)",
+    )
     p.set_defaults(func=_cmd_predict)

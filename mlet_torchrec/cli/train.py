@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     flags.add_input(p, "data set directory (short for data.path=...)", required=False)
     flags.add_output(p, "run directory: checkpoints, config.yaml, metrics (short for run.dir=...)", required=False)
     flags.add_seed(p, "seed of initialisation and data order (short for train.seed=...)")
-    flags.add_nproc(p, 1, "local processes (ignored under torchrun/TorchX)")
+    flags.add_nproc(p, 1, "local processes (1 under torchrun/TorchX, which start the processes)")
     flags.add_json(p, "print the whole summary as JSON (it is always in RUN_DIR/metrics.json)")
     p.add_argument("--max-restarts", type=flags.nonnegative_int, default=0, help="restarts of the local job on failure")
     p.add_argument(

@@ -81,6 +81,50 @@ def _restarted_attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
     return dist.PrefixStore(f"mlet/attempt_{attempt}", client)
 
 
+RENDEZVOUS_TIMEOUT_S = 300.0
+"""How long ranks started by hand (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR`` set, no torchrun) wait for each
+other; ``MLET_RENDEZVOUS_TIMEOUT_S`` overrides it. Under torchrun/TorchX the launcher's rendezvous has its own."""
+
+
+def _own_rendezvous() -> dist.Store | None:
+    """The store of ranks started without torchrun, made here so that waiting for the others ends, after
+    ``RENDEZVOUS_TIMEOUT_S``, in one line naming the address, port and ranks (None under torchrun)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return None
+    addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        wait = float(os.environ.get("MLET_RENDEZVOUS_TIMEOUT_S", RENDEZVOUS_TIMEOUT_S))
+        return dist.TCPStore(addr, int(port), world, is_master=rank == 0, timeout=datetime.timedelta(seconds=wait))
+    except (KeyError, ValueError) as e:
+        raise UserError(
+            f"a distributed environment without torchrun is incomplete or malformed ({e}): {_env()}"
+        ) from None
+    except (RuntimeError, OSError) as e:  # DistStoreError (a RuntimeError) on timeout; OSError: address in use
+        raise UserError(
+            f"no rendezvous at {addr}:{port} within {wait:.0f} s as rank {rank} of {world} "
+            f"({type(e).__name__}); the other ranks never came: is {_env()} left over from another job? "
+            "unset it, or start every rank"
+        ) from None
+
+
+DIST_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _env() -> str:
+    return " ".join(f"{k}={os.environ[k]}" for k in DIST_ENV if k in os.environ)
+
+
+def check_launch_env(nproc_per_node: int) -> None:
+    """``--nproc-per-node N`` (N > 1) starts a job of its own: refused, in one line, in a shell that holds a
+    distributed environment already (torchrun's variables left over), which would otherwise be joined."""
+    if nproc_per_node > 1 and "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        raise UserError(
+            f"--nproc-per-node {nproc_per_node} starts a job of its own, but this shell has a distributed "
+            f"environment already ({_env()}); unset those variables, or run without --nproc-per-node inside a job"
+        )
+
+
 def init_distributed(device: str = "auto") -> DistContext:
     """Join the process group torchrun/TorchX set up, or make a 1-process group when run directly.
 
@@ -97,7 +141,7 @@ def init_distributed(device: str = "auto") -> DistContext:
         if "WORLD_SIZE" not in os.environ:
             dist.init_process_group(backend=backend, timeout=timeout, store=dist.HashStore(), rank=0, world_size=1)
         else:
-            store = _restarted_attempt_store(timeout)
+            store = _restarted_attempt_store(timeout) or _own_rendezvous()
             if store is None:
                 dist.init_process_group(backend=backend, timeout=timeout)
             else:
