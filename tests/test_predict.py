@@ -105,7 +105,9 @@ def test_run_collapse_and_exports_predict_the_models_own_probabilities(world, na
 
 @pytest.mark.slow
 def test_two_ranks_write_the_one_process_file(world, tmp_path):
-    for kind in ("run_dlrm",):  # sharded over the ranks by TorchRec; an export is whole in every rank
+    """DLRM's run (tables sharded over the ranks by TorchRec) and DeepFM's INT8 export (whole in every rank)."""
+    kinds = ("run_dlrm", "export_deepfm")
+    for kind in kinds:
         one = predict(world[kind], world["day1"], "test", tmp_path / f"{kind}-1.parquet")
         two = run_local(2, partial(predict, world[kind], world["day1"], "test", tmp_path / f"{kind}-2.parquet"))
         assert one.rows == two.rows == 250 and two.world_size == 2
@@ -113,7 +115,7 @@ def test_two_ranks_write_the_one_process_file(world, tmp_path):
         p2, l2 = _read(Path(two.output))
         np.testing.assert_allclose(p2, p1, rtol=0, atol=1e-6)
         assert np.array_equal(l1, l2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"run_dlrm-{n}.parquet" for n in (1, 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{k}-{n}.parquet" for k in kinds for n in (1, 2))
 
 
 def test_refusals_are_one_line_and_leave_nothing(world, tmp_path):
