@@ -39,7 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlet_torchrec.modules.product import DEFAULT_BLOCK_ROWS, mlet_product  # noqa: E402
+from mlet_torchrec.modules.product import mlet_product  # noqa: E402
+from mlet_torchrec.options import BLOCK_ROWS  # noqa: E402
 from mlet_torchrec.serving.layout import Box  # noqa: E402
 from mlet_torchrec.serving.sharded_product import collapse_boxes  # noqa: E402
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--d", type=int, default=16)
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--block-rows", type=int, nargs="*", default=[4096, DEFAULT_BLOCK_ROWS, 65536])
+    p.add_argument("--block-rows", type=int, nargs="*", default=[4096, BLOCK_ROWS, 65536])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -74,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     }
     for b in args.block_rows:
         methods[f"blocked {b}"] = lambda b=b: mlet_product(w1, w2, out=out, block_rows=b)
-    methods[f"blocked-fp64 {DEFAULT_BLOCK_ROWS}"] = lambda: mlet_product(
-        w1, w2, out=out, block_rows=DEFAULT_BLOCK_ROWS, accumulate=torch.float64
+    methods[f"blocked-fp64 {BLOCK_ROWS}"] = lambda: mlet_product(
+        w1, w2, out=out, block_rows=BLOCK_ROWS, accumulate=torch.float64
     )
     methods["engine (collapse_boxes)"] = lambda: collapse_boxes({box_in: w1}, [box_in], [box_out], w2, rank=0)
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             best[name] = min(best[name], time.perf_counter() - start)
 
     ref = (w1[:1000].double() @ w2.double()).float()
-    mlet_product(w1, w2, out=out, block_rows=DEFAULT_BLOCK_ROWS)
+    mlet_product(w1, w2, out=out, block_rows=BLOCK_ROWS)
     assert torch.allclose(out[:1000], ref, atol=1e-4, rtol=1e-4)
 
     copy = best["copy W1"]

@@ -18,7 +18,7 @@ MAX_FUNCTION_LINES = 100
 LAYERS: list[str] = [
     "mlet_torchrec.errors mlet_torchrec.io mlet_torchrec.logs",  # foundation: no torch, no project imports
     "data_pipes",  # the data set contract: schema, reader, synth, converters
-    "mlet_torchrec.config",  # the typed config
+    "mlet_torchrec.config mlet_torchrec.options",  # the typed config; the verbs' choices and defaults
     "mlet_torchrec.modules",  # MLET tables and the one W1 @ W2 routine
     "mlet_torchrec.models",  # CTR models built on them
     "mlet_torchrec.evaluation",  # metrics and scoring (training evaluates while it trains)

@@ -10,6 +10,7 @@ import argparse
 import os
 from functools import partial
 
+from mlet_torchrec import options
 from mlet_torchrec.cli import flags
 from mlet_torchrec.cli.entry import on_ranks
 from mlet_torchrec.cli.flags import existing
@@ -69,20 +70,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--tolerance",
         type=flags.nonnegative_float,
-        default=1e-5,
-        help="largest |p_collapsed - p_factored| accepted (default 1e-05)",
+        default=options.COLLAPSE_TOLERANCE,
+        help=f"largest |p_collapsed - p_factored| accepted (default {options.COLLAPSE_TOLERANCE:g})",
     )
     p.add_argument(
         "--output-sharding",
         default="same",
-        choices=["same", "auto", "table_wise", "row_wise", "column_wise", "table_row_wise"],
+        choices=options.OUTPUT_SHARDINGS,
         help="sharding of the output tables: 'same' mirrors the input, others ask TorchRec's planner",
     )
-    p.add_argument("--block-rows", type=flags.positive_int, default=16384, help="rows per block of the W1 @ W2 product")
+    p.add_argument(
+        "--block-rows",
+        type=flags.positive_int,
+        default=options.BLOCK_ROWS,
+        help=f"rows per block of the W1 @ W2 product (default {options.BLOCK_ROWS})",
+    )
     p.add_argument(
         "--accumulate",
-        default="float32",
-        choices=["float32", "float64"],
+        default=options.ACCUMULATE[0],
+        choices=options.ACCUMULATE,
         help="precision of the product (rounded once to float32)",
     )
     p.set_defaults(func=_cmd_collapse)

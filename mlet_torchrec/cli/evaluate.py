@@ -11,6 +11,7 @@ import argparse
 from functools import partial
 from pathlib import Path
 
+from mlet_torchrec import options
 from mlet_torchrec.cli import flags
 from mlet_torchrec.cli.entry import on_ranks, print_summary
 from mlet_torchrec.cli.flags import existing
@@ -58,8 +59,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--auc",
-        default="histogram",
-        choices=["histogram", "exact"],
+        default=options.AUC_MODES[0],
+        choices=options.AUC_MODES,
         help="histogram: 2^16 logit bins, bounded memory, error bound reported (auc_error_bound); "
         "exact: every score streamed to rank 0 (memory grows with the split there)",
     )

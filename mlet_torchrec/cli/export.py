@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from mlet_torchrec import options
 from mlet_torchrec.cli import flags
 from mlet_torchrec.cli.flags import existing
 
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="extend",
         nargs="+",
         default=[],
-        choices=["safetensors", "npy"],
+        choices=options.EXPORT_FORMATS,
         help="also write every table as plain float32 arrays: one or both formats (--format safetensors npy)",
     )
     p.add_argument(
@@ -69,8 +70,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--auc-tolerance",
         type=flags.nonnegative_float,
-        default=1e-3,
-        help="largest |AUC INT8 - AUC FP32| accepted (default 0.001)",
+        default=options.AUC_TOLERANCE,
+        help=f"largest |AUC INT8 - AUC FP32| accepted (default {options.AUC_TOLERANCE:g})",
     )
     flags.add_nproc(p, 1, "local processes of the INT8 check, each scoring its slice of the split")
     p.set_defaults(func=_cmd_export)

@@ -36,9 +36,9 @@ from mlet_torchrec.evaluation.ranking import (
     average_precision_from_groups,
     exact_groups,
 )
+from mlet_torchrec.options import AUC_MODES
 
 AucMode = Literal["histogram", "exact"]
-AUC_MODES = ("histogram", "exact")
 EPS = 1e-7  # predictions are clamped to [EPS, 1 - EPS] for the LogLoss
 CHUNK = 1 << 16  # rows per message of the exact mode's stream to rank 0
 

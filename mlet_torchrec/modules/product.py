@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_BLOCK_ROWS = 16384
+from mlet_torchrec.options import BLOCK_ROWS
 
 
 def mlet_product(
@@ -35,7 +35,7 @@ def mlet_product(
     """``w1 @ w2``: differentiable when ``block_rows`` is None, else blocked into ``out`` (2-D, no grad)."""
     if block_rows is None and out is None and accumulate is None:
         return torch.matmul(w1, w2)
-    return _blocked(w1, w2, out, block_rows or DEFAULT_BLOCK_ROWS, accumulate or w1.dtype)
+    return _blocked(w1, w2, out, block_rows or BLOCK_ROWS, accumulate or w1.dtype)
 
 
 @torch.no_grad()

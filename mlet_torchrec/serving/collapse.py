@@ -65,7 +65,8 @@ from mlet_torchrec.io import (
     sha256_file,
 )
 from mlet_torchrec.models import CTRModel, build_model
-from mlet_torchrec.modules.product import DEFAULT_BLOCK_ROWS
+from mlet_torchrec.options import ACCUMULATE as ACCUMULATE_NAMES
+from mlet_torchrec.options import BLOCK_ROWS, COLLAPSE_TOLERANCE, OUTPUT_SHARDINGS
 from mlet_torchrec.serving.artifact import (
     MANIFEST,
     STATE_ROOT,
@@ -76,7 +77,6 @@ from mlet_torchrec.serving.artifact import (
 )
 from mlet_torchrec.serving.check import CollapseMismatch, check_predictions
 from mlet_torchrec.serving.layout import (
-    OUTPUT_SHARDINGS,
     Box,
     assign_boxes,
     check_cover,
@@ -95,7 +95,7 @@ log = logging.getLogger("mlet.collapse")
 REPORT_FILE = "collapse_report.json"
 COMMAND = "mlet collapse"
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
-ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+ACCUMULATE = {name: getattr(torch, name) for name in ACCUMULATE_NAMES}
 
 
 @dataclass
@@ -112,7 +112,7 @@ class CollapseReport:
     world_size: int = 1
     source_world_size: int = 1
     output_sharding: str = "same"
-    block_rows: int = DEFAULT_BLOCK_ROWS
+    block_rows: int = BLOCK_ROWS
     accumulate: str = "float32"
     collapse_seconds: float = 0.0
     check_seconds: float = 0.0
@@ -308,10 +308,10 @@ def collapse(
     output: Path | str,
     check_split: str | None = "test",
     max_check_rows: int | None = None,
-    tolerance: float = 1e-5,
+    tolerance: float = COLLAPSE_TOLERANCE,
     overwrite: bool = False,
     output_sharding: str = "same",
-    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_rows: int = BLOCK_ROWS,
     accumulate: str = "float32",
 ) -> CollapseReport:
     """Collapse ``checkpoint`` into ``output`` and verify the predictions on ``check_split``.

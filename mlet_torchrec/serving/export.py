@@ -41,6 +41,7 @@ from mlet_torchrec.evaluation.evaluate import score_split
 from mlet_torchrec.evaluation.metrics import MetricAccumulator
 from mlet_torchrec.io import atomic_output, path_inside
 from mlet_torchrec.models import CTRModel
+from mlet_torchrec.options import AUC_TOLERANCE, EXPORT_FORMATS
 from mlet_torchrec.serving.artifact import (
     MANIFEST,
     STATE_ROOT,
@@ -67,7 +68,6 @@ TABLES_DIR = "tables"
 SAFETENSORS_FILE = "tables.safetensors"
 REPORT_FILE = "export_report.json"
 SERVING_DOC = "SERVING.md"
-FORMATS = ("npy", "safetensors")
 
 
 class Int8QualityError(ValueError):
@@ -90,7 +90,7 @@ class ExportReport:
     fp32_metrics: dict[str, float] = field(default_factory=dict)
     int8_metrics: dict[str, float] = field(default_factory=dict)
     auc_diff: float | None = None
-    auc_tolerance: float = 1e-3
+    auc_tolerance: float = AUC_TOLERANCE
     max_abs_prob_diff: float | None = None
     seconds: float = 0.0
 
@@ -124,8 +124,8 @@ def _load_table_into(collapsed: Path, key: str, target: torch.Tensor) -> None:
 
 def export_tables(collapsed: Path | str, output: Path | str, fmt: str) -> dict[str, str]:
     """Every d-dim table as ``.npy`` files or one ``.safetensors`` file; returns table -> file (relative)."""
-    if fmt not in FORMATS:
-        raise UserError(f"table format {fmt!r} is not one of {FORMATS}")
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"table format {fmt!r} is not one of {EXPORT_FORMATS}")
     collapsed, output = Path(collapsed), Path(output)
     man = read_manifest(collapsed)
     tables = {**man["tables"], **man.get("extra_tables", {})}  # extra: e.g. the DeepCTR models' lin_* tables
@@ -204,7 +204,7 @@ def export(
     check: bool = True,
     split: str = "test",
     max_check_rows: int | None = None,
-    auc_tolerance: float = 1e-3,
+    auc_tolerance: float = AUC_TOLERANCE,
     overwrite: bool = False,
     nproc_per_node: int = 1,
     shards: int = 0,
@@ -222,8 +222,8 @@ def export(
     if shards < 0:
         raise UserError(f"--shards {shards}: give a number of devices >= 1")
     for fmt in formats:
-        if fmt not in FORMATS:
-            raise UserError(f"table format {fmt!r} is not one of {FORMATS}")
+        if fmt not in EXPORT_FORMATS:
+            raise UserError(f"table format {fmt!r} is not one of {EXPORT_FORMATS}")
     if not (collapsed / MANIFEST).is_file():
         raise UserError(f"{collapsed}: no {MANIFEST}; is it the output of `mlet collapse`?")
     art = load_artifact(collapsed)

@@ -24,8 +24,6 @@ from torch import nn
 
 from mlet_torchrec.training.safe_dcp import read_metadata
 
-OUTPUT_SHARDINGS = ("same", "auto", "table_wise", "row_wise", "column_wise", "table_row_wise")
-
 
 @dataclass(frozen=True, order=True)
 class Box:

@@ -28,7 +28,7 @@ from data_pipes.transform import dataset_identity, ref_identity
 from mlet_torchrec.config import ExperimentConfig, load_config
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import eval_device, evaluate_split
-from mlet_torchrec.evaluation.metrics import AUC_MODES
+from mlet_torchrec.options import AUC_MODES
 from mlet_torchrec.serving.artifact import MANIFEST, load_artifact, read_manifest, shard_for_job
 from mlet_torchrec.serving.torchrec_package import DictLogits, load_predict_module
 

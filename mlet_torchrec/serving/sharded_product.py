@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from mlet_torchrec.modules.product import DEFAULT_BLOCK_ROWS, mlet_product
+from mlet_torchrec.modules.product import mlet_product
+from mlet_torchrec.options import BLOCK_ROWS
 from mlet_torchrec.serving.layout import Box
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def collapse_boxes(
     out_boxes: Sequence[Box],
     w2: torch.Tensor | None,
     rank: int,
-    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_rows: int = BLOCK_ROWS,
     accumulate: torch.dtype = torch.float32,
     exchange: Exchange | None = None,
     out_dtype: torch.dtype = torch.float32,
