@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mlet_torchrec.experiments.families import SWEEPS
-from mlet_torchrec.experiments.family_data import FAMILIES, MethodKey, as_splits
+from mlet_torchrec.experiments.family_data import FAMILIES
 from mlet_torchrec.experiments.family_report import GENERATED, render_families
 from mlet_torchrec.experiments.family_tables import (
     LOSS,
@@ -31,6 +31,7 @@ from mlet_torchrec.experiments.family_tables import (
     paper_lrs,
 )
 from mlet_torchrec.experiments.predictions import encode_predictions
+from mlet_torchrec.experiments.records import MethodKey, as_splits
 from mlet_torchrec.experiments.stats import paired_test
 from mlet_torchrec.io import OutputError
 

@@ -66,7 +66,7 @@ def test_every_method_is_tuned_on_validation_only(tmp_path):
     records = [json.loads(line) for line in store(tmp_path).read_text().splitlines()]
     res = Results(records)
     assert res.has_tuning and res.mlet_tuned
-    kinds = {m.kind: m for m in res.methods()}
+    kinds = {m.kind: m for m in res.picks()}
     assert set(kinds) == {"paper", "tuned", "mlet", "mlet_tuned", "mlet_best"}
     picks = {kind: [res.pick(m, "", 4, s)["sparse_lr"] for s in (0, 1)] for kind, m in kinds.items()}
     assert picks == {

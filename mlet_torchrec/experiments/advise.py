@@ -27,9 +27,10 @@ from typing import Any
 
 from mlet_torchrec.errors import InputNotFound, UserError
 from mlet_torchrec.experiments.families import EXTEND
-from mlet_torchrec.experiments.family_data import Family, MethodKey, edge_choices, finished, method_of, replicated
+from mlet_torchrec.experiments.family_data import Family, edge_choices, replicated
 from mlet_torchrec.experiments.family_tables import LOSS, LR, PENDING, TIE, WIN, Cell, Records, _num, cells, pool
 from mlet_torchrec.experiments.markdown import _table
+from mlet_torchrec.experiments.records import MethodKey, finished, method_of
 from mlet_torchrec.experiments.stats import Pooled, fmt_interval
 from mlet_torchrec.experiments.store import load_results
 

@@ -19,7 +19,7 @@ from mlet_torchrec.experiments.stats import _get, fmt, mean_std, verdict
 def _compression_section(res: Results, variant: str, comp: list[dict[str, Any]]) -> list[str]:
     """INT8 composition (Fig. 7) and MLET vs SVD (Table 4) from the runs' ``compression`` measurements."""
     L: list[str] = []
-    methods = [m for m in res.methods() if m.kind in ("paper", "tuned", "mlet", "mlet_tuned")]
+    methods = [m for m in res.picks() if m.kind in ("paper", "tuned", "mlet", "mlet_tuned")]
     L += [
         "Table size is relative to a d = 1 FP32 model (paper A.4.4): FP32 d-dim tables are d, INT8 about d/4. "
         "Test AUC, mean ± std over seeds.",
@@ -57,7 +57,7 @@ def _compression_section(res: Results, variant: str, comp: list[dict[str, Any]])
         "",
     ]
     rows = []
-    ref = next((m for m in res.methods() if m.kind == "tuned"), res.methods()[0])
+    ref = next((m for m in res.picks() if m.kind == "tuned"), res.picks()[0])
     for d in res.ds:
         for r in sorted({int(k.split()[-1]) for rec in comp for k in rec["compression"] if k.startswith("svd rank")}):
             key = f"compression.svd rank {r}"
@@ -67,7 +67,7 @@ def _compression_section(res: Results, variant: str, comp: list[dict[str, Any]])
             size = res.values(ref, variant, d, f"{key}.table_size")
             mlet_txt = "–"
             if r in res.ds:
-                best = [m for m in res.methods() if m.kind == "mlet_best"] or [m for m in methods if m.kind == "mlet"]
+                best = [m for m in res.picks() if m.kind == "mlet_best"] or [m for m in methods if m.kind == "mlet"]
                 if best:
                     mv = res.values(best[0], variant, r, "compression.fp32.auc") or res.values(
                         best[0], variant, r, "test.auc"
@@ -103,8 +103,8 @@ def _compression_section(res: Results, variant: str, comp: list[dict[str, Any]])
 def _recommendation(res: Results, variant: str, budgets_mb: Sequence[float]) -> list[str]:
     options = []  # (serving bytes, method, d, mean valid auc, test values)
     for d in res.ds:
-        for m in res.methods():
-            if m.kind in ("mlet_best", "paper") and any(x.kind == "tuned" for x in res.methods()):
+        for m in res.picks():
+            if m.kind in ("mlet_best", "paper") and any(x.kind == "tuned" for x in res.picks()):
                 continue
             if m.kind == "mlet" and res.mlet_tuned:
                 continue

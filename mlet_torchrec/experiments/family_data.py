@@ -1,11 +1,10 @@
 """The runs of the experiment families, indexed by method: the one place that says which run stands for what.
 
-A **method** is a trained configuration minus its learning rates and seed: (model, epochs, d, k, sigma); sigma is
-None for the single-layer baseline (k None). Per (method, seed) the families' sweeps hold either the whole tuning
-grid (seed 0) or the run at the values seed 0 chose (seeds 1-4, role ``selected``); :func:`tuned` picks the
-best **validation** AUC of a full grid, and for a ``selected`` seed the run at seed 0's current choice (a seed whose
-run at that choice is not in the store yet is missing, not replaced by a run at an older choice). Duplicate lines
-(two sweeps that ran the same cell) count once.
+A **method** (:class:`.records.MethodKey`) is a trained configuration minus its learning rates and seed. Per
+(method, seed) a store holds the whole tuning grid, or (the older rule) only the run at the values seed 0 chose
+(role ``selected``); :func:`tuned` picks the best **validation** AUC of a seed's own grid, and for a
+``selected`` seed the run at seed 0's current choice (a seed whose run at that choice is not in the store yet is
+missing, not replaced by a run at an older choice). Duplicate lines (two sweeps that ran the same cell) count once.
 
 Example:
     >>> recs = [_example(0.71, 0.70, lr) for lr in (0.1, 1.0)]
@@ -16,41 +15,12 @@ Example:
 
 from __future__ import annotations
 
-import math
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 from mlet_torchrec.experiments.families import SPLITS
-
-
-@dataclass(frozen=True, order=True)
-class MethodKey:
-    model: str
-    epochs: int
-    d: int
-    k: int  # 0 for the single-layer baseline (sortable)
-    sigma: float  # 0.0 for the baseline
-
-    @property
-    def is_mlet(self) -> bool:
-        return self.k > 0
-
-    @property
-    def kd(self) -> float:
-        """k as a multiple of d (0 for the baseline)."""
-        return self.k / self.d
-
-    def baseline(self) -> MethodKey:
-        """The single-layer method this one is compared with (same model, epochs and d)."""
-        return MethodKey(self.model, self.epochs, self.d, 0, 0.0)
-
-    def label(self) -> str:
-        if not self.is_mlet:
-            return "baseline"
-        kd = f"{self.kd:g}d"
-        return f"MLET k={self.k} ({kd}, σ={self.sigma:g})"
+from mlet_torchrec.experiments.records import MethodKey, by_method, method_of
 
 
 @dataclass(frozen=True)
@@ -119,60 +89,6 @@ FAMILIES = [
     ),
 ]
 """The five families of docs/results/families (the sweeps that fill them: :mod:`.families`)."""
-
-
-def method_of(rec: dict[str, Any]) -> MethodKey:
-    cfg = rec.get("config") or {}
-    k = rec.get("k")
-    sigma = (cfg.get("embedding") or {}).get("sigma", 0.0) if k is not None else 0.0
-    return MethodKey(
-        model=str((cfg.get("model") or {}).get("name", "?")),
-        epochs=int((cfg.get("train") or {}).get("epochs", 1)),
-        d=int(rec["d"]),
-        k=int(k or 0),
-        sigma=float(sigma),
-    )
-
-
-_SPLIT = re.compile(r"split(\d+)$")
-
-
-def as_splits(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records of a re-split store with each run's split index as its replicate (``seed``): the data set
-    ``.../exp_criteo_split3`` is split 3. Every split then pairs MLET with its baseline and chooses both methods'
-    learning rates on its own validation rows, as each seed does in the other families. Runs on a data set that
-    is not a numbered split are left out.
-
-    >>> [r["seed"] for r in as_splits([{"seed": 0, "config": {"data": {"path": "data/exp_ml_split7"}}}])]
-    [7]
-    """
-    out = []
-    for r in records:
-        m = _SPLIT.search(str(((r.get("config") or {}).get("data") or {}).get("path", "")))
-        if m:
-            out.append({**r, "seed": int(m.group(1))})
-    return out
-
-
-def finished(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs with metrics, one per key (a cell two sweeps both ran counts once: the first line)."""
-    seen: set[str] = set()
-    out = []
-    for r in records:
-        auc = (r.get("valid") or {}).get("auc")
-        if r.get("status") != "ok" or auc is None or math.isnan(float(auc)) or r["key"] in seen:
-            continue
-        seen.add(r["key"])
-        out.append(r)
-    return out
-
-
-def by_method(records: list[dict[str, Any]]) -> dict[tuple[MethodKey, int], list[dict[str, Any]]]:
-    """Every finished run per (method, seed)."""
-    out: dict[tuple[MethodKey, int], list[dict[str, Any]]] = defaultdict(list)
-    for r in finished(records):
-        out[(method_of(r), int(r["seed"]))].append(r)
-    return dict(out)
 
 
 TUNE_SEED = 0

@@ -24,16 +24,10 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlet_torchrec.experiments.family_data import (
-    FAMILIES,
-    Family,
-    MethodKey,
-    auc_by_seed,
-    by_method,
-    tuned,
-)
+from mlet_torchrec.experiments.family_data import FAMILIES, Family, auc_by_seed, tuned
 from mlet_torchrec.experiments.family_tables import interp_log
 from mlet_torchrec.experiments.plots import _plt, _save
+from mlet_torchrec.experiments.records import MethodKey, by_method
 from mlet_torchrec.experiments.stats import t_interval
 
 if TYPE_CHECKING:

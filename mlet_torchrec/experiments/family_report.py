@@ -20,15 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mlet_torchrec.experiments.families import DATA_COMMANDS, DATASETS, SWEEPS, FamilySweep
-from mlet_torchrec.experiments.family_data import (
-    FAMILIES,
-    Family,
-    MethodKey,
-    as_splits,
-    edge_choices,
-    method_of,
-    replicated,
-)
+from mlet_torchrec.experiments.family_data import FAMILIES, Family, edge_choices, replicated
 from mlet_torchrec.experiments.family_tables import (
     LOSS,
     LR,
@@ -53,6 +45,7 @@ from mlet_torchrec.experiments.family_tables import (
 )
 from mlet_torchrec.experiments.lr_mapping import mapping_section
 from mlet_torchrec.experiments.markdown import _table
+from mlet_torchrec.experiments.records import MethodKey, as_splits, method_of
 from mlet_torchrec.experiments.report import written_by
 from mlet_torchrec.experiments.split_noise import HEAD, delong_rows
 from mlet_torchrec.experiments.stats import _signed, fmt_interval

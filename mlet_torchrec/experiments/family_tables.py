@@ -26,16 +26,10 @@ from itertools import product
 from typing import Any
 
 from mlet_torchrec.experiments.families import FamilySweep
-from mlet_torchrec.experiments.family_data import (
-    Family,
-    MethodKey,
-    auc_by_seed,
-    finished,
-    method_of,
-    tuned,
-)
+from mlet_torchrec.experiments.family_data import Family, auc_by_seed, tuned
 from mlet_torchrec.experiments.grid import K_PER_D, parse_grid
 from mlet_torchrec.experiments.markdown import _table
+from mlet_torchrec.experiments.records import MethodKey, finished, method_of
 from mlet_torchrec.experiments.stats import (
     _ALPHA,
     PairedTest,

@@ -55,7 +55,7 @@ _STYLES: dict[str, dict[str, Any]] = {
 
 def _series_vs_d(ax: Axes, res: Results, variant: str, path: str) -> None:
     """One line per method (mean ± std over seeds of ``path``) against d on a log2 axis."""
-    for m in res.methods():
+    for m in res.picks():
         if m.kind == "mlet_best":
             continue
         xs: list[int] = []
@@ -107,7 +107,7 @@ def plot_spectrum(res: Results, variant: str, out: Path, title: str) -> str | No
     table = max(runs[0]["spectrum"], key=lambda t: runs[0]["spectrum"][t]["rows"])
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
-    for m in res.methods():
+    for m in res.picks():
         if m.kind == "mlet_best" or (res.mlet_tuned and m.kind in ("paper", "mlet")):
             continue
         r = res.pick(m, variant, d, seed)

@@ -56,7 +56,7 @@ def _hashing_section(recs: list[dict[str, Any]], name: str, out: Path) -> list[s
     points = []  # (method, label, d, size32, auc32, size8, auc8)
     for label, res in by_label.items():
         variant = res.variants[0] if res.variants else ""
-        for m in res.methods():
+        for m in res.picks():
             wanted = {"paper": not res.has_tuning, "tuned": True, "mlet": not res.mlet_tuned, "mlet_tuned": True}
             if not wanted.get(m.kind, False):
                 continue

@@ -1,12 +1,13 @@
-"""Which run stands for a method in a cell: the report's selections, always on the validation split.
+"""Which run stands for a row of the single-sweep report (``mlet report``): its picks, always on validation.
 
-A method is the baseline at the paper's (config's) learning rate, the tuned baseline (best validation AUC over
-the tuning grid), MLET at each k, MLET with its lr tuned, or MLET's best k; :class:`Results` indexes one data
-set's runs by (variant, d, seed) and picks each method's run.
+A :class:`Pick` is a selection rule, not a method (what was trained is :class:`.records.MethodKey`): the baseline
+at the paper's (config's) learning rate, the tuned baseline (best validation AUC over the tuning grid), MLET at
+each k, MLET with its lr tuned, or MLET's best k; :class:`Results` indexes one data set's runs (store lines,
+:mod:`.records`) by (variant, d, seed) and applies each pick.
 
 Example:
     >>> res = Results([{"d": 4, "k": None, "seed": 0, "sparse_lr": 0.1, "role": "grid", "test": {"auc": 0.7}}])
-    >>> [m.kind for m in res.methods()]
+    >>> [m.kind for m in res.picks()]
     ['paper']
 """
 
@@ -23,7 +24,9 @@ from mlet_torchrec.experiments.stats import _get
 
 
 @dataclass
-class Method:
+class Pick:
+    """A row of the single-sweep report: its label and the rule that picks its run in each (variant, d, seed)."""
+
     name: str
     kind: str  # 'paper', 'tuned' (baseline); 'mlet' (config's lr), 'mlet_tuned' (lr tuned), 'mlet_best' (MLET)
     k: int | None = None
@@ -56,20 +59,20 @@ class Results:
         # `mlet sweep --tune`: MLET's learning rate tuned over the same grid as the baseline's
         self.mlet_tuned = any(r.get("role") == "tune" and r["k"] is not None for r in records)
 
-    def methods(self) -> list[Method]:
+    def picks(self) -> list[Pick]:
         lrs = "{" + ", ".join(map(_g, self.tune_lrs)) + "}"
-        out = [Method(f"baseline (paper lr {','.join(map(_g, self.paper_lrs))})", "paper")]
+        out = [Pick(f"baseline (paper lr {','.join(map(_g, self.paper_lrs))})", "paper")]
         if self.has_tuning:
-            out.append(Method(f"baseline (tuned lr ∈ {lrs})", "tuned"))
+            out.append(Pick(f"baseline (tuned lr ∈ {lrs})", "tuned"))
         paper_lr = f" (paper lr {','.join(map(_g, self.paper_lrs))})" if self.mlet_tuned else ""
-        out += [Method(f"MLET k={k}{paper_lr}", "mlet", k) for k in self.ks]
+        out += [Pick(f"MLET k={k}{paper_lr}", "mlet", k) for k in self.ks]
         if self.mlet_tuned:
-            out += [Method(f"MLET k={k} (tuned lr)", "mlet_tuned", k) for k in self.ks]
+            out += [Pick(f"MLET k={k} (tuned lr)", "mlet_tuned", k) for k in self.ks]
         if len(self.ks) > 1 or self.mlet_tuned:
-            out.append(Method("MLET best k, lr (valid)" if self.mlet_tuned else "MLET best k (valid)", "mlet_best"))
+            out.append(Pick("MLET best k, lr (valid)" if self.mlet_tuned else "MLET best k (valid)", "mlet_best"))
         return out
 
-    def pick(self, method: Method, variant: str, d: int, seed: int) -> dict[str, Any] | None:
+    def pick(self, method: Pick, variant: str, d: int, seed: int) -> dict[str, Any] | None:
         runs = self.cells.get((variant, d, seed), [])
         base = [r for r in runs if r["k"] is None]
         if method.kind == "paper":
@@ -88,7 +91,7 @@ class Results:
             return _best_valid([r for r in runs if r["k"] is not None])
         raise ValueError(method.kind)
 
-    def values(self, method: Method, variant: str, d: int, path: str) -> list[float]:
+    def values(self, method: Pick, variant: str, d: int, path: str) -> list[float]:
         out = []
         for s in self.seeds:
             r = self.pick(method, variant, d, s)
@@ -97,7 +100,7 @@ class Results:
                 out.append(v)
         return out
 
-    def paired(self, a: Method, b: Method, variant: str, d: int, path: str) -> list[float]:
+    def paired(self, a: Pick, b: Pick, variant: str, d: int, path: str) -> list[float]:
         """Per-seed differences a - b (seeds where both exist)."""
         out = []
         for s in self.seeds:

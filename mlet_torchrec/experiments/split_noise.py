@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from mlet_torchrec.experiments.delong import PairedAUC, delong_paired
-from mlet_torchrec.experiments.family_data import MethodKey, tuned
+from mlet_torchrec.experiments.family_data import tuned
 from mlet_torchrec.experiments.predictions import decode_predictions
+from mlet_torchrec.experiments.records import MethodKey
 from mlet_torchrec.experiments.stats import _signed, fmt_interval
 
 HEAD = [

@@ -19,7 +19,7 @@ from typing import Any
 from mlet_torchrec.experiments.compression_tables import _compression_section, _recommendation
 from mlet_torchrec.experiments.markdown import _mib, _table
 from mlet_torchrec.experiments.plots import plot_freq, plot_spectrum, plot_vs_d
-from mlet_torchrec.experiments.selection import Method, Results, _g
+from mlet_torchrec.experiments.selection import Pick, Results, _g
 from mlet_torchrec.experiments.stats import _get, fmt, mean_std, verdict
 
 
@@ -41,24 +41,24 @@ class _Section:
         return "".join(c if c.isalnum() else "_" for c in f"{self.name}_{self.variant}".strip("_"))
 
     @property
-    def methods(self) -> list[Method]:
-        return self.res.methods()
+    def picks(self) -> list[Pick]:
+        return self.res.picks()
 
     @property
-    def paper(self) -> Method:
-        return self.methods[0]
+    def paper(self) -> Pick:
+        return self.picks[0]
 
     @property
-    def tuned(self) -> Method | None:
-        return next((m for m in self.methods if m.kind == "tuned"), None)
+    def tuned(self) -> Pick | None:
+        return next((m for m in self.picks if m.kind == "tuned"), None)
 
     @property
-    def ref(self) -> Method:
+    def ref(self) -> Pick:
         return self.tuned or self.paper
 
     @property
-    def mlets(self) -> list[Method]:
-        return [m for m in self.methods if m.kind in ("mlet", "mlet_tuned", "mlet_best")]
+    def mlets(self) -> list[Pick]:
+        return [m for m in self.picks if m.kind in ("mlet", "mlet_tuned", "mlet_best")]
 
     @property
     def r0(self) -> dict[str, Any]:
@@ -173,7 +173,7 @@ def _part_vs_d(c: _Section) -> list[str]:
     """AUC and LogLoss against d for each k (paper Fig. 2/3) and the chosen learning rates."""
     res = c.res
     variant = c.variant
-    methods = c.methods
+    methods = c.picks
     tuned = c.tuned
     name = c.name
     plots = c.plots
@@ -216,7 +216,7 @@ def _part_freq(c: _Section) -> list[str]:
     """PR-AUC on the most and least frequent items (paper Table 3)."""
     res = c.res
     variant = c.variant
-    methods = c.methods
+    methods = c.picks
     ref = c.ref
     mlets = c.mlets
     r0 = c.r0
@@ -278,7 +278,7 @@ def _part_cost(c: _Section) -> list[str]:
     ]
     rows = []
     for k in [None] + res.ks:
-        m = paper if k is None else Method("", "mlet", k)
+        m = paper if k is None else Pick("", "mlet", k)
         for d in res.ds:
             rs = [r for s in res.seeds if (r := res.pick(m, variant, d, s)) is not None]
             if not rs:
@@ -323,7 +323,7 @@ def _part_spectrum(c: _Section) -> list[str]:
     """Singular values of the collapsed tables."""
     res = c.res
     variant = c.variant
-    methods = c.methods
+    methods = c.picks
     name = c.name
     plots = c.plots
     slug = c.slug
@@ -360,7 +360,7 @@ def _part_spectrum(c: _Section) -> list[str]:
     return L
 
 
-def _baselines_for(m: Method, res: Results, paper: Method, tuned: Method | None) -> list[Method]:
+def _baselines_for(m: Pick, res: Results, paper: Pick, tuned: Pick | None) -> list[Pick]:
     """What an MLET method is compared with: like with like when MLET's lr is tuned too (paper lr vs paper lr,
     tuned vs tuned); otherwise both baselines."""
     if not res.mlet_tuned:
@@ -368,9 +368,7 @@ def _baselines_for(m: Method, res: Results, paper: Method, tuned: Method | None)
     return [paper] if m.kind == "mlet" else ([tuned] if tuned else [])
 
 
-def _plain_statements(
-    res: Results, variant: str, paper: Method, tuned: Method | None, mlets: list[Method]
-) -> list[str]:
+def _plain_statements(res: Results, variant: str, paper: Pick, tuned: Pick | None, mlets: list[Pick]) -> list[str]:
     best = next((m for m in mlets if m.kind == "mlet_best"), mlets[0] if mlets else None)
     if best is None:
         return []
