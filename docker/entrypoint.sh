@@ -13,7 +13,7 @@
 # anything else goes to mlet.
 set -euo pipefail
 
-MLET_SUBCOMMANDS=" train collapse export evaluate synth convert demo sweep report plan results advise compression "
+MLET_SUBCOMMANDS=" train collapse export serve evaluate predict synth convert demo sweep report plan results advise compression "
 
 if [[ $# -gt 0 && "$1" != -* && "$MLET_SUBCOMMANDS" != *" $1 "* ]] && type -P "$1" >/dev/null; then
     exec "$@"

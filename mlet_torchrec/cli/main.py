@@ -3,6 +3,7 @@
     mlet train --config FILE_OR_NAME [key.sub=value ...] [--nproc-per-node N] [--seed S]
     mlet collapse --input RUN_DIR --output DIR [--nproc-per-node N] [--output-sharding same]
     mlet export --input COLLAPSED_DIR --output DIR [--int8] [--shards N] [--format safetensors npy] [--no-check]
+    mlet serve --input EXPORT_DIR [--host 127.0.0.1] [--port 8080] [--precision int8|fp32]
     mlet evaluate --input RUN_OR_COLLAPSED_DIR [--split test] [--nproc-per-node N] [--auc histogram|exact]
     mlet predict --input RUN|COLLAPSED|EXPORT [--data DATASET] [--split S] --output FILE.parquet [--precision fp32]
     mlet synth --output DIR [--config FILE_OR_NAME] [key=value ...]
@@ -37,6 +38,7 @@ from mlet_torchrec.cli import (
     predict,
     report,
     results,
+    serve,
     sweep,
     synth,
     train,
@@ -47,6 +49,7 @@ COMMANDS = (
     train,
     collapse,
     export,
+    serve,
     evaluate,
     predict,
     synth,
