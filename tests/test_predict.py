@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -144,7 +145,17 @@ def test_refusals_are_one_line_and_leave_nothing(world, tmp_path):
     with pytest.raises(OutputError, match="exists; pass --overwrite"):
         predict(run, None, "test", ours)
     predict(export_dir, None, "test", ours, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "mine.parquet", "ours.parquet"]
+    # a failure half way (a damaged row group of the split) leaves the old file and no temporary behind
+    before = ours.read_bytes()
+    shutil.copytree(world["day1"], tmp_path / "damaged")
+    part = next((tmp_path / "damaged" / "test").glob("*.parquet"))
+    raw = bytearray(part.read_bytes())
+    raw[200:260] = b"\xff" * 60
+    part.write_bytes(bytes(raw))
+    with pytest.raises(UserError):
+        predict(run, tmp_path / "damaged", "test", ours, overwrite=True)
+    assert ours.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "fresh", "mine.parquet", "ours.parquet"]
 
 
 def test_cli_predict_and_evaluate_on_an_export(world, tmp_path, capsys):
