@@ -48,15 +48,7 @@ class _Net(nn.Module):
 
 def _save(run_dir: Path, step: int, model: nn.Module, keep=None) -> Path:
     cfg = load_config(None, [f"run.dir={run_dir}"])
-    return save_checkpoint(
-        run_dir,
-        step,
-        model,
-        cfg,
-        {"position": {"epoch": 0, "batches_in_epoch": step}},
-        rank_state={"rng": {"step": step}},
-        keep=keep,
-    )
+    return save_checkpoint(run_dir, step, {"model": model}, cfg, {}, keep=keep)
 
 
 def _names(root: Path) -> list:

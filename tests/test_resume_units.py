@@ -26,11 +26,12 @@ from mlet_torchrec.training.checkpoint import (
     complete_checkpoints,
     latest_checkpoint,
     read_checkpoint_info,
-    read_rank_state,
     remove_incomplete,
     resolve_checkpoint,
     save_checkpoint,
+    saved_entries,
 )
+from mlet_torchrec.training.checkpointer import CheckpointManager
 from mlet_torchrec.training.guardrails import (
     host_memory_available,
     memory_capacity,
@@ -122,13 +123,26 @@ def test_dataloader_leaves_the_global_rng_alone(uneven_data):
     assert torch.equal(before, torch.get_rng_state())
 
 
-def test_check_data_order(uneven_data):
+def test_a_loaded_position_is_checked_against_the_reader(uneven_data):
     reader = ParquetBatchReader(uneven_data, "train", 64)
-    ts.check_data_order("ckpt", {"epoch": 0, "batches_in_epoch": 3, "virtual_shards": 96}, reader)
-    with pytest.raises(ConfigError, match="order depended on the world size"):
-        ts.check_data_order("ckpt", {"epoch": 0, "batches_in_epoch": 3}, reader)
+    saved = ts.DataPosition(epoch=0, batches_in_epoch=3, virtual_shards=96).state_dict()
+    position = ts.DataPosition(virtual_shards=reader.virtual_shards, epoch_steps=(12, 12))
+    position.load_state_dict(saved)
+    assert (position.epoch, position.batches_in_epoch) == (0, 3)
+    position.check_reader("ckpt", reader)
+    position.load_state_dict(ts.DataPosition(virtual_shards=12).state_dict())
     with pytest.raises(ConfigError, match="12 virtual shards, this reader uses 96"):
-        ts.check_data_order("ckpt", {"virtual_shards": 12}, reader)
+        position.check_reader("ckpt", reader)
+
+
+def test_a_position_at_the_end_of_an_epoch_is_saved_and_loaded_as_the_next_epochs_start():
+    position = ts.DataPosition(epoch=0, batches_in_epoch=12, virtual_shards=96, epoch_steps=(12, 12))
+    saved = position.state_dict()
+    assert (int(saved["epoch"]), int(saved["batches_in_epoch"])) == (1, 0)
+    assert (position.epoch, position.batches_in_epoch) == (0, 12)  # the live position is the loop's
+    shorter = ts.DataPosition(epoch_steps=(10, 10))  # e.g. fewer batches per epoch after a change
+    shorter.load_state_dict(ts.DataPosition(epoch=0, batches_in_epoch=11, epoch_steps=(12, 12)).state_dict())
+    assert (shorter.epoch, shorter.batches_in_epoch) == (1, 0)
 
 
 def test_normalize_position():
@@ -145,13 +159,47 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     import random
 
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
-    state = ts.rng_state()
-    torch.save(state, tmp_path / "r.pt")
-    expected = (torch.rand(3), np.random.rand(3), random.random())
+    np.random.standard_normal()  # numpy caches the second Gaussian: that is state too
+    rng = ts.RngState(rank=0, device=torch.device("cpu"))
+    torch.save(rng.state_dict(), tmp_path / "r.pt")
+    expected = (torch.rand(3), np.random.standard_normal(3), random.random(), random.gauss(0, 1))
     torch.manual_seed(9), np.random.seed(9), random.seed(9)
-    ts.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True))
-    got = (torch.rand(3), np.random.rand(3), random.random())
-    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+    rng.load_state_dict(torch.load(tmp_path / "r.pt", weights_only=True))
+    got = (torch.rand(3), np.random.standard_normal(3), random.random(), random.gauss(0, 1))
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2:] == expected[2:]
+
+
+def test_the_manager_saves_step_position_and_rng_with_the_model_and_reports_a_missing_rank(tmp_path):
+    import random
+
+    cpu = torch.device("cpu")
+    state, position = ts.TrainState(step=8, train_seconds=2.5), ts.DataPosition(epoch=1, batches_in_epoch=3)
+    entries = {"model": _Tiny(), "train_state": state, "data_position": position, "rng_rank_00000": ts.RngState(0, cpu)}
+    cfg = load_config(None, [f"run.dir={tmp_path}", "train.checkpoint_every=4"])
+    manager = CheckpointManager(tmp_path, cfg, entries)
+    assert [s for s in range(1, 13) if manager.due(s, 12)] == [4, 8]  # step 12 is the final checkpoint's
+    random.seed(4)
+    checkpoint = manager.save(8, {})
+    after_save = random.random()
+    assert manager.last == checkpoint and read_checkpoint_info(checkpoint)["step"] == 8
+    assert saved_entries(checkpoint) == {"model", "train_state", "data_position", "rng_rank_00000"}
+
+    # a job with a second rank: rank 1's RNG states are not in the checkpoint, and that is allowed
+    loaded_state, loaded_position = ts.TrainState(), ts.DataPosition()
+    rngs = {ts.RngState.name(r): ts.RngState(r, cpu) for r in (0, 1)}
+    restored = CheckpointManager(
+        tmp_path, cfg, {"train_state": loaded_state, "data_position": loaded_position, **rngs}, optional=rngs
+    )
+    random.seed(5)
+    assert restored.load(checkpoint) == {"rng_rank_00001"}
+    assert loaded_state == state and (loaded_position.epoch, loaded_position.batches_in_epoch) == (1, 3)
+    assert random.random() == after_save  # rank 0's states were applied
+    # a warm start loads only what it names
+    assert restored.load(checkpoint, names=["train_state"]) == set()
+    # an entry that is not optional must be there
+    strict = CheckpointManager(tmp_path, cfg, {"rng_rank_00001": ts.RngState(1, cpu)})
+    with pytest.raises(CheckpointError, match="could not load checkpoint"):
+        strict.load(checkpoint)
 
 
 def test_init_optimizer_state_creates_state_without_moving_parameters():
@@ -180,15 +228,7 @@ class _Tiny(nn.Module):
 
 def _save(run_dir: Path, step: int, model: nn.Module, keep=None):
     cfg = load_config(None, [f"run.dir={run_dir}"])
-    return save_checkpoint(
-        run_dir,
-        step,
-        model,
-        cfg,
-        {"position": {"epoch": 0, "batches_in_epoch": step}},
-        rank_state={"rng": ts.rng_state()},
-        keep=keep,
-    )
+    return save_checkpoint(run_dir, step, {"model": model}, cfg, {}, keep=keep)
 
 
 def test_checkpoints_commit_atomically_and_keep_the_newest(tmp_path):
@@ -199,9 +239,7 @@ def test_checkpoints_commit_atomically_and_keep_the_newest(tmp_path):
     assert [p.name for p in complete_checkpoints(root)] == ["step_00000006", "step_00000008"]
     assert (root / "LATEST").read_text().strip() == "step_00000008"
     info = read_checkpoint_info(root / "step_00000008")
-    assert info["step"] == 8 and info["world_size"] == 1 and info["position"]["batches_in_epoch"] == 8
-    assert read_rank_state(root / "step_00000008", 0)["rank"] == 0
-    assert read_rank_state(root / "step_00000008", 1) is None
+    assert info["step"] == 8 and info["world_size"] == 1
     # re-saving a step replaces it in place
     _save(tmp_path, 8, model, keep=2)
     assert [p.name for p in complete_checkpoints(root)] == ["step_00000006", "step_00000008"]
@@ -250,7 +288,7 @@ def test_check_resumable_lists_what_differs(synth_dataset):
     data = synth_dataset()
     meta = DatasetMeta.load(data)
     saved = load_config(None, [f"data.path={data}", "embedding.k=16", "train.batch_size=64"])
-    info = {"position": {}, "data_shape": ts.data_shape(meta)}
+    info = {"data_shape": ts.data_shape(meta)}
     # how it runs may change: sharding, world size (not in the config), lr, epochs, intervals, data path
     same = load_config(
         None,
@@ -278,8 +316,6 @@ def test_check_resumable_lists_what_differs(synth_dataset):
     other = dict(info, data_shape={**info["data_shape"], "rows": {"train": 1}})
     with pytest.raises(ConfigError, match="cardinalities or row counts differ"):
         ts.check_resumable("ckpt", saved, saved, other, meta)
-    with pytest.raises(ConfigError, match="no data position"):
-        ts.check_resumable("ckpt", saved, saved, {}, meta)
 
 
 # ---------------------------------------------------------------------------------------- guardrails

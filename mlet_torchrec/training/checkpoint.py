@@ -4,10 +4,10 @@ everything else an exact resume needs.
 Layout of one checkpoint::
 
     RUN_DIR/checkpoints/step_00001234/
-        .metadata, __0_0.distcp, ...   # DCP: model (sharded W1, replicated W2/MLPs) and the
-                                       # CombinedOptimizer state (fused W1 optimizer + dense one)
-        rank_00000.pt, ...             # per rank: RNG states (torch, CUDA, numpy, random)
-        checkpoint.json                # step, data position, world size, plan, data set shape, metrics
+        .metadata, __0_0.distcp, ...   # DCP: model (sharded W1, replicated W2/MLPs), the
+                                       # CombinedOptimizer state (fused W1 optimizer + dense one),
+                                       # train_state (step), data_position, rng_rank_NNNNN (per rank)
+        checkpoint.json                # step, world size, plan, data set shape, metrics (for readers)
         config.yaml                    # the resolved run config
         .mlet-output.json              # mlet's output marker (mlet_torchrec.io)
     RUN_DIR/checkpoints/LATEST         # name of the newest complete checkpoint (advisory)
@@ -36,10 +36,10 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
@@ -79,10 +79,6 @@ def checkpoint_root(run_dir: Path | str) -> Path:
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def rank_state_file(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
 
 
 def _world() -> tuple[int, int]:
@@ -216,6 +212,15 @@ def check_checkpoint(checkpoint: Path | str, older: Path | None = None) -> dict[
     return info
 
 
+def saved_entries(checkpoint: Path | str) -> set[str]:
+    """The top-level names a checkpoint holds (``model``, ``optimizer``, ``rng_rank_00001``, ...)."""
+    try:
+        metadata = safe_dcp.read_metadata(checkpoint)
+    except UnsafeCheckpoint as e:
+        raise _damaged(Path(checkpoint), str(e), None) from None
+    return {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
+
+
 def remove_incomplete(run_dir: Path | str) -> list[Path]:
     """Delete the hidden temporaries of interrupted checkpoint writes; rank 0 only, before training
     (the job is then the run directory's only writer, whichever machine the killed one ran on)."""
@@ -249,30 +254,27 @@ def _rotate(root: Path, keep: int, protect: Path) -> None:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: nn.Module,
+    states: Mapping[str, Any],
     config: ExperimentConfig,
     info: dict[str, Any],
-    optimizer: Any | None = None,
-    rank_state: dict[str, Any] | None = None,
     keep: int | None = None,
 ) -> Path:
     """Collective: every rank calls this. Returns the committed checkpoint directory.
 
-    ``rank_state`` (per rank, e.g. RNG states) is saved as ``rank_NNNNN.pt``; ``keep`` deletes all but
-    the newest ``keep`` complete checkpoints after the commit. On any rank's failure every rank raises
+    ``states`` maps names to ``Stateful`` objects (a model, an optimizer, :mod:`.state`'s) or state
+    dicts; each rank may add entries of its own (``rng_rank_NNNNN``). ``keep`` deletes all but the newest
+    ``keep`` complete checkpoints after the commit. On any rank's failure every rank raises
     ``CheckpointError`` and the temporary directory is removed; earlier checkpoints are untouched.
     """
-    return start_checkpoint(run_dir, step, model, config, info, optimizer, rank_state, keep).finish()
+    return start_checkpoint(run_dir, step, states, config, info, keep).finish()
 
 
 def start_checkpoint(
     run_dir: Path,
     step: int,
-    model: nn.Module,
+    states: Mapping[str, Any],
     config: ExperimentConfig,
     info: dict[str, Any],
-    optimizer: Any | None = None,
-    rank_state: dict[str, Any] | None = None,
     keep: int | None = None,
     async_group: Any | None = None,
 ) -> PendingCheckpoint:
@@ -301,23 +303,15 @@ def start_checkpoint(
     tmp = pending.tmp = Path(tmp_name)
 
     try:
-        state: dict[str, Any] = {"model": model.state_dict()}
-        if optimizer is not None:
-            state["optimizer"] = optimizer.state_dict()
         if async_group is None:
-            dcp.save(state, checkpoint_id=str(tmp))
+            dcp.save(dict(states), checkpoint_id=str(tmp))
         else:
             response = dcp.async_save(
-                state, checkpoint_id=str(tmp), process_group=async_group, async_stager=CopyStager()
+                dict(states), checkpoint_id=str(tmp), process_group=async_group, async_stager=CopyStager()
             )
             pending.future = getattr(response, "upload_completion", response)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         err = describe_exception(e)
-    if err is None and rank_state is not None:
-        try:
-            torch.save({"rank": rank, "world_size": _world()[1], **rank_state}, tmp / rank_state_file(rank))
-        except (OSError, RuntimeError) as e:
-            err = describe_exception(e)
     if err is None and rank == 0:
         try:
             config.save(tmp / "config.yaml")
@@ -431,17 +425,6 @@ def read_checkpoint_info(checkpoint: Path) -> dict[str, Any]:
     return check_checkpoint(checkpoint)
 
 
-def read_rank_state(checkpoint: Path, rank: int) -> dict[str, Any] | None:
-    """This rank's saved state (RNG states), or None when the checkpoint has none for ``rank``."""
-    path = Path(checkpoint) / rank_state_file(rank)
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a truncated or garbled file
-        raise _damaged(Path(checkpoint), f"{path.name} is unreadable ({type(e).__name__}: {e})", None) from None
-
-
 def load_dcp(checkpoint: Path | str, state: dict[str, Any], no_dist: bool = False) -> None:
     """``dcp.load`` of ``state`` (filled in place) from a checkpoint; collective unless ``no_dist``.
 
@@ -473,17 +456,15 @@ def load_model_state(checkpoint: Path, model: nn.Module) -> None:
         ) from None
 
 
-def load_training_state(checkpoint: Path, model: nn.Module, optimizer: Any) -> None:
-    """Collective: model weights and the (fused + dense) optimizer state, resharded to this job's plan.
+def load_states(checkpoint: Path, states: Mapping[str, Any]) -> None:
+    """Collective: load ``states`` (``Stateful`` objects, in place) from a checkpoint, resharded to this
+    job's plan; a checkpoint may hold more entries than asked for.
 
-    ``optimizer`` must already hold a state entry for every parameter (TorchRec's ``KeyedOptimizer``
-    loads in place; see ``train_state.init_optimizer_state``).
+    An optimizer must already hold a state entry for every parameter (TorchRec's ``KeyedOptimizer``
+    loads in place; see ``state.init_optimizer_state``).
     """
     try:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        safe_dcp.load(state, checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        safe_dcp.load(dict(states), checkpoint)
     except (Exception, CheckpointException) as e:
         raise CheckpointError(
             f"could not load checkpoint {checkpoint}: {describe_exception(e)}; delete it to resume from the one "

@@ -1,5 +1,8 @@
-"""What a resume needs beyond the tensors: data position, RNG states, optimizer-state templates and
-the check that a checkpoint belongs to the run being resumed.
+"""What a run saves besides the model and optimizer, and the checks that a checkpoint can continue it.
+
+Three typed ``Stateful`` objects travel through DCP with the model and the optimizer
+(``checkpointer.CheckpointManager``): :class:`TrainState` (step, seconds), :class:`DataPosition` and
+:class:`RngState`. All hold tensors only, so loading them unpickles nothing.
 
 Data position. The reader's order is a function of (seed, epoch, global step) and the data only
 (data_pipes/order.py): the position after a step is ``(epoch, global batches done in it)``, and a
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,7 +33,7 @@ from data_pipes.reader import ParquetBatchReader, make_dataloader
 from data_pipes.schema import DatasetMeta
 from data_pipes.transform import dataset_identity, ref_identity
 from mlet_torchrec.config import ConfigError, ExperimentConfig, load_config
-from mlet_torchrec.training.checkpoint import load_training_state, read_checkpoint_info, resolve_checkpoint
+from mlet_torchrec.training.checkpoint import read_checkpoint_info, resolve_checkpoint
 
 log = logging.getLogger("mlet.train")
 
@@ -46,21 +50,6 @@ def dataloader(
     copies on its side stream are asynchronous."""
     gen = torch.Generator().manual_seed((int(seed) << 20) + int(epoch))
     return make_dataloader(reader, num_workers, generator=gen, pin_memory=pin_memory)
-
-
-def check_data_order(checkpoint: str, position: dict[str, Any], reader: ParquetBatchReader) -> None:
-    """Refuse a checkpoint whose data order this reader cannot continue exactly."""
-    saved = position.get("virtual_shards")
-    if saved is None:
-        raise ConfigError(
-            f"checkpoint {checkpoint} was written by a reader whose data order depended on the "
-            "world size; it cannot be resumed exactly: set run.resume=false or choose a new run.dir"
-        )
-    if int(saved) != reader.virtual_shards:
-        raise ConfigError(
-            f"checkpoint {checkpoint} read the data in {saved} virtual shards, this reader uses "
-            f"{reader.virtual_shards}: resuming would change the data order"
-        )
 
 
 def log_data_order(reader: ParquetBatchReader) -> None:
@@ -95,44 +84,135 @@ def normalize_position(epoch: int, batches: int, epoch_steps: Sequence[int]) -> 
     return epoch, batches
 
 
+@dataclass
+class DataPosition:
+    """``Stateful``: the data position, ``(epoch, global batches the model consumed in it)``.
+
+    ``epoch_steps`` (steps per epoch, not saved) moves a position at the end of an epoch to the start of
+    the next when saved or loaded. ``virtual_shards`` is the reader's: a checkpoint read in another
+    number of them cannot be continued exactly (:meth:`check_reader`).
+
+    Example:
+        >>> pos = DataPosition(virtual_shards=96, epoch_steps=(12, 12))
+        >>> pos.batches_in_epoch = 12
+        >>> {k: int(v) for k, v in pos.state_dict().items()}
+        {'epoch': 1, 'batches_in_epoch': 0, 'virtual_shards': 96}
+    """
+
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    virtual_shards: int = 0
+    epoch_steps: Sequence[int] = ()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        epoch, batches = normalize_position(self.epoch, self.batches_in_epoch, self.epoch_steps)
+        return {
+            "epoch": torch.tensor(epoch),
+            "batches_in_epoch": torch.tensor(batches),
+            "virtual_shards": torch.tensor(self.virtual_shards),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        saved = (int(state["epoch"]), int(state["batches_in_epoch"]))
+        self.epoch, self.batches_in_epoch = normalize_position(*saved, self.epoch_steps)
+        self.virtual_shards = int(state["virtual_shards"])
+
+    def check_reader(self, checkpoint: str, reader: ParquetBatchReader) -> None:
+        """Refuse a loaded position whose data order ``reader`` cannot continue exactly."""
+        if self.virtual_shards != reader.virtual_shards:
+            raise ConfigError(
+                f"checkpoint {checkpoint} read the data in {self.virtual_shards} virtual shards, this reader "
+                f"uses {reader.virtual_shards}: resuming would change the data order"
+            )
+
+
+@dataclass
+class TrainState:
+    """``Stateful``: the optimizer steps taken, the seconds spent taking them (the loop only) and
+    ``first_step``, the step a warm start (``run.init_from``) began at (0 for a run from scratch): this
+    run's own steps are ``step - first_step``.
+
+    Example:
+        >>> state = TrainState(step=7, train_seconds=1.5)
+        >>> restored = TrainState()
+        >>> restored.load_state_dict(state.state_dict())
+        >>> restored
+        TrainState(step=7, train_seconds=1.5, first_step=0)
+    """
+
+    step: int = 0
+    train_seconds: float = 0.0
+    first_step: int = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "step": torch.tensor(self.step),
+            "train_seconds": torch.tensor(self.train_seconds, dtype=torch.float64),
+            "first_step": torch.tensor(self.first_step),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.step, self.train_seconds = int(state["step"]), float(state["train_seconds"])
+        self.first_step = int(state["first_step"])
+
+
 # ---------------------------------------------------------------------------------------------- RNG
 
 
-def rng_state() -> dict[str, Any]:
-    # legacy=True: the (name, keys, pos, has_gauss, cached_gaussian) tuple the numpy entry below stores
-    np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "name": np_state[0],
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class RngState:
+    """``Stateful``: this rank's RNG states (torch, the device's CUDA one, numpy, ``random``) as tensors.
 
+    Saved through DCP under :meth:`name` (one entry per rank: the states differ); a rank the checkpoint's
+    world did not have seeds from (seed, step, rank) instead (:meth:`reseed`). Loading applies the states.
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(
-        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    Example:
+        >>> rng = RngState(rank=0, device=torch.device("cpu"))
+        >>> saved = rng.state_dict()
+        >>> first = torch.rand(2)
+        >>> rng.load_state_dict(saved)
+        >>> torch.equal(torch.rand(2), first)
+        True
+    """
 
+    def __init__(self, rank: int, device: torch.device) -> None:
+        self.rank, self.cuda = rank, device.type == "cuda"
 
-def reseed(seed: int, step: int, rank: int) -> None:
-    mixed = (int(seed) * 1_000_003 + int(step) * 7919 + int(rank)) % (2**32)
-    random.seed(mixed)
-    np.random.seed(mixed)
-    torch.manual_seed(mixed)
+    @staticmethod
+    def name(rank: int) -> str:
+        """The checkpoint entry of ``rank``'s states."""
+        return f"rng_rank_{rank:05d}"
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        # legacy=True: the (name, keys, pos, has_gauss, cached_gaussian) tuple of MT19937
+        _, keys, pos, has_gauss, gauss = cast(tuple[Any, ...], np.random.get_state(legacy=True))
+        version, words, next_gauss = random.getstate()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_rest": torch.tensor([pos, has_gauss, gauss], dtype=torch.float64),
+            "python_words": torch.tensor(words, dtype=torch.int64),
+            "python_rest": torch.tensor([version, next_gauss is not None, next_gauss or 0.0], dtype=torch.float64),
+        }
+        if self.cuda:
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(state["torch"])
+        pos, has_gauss, gauss = state["numpy_rest"].tolist()
+        np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+        version, has_next, next_gauss = state["python_rest"].tolist()
+        words = tuple(int(w) for w in state["python_words"].tolist())
+        random.setstate((int(version), words, next_gauss if has_next else None))
+        if self.cuda:
+            torch.cuda.set_rng_state(state["cuda"])
+
+    def reseed(self, seed: int, step: int) -> None:
+        """Seed every RNG from (seed, step, rank): a rank the checkpoint had no states for."""
+        mixed = (int(seed) * 1_000_003 + int(step) * 7919 + int(self.rank)) % (2**32)
+        random.seed(mixed)
+        np.random.seed(mixed)
+        torch.manual_seed(mixed)
 
 
 # ------------------------------------------------------------------------------------ optimizer state
@@ -225,20 +305,15 @@ def check_resumable(
 
     Sharding, world size, learning rates, epochs/max_steps, intervals and the data path may change.
     """
-    if "position" not in info:
-        raise ConfigError(
-            f"checkpoint {checkpoint} has no data position (written before resumable checkpoints); "
-            "set run.resume=false or choose a new run.dir"
-        )
     old, new = _flatten(saved.model_dump(mode="json")), _flatten(current.model_dump(mode="json"))
     diffs = []
     for key in sorted(set(old) | set(new)):
         if not _may_change(key) and old.get(key) != new.get(key):
             diffs.append(f"{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
-    if info.get("data_shape") is not None and info["data_shape"] != data_shape(meta):
+    if info.get("data_shape") != data_shape(meta):
         diffs.append(
             f"data set {current.data.path}: features, cardinalities or row counts differ from the "
-            f"checkpoint's ({info['data_shape']} vs {data_shape(meta)})"
+            f"checkpoint's ({info.get('data_shape')} vs {data_shape(meta)})"
         )
     if diffs:
         raise ConfigError(
@@ -296,26 +371,6 @@ def warm_start_source(config: ExperimentConfig, meta: DatasetMeta) -> tuple[Path
     identities = (ref_identity(checkpoint.parent.parent), dataset_identity(config.data.path))
     check_warm_start(str(checkpoint), saved, config, info, meta, identities)
     return checkpoint, info
-
-
-def load_warm_start(
-    checkpoint: Path,
-    info: dict[str, Any],
-    plan: dict[str, Any],
-    model: Any,
-    optimizer: Any,
-    config: ExperimentConfig,
-    rank: int,
-) -> int:
-    """Collective: the checkpoint's model and optimizer state into this job's (resharded); returns its step."""
-    check_optimizer_layout(str(checkpoint), info.get("plan", {}), plan, config.sparse_optimizer.name)
-    init_optimizer_state(optimizer)
-    load_training_state(checkpoint, model, optimizer)
-    step = int(info["step"])
-    reseed(config.train.seed, step, rank)
-    if rank == 0:
-        log.info("warm start from %s (step %d); reading %s from its start", checkpoint, step, config.data.path)
-    return step
 
 
 def _column_splits(table_plan: dict[str, Any]) -> int:
