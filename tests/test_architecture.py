@@ -225,3 +225,34 @@ def test_the_spawn_checker_sees_a_second_launcher(tmp_path: Path) -> None:
     src.write_text("def f():\n    import torch.multiprocessing as mp\n    from torch.distributed.run import main\n")
     found = users_of({"mlet_torchrec.serving.m": src, LAUNCHER: src, "launch.m": src}, SPAWNERS, LAUNCHER)
     assert found == ["mlet_torchrec.serving.m"]
+
+
+TRAINING = REPO / "mlet_torchrec" / "training"
+MAX_LOOP_LINES, MAX_FUNCTION_LINES = 80, 120
+
+
+def training_shape(root: Path) -> tuple[list[str], dict[str, int]]:
+    """``nonlocal`` statements under ``root`` and the length of every function there (``file:name``)."""
+    nonlocals, lengths = [], {}
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Nonlocal):
+                nonlocals.append(f"{path.name}:{node.lineno}")
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lengths[f"{path.name}:{node.name}"] = (node.end_lineno or node.lineno) - node.lineno + 1
+    return nonlocals, lengths
+
+
+def test_the_training_loop_fits_a_screen_and_training_has_no_closures_over_state() -> None:
+    nonlocals, lengths = training_shape(TRAINING)
+    assert not nonlocals, f"nonlocal in training/ (give the state to the part that owns it): {nonlocals}"
+    assert lengths["trainer.py:train"] <= MAX_LOOP_LINES, lengths["trainer.py:train"]
+    long = {name: n for name, n in lengths.items() if n > MAX_FUNCTION_LINES}
+    assert not long, f"functions in training/ over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_the_training_shape_checker_sees_nonlocal_and_long_functions(tmp_path: Path) -> None:
+    body = "\n".join(f"        x += {i}" for i in range(130))
+    (tmp_path / "m.py").write_text(f"def f():\n    x = 0\n    def g():\n        nonlocal x\n{body}\n")
+    nonlocals, lengths = training_shape(tmp_path)
+    assert nonlocals == ["m.py:4"] and lengths["m.py:g"] == 132 and lengths["m.py:f"] == 134
