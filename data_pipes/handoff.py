@@ -106,7 +106,9 @@ def _views(slot: np.ndarray, n: int, single: int, width: int) -> tuple[np.ndarra
 
 def _shared(nbytes: int) -> torch.Tensor:
     """A uint8 tensor in a new shared-memory segment (inherited by worker processes started later)."""
-    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))  # type: ignore[no-untyped-call]
+    tensor = torch.empty(nbytes, dtype=torch.uint8)
+    tensor.share_memory_()  # type: ignore[no-untyped-call]
+    return tensor
 
 
 class WindowLoader:

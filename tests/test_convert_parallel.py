@@ -53,6 +53,7 @@ def layout(root: Path) -> tuple:
 SMALL = dict(block_size=4096, rows_per_file=1500, row_group_rows=256, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [dict(min_count=2), dict(hash_buckets=97)])
 def test_byte_ranges_give_the_jobs_1_data_set(tmp_path, monkeypatch, mode):
     text = criteo_text(1500, seed=1)
@@ -68,18 +69,20 @@ def test_byte_ranges_give_the_jobs_1_data_set(tmp_path, monkeypatch, mode):
     assert not (tmp_path / "many" / ".spool").exists()
 
 
-def test_day_files_plain_and_gzip_give_the_jobs_1_data_set(tmp_path):
-    days = tmp_path / "days"
+@pytest.mark.slow
+def test_criteo_1tb_day_layout_gzip_and_plain_gives_the_jobs_1_data_set(tmp_path):
+    days = tmp_path / "days"  # day_0 .. day_23 as Criteo 1TB ships them (.gz), some plain (cut in byte ranges)
     days.mkdir()
-    for d in range(4):
-        text = criteo_text(400, seed=10 + d, day=d)
-        (days / f"day_{d}.gz").write_bytes(gzip.compress(text)) if d % 2 else (days / f"day_{d}").write_bytes(text)
+    for d in range(24):
+        text = criteo_text(60, seed=10 + d, day=d)
+        (days / f"day_{d}.gz").write_bytes(gzip.compress(text)) if d % 3 else (days / f"day_{d}").write_bytes(text)
     one = convert_criteo(days, tmp_path / "one", min_count=1, **SMALL)
     convert_criteo(days, tmp_path / "two", min_count=1, jobs=2, **SMALL)
-    assert one.meta.rows["train"] == 3 * 400
+    assert one.meta.rows["train"] == 23 * 60 and one.meta.cardinalities()["C1"] == 24
     assert layout(tmp_path / "one") == layout(tmp_path / "two")
 
 
+@pytest.mark.slow
 def test_errors_in_a_worker_name_the_line_of_the_whole_file(tmp_path):
     lines = criteo_text(1200, seed=2).decode().splitlines()
     lines[1100] = lines[1100].replace("\t", "", 1)  # one column short

@@ -22,6 +22,7 @@ def fingerprint(b) -> tuple:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("multi_hot", [0, 2])
 def test_workers_reuse_slots_across_many_windows(synth_dataset, monkeypatch, multi_hot):
     root = synth_dataset(multi_hot_features=multi_hot, row_group_size=70)
@@ -34,6 +35,7 @@ def test_workers_reuse_slots_across_many_windows(synth_dataset, monkeypatch, mul
         assert [fingerprint(b) for b in make_dataloader(reader, workers)] == expected
 
 
+@pytest.mark.slow
 def test_last_batch_may_be_short_or_empty_with_workers(synth_dataset, monkeypatch):
     root = synth_dataset()
     monkeypatch.setattr(reader_mod, "WINDOW_ROWS", 64)
