@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import data_pipes.convert.job as job_mod
+import data_pipes.convert.passes as passes
 from data_pipes.convert.criteo import convert_criteo
 from data_pipes.convert.options import ConvertOptions
 from data_pipes.convert.passes import plan_shards
@@ -102,3 +104,26 @@ def test_line_starts_and_counts(tmp_path):
     assert Span().whole and not Span(0, 9).whole
     with pytest.raises(OptionError, match="--jobs"):
         ConvertOptions(jobs=0)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_finished_shards_are_not_redone(tmp_path, monkeypatch):
+    src = tmp_path / "train.txt"
+    src.write_bytes(criteo_text(1500, seed=4))
+    convert_criteo(src, tmp_path / "one", hash_buckets=97, **SMALL)
+    log, real = tmp_path / "encoded.log", passes._encoded
+
+    def dying(job, shard, encoders, schema, issues):  # runs in the forked workers
+        i = passes._STATE["shards"].index(shard)
+        if i == 5 and not (tmp_path / "died").exists():
+            (tmp_path / "died").touch()
+            os._exit(1)  # as if killed
+        yield from real(job, shard, encoders, schema, issues)
+        with open(log, "a") as f:
+            f.write(f"{i}\n")
+
+    monkeypatch.setattr(passes, "_encoded", dying)
+    convert_criteo(src, tmp_path / "two", hash_buckets=97, jobs=2, **SMALL)
+    finished = log.read_text().split()
+    assert (tmp_path / "died").exists() and sorted(finished, key=int) == [str(i) for i in range(8)]  # each once
+    assert layout(tmp_path / "one") == layout(tmp_path / "two")

@@ -12,7 +12,9 @@ and lenient mode (a dropped row shifts the row numbers after it) keep files whol
 * Pass 2 (:func:`encode_pass`): the processes encode shards, at most ``2 * jobs`` ahead of the parent,
   each into an Arrow IPC file in the output's temporary directory; the parent appends them to the
   split writers in input order and deletes them. The writers cut files and row groups by row count,
-  so the output (ids, rows, files, row groups) is that of ``jobs=1``.
+  so the output (ids, rows, files, row groups) is that of ``jobs=1``. When a worker dies (killed, out
+  of memory), new workers take over (up to ``MAX_RESTARTS`` times); shards whose spool file was
+  complete are not encoded again.
 
 Workers are forked after the parent put the pass's inputs (job, encoders, schema) in ``_STATE``, so
 nothing large is pickled per task; only shard indices, counts and lenient tallies travel.
@@ -24,10 +26,12 @@ Example (run_job calls these):
 
 from __future__ import annotations
 
+import json
 import multiprocessing
-from collections import deque
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
 SPLIT_COLUMN = "__split"  # the split code of each row in a pass-2 spool file (-1: dropped)
+MAX_RESTARTS = 3  # times pass 2 replaces its workers after one died, before it gives up
 _STATE: dict[str, Any] = {}  # the pass's inputs, set by the parent before it forks the workers
 
 
@@ -228,13 +233,23 @@ def _write(writers: dict[str, SplitWriter], table: pa.Table, codes: np.ndarray) 
 
 
 def _encode_to_file(i: int) -> tuple[int, IssueCounter]:
-    """Worker: shard ``i`` encoded into its spool file; its rows and lenient tallies."""
+    """Worker: shard ``i`` encoded into its spool file (kept if a previous worker finished it); its
+    rows and lenient tallies, also written beside it."""
+    done, tally = _STATE["spool"] / f"{i}.arrow", _STATE["spool"] / f"{i}.json"
+    if tally.is_file():  # finished before a worker died: not redone
+        saved = json.loads(tally.read_text())
+        issues = IssueCounter()
+        issues.values_replaced, issues.rows_dropped = saved["values_replaced"], saved["rows_dropped"]
+        return int(saved["rows"]), issues
     job, schema, issues, rows = _STATE["job"], _STATE["schema"], IssueCounter(), 0
     spooled = schema.append(pa.field(SPLIT_COLUMN, pa.int8()))
-    with pa.ipc.new_stream(str(_STATE["spool"] / f"{i}.arrow"), spooled) as out:
+    part = done.with_suffix(".part")
+    with pa.ipc.new_stream(str(part), spooled) as out:
         for table, codes in _encoded(job, _STATE["shards"][i], _STATE["encoders"], schema, issues):
             out.write_table(table.append_column(SPLIT_COLUMN, pa.array(codes, pa.int8())))
             rows += table.num_rows
+    os.replace(part, done)
+    tally.write_text(json.dumps({"rows": rows, **issues.as_dict()}))
     return rows, issues
 
 
@@ -244,6 +259,7 @@ def _append_spooled(path: Path, writers: dict[str, SplitWriter]) -> None:
             codes = batch.column(batch.num_columns - 1).to_numpy()
             _write(writers, pa.Table.from_batches([batch]).drop_columns([SPLIT_COLUMN]), codes)
     path.unlink()
+    path.with_suffix(".json").unlink()
 
 
 def encode_pass(
@@ -267,17 +283,28 @@ def encode_pass(
     spool = writers["train"].root / ".spool"
     spool.mkdir()
     _STATE.update(job=job, shards=list(shards), encoders=encoders, schema=schema, spool=spool)
-    pool = _pool(jobs)
+    pool, restarts = _pool(jobs), 0
     try:
-        pending: deque[Future[tuple[int, IssueCounter]]] = deque()
-        for k, shard in enumerate(shards):
-            while len(pending) < 2 * jobs and k + len(pending) < len(shards):
-                pending.append(pool.submit(_encode_to_file, k + len(pending)))
-            n, tallies = pending.popleft().result()
+        pending: dict[int, Future[tuple[int, IssueCounter]]] = {}
+        k = 0
+        while k < len(shards):
+            try:
+                for i in range(k, min(len(shards), k + 2 * jobs)):
+                    if i not in pending:
+                        pending[i] = pool.submit(_encode_to_file, i)
+                n, tallies = pending.pop(k).result()
+            except BrokenProcessPool:  # a worker died (killed, out of memory): new workers redo what was unfinished
+                restarts += 1
+                if restarts > MAX_RESTARTS:
+                    raise
+                pool.shutdown(cancel_futures=True)
+                pool, pending = _pool(jobs), {}
+                continue
             _append_spooled(spool / f"{k}.arrow", writers)
             issues.merge(tallies)
-            rows[shard.part] += n
+            rows[shards[k].part] += n
             bar.update(n)
+            k += 1
     finally:
         pool.shutdown(cancel_futures=True)
         _STATE.clear()
