@@ -20,6 +20,7 @@ from torchrec import KeyedJaggedTensor
 
 from data_pipes.convert import convert_criteo
 from data_pipes.schema import DatasetMeta
+from data_pipes.transform import FeatureTransform
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.io import OutputError
 from mlet_torchrec.serving.artifact import load_artifact
@@ -126,6 +127,8 @@ def test_refusals_are_one_line_and_leave_nothing(world, tmp_path):
     assert (
         man["transform_identity"]
         == json.loads((world["data"] / "metadata.json").read_text())["source"]["transform"]["identity"]
+        == FeatureTransform.load(export_dir).identity  # the export carries its own copy
+        == FeatureTransform.load(world["collapsed_dlrm"]).identity
     )
     # data converted on its own: another transform, other ids
     convert_criteo(world["root"] / "day1.tsv", tmp_path / "fresh", min_count=1, progress=False)
