@@ -141,6 +141,7 @@ def test_log_level_before_or_after_the_subcommand():
         (["collapse", "--input", "x", "--output", "o", "--tolerance", "-1"], "--tolerance: invalid non-negative"),
         (["export", "--input", "x", "--output", "o", "--max-check-rows", "0"], "--max-check-rows: invalid positive"),
         (["sweep", "--grid", "d=[4]", "--output", "r.jsonl", "--parallel", "0"], "--parallel: invalid positive"),
+        (["sweep", "--grid", "d=[4]", "--output", "r.jsonl", "--extend-grid", "-1"], "--extend-grid: invalid non-neg"),
         (
             ["train", "--config", "tiny", "model.bottom_mlp=[0]"],
             "model: model.bottom_mlp: layer sizes must be positive",

@@ -18,8 +18,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.tune and args.tune_baseline:
         raise flags.UsageError("give --tune (every method) or --tune-baseline (the baseline only), not both")
-    if args.extend_grid < 0:
-        raise flags.UsageError(f"--extend-grid must be >= 0, got {args.extend_grid}")
     if args.in_process and (args.nproc_per_node != 1 or args.parallel != 1):
         raise flags.UsageError("--in-process needs --nproc-per-node 1 and --parallel 1")
     if args.config is not None:
@@ -74,7 +72,7 @@ def _add_tuning(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--extend-grid",
-        type=int,
+        type=flags.nonnegative_int,
         default=0,
         metavar="STEPS",
         help="while a cell's best value of a numeric tuning axis is the lowest (highest) tried, run one more "
