@@ -319,3 +319,15 @@ def test_lr_mapping_rejects_the_4x_and_quarter_mappings_when_the_theorem_holds()
     rows = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ") and "factor" not in ln}
     assert rows["4"].endswith("| rejected |") and rows["0.25"].endswith("| rejected |")
     assert rows["1"].endswith("| theorem |") and "Best-fitting factor (smallest mean abs Δ test): 1." in text
+
+
+def test_seed_reports_show_the_across_split_interval_of_the_cells_family_f_ran(tmp_path: Path) -> None:
+    root = tmp_path / "families"
+    write(root, "deepctr_criteo_sample", deepctr_store())
+    write(root, "resplit_criteo_sample", resplit_store())
+    render_families(root, sweeps=[], plots=False)
+    models = (root / "models.md").read_text().split("## criteo_sample")[1]
+    across = models.split("The same cells over random re-splits")[1].split("Pooled Δ")[0]
+    row = next(ln for ln in across.splitlines() if ln.startswith("| deepfm | 1 | 8 |"))
+    assert "MLET k=32 (4d, σ=0.5)" in row and "+0.0100 [+0.0100, +0.0100] n=3" in row
+    assert "| deepfm | 1 | 4 |" not in across  # family (f) did not run d = 4

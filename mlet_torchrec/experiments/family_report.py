@@ -173,6 +173,43 @@ def _detail(cs: Sequence[Cell], family: Family) -> list[str]:
     return _table([*head, "Δ AUC [95%]", "p", "q (BH)", "Δ at paper lrs, seed 0", "baseline seed std", "mark"], rows)
 
 
+def _across(cs: Sequence[Cell], splits: Sequence[Cell]) -> list[str]:
+    """The cells that family (f) also ran, with their Δ over seeds here beside their Δ over random re-splits."""
+    by = {c.method: c for c in splits}
+    rows = [
+        [
+            c.method.model,
+            str(c.method.epochs),
+            str(c.method.d),
+            c.method.label(),
+            fmt_interval(c.test.mean, c.test.lo, c.test.hi),
+            fmt_interval(s.test.mean, s.test.lo, s.test.hi) + f" n={s.test.n}",
+            _p(s.test.p),
+            _p(s.q),
+        ]
+        for c in cs
+        if (s := by.get(c.method)) is not None and s.test.n
+    ]
+    if not rows:
+        return []
+    head = ["model", "epochs", "d", "MLET", "Δ AUC over seeds [95%]", "Δ AUC over re-splits [95%]", "p", "q (BH)"]
+    L = [
+        "The same cells over random re-splits of this data set ([family (f)](resplit.md): one seed per split, "
+        "learning rates chosen per split): the interval over splits holds the test set's noise, which the "
+        "interval over seeds above does not.",
+        "",
+    ]
+    return L + _table(head, rows) + [""]
+
+
+def _split_cells(root: Path, sweeps: Sequence[FamilySweep]) -> dict[str, list[Cell]]:
+    """Family (f)'s judged cells per data set (for the across-split intervals of the other reports)."""
+    f = next(x for x in FAMILIES if x.replicate == "split")
+    recs = {ds: as_splits(load_results(root / f"{f.setup}_{ds}" / "results.jsonl")) for ds in DATASETS}
+    recs = {ds: rs for ds, rs in recs.items() if rs}
+    return dict(zip(recs, judge([cells(f, rs) for rs in recs.values()]), strict=True))
+
+
 def _pooled_rows(cs: Sequence[Cell], group: Callable[[MethodKey], str] | None) -> list[list[str]]:
     groups: list[tuple[str, list[Cell]]] = [("all cells", list(cs))]
     if group is not None:
@@ -262,6 +299,7 @@ def _family_md(
     stores: list[str],
     plot: bool,
     sweeps: Sequence[FamilySweep],
+    across: dict[str, list[Cell]],
 ) -> str:
     n_runs = sum(len([r for r in rs if r.get("status") == "ok" and family.has(method_of(r))]) for rs in recs.values())
     L = [f"# Family {family.title}", ""]
@@ -298,6 +336,8 @@ def _family_md(
                 continue
             L += [f"Δ AUC (MLET − tuned baseline, mean over paired {family.replicate}s) and mark:", ""]
             L += _matrix(cs) + ["", "Every cell:", ""] + _detail(cs, family) + [""]
+            if family.replicate == "seed":
+                L += _across(cs, across.get(ds, []))
             L += [
                 "Pooled Δ AUC over cells: the cells that share one baseline (model, epochs, d) are one cluster (their "
                 "seed-wise mean Δ: they share its noise), then random effects over the clusters (DerSimonian-Laird "
@@ -395,6 +435,7 @@ def render_families(
         "",
     ]
     rows, losses = [], []
+    across = _split_cells(root, sweeps)
     for f, target in zip(FAMILIES, targets, strict=False):
         paths = {ds: root / f"{f.setup}_{ds}" / "results.jsonl" for ds in DATASETS}
         recs = {ds: load_results(p) for ds, p in paths.items()}
@@ -407,7 +448,7 @@ def render_families(
         drawn = plots and f.name in PLOTTERS and any(recs.values())  # family (f) has no plot
         plot = drawn and _plot(f, recs, root / "plots" / f"{f.name}.png") is not None
         stores = [str(paths[ds].relative_to(root)) for ds, rs in recs.items() if rs]
-        atomic_write_text(target, _family_md(f, recs, by_ds, stores, plot, sweeps))
+        atomic_write_text(target, _family_md(f, recs, by_ds, stores, plot, sweeps, across))
         rows += [_headline(f, ds, recs[ds], by_ds[ds], plot) for ds in recs]
         if f.name != "lr_equivalence":
             losses += [f"- [{f.name}]({f.name}.md) " + x[2:] for x in _losses(by_ds) if x.startswith("- ")]
