@@ -181,9 +181,9 @@ def test_mlet_evaluate_on_two_and_three_ranks_prints_the_one_process_metrics(tmp
             ],
         )
     )
-    one = json.loads(_mlet("evaluate", "--input", str(run), "--split", "test", "--auc", "exact"))
+    one = json.loads(_mlet("evaluate", "--input", str(run), "--split", "test", "--auc", "exact", "--json"))
     two = json.loads(
-        _mlet("evaluate", "--input", str(run), "--split", "test", "--auc", "exact", "--nproc-per-node", "2")
+        _mlet("evaluate", "--input", str(run), "--split", "test", "--auc", "exact", "--nproc-per-node", "2", "--json")
     )
     three = run_local(3, partial(evaluate_path, run, "test", "histogram"))
     one_hist = evaluate_path(run, "test", "histogram")  # in this process
