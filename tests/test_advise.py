@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mlet_torchrec.cli import main
+from mlet_torchrec.cli.main import main
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.experiments.advise import advise, format_text, load_store
 from mlet_torchrec.experiments.family_tables import LOSS, LR, WIN

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlet_torchrec.cli import build_parser, main
+from mlet_torchrec.cli.main import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITEO = ["convert", "criteo", "--input", str(ROOT / "README.md"), "--output", "o"]  # fails before reading
@@ -240,7 +240,7 @@ def test_user_error_has_no_traceback_and_a_bug_keeps_it(tmp_path):
             raise RuntimeError("internal: shapes disagree")
 
         data_pipes.synth.generate = generate
-        from mlet_torchrec.cli import main
+        from mlet_torchrec.cli.main import main
         sys.exit(main(["synth", "--output", "out", "rows=100"]))
     """)
     crash = subprocess.run(

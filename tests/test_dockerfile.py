@@ -272,7 +272,7 @@ def test_variant_rejects_unknown_values(tmp_path):
 
 
 def test_entrypoint_subcommands_match_the_cli():
-    from mlet_torchrec.cli import build_parser
+    from mlet_torchrec.cli.main import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

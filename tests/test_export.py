@@ -167,7 +167,7 @@ def test_check_needs_the_data_unless_no_check(collapsed, tmp_path):
     model, man = load_collapsed_model(moved)
     assert man["d"] == 8 and sum(1 for _ in model.parameters()) > 0
 
-    from mlet_torchrec.cli import main
+    from mlet_torchrec.cli.main import main
 
     assert main(["export", "--input", str(moved), "--output", str(tmp_path / "cli"), "--int8"]) == 2
     assert (
@@ -244,7 +244,7 @@ def test_deepctr_model_with_first_order_tables(synth_dataset, tmp_path):
 
 
 def test_readme_export_commands_are_what_the_cli_accepts():
-    from mlet_torchrec.cli import build_parser
+    from mlet_torchrec.cli.main import build_parser
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     commands = re.findall(r"^mlet (export .*?)(?:\s+#.*)?$", readme, flags=re.M)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mlet_torchrec.cli import main
+from mlet_torchrec.cli.main import main
 from mlet_torchrec.config import load_config
 from mlet_torchrec.experiments import families
 from mlet_torchrec.experiments.families import SWEEPS, FamilySweep

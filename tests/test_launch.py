@@ -199,7 +199,7 @@ def test_evaluate_dryrun_runs_torchrun_with_j():
 def test_component_commands_parse_with_the_mlet_cli(capsys):
     import argparse
 
-    from mlet_torchrec.cli import build_parser
+    from mlet_torchrec.cli.main import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

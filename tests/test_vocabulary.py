@@ -20,7 +20,7 @@ import pytest
 from torchx import specs
 from torchx.specs.builders import _create_args_parser
 
-from mlet_torchrec.cli import build_parser, main
+from mlet_torchrec.cli.main import build_parser, main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from launch import components  # noqa: E402

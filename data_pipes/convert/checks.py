@@ -33,7 +33,8 @@ class DenseTransform:
     """How a raw number becomes a dense feature: ``log(1 + max(x, clip_min))`` (or ``max(x, clip_min)``
     without ``log1p``); missing values (and, in lenient mode, bad ones) are ``fill`` before it.
 
-    >>> DenseTransform().apply(np.array([3.0, -2.0, 9.0]), np.array([True, True, False])).round(4).tolist()
+    >>> out = DenseTransform().apply(np.array([3.0, -2.0, 9.0]), np.array([True, True, False]))
+    >>> [round(float(v), 4) for v in out]
     [1.3863, 0.0, 0.0]
     """
 

@@ -1,5 +1,6 @@
-"""``mlet``: argument parsing only; each subcommand calls one function of a lower layer."""
+"""``mlet``: argument parsing only; each subcommand calls one function of a lower layer.
 
-from mlet_torchrec.cli.main import build_parser, main
-
-__all__ = ["build_parser", "main"]
+The entry point is :func:`mlet_torchrec.cli.main.main`. This package imports nothing itself, so that
+``python -m mlet_torchrec.cli.convert`` (the standalone converter) runs without runpy finding its module
+already imported.
+"""
