@@ -124,6 +124,21 @@ def test_untuned_store_gets_the_advice_and_the_sweep_flags(tmp_path):
     assert a.command.startswith("mlet sweep --config configs/models/deepfm.yaml") and str(path) in a.command
     text = format_text(a)
     assert "To answer this better:" in text and a.command in text
+    # the baseline ran at one learning rate: nothing calls it tuned; one baseline has nothing to pool
+    assert not a.baseline_tuned and "tuned baseline" not in text.split("To answer")[0], text
+    assert "against the single-layer baseline, not tuned" in text and "tune both (below)" in a.verdict[-1]
+    assert a.verdict[0].startswith("MLET beats the baseline (one learning rate) in 1 of 1 cells")
+    assert a.pooled.n_cells == 1 and not any("Pooled" in line for line in a.verdict)
+
+
+def test_sweep_command_spells_k_as_a_multiple_of_d_as_the_docs_do(tmp_path):
+    recs = [rec(4, None, s, PAPER, PAPER, 0.7, b, "grid") for s, b in enumerate(BASE)]
+    recs += [rec(4, 16, s, PAPER, PAPER, 0.7, t, "grid") for s, t in enumerate(shifted(0.01))]
+    for r in recs:
+        r["grid"] = {"embedding.d": [4], "embedding.k_per_d": [None, 4], "train.seed": [0, 1]}
+    records, path = load_store(write(tmp_path / "s.jsonl", recs))
+    command = advise(records, str(path)).command
+    assert command is not None and "kd=[none,4]" in command and "k_per_d" not in command
 
 
 def test_one_seed_says_so(tmp_path):

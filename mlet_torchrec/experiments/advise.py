@@ -11,7 +11,7 @@ Example:
     >>> recs = [_example(k, s, auc) for s in range(3) for k, auc in ((None, 0.70), (16, 0.72 + s / 1000))]
     >>> a = advise(recs, "runs/sweep.jsonl")
     >>> a.verdict[0]
-    'MLET beats the tuned baseline in 1 of 1 cells (dlrm d=4 k=16 σ=0.5).'
+    'MLET beats the baseline (one learning rate) in 1 of 1 cells (dlrm d=4 k=16 σ=0.5).'
     >>> a.advice[1][:68]
     'The baseline ran at one embedding learning rate (0.2), so did MLET: '
 """
@@ -29,6 +29,7 @@ from mlet_torchrec.errors import InputNotFound, UserError
 from mlet_torchrec.experiments.families import EXTEND
 from mlet_torchrec.experiments.family_data import Family, edge_choices, replicated
 from mlet_torchrec.experiments.family_tables import LOSS, LR, PENDING, TIE, WIN, Cell, Records, _num, cells, pool
+from mlet_torchrec.experiments.grid import K_PER_D
 from mlet_torchrec.experiments.markdown import _table
 from mlet_torchrec.experiments.records import MethodKey, finished, method_of
 from mlet_torchrec.experiments.stats import Pooled, fmt_interval
@@ -49,6 +50,7 @@ class Advice:
     verdict: list[str]
     advice: list[str] = field(default_factory=list)  # empty: the store can answer the question
     command: str | None = None  # the `mlet sweep` line that fills the gaps of ``advice``
+    baseline_tuned: bool = True  # False: the baseline ran at one embedding learning rate, so it was not tuned
 
 
 def load_store(path: Path | str) -> tuple[Records, Path]:
@@ -84,9 +86,11 @@ def cell_label(m: MethodKey, with_epochs: bool = False) -> str:
     return " ".join([m.model, *([f"{m.epochs} ep"] if with_epochs else []), f"d={m.d}", f"k={m.k}", f"σ={m.sigma:g}"])
 
 
-def verdict_lines(cs: Sequence[Cell], pooled: Pooled) -> list[str]:
-    """2-4 plain lines: wins, lr-explained gains, losses, ties and pending cells; the pooled estimate; a reading."""
+def verdict_lines(cs: Sequence[Cell], pooled: Pooled, tuned: bool = True) -> list[str]:
+    """2-4 plain lines: wins, lr-explained gains, losses, ties and pending cells; the pooled estimate (2 or more
+    baselines: one has nothing to pool); a reading. ``tuned``: the baseline ran at 2 or more embedding lrs."""
     many_epochs = len({c.method.epochs for c in cs}) > 1
+    base = "the tuned baseline" if tuned else "the baseline (one learning rate)"
 
     def named(mark: str) -> list[str]:
         return [cell_label(c.method, many_epochs) for c in cs if c.mark == mark]
@@ -96,7 +100,7 @@ def verdict_lines(cs: Sequence[Cell], pooled: Pooled) -> list[str]:
 
     win, lr, loss, tie, pending = (named(m) for m in (WIN, LR, LOSS, TIE, PENDING))
     n = len(cs)
-    first = f"MLET beats the tuned baseline in {len(win)} of {n} cells" + (f" ({', '.join(win)})" if win else "")
+    first = f"MLET beats {base} in {len(win)} of {n} cells" + (f" ({', '.join(win)})" if win else "")
     rest = []
     if lr:
         rest.append(f"in {cells_(lr)} tuning the baseline's learning rate does the same")
@@ -107,12 +111,14 @@ def verdict_lines(cs: Sequence[Cell], pooled: Pooled) -> list[str]:
     if pending:
         rest.append(f"{cells_(pending)} with fewer than 2 seeds: no test")
     lines = [first + ("; " + "; ".join(rest) if rest else "") + "."]
-    if pooled.n_cells:
+    if pooled.n_cells >= 2:
         lines.append(
-            f"Pooled over {pooled.n_cells} baseline cluster(s), MLET minus the tuned baseline is "
+            f"Pooled over {pooled.n_cells} baseline cluster(s), MLET minus {base} is "
             f"{fmt_interval(pooled.estimate, pooled.lo, pooled.hi)} test AUC (95% interval, {pooled.method})."
         )
-    if win and not loss:
+    if win and not tuned:
+        lines.append("Reading: MLET is ahead of a baseline at one learning rate; tune both (below) before trusting it.")
+    elif win and not loss:
         lines.append(
             "Reading: MLET helps here in the cells named above; the others gain nothing over a tuned baseline."
         )
@@ -120,8 +126,10 @@ def verdict_lines(cs: Sequence[Cell], pooled: Pooled) -> list[str]:
         lines.append("Reading: mixed; MLET helps in some cells and hurts in others: pick d and k from the cells above.")
     elif loss:
         lines.append("Reading: MLET does not beat a tuned baseline here and loses in some cells: keep the baseline.")
-    elif n > len(pending):
+    elif n > len(pending) and tuned:
         lines.append("Reading: MLET does not beat a baseline whose learning rate is tuned: tune that instead.")
+    elif n > len(pending):
+        lines.append("Reading: no gain over a baseline at one learning rate; tune both (below) before concluding.")
     return lines
 
 
@@ -157,7 +165,7 @@ def sweep_command(records: Records, store: str) -> str:
     config = rec.get("base_config") or "CONFIG"
     overrides = "".join(f" {o}" for o in rec.get("base_overrides") or [])
     skip = {"train.seed", "sparse_optimizer.lr", "dense_optimizer.lr"}  # seeds below; lrs go to --tune
-    axes = [f"{k}={_axis(v)}" for k, v in (rec.get("grid") or {}).items() if k not in skip]
+    axes = [f"{'kd' if k == K_PER_D else k}={_axis(v)}" for k, v in (rec.get("grid") or {}).items() if k not in skip]
     axes.append(f"seed={_axis(list(range(ADVISED_SEEDS)))}")
     sparse = _grid_of(sorted(set(_lrs(records, False, "sparse_lr")) | set(_lrs(records, True, "sparse_lr"))))
     dense = _grid_of(sorted(set(_lrs(records, False, "dense_lr")) | set(_lrs(records, True, "dense_lr"))))
@@ -223,7 +231,8 @@ def advise(records: Records, store: str) -> Advice:
     pooled = pool(cs)
     advice = advice_lines(records, cs)
     command = sweep_command(records, store) if advice else None
-    return Advice(store, cs, pooled, verdict_lines(cs, pooled), advice, command)
+    tuned = len(_lrs(records, False, "sparse_lr")) >= 2
+    return Advice(store, cs, pooled, verdict_lines(cs, pooled, tuned), advice, command, tuned)
 
 
 def _p(p: float) -> str:
@@ -250,7 +259,8 @@ def format_text(a: Advice) -> str:
         for c in a.cells
     ]
     head = ["model", "epochs", "d", "k", "σ", "baseline AUC", "MLET AUC", "Δ [95%]", "p", "q (BH)", "seeds", "mark"]
-    lines = [f"{a.store}: {len(a.cells)} MLET cells against the tuned single-layer baseline (test AUC)", ""]
+    baseline = "the tuned single-layer baseline" if a.baseline_tuned else "the single-layer baseline, not tuned"
+    lines = [f"{a.store}: {len(a.cells)} MLET cells against {baseline} (test AUC)", ""]
     lines += _table(head, rows) + [""]
     lines += a.verdict
     if a.advice:
