@@ -47,19 +47,27 @@ def dataset(tmp_path_factory) -> Path:
     return out
 
 
-def _run(dataset: Path, run_dir: Path, nproc: int, sharding: str, optimizer: str = "sgd", shuffle: bool = True):
+def _run(
+    dataset: Path,
+    run_dir: Path,
+    nproc: int,
+    sharding: str,
+    optimizer: str | None = "sgd",
+    shuffle: bool = True,
+    config: Path = CONFIGS / "tiny.yaml",
+):
     cfg = load_config(
-        CONFIGS / "tiny.yaml",
+        config,
         [
             f"data.path={dataset}",
             f"run.dir={run_dir}",
             f"embedding.sharding={sharding}",
             f"data.shuffle={str(shuffle).lower()}",
-            f"sparse_optimizer.name={optimizer}",
             f"train.batch_size={2 * LOCAL_BATCH}",
             f"train.max_steps={STEPS}",
             "train.seed=11",
-        ],
+        ]
+        + ([f"sparse_optimizer.name={optimizer}"] if optimizer else []),
     )
     return train_local(cfg, nproc)
 
@@ -81,7 +89,7 @@ def _initial_state(run_dir: Path):
         state[f"net.sparse_arch.embedding_bag_collection.w2.{name}"] = w2.detach().clone()
         n, k = model.embeddings.w1.embedding_bags[name].weight.shape
         state[f"net.sparse_arch.embedding_bag_collection.w1.embedding_bags.{name}.weight"] = table_rows(
-            name, n, k, 0, n, config.train.seed
+            name, n, k, 0, n, config.train.seed, init=config.embedding.init, std=config.embedding.init_std
         )
     return state
 
@@ -109,11 +117,42 @@ def test_two_ranks_match_one_process(dataset, reference, tmp_path, sharding):
         torch.testing.assert_close(got_collapsed[key], ref, atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     for key, ref in ref_factored.items():
         torch.testing.assert_close(got_factored[key], ref, atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
-    # training moved W1 and W2 away from their initial values (so the agreement is not trivial)
-    init = _initial_state(tmp_path / "run")
-    for key, value in init.items():
-        assert float((got_factored[key] - value).abs().max()) > 1e-5, f"{key} did not train"
+    _assert_trained(tmp_path / "run", got_factored)
     assert abs(summary["test"]["auc"] - reference[0]["test"]["auc"]) < 1e-4
+
+
+def _assert_trained(run_dir: Path, factored: dict) -> None:
+    """Training moved W1 and W2 away from their initial values (so an agreement is not trivial)."""
+    for key, value in _initial_state(run_dir).items():
+        assert float((factored[key] - value).abs().max()) > 1e-5, f"{key} did not train"
+
+
+def test_deepfm_two_ranks_match_one_process(dataset, tmp_path):
+    """DeepFM (Adagrad, the first-order lin_* tables in the same W1 collection, a DNN, the planner's own
+    sharding): 2 ranks reproduce 1 process up to float32 rounding, magnified by Adagrad on a few entries.
+
+    Not bit for bit: the 2-rank gradient is the all-reduced mean of two half-batch means, a sum in another order
+    than one process's mean, so it differs in the last float32 bits. SGD keeps that at ~1e-7 (the DLRM test
+    above); Adagrad divides each entry's gradient by its own running norm, so where a gradient is near zero
+    the rounding is magnified (lr * delta_g / |g|): after STEPS steps 99% of the entries agree to 1e-6 and
+    all to 5e-5 (measured: 4 of 1792 entries of one table above 1e-6, largest 1.9e-5, for lr 0.02).
+    """
+    deepfm = CONFIGS / "models" / "deepfm.yaml"
+    summaries = {n: _run(dataset, tmp_path / f"run{n}", n, "auto", optimizer=None, config=deepfm) for n in (1, 2)}
+    (one_collapsed, one_factored), (two_collapsed, two_factored) = (
+        _collapsed_state(tmp_path / f"run{n}") for n in (1, 2)
+    )
+    assert any(".lin_" in key for key in two_factored) and summaries[2]["steps"] == STEPS
+    close = total = 0
+    for ref, got in ((one_collapsed, two_collapsed), (one_factored, two_factored)):
+        assert ref.keys() == got.keys()
+        for key, value in ref.items():
+            torch.testing.assert_close(got[key], value, atol=5e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+            close += int(torch.isclose(got[key], value, atol=1e-6, rtol=1e-5).sum())
+            total += value.numel()
+    assert close >= 0.99 * total, (close, total)
+    _assert_trained(tmp_path / "run2", two_factored)
+    assert abs(summaries[2]["test"]["auc"] - summaries[1]["test"]["auc"]) < 1e-4
 
 
 @pytest.mark.parametrize("optimizer", ["adagrad", "rowwise_adagrad"])
