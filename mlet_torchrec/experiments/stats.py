@@ -161,11 +161,14 @@ def paired_test(diffs: Sequence[float | None]) -> PairedTest:
     return PairedTest(m, s, n, float(res.statistic), float(res.pvalue), lo, hi)
 
 
-def verdict(diffs: Sequence[float], higher_is_better: bool = True) -> str:
-    """The report's one-phrase reading of the paired test (significant when the two-sided p < 0.05).
+def verdict(diffs: Sequence[float], higher_is_better: bool = True, q: float | None = None) -> str:
+    """The report's one-phrase reading of the paired test: significant when the two-sided p < 0.05, or, given the
+    test's Benjamini-Hochberg ``q`` among the report's tests (:func:`bh_q`), when q < 0.05.
 
     >>> verdict([0.01, 0.012, 0.011], higher_is_better=False)
     'MLET worse (t=+19.1, p<0.05)'
+    >>> verdict([0.01, 0.012, 0.011], q=0.2), verdict([0.01, 0.012, 0.011], q=0.01)
+    ('within noise (t=+19.1, q=0.200)', 'MLET better (t=+19.1, q<0.05)')
     >>> verdict([0.0, 0.0]), verdict([0.1])
     ('identical', 'n<2: no test')
     """
@@ -175,9 +178,11 @@ def verdict(diffs: Sequence[float], higher_is_better: bool = True) -> str:
     better = (r.mean > 0) == higher_is_better
     if r.std == 0:
         return "identical" if r.mean == 0 else ("MLET better" if better else "MLET worse")
+    if q is not None and not q < _ALPHA:
+        return f"within noise (t={r.t:+.1f}, q={q:.3f})"
     if not r.p < _ALPHA:
         return f"within noise (t={r.t:+.1f})"
-    return f"MLET {'better' if better else 'worse'} (t={r.t:+.1f}, p<0.05)"
+    return f"MLET {'better' if better else 'worse'} (t={r.t:+.1f}, {'p' if q is None else 'q'}<0.05)"
 
 
 @dataclass(frozen=True)

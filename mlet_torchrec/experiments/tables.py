@@ -20,7 +20,7 @@ from mlet_torchrec.experiments.compression_tables import _compression_section, _
 from mlet_torchrec.experiments.markdown import _mib, _table
 from mlet_torchrec.experiments.plots import plot_freq, plot_spectrum, plot_vs_d
 from mlet_torchrec.experiments.selection import Pick, Results, _g
-from mlet_torchrec.experiments.stats import _get, fmt, mean_std, verdict
+from mlet_torchrec.experiments.stats import _get, bh_q, fmt, mean_std, paired_test, verdict
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,15 @@ class _Section:
     @property
     def r0(self) -> dict[str, Any]:
         return self.res.records[0]
+
+
+def _pq(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:.3f}"
+
+
+def _q(q: float) -> float | None:
+    """A q for :func:`.stats.verdict`: None (decide on p) when the test has no p."""
+    return None if math.isnan(q) else q
 
 
 def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_mb: Sequence[float]) -> list[str]:
@@ -115,34 +124,42 @@ def _part_summary(c: _Section) -> list[str]:
     n_seeds = len(res.seeds)
     L += ["### Summary: MLET vs the single-layer baseline (test AUC, paired over seeds)", ""]
     L += [
-        "Δ = MLET − baseline on the same seed (mean ± std over seeds). Verdict: paired t-test at 95% "
+        "Δ = MLET − baseline on the same seed (mean ± std over seeds). Verdict: paired t-test, significant when "
+        "its Benjamini-Hochberg q over this table's tests is < 0.05 (the raw p beside it) "
         f"(n = {n_seeds} seeds; with 3 seeds a difference must be about 2.5x its std to count). "
         "'seed std' is the std of the baseline's AUC over seeds.",
         "",
     ]
+    tests = [
+        (d, m, b, diffs)
+        for d in res.ds
+        for m in mlets
+        for b in _baselines_for(m, res, paper, tuned)
+        if (diffs := res.paired(m, b, variant, d, "test.auc"))
+    ]
+    qs = bh_q([paired_test(diffs).p for *_, diffs in tests])
+    q_of = {(d, m.name, b.name): q for (d, m, b, _), q in zip(tests, qs, strict=True)}
     rows = []
-    for d in res.ds:
-        for m in mlets:
-            for b in _baselines_for(m, res, paper, tuned):
-                diffs = res.paired(m, b, variant, d, "test.auc")
-                if not diffs:
-                    continue
-                _, sstd, _ = mean_std(res.values(b, variant, d, "test.auc"))
-                dm, _, _ = mean_std(diffs)
-                ratio = "–" if not sstd or math.isnan(sstd) else f"{abs(dm) / sstd:.1f}"
-                rows.append(
-                    [
-                        d,
-                        m.name,
-                        b.name,
-                        fmt(diffs, 4),
-                        "–" if math.isnan(sstd) else f"{sstd:.4f}",
-                        ratio,
-                        verdict(diffs),
-                    ]
-                )
-    L += _table(["d", "MLET", "vs", "Δ AUC", "seed std", "|Δ|/seed std", "verdict"], rows) + [""]
-    L += _plain_statements(res, variant, paper, tuned, mlets)
+    for (d, m, b, diffs), q in zip(tests, qs, strict=True):
+        _, sstd, _ = mean_std(res.values(b, variant, d, "test.auc"))
+        dm, _, _ = mean_std(diffs)
+        ratio = "–" if not sstd or math.isnan(sstd) else f"{abs(dm) / sstd:.1f}"
+        p = paired_test(diffs).p
+        rows.append(
+            [
+                d,
+                m.name,
+                b.name,
+                fmt(diffs, 4),
+                "–" if math.isnan(sstd) else f"{sstd:.4f}",
+                ratio,
+                _pq(p),
+                _pq(q),
+                verdict(diffs, q=_q(q)),
+            ]
+        )
+    L += _table(["d", "MLET", "vs", "Δ AUC", "seed std", "abs Δ / seed std", "p", "q (BH)", "verdict"], rows) + [""]
+    L += _plain_statements(res, variant, paper, tuned, mlets, q_of)
     # smaller d with MLET vs larger d baseline (the papers' headline)
     if len(res.ds) > 1:
         rows = []
@@ -245,16 +262,21 @@ def _part_freq(c: _Section) -> list[str]:
             for m in methods
         ],
     ) + [""]
-    rows = []
-    for d in res.ds:
-        for m in mlets:
-            for w in ("top10", "bottom10"):
-                diffs = res.paired(m, ref, variant, d, f"freq.{w}.pr_auc")
-                if diffs:
-                    rows.append([d, m.name, w.replace("10", " 10%"), fmt(diffs), verdict(diffs)])
+    tests = [
+        (d, m, w, diffs)
+        for d in res.ds
+        for m in mlets
+        for w in ("top10", "bottom10")
+        if (diffs := res.paired(m, ref, variant, d, f"freq.{w}.pr_auc"))
+    ]
+    qs = bh_q([paired_test(diffs).p for *_, diffs in tests])
+    rows = [
+        [d, m.name, w.replace("10", " 10%"), fmt(diffs), _pq(paired_test(diffs).p), _pq(q), verdict(diffs, q=_q(q))]
+        for (d, m, w, diffs), q in zip(tests, qs, strict=True)
+    ]
     if rows:
-        L += [f"Paired Δ PR-AUC, MLET − {ref.name}:", ""]
-        L += _table(["d", "MLET", "rows", "Δ PR-AUC", "verdict"], rows) + [""]
+        L += [f"Paired Δ PR-AUC, MLET − {ref.name} (q: Benjamini-Hochberg over this table's tests):", ""]
+        L += _table(["d", "MLET", "rows", "Δ PR-AUC", "p", "q (BH)", "verdict"], rows) + [""]
     p3 = plot_freq(res, variant, plots / f"{slug}_freq_prauc.png", f"{name}: PR-AUC by item frequency")
     L += [f"![PR-AUC by frequency](plots/{p3})", ""]
     return L
@@ -368,7 +390,14 @@ def _baselines_for(m: Pick, res: Results, paper: Pick, tuned: Pick | None) -> li
     return [paper] if m.kind == "mlet" else ([tuned] if tuned else [])
 
 
-def _plain_statements(res: Results, variant: str, paper: Pick, tuned: Pick | None, mlets: list[Pick]) -> list[str]:
+def _plain_statements(
+    res: Results,
+    variant: str,
+    paper: Pick,
+    tuned: Pick | None,
+    mlets: list[Pick],
+    q_of: dict[tuple[int, str, str], float],
+) -> list[str]:
     best = next((m for m in mlets if m.kind == "mlet_best"), mlets[0] if mlets else None)
     if best is None:
         return []
@@ -381,9 +410,10 @@ def _plain_statements(res: Results, variant: str, paper: Pick, tuned: Pick | Non
                 continue
             m, s, n = mean_std(diffs)
             sstd = mean_std(res.values(b, variant, d, "test.auc"))[1]
-            v = verdict(diffs)
+            q = q_of.get((d, best.name, b.name), math.nan)
+            v = verdict(diffs, q=_q(q))
             what = (
-                "MLET's advantage holds (paired t-test, 95%)"
+                "MLET's advantage holds (paired t-test, Benjamini-Hochberg q < 0.05)"
                 if v.startswith("MLET better")
                 else "MLET is worse (paired t-test, 95%)"
                 if v.startswith("MLET worse")
