@@ -40,6 +40,7 @@ DELIBERATE = {
     ("convert", "split"): "convert's --split TRAIN VALID TEST are the fractions it splits by (default per data set); "
     "elsewhere --split names the split to use (default test)",
     ("convert", "min_count"): "each data set's papers' vocabulary cut-off (Criteo 10, Avazu 5, MovieLens 1)",
+    ("serve", "max_rows"): "a server limit, rows per request (more: 413); elsewhere --max-rows caps the rows scored",
 }
 """(subcommand, flag) -> why its default differs from the other subcommands' (``convert`` covers its datasets)."""
 

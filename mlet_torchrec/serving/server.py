@@ -106,7 +106,7 @@ def concat_encoded(parts: Sequence[EncodedRows]) -> EncodedRows:
 class RowScorer:
     """An export's feature transform and dict-signature module: raw rows -> probabilities."""
 
-    def __init__(self, export: Path | str, precision: str = "int8") -> None:
+    def __init__(self, export: Path | str, precision: str | None = None) -> None:
         scorer = resolve_scorer(export, precision)
         if scorer.kind != "export" or scorer.model_file is None:
             raise UserError(f"{export}: mlet serve needs the output of `mlet export`, not a {scorer.kind}")
@@ -285,7 +285,7 @@ def serve(
     export: Path | str,
     host: str = "127.0.0.1",
     port: int = 8080,
-    precision: str = "int8",
+    precision: str | None = None,
     limits: ServeLimits = ServeLimits(),
 ) -> None:
     """Load ``export`` and serve it on ``host:port`` until SIGINT/SIGTERM."""
@@ -296,7 +296,7 @@ def serve(
         "serving %s (%s, %s) on http://%s:%d: POST /v1/predict, GET /healthz",
         export,
         scorer.manifest["model"],
-        precision,
+        scorer.precision,
         host,
         where[1],
     )
