@@ -55,13 +55,24 @@ clean:
 # Container image (README "Container image"); not part of `make test`/CI (minutes to build, see there).
 # docker/build-image.sh uses podman, buildah or docker, whichever is present; podman/buildah settings
 # this machine needs (runc, rlimits, network) are in docker/containers.conf, used by the script and tests.
-.PHONY: image image-test
+.PHONY: image image-test image-packages
 VARIANT ?= cpu
 IMAGE ?= mlet-torchrec:$(VARIANT)
 BASE_IMAGE ?=
 IMAGE_BUILD := VARIANT=$(VARIANT) BASE_IMAGE=$(BASE_IMAGE) PYTHON=$(PYTHON) docker/build-image.sh
 
-image:
+# As root on a machine with no usable builder (no podman or buildah, docker without a daemon), `image-packages`
+# installs podman, buildah and runc (docker/containers.conf selects runc) and debootstrap (docker/bootstrap-base.sh
+# builds the base image with it when no registry answers), as `slurm-packages` does for Slurm.
+IMAGE_PACKAGES := podman buildah runc debootstrap
+
+image-packages:
+	@if [ "$$(id -u)" = 0 ] && ! command -v podman >/dev/null && ! command -v buildah >/dev/null \
+		&& ! docker info >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+		apt-get -o DPkg::Lock::Timeout=900 install -y -q $(IMAGE_PACKAGES); fi
+
+image: image-packages
 	IMAGE=$(IMAGE) $(IMAGE_BUILD)
 
 # rebuilds (cached layers) the runtime image and the `test` stage, then runs them: tests/test_image.py

@@ -401,3 +401,33 @@ def _hadolint() -> str:
 def test_hadolint():
     proc = subprocess.run([_hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _stub(directory: Path, name: str, body: str) -> None:
+    path = directory / name
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("builder", [None, "podman", "docker-with-daemon"])
+def test_make_image_packages_installs_podman_as_root_only_without_a_builder(tmp_path, builder):
+    """`make image-packages` (run by `make image`) on a fresh machine, as root: apt-get installs podman and
+    its helpers; with a usable builder it installs nothing. Every program it runs is a stub on PATH."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make on this machine")
+    stubs, log = tmp_path / "bin", tmp_path / "apt.log"
+    stubs.mkdir()
+    _stub(stubs, "id", "echo 0")
+    _stub(stubs, "apt-get", f'echo "$*" >> {log}')
+    _stub(stubs, "docker", "exit 0" if builder == "docker-with-daemon" else "echo 'no daemon' >&2; exit 1")
+    if builder == "podman":
+        _stub(stubs, "podman", "exit 0")
+    env = {"PATH": str(stubs), "HOME": str(tmp_path)}
+    proc = subprocess.run([make, "-s", "-C", str(REPO), "image-packages"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines() if log.exists() else []
+    if builder is None:
+        assert calls[0] == "update -q" and calls[1].split()[-4:] == ["podman", "buildah", "runc", "debootstrap"]
+    else:
+        assert calls == []
