@@ -166,6 +166,10 @@ def test_every_hostile_request_gets_a_4xx_and_the_next_good_one_succeeds(served)
         status, raw = request(port, "GET", "/nope")
         assert status == 404 and set(json.loads(raw)) == {"error"}
         assert post(port, []).shape == (0,)
+        # the request SERVING.md shows, with a real column
+        body = re.search(r"-d '(.*?)'", (export_dir / "SERVING.md").read_text()).group(1).replace("COLUMN", "C1")
+        status, raw = request(port, "POST", "/v1/predict", body.encode())
+        assert status == 200 and len(json.loads(raw)["probabilities"]) == 1
         assert np.abs(post(port, rows) - expected).max() <= 1e-6
 
 
@@ -219,3 +223,20 @@ def test_mlet_serve_int8_in_its_own_process(served, tmp_path):
         assert proc.wait(timeout=60) == -signal.SIGTERM
     rest = "".join(lines.get(timeout=10) for _ in range(lines.qsize()))
     assert "Traceback" not in rest and "ERROR" not in rest, rest
+
+
+def test_the_kubernetes_deployment_runs_mlet_serve_as_the_cli_reads_it():
+    import yaml
+
+    from mlet_torchrec.cli import build_parser
+
+    docs = list(yaml.safe_load_all((Path(__file__).resolve().parents[1] / "docs" / "serve-deployment.yaml").open()))
+    deployment, service = (next(d for d in docs if d["kind"] == kind) for kind in ("Deployment", "Service"))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(container["args"])  # the image's entrypoint hands these to mlet
+    assert args.command == "serve" and args.host == "0.0.0.0"
+    port = next(p for p in container["ports"] if p["name"] == "http")
+    assert port["containerPort"] == args.port
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["ports"][0]["targetPort"] == "http"

@@ -79,6 +79,20 @@ def _files(man: dict[str, Any]) -> list[str]:
     return lines
 
 
+SERVE_SECTION = """## Raw rows over HTTP: `mlet serve`
+
+```bash
+mlet serve --input path/to/export --port 8080   # --precision fp32: the FP32 module; --host 0.0.0.0 in a container
+curl -s localhost:8080/v1/predict -d '{"rows": [{"COLUMN": "raw value as in the source file"}]}'
+# {"probabilities":[0.0312]}; a missing column is an empty field; GET /healthz: 200 once the model is loaded
+```
+
+The rows are encoded with this export's feature transform (`transform/`, the one `mlet convert` wrote; its
+`transform.json` lists the raw columns) and scored by the module above. Requests that arrive while the model runs
+share its next call; a bad request gets a 4xx with one line of JSON (`{"error": ...}`).
+"""
+
+
 def _whole_model(man: dict[str, Any]) -> list[str]:
     name, net = man["model"], man.get("net_class", "?")
     if name == "dlrm":
@@ -127,6 +141,7 @@ def serving_md(man: dict[str, Any]) -> str:
         "only `torch` and `torchrec`:",
         "",
         PACKAGE_SNIPPET.replace("{FILE}", first["file"]),
+        *([SERVE_SECTION] if man.get("transform_identity") else []),
         "## The collapsed FP32 tables with stock TorchRec (any world size: DCP reshards)",
         "",
         TABLES_SNIPPET,
