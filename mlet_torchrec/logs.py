@@ -70,6 +70,19 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
         "tests/test_known_warnings.py checks its gradients against torch's embedding_bag, and "
         "tests/test_distributed.py 2-rank data_parallel training against 1 process",
     ),
+    (
+        r"The TorchScript type system doesn't support instance-level annotations on empty non-base types",
+        UserWarning,
+        "export scripts a torch.fx.GraphModule; TorchScript checks GraphModule.__init__, where torch annotates its "
+        "empty Python-only hook lists and meta dict, which a scripted module does not carry "
+        "(tests/test_known_warnings.py)",
+    ),
+    (
+        r"TorchScript will treat type annotations of Tensor dtype-specific subtypes as if they are normal Tensors",
+        UserWarning,
+        "TorchRec 1.8's KeyedJaggedTensor code annotates Optional[torch.IntTensor]; scripted it is a Tensor holding "
+        "the same int32 values (tests/test_known_warnings.py)",
+    ),
 )
 """Python warnings that are understood and harmless here; every other warning is logged (``py.warnings``)."""
 

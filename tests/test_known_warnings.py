@@ -56,3 +56,25 @@ def test_fbgemm_dense_kernel_gradient_is_right_and_its_warning_is_the_filtered_o
     assert tbe.weights.grad is not None
     torch.testing.assert_close(tbe.weights.grad, torch.cat([t.grad for t in tables]))
     assert float(tbe.weights.grad.abs().sum()) > 0
+
+
+def test_torchscript_warnings_of_export_are_the_filtered_ones_and_change_nothing():
+    """Scripting a torch.fx.GraphModule (what export does) and a function annotated ``torch.IntTensor`` (as
+    TorchRec's KeyedJaggedTensor code is) warn with the filtered messages; the scripted code computes the same."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scripted = torch.jit.script(torch.fx.symbolic_trace(linear))
+        counted = torch.jit.script(_count_int)
+    for message in ("instance-level annotations on empty non-base types", "dtype-specific subtypes"):
+        hits = [w for w in caught if message in str(w.message)]
+        assert hits and all(_filter_for(str(w.message))[1] is w.category for w in hits)
+    torch.testing.assert_close(scripted(x), linear(x), rtol=0, atol=0)
+    ids = torch.tensor([3, 1, 2], dtype=torch.int32)
+    assert counted(ids) == _count_int(ids) == 3 and ids.dtype == torch.int32
+
+
+def _count_int(ids: torch.IntTensor) -> int:
+    return int(ids.numel())

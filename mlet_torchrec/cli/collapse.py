@@ -14,6 +14,7 @@ from mlet_torchrec import options
 from mlet_torchrec.cli import flags
 from mlet_torchrec.cli.entry import on_ranks
 from mlet_torchrec.cli.flags import existing
+from mlet_torchrec.logs import human_bytes
 
 
 def _cmd_collapse(args: argparse.Namespace) -> int:
@@ -37,7 +38,7 @@ def _cmd_collapse(args: argparse.Namespace) -> int:
     copied = f" and {report.copied_tables} first-order tables copied" if report.copied_tables else ""
     print(
         f"collapsed {len(report.tables)} embedding tables (W = W1 @ W2){copied} into {report.output} "
-        f"({report.serving_table_bytes / 2**20:.1f} MiB of embedding tables at serving)"
+        f"({human_bytes(report.serving_table_bytes)} of embedding tables at serving)"
     )
     print(
         f"  check on {report.rows_checked:,} {split} rows: max |p_collapsed - p_factored| = {report.max_abs_diff:.2e} "

@@ -40,6 +40,7 @@ from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import score_split
 from mlet_torchrec.evaluation.metrics import MetricAccumulator
 from mlet_torchrec.io import atomic_output, path_inside
+from mlet_torchrec.logs import human_bytes
 from mlet_torchrec.models import CTRModel
 from mlet_torchrec.options import AUC_TOLERANCE, EXPORT_FORMATS
 from mlet_torchrec.serving.artifact import (
@@ -392,8 +393,8 @@ def format_report(report: ExportReport) -> str:
         lines.append(f"  FP32 model: {report.fp32_model} (TorchRec dict signature, TorchScript)")
     if report.int8_model:
         lines.append(
-            f"  INT8 model: {report.int8_model} ({report.int8_table_bytes / 2**20:.2f} MiB of tables "
-            f"vs {report.fp32_table_bytes / 2**20:.2f} MiB FP32)"
+            f"  INT8 model: {report.int8_model} ({human_bytes(report.int8_table_bytes)} of tables "
+            f"vs {human_bytes(report.fp32_table_bytes)} FP32)"
         )
     if report.sharded_model:
         lines.append(
