@@ -47,6 +47,7 @@ def tuned_runs(d: int, k: int | None, tests: list[float], paper_test: float) -> 
             rec(d, k, s, TUNED, PAPER, 0.70, t, "tune"),
             rec(d, k, s, TUNED, TUNED, 0.65, 0.5, "tune"),
             rec(d, k, s, TUNED, 4 * TUNED, 0.64, 0.5, "tune"),
+            rec(d, k, s, TUNED, PAPER / 4, 0.63, 0.5, "tune"),  # the dense choice (PAPER) is inside too
             rec(d, k, s, 4 * TUNED, PAPER, 0.62, 0.5, "tune"),  # worse: the choice is inside the grid
         ]
     return out

@@ -260,6 +260,10 @@ def test_a_choice_at_the_end_of_the_grid_is_flagged() -> None:
     assert {m.d: why for m, why in edge_choices(extending).items()} == {4: "highest (1 not yet at the bound)"}
     top = {**extending[0], "key": "top", "sparse_lr": 1.28, "valid": {"auc": 0.9}}
     assert {m.d: why for m, why in edge_choices([*extending, top]).items()} == {4: "highest (bound hit)"}
+    # the dense lr is checked the same way: the best of 0.005, 0.02, 0.08 is the highest
+    dense = [{**rec(8, 32, 0, 0.02, 0.6 + lr, 0.7, "tune", dense_lr=lr), "key": f"dense{lr}"} for lr in grid]
+    assert {m.k: why for m, why in edge_choices(dense, "dense_lr").items()} == {32: "highest (bound hit)"}
+    assert edge_choices(dense) == {}  # one embedding lr: no grid of it
     diverged = {**rec(4, None, 0, 0.32, 0.0, 0.0, "tune"), "status": "diverged", "key": "div"}
     assert edge_choices([*high, diverged]) == {}  # 0.32 diverged: 0.08 is the largest stable lr, not an edge
 

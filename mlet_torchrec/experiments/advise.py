@@ -215,13 +215,14 @@ def advice_lines(records: Records, cs: Sequence[Cell]) -> list[str]:
             f"{pairs - own} of {pairs} (method, seed) pairs took another seed's learning rates (--tune-seeds): "
             "run the grid on every seed so each chooses on its own validation AUC (a replicated choice)."
         )
-    edges = edge_choices(records)
-    if edges:
-        names = ", ".join(f"{m.model} d={m.d} {m.label()} ({why})" for m, why in sorted(edges.items()))
-        out.append(
-            f"The embedding lr chosen is at an end of the grid for {names}: its optimum may lie outside; "
-            f"--extend-grid {EXTEND} grows the grid past that end while the choice sits there."
-        )
+    for lr, what in (("sparse_lr", "embedding"), ("dense_lr", "dense")):
+        edges = edge_choices(records, lr)
+        if edges:
+            names = ", ".join(f"{m.model} d={m.d} {m.label()} ({why})" for m, why in sorted(edges.items()))
+            out.append(
+                f"The {what} lr chosen is at an end of the grid for {names}: its optimum may lie outside; "
+                f"--extend-grid {EXTEND} grows the grid past that end while the choice sits there."
+            )
     return out
 
 

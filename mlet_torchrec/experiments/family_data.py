@@ -130,8 +130,12 @@ def tuned(records: list[dict[str, Any]]) -> dict[tuple[MethodKey, int], dict[str
     return out
 
 
-def edge_choices(records: list[dict[str, Any]]) -> dict[MethodKey, str]:
-    """Methods whose choice of embedding lr is at an end of the grid they tried: ``"lowest"`` or ``"highest"``
+_TUNE_KEY = {"sparse_lr": "sparse_optimizer.lr", "dense_lr": "dense_optimizer.lr"}
+
+
+def edge_choices(records: list[dict[str, Any]], lr: str = "sparse_lr") -> dict[MethodKey, str]:
+    """Methods whose choice of embedding lr (``lr="dense_lr"``: dense/W2 lr) is at an end of the grid they tried:
+    ``"lowest"`` or ``"highest"``
     (a highest lr is an edge only when no larger one was tried and diverged), on every replicate (seed or split)
     that ran a grid of its own; with several such replicates, how many chose an edge (``"lowest in 2 of 7"``).
     The optimum may then lie outside the grid, and the comparison of that method is not settled by it.
@@ -139,24 +143,26 @@ def edge_choices(records: list[dict[str, Any]]) -> dict[MethodKey, str]:
     >>> recs = [_example(0.7, 0.7, lr) for lr in (0.1, 1.0)]
     >>> [(m.k, why) for m, why in edge_choices(recs).items()]
     [(0, 'highest (bound hit)')]
+    >>> edge_choices(recs, "dense_lr")  # one dense lr: no grid, no edge
+    {}
     """
     tried: dict[tuple[MethodKey, int], set[float]] = defaultdict(set)
     for r in records:
-        if r.get("status") in ("ok", "diverged") and "d" in r and r.get("role") != "selected":  # the grids only
-            tried[(method_of(r), int(r["seed"]))].add(float(r["sparse_lr"]))
+        if r.get("status") in ("ok", "diverged") and "d" in r and r.get("role") != "selected" and r.get(lr):
+            tried[(method_of(r), int(r["seed"]))].add(float(r[lr]))  # the grids only
     ends: dict[MethodKey, dict[str, int]] = defaultdict(lambda: {"lowest": 0, "highest": 0, "grids": 0, "open": 0})
     for (m, s), r in tuned(records).items():
         lrs = sorted(tried.get((m, s), ()))
         if len(lrs) < 2:  # this replicate ran at a chosen lr only
             continue
         ends[m]["grids"] += 1
-        lr, (low, high) = float(r["sparse_lr"]), _lr_bounds(r)
-        if lr == lrs[0]:
+        value, (low, high) = float(r[lr]), _lr_bounds(r, lr)
+        if value == lrs[0]:
             ends[m]["lowest"] += 1
-            ends[m]["open"] += lr > low * (1 + 1e-9)
-        elif lr == lrs[-1]:
+            ends[m]["open"] += value > low * (1 + 1e-9)
+        elif value == lrs[-1]:
             ends[m]["highest"] += 1
-            ends[m]["open"] += lr < high * (1 - 1e-9)
+            ends[m]["open"] += value < high * (1 - 1e-9)
     out = {}
     for m, n in sorted(ends.items()):
         at = [
@@ -169,19 +175,19 @@ def edge_choices(records: list[dict[str, Any]]) -> dict[MethodKey, str]:
     return out
 
 
-def _lr_bounds(rec: dict[str, Any]) -> tuple[float, float]:
-    """The embedding lrs the run's sweep may reach: its tuning grid's ends, ``extend`` steps past them
-    (:func:`.grid.extensions`); the run's own lr for a store line without a tuning grid."""
+def _lr_bounds(rec: dict[str, Any], lr: str) -> tuple[float, float]:
+    """The lrs (``lr``: ``sparse_lr`` or ``dense_lr``) the run's sweep may reach: its tuning grid's ends,
+    ``extend`` steps past them (:func:`.grid.extensions`); the run's own lr for a line without a tuning grid."""
     from mlet_torchrec.experiments.grid import _edge_steps
 
     tune = rec.get("tune") or {}
-    lrs = tune.get("sparse_optimizer.lr")
+    lrs = tune.get(_TUNE_KEY[lr])
     steps = _edge_steps({"lr": lrs}, int(rec.get("extend") or 0)) if lrs else {}
     if "lr" in steps:
         return steps["lr"][0], steps["lr"][1]
     if lrs and len(lrs) >= 2:
         return float(min(lrs)), float(max(lrs))
-    return float(rec["sparse_lr"]), float(rec["sparse_lr"])
+    return float(rec[lr]), float(rec[lr])
 
 
 def auc_by_seed(runs: dict[tuple[MethodKey, int], dict[str, Any]], method: MethodKey) -> dict[int, float]:

@@ -371,22 +371,24 @@ def _testset(rs: Records, cs: Sequence[Cell]) -> list[str]:
 
 
 def _edges(family: Family, recs: dict[str, Records]) -> list[str]:
-    """The methods whose chosen embedding lr sits at an end of the grid: their optimum may be outside it."""
+    """The methods whose chosen embedding or dense lr sits at an end of the grid: their optimum may be outside."""
     L = [
         "## Learning rates chosen at the edge of the grid",
         "",
-        "A method whose best embedding lr (on each seed or split that ran the whole grid) is the lowest (or the "
-        "highest, with no larger lr diverging) of the grid may do better outside it; its cells above are not "
-        "settled by this grid.",
+        "A method whose best embedding or dense lr (on each seed or split that ran the whole grid) is the lowest "
+        "(or the highest, with no larger lr diverging) of the grid may do better outside it; its cells above are "
+        "not settled by this grid. 'bound hit': the grid cannot grow there (the sweep's --extend-grid steps are "
+        "used up, or the store was made without them).",
         "",
     ]
-    rows = [
-        [ds, m.model, str(m.epochs), str(m.d), m.label(), why]
-        for ds, rs in recs.items()
-        for m, why in edge_choices(rs).items()
-        if family.has(m)
-    ]
-    return L + (_table(["data set", "model", "epochs", "d", "method", "chosen lr"], rows) if rows else ["None."]) + [""]
+    rows = []
+    for ds, rs in recs.items():
+        sparse, dense = edge_choices(rs), edge_choices(rs, "dense_lr")
+        for m in sorted(set(sparse) | set(dense)):
+            if family.has(m):
+                rows.append([ds, m.model, str(m.epochs), str(m.d), m.label(), sparse.get(m, "–"), dense.get(m, "–")])
+    head = ["data set", "model", "epochs", "d", "method", "chosen embedding lr", "chosen dense lr"]
+    return L + (_table(head, rows) if rows else ["None."]) + [""]
 
 
 def _headline(family: Family, ds: str, rs: Records, cs: list[Cell], plot: bool) -> list[str]:
