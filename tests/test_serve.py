@@ -228,7 +228,7 @@ def test_mlet_serve_int8_in_its_own_process(served, tmp_path):
 def test_the_kubernetes_deployment_runs_mlet_serve_as_the_cli_reads_it():
     import yaml
 
-    from mlet_torchrec.cli import build_parser
+    from mlet_torchrec.cli.main import build_parser
 
     docs = list(yaml.safe_load_all((Path(__file__).resolve().parents[1] / "docs" / "serve-deployment.yaml").open()))
     deployment, service = (next(d for d in docs if d["kind"] == kind) for kind in ("Deployment", "Service"))
