@@ -286,3 +286,35 @@ def test_stale_distributed_environment_is_one_line(synth_dataset, tmp_path, npro
     else:
         one_error_line(p, f"no rendezvous at 127.0.0.1:{env['MASTER_PORT']} within 2 s", "rank 0 of 2")
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------- absurd sizes
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("embedding.k=10000000", ["the embedding tables do not fit in memory", "embedding.k"]),
+        ("train.eval_batch_size=1000000000", ["train.eval_batch_size=1000000000", "lower train.eval_batch_size"]),
+    ],
+    ids=["k", "eval-batch"],
+)
+def test_absurd_sizes_fail_before_planning(synth_dataset, tmp_path, override, fragments):
+    p = mlet("train", "--config", "tiny", "--input", str(synth_dataset()), "--output", "run", override, cwd=tmp_path)
+    one_error_line(p, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_planner_sees_few_column_shards_whatever_k():
+    """TorchRec's planner estimates every column-wise shard of MIN_CW_DIM columns: a k of millions would keep
+    it busy for minutes, so wide tables get shards of at least k / MAX_COLUMN_SHARDS columns."""
+    from mlet_torchrec.config import load_config
+    from mlet_torchrec.training.distributed import MAX_COLUMN_SHARDS, sharding_constraints
+
+    for k, sharding in ((10_000_000, "auto"), (10_000_000, "column_wise"), (64, "auto")):
+        emb = load_config(None, [f"embedding.k={k}", f"embedding.sharding={sharding}"]).embedding
+        got = sharding_constraints(emb, ["a"], {"a": "t_a"}, 2, "cpu")
+        if k == 64:
+            assert "t_a" not in got  # narrow tables keep TorchRec's defaults
+        else:
+            assert got["t_a"].min_partition >= k // MAX_COLUMN_SHARDS

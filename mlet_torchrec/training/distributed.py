@@ -29,6 +29,7 @@ from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.constants import MIN_CW_DIM
 from torchrec.distributed.types import CacheParams, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -277,21 +278,29 @@ def sharding_constraints(
     constraints: dict[str, ParameterConstraints] = {}
     for feature in features:
         kind = emb.sharding_for(feature)
+        width = emb.k_for(feature) or emb.d
+        few_columns = (
+            {"min_partition": -(-width // MAX_COLUMN_SHARDS)} if width > MIN_CW_DIM * MAX_COLUMN_SHARDS else {}
+        )
         if kind == "auto":
-            if kernels:
-                constraints[table_of[feature]] = ParameterConstraints(**kernels)
+            if kernels or few_columns:
+                constraints[table_of[feature]] = ParameterConstraints(**kernels, **few_columns)
                 constraints[LINEAR_PREFIX + feature] = ParameterConstraints(**kernels)
             continue
-        width = emb.k_for(feature) or emb.d
         base = {k: v for k, v in kernels.items() if k != "sharding_types"}
-        kwargs = dict(base)
+        kwargs = {**base, **few_columns}
         if kind == "column_wise" and world_size > 1 and width % world_size == 0:
             # split the columns over all ranks rather than letting the planner keep one shard
-            kwargs["min_partition"] = width // world_size
+            kwargs["min_partition"] = max(width // world_size, int(few_columns.get("min_partition", 0)))
         constraints[table_of[feature]] = ParameterConstraints(sharding_types=[kind], **kwargs)
         linear_kind = "table_wise" if kind == "column_wise" else kind
         constraints[LINEAR_PREFIX + feature] = ParameterConstraints(sharding_types=[linear_kind], **base)
     return constraints
+
+
+MAX_COLUMN_SHARDS = 64
+"""The planner tries column-wise shards of ``MIN_CW_DIM`` columns: a table wider than 64 of them gets wider
+shards, so that planning time stays bounded (seconds) whatever ``embedding.k``."""
 
 
 def _sparse_optimizer(cfg: SparseOptimizerConfig) -> tuple[type, dict[str, float]]:

@@ -162,8 +162,47 @@ def table_memory(meta: DatasetMeta, config: ExperimentConfig) -> TableMemory:
     }
 
 
+def batch_bytes(meta: DatasetMeta, config: ExperimentConfig, rows: int) -> int:
+    """A generous estimate of one batch of ``rows`` in memory: the inputs (fp32 label and dense values, int64
+    ids with their offsets), the looked-up W1 rows and the d-dim embeddings, doubled for the gradients and
+    intermediates of the forward and backward passes."""
+    per_row = 4 * (1 + len(meta.dense)) + sum(16 + 4 * (t.width + t.d) for t in table_sizes(config, meta))
+    return 2 * rows * per_row
+
+
+def checked_capacity(
+    meta: DatasetMeta, config: ExperimentConfig, world_size: int, device: torch.device
+) -> dict[str, int]:
+    """:func:`memory_capacity`, once the sizes are known to fit it; before the planner runs (its time grows with
+    the sizes), a config that cannot fit is refused in one line (:class:`TablesDoNotFit`): the sharded tables
+    (W1 and optimizer state) over all ranks, or, on each rank, the replicated W2 (with its gradient and
+    optimizer state) plus one training or evaluation batch."""
+    caps = memory_capacity(device)
+    per_rank = caps.get("hbm_cap", caps["ddr_cap"])
+    usable = per_rank * (1 - PLANNER_RESERVATION)
+    need = table_memory(meta, config)
+    if need["total"] > usable * world_size:
+        raise tables_do_not_fit(None, meta, config, world_size, caps, device)
+    replicated = 3 * sum(t.w2 for t in table_sizes(config, meta))
+    for key in ("batch_size", "eval_batch_size"):
+        size = getattr(config.train, key)
+        batch = batch_bytes(meta, config, -(-size // world_size))
+        if replicated + batch > usable:
+            raise TablesDoNotFit(
+                f"train.{key}={size} needs about {_gib(batch)} per rank for one batch ({world_size} rank(s))"
+                + (
+                    f" beside {_gib(replicated)} of replicated W2 with its gradient and state"
+                    if replicated >= 2**20
+                    else ""
+                )
+                + f", but a rank has {_gib(usable)} usable of {_gib(per_rank)}; lower train.{key}"
+                + (" or embedding.k" if replicated >= 2**20 else "")
+            )
+    return caps
+
+
 def tables_do_not_fit(
-    err: PlannerError,
+    err: PlannerError | None,
     meta: DatasetMeta,
     config: ExperimentConfig,
     world_size: int,
@@ -174,7 +213,7 @@ def tables_do_not_fit(
     need = table_memory(meta, config)
     kind, per_rank = ("GPU memory", caps["hbm_cap"]) if "hbm_cap" in caps else ("host memory", caps["ddr_cap"])
     usable = per_rank * (1 - PLANNER_RESERVATION)
-    detail = str(err).strip().splitlines()[-1].strip() if str(err).strip() else ""
+    detail = str(err).strip().splitlines()[-1].strip() if err is not None and str(err).strip() else ""
     opt, w1 = config.sparse_optimizer.name, config.embedding.w1_dtype
     parts = (
         f"W1 {_gib(need['weights'])} + {opt} state {_gib(need['optimizer_state'])}; W1 in {w1}, the state in fp32"
@@ -186,7 +225,7 @@ def tables_do_not_fit(
         f"largest table t_{need['largest_feature']} {_gib(need['largest'])}) but the {world_size} rank(s) have "
         f"{_gib(per_rank)} of {kind} each ({_gib(usable)} after the planner's {PLANNER_RESERVATION:.0%} reservation; "
         f"{_gib(usable * world_size)} in all). Use more ranks or machines, a smaller embedding.k / embedding.d, "
-        f"or fewer rows per table. [TorchRec planner: {detail}]"
+        f"or fewer rows per table." + (f" [TorchRec planner: {detail}]" if detail else "")
     )
 
 

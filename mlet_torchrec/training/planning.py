@@ -221,6 +221,9 @@ def make_plan(config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster) -> 
             "behind a GPU cache, and a CPU run has no GPU"
         )
     batch = cluster.batch_size or config.train.batch_size
+    usable = (cluster.hbm_gb if cluster.device == "cuda" else cluster.ddr_gb) * GIB * (1 - PLANNER_RESERVATION)
+    if memory_summary(config, meta)["training_bytes"] > usable * cluster.world_size:
+        raise does_not_fit(config, meta, cluster)  # before the planner, whose time grows with the sizes
     torch.manual_seed(0)
     net = build_model(config.model, config.embedding, meta, device=torch.device("meta"))
     opt_cls, opt_kwargs = _sparse_optimizer(config.sparse_optimizer)

@@ -51,7 +51,7 @@ from mlet_torchrec.modules.table_init import init_tables
 from mlet_torchrec.training.checkpoint import agree, read_checkpoint_info
 from mlet_torchrec.training.checkpointer import CheckpointManager
 from mlet_torchrec.training.distributed import DistContext, ShardedModel, plan_summary, shard_model
-from mlet_torchrec.training.guardrails import TrainingDiverged, memory_capacity, nonfinite_weights, tables_do_not_fit
+from mlet_torchrec.training.guardrails import TrainingDiverged, checked_capacity, nonfinite_weights, tables_do_not_fit
 from mlet_torchrec.training.locks import RunDirLock
 from mlet_torchrec.training.loop import LogitsView, LossWindow, StepDriver, StepOutput, TrainStep
 from mlet_torchrec.training.optim import ScheduledOptimizer
@@ -88,6 +88,7 @@ class Trainer:
         self.run_dir = Path(config.run.dir)
         self.meta = DatasetMeta.load(config.data.path)
         _check_config(config, self.meta, ctx)
+        checked_capacity(self.meta, config, ctx.world_size, ctx.device)  # absurd sizes: refused before anything
         self.resumed_from = prepare_run_dir(config, self.run_dir, ctx, lock)
         self.warm_from: Path | None = None  # run.init_from's checkpoint, when this run starts from another's state
         resume_info: dict[str, Any] = {}
@@ -454,7 +455,7 @@ def _shard(config: ExperimentConfig, meta: DatasetMeta, ctx: DistContext) -> Sha
         build_model(config.model, config.embedding, meta, device=torch.device("meta")).net,
         bf16=config.train.bf16_autocast,
     )
-    capacity = memory_capacity(ctx.device)
+    capacity = checked_capacity(meta, config, ctx.world_size, ctx.device)
     given_plan = None
     if config.run.plan is not None:  # `mlet plan`'s plan instead of planning again (refused if made for another run)
         from mlet_torchrec.training.planning import load_plan
