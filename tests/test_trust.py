@@ -318,3 +318,23 @@ def test_planner_sees_few_column_shards_whatever_k():
             assert "t_a" not in got  # narrow tables keep TorchRec's defaults
         else:
             assert got["t_a"].min_partition >= k // MAX_COLUMN_SHARDS
+
+
+def test_resume_with_other_epochs_keeps_or_refuses_the_schedule():
+    """Without lr decay the learning rate is a function of the step alone, so a resume may train longer or
+    shorter; with decay, the original schedule ends at the original last step: a change is refused."""
+    from data_pipes.schema import SparseFeature
+    from mlet_torchrec.config import ConfigError, load_config
+    from mlet_torchrec.training.state import check_resumable, data_shape
+
+    meta = DatasetMeta(sparse=[SparseFeature(name="a", cardinality=10)], splits={})
+    info = {"data_shape": data_shape(meta)}
+    for decay in ("none", "cosine"):
+        saved = load_config(None, [f"train.lr_decay={decay}", "train.epochs=2"])
+        for change in ("train.epochs=3", "train.max_steps=5"):
+            current = load_config(None, [f"train.lr_decay={decay}", "train.epochs=2", change])
+            if decay == "none":
+                check_resumable("ckpt", saved, current, info, meta)
+            else:
+                with pytest.raises(ConfigError, match=f"{change.split('=')[0]}: .* now .train.lr_decay=cosine"):
+                    check_resumable("ckpt", saved, current, info, meta)

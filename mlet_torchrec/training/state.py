@@ -272,6 +272,10 @@ _MAY_CHANGE = {
 }
 
 
+_SETS_TOTAL_STEPS = {"train.epochs", "train.max_steps"}
+"""Keys that set the total step count: free to change on resume unless the learning rate decays over it."""
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix: d}
@@ -303,13 +307,17 @@ def check_resumable(
 ) -> None:
     """Raise ``ConfigError`` listing every setting that differs in a way the checkpoint cannot continue.
 
-    Sharding, world size, learning rates, epochs/max_steps, intervals and the data path may change.
+    Sharding, world size, learning rates, intervals and the data path may change; so may epochs/max_steps,
+    unless ``train.lr_decay`` makes the learning rate a function of the total step count (the schedule of the
+    original run would silently shift).
     """
     old, new = _flatten(saved.model_dump(mode="json")), _flatten(current.model_dump(mode="json"))
     diffs = []
     for key in sorted(set(old) | set(new)):
-        if not _may_change(key) and old.get(key) != new.get(key):
-            diffs.append(f"{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
+        schedule = key in _SETS_TOTAL_STEPS and new.get("train.lr_decay") != "none"
+        if (schedule or not _may_change(key)) and old.get(key) != new.get(key):
+            why = f" (train.lr_decay={new['train.lr_decay']} decays to the original last step)" if schedule else ""
+            diffs.append(f"{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now{why}")
     if info.get("data_shape") != data_shape(meta):
         diffs.append(
             f"data set {current.data.path}: features, cardinalities or row counts differ from the "
