@@ -60,3 +60,21 @@ def test_warm_start_continues_bit_for_bit_and_refuses_other_transforms(tmp_path)
         train(_config(tmp_path / "fresh", tmp_path / "d", f"run.init_from={tmp_path / 'a'}"))
     with pytest.raises(ConfigError, match=r"embedding.k: 16 in the checkpoint, 32 now"):
         train(_config(data, tmp_path / "e", "embedding.k=32", f"run.init_from={tmp_path / 'a'}"))
+
+
+@pytest.mark.slow
+def test_a_stopped_warm_start_resumes_to_the_same_state_as_an_uninterrupted_one(synth_dataset, tmp_path):
+    """The step a warm start began at is resume state (``TrainState.first_step``): a warm-started run
+    stopped after 2 steps and resumed with ``train.max_steps=4`` ends where one that ran 4 steps ends
+    (a constant learning rate: a decay's length follows ``train.max_steps``)."""
+    data = synth_dataset()
+    n = train(_config(data, tmp_path / "a", "train.epochs=1")).steps
+    start = [f"run.init_from={tmp_path / 'a'}", "train.checkpoint_every=1", "train.lr_decay=none"]
+    stopped = train(_config(data, tmp_path / "b", *start, "train.max_steps=2"))
+    assert stopped.steps == n + 2
+    resumed = train(_config(data, tmp_path / "b", *start, "train.max_steps=4"))
+    assert (resumed.start_step, resumed.steps) == (n + 2, n + 4)
+    straight = train(_config(data, tmp_path / "c", *start, "train.max_steps=4"))
+    assert straight.steps == n + 4
+    a, b = _weights(tmp_path / "b"), _weights(tmp_path / "c")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
