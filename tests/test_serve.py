@@ -42,7 +42,7 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> dict:
-    """Raw Criteo rows; an export of DLRM and of DeepFM trained on their data set; `mlet predict`'s FP32
+    """Raw Criteo rows; an export of DLRM and of DeepFM trained on their data set; `mlet predict`'s FP32 and INT8
     probabilities of 40 of the raw rows (converted with --features-from the training data set, in order)."""
     root = tmp_path_factory.mktemp("serve")
     raw = _criteo_raw(root / "raw.tsv", 300, random.Random(0))
@@ -56,6 +56,7 @@ def served(tmp_path_factory) -> dict:
         collapse(run, root / f"collapsed_{name}", check_split=None)
         export(root / f"collapsed_{name}", root / f"export_{name}", int8=True, check=False)
         out[name] = root / f"export_{name}", predicted(root / f"export_{name}", root / "new", "fp32")
+        out[f"{name}_int8"] = predicted(root / f"export_{name}", root / "new", "int8")
     return out
 
 
@@ -106,7 +107,7 @@ def _sparse_rows(rows: list[dict]) -> list[dict]:
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_serve_fp32_is_the_model_over_http(served, model):
+def test_serve_is_predict_over_http(served, model):
     export_dir, expected = served[model]
     rows = served["rows"]
     with running(export_dir) as port:
@@ -128,6 +129,11 @@ def test_serve_fp32_is_the_model_over_http(served, model):
         for t in threads:
             t.join(timeout=120)
         assert np.abs(np.concatenate([results[i] for i in range(8)]) - expected).max() <= 1e-6
+    # INT8: the same module `mlet predict --precision int8` scores with
+    int8 = served[f"{model}_int8"]
+    with running(export_dir, "int8") as port:
+        got = post(port, rows)
+    assert np.abs(got - int8).max() <= 1e-6 and 0 < np.abs(got - expected).max() < 0.02
 
 
 HOSTILE = [
@@ -202,7 +208,7 @@ def test_mlet_serve_int8_in_its_own_process(served, tmp_path):
     """`mlet serve` as a user runs it: port 0, INT8 (the default), stopped by SIGTERM."""
     export_dir, fp32 = served["dlrm"]
     rows = served["rows"]
-    expected = predicted(export_dir, served["new"], "int8")
+    expected = served["dlrm_int8"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "mlet_torchrec.cli", "serve", "--input", str(export_dir), "--port", "0"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
