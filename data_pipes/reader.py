@@ -482,3 +482,11 @@ def make_dataloader(
 
 
 __all__ = ["ParquetBatchReader", "make_dataloader", "DEFAULT_VIRTUAL_SHARDS"]
+
+
+def check_splits(root: Path | str, validate: bool = True) -> None:
+    """Check every split of a data set from its file footers only (cheap): each file readable, its schema the
+    metadata's, and (with ``validate``) the row counts ``metadata.json`` records. A truncated Parquet file in
+    the test split is then a one-line ``DataError`` before training starts, not after it ends."""
+    for split in DatasetMeta.load(root).splits:
+        ParquetBatchReader(root, split, batch_size=1, validate=validate)

@@ -338,3 +338,12 @@ def test_resume_with_other_epochs_keeps_or_refuses_the_schedule():
             else:
                 with pytest.raises(ConfigError, match=f"{change.split('=')[0]}: .* now .train.lr_decay=cosine"):
                     check_resumable("ckpt", saved, current, info, meta)
+
+
+def test_bad_test_split_is_found_before_the_first_step(synth_dataset, tmp_path):
+    data = _copy(synth_dataset(), tmp_path / "data")
+    victim = sorted((data / "test").glob("*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    p = mlet("train", "--config", "tiny", "--input", "data", "--output", "run", cwd=tmp_path)
+    one_error_line(p, victim.name, "not a readable Parquet file")
+    assert not (tmp_path / "run").exists()  # refused before the run directory, let alone a step

@@ -41,7 +41,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
 from tqdm import tqdm
 
-from data_pipes.reader import ParquetBatchReader
+from data_pipes.reader import ParquetBatchReader, check_splits
 from data_pipes.schema import DatasetMeta, table_name
 from mlet_torchrec.config import ConfigError, ExperimentConfig, load_config
 from mlet_torchrec.evaluation.evaluate import evaluate
@@ -89,6 +89,7 @@ class Trainer:
         self.meta = DatasetMeta.load(config.data.path)
         _check_config(config, self.meta, ctx)
         checked_capacity(self.meta, config, ctx.world_size, ctx.device)  # absurd sizes: refused before anything
+        check_splits(config.data.path, config.data.validate_ids)  # footers, schema, row counts of every split
         self.resumed_from = prepare_run_dir(config, self.run_dir, ctx, lock)
         self.warm_from: Path | None = None  # run.init_from's checkpoint, when this run starts from another's state
         resume_info: dict[str, Any] = {}
