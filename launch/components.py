@@ -32,6 +32,7 @@ from typing import Dict, List, Optional
 
 import torchx.specs as specs
 from torchx.components import dist
+from torchx.specs.finder import ComponentValidationException
 
 MODULE = "mlet_torchrec.cli"
 """What every replica runs, as ``python -m mlet_torchrec.cli`` (the ``mlet`` console script)."""
@@ -40,10 +41,14 @@ DEFAULT_IMAGE = "mlet-torchrec:cpu"
 """The tag the README's ``docker build`` gives the CPU image (ignored by local_cwd and slurm)."""
 
 
+class ComponentArgError(ComponentValidationException, ValueError):  # type: ignore[misc]  # torchx is untyped (py.typed absent)
+    """A bad component argument: ``torchx run`` prints it in one line (no traceback) and exits 1."""
+
+
 def _check_j(j: str, gpu: int) -> None:
     _, _, nproc_per_node, _ = dist.parse_nnodes(j)
     if gpu > 0 and nproc_per_node > gpu:
-        raise ValueError(f"-j {j} starts {nproc_per_node} processes per node but only {gpu} GPUs were requested")
+        raise ComponentArgError(f"-j {j} starts {nproc_per_node} processes per node but only {gpu} GPUs were requested")
 
 
 def _job_env(env: Optional[Dict[str, str]], j: str) -> Dict[str, str]:
@@ -68,7 +73,7 @@ def _with_max_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
     # dist.ddp's role runs `bash -c "torchrun ..."` and has no option for torchrun's in-place
     # restarts; add the flag to that command line.
     if max_restarts < 0:
-        raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
+        raise ComponentArgError(f"max_restarts must be >= 0, got {max_restarts}")
     if max_restarts:
         role = app.roles[0]
         flag, cmd = role.args

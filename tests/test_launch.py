@@ -24,6 +24,7 @@ from torchx.runner import get_runner  # noqa: E402
 from torchx.runner.config import load_sections  # noqa: E402
 from torchx.schedulers import get_scheduler_factories  # noqa: E402
 from torchx.specs.file_linter import validate  # noqa: E402
+from torchx.specs.finder import ComponentValidationException  # noqa: E402
 
 from launch import components  # noqa: E402
 
@@ -134,9 +135,10 @@ def test_train_defaults_are_a_local_two_process_cpu_job():
 
 
 def test_train_rejects_more_processes_than_gpus():
-    with pytest.raises(ValueError, match="only 4 GPUs"):
+    # a ComponentValidationException: `torchx run` prints its message in one line instead of a traceback
+    with pytest.raises(ComponentValidationException, match="only 4 GPUs"):
         components.train("c.yaml", j="1x8", gpu=4)
-    with pytest.raises(ValueError, match="max_restarts"):
+    with pytest.raises(ComponentValidationException, match="max_restarts"):
         components.train("c.yaml", max_restarts=-1)
 
 
