@@ -5,7 +5,8 @@ report) builds it in a hidden temporary sibling and moves it into place with one
 older output is replaced, the two directories are swapped atomically (``renameat2`` with
 ``RENAME_EXCHANGE``), so a crash or SIGKILL at any instant leaves the old output or the complete new
 one under the output name, never a mix and never nothing. Each output carries a marker file naming
-the command and version; ``--overwrite`` replaces only an empty directory or one with that marker.
+the command, version and the files written; ``--overwrite`` replaces only an empty directory or one with
+that marker holding nothing but the files it lists.
 
     >>> import tempfile, pathlib
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "result"
@@ -168,7 +169,31 @@ def check_output_path(output: Path | str, inputs: Iterable[Path | str] = (), ove
             )
         if not overwrite:
             raise OutputError(f"{out} exists; pass --overwrite to replace it")
+        unlisted = _unlisted(out)
+        if unlisted:
+            raise OutputError(
+                f"refusing to replace {out}: it holds {unlisted[0]}, which is not among the files {MARKER} lists "
+                "as written by mlet; move it out or choose another output directory"
+            )
     return out
+
+
+def _files_of(directory: Path) -> list[str]:
+    """Every file (and symbolic link) under ``directory``, relative, except the marker."""
+    found = (p for p in directory.rglob("*") if p.is_symlink() or not p.is_dir())
+    return sorted(str(p.relative_to(directory)) for p in found if p.name != MARKER or p.parent != directory)
+
+
+def _unlisted(directory: Path) -> list[str]:
+    """Files in an output of mlet that its marker does not list (added since); none for a marker without a
+    list (a run directory, filled over time, or an output of an earlier version)."""
+    try:
+        listed = json.loads((directory / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(listed, list):
+        return []
+    return [f for f in _files_of(directory) if f not in set(listed)]
 
 
 def check_location(output: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
@@ -293,12 +318,14 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
-def _marker_text(command: str) -> str:
-    marker = {
+def _marker_text(command: str, files: list[str] | None = None) -> str:
+    marker: dict[str, object] = {
         "command": command,
         "version": package_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if files is not None:  # what --overwrite may replace (see check_output_path)
+        marker["files"] = files
     return json.dumps(marker, indent=2) + "\n"
 
 
@@ -369,7 +396,7 @@ class AtomicOutput:
 
     def commit(self) -> Path:
         """Write the marker and move the temporary directory into place."""
-        atomic_write_text(self.tmp / MARKER, _marker_text(self.command))
+        atomic_write_text(self.tmp / MARKER, _marker_text(self.command, _files_of(self.tmp)))
         out = self.output
         if out.is_dir() and any(out.iterdir()):
             if not is_ours(out):  # appeared after the check: never replace foreign files

@@ -347,3 +347,12 @@ def test_bad_test_split_is_found_before_the_first_step(synth_dataset, tmp_path):
     p = mlet("train", "--config", "tiny", "--input", "data", "--output", "run", cwd=tmp_path)
     one_error_line(p, victim.name, "not a readable Parquet file")
     assert not (tmp_path / "run").exists()  # refused before the run directory, let alone a step
+
+
+def test_overwrite_replaces_only_what_the_marker_lists(tmp_path):
+    args = ["synth", "--output", "out", "rows=300", "num_sparse=2", "max_cardinality=20", "row_group_size=64"]
+    assert mlet(*args, cwd=tmp_path).returncode == 0
+    assert mlet(*args, "--overwrite", cwd=tmp_path).returncode == 0  # only mlet's files: replaced
+    (tmp_path / "out" / "train" / "notes.txt").write_text("mine")
+    one_error_line(mlet(*args, "--overwrite", cwd=tmp_path), "train/notes.txt", "not among the files")
+    assert (tmp_path / "out" / "train" / "notes.txt").read_text() == "mine"
