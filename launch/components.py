@@ -28,7 +28,7 @@ TorchX reads the real annotations to build each component's command line, and it
 linter knows only ``typing``'s ``Optional``, ``Dict`` and ``List`` (ruff's UP rules are off here).
 """
 
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torchx.specs as specs
 from torchx.components import dist
@@ -67,6 +67,21 @@ def _single_role(app: specs.AppDef, role_name: str) -> specs.AppDef:
     (role,) = app.roles
     role.name = role_name
     return app
+
+
+def _mlet_job(
+    verb_args: List[str],
+    *,
+    j: str,
+    gpu: int,
+    env: Optional[Dict[str, str]],
+    **ddp_args: Any,
+) -> specs.AppDef:
+    # Every component: check -j against the GPUs, run ``mlet VERB ...`` through dist.ddp (torchrun) on
+    # every process of the job, and name the role after the verb.
+    _check_j(j, gpu)
+    app = dist.ddp(*verb_args, m=MODULE, j=j, gpu=gpu, env=_job_env(env, j), **ddp_args)
+    return _single_role(app, verb_args[0])
 
 
 def _with_max_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
@@ -133,17 +148,11 @@ def train(
         rdzv_port: port of the c10d rendezvous on the first node (multi-node jobs only)
         debug: turn on TorchX's distributed debug environment variables
     """
-    _check_j(j, gpu)
     shorthands: List[str] = []
     for flag, value in (("--input", input), ("--output", output), ("--seed", seed)):
         shorthands += [flag, str(value)] if value is not None else []
-    app = dist.ddp(
-        "train",
-        "--config",
-        config,
-        *shorthands,
-        *overrides,
-        m=MODULE,
+    app = _mlet_job(
+        ["train", "--config", config, *shorthands, *overrides],
         image=image,
         name=name,
         h=h,
@@ -151,13 +160,13 @@ def train(
         gpu=gpu,
         memMB=memMB,
         j=j,
-        env=_job_env(env, j),
+        env=env,
         max_retries=max_retries,
         rdzv_port=rdzv_port,
         mounts=mounts,
         debug=debug,
     )
-    return _with_max_restarts(_single_role(app, "train"), max_restarts)
+    return _with_max_restarts(app, max_restarts)
 
 
 def collapse(
@@ -195,13 +204,11 @@ def collapse(
         mounts: volumes for docker/kubernetes, e.g. ``type=bind,src=/runs,dst=/app/runs``
         max_retries: resubmissions by the scheduler on failure (not on local_cwd)
     """
-    _check_j(j, gpu)
     args = ["collapse", "--input", input, "--output", output, "--check-split", check_split]
     if overwrite:
         args.append("--overwrite")
-    app = dist.ddp(
-        *args,
-        m=MODULE,
+    return _mlet_job(
+        args,
         image=image,
         name=name,
         h=h,
@@ -209,11 +216,10 @@ def collapse(
         gpu=gpu,
         memMB=memMB,
         j=j,
-        env=_job_env(env, j),
+        env=env,
         max_retries=max_retries,
         mounts=mounts,
     )
-    return _single_role(app, "collapse")
 
 
 def evaluate(
@@ -251,17 +257,8 @@ def evaluate(
         mounts: volumes for docker/kubernetes, e.g. ``type=bind,src=/runs,dst=/app/runs``
         max_retries: resubmissions by the scheduler on failure (not on local_cwd)
     """
-    _check_j(j, gpu)
-    app = dist.ddp(
-        "evaluate",
-        "--input",
-        input,
-        "--split",
-        split,
-        "--auc",
-        auc,
-        *(["--json"] if json else []),
-        m=MODULE,
+    return _mlet_job(
+        ["evaluate", "--input", input, "--split", split, "--auc", auc, *(["--json"] if json else [])],
         image=image,
         name=name,
         h=h,
@@ -269,11 +266,10 @@ def evaluate(
         gpu=gpu,
         memMB=memMB,
         j=j,
-        env=_job_env(env, j),
+        env=env,
         max_retries=max_retries,
         mounts=mounts,
     )
-    return _single_role(app, "evaluate")
 
 
 def predict(
@@ -315,14 +311,12 @@ def predict(
         mounts: volumes for docker/kubernetes, e.g. ``type=bind,src=/runs,dst=/app/runs``
         max_retries: resubmissions by the scheduler on failure (not on local_cwd)
     """
-    _check_j(j, gpu)
     args = ["predict", "--input", input, "--output", output, "--split", split]
     args += ["--data", data] if data is not None else []
     args += ["--precision", precision] if precision is not None else []
     args += ["--overwrite"] if overwrite else []
-    app = dist.ddp(
-        *args,
-        m=MODULE,
+    return _mlet_job(
+        args,
         image=image,
         name=name,
         h=h,
@@ -330,8 +324,7 @@ def predict(
         gpu=gpu,
         memMB=memMB,
         j=j,
-        env=_job_env(env, j),
+        env=env,
         max_retries=max_retries,
         mounts=mounts,
     )
-    return _single_role(app, "predict")
