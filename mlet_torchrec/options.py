@@ -26,6 +26,9 @@ ACCUMULATE = ("float32", "float64")
 COLLAPSE_TOLERANCE = 1e-5
 """Largest |p_collapsed - p_factored| collapse accepts."""
 
+PRECISIONS = ("int8", "fp32")
+"""The models an export holds; scoring an export picks its INT8 one when it was exported, else FP32."""
+
 AUC_MODES = ("histogram", "exact")
 """How evaluation computes the AUC: 2^16 logit bins (bounded memory) or every score on rank 0."""
 EXPORT_FORMATS = ("npy", "safetensors")

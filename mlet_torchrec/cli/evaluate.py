@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 from functools import partial
-from pathlib import Path
 
 from mlet_torchrec import options
 from mlet_torchrec.cli import flags
@@ -38,19 +37,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "mlet evaluate --input runs/tiny/collapsed --split valid --nproc-per-node 2",
     )
     flags.add_input(p, "training checkpoint/run directory, a collapse output or an export dir")
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="data set to evaluate on (default: the model's own); same features (convert with --features-from)",
-    )
-    p.add_argument("--split", default="test", help="split of the data set to score (default test)")
-    p.add_argument(
-        "--precision",
-        choices=["int8", "fp32"],
-        default=None,
-        help="an export's INT8 model (default) or its FP32 one; runs and collapse outputs are FP32",
-    )
+    flags.add_data(p, "data set to evaluate on; same features (convert with --features-from)")
+    flags.add_precision(p)
     flags.add_json(p)
     flags.add_nproc(
         p,

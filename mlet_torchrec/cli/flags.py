@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, NoReturn
 
+from mlet_torchrec import options
 from mlet_torchrec.errors import InputNotFound, UserError
 from mlet_torchrec.logs import LEVELS
 
@@ -128,6 +129,21 @@ def _checked(text: str, kind: type[int] | type[float], low: float, name: str, ne
     if value is None or not math.isfinite(value) or value < low:
         raise argparse.ArgumentTypeError(f"invalid {name}: {text!r} (need {need})")
     return value
+
+
+def add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=options.PRECISIONS,
+        default=None,
+        help="an export's INT8 model (default, when exported) or its FP32 one; runs and collapse outputs are FP32",
+    )
+
+
+def add_data(p: argparse.ArgumentParser, help: str) -> None:
+    """``--data DATASET`` (default: the model's own) and ``--split NAME`` (default test)."""
+    p.add_argument("--data", type=Path, default=None, help=f"{help} (default: the model's own)")
+    p.add_argument("--split", default="test", help="split of the data set to score (default test)")
 
 
 def add_nproc(p: argparse.ArgumentParser, default: int, help: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 from functools import partial
-from pathlib import Path
 
 from mlet_torchrec.cli import flags
 from mlet_torchrec.cli.entry import on_ranks
@@ -38,20 +37,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "mlet predict --input runs/tiny --split valid --output valid.parquet --nproc-per-node 2",
     )
     flags.add_input(p, "training run (or checkpoint) directory, collapse output or export dir")
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="data set to score (default: the model's own); convert raw data with --features-from the model",
-    )
-    p.add_argument("--split", default="test", help="split to score (default test)")
+    flags.add_data(p, "data set to score; convert raw data with --features-from the model")
     flags.add_output(p, "Parquet file to write (columns probability, label)")
-    p.add_argument(
-        "--precision",
-        choices=["int8", "fp32"],
-        default=None,
-        help="an export's INT8 model (default) or its FP32 one; runs and collapse outputs are FP32",
-    )
+    flags.add_precision(p)
     flags.add_overwrite(p)
     flags.add_nproc(
         p,

@@ -37,12 +37,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     flags.add_input(p, "output directory of `mlet export`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port, printed at start)")
-    p.add_argument(
-        "--precision",
-        default=None,
-        choices=["int8", "fp32"],
-        help="which of the export's models: INT8 (default, when exported) or FP32, as for evaluate and predict",
-    )
+    flags.add_precision(p)
     p.add_argument("--max-rows", type=int, default=4096, help="rows per request (more: 413)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="bytes per request body (more: 413)")
     p.set_defaults(func=_cmd_serve)

@@ -28,11 +28,9 @@ from data_pipes.transform import dataset_identity, ref_identity
 from mlet_torchrec.config import ExperimentConfig, load_config
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import eval_device, evaluate_split
-from mlet_torchrec.options import AUC_MODES
+from mlet_torchrec.options import AUC_MODES, PRECISIONS
 from mlet_torchrec.serving.artifact import MANIFEST, load_artifact, read_manifest, shard_for_job
 from mlet_torchrec.serving.torchrec_package import DictLogits, load_predict_module
-
-PRECISIONS = ("int8", "fp32")
 
 
 @dataclass(frozen=True)
@@ -151,4 +149,4 @@ def evaluate_path(
     return {"model": model_path, "kind": scorer.kind, "data": data, "split": split, **metrics.as_dict()}
 
 
-__all__ = ["PRECISIONS", "Scorer", "check_data", "evaluate_path", "resolve_scorer", "scorer_model"]
+__all__ = ["Scorer", "check_data", "evaluate_path", "resolve_scorer", "scorer_model"]
