@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from data_pipes.errors import DataError
 from mlet_torchrec.errors import InputNotFound
-from mlet_torchrec.io import UnsafeName, atomic_write_text, check_name, check_relative, path_inside
+from mlet_torchrec.io import atomic_write_text
+from mlet_torchrec.names import UnsafeName, check_name, check_relative, path_inside
 
 METADATA_FILE = "metadata.json"
 LABEL_COLUMN = "label"

@@ -16,7 +16,8 @@ MAX_FUNCTION_LINES = 100
 
 # Lowest first. A module may import its own layer and the ones before it, never a later one.
 LAYERS: list[str] = [
-    "mlet_torchrec.errors mlet_torchrec.io mlet_torchrec.logs",  # foundation: no torch, no project imports
+    # foundation: no torch, no project imports
+    "mlet_torchrec.errors mlet_torchrec.io mlet_torchrec.logs mlet_torchrec.names",
     "data_pipes",  # the data set contract: schema, reader, synth, converters
     "mlet_torchrec.config mlet_torchrec.options",  # the typed config; the verbs' choices and defaults
     "mlet_torchrec.modules",  # MLET tables and the one W1 @ W2 routine

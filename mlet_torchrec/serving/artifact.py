@@ -29,9 +29,10 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from data_pipes.schema import METADATA_FILE, DatasetMeta, SparseFeature
 from mlet_torchrec.config import ExperimentConfig, load_config
 from mlet_torchrec.errors import InputNotFound, UserError
-from mlet_torchrec.io import check_name, sha256_file
+from mlet_torchrec.io import sha256_file
 from mlet_torchrec.models import CTRModel, build_model
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
+from mlet_torchrec.names import check_name
 from mlet_torchrec.training.checkpoint import load_model_state, read_checkpoint_info
 from mlet_torchrec.training.locks import CheckpointPin
 from mlet_torchrec.training.run_dir import pinned_checkpoint
