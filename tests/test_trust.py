@@ -21,7 +21,7 @@ import pytest
 from test_bad_inputs import MLET, mlet, one_error_line
 
 from data_pipes.schema import DatasetMeta
-from mlet_torchrec.io import UnsafeName
+from mlet_torchrec.names import UnsafeName
 from mlet_torchrec.serving.artifact import ManifestError, read_manifest
 from mlet_torchrec.training.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint
 from mlet_torchrec.training.safe_dcp import UnsafeCheckpoint, read_metadata
@@ -356,3 +356,12 @@ def test_overwrite_replaces_only_what_the_marker_lists(tmp_path):
     (tmp_path / "out" / "train" / "notes.txt").write_text("mine")
     one_error_line(mlet(*args, "--overwrite", cwd=tmp_path), "train/notes.txt", "not among the files")
     assert (tmp_path / "out" / "train" / "notes.txt").read_text() == "mine"
+
+
+def test_diverged_run_is_one_line_from_every_rank(synth_dataset, tmp_path):
+    """A NaN loss on a 2-process job: the workers' TrainingDiverged reaches the command as itself (one line,
+    exit 2), and the run directory it created without a checkpoint is gone."""
+    args = ["train", "--config", "tiny", "--input", str(synth_dataset()), "--output", "run", "--nproc-per-node", "2"]
+    p = mlet(*args, "sparse_optimizer.lr=1e30", "dense_optimizer.lr=1e30", "train.log_every=2", cwd=tmp_path)
+    one_error_line(p, "training loss became nan at step", "Lower the learning rates")
+    assert not (tmp_path / "run").exists()

@@ -27,14 +27,16 @@ from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
 
 from data_pipes.schema import DatasetMeta
 from mlet_torchrec.config import ConfigError, ExperimentConfig
+from mlet_torchrec.errors import UserError
 from mlet_torchrec.training.table_size import table_sizes
 
 # TorchRec's EmbeddingShardingPlanner keeps this share of every device for dense parts and buffers
 PLANNER_RESERVATION = 0.15
 
 
-class TrainingDiverged(RuntimeError, ValueError):
-    """The loss (or the weights) became NaN or infinite; the run stopped without checkpointing them."""
+class TrainingDiverged(UserError, RuntimeError, ValueError):
+    """The loss (or the weights) became NaN or infinite; the run stopped without checkpointing them (one
+    line, exit 2: the config's learning rates are the user's to change)."""
 
 
 class TablesDoNotFit(ConfigError):

@@ -15,6 +15,7 @@ not as elastic's ``ChildFailedError`` with a traceback per rank; anything else k
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import tempfile
@@ -85,7 +86,8 @@ def run_local(
                 raise
             if fresh_dir is not None:
                 discard_fresh_run_dir(fresh_dir, existed_before)
-            raise UserError(messages[0].read_text()) from None
+            kind, _, message = messages[0].read_text().partition("\n")
+            raise _user_error(kind)(message) from None
         finally:
             for name in _WORKER_LOGGERS:
                 logging.getLogger(name).removeFilter(quiet)
@@ -100,8 +102,19 @@ def _worker(call: Callable[[], T], log_level: str | bool, errors: str) -> T:
     try:
         return call()
     except UserError as err:
-        Path(errors, f"rank{os.environ.get('RANK', '0')}").write_text(" ".join(str(err).split()))
+        kind = f"{type(err).__module__}:{type(err).__qualname__}"  # the parent raises the same kind (exit code)
+        Path(errors, f"rank{os.environ.get('RANK', '0')}").write_text(f"{kind}\n{' '.join(str(err).split())}")
         raise SystemExit(EXIT_USER_ERROR) from None  # a plain exit status: elastic records no stack trace
+
+
+def _user_error(kind: str) -> type[UserError]:
+    """The ``UserError`` subclass a worker named (``module:qualname``, written by :func:`_worker`)."""
+    module, _, name = kind.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return UserError
+    return found if isinstance(found, type) and issubclass(found, UserError) else UserError
 
 
 class _WhenUserError(logging.Filter):
