@@ -67,7 +67,7 @@ SWEEPS_OF = {  # which sweeps (name suffix) feed a family; a family not listed t
 }
 CUTS = """\
 - Dropped: AutoInt and xDeepFM on the Criteo sample, xDeepFM on MovieLens (family (a)). The Criteo sample's test
-  set (~391 rows, ~86 positives) gives the Δ AUC of two models a DeLong standard error of about 0.01 ([family
+  set (~391 rows, ~86 positives) gives the Δ AUC of two models a DeLong standard error of about 0.015 ([family
   (f)](resplit.md)), as large as most differences between MLET and its baseline there: more models scored on
   that test set add little that can be told apart, and the CPU they would take (xDeepFM ~3x DeepFM a run) went
   to the re-splits instead, which measure that noise. AutoInt on MovieLens ran 2-3 of its 5 seeds before the budget
