@@ -107,8 +107,9 @@ def test_run_collapse_and_exports_predict_the_models_own_probabilities(world, na
 
 @pytest.mark.slow
 def test_two_ranks_write_the_one_process_file(world, tmp_path):
-    """DLRM's run (tables sharded over the ranks by TorchRec) and DeepFM's INT8 export (whole in every rank)."""
-    kinds = ("run_dlrm", "export_deepfm")
+    """Both models, each kind of input: the run (tables sharded over the ranks by TorchRec), its collapse output
+    and its export's INT8 model (whole in every rank)."""
+    kinds = tuple(f"{kind}_{name}" for name in MODELS for kind in ("run", "collapsed", "export"))
     for kind in kinds:
         one = predict(world[kind], world["day1"], "test", tmp_path / f"{kind}-1.parquet")
         two = run_local(2, partial(predict, world[kind], world["day1"], "test", tmp_path / f"{kind}-2.parquet"))
