@@ -258,6 +258,22 @@ def test_live_run_is_locked_readable_and_interruptible(trained, tmp_path):
             os.killpg(again.pid, signal.SIGKILL)
 
 
+def test_ctrl_c_on_local_ranks_is_one_line(synth_dataset, tmp_path):
+    """--nproc-per-node 2: Ctrl-C reaches the launcher and both ranks; one line, exit 130, and the
+    checkpoint it names is complete (the same command resumes from it). A checkpoint every step: the
+    Ctrl-C often lands inside a write, which must still end as the interrupt, not as a failed write."""
+    train = ["train", "--config", "tiny", "--input", str(synth_dataset()), "--output", "run", "--nproc-per-node", "2"]
+    proc = _start([*train, "train.epochs=1000", "train.checkpoint_every=1"], tmp_path, tmp_path / "err")
+    try:
+        _wait_for(lambda: any((tmp_path / "run" / "checkpoints").glob("step_*")), proc)
+        line = _ctrl_c(proc, tmp_path / "err")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "interrupted at step" in line and "resume with the same command" in line, line
+    assert latest_checkpoint(tmp_path / "run") is not None
+
+
 # ---------------------------------------------------------------------------------- launch environment
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -36,6 +38,8 @@ T = TypeVar("T")
 # where torch logs a failed worker ("... failed", ERROR) and the stopping of the others ("Terminating process ...
 # via signal SIGTERM", "Closing process ... via signal", WARNING): under load a slower rank is still running
 _WORKER_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")
+# where elastic logs the Ctrl-C it forwards to the workers ("Received 2 death signal, shutting down workers")
+_AGENT_LOGGERS = ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api")
 
 
 def in_distributed_job() -> bool:
@@ -74,23 +78,40 @@ def run_local(
         # elastic logs every failed worker with a stack trace of its own, and (as warnings) the signals that stop
         # the workers still running; for a reported UserError the one line says it all, so drop those records
         # (and only those: a crash keeps them)
-        quiet = _WhenUserError(Path(folder))
-        for name in _WORKER_LOGGERS:
+        filters: list[tuple[str, logging.Filter]] = [(n, _WhenUserError(Path(folder))) for n in _WORKER_LOGGERS]
+        filters += [(n, _OnCtrlC()) for n in _AGENT_LOGGERS]
+        for name, quiet in filters:
             logging.getLogger(name).addFilter(quiet)
         try:
             results: dict[int, T] = elastic_launch(launch, entrypoint=_worker)(call, log_level, folder)
             return results[0]
         except ChildFailedError:
-            messages = sorted(Path(folder).iterdir())
-            if not messages:
+            error = _reported_error(Path(folder))
+            if error is None:
                 raise
             if fresh_dir is not None:
                 discard_fresh_run_dir(fresh_dir, existed_before)
-            kind, _, message = messages[0].read_text().partition("\n")
-            raise _user_error(kind)(message) from None
+            raise error from None
+        except SignalException as stop:
+            # Ctrl-C: elastic has stopped the workers; a worker that saw it says where it stopped (train: the
+            # step and the checkpoint to resume from), else the command's plain "interrupted" (exit 130 both)
+            if stop.sigval != signal.SIGINT:
+                raise
+            if fresh_dir is not None:
+                discard_fresh_run_dir(fresh_dir, existed_before)
+            raise (_reported_error(Path(folder)) or KeyboardInterrupt()) from None
         finally:
-            for name in _WORKER_LOGGERS:
+            for name, quiet in filters:
                 logging.getLogger(name).removeFilter(quiet)
+
+
+def _reported_error(folder: Path) -> UserError | None:
+    """The first ``UserError`` a worker of :func:`run_local` left in ``folder`` (see :func:`_worker`), if any."""
+    messages = sorted(folder.iterdir())
+    if not messages:
+        return None
+    kind, _, message = messages[0].read_text().partition("\n")
+    return _user_error(kind)(message)
 
 
 def _worker(call: Callable[[], T], log_level: str | bool, errors: str) -> T:
@@ -124,6 +145,15 @@ class _WhenUserError(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno < logging.WARNING or not any(self.folder.iterdir())
+
+
+class _OnCtrlC(logging.Filter):
+    """Drops elastic's records of the Ctrl-C it forwards to the workers ("Received 2 death signal ...",
+    "Closing process N via signal SIGINT"): an interrupted job ends in its one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not any(isinstance(a, (int, str)) and (a == signal.SIGINT or a == "SIGINT") for a in args)
 
 
 def train_summary(config: dict[str, Any]) -> dict[str, Any]:

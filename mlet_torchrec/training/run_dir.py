@@ -17,6 +17,8 @@ import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -193,6 +195,18 @@ class LastStep:
         self.step = event.step
 
 
+class CtrlC:
+    """Python's own SIGINT behaviour (``KeyboardInterrupt``), remembering that it happened: a Ctrl-C that
+    lands inside a checkpoint write surfaces as that write's failure (DCP wraps it), not as the interrupt."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+
 def interrupted(run_dir: Path | str, step: int) -> Interrupted:
     """The one line of a Ctrl-C: the step reached and what the same command will do next."""
     found = committed_checkpoints(checkpoint_root(run_dir))
@@ -208,8 +222,17 @@ def interrupted(run_dir: Path | str, step: int) -> Interrupted:
 def interruptible(run_dir: Path | str) -> Iterator[LastStep]:
     """Turns a Ctrl-C (``KeyboardInterrupt``) in the block into :func:`interrupted`'s one line; yields the
     hook that tracks the step reached."""
-    last = LastStep()
+    last, ctrl_c = LastStep(), CtrlC()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, ctrl_c) if main_thread else None
     try:
         yield last
     except KeyboardInterrupt:
         raise interrupted(run_dir, last.step) from None
+    except CheckpointError:
+        if ctrl_c.seen:  # the write it broke was aborted; the previous checkpoint is intact
+            raise interrupted(run_dir, last.step) from None
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
