@@ -145,6 +145,9 @@ def check_location(output: Path | str, inputs: Iterable[Path | str] = ()) -> Pat
                 f"refusing to write to {out}: it {'is' if out == src else 'contains'} the input "
                 f"{src}; choose another output directory"
             )
+    parent = next(p for p in out.parents if p.exists())  # the deepest that exists (the root always does)
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {out}: {parent} is not a directory")
     return out
 
 

@@ -381,3 +381,25 @@ def test_diverged_run_is_one_line_from_every_rank(synth_dataset, tmp_path):
     p = mlet(*args, "sparse_optimizer.lr=1e30", "dense_optimizer.lr=1e30", "train.log_every=2", cwd=tmp_path)
     one_error_line(p, "training loss became nan at step", "Lower the learning rates")
     assert not (tmp_path / "run").exists()
+
+
+def test_output_under_a_file_is_one_line_from_every_rank(trained, tmp_path):
+    """An output whose parent path is a file (as unwritable as a parent gets for root): one line from the
+    command, on 2 processes too, and the file is untouched."""
+    (tmp_path / "afile").write_text("mine")
+    p = mlet(
+        "collapse",
+        "--input",
+        str(trained["run"]),
+        "--output",
+        "afile/col",
+        "--nproc-per-node",
+        "2",
+        "--check-split",
+        "none",
+        cwd=tmp_path,
+    )
+    one_error_line(p, f"cannot write {tmp_path / 'afile' / 'col'}", "is not a directory")
+    p = mlet("predict", "--input", str(trained["col"]), "--output", "afile/x.parquet", cwd=tmp_path)
+    one_error_line(p, "is not a directory")
+    assert (tmp_path / "afile").read_text() == "mine"
