@@ -295,15 +295,14 @@ def test_torchx_status_log_list(cluster, work):
     assert "train" in status, status
 
     # stderr (torchx's default stream) of each node; torchrun's rendezvous, not the node order, picks which
-    # node's worker is rank 0, and only rank 0 logs at INFO and prints the summary
+    # node's worker is rank 0, and only rank 0 logs at INFO and prints the summary: the other node is silent
     err = {r: _torchx(cluster, work, "log", f"{handle}/train/{r}").stdout for r in (0, 1)}
     for r, text in err.items():
-        assert text and all(line.startswith(f"train/{r} ") for line in text.splitlines()), text[-2000:]
-    (rank0,) = [r for r, text in err.items() if "rank0 INFO mlet.train: done:" in text]
-    assert " rank1 " in err[1 - rank0], err[1 - rank0][-2000:]
+        assert all(line.startswith(f"train/{r} ") for line in text.splitlines()), text[-2000:]
+    (rank0,) = [r for r, text in err.items() if " rank0 INFO mlet.train: " in text]
+    assert "WARNING" not in err[1 - rank0] and " rank0 " not in err[1 - rank0], err[1 - rank0][-2000:]
     out = _torchx(cluster, work, "log", "--streams", "stdout", f"{handle}/train/{rank0}").stdout
-    summary = _json_in(out)
-    assert summary["steps"] == 200 and "test" in summary, out[-2000:]
+    assert "trained 200 steps" in out and "test: " in out, out[-2000:]
 
     listed = _torchx(cluster, work, "list", "-s", "slurm").stdout
     assert re.search(rf"^\s*{job}\s+SUCCEEDED\b", listed, re.M) or re.search(rf"\b{job}\b.*SUCCEEDED", listed), listed

@@ -96,5 +96,5 @@ def test_wheel_in_a_fresh_venv_runs_synth_and_train_with_a_packaged_config(tmp_p
         cwd=work,
     )
     trained = _run(mlet, "train", "--config", "tiny", "train.max_steps=10", "train.eval_batch_size=256", cwd=work)
-    assert (work / "runs" / "tiny" / "metrics.json").is_file() and '"steps": 10' in trained.stdout
+    assert (work / "runs" / "tiny" / "metrics.json").is_file() and "trained 10 steps" in trained.stdout
     assert not (work / "configs").exists()
