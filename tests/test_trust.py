@@ -274,6 +274,28 @@ def test_ctrl_c_on_local_ranks_is_one_line(synth_dataset, tmp_path):
     assert latest_checkpoint(tmp_path / "run") is not None
 
 
+class _RaisesInDel:
+    def __del__(self) -> None:  # where a Ctrl-C can land: Python cannot raise it there
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_inside_a_finalizer_is_not_lost_nor_printed(tmp_path, capfd):
+    """A SIGINT handled inside a ``__del__`` or weakref callback is "unraisable": Python would print
+    "Exception ignored in" with a traceback and go on training. It is kept and raised at the step's end."""
+    from types import SimpleNamespace
+
+    from mlet_torchrec.errors import Interrupted
+    from mlet_torchrec.training.run_dir import interruptible
+
+    with pytest.raises(Interrupted, match="interrupted at step 3, before the first checkpoint"):
+        with interruptible(tmp_path) as last:
+            last(SimpleNamespace(step=2))
+            _RaisesInDel()  # collected at once: the KeyboardInterrupt is unraisable
+            last(SimpleNamespace(step=3))
+            pytest.fail("the interrupt was lost")
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
 # ---------------------------------------------------------------------------------- launch environment
 
 

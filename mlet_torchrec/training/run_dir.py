@@ -18,8 +18,9 @@ import json
 import logging
 import math
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -185,26 +186,47 @@ def discard_fresh_run_dir(run_dir: Path | str, existed_before: bool) -> bool:
     return removed
 
 
-class LastStep:
-    """A ``train`` hook that remembers the last step completed (for the Ctrl-C message)."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def __call__(self, event: StepEvent) -> None:
-        self.step = event.step
-
-
 class CtrlC:
-    """Python's own SIGINT behaviour (``KeyboardInterrupt``), remembering that it happened: a Ctrl-C that
-    lands inside a checkpoint write surfaces as that write's failure (DCP wraps it), not as the interrupt."""
+    """Python's own SIGINT behaviour (``KeyboardInterrupt``), remembering that it happened.
+
+    A Ctrl-C that lands inside a checkpoint write surfaces as that write's failure (DCP wraps it), not as
+    the interrupt. One that lands inside a weakref callback or a ``__del__`` is "unraisable": Python would
+    print it as "Exception ignored in ..." with a traceback and go on. :meth:`unraisable` takes those
+    instead, and :class:`LastStep` raises the interrupt again at the end of the step.
+    """
 
     def __init__(self) -> None:
         self.seen = False
+        self.swallowed = False
 
     def __call__(self, signum: int, frame: object) -> None:
         self.seen = True
         raise KeyboardInterrupt
+
+    def unraisable(self, previous: Callable[[Any], object]) -> Callable[[Any], object]:
+        """A ``sys.unraisablehook`` that keeps a lost ``KeyboardInterrupt`` and passes the rest to ``previous``."""
+
+        def hook(info: Any) -> object:
+            if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+                self.swallowed = True
+                return None
+            return previous(info)
+
+        return hook
+
+
+class LastStep:
+    """A ``train`` hook that remembers the last step completed (for the Ctrl-C message) and raises a
+    Ctrl-C that Python could not raise where it landed."""
+
+    def __init__(self, ctrl_c: CtrlC) -> None:
+        self.step = 0
+        self._ctrl_c = ctrl_c
+
+    def __call__(self, event: StepEvent) -> None:
+        self.step = event.step
+        if self._ctrl_c.swallowed:
+            raise KeyboardInterrupt
 
 
 def interrupted(run_dir: Path | str, step: int) -> Interrupted:
@@ -222,9 +244,12 @@ def interrupted(run_dir: Path | str, step: int) -> Interrupted:
 def interruptible(run_dir: Path | str) -> Iterator[LastStep]:
     """Turns a Ctrl-C (``KeyboardInterrupt``) in the block into :func:`interrupted`'s one line; yields the
     hook that tracks the step reached."""
-    last, ctrl_c = LastStep(), CtrlC()
+    ctrl_c = CtrlC()
+    last = LastStep(ctrl_c)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, ctrl_c) if main_thread else None
+    previous_unraisable = sys.unraisablehook
+    sys.unraisablehook = ctrl_c.unraisable(previous_unraisable)
     try:
         yield last
     except KeyboardInterrupt:
@@ -234,5 +259,6 @@ def interruptible(run_dir: Path | str) -> Iterator[LastStep]:
             raise interrupted(run_dir, last.step) from None
         raise
     finally:
+        sys.unraisablehook = previous_unraisable
         if main_thread:
             signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
