@@ -1,4 +1,4 @@
-"""TorchX components that run the ``mlet`` command: ``train``, ``collapse``, ``evaluate`` and ``predict``.
+"""TorchX components that run the ``mlet`` command: ``train``, ``collapse``, ``evaluate``, ``predict`` and ``convert``.
 
 Each one is a thin wrapper around TorchX's builtin ``dist.ddp`` (torchrun under the hood), so the
 same component runs on every TorchX scheduler; only ``-s`` and the image change::
@@ -17,11 +17,12 @@ Restarts on failure, two levels (both default to 0):
 
 * ``max_retries``: the scheduler resubmits the whole job (Kubernetes/Volcano ``maxRetry``, Slurm
   ``--requeue``, Docker's ``on-failure`` restart policy; ``local_cwd`` has no retries).
-* ``max_restarts`` (``train`` only): torchrun restarts all workers in place (``--max-restarts``);
+* ``max_restarts`` (``train`` and ``convert``): torchrun restarts all workers in place (``--max-restarts``);
   works on every scheduler, ``local_cwd`` included.
 
 A restarted ``mlet train`` resumes in the same ``run.dir`` from its newest complete checkpoint (model,
 optimizer state, data position, RNG; ``run.resume``, on by default): set ``train.checkpoint_every``.
+A restarted ``mlet convert`` keeps the shards that were counted or encoded (data_pipes/convert/ranks.py).
 
 Do not add ``from __future__ import annotations`` here, nor write ``X | None`` or ``dict[...]``:
 TorchX reads the real annotations to build each component's command line, and its component
@@ -328,3 +329,63 @@ def predict(
         max_retries=max_retries,
         mounts=mounts,
     )
+
+
+def convert(
+    *dataset: str,
+    j: str = "1x2",
+    image: str = DEFAULT_IMAGE,
+    name: str = "mlet-convert",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    memMB: int = 4096,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+    max_restarts: int = 0,
+    rdzv_port: int = 29500,
+) -> specs.AppDef:
+    """Convert raw files on every process of the job: ``mlet convert DATASET [FLAGS]`` (e.g. ``criteo --input DIR
+    --output DATA``), each process one rank that counts and encodes its share of the
+    shards; rank 0 merges the vocabularies, writes the data set and prints the summary. Its component
+    options go first, the ``mlet convert`` command line last::
+
+        torchx run -s slurm launch/components.py:convert -j 4x16 --cpu 16 \\
+            criteo --input /shared/criteo_1tb --output /shared/data/criteo1tb --hash-buckets 40000000
+
+    Args:
+        dataset: the data set (criteo, avazu, movielens), then its ``mlet convert`` flags (put them last);
+            ``--input`` and ``--output`` on a file system every node sees
+        j: ``{nnodes}x{nproc_per_node}``: ranks per node (one process each; ``--jobs`` stays 1)
+        image: container image (local_docker, kubernetes); local_cwd and slurm run the current
+            directory's environment instead
+        name: job name, ``{experiment}/{run}`` or ``{run}``
+        h: a registered TorchX named resource; takes precedence over cpu and memMB
+        cpu: CPUs per node (replica): about one per rank
+        memMB: memory per node in MB
+        env: extra environment variables, ``A=1,B=2``
+        mounts: volumes for docker/kubernetes, e.g. ``type=bind,src=/data,dst=/app/data``
+        max_retries: whole-job resubmissions by the scheduler on failure (not on local_cwd)
+        max_restarts: in-place restarts of all workers by torchrun on failure (every scheduler)
+        rdzv_port: port of the c10d rendezvous on the first node (multi-node jobs only)
+    """
+    if not dataset or dataset[0].startswith("-"):
+        raise ComponentArgError(
+            "give the mlet convert command line last: DATASET --input ... --output ... "
+            f"(DATASET: criteo, avazu or movielens), got {list(dataset)}"
+        )
+    app = _mlet_job(
+        ["convert", *dataset],
+        image=image,
+        name=name,
+        h=h,
+        cpu=cpu,
+        gpu=0,
+        memMB=memMB,
+        j=j,
+        env=env,
+        max_retries=max_retries,
+        rdzv_port=rdzv_port,
+        mounts=mounts,
+    )
+    return _with_max_restarts(app, max_restarts)

@@ -34,6 +34,15 @@ def criteo_text(n: int, seed: int, day: int = 0) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+def criteo_days(days: Path, rows: int = 60) -> Path:
+    """day_0 .. day_23 as Criteo 1TB ships them (.gz), every third one plain (cut in byte ranges)."""
+    days.mkdir()
+    for d in range(24):
+        text = criteo_text(rows, seed=10 + d, day=d)
+        (days / f"day_{d}.gz").write_bytes(gzip.compress(text)) if d % 3 else (days / f"day_{d}").write_bytes(text)
+    return days
+
+
 def layout(root: Path) -> tuple:
     """Everything a data set is: metadata (input paths aside), transform files, and per Parquet file
     its row groups' sizes and its content."""
@@ -73,11 +82,7 @@ def test_byte_ranges_give_the_jobs_1_data_set(tmp_path, monkeypatch, mode):
 
 @pytest.mark.slow
 def test_criteo_1tb_day_layout_gzip_and_plain_gives_the_jobs_1_data_set(tmp_path):
-    days = tmp_path / "days"  # day_0 .. day_23 as Criteo 1TB ships them (.gz), some plain (cut in byte ranges)
-    days.mkdir()
-    for d in range(24):
-        text = criteo_text(60, seed=10 + d, day=d)
-        (days / f"day_{d}.gz").write_bytes(gzip.compress(text)) if d % 3 else (days / f"day_{d}").write_bytes(text)
+    days = criteo_days(tmp_path / "days")
     one = convert_criteo(days, tmp_path / "one", min_count=1, **SMALL)
     convert_criteo(days, tmp_path / "two", min_count=1, jobs=2, **SMALL)
     assert one.meta.rows["train"] == 23 * 60 and one.meta.cardinalities()["C1"] == 24

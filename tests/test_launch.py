@@ -89,7 +89,7 @@ def _dryrun(scheduler: str, component: str, *args: str, cfg: str = "") -> str:
 # ---------------------------------------------------------------- the components themselves
 
 
-@pytest.mark.parametrize("name", ["train", "collapse", "evaluate", "predict"])
+@pytest.mark.parametrize("name", ["train", "collapse", "evaluate", "predict", "convert"])
 def test_components_pass_torchx_linter(name):
     assert validate(str(REPO / COMPONENTS), name) == []
 
@@ -189,6 +189,17 @@ def test_predict_takes_j_and_the_cli_flags():
     assert _mlet_args(q)[5:] == ["--split", "valid", "--data", "d", "--precision", "fp32", "--overwrite"]
 
 
+def test_convert_runs_the_mlet_convert_command_line_on_every_rank():
+    args = ["criteo", "--input", "/mnt/criteo_1tb", "--output", "/mnt/data/c1tb", "--hash-buckets", "40000000"]
+    (c,) = components.convert(*args, j="4x16", cpu=16, max_retries=2, max_restarts=1).roles
+    cmd = shlex.split(c.args[1])
+    assert c.num_replicas == 4 and cmd[cmd.index("--nproc_per_node") + 1] == "16" and c.name == "convert"
+    assert cmd[cmd.index("--max-restarts") + 1] == "1" and c.max_retries == 2 and c.resource.gpu == 0
+    assert _mlet_args(c) == ["convert", *args]
+    with pytest.raises(ComponentValidationException, match="mlet convert command line last"):
+        components.convert("--input", "x")
+
+
 def test_evaluate_dryrun_runs_torchrun_with_j():
     script = _dryrun("slurm", "evaluate", "--input", "/mnt/runs/x", "-j", "2x3", "--auc", "exact")
     srun = [line for line in script.splitlines() if "bash -c" in line]
@@ -210,6 +221,7 @@ def test_component_commands_parse_with_the_mlet_cli(capsys):
         components.collapse("runs/a", "runs/b", check_split="none", overwrite=True),
         components.evaluate("runs/a", split="valid"),
         components.predict("runs/a/export", "p.parquet", data="data/new", precision="fp32", overwrite=True),
+        components.convert("criteo", "--input", "days", "--output", "data/c", "--min-count", "2", "--lenient"),
     ):
         args = parser.parse_args(_mlet_args(app.roles[0]))
         assert args.command in sub.choices and args.command == app.roles[0].name

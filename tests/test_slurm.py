@@ -6,7 +6,8 @@
 - `torchx status`, `torchx log`, `torchx list` report the job;
 - one node's worker killed after the first checkpoint: with --max_retries 1 Slurm requeues the job, it
   resumes from the checkpoint and ends with the uninterrupted run's metrics;
-- a bad config: FAILED, and the log holds the one-line error.
+- a bad config: FAILED, and the log holds the one-line error;
+- `convert -j 2x1` over the Criteo 1TB layout, one rank per node: the data set equals `mlet convert --jobs 1`'s.
 
 Needs root and `apt-get install -y slurmctld slurmd slurmdbd slurm-client munge mariadb-server`
 (`make slurm-test` installs them); skipped with that reason otherwise. Every daemon is stopped by its
@@ -409,3 +410,44 @@ def test_bad_config_fails_with_one_line_error(cluster, work, data):
     log = _torchx(cluster, work, "log", f"slurm://torchx/{job}/train/0").stdout
     errors = [line for line in log.splitlines() if "mlet train: error:" in line]
     assert errors and "no_such_model" in errors[0], log[-3000:]
+
+
+# ---------------------------------------------------------------- convert on two nodes
+
+
+@pytest.mark.slow
+@NEEDS_SLURM
+def test_two_node_convert_equals_jobs_1(cluster, work):
+    from test_convert_parallel import criteo_days, layout
+    from test_convert_ranks import FLAGS
+
+    days = criteo_days(work / "criteo_days")
+    _mlet("convert", "criteo", "--input", str(days), "--output", str(work / "convert_jobs1"), *FLAGS)
+    out = work / "convert_slurm"
+    rdzv = ["--rdzv_port", str(_free_port()), "--env", "OMP_NUM_THREADS=1"]
+    job = _submit(
+        cluster,
+        work,
+        "convert",
+        "-j",
+        "2x1",
+        *NODE_RES,
+        *rdzv,
+        "criteo",
+        "--input",
+        str(days),
+        "--output",
+        str(out),
+        *FLAGS,
+    )
+    waited = _wait(cluster, job)
+    FIGURES["convert job: submit -> COMPLETED (s)"] = round(waited["total_s"], 1)
+    assert waited["state"] == "COMPLETED", (waited, (work / f"slurm-{job}-convert-0.err").read_text()[-3000:])
+    nodes = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "NodeList", "-j", job], env=_env(cluster), capture_output=True, text=True
+    ).stdout.split()
+    assert sorted(nodes) == sorted(cluster.nodes), nodes  # one rank on each node
+    logs = "".join((work / f"slurm-{job}-convert-{r}.err").read_text() for r in (0, 1))
+    assert "rank 1 of 2: encoded " in logs, logs[-3000:]
+    assert layout(out) == layout(work / "convert_jobs1")
+    assert not list(work.glob(".convert_slurm*"))  # no work or temporary directory left

@@ -44,6 +44,12 @@ DELIBERATE = {
 }
 """(subcommand, flag) -> why its default differs from the other subcommands' (``convert`` covers its datasets)."""
 
+COMPONENT_ONLY = {
+    ("convert", "max_restarts"): "torchrun's restarts of a job's ranks; `mlet convert --jobs N` replaces a dead "
+    "worker process itself (data_pipes/convert/passes.py MAX_RESTARTS)",
+}
+"""(component, parameter) -> why ``mlet`` has no such flag."""
+
 
 def _subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
     for action in parser._actions:
@@ -107,7 +113,7 @@ def test_each_component_speaks_its_subcommands_vocabulary(name):
     mlet = _flags(SUBCOMMANDS[(name,)])
     params = inspect.signature(COMPONENTS[name]).parameters
     for param in params.values():
-        if param.name in TORCHX_ONLY:
+        if param.name in TORCHX_ONLY or (name, param.name) in COMPONENT_ONLY:
             continue
         if param.kind is inspect.Parameter.VAR_POSITIONAL:  # the config overrides, handed on unchanged
             assert any(a.dest == param.name and not a.option_strings for a in SUBCOMMANDS[(name,)]._actions)

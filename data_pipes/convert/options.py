@@ -45,6 +45,8 @@ class ConvertOptions:
     features_from: str | Path | None = None  # encode with this transform (a data set, run, export...)
     split_name: str = "test"  # with features_from: the split every row goes to
     jobs: int = 1  # processes for the two passes (the output does not depend on it: not in as_dict)
+    rank: int = 0  # this process's rank in a job of ``world_size`` (torchrun/TorchX; see data_pipes.convert.ranks)
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         if self.min_count < 1:
@@ -57,6 +59,13 @@ class ConvertOptions:
             )
         if isinstance(self.jobs, bool) or not isinstance(self.jobs, (int, np.integer)) or self.jobs < 1:
             raise OptionError(f"--jobs must be an integer >= 1, got {self.jobs!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise OptionError(f"rank {self.rank} is not in a job of {self.world_size} processes")
+        if self.world_size > 1 and self.jobs > 1:
+            raise OptionError(
+                f"--jobs {self.jobs} in a job of {self.world_size} processes: each rank is one process; "
+                "give more processes with -j NODESxPROCS instead"
+            )
         if self.split_name not in ("train", "valid", "test"):
             raise OptionError(f"split_name must be train, valid or test, got {self.split_name!r}")
         if self.features_from is not None and self.hash_buckets is not None:

@@ -19,6 +19,10 @@ and lenient mode (a dropped row shifts the row numbers after it) keep files whol
 Workers are forked after the parent put the pass's inputs (job, encoders, schema) in ``_STATE``, so
 nothing large is pickled per task; only shard indices, counts and lenient tallies travel.
 
+The ranks of a torchrun/TorchX job (:mod:`.ranks`) run the same steps, one process each:
+:func:`shard_ranges` and :func:`number_shards` (the plan), :func:`count_shards` (pass 1),
+:func:`encode_to_spool`, :func:`read_tally` and :func:`append_spooled` (pass 2).
+
 Example (run_job calls these):
     >>> shards = plan_shards(job)                                          # doctest: +SKIP
     >>> counters, rows = count_pass(job, shards, ["C1"], bar)              # doctest: +SKIP
@@ -54,6 +58,7 @@ from data_pipes.convert.text import (
 from data_pipes.convert.vocab import OOV_ID, Encoder, VocabCounter
 from data_pipes.convert.writer import SplitWriter
 from data_pipes.schema import SPLITS
+from mlet_torchrec.io import atomic_write_text
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -76,24 +81,27 @@ def _pool(jobs: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"))
 
 
-def plan_shards(job: ConvertJob) -> list[Shard]:
-    """The job's shards in input order (see the module docstring)."""
-    opts, ranges = job.options, list[tuple[int, int, int | None, int]]()
+ByteRange = tuple[int, int, int | None, int]
+"""``(part, start, stop, nbytes)``: a whole file (``stop`` None) or bytes ``[start, stop)`` of one."""
+
+
+def shard_ranges(job: ConvertJob, workers: int) -> list[ByteRange]:
+    """The job's files, uncompressed ones cut into up to ``4 * workers`` byte ranges at line starts."""
+    opts, ranges = job.options, list[ByteRange]()
     for k, part in enumerate(job.parts):
         path = check_input_file(part.source.path, part.source.dataset)
         size = path.stat().st_size
-        pieces = min(4 * opts.jobs, size // opts.block_size)
-        if opts.jobs == 1 or opts.lenient or pieces < 2 or is_compressed(path):
+        pieces = min(4 * workers, size // opts.block_size)
+        if workers == 1 or opts.lenient or pieces < 2 or is_compressed(path):
             ranges.append((k, 0, None, size))
             continue
         cuts = sorted({line_start(path, size * i // pieces) for i in range(pieces)} | {size})
         ranges += [(k, a, b, b - a) for a, b in zip(cuts, cuts[1:], strict=False) if a < b]
-    split = [(k, a, b) for k, a, b, _ in ranges if b is not None]
-    if not split:
-        return [Shard(k, Span(), n) for k, _, _, n in ranges]
-    with _pool(opts.jobs) as pool:
-        counted = pool.map(_count_lines, [(str(job.parts[k].source.path), a, b) for k, a, b in split])
-        lines = dict(zip(split, counted, strict=True))
+    return ranges
+
+
+def number_shards(job: ConvertJob, ranges: Sequence[ByteRange], lines: dict[tuple[int, int, int], int]) -> list[Shard]:
+    """The shards of ``ranges``, each byte range numbered from the ``lines`` of the ranges before it."""
     shards, before = [], dict.fromkeys(range(len(job.parts)), 0)
     for k, a, b, n in ranges:
         header = int(job.parts[k].source.header)
@@ -101,6 +109,18 @@ def plan_shards(job: ConvertJob) -> list[Shard]:
         shards.append(Shard(k, span, n))
         before[k] += 0 if b is None else lines[(k, a, b)]
     return shards
+
+
+def plan_shards(job: ConvertJob) -> list[Shard]:
+    """The job's shards in input order (see the module docstring)."""
+    ranges = shard_ranges(job, job.options.jobs)
+    split = [(k, a, b) for k, a, b, _ in ranges if b is not None]
+    lines: dict[tuple[int, int, int], int] = {}
+    if split:
+        with _pool(job.options.jobs) as pool:
+            counted = pool.map(_count_lines, [(str(job.parts[k].source.path), a, b) for k, a, b in split])
+            lines = dict(zip(split, counted, strict=True))
+    return number_shards(job, ranges, lines)
 
 
 def _count_lines(args: tuple[str, int, int]) -> int:
@@ -140,7 +160,7 @@ def part_has_train(job: ConvertJob, part: InputPart) -> bool:
 # ------------------------------------------------------------------------------------------ pass 1
 
 
-def _count_shards(
+def count_shards(
     job: ConvertJob, shards: Sequence[Shard], features: Sequence[str], bar: tqdm[Any] | None = None
 ) -> tuple[dict[str, VocabCounter], dict[int, int]]:
     counters, rows = {n: VocabCounter() for n in features}, dict.fromkeys({s.part for s in shards}, 0)
@@ -160,7 +180,7 @@ def _count_shards(
 
 
 def _count_group(group: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[int, int]]:
-    counters, rows = _count_shards(_STATE["job"], _STATE["groups"][group], _STATE["features"])
+    counters, rows = count_shards(_STATE["job"], _STATE["groups"][group], _STATE["features"])
     return {n: c.counts() for n, c in counters.items()}, rows
 
 
@@ -172,7 +192,7 @@ def count_pass(
     todo = [s for s in shards if part_has_train(job, job.parts[s.part])]
     jobs = min(job.options.jobs, len(todo))
     if jobs <= 1:
-        return _count_shards(job, todo, features, bar)
+        return count_shards(job, todo, features, bar)
     ends = np.cumsum([max(s.nbytes, 1) for s in todo])
     cut = np.searchsorted(ends, ends[-1] * np.arange(1, jobs) / jobs)  # contiguous groups of equal bytes
     groups = [list(g) for g in np.split(np.array(todo, dtype=object), cut) if len(g)]
@@ -232,34 +252,50 @@ def _write(writers: dict[str, SplitWriter], table: pa.Table, codes: np.ndarray) 
             writers[split].write(table.filter(pa.array(m)))
 
 
-def _encode_to_file(i: int) -> tuple[int, IssueCounter]:
-    """Worker: shard ``i`` encoded into its spool file (kept if a previous worker finished it); its
-    rows and lenient tallies, also written beside it."""
-    done, tally = _STATE["spool"] / f"{i}.arrow", _STATE["spool"] / f"{i}.json"
+def read_tally(path: Path) -> tuple[int, IssueCounter]:
+    """The rows and lenient tallies of a complete spool file, from the ``.json`` written beside it."""
+    saved = json.loads(path.read_text())
+    issues = IssueCounter()
+    issues.values_replaced, issues.rows_dropped = saved["values_replaced"], saved["rows_dropped"]
+    return int(saved["rows"]), issues
+
+
+def encode_to_spool(
+    job: ConvertJob, shard: Shard, encoders: dict[str, Encoder], schema: pa.Schema, spool: Path, i: int
+) -> tuple[int, IssueCounter, bool]:
+    """Shard ``i`` encoded into ``spool/i.arrow``, then its tallies into ``spool/i.json`` (the mark of a
+    complete shard): its rows, lenient tallies, and whether it was encoded now (False: it was complete)."""
+    done, tally = spool / f"{i}.arrow", spool / f"{i}.json"
     if tally.is_file():  # finished before a worker died: not redone
-        saved = json.loads(tally.read_text())
-        issues = IssueCounter()
-        issues.values_replaced, issues.rows_dropped = saved["values_replaced"], saved["rows_dropped"]
-        return int(saved["rows"]), issues
-    job, schema, issues, rows = _STATE["job"], _STATE["schema"], IssueCounter(), 0
+        return (*read_tally(tally), False)
+    issues, rows = IssueCounter(), 0
     spooled = schema.append(pa.field(SPLIT_COLUMN, pa.int8()))
     part = done.with_suffix(".part")
     with pa.ipc.new_stream(str(part), spooled) as out:
-        for table, codes in _encoded(job, _STATE["shards"][i], _STATE["encoders"], schema, issues):
+        for table, codes in _encoded(job, shard, encoders, schema, issues):
             out.write_table(table.append_column(SPLIT_COLUMN, pa.array(codes, pa.int8())))
             rows += table.num_rows
     os.replace(part, done)
-    tally.write_text(json.dumps({"rows": rows, **issues.as_dict()}))
+    atomic_write_text(tally, json.dumps({"rows": rows, **issues.as_dict()}))
+    return rows, issues, True
+
+
+def _encode_to_file(i: int) -> tuple[int, IssueCounter]:
+    """Worker: :func:`encode_to_spool` of shard ``i`` with the pass's inputs."""
+    s = _STATE
+    rows, issues, _ = encode_to_spool(s["job"], s["shards"][i], s["encoders"], s["schema"], s["spool"], i)
     return rows, issues
 
 
-def _append_spooled(path: Path, writers: dict[str, SplitWriter]) -> None:
+def append_spooled(path: Path, writers: dict[str, SplitWriter], keep: bool = False) -> None:
+    """A spool file's rows appended to the split writers; the file and its tallies deleted unless ``keep``."""
     with pa.OSFile(str(path)) as f:
         for batch in pa.ipc.open_stream(f):
             codes = batch.column(batch.num_columns - 1).to_numpy()
             _write(writers, pa.Table.from_batches([batch]).drop_columns([SPLIT_COLUMN]), codes)
-    path.unlink()
-    path.with_suffix(".json").unlink()
+    if not keep:
+        path.unlink()
+        path.with_suffix(".json").unlink()
 
 
 def encode_pass(
@@ -300,7 +336,7 @@ def encode_pass(
                 pool.shutdown(cancel_futures=True)
                 pool, pending = _pool(jobs), {}
                 continue
-            _append_spooled(spool / f"{k}.arrow", writers)
+            append_spooled(spool / f"{k}.arrow", writers)
             issues.merge(tallies)
             rows[shards[k].part] += n
             bar.update(n)
@@ -312,4 +348,18 @@ def encode_pass(
     return rows
 
 
-__all__ = ["Shard", "count_pass", "encode_pass", "part_has_train", "plan_shards"]
+__all__ = [
+    "SPLIT_COLUMN",
+    "ByteRange",
+    "Shard",
+    "append_spooled",
+    "count_pass",
+    "count_shards",
+    "encode_pass",
+    "encode_to_spool",
+    "number_shards",
+    "part_has_train",
+    "plan_shards",
+    "read_tally",
+    "shard_ranges",
+]

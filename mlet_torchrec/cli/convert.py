@@ -6,6 +6,9 @@
     mlet convert avazu --input train.gz --output data/avazu --hash-buckets device_ip=1000000 device_id=500000
     mlet convert movielens --input ml-100k/ --output data/ml100k
 
+Under torchrun/TorchX (``launch/components.py:convert -j NODESxPROCS``) every process of the job runs the
+same command as one rank of one conversion (data_pipes/convert/ranks.py); rank 0 prints the summary.
+
 Standalone (same arguments, no ``mlet`` needed): ``python -m mlet_torchrec.cli.convert criteo --input ...``.
 Each prints a one-line summary; bad input prints one ``error:`` line (file, row, column) and exits 2,
 leaving no output behind. ``--log-level`` as for every ``mlet`` subcommand.
@@ -14,15 +17,19 @@ leaving no output behind. ``--log-level`` as for every ``mlet`` subcommand.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data_pipes.convert.options import DEFAULT_BLOCK_SIZE, DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROWS_PER_FILE
 from mlet_torchrec.cli import flags
-from mlet_torchrec.cli.entry import run
+from mlet_torchrec.cli.entry import print_summary, run
 from mlet_torchrec.cli.flags import example, existing
+
+if TYPE_CHECKING:
+    from data_pipes.convert.job import ConvertResult
 
 
 def bucket_spec(text: str) -> tuple[str, int]:
@@ -115,7 +122,8 @@ def _common(
         type=int,
         default=1,
         help="processes for the counting and encoding passes, by file and by byte range of uncompressed "
-        "files; the output is the same for any count (default 1)",
+        "files; the output is the same for any count (default 1). Under torchrun/TorchX each rank is one "
+        "process: leave it at 1",
     )
     p.add_argument(
         "--row-group-rows",
@@ -156,21 +164,36 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         row_group_rows=args.row_group_rows,
         jobs=args.jobs,
         split=args.split,
+        **_ranks(),
     )
+
+
+def _ranks() -> dict[str, int]:
+    """``rank`` and ``world_size`` of the torchrun/TorchX job this process is one rank of (none outside one)."""
+    if "WORLD_SIZE" not in os.environ:  # not in a job: spare the import of torch
+        return {}
+    from mlet_torchrec.training.launcher import in_distributed_job
+
+    if not in_distributed_job():
+        return {}
+    return {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
+
+
+def _print(result: ConvertResult) -> None:
+    print_summary({}, [result.summary()], as_json=False)  # once, on rank 0
 
 
 def _cmd_criteo(args: argparse.Namespace) -> int:
     from data_pipes.convert.criteo import convert_criteo
 
-    result = convert_criteo(existing(args.input), args.output, valid=args.valid, test=args.test, **_options(args))
-    print(result.summary())
+    _print(convert_criteo(existing(args.input), args.output, valid=args.valid, test=args.test, **_options(args)))
     return 0
 
 
 def _cmd_avazu(args: argparse.Namespace) -> int:
     from data_pipes.convert.avazu import convert_avazu
 
-    print(convert_avazu(existing(args.input), args.output, **_options(args)).summary())
+    _print(convert_avazu(existing(args.input), args.output, **_options(args)))
     return 0
 
 
@@ -184,7 +207,7 @@ def _cmd_movielens(args: argparse.Namespace) -> int:
         drop_columns=args.drop_columns,
         **_options(args),
     )
-    print(result.summary())
+    _print(result)
     return 0
 
 
