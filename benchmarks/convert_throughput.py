@@ -1,4 +1,5 @@
-"""Converter throughput: ``mlet convert criteo --jobs 1`` vs ``--jobs 2``, side by side, same input.
+"""Converter throughput: ``mlet convert criteo --jobs 1`` vs ``--jobs 2`` (and, with ``--ranks``, 2 ranks of a
+torchrun job: the path of the TorchX ``convert`` component), side by side, same input.
 
 Generates synthetic Criteo-format text (``convert_memory.generate_criteo_text``: 13 dense, 26
 categorical columns shaped like the real ones, default 2M rows) and converts it in vocabulary mode
@@ -9,7 +10,10 @@ to give the same data set (metadata and every Parquet file's row groups and cont
 speed-up is for the same output.
 
     python benchmarks/convert_throughput.py --json            # one JSON line
-    python benchmarks/convert_throughput.py --rows 500000 --repeats 1
+    python benchmarks/convert_throughput.py --rows 500000 --repeats 1 --ranks
+
+``--ranks`` adds ``ranks_2_rows_per_s`` and ``ranks_2_over_1``: ``torchrun --nproc-per-node 2 -m mlet_torchrec.cli
+convert criteo ...`` timed from start to exit (torchrun's and the ranks' start-up included, as a user sees it).
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,12 +66,21 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def convert(text: Path, out: Path, jobs: int, min_count: int) -> tuple[float, float]:
-    """Rows/s and CPU seconds (all processes) of one conversion (the output is left at ``out``)."""
+def convert(text: Path, out: Path, variant: str, min_count: int) -> tuple[float, float]:
+    """Rows/s and CPU seconds (all processes) of one conversion (the output is left at ``out``):
+    ``variant`` is ``jobs_N`` (in this process, N workers) or ``ranks_N`` (N ranks under torchrun)."""
     shutil.rmtree(out, ignore_errors=True)
+    kind, n = variant.split("_")
     start, cpu = time.perf_counter(), cpu_seconds()
-    result = convert_criteo(text, out, min_count=min_count, jobs=jobs, progress=False)
-    return result.rows_read / (time.perf_counter() - start), cpu_seconds() - cpu
+    if kind == "jobs":
+        rows = convert_criteo(text, out, min_count=min_count, jobs=int(n), progress=False).rows_read
+    else:
+        torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", n, "-m", "mlet_torchrec.cli"]
+        args = ["convert", "criteo", "--input", str(text), "--output", str(out), "--min-count", str(min_count)]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LOGLEVEL": "WARNING"}
+        subprocess.run(torchrun + args, env=env, check=True, capture_output=True)
+        rows = sum(i["rows"] for i in DatasetMeta.load(out).source["inputs"])
+    return rows / (time.perf_counter() - start), cpu_seconds() - cpu
 
 
 def main() -> None:
@@ -73,6 +88,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--min-count", type=int, default=10)
+    ap.add_argument("--ranks", action="store_true", help="also 2 ranks under torchrun (the TorchX component's path)")
     ap.add_argument("--json", action="store_true", help="print only one JSON line of the figures on stdout")
     args = ap.parse_args()
     say = print if not args.json else lambda *a, **k: print(*a, **k, file=sys.stderr)
@@ -80,31 +96,31 @@ def main() -> None:
         text = Path(tmp) / "train.txt"
         generate_criteo_text(text, args.rows)
         say(f"{args.rows:,} rows of Criteo text, {text.stat().st_size / 2**20:.0f} MiB", flush=True)
-        samples: dict[int, list[float]] = {1: [], 2: []}
-        cpu: dict[int, list[float]] = {1: [], 2: []}
+        variants = ["jobs_1", "jobs_2"] + (["ranks_2"] if args.ranks else [])
+        samples: dict[str, list[float]] = {v: [] for v in variants}
+        cpu: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.repeats):
             digests = set()
-            for jobs in samples:
-                rate, seconds = convert(text, Path(tmp) / f"out{jobs}", jobs, args.min_count)
-                samples[jobs].append(rate)
-                cpu[jobs].append(seconds)
-                digests.add(digest(Path(tmp) / f"out{jobs}"))
-                say(f"--jobs {jobs}: {rate:,.0f} rows/s, {seconds:.1f} CPU s", flush=True)
+            for v in variants:
+                rate, seconds = convert(text, Path(tmp) / v, v, args.min_count)
+                samples[v].append(rate)
+                cpu[v].append(seconds)
+                digests.add(digest(Path(tmp) / v))
+                say(f"{v}: {rate:,.0f} rows/s, {seconds:.1f} CPU s", flush=True)
             if len(digests) != 1:
-                raise SystemExit("--jobs 2 wrote another data set than --jobs 1")
-    med = {j: statistics.median(v) for j, v in samples.items()}
-    figures = {
-        "rows": args.rows,
-        "min_count": args.min_count,
-        "jobs_1_rows_per_s": round(med[1]),
-        "jobs_2_rows_per_s": round(med[2]),
-        "jobs_2_over_1": round(med[2] / med[1], 3),
-        "jobs_1_cpu_s": round(statistics.median(cpu[1]), 2),
-        "jobs_2_cpu_s": round(statistics.median(cpu[2]), 2),
-        "same_output": True,
-        "samples": {f"jobs_{j}": [round(x) for x in v] for j, v in samples.items()},
-    }
+                raise SystemExit(f"{', '.join(variants[1:])} wrote another data set than --jobs 1")
+    med = {v: statistics.median(x) for v, x in samples.items()}
+    figures: dict[str, object] = {"rows": args.rows, "min_count": args.min_count}
+    for v in variants:
+        figures[f"{v}_rows_per_s"] = round(med[v])
+        if v != "jobs_1":
+            figures[f"{v}_over_1"] = round(med[v] / med["jobs_1"], 3)
+    for v in variants:
+        figures[f"{v}_cpu_s"] = round(statistics.median(cpu[v]), 2)
+    figures |= {"same_output": True, "samples": {v: [round(x) for x in samples[v]] for v in variants}}
     say(f"--jobs 2 / --jobs 1: {figures['jobs_2_over_1']:.2f}x (target >= 1.6)")
+    if args.ranks:
+        say(f"2 ranks / --jobs 1: {figures['ranks_2_over_1']:.2f}x")
     if args.json:
         print(json.dumps(figures))
 

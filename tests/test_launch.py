@@ -267,6 +267,31 @@ def test_kubernetes_dryrun_uses_torchxconfig_queue_and_image():
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
 
 
+@NEEDS_KUBERNETES
+def test_convert_kubernetes_dryrun_for_criteo_1tb():
+    """The README's command: 4 nodes x 6 ranks over the 24 day files on a shared volume, resubmitted on failure."""
+    job = yaml.safe_load(
+        _dryrun(
+            "kubernetes",
+            "convert",
+            *["--image", "REGISTRY/mlet-torchrec:cpu", "-j", "4x6", "--cpu", "8", "--memMB", "32000"],
+            *["--max_retries", "2", "--mounts", "type=volume,src=mlet-data,dst=/app/data"],
+            *["criteo", "--input", "/app/data/criteo_1tb", "--output", "/app/data/criteo1tb", "--hash-buckets", "4000"],
+        )
+    )
+    tasks = job["spec"]["tasks"]
+    assert [t["name"] for t in tasks] == [f"convert-{i}" for i in range(4)] and job["spec"]["maxRetry"] == 2
+    for task in tasks:
+        (container,) = task["template"]["spec"]["containers"]
+        assert "--nnodes 4 --nproc_per_node 6" in container["command"][2]
+        assert container["command"][2].endswith(
+            "-m mlet_torchrec.cli convert criteo --input /app/data/criteo_1tb --output /app/data/criteo1tb "
+            "--hash-buckets 4000"
+        )
+        assert container["volumeMounts"][-1]["mountPath"] == "/app/data"
+        assert task["template"]["spec"]["volumes"][-1]["persistentVolumeClaim"]["claimName"] == "mlet-data"
+
+
 def test_slurm_dryrun():
     script = _dryrun("slurm", "train", *JOB, *TRAIN_ARGS, cfg="partition=gpu,time=4:00:00")
     groups = re.findall(r"^#SBATCH (--job-name=.*)$", script, re.M)
