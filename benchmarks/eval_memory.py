@@ -59,7 +59,7 @@ def child(data: str, mode: str, batch: int) -> None:
     from mlet_torchrec.config import load_config
     from mlet_torchrec.evaluation.evaluate import evaluate_split, predict_split
     from mlet_torchrec.evaluation.metrics import ctr_metrics
-    from mlet_torchrec.models import build_model
+    from mlet_torchrec.models.registry import build_model
 
     torch.manual_seed(0)
     config = load_config("tiny", [f"data.path={data}", "embedding.d=16", "embedding.k=null"])

@@ -16,7 +16,7 @@ from data_pipes.schema import DatasetMeta
 from mlet_torchrec.config import load_config
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.io import OutputError
-from mlet_torchrec.models import build_model
+from mlet_torchrec.models.registry import build_model
 from mlet_torchrec.modules.product import mlet_product
 from mlet_torchrec.serving.artifact import MANIFEST, load_collapsed, load_factored
 from mlet_torchrec.serving.collapse import collapse, collapse_state_dict

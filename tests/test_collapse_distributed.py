@@ -21,7 +21,7 @@ import torch
 
 from data_pipes.synth import SynthConfig, generate
 from mlet_torchrec.config import load_config
-from mlet_torchrec.models import build_model
+from mlet_torchrec.models.registry import build_model
 from mlet_torchrec.serving.artifact import load_collapsed, load_factored
 from mlet_torchrec.serving.collapse import collapse_state_dict
 from mlet_torchrec.training.launcher import train_local

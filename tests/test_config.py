@@ -116,3 +116,26 @@ def test_packaged_configs_by_name(tmp_path, monkeypatch):
     (tmp_path / "adir").mkdir()
     with pytest.raises(ConfigError, match="is a directory"):
         load_config("adir")
+
+
+TORCH_FREE = """
+import contextlib, io, sys
+from mlet_torchrec.cli.main import main
+from mlet_torchrec.config import load_config, packaged_config_names
+for name in packaged_config_names():
+    if not name.startswith("synth/"):
+        load_config(name)
+with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+    main(["--help"])
+assert "usage: mlet" in out.getvalue()
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchrec", "fbgemm_gpu")))
+"""
+
+
+def test_loading_configs_and_help_import_no_torch():
+    """Validating every packaged config and ``mlet --help`` import no torch (a second or more per command)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", TORCH_FREE], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

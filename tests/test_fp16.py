@@ -52,7 +52,7 @@ def test_fp16_w1_trains_on_2_ranks_and_collapses_to_fp32(synth_dataset, tmp_path
 
     # the fused optimizer moved the fp16 rows away from their initial values
     from data_pipes.schema import DatasetMeta
-    from mlet_torchrec.models import build_model
+    from mlet_torchrec.models.registry import build_model
     from mlet_torchrec.modules.table_init import init_tables
 
     fresh = build_model(cfg.model, cfg.embedding, DatasetMeta.load(data))

@@ -11,9 +11,9 @@ from torchrec import KeyedJaggedTensor
 
 from data_pipes.schema import DatasetMeta, SparseFeature
 from mlet_torchrec.config import ConfigError, ModelName, load_config
-from mlet_torchrec.models import MODELS, build_model
 from mlet_torchrec.models.autoint import InteractingLayer
 from mlet_torchrec.models.blocks import LINEAR_TABLE_DIM, BiInteraction
+from mlet_torchrec.models.registry import MODELS, build_model
 from mlet_torchrec.models.xdeepfm import CIN
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
 from mlet_torchrec.serving.collapse import collapse_state_dict, extra_table_keys

@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_models import NAMES, _batch, _cfg, _meta
 
-from mlet_torchrec.models import build_model
+from mlet_torchrec.models.registry import build_model
 from mlet_torchrec.serving.torchrec_package import MLETPredictFactory, batch_from_kjt, load_predict_module
 
 

@@ -132,7 +132,7 @@ def test_async_checkpoint_is_visible_only_once_complete_and_holds_its_steps_weig
     ]
     # the background write holds step 4's weights although training went on changing them
     from data_pipes.schema import DatasetMeta
-    from mlet_torchrec.models import build_model
+    from mlet_torchrec.models.registry import build_model
 
     cfg = load_config(run_dir / "config.yaml")
     plain = build_model(cfg.model, cfg.embedding, DatasetMeta.load(cfg.data.path))

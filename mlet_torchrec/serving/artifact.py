@@ -30,7 +30,7 @@ from data_pipes.schema import METADATA_FILE, DatasetMeta, SparseFeature
 from mlet_torchrec.config import ExperimentConfig, load_config
 from mlet_torchrec.errors import InputNotFound, UserError
 from mlet_torchrec.io import sha256_file
-from mlet_torchrec.models import CTRModel, build_model
+from mlet_torchrec.models.registry import CTRModel, build_model
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
 from mlet_torchrec.names import check_name
 from mlet_torchrec.training.checkpoint import load_model_state, read_checkpoint_info

@@ -64,7 +64,7 @@ from mlet_torchrec.io import (
     describe_os_error,
     sha256_file,
 )
-from mlet_torchrec.models import CTRModel, build_model
+from mlet_torchrec.models.registry import CTRModel, build_model
 from mlet_torchrec.options import ACCUMULATE as ACCUMULATE_NAMES
 from mlet_torchrec.options import BLOCK_ROWS, COLLAPSE_TOLERANCE, OUTPUT_SHARDINGS
 from mlet_torchrec.serving.artifact import (

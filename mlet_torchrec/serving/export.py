@@ -41,7 +41,7 @@ from mlet_torchrec.evaluation.evaluate import score_split
 from mlet_torchrec.evaluation.metrics import MetricAccumulator
 from mlet_torchrec.io import atomic_output
 from mlet_torchrec.logs import human_bytes
-from mlet_torchrec.models import CTRModel
+from mlet_torchrec.models.registry import CTRModel
 from mlet_torchrec.names import path_inside
 from mlet_torchrec.options import AUC_TOLERANCE, EXPORT_FORMATS
 from mlet_torchrec.serving.artifact import (

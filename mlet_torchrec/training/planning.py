@@ -46,7 +46,7 @@ from data_pipes.schema import DatasetMeta, table_name
 from mlet_torchrec.config import ExperimentConfig
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.logs import human_bytes
-from mlet_torchrec.models import build_model
+from mlet_torchrec.models.registry import build_model
 from mlet_torchrec.training.distributed import (
     MLETEmbeddingBagCollectionSharder,
     _sparse_optimizer,

@@ -46,7 +46,7 @@ from data_pipes.schema import DatasetMeta, table_name
 from mlet_torchrec.config import ConfigError, ExperimentConfig, load_config
 from mlet_torchrec.evaluation.evaluate import evaluate
 from mlet_torchrec.evaluation.metrics import CTRMetrics
-from mlet_torchrec.models import build_model
+from mlet_torchrec.models.registry import build_model
 from mlet_torchrec.modules.table_init import init_tables
 from mlet_torchrec.training.checkpoint import agree, read_checkpoint_info
 from mlet_torchrec.training.checkpointer import CheckpointManager
