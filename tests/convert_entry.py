@@ -1,31 +1,48 @@
-"""A test-only ``mlet`` for tests/test_convert_ranks.py, started by torchrun on every rank: ``mlet ARGS``
-with each shard that a rank encodes logged (``ATTEMPT SHARD`` lines in ``$CONVERT_TEST_LOG``, once the
-shard is complete), and rank 1 of the first attempt dying, as if killed, when it reaches shard
-``$CONVERT_TEST_DIE_AT``."""
+"""A test-only ``mlet`` for tests/test_convert_ranks.py, started by torchrun on every rank: ``mlet ARGS`` with
+every shard a rank counts (pass 1) or encodes (pass 2) logged to ``$CONVERT_TEST_LOG`` as ``ATTEMPT count|encode
+SHARD RANK`` lines, and rank 1 dying, as if killed, when it starts counting its second shard in the first attempt
+and when it starts encoding shard ``$CONVERT_TEST_DIE_AT`` in the second."""
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import data_pipes.convert.ranks as ranks
 from mlet_torchrec.cli.main import main
 
-_encode_to_spool = ranks.encode_to_spool
+_count_shards, _encode_to_spool = ranks.count_shards, ranks.encode_to_spool
+_COUNTED_HERE: list[str] = []  # the shards this process counted
 
 
-def _logged(job, shard, encoders, schema, spool: Path, i: int):  # noqa: ANN001, ANN202 (passes.encode_to_spool's)
-    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
-    if attempt == "0" and os.environ["RANK"] == "1" and i == int(os.environ["CONVERT_TEST_DIE_AT"]):
+def _log(step: str, shard: str) -> None:
+    with open(os.environ["CONVERT_TEST_LOG"], "a") as f:
+        f.write(f"{os.environ['TORCHELASTIC_RESTART_COUNT']} {step} {shard} {os.environ['RANK']}\n")
+
+
+def _dies(attempt: str) -> bool:
+    return os.environ["TORCHELASTIC_RESTART_COUNT"] == attempt and os.environ["RANK"] == "1"
+
+
+def _counted(job, shards, features):  # noqa: ANN001, ANN202 (passes.count_shards's)
+    (shard,) = shards
+    if _dies("0") and _COUNTED_HERE:  # its first shard's counter file is complete
+        os._exit(9)
+    result = _count_shards(job, shards, features)
+    _COUNTED_HERE.append(f"{shard.part}:{shard.span.start}")
+    _log("count", _COUNTED_HERE[-1])  # the counter file is written after this returns
+    return result
+
+
+def _encoded(job, shard, encoders, schema, spool, i):  # noqa: ANN001, ANN202 (passes.encode_to_spool's)
+    if _dies("1") and i == int(os.environ["CONVERT_TEST_DIE_AT"]):
         os._exit(9)
     result = _encode_to_spool(job, shard, encoders, schema, spool, i)
     if result[2]:  # encoded now, not kept from an earlier attempt
-        with open(os.environ["CONVERT_TEST_LOG"], "a") as f:
-            f.write(f"{attempt} {i}\n")
+        _log("encode", str(i))
     return result
 
 
 if __name__ == "__main__":
-    ranks.encode_to_spool = _logged
+    ranks.count_shards, ranks.encode_to_spool = _counted, _encoded
     sys.exit(main(sys.argv[1:]))

@@ -2,8 +2,8 @@
 
 - the TorchX component on the local scheduler, 1 node x 2 ranks, over the Criteo 1TB layout (day_0 ..
   day_23, .gz and plain files cut in byte ranges, vocabulary mode): the data set equals --jobs 1's;
-- a rank killed in pass 2 under torchrun --max-restarts 1: the restarted job does not encode again the
-  shards that were complete, and its data set equals --jobs 1's;
+- a rank killed in pass 1 and again in pass 2 under torchrun --max-restarts 2: the restarted job does not
+  count or encode again the shards that were complete, and its data set equals --jobs 1's;
 - a rank that waits on a dead one stops in one line; --jobs with several ranks is refused.
 
 The 2-node Slurm run is in tests/test_slurm.py.
@@ -72,20 +72,23 @@ def test_torchx_local_two_ranks_equal_jobs_1_on_the_criteo_1tb_layout(days, jobs
 
 
 @pytest.mark.slow
-def test_a_killed_rank_is_restarted_and_complete_shards_are_not_encoded_again(days, jobs_1, tmp_path):
-    out, log = tmp_path / "data", tmp_path / "encoded.log"
-    cmd = [os.path.join(VENV_BIN, "torchrun"), "--nproc-per-node", "2", "--max-restarts", "1"]
+def test_a_killed_rank_is_restarted_and_complete_shards_are_not_done_again(days, jobs_1, tmp_path):
+    out, log = tmp_path / "data", tmp_path / "done.log"
+    cmd = [os.path.join(VENV_BIN, "torchrun"), "--nproc-per-node", "2", "--max-restarts", "2"]
     cmd += [str(REPO / "tests" / "convert_entry.py"), "convert", "criteo", "--input", str(days), "--output", str(out)]
     env = _env(CONVERT_TEST_LOG=str(log), CONVERT_TEST_DIE_AT="5", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd + FLAGS, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    encoded = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
-    first = {i for attempt, i in encoded if attempt == 0}
-    again = {i for attempt, i in encoded if attempt == 1}
-    # rank 1 finished shards 1 and 3 and died at 5 in the first attempt; the second encoded 5, not 1 or 3
-    assert {1, 3} <= first and 5 not in first, encoded
-    assert 5 in again and not {1, 3} & again, encoded
-    assert len(encoded) == len(set(i for _, i in encoded)) >= 30  # no shard encoded twice (32 shards)
+    done = [tuple(line.split()) for line in log.read_text().splitlines()]  # (attempt, step, shard, rank)
+    counted = {a: [(s, r) for at, step, s, r in done if step == "count" and at == a] for a in "012"}
+    encoded = {a: {int(s) for at, step, s, _ in done if step == "encode" and at == a} for a in "012"}
+    # attempt 0: rank 1 counted one shard and died at its second; no later attempt counted that one again
+    (first,) = [s for s, r in counted["0"] if r == "1"]
+    assert first not in [s for s, _ in counted["1"]] and not counted["2"] and not encoded["0"], done
+    # attempt 1 finished pass 1; rank 1 encoded shards 1 and 3 and died at 5; attempt 2 encoded 5, not 1 or 3
+    assert {1, 3} <= encoded["1"] and 5 not in encoded["1"], done
+    assert 5 in encoded["2"] and not {1, 3} & encoded["2"], done
+    assert not encoded["1"] & encoded["2"] and len(encoded["1"] | encoded["2"]) >= 38  # none twice (40 shards)
     assert layout(out) == jobs_1
     _no_leftovers(tmp_path)
 
