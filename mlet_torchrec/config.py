@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from mlet_torchrec.errors import UserError
+from mlet_torchrec.models.configs import DEFAULT_MODEL, MODEL_CONFIGS, ModelConfig, default_model_config
+from mlet_torchrec.models.configs.base import Strict as _Strict
 
 ShardingType = Literal["auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
 SparseOptimizerName = Literal["sgd", "adagrad", "rowwise_adagrad"]
@@ -32,10 +34,6 @@ DenseOptimizerName = Literal["sgd", "adagrad", "adam"]
 
 class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the schema; the message (one line) names the key."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(_Strict):
@@ -121,75 +119,6 @@ class DenseOptimizerConfig(OptimizerConfig):
     name: DenseOptimizerName = "sgd"
 
 
-ModelName = Literal["dlrm", "dlrm_dcn", "dcn", "deepfm", "wdl", "nfm", "autoint", "xdeepfm"]
-
-DEEPCTR_DNN_DEFAULTS: dict[str, list[int]] = {
-    "dcn": [128, 128],
-    "deepfm": [256, 128],
-    "wdl": [256, 128],
-    "nfm": [128, 128],
-    "autoint": [256, 128],
-    "xdeepfm": [256, 256],
-}
-"""DeepCTR-Torch's default ``dnn_hidden_units`` per model (what ``model.dnn_hidden_units: null`` means)."""
-
-
-class ModelConfig(_Strict):
-    """The model and its shape (mlet_torchrec/models/). Every key names the models that read it in brackets;
-    the other models ignore it. Defaults are DeepCTR-Torch's (the MLET paper's setup) for the DeepCTR-style
-    models. DeepCTR's ``l2_reg_*`` penalties are not offered: use ``*_optimizer.weight_decay``."""
-
-    name: ModelName = "dlrm"
-    """dlrm; dlrm_dcn (DLRM with a DCN-v2 interaction); the DeepCTR-Torch models dcn, deepfm, wdl (Wide & Deep),
-    nfm, autoint, xdeepfm (CIN). All take the MLET embeddings and all but the DLRM family add a first-order term."""
-    bottom_mlp: list[int] = Field(default_factory=lambda: [512, 256, 128])
-    """[dlrm, dlrm_dcn] Hidden sizes of the dense-feature MLP; a final layer of size embedding.d is appended."""
-    top_mlp: list[int] = Field(default_factory=lambda: [512, 256])
-    """[dlrm, dlrm_dcn] Hidden sizes of the over-arch MLP; a final layer of size 1 is appended."""
-    dcn_num_layers: int = Field(3, gt=0)
-    """[dlrm_dcn] Low-rank cross layers of the DCN-v2 interaction (TorchRec's DLRM-DCN reference: 3)."""
-    dcn_low_rank_dim: int = Field(512, gt=0)
-    """[dlrm_dcn] Rank r of each cross layer's W = U V (TorchRec's DLRM-DCN reference: 512)."""
-    dnn_hidden_units: list[int] | None = None
-    """[dcn, deepfm, wdl, nfm, autoint, xdeepfm] Hidden sizes of the DNN; null: DeepCTR-Torch's default for the
-    model (DEEPCTR_DNN_DEFAULTS); [] drops the DNN (not for nfm, whose DNN is its only non-linear part)."""
-    dnn_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """[dcn, deepfm, wdl, nfm, autoint, xdeepfm] Dropout after every DNN layer."""
-    cross_num: int = Field(2, ge=0)
-    """[dcn] Cross layers."""
-    cross_parameterization: Literal["vector", "matrix"] = "vector"
-    """[dcn] 'vector': DCN (w_l is a vector); 'matrix': DCN-M / DCN-v2 (full N x N W_l)."""
-    bi_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """[nfm] Dropout on the bi-interaction pooling output."""
-    att_layer_num: int = Field(3, ge=0)
-    """[autoint] Interacting (multi-head self-attention) layers."""
-    att_head_num: int = Field(2, gt=0)
-    """[autoint] Attention heads; must divide embedding.d."""
-    att_res: bool = True
-    """[autoint] Residual connection in every interacting layer."""
-    cin_layer_size: list[int] = Field(default_factory=lambda: [256, 128])
-    """[xdeepfm] Feature maps per CIN layer ([] drops the CIN)."""
-    cin_split_half: bool = True
-    """[xdeepfm] Half of every CIN layer but the last feeds the next layer, the other half the output."""
-
-    @model_validator(mode="after")
-    def _sizes(self) -> ModelConfig:
-        for key in ("bottom_mlp", "top_mlp", "dnn_hidden_units", "cin_layer_size"):
-            if any(n <= 0 for n in getattr(self, key) or []):
-                raise ValueError(f"model.{key}: layer sizes must be positive, got {getattr(self, key)}")
-        if self.cin_split_half and any(n % 2 for n in self.cin_layer_size[:-1]):
-            raise ValueError(
-                f"model.cin_layer_size={self.cin_layer_size}: with cin_split_half every layer but the last must be even"
-            )
-        return self
-
-    def dnn_units(self) -> list[int]:
-        """``dnn_hidden_units``, or DeepCTR-Torch's default for this model when it is null."""
-        if self.dnn_hidden_units is not None:
-            return list(self.dnn_hidden_units)
-        return list(DEEPCTR_DNN_DEFAULTS.get(self.name, []))
-
-
 class TrainConfig(_Strict):
     batch_size: int = Field(128, gt=0)
     """Global batch size, split evenly over the ranks."""
@@ -246,7 +175,8 @@ class RunConfig(_Strict):
 class ExperimentConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=default_model_config)
+    """The model: ``name`` picks its config class (mlet_torchrec/models/configs/), which owns its other keys."""
     sparse_optimizer: SparseOptimizerConfig = Field(default_factory=SparseOptimizerConfig)
     dense_optimizer: DenseOptimizerConfig = Field(default_factory=DenseOptimizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -263,14 +193,28 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     """Every problem of ``err`` on one line: ``invalid config (SOURCE): key: msg (got X); key: ...``."""
     problems = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        loc, model = _model_location(e["loc"])
+        key = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
-            problems.append(f"{key}: unknown key")
+            of_model = f" of model {model} (its keys: {', '.join(MODEL_CONFIGS[model].model_fields)})" if model else ""
+            problems.append(f"{key}: unknown key{of_model}")
+        elif e["type"] == "union_tag_invalid":  # the model's name picks its config class
+            names = ", ".join(map(repr, MODEL_CONFIGS))
+            problems.append(f"{key}.name: Input should be one of {names} (got {_short_repr(e['input'].get('name'))})")
+        elif e["type"] == "union_tag_not_found":
+            problems.append(f"{key}: should be a mapping of model keys (got {_short_repr(e['input'])})")
         else:
             # pydantic's messages may span lines; a validator's ValueError comes as "Value error, MESSAGE"
             msg = " ".join(str(e["msg"]).split()).removeprefix("Value error, ")
             problems.append(f"{key}: {msg} (got {_short_repr(e['input'])})")
     return f"invalid config ({source}): " + "; ".join(problems)
+
+
+def _model_location(loc: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], str | None]:
+    """``('model', 'deepfm', 'x')`` -> ``(('model', 'x'), 'deepfm')``: the union's tag is the model, not a key."""
+    if len(loc) >= 2 and loc[0] == "model" and loc[1] in MODEL_CONFIGS:
+        return (loc[0], *loc[2:]), str(loc[1])
+    return loc, None
 
 
 def _short_repr(value: Any) -> str:
@@ -373,14 +317,32 @@ def read_config_mapping(name: Path | str) -> tuple[dict[str, Any], str]:
     return raw, source
 
 
+def _switch_model(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``raw`` with its model section cut to the keys of the model the last ``model.name=`` override names."""
+    names = [value for path, value in map(parse_override, overrides) if path == ["model", "name"]]
+    section = raw.get("model")
+    if not names or not isinstance(names[-1], str) or names[-1] not in MODEL_CONFIGS or not isinstance(section, dict):
+        return raw
+    if section.get("name", DEFAULT_MODEL) == names[-1]:
+        return raw
+    keys = MODEL_CONFIGS[names[-1]].model_fields
+    return {**raw, "model": {k: v for k, v in section.items() if k in keys}}
+
+
 def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML config (a file, a packaged config's name, or the defaults when ``path`` is None) and apply
-    dotted overrides."""
+    dotted overrides.
+
+    An override of ``model.name`` that switches the file's model keeps the file's model keys the new model has
+    (``dnn_hidden_units`` between DeepCTR models) and drops the rest, so a sweep's ``model.name=[deepfm,dcn]``
+    works over any base config; a key of another model given in the file's own section or in an override is an
+    error.
+    """
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         raw, source = read_config_mapping(path)
-    raw = apply_overrides(raw, overrides)
+    raw = apply_overrides(_switch_model(raw, overrides), overrides)
     if overrides:
         source += " with overrides " + " ".join(overrides)
     try:

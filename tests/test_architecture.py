@@ -19,7 +19,8 @@ LAYERS: list[str] = [
     # foundation: no torch, no project imports
     "mlet_torchrec.errors mlet_torchrec.io mlet_torchrec.logs mlet_torchrec.names",
     "data_pipes",  # the data set contract: schema, reader, synth, converters
-    "mlet_torchrec.config mlet_torchrec.options",  # the typed config; the verbs' choices and defaults
+    # the typed config (each model's section declared in models/configs/); the verbs' choices and defaults
+    "mlet_torchrec.config mlet_torchrec.models.configs mlet_torchrec.options",
     "mlet_torchrec.modules",  # MLET tables and the one W1 @ W2 routine
     "mlet_torchrec.models",  # CTR models built on them
     "mlet_torchrec.evaluation",  # metrics and scoring (training evaluates while it trains)

@@ -133,9 +133,30 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchrec", 
 
 
 def test_loading_configs_and_help_import_no_torch():
-    """Validating every packaged config and ``mlet --help`` import no torch (a second or more per command)."""
+    """Every model's config class is torch-free: validating every packaged config and ``mlet --help`` import no
+    torch (a second or more per command)."""
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-c", TORCH_FREE], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_key_of_another_model_is_an_error_naming_the_key_and_the_model(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: {name: deepfm, dnn_hidden_units: [8], bottom_mlp: [4]}\n")
+    with pytest.raises(ConfigError, match=r"model.bottom_mlp: unknown key of model deepfm \(its keys: name, dnn_hid"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"model.name: Input should be one of 'autoint', .* \(got 'nosuch'\)"):
+        load_config(None, ["model.name=nosuch"])
+
+
+def test_switching_the_model_keeps_the_keys_it_shares():
+    """``model.name=X`` over a file of another model (a sweep's grid axis) keeps the keys X has, drops the rest;
+    the same key in an override is the user's and an error."""
+    dcn = load_config(CONFIGS / "experiments/families/movielens_deepctr.yaml", ["model.name=dcn"]).model
+    assert dcn.model_dump() == {**load_config(None, ["model.name=dcn"]).model.model_dump(), "dnn_hidden_units": None}
+    deepfm = load_config(CONFIGS / "tiny.yaml", ["model.name=deepfm", "model.dnn_hidden_units=[4]"]).model
+    assert deepfm.model_dump() == {"name": "deepfm", "dnn_hidden_units": [4], "dnn_dropout": 0.0}
+    assert load_config(CONFIGS / "tiny.yaml", ["model.name=dlrm_dcn"]).model.bottom_mlp == [16]
+    with pytest.raises(ConfigError, match="model.top_mlp: unknown key of model deepfm"):
+        load_config(CONFIGS / "tiny.yaml", ["model.name=deepfm", "model.top_mlp=[4]"])

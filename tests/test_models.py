@@ -1,8 +1,7 @@
-"""The seven models on MLET embeddings: shapes, exact collapse, one code path for baseline and MLET,
+"""Every model on MLET embeddings: shapes, exact collapse, one code path for baseline and MLET,
 the DeepCTR-Torch layer definitions, and (slow) 2-rank sharded training of every model."""
 
 from pathlib import Path
-from typing import get_args
 
 import pytest
 import torch
@@ -10,19 +9,20 @@ import torch.nn.functional as F
 from torchrec import KeyedJaggedTensor
 
 from data_pipes.schema import DatasetMeta, SparseFeature
-from mlet_torchrec.config import ConfigError, ModelName, load_config
+from mlet_torchrec.config import ConfigError, load_config
 from mlet_torchrec.models.autoint import InteractingLayer
 from mlet_torchrec.models.blocks import LINEAR_TABLE_DIM, BiInteraction
-from mlet_torchrec.models.registry import MODELS, build_model
+from mlet_torchrec.models.configs import MODEL_CONFIGS
+from mlet_torchrec.models.registry import build_model, builder
 from mlet_torchrec.models.xdeepfm import CIN
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
 from mlet_torchrec.serving.collapse import collapse_state_dict, extra_table_keys
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-NAMES = sorted(get_args(ModelName))
+NAMES = sorted(MODEL_CONFIGS)
 CARDS = [5, 20, 60, 200]
-# tiny shapes of every model (a key a model does not read is ignored by it)
-TINY = [
+# tiny shapes of every model; each model gets those of its keys (tiny())
+TINY_SHAPES = [
     "model.bottom_mlp=[8]",
     "model.top_mlp=[8]",
     "model.dnn_hidden_units=[16]",
@@ -31,6 +31,12 @@ TINY = [
     "model.dcn_num_layers=2",
     "model.att_layer_num=2",
 ]
+
+
+def tiny(name: str) -> list[str]:
+    """``model.name=NAME`` and the tiny shapes of the keys that model has."""
+    keys = MODEL_CONFIGS[name].model_fields
+    return [f"model.name={name}", *(o for o in TINY_SHAPES if o.split("=")[0].removeprefix("model.") in keys)]
 
 
 def _meta() -> DatasetMeta:
@@ -53,13 +59,17 @@ def _batch(batch: int = 32, seed: int = 0):
 
 
 def _cfg(name: str, k="16", *extra: str):
-    return load_config(
-        None, [f"model.name={name}", "embedding.d=8", f"embedding.k={k}", "embedding.sigma=0.5", *TINY, *extra]
-    )
+    return load_config(None, [*tiny(name), "embedding.d=8", f"embedding.k={k}", "embedding.sigma=0.5", *extra])
 
 
-def test_registry_has_every_configurable_model():
-    assert sorted(MODELS) == NAMES == sorted(["dlrm", "dlrm_dcn", "dcn", "deepfm", "wdl", "nfm", "autoint", "xdeepfm"])
+def test_registry_is_built_from_the_config_classes():
+    assert {"autoint", "dcn", "deepfm", "dlrm", "dlrm_dcn", "nfm", "wdl", "xdeepfm"} <= set(NAMES)
+    for name, cls in MODEL_CONFIGS.items():  # each model: configs/<name>.py and <name>.py with build()
+        assert cls.__module__ == f"mlet_torchrec.models.configs.{name}"
+        assert builder(name).__module__ == f"mlet_torchrec.models.{name}"
+        assert load_config(None, [f"model.name={name}"]).model == cls()
+    with pytest.raises(ValueError, match="known models"):
+        builder("no_such_model")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -76,7 +86,7 @@ def test_forward_shape_and_collapse_is_exact(name):
     assert p_factored.shape == (32,) and torch.isfinite(p_factored).all() and p_factored.std() > 1e-4
     assert (p_factored - p_plain).abs().max() <= 1e-5
     lin = [key for key in collapsed if ".lin_" in key]
-    assert len(lin) == (0 if name.startswith("dlrm") else len(CARDS))
+    assert len(lin) == (len(CARDS) if MODEL_CONFIGS[name].first_order else 0)
     sources = extra_table_keys(factored, plain)
     assert sorted(sources) == sorted(lin)
     for key in lin:  # first-order tables: trained inside W1 (one lookup), copied unchanged to the plain EBC
@@ -103,16 +113,18 @@ def test_baseline_and_mlet_run_through_the_same_module(name):
     assert factored_keys == set(models["null"].state_dict())
 
 
-def test_dnn_defaults_follow_deepctr_and_unused_keys_are_ignored():
+def test_dnn_defaults_follow_deepctr_and_other_models_keys_are_errors():
     cfg = load_config(None, ["model.name=xdeepfm"])
     assert cfg.model.dnn_units() == [256, 256] and cfg.model.cin_layer_size == [256, 128]
     assert load_config(None, ["model.name=dcn"]).model.dnn_units() == [128, 128]
     assert load_config(None, ["model.name=autoint"]).model.att_head_num == 2
-    assert load_config(None).model.dnn_units() == []  # dlrm reads bottom_mlp / top_mlp
-    with pytest.raises(ConfigError, match="model.dnn_units: unknown key"):
+    assert not hasattr(load_config(None).model, "dnn_units")  # dlrm reads bottom_mlp / top_mlp
+    with pytest.raises(ConfigError, match=r"model.dnn_units: unknown key of model dlrm \(its keys: name, bottom_mlp"):
         load_config(None, ["model.dnn_units=[4]"])
+    with pytest.raises(ConfigError, match="model.cin_layer_size: unknown key of model deepfm"):
+        load_config(None, ["model.name=deepfm", "model.cin_layer_size=[4]"])
     with pytest.raises(ConfigError, match="every layer but the last must be even"):
-        load_config(None, ["model.cin_layer_size=[5, 4]"])
+        load_config(None, ["model.name=xdeepfm", "model.cin_layer_size=[5, 4]"])
     cfg = _cfg("autoint", "16", "model.att_head_num=3")
     with pytest.raises(ConfigError, match="att_head_num=3 must divide embedding.d=8"):
         build_model(cfg.model, cfg.embedding, _meta())
@@ -191,8 +203,7 @@ def test_every_model_learns_on_two_ranks_and_collapses_exactly(tmp_path):
             [
                 f"data.path={data}",
                 f"run.dir={run}",
-                f"model.name={name}",
-                *TINY,
+                *tiny(name),
                 "train.epochs=3",
                 "embedding.sigma=0.5",
                 "sparse_optimizer.name=adagrad",
@@ -222,9 +233,7 @@ def test_first_order_tables_follow_their_features_sharding(kind, linear_kind):
     from data_pipes.schema import table_name
     from mlet_torchrec.training.distributed import MLETEmbeddingBagCollectionSharder, plan_summary, sharding_constraints
 
-    cfg = load_config(
-        None, ["model.name=deepfm", "embedding.d=4", "embedding.k=16", f"embedding.sharding={kind}", *TINY]
-    )
+    cfg = load_config(None, [*tiny("deepfm"), "embedding.d=4", "embedding.k=16", f"embedding.sharding={kind}"])
     meta = _meta()
     features = meta.sparse_names()
     model = build_model(cfg.model, cfg.embedding, meta, device=torch.device("meta"))

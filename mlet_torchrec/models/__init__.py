@@ -1,4 +1,4 @@
-"""The CTR models on MLET embeddings, one module each; ``registry`` builds the configured one.
+"""The CTR models on MLET embeddings: one network module per model here, its config in ``configs/`` (torch-free).
 
-Importing this package imports no torch.
+Importing this package imports no torch: ``registry`` builds a model by its config's name.
 """

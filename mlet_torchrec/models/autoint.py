@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from mlet_torchrec.config import ConfigError, ModelConfig
+from mlet_torchrec.config import ConfigError
 from mlet_torchrec.models.blocks import Embeddings, FieldModel, deep_arch
+from mlet_torchrec.models.configs.autoint import AutoIntConfig
 
 
 class InteractingLayer(nn.Module):
@@ -92,7 +93,7 @@ class AutoInt(FieldModel):
         return wide + head
 
 
-def build(embeddings: Embeddings, num_dense: int, cfg: ModelConfig) -> AutoInt:
+def build(embeddings: Embeddings, num_dense: int, cfg: AutoIntConfig) -> AutoInt:
     return AutoInt(
         embeddings, num_dense, cfg.att_layer_num, cfg.att_head_num, cfg.att_res, cfg.dnn_units(), cfg.dnn_dropout
     )

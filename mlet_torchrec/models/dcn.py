@@ -24,8 +24,9 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 from torchrec.modules.crossnet import CrossNet, VectorCrossNet
 
-from mlet_torchrec.config import ConfigError, ModelConfig
+from mlet_torchrec.config import ConfigError
 from mlet_torchrec.models.blocks import Embeddings, FieldModel, dnn
+from mlet_torchrec.models.configs.dcn import DCNConfig
 
 
 class DCN(FieldModel):
@@ -60,5 +61,5 @@ class DCN(FieldModel):
         return wide + head
 
 
-def build(embeddings: Embeddings, num_dense: int, cfg: ModelConfig) -> DCN:
+def build(embeddings: Embeddings, num_dense: int, cfg: DCNConfig) -> DCN:
     return DCN(embeddings, num_dense, cfg.cross_num, cfg.cross_parameterization, cfg.dnn_units(), cfg.dnn_dropout)

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from mlet_torchrec.config import ModelConfig
 from mlet_torchrec.models.blocks import BiInteraction, Embeddings, FieldModel, deep_arch
+from mlet_torchrec.models.configs.deepfm import DeepFMConfig
 
 
 class DeepFMModel(FieldModel):
@@ -50,5 +50,5 @@ class DeepFMModel(FieldModel):
         return logit
 
 
-def build(embeddings: Embeddings, num_dense: int, cfg: ModelConfig) -> DeepFMModel:
+def build(embeddings: Embeddings, num_dense: int, cfg: DeepFMConfig) -> DeepFMModel:
     return DeepFMModel(embeddings, num_dense, cfg.dnn_units(), cfg.dnn_dropout)

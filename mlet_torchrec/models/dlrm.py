@@ -10,6 +10,7 @@ from torch import nn
 from torchrec.models.dlrm import DLRM
 
 from mlet_torchrec.models.blocks import Embeddings
+from mlet_torchrec.models.configs.dlrm import DLRMConfig
 
 CRITEO_BOTTOM_MLP: list[int] = [512, 256, 128]
 AVAZU_BOTTOM_MLP: list[int] = [256, 128]
@@ -31,3 +32,7 @@ def build_dlrm(
         over_arch_layer_sizes=[*top_mlp, 1],
     )
     return model
+
+
+def build(embeddings: Embeddings, num_dense: int, cfg: DLRMConfig) -> nn.Module:
+    return build_dlrm(embeddings, num_dense, cfg.bottom_mlp, cfg.top_mlp)

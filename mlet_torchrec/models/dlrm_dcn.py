@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from torchrec.models.dlrm import DLRM_DCN
 
-from mlet_torchrec.config import ModelConfig
 from mlet_torchrec.models.blocks import Embeddings, embedding_dim
+from mlet_torchrec.models.configs.dlrm_dcn import DLRMDCNConfig
 
 
 def build_dlrm_dcn(
@@ -41,5 +41,5 @@ def build_dlrm_dcn(
     )
 
 
-def build(embeddings: Embeddings, num_dense: int, cfg: ModelConfig) -> DLRM_DCN:
+def build(embeddings: Embeddings, num_dense: int, cfg: DLRMDCNConfig) -> DLRM_DCN:
     return build_dlrm_dcn(embeddings, num_dense, cfg.bottom_mlp, cfg.top_mlp, cfg.dcn_num_layers, cfg.dcn_low_rank_dim)

@@ -23,8 +23,9 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 from torchrec.modules.deepfm import DeepFM
 
-from mlet_torchrec.config import ConfigError, ModelConfig
+from mlet_torchrec.config import ConfigError
 from mlet_torchrec.models.blocks import BiInteraction, Embeddings, FieldModel, dnn
+from mlet_torchrec.models.configs.nfm import NFMConfig
 
 
 class NFM(FieldModel):
@@ -51,5 +52,5 @@ class NFM(FieldModel):
         return wide + deep
 
 
-def build(embeddings: Embeddings, num_dense: int, cfg: ModelConfig) -> NFM:
+def build(embeddings: Embeddings, num_dense: int, cfg: NFMConfig) -> NFM:
     return NFM(embeddings, num_dense, cfg.dnn_units(), cfg.dnn_dropout, cfg.bi_dropout)

@@ -1,36 +1,39 @@
-"""Model registry: config name -> builder, and the wrapper that gives every model one signature."""
+"""Model registry: a config's name -> its network's ``build``, and the wrapper that gives every model one signature.
+
+The model named X is built by ``mlet_torchrec.models.X.build(embeddings, num_dense, config)``, its config class
+being ``mlet_torchrec.models.configs.MODEL_CONFIGS[X]``: nothing else lists the models.
+
+Example:
+    >>> builder("deepfm").__module__
+    'mlet_torchrec.models.deepfm'
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 from data_pipes.schema import DatasetMeta, table_name
-from mlet_torchrec.config import EmbeddingConfig, ModelConfig
-from mlet_torchrec.models import autoint, dcn, deepfm, dlrm_dcn, nfm, wdl, xdeepfm
+from mlet_torchrec.config import EmbeddingConfig
 from mlet_torchrec.models.blocks import Embeddings, linear_tables
-from mlet_torchrec.models.dlrm import build_dlrm
+from mlet_torchrec.models.configs import MODEL_CONFIGS, ModelConfig
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
 
-# (embeddings: an MLETEmbeddingBagCollection or a stock EmbeddingBagCollection, #dense, config) -> model
-ModelBuilder = Callable[[Embeddings, int, ModelConfig], nn.Module]
+# (embeddings: an MLETEmbeddingBagCollection or a stock EmbeddingBagCollection, #dense, the model's config) -> model
+ModelBuilder = Callable[[Embeddings, int, Any], nn.Module]
 
-MODELS: dict[str, ModelBuilder] = {
-    "dlrm": lambda emb, num_dense, cfg: build_dlrm(emb, num_dense, cfg.bottom_mlp, cfg.top_mlp),
-    "dlrm_dcn": dlrm_dcn.build,
-    # the DeepCTR-Torch models of the MLET paper; each adds a first-order term on `lin_*` tables
-    "dcn": dcn.build,
-    "deepfm": deepfm.build,
-    "wdl": wdl.build,
-    "nfm": nfm.build,
-    "autoint": autoint.build,
-    "xdeepfm": xdeepfm.build,
-}
-# models with DeepCTR-Torch's first-order term: their `lin_*` tables ride along in the MLET module's W1
-FIRST_ORDER_MODELS = frozenset({"dcn", "deepfm", "wdl", "nfm", "autoint", "xdeepfm"})
+
+def builder(name: str) -> ModelBuilder:
+    """The ``build`` function of the model called ``name`` (its module ``mlet_torchrec.models.<name>``)."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"model.name={name!r} is unknown; known models: {sorted(MODEL_CONFIGS)}")
+    build: ModelBuilder = importlib.import_module(f"mlet_torchrec.models.{name}").build
+    return build
 
 
 class CTRModel(nn.Module):
@@ -88,7 +91,7 @@ def build_model(
         embeddings = EmbeddingBagCollection(tables=tables, device=device)
     else:
         inner = {table_name(f.name): emb_cfg.k_for(f.name) for f in meta.sparse}
-        extra = linear_tables(tables) if model_cfg.name in FIRST_ORDER_MODELS else []
+        extra = linear_tables(tables) if model_cfg.first_order else []
         embeddings = MLETEmbeddingBagCollection(
             tables,
             inner_dim=inner,
@@ -98,6 +101,4 @@ def build_model(
             extra_tables=extra,
             w1_dtype=emb_cfg.w1_dtype,
         )
-    if model_cfg.name not in MODELS:
-        raise ValueError(f"model.name={model_cfg.name!r} is unknown; known models: {sorted(MODELS)}")
-    return CTRModel(MODELS[model_cfg.name](embeddings, len(meta.dense), model_cfg), embeddings)
+    return CTRModel(builder(model_cfg.name)(embeddings, len(meta.dense), model_cfg), embeddings)

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from mlet_torchrec.config import ModelConfig
 from mlet_torchrec.models.blocks import Embeddings, FieldModel, deep_arch
+from mlet_torchrec.models.configs.wdl import WDLConfig
 
 
 class WideAndDeep(FieldModel):
@@ -46,5 +46,5 @@ class WideAndDeep(FieldModel):
         return logit
 
 
-def build(embeddings: Embeddings, num_dense: int, cfg: ModelConfig) -> WideAndDeep:
+def build(embeddings: Embeddings, num_dense: int, cfg: WDLConfig) -> WideAndDeep:
     return WideAndDeep(embeddings, num_dense, cfg.dnn_units(), cfg.dnn_dropout)

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from mlet_torchrec.config import ModelConfig
 from mlet_torchrec.models.blocks import Embeddings, FieldModel, deep_arch
+from mlet_torchrec.models.configs.xdeepfm import XDeepFMConfig
 
 
 class CIN(nn.Module):
@@ -86,5 +86,5 @@ class XDeepFM(FieldModel):
         return logit
 
 
-def build(embeddings: Embeddings, num_dense: int, cfg: ModelConfig) -> XDeepFM:
+def build(embeddings: Embeddings, num_dense: int, cfg: XDeepFMConfig) -> XDeepFM:
     return XDeepFM(embeddings, num_dense, cfg.dnn_units(), cfg.cin_layer_size, cfg.cin_split_half, cfg.dnn_dropout)

@@ -16,6 +16,7 @@ from typing import Any
 from data_pipes.schema import DatasetMeta
 from mlet_torchrec.config import ExperimentConfig
 from mlet_torchrec.io import sha256_file
+from mlet_torchrec.models.configs.dlrm import DLRMConfig
 from mlet_torchrec.serving.artifact import STATE_ROOT
 
 FORMAT = "mlet-torchrec collapsed model v2"
@@ -81,7 +82,7 @@ def manifest(
         "source_checkpoint": src,
         "data": config.data.path,
     }
-    if config.model.name == "dlrm":  # torchrec.models.dlrm.DLRM(ebc, **architecture)
+    if isinstance(config.model, DLRMConfig):  # torchrec.models.dlrm.DLRM(ebc, **architecture)
         out["architecture"] = {
             "dense_in_features": len(meta.dense),
             "dense_arch_layer_sizes": [*config.model.bottom_mlp, emb.d],
