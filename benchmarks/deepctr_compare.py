@@ -58,7 +58,8 @@ sys.path.insert(0, str(REPO))
 
 from data_pipes.schema import METADATA_FILE, DatasetMeta  # noqa: E402
 from data_pipes.synth import SynthConfig, generate  # noqa: E402
-from mlet_torchrec.config import ModelConfig, load_config  # noqa: E402
+from mlet_torchrec.config import load_config  # noqa: E402
+from mlet_torchrec.models.configs import ModelConfig  # noqa: E402
 
 VENV = REPO / "benchmarks" / ".venv-deepctr"
 REQUIREMENTS = REPO / "benchmarks" / "requirements-deepctr.txt"
