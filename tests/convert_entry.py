@@ -11,7 +11,7 @@ import sys
 import data_pipes.convert.ranks as ranks
 from mlet_torchrec.cli.main import main
 
-_count_shards, _encode_to_spool = ranks.count_shards, ranks.encode_to_spool
+_count_shards, _encode_shard = ranks.count_shards, ranks.encode_shard
 _COUNTED_HERE: list[str] = []  # the shards this process counted
 
 
@@ -34,15 +34,15 @@ def _counted(job, shards, features):  # noqa: ANN001, ANN202 (passes.count_shard
     return result
 
 
-def _encoded(job, shard, encoders, schema, spool, i):  # noqa: ANN001, ANN202 (passes.encode_to_spool's)
+def _encoded(job, shard, i, encoders, schema, root, marks):  # noqa: ANN001, ANN202 (passes.encode_shard's)
     if _dies("1") and i == int(os.environ["CONVERT_TEST_DIE_AT"]):
         os._exit(9)
-    result = _encode_to_spool(job, shard, encoders, schema, spool, i)
-    if result[2]:  # encoded now, not kept from an earlier attempt
+    result = _encode_shard(job, shard, i, encoders, schema, root, marks)
+    if result.fresh:  # encoded now, not kept from an earlier attempt
         _log("encode", str(i))
     return result
 
 
 if __name__ == "__main__":
-    ranks.count_shards, ranks.encode_to_spool = _counted, _encoded
+    ranks.count_shards, ranks.encode_shard = _counted, _encoded
     sys.exit(main(sys.argv[1:]))

@@ -180,7 +180,7 @@ def test_synthetic_round_trip_multiple_files_and_row_groups(tmp_path):
         row_group_rows=300,
     )
     meta = check_layout(out)
-    assert meta.splits == {"train": [f"train/part-{i:05d}.parquet" for i in range(3)]}
+    assert meta.splits == {"train": [f"train/part-00000-{i:05d}.parquet" for i in range(3)]}  # one shard
     assert [pq.ParquetFile(out / f).metadata.num_row_groups for f in meta.splits["train"]] == [4, 4, 4]
     t = read_split(out, "train")
     assert t.num_rows == 3000 and res.rows_read == 3000

@@ -14,9 +14,10 @@ import pytest
 
 import data_pipes.convert.job as job_mod
 import data_pipes.convert.passes as passes
-from data_pipes.convert.criteo import convert_criteo
+from data_pipes.convert.criteo import DENSE, SPARSE, convert_criteo, criteo_source, parse_block
 from data_pipes.convert.options import ConvertOptions
 from data_pipes.convert.passes import plan_shards
+from data_pipes.convert.spec import ConvertJob, FeatureSpec, InputPart
 from data_pipes.convert.text import Span, count_lines, line_start
 from data_pipes.errors import DataError, OptionError
 from data_pipes.schema import DatasetMeta
@@ -61,7 +62,7 @@ def layout(root: Path) -> tuple:
     return json.dumps(meta, sort_keys=True), transform, files
 
 
-SMALL = dict(block_size=4096, rows_per_file=1500, row_group_rows=256, progress=False)
+SMALL = dict(block_size=4096, shard_size=32768, rows_per_file=1500, row_group_rows=256, progress=False)
 
 
 @pytest.mark.slow
@@ -74,10 +75,11 @@ def test_byte_ranges_give_the_jobs_1_data_set(tmp_path, monkeypatch, mode):
     planned = []
     monkeypatch.setattr(job_mod, "plan_shards", lambda job: planned.extend(plan_shards(job)) or planned)
     many = convert_criteo(src, tmp_path / "many", seed=3, jobs=3, **mode, **SMALL)
-    assert len(planned) == 12 and planned[-1].span.row > 1300  # byte ranges, numbered as in the whole file
+    assert len(planned) == 13 and planned[-1].span.row > 1300  # 32 KiB byte ranges, numbered as in the whole file
     assert one.meta.rows == many.meta.rows and sum(one.meta.rows.values()) == 1500
     assert layout(tmp_path / "one") == layout(tmp_path / "many")
-    assert not (tmp_path / "many" / ".spool").exists()
+    assert not (tmp_path / "many" / ".shards").exists()
+    assert one.meta.splits["train"][:2] == ["train/part-00000-00000.parquet", "train/part-00001-00000.parquet"]
 
 
 @pytest.mark.slow
@@ -116,19 +118,44 @@ def test_a_killed_worker_is_replaced_and_finished_shards_are_not_redone(tmp_path
     src = tmp_path / "train.txt"
     src.write_bytes(criteo_text(1500, seed=4))
     convert_criteo(src, tmp_path / "one", hash_buckets=97, **SMALL)
-    log, real = tmp_path / "encoded.log", passes._encoded
+    log, real = tmp_path / "encoded.log", passes.ShardOutput.save
 
-    def dying(job, shard, encoders, schema, issues):  # runs in the forked workers
-        i = passes._STATE["shards"].index(shard)
+    def dying(out, mark):  # runs in the forked workers, once a shard's files are written
+        i = int(mark.stem)
         if i == 5 and not (tmp_path / "died").exists():
-            (tmp_path / "died").touch()
-            os._exit(1)  # as if killed
-        yield from real(job, shard, encoders, schema, issues)
+            (tmp_path / "died").write_text(" ".join(out.files["train"]))
+            (mark.parents[1] / out.files["train"][0]).write_bytes(b"PAR1 half")  # as if killed while writing
+            os._exit(1)
+        real(out, mark)
         with open(log, "a") as f:
             f.write(f"{i}\n")
 
-    monkeypatch.setattr(passes, "_encoded", dying)
+    monkeypatch.setattr(passes.ShardOutput, "save", dying)
     convert_criteo(src, tmp_path / "two", hash_buckets=97, jobs=2, **SMALL)
     finished = log.read_text().split()
-    assert (tmp_path / "died").exists() and sorted(finished, key=int) == [str(i) for i in range(8)]  # each once
-    assert layout(tmp_path / "one") == layout(tmp_path / "two")
+    assert (tmp_path / "died").read_text() == "train/part-00005-00000.parquet"
+    assert sorted(finished, key=int) == [str(i) for i in range(13)]  # each shard's mark written once
+    assert layout(tmp_path / "one") == layout(tmp_path / "two")  # shard 5's half file was written again
+
+
+def criteo_job(root: Path, **options) -> ConvertJob:
+    """A Criteo job over ``root``'s day_0 (plain) and day_1.gz, both train."""
+    parts = [InputPart(criteo_source(root / n), parse_block, split="train") for n in ("day_0", "day_1.gz")]
+    return ConvertJob("criteo", parts, DENSE, [FeatureSpec(n) for n in SPARSE], ConvertOptions(**options))
+
+
+def test_the_shards_depend_on_the_inputs_and_shard_size_only(tmp_path):
+    plain, packed = tmp_path / "day_0", tmp_path / "day_1.gz"
+    plain.write_bytes(criteo_text(300, seed=5))
+    packed.write_bytes(gzip.compress(criteo_text(300, seed=6)))
+    size = plain.stat().st_size
+    for jobs in (1, 3):
+        job = criteo_job(tmp_path, shard_size=size // 4, jobs=jobs, progress=False)
+        ranges = passes.shard_ranges(job)
+        assert [r[0] for r in ranges] == [0] * 5 + [1] and ranges[-1][1:3] == (0, None)  # 4-5 cuts; gzip whole
+        assert sum(n for k, _, _, n in ranges if k == 0) == size and ranges[0][1] == 0
+        assert [line_start(plain, a) for _, a, _, _ in ranges[:5]] == [a for _, a, _, _ in ranges[:5]]
+        lenient = passes.shard_ranges(criteo_job(tmp_path, shard_size=size // 4, jobs=jobs, lenient=True))
+        assert [(k, a, b) for k, a, b, _ in lenient] == [(0, 0, None), (1, 0, None)]
+    with pytest.raises(OptionError, match="--shard-size-mb must be at least 4096 bytes"):
+        ConvertOptions(shard_size=100)

@@ -18,6 +18,9 @@ import numpy as np
 from data_pipes.errors import OptionError
 
 DEFAULT_BLOCK_SIZE = 4 << 20  # text per block (~16K Criteo rows); memory is a few times this
+# An uncompressed input is cut into shards of about this many bytes (~200K Criteo rows), whatever --jobs
+# or the number of ranks: each shard is encoded by one process into its own Parquet files.
+DEFAULT_SHARD_SIZE = 64 << 20
 # The trainer's reader shuffles and shards by row group, so groups are small (as data_pipes.synth's).
 DEFAULT_ROW_GROUP_ROWS = 8192
 DEFAULT_ROWS_PER_FILE = 64 * DEFAULT_ROW_GROUP_ROWS
@@ -39,6 +42,7 @@ class ConvertOptions:
     overwrite: bool = False
     progress: bool | None = None  # None: show a progress bar when stderr is a terminal
     block_size: int = DEFAULT_BLOCK_SIZE
+    shard_size: int = DEFAULT_SHARD_SIZE
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS
     compression: str = "snappy"
@@ -53,6 +57,8 @@ class ConvertOptions:
             raise OptionError(f"--min-count must be >= 1, got {self.min_count}")
         if self.block_size < 4096:
             raise OptionError(f"--block-size-mb must be at least 4096 bytes, got {self.block_size} bytes")
+        if self.shard_size < 4096:
+            raise OptionError(f"--shard-size-mb must be at least 4096 bytes, got {self.shard_size} bytes")
         if self.row_group_rows < 1 or self.rows_per_file < 1:
             raise OptionError(
                 f"--rows-per-file and --row-group-rows must be >= 1, got {self.rows_per_file}, {self.row_group_rows}"
@@ -85,6 +91,7 @@ class ConvertOptions:
             "seed": self.seed,
             "lenient": self.lenient,
             "block_size": self.block_size,
+            "shard_size": self.shard_size,
             "rows_per_file": self.rows_per_file,
             "row_group_rows": self.row_group_rows,
             "compression": self.compression,
@@ -93,4 +100,10 @@ class ConvertOptions:
         }
 
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_ROWS_PER_FILE", "DEFAULT_ROW_GROUP_ROWS", "ConvertOptions"]
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_SHARD_SIZE",
+    "DEFAULT_ROWS_PER_FILE",
+    "DEFAULT_ROW_GROUP_ROWS",
+    "ConvertOptions",
+]

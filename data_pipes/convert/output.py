@@ -1,13 +1,14 @@
 """What every conversion writes, however its passes run (one process, ``--jobs N``, or the ranks of a
-job): the encoders, the split writers, and the finished data set (transform, ``metadata.json``).
+job): the encoders, the split writers of each shard, and the finished data set (transform, ``metadata.json``).
 
 :func:`data_pipes.convert.job.run_job` and :func:`data_pipes.convert.ranks.run_on_ranks` call these in
 the same order, so both write the same data set.
 
 Example (run_job's steps):
     >>> enc = plan_encoding(job)                                           # doctest: +SKIP
-    >>> writers = open_writers(tmp, dataset_schema(job, enc.encoders)[1], job.options)  # doctest: +SKIP
-    >>> meta = finish(job, tmp, writers, enc, input_rows, issues)          # doctest: +SKIP
+    >>> schema = dataset_schema(job, enc.encoders)[1]                      # doctest: +SKIP
+    >>> outputs = encode_pass(job, shards, enc.encoders, schema, tmp, bar)  # doctest: +SKIP
+    >>> meta = finish(job, tmp, collect(job, shards, outputs), enc)        # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ class ConvertResult:
                 f"{per_column(self.issues.rows_dropped)} (details in metadata.json)"
             )
         return line
+
+
+@dataclass
+class Written:
+    """The data set's files and rows per split, the input rows of each part, and the lenient tallies."""
+
+    files: dict[str, list[str]]
+    rows: dict[str, int]
+    input_rows: dict[int, int]
+    issues: IssueCounter
 
 
 @dataclass
@@ -137,8 +148,8 @@ def dataset_schema(job: ConvertJob, encoders: dict[str, Encoder]) -> tuple[list[
     return sparse, DatasetMeta(dense=list(job.dense), sparse=sparse, splits={}).arrow_schema()
 
 
-def open_writers(tmp: Path, schema: pa.Schema, opts: ConvertOptions) -> dict[str, SplitWriter]:
-    """One Parquet appender per split, in the output's temporary directory."""
+def open_writers(tmp: Path, schema: pa.Schema, opts: ConvertOptions, stem: str) -> dict[str, SplitWriter]:
+    """One Parquet appender per split, writing ``SPLIT/STEM-NNNNN.parquet`` in the output's temporary directory."""
     return {
         s: SplitWriter(
             tmp,
@@ -147,38 +158,31 @@ def open_writers(tmp: Path, schema: pa.Schema, opts: ConvertOptions) -> dict[str
             rows_per_file=opts.rows_per_file,
             row_group_rows=opts.row_group_rows,
             compression=opts.compression,
+            stem=stem,
         )
         for s in SPLITS
     }
 
 
 def finish(
-    job: ConvertJob,
-    tmp: Path,
-    writers: dict[str, SplitWriter],
-    enc: Encoding,
-    input_rows: dict[int, int],
-    issues: IssueCounter,
-    saved: FeatureTransform | None = None,
+    job: ConvertJob, tmp: Path, written: Written, enc: Encoding, saved: FeatureTransform | None = None
 ) -> DatasetMeta:
-    """Close the writers, save the transform (unless ``saved`` is the one already in ``tmp``) and
-    ``metadata.json``; the data set's metadata."""
-    for w in writers.values():
-        w.close()
+    """Save the transform (unless ``saved`` is the one already in ``tmp``) and ``metadata.json`` of the
+    ``written`` files; the data set's metadata."""
     target = job.options.split_name if enc.reused is not None else "train"
-    if writers[target].rows == 0:
+    if written.rows[target] == 0:
         raise DataError(
             f"{job.dataset}: no rows were left for the {target} split "
             f"(inputs: {', '.join(str(p.source.path) for p in job.parts)})"
         )
     transform = saved or (enc.reused or new_transform(job, enc.encoders)).save(tmp / TRANSFORM_DIR)
-    used = [s for s in SPLITS if writers[s].rows > 0]
+    used = [s for s in SPLITS if written.rows[s] > 0]
     meta = DatasetMeta(
         dense=list(job.dense),
         sparse=dataset_schema(job, enc.encoders)[0],
-        splits={s: writers[s].files for s in used},
-        rows={s: writers[s].rows for s in used},
-        source=_source(job, input_rows, enc.encoders, transform.identity, issues),
+        splits={s: written.files[s] for s in used},
+        rows={s: written.rows[s] for s in used},
+        source=_source(job, written.input_rows, enc.encoders, transform.identity, written.issues),
     )
     meta.save(tmp)
     return meta
@@ -214,6 +218,7 @@ def _source(
 __all__ = [
     "ConvertResult",
     "Encoding",
+    "Written",
     "dataset_schema",
     "finish",
     "new_transform",

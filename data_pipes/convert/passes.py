@@ -1,27 +1,30 @@
 """The two passes of a conversion over shards of its inputs, in one process or ``options.jobs``.
 
-A shard is one input file or, with several jobs, a byte range of an uncompressed one cut at a line
-start. ``plan_shards`` counts the lines of every range (in parallel), so each shard knows the number
-of its first line and the data rows of the file before it: split draws (counter-based,
-:mod:`.splits`) and error messages are those of one process reading the whole file. Compressed files
-and lenient mode (a dropped row shifts the row numbers after it) keep files whole.
+A shard is one input file or a byte range of about ``options.shard_size`` bytes of an uncompressed one,
+cut at a line start. The plan (:func:`shard_ranges`) depends on the inputs and the options only, never on
+the number of processes or ranks, so neither does the output. ``plan_shards`` counts the lines of every
+range (in parallel), so each shard knows the number of its first line and the data rows of the file
+before it: split draws (counter-based, :mod:`.splits`) and error messages are those of one process
+reading the whole file. Compressed files and lenient mode (a dropped row shifts the row numbers after
+it) keep files whole.
 
-* Pass 1 (:func:`count_pass`): each of ``jobs`` processes counts the train values of a contiguous
-  group of shards; the parent adds the counters up (:meth:`VocabCounter.counts`: counts by hash, so
-  the merge is exact and ``finalize`` numbers the values as one process would).
-* Pass 2 (:func:`encode_pass`): the processes encode shards, at most ``2 * jobs`` ahead of the parent,
-  each into an Arrow IPC file in the output's temporary directory; the parent appends them to the
-  split writers in input order and deletes them. The writers cut files and row groups by row count,
-  so the output (ids, rows, files, row groups) is that of ``jobs=1``. When a worker dies (killed, out
-  of memory), new workers take over (up to ``MAX_RESTARTS`` times); shards whose spool file was
-  complete are not encoded again.
+* Pass 1 (:func:`count_pass`): the processes count the train values of one shard at a time; the parent
+  adds the counters up (:meth:`VocabCounter.counts`: counts by hash, so the merge is exact and
+  ``finalize`` numbers the values as one process would).
+* Pass 2 (:func:`encode_pass`): the process that encodes shard ``i`` writes its rows of each split
+  straight to the final files ``SPLIT/part-IIIII-NNNNN.parquet`` in the output's temporary directory
+  (:func:`encode_shard`: files cut by ``rows_per_file``, row groups by ``row_group_rows``, a new file at
+  every shard boundary), then its mark ``i.json`` (its files, rows and lenient tallies). The parent only
+  collects the marks in input order (:func:`collect`): no row is encoded or copied twice. When a worker
+  dies (killed, out of memory), new workers take over (up to ``MAX_RESTARTS`` times); shards with a
+  mark are not encoded again.
 
 Workers are forked after the parent put the pass's inputs (job, encoders, schema) in ``_STATE``, so
-nothing large is pickled per task; only shard indices, counts and lenient tallies travel.
+nothing large is pickled per task; only shard indices, counts, file lists and lenient tallies travel.
 
 The ranks of a torchrun/TorchX job (:mod:`.ranks`) run the same steps, one process each:
 :func:`shard_ranges` and :func:`number_shards` (the plan), :func:`count_shards` (pass 1),
-:func:`encode_to_spool`, :func:`read_tally` and :func:`append_spooled` (pass 2).
+:func:`encode_shard` and :func:`collect` (pass 2).
 
 Example (run_job calls these):
     >>> shards = plan_shards(job)                                          # doctest: +SKIP
@@ -32,9 +35,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
+import shutil
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipes.convert.checks import BlockChecker, IssueCounter
+from data_pipes.convert.output import Written, open_writers
 from data_pipes.convert.spec import ConvertJob, InputPart, ParsedBlock
 from data_pipes.convert.splits import assign_splits
 from data_pipes.convert.text import (
@@ -63,7 +67,6 @@ from mlet_torchrec.io import atomic_write_text
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-SPLIT_COLUMN = "__split"  # the split code of each row in a pass-2 spool file (-1: dropped)
 MAX_RESTARTS = 3  # times pass 2 replaces its workers after one died, before it gives up
 _STATE: dict[str, Any] = {}  # the pass's inputs, set by the parent before it forks the workers
 
@@ -85,14 +88,15 @@ ByteRange = tuple[int, int, int | None, int]
 """``(part, start, stop, nbytes)``: a whole file (``stop`` None) or bytes ``[start, stop)`` of one."""
 
 
-def shard_ranges(job: ConvertJob, workers: int) -> list[ByteRange]:
-    """The job's files, uncompressed ones cut into up to ``4 * workers`` byte ranges at line starts."""
+def shard_ranges(job: ConvertJob) -> list[ByteRange]:
+    """The job's files, uncompressed ones cut at line starts into ranges of about ``options.shard_size``
+    bytes (whole files when smaller, compressed, or in lenient mode)."""
     opts, ranges = job.options, list[ByteRange]()
     for k, part in enumerate(job.parts):
         path = check_input_file(part.source.path, part.source.dataset)
         size = path.stat().st_size
-        pieces = min(4 * workers, size // opts.block_size)
-        if workers == 1 or opts.lenient or pieces < 2 or is_compressed(path):
+        pieces = -(-size // opts.shard_size)
+        if opts.lenient or pieces < 2 or is_compressed(path):
             ranges.append((k, 0, None, size))
             continue
         cuts = sorted({line_start(path, size * i // pieces) for i in range(pieces)} | {size})
@@ -113,14 +117,15 @@ def number_shards(job: ConvertJob, ranges: Sequence[ByteRange], lines: dict[tupl
 
 def plan_shards(job: ConvertJob) -> list[Shard]:
     """The job's shards in input order (see the module docstring)."""
-    ranges = shard_ranges(job, job.options.jobs)
+    ranges = shard_ranges(job)
     split = [(k, a, b) for k, a, b, _ in ranges if b is not None]
-    lines: dict[tuple[int, int, int], int] = {}
-    if split:
+    tasks = [(str(job.parts[k].source.path), a, b) for k, a, b in split]
+    if job.options.jobs > 1 and len(split) > 1:
         with _pool(job.options.jobs) as pool:
-            counted = pool.map(_count_lines, [(str(job.parts[k].source.path), a, b) for k, a, b in split])
-            lines = dict(zip(split, counted, strict=True))
-    return number_shards(job, ranges, lines)
+            counted = list(pool.map(_count_lines, tasks))
+    else:
+        counted = [_count_lines(t) for t in tasks]
+    return number_shards(job, ranges, dict(zip(split, counted, strict=True)))
 
 
 def _count_lines(args: tuple[str, int, int]) -> int:
@@ -179,8 +184,8 @@ def count_shards(
     return counters, rows
 
 
-def _count_group(group: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[int, int]]:
-    counters, rows = count_shards(_STATE["job"], _STATE["groups"][group], _STATE["features"])
+def _count_one(i: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[int, int]]:
+    counters, rows = count_shards(_STATE["job"], [_STATE["shards"][i]], _STATE["features"])
     return {n: c.counts() for n, c in counters.items()}, rows
 
 
@@ -193,14 +198,11 @@ def count_pass(
     jobs = min(job.options.jobs, len(todo))
     if jobs <= 1:
         return count_shards(job, todo, features, bar)
-    ends = np.cumsum([max(s.nbytes, 1) for s in todo])
-    cut = np.searchsorted(ends, ends[-1] * np.arange(1, jobs) / jobs)  # contiguous groups of equal bytes
-    groups = [list(g) for g in np.split(np.array(todo, dtype=object), cut) if len(g)]
-    _STATE.update(job=job, groups=groups, features=list(features))
+    _STATE.update(job=job, shards=todo, features=list(features))
     counters, rows = {n: VocabCounter() for n in features}, dict.fromkeys({s.part for s in todo}, 0)
     try:
         with _pool(jobs) as pool:
-            for counts, part_rows in pool.map(_count_group, range(len(groups))):
+            for counts, part_rows in pool.map(_count_one, range(len(todo))):
                 for n, (keys, values) in counts.items():
                     counters[n].add_hashes(keys, values)
                 for k, r in part_rows.items():
@@ -252,114 +254,135 @@ def _write(writers: dict[str, SplitWriter], table: pa.Table, codes: np.ndarray) 
             writers[split].write(table.filter(pa.array(m)))
 
 
-def read_tally(path: Path) -> tuple[int, IssueCounter]:
-    """The rows and lenient tallies of a complete spool file, from the ``.json`` written beside it."""
-    saved = json.loads(path.read_text())
-    issues = IssueCounter()
-    issues.values_replaced, issues.rows_dropped = saved["values_replaced"], saved["rows_dropped"]
-    return int(saved["rows"]), issues
+@dataclass
+class ShardOutput:
+    """What shard ``i`` wrote (its mark ``i.json``): its Parquet files and rows per split, the input
+    rows it read, and its lenient tallies; ``fresh``: encoded now (False: complete before)."""
+
+    files: dict[str, list[str]]
+    rows: dict[str, int]
+    read: int
+    issues: IssueCounter
+    fresh: bool = True
+
+    def save(self, path: Path) -> None:
+        tallies = {k: self.issues.as_dict()[k] for k in ("values_replaced", "rows_dropped")}
+        atomic_write_text(path, json.dumps({"files": self.files, "rows": self.rows, "read": self.read, **tallies}))
+
+    @classmethod
+    def load(cls, path: Path) -> ShardOutput:
+        saved = json.loads(path.read_text())
+        issues = IssueCounter()
+        issues.values_replaced, issues.rows_dropped = saved["values_replaced"], saved["rows_dropped"]
+        return cls(saved["files"], saved["rows"], int(saved["read"]), issues, fresh=False)
 
 
-def encode_to_spool(
-    job: ConvertJob, shard: Shard, encoders: dict[str, Encoder], schema: pa.Schema, spool: Path, i: int
-) -> tuple[int, IssueCounter, bool]:
-    """Shard ``i`` encoded into ``spool/i.arrow``, then its tallies into ``spool/i.json`` (the mark of a
-    complete shard): its rows, lenient tallies, and whether it was encoded now (False: it was complete)."""
-    done, tally = spool / f"{i}.arrow", spool / f"{i}.json"
-    if tally.is_file():  # finished before a worker died: not redone
-        return (*read_tally(tally), False)
-    issues, rows = IssueCounter(), 0
-    spooled = schema.append(pa.field(SPLIT_COLUMN, pa.int8()))
-    part = done.with_suffix(".part")
-    with pa.ipc.new_stream(str(part), spooled) as out:
-        for table, codes in _encoded(job, shard, encoders, schema, issues):
-            out.write_table(table.append_column(SPLIT_COLUMN, pa.array(codes, pa.int8())))
-            rows += table.num_rows
-    os.replace(part, done)
-    atomic_write_text(tally, json.dumps({"rows": rows, **issues.as_dict()}))
-    return rows, issues, True
+def shard_stem(i: int) -> str:
+    """The name of shard ``i``'s files, before their number: ``part-IIIII``."""
+    return f"part-{i:05d}"
 
 
-def _encode_to_file(i: int) -> tuple[int, IssueCounter]:
-    """Worker: :func:`encode_to_spool` of shard ``i`` with the pass's inputs."""
+def encode_shard(
+    job: ConvertJob, shard: Shard, i: int, encoders: dict[str, Encoder], schema: pa.Schema, root: Path, marks: Path
+) -> ShardOutput:
+    """Shard ``i`` encoded into its own Parquet files under ``root``, then its mark ``marks/i.json``
+    written; a shard with a mark is not encoded again (its mark is returned)."""
+    mark = marks / f"{i}.json"
+    if mark.is_file():  # finished before a worker or rank died
+        return ShardOutput.load(mark)
+    stem = shard_stem(i)
+    for split in SPLITS:  # what a killed attempt left of this shard
+        for stale in (root / split).glob(f"{stem}-*.parquet"):
+            stale.unlink()
+    writers, issues, read = open_writers(root, schema, job.options, stem), IssueCounter(), 0
+    for table, codes in _encoded(job, shard, encoders, schema, issues):
+        _write(writers, table, codes)
+        read += table.num_rows
+    for w in writers.values():
+        w.close()
+    used = [s for s in SPLITS if writers[s].rows]
+    out = ShardOutput({s: writers[s].files for s in used}, {s: writers[s].rows for s in used}, read, issues)
+    out.save(mark)
+    return out
+
+
+def _encode_one(i: int) -> ShardOutput:
+    """Worker: :func:`encode_shard` of shard ``i`` with the pass's inputs."""
     s = _STATE
-    rows, issues, _ = encode_to_spool(s["job"], s["shards"][i], s["encoders"], s["schema"], s["spool"], i)
-    return rows, issues
+    return encode_shard(s["job"], s["shards"][i], i, s["encoders"], s["schema"], s["root"], s["marks"])
 
 
-def append_spooled(path: Path, writers: dict[str, SplitWriter], keep: bool = False) -> None:
-    """A spool file's rows appended to the split writers; the file and its tallies deleted unless ``keep``."""
-    with pa.OSFile(str(path)) as f:
-        for batch in pa.ipc.open_stream(f):
-            codes = batch.column(batch.num_columns - 1).to_numpy()
-            _write(writers, pa.Table.from_batches([batch]).drop_columns([SPLIT_COLUMN]), codes)
-    if not keep:
-        path.unlink()
-        path.with_suffix(".json").unlink()
+def _encode_in_pool(jobs: int, todo: list[int], done: dict[int, ShardOutput], bar: tqdm[Any]) -> None:
+    """Shards ``todo`` encoded by ``jobs`` workers into ``done``; a dead worker's shards are redone by new
+    workers (those with a mark are not), up to ``MAX_RESTARTS`` times."""
+    for restart in range(MAX_RESTARTS + 1):
+        pool = _pool(jobs)
+        try:
+            futures = {pool.submit(_encode_one, i): i for i in todo if i not in done}
+            for f in as_completed(futures):
+                done[futures[f]] = f.result()
+                bar.update(done[futures[f]].read)
+            return
+        except BrokenProcessPool:  # a worker died (killed, out of memory)
+            if restart == MAX_RESTARTS:
+                raise
+        finally:
+            pool.shutdown(cancel_futures=True)
 
 
 def encode_pass(
     job: ConvertJob,
     shards: Sequence[Shard],
     encoders: dict[str, Encoder],
-    writers: dict[str, SplitWriter],
-    issues: IssueCounter,
+    schema: pa.Schema,
+    root: Path,
     bar: tqdm[Any],
-) -> dict[int, int]:
-    """Every shard encoded and appended to the split writers in input order; the rows of each part."""
-    schema, rows = writers["train"].schema, dict.fromkeys(range(len(job.parts)), 0)
-    jobs = min(job.options.jobs, len(shards))
+) -> list[ShardOutput]:
+    """Every shard encoded into its own Parquet files under ``root`` (marks in ``root/.shards``, removed
+    at the end); what each wrote, in input order."""
+    marks = root / ".shards"
+    marks.mkdir(exist_ok=True)
+    jobs, done = min(job.options.jobs, len(shards)), dict[int, ShardOutput]()
     if jobs <= 1:
-        for shard in shards:
-            for table, codes in _encoded(job, shard, encoders, schema, issues):
-                _write(writers, table, codes)
-                rows[shard.part] += table.num_rows
-                bar.update(table.num_rows)
-        return rows
-    spool = writers["train"].root / ".spool"
-    spool.mkdir()
-    _STATE.update(job=job, shards=list(shards), encoders=encoders, schema=schema, spool=spool)
-    pool, restarts = _pool(jobs), 0
-    try:
-        pending: dict[int, Future[tuple[int, IssueCounter]]] = {}
-        k = 0
-        while k < len(shards):
-            try:
-                for i in range(k, min(len(shards), k + 2 * jobs)):
-                    if i not in pending:
-                        pending[i] = pool.submit(_encode_to_file, i)
-                n, tallies = pending.pop(k).result()
-            except BrokenProcessPool:  # a worker died (killed, out of memory): new workers redo what was unfinished
-                restarts += 1
-                if restarts > MAX_RESTARTS:
-                    raise
-                pool.shutdown(cancel_futures=True)
-                pool, pending = _pool(jobs), {}
-                continue
-            append_spooled(spool / f"{k}.arrow", writers)
-            issues.merge(tallies)
-            rows[shards[k].part] += n
-            bar.update(n)
-            k += 1
-    finally:
-        pool.shutdown(cancel_futures=True)
-        _STATE.clear()
-    spool.rmdir()
-    return rows
+        for i, shard in enumerate(shards):
+            done[i] = encode_shard(job, shard, i, encoders, schema, root, marks)
+            bar.update(done[i].read)
+    else:
+        _STATE.update(job=job, shards=list(shards), encoders=encoders, schema=schema, root=root, marks=marks)
+        try:
+            _encode_in_pool(jobs, list(range(len(shards))), done, bar)
+        finally:
+            _STATE.clear()
+    shutil.rmtree(marks)
+    return [done[i] for i in range(len(shards))]
+
+
+def collect(job: ConvertJob, shards: Sequence[Shard], outputs: Sequence[ShardOutput]) -> Written:
+    """The shards' outputs put together in input order."""
+    w = Written(
+        {s: [] for s in SPLITS}, dict.fromkeys(SPLITS, 0), dict.fromkeys(range(len(job.parts)), 0), IssueCounter()
+    )
+    for shard, out in zip(shards, outputs, strict=True):
+        for split, files in out.files.items():
+            w.files[split] += files
+            w.rows[split] += out.rows[split]
+        w.input_rows[shard.part] += out.read
+        w.issues.merge(out.issues)
+    return w
 
 
 __all__ = [
-    "SPLIT_COLUMN",
     "ByteRange",
     "Shard",
-    "append_spooled",
+    "ShardOutput",
+    "collect",
     "count_pass",
     "count_shards",
     "encode_pass",
-    "encode_to_spool",
+    "encode_shard",
     "number_shards",
     "part_has_train",
     "plan_shards",
-    "read_tally",
     "shard_ranges",
+    "shard_stem",
 ]

@@ -8,23 +8,24 @@ key of the conversion (:func:`job_key`: output, options, each input's path, size
 restarted job (torchrun ``--max-restarts``, the scheduler's ``max_retries``, or the same command run
 again, with any number of ranks) finds what a failed attempt finished:
 
-1. **plan**: every rank cuts the inputs into byte ranges (:func:`~.passes.shard_ranges`) and counts the
-   lines of every ``W``-th one into ``lines/R-of-W.json``; rank 0 numbers the shards
+1. **plan**: every rank cuts the inputs into byte ranges (:func:`~.passes.shard_ranges`, the same for any
+   number of ranks) and counts the lines of every ``W``-th one into ``lines/R-of-W.json``; rank 0 numbers the shards
    (:func:`~.passes.number_shards`) into ``plan.json``, which every later step and attempt reads.
 2. **pass 1** (vocabularies only): shard ``todo[j]`` (the shards with train rows) is counted by rank
    ``j % W`` into ``counts/i.npz``; rank 0 adds them up (:meth:`~.vocab.VocabCounter.add_hashes`, the
    exact merge of ``--jobs``), finalises the vocabularies and saves the transform into the output; the
    other ranks load it from there.
-3. **pass 2**: shard ``i`` is encoded by rank ``i % W`` into ``spool/i.arrow``
-   (:func:`~.passes.encode_to_spool`; ``spool/i.json``, written last, marks it complete); rank 0 appends
-   them in input order to the split writers, writes the metadata (:mod:`.output`, as ``run_job`` does),
-   commits the output and removes the work directory.
+3. **pass 2**: shard ``i`` is encoded by rank ``i % W`` straight into its final Parquet files in the
+   output's temporary directory (:func:`~.passes.encode_shard`; ``done/i.json``, written last, marks it
+   complete and lists its files); rank 0 collects the marks in input order, writes the metadata
+   (:mod:`.output`, as ``run_job`` does), commits the output and removes the work directory.
 
-Every file appears by rename, complete or not at all, and a complete one is not made again. Spool files
-stay until the commit (a restarted rank 0 appends from the first shard): the work directory grows to
-about the data set's size as uncompressed Arrow. A rank that waits for another's file watches that
-rank's heartbeat (``alive/R``, bumped every :data:`HEARTBEAT_S` by a thread): unchanged for
-:data:`STALE_S` seconds (``MLET_CONVERT_STALE_S``), it stops with one line naming the rank.
+Every mark and counter file appears by rename, complete or not at all, and a shard with a mark is not
+encoded again (a shard without one is: its partial files are replaced). Nothing is spooled: the work
+directory holds only small files, and every row is encoded and written once, by one rank. A rank that
+waits for another's file watches that rank's heartbeat (``alive/R``, bumped every :data:`HEARTBEAT_S`
+by a thread): unchanged for :data:`STALE_S` seconds (``MLET_CONVERT_STALE_S``), it stops with one line
+naming the rank.
 
     >>> run_on_ranks(job, "data/criteo1tb")       # on every rank; job.options.rank/world_size set  # doctest: +SKIP
 """
@@ -49,30 +50,22 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipes.convert.checks import IssueCounter
-from data_pipes.convert.output import (
-    ConvertResult,
-    Encoding,
-    dataset_schema,
-    finish,
-    new_transform,
-    open_writers,
-    plan_encoding,
-)
+from data_pipes.convert.output import ConvertResult, Encoding, dataset_schema, finish, new_transform, plan_encoding
 from data_pipes.convert.passes import (
     Shard,
-    append_spooled,
+    ShardOutput,
+    collect,
     count_shards,
-    encode_to_spool,
+    encode_shard,
     number_shards,
     part_has_train,
-    read_tally,
     shard_ranges,
 )
 from data_pipes.convert.spec import ConvertJob
 from data_pipes.convert.text import Span, count_lines
 from data_pipes.convert.vocab import Encoder, VocabCounter
-from data_pipes.convert.writer import SplitWriter, progress_bar
-from data_pipes.schema import SPLITS, TRANSFORM_DIR, DatasetMeta
+from data_pipes.convert.writer import progress_bar
+from data_pipes.schema import TRANSFORM_DIR, DatasetMeta
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.io import AtomicOutput, atomic_write_bytes, atomic_write_text
 
@@ -179,7 +172,7 @@ def _plan(job: ConvertJob, peers: Peers) -> list[Shard]:
     """The shards, as rank 0 numbered them (once: a restarted job reads ``plan.json``)."""
     plan = peers.work / "plan.json"
     if not plan.is_file():
-        ranges = shard_ranges(job, peers.world)
+        ranges = shard_ranges(job)
         split = [(k, a, b) for k, a, b, _ in ranges if b is not None]
         mine = peers.work / "lines" / f"{peers.rank}-of-{peers.world}.json"
         if not mine.is_file():
@@ -249,12 +242,12 @@ def _vocabularies(
 
 
 def _encode_own(
-    job: ConvertJob, shards: list[Shard], encoders: dict[str, Encoder], schema: pa.Schema, peers: Peers
+    job: ConvertJob, shards: list[Shard], encoders: dict[str, Encoder], schema: pa.Schema, tmp: Path, peers: Peers
 ) -> None:
-    """Pass 2 on a rank other than 0: its shards into spool files (complete ones are kept)."""
+    """Pass 2 on this rank: its shards into their Parquet files (shards with a mark are kept)."""
     fresh = 0
     for i in range(peers.rank, len(shards), peers.world):
-        fresh += encode_to_spool(job, shards[i], encoders, schema, peers.work / "spool", i)[2]
+        fresh += encode_shard(job, shards[i], i, encoders, schema, tmp, peers.work / "done").fresh
     mine = len(range(peers.rank, len(shards), peers.world))
     log.info(
         "rank %d of %d: encoded %d shards, kept %d from an earlier attempt",
@@ -265,31 +258,16 @@ def _encode_own(
     )
 
 
-def _append_all(
-    job: ConvertJob,
-    shards: list[Shard],
-    encoders: dict[str, Encoder],
-    writers: dict[str, SplitWriter],
-    issues: IssueCounter,
-    peers: Peers,
-) -> dict[int, int]:
-    """Pass 2 on rank 0: every shard's spool file appended in input order (its own encoded on the way);
-    the rows of each part."""
-    rows, spool = dict.fromkeys(range(len(job.parts)), 0), peers.work / "spool"
-    schema = writers["train"].schema
+def _collect_all(job: ConvertJob, shards: list[Shard], peers: Peers) -> list[ShardOutput]:
+    """Rank 0, after its own shards: every shard's mark, in input order, as its rank writes it."""
+    outputs = []
     with progress_bar(None, f"{job.dataset}: writing Parquet ({peers.world} ranks)", job.options.progress) as bar:
-        for i, shard in enumerate(shards):
-            owner = i % peers.world
-            if owner == 0:
-                encode_to_spool(job, shard, encoders, schema, spool, i)
-            else:
-                peers.need(spool / f"{i}.json", owner, f"shard {i}")
-            n, tallies = read_tally(spool / f"{i}.json")
-            append_spooled(spool / f"{i}.arrow", writers, keep=True)
-            issues.merge(tallies)
-            rows[shard.part] += n
-            bar.update(n)
-    return rows
+        for i in range(len(shards)):
+            mark = peers.work / "done" / f"{i}.json"
+            peers.need(mark, i % peers.world, f"shard {i}")
+            outputs.append(ShardOutput.load(mark))
+            bar.update(outputs[-1].read)
+    return outputs
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -306,36 +284,30 @@ def run_on_ranks(job: ConvertJob, output: str | Path) -> ConvertResult:
     stale = float(os.environ.get("MLET_CONVERT_STALE_S", STALE_S))
     peers = Peers(out.output.parent / f".{out.output.name}.mlet-convert-{key}", opts.rank, opts.world_size, stale)
     tmp = out.begin()
-    for sub in ("alive", "lines", "counts", "spool"):
+    for sub in ("alive", "lines", "counts", "done"):
         (peers.work / sub).mkdir(parents=True, exist_ok=True)
     with Heartbeat(peers.work / "alive" / str(peers.rank)):
         enc = plan_encoding(job)
         shards = _plan(job, peers)
         saved = _vocabularies(job, shards, enc, tmp, peers)
-        schema = dataset_schema(job, enc.encoders)[1]
+        _encode_own(job, shards, enc.encoders, dataset_schema(job, enc.encoders)[1], tmp, peers)
         if peers.rank == 0:
-            for split in SPLITS:  # a failed attempt's Parquet files: rank 0 writes them again
-                shutil.rmtree(tmp / split, ignore_errors=True)
-            writers = open_writers(tmp, schema, opts)
-            issues = IssueCounter()
-            input_rows = _append_all(job, shards, enc.encoders, writers, issues, peers)
-            meta = finish(job, tmp, writers, enc, input_rows, issues, saved)
+            written = collect(job, shards, _collect_all(job, shards, peers))
+            meta = finish(job, tmp, written, enc, saved)
             out.commit()
             atomic_write_text(peers.work / "committed", "")
-        else:
-            _encode_own(job, shards, enc.encoders, schema, peers)
+            read, issues = sum(written.input_rows.values()), written.issues
     if peers.rank != 0:
         peers.wait(peers.work / "committed", 0, "the data set")
         meta = DatasetMeta.load(out.output)
-        input_rows = {0: sum(meta.rows.values())}  # what rank 0 counted is in its summary
-        issues = IssueCounter()
+        read, issues = sum(meta.rows.values()), IssueCounter()  # what rank 0 counted is in its summary
     else:
         shutil.rmtree(peers.work, ignore_errors=True)
     return ConvertResult(
         output=Path(output),
         meta=meta,
         seconds=time.perf_counter() - t0,
-        rows_read=sum(input_rows.values()),
+        rows_read=read,
         issues=issues if opts.lenient else None,
     )
 

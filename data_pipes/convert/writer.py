@@ -1,4 +1,4 @@
-"""Parquet output of a conversion: one appender per split, and the progress bar.
+"""Parquet output of a conversion: one appender per split (per shard of the inputs), and the progress bar.
 
 >>> import tempfile, pathlib, pyarrow as pa
 >>> root = pathlib.Path(tempfile.mkdtemp())
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 class SplitWriter:
-    """Appends tables of one split to ``SPLIT/part-NNNNN.parquet`` files of at most ``rows_per_file``
+    """Appends tables of one split to ``SPLIT/STEM-NNNNN.parquet`` files of at most ``rows_per_file``
     rows, in row groups of ``row_group_rows`` rows (buffering at most one row group)."""
 
     def __init__(
@@ -37,8 +37,9 @@ class SplitWriter:
         rows_per_file: int = DEFAULT_ROWS_PER_FILE,
         row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
         compression: str = "snappy",
+        stem: str = "part",
     ) -> None:
-        self.root, self.split, self.schema = root, split, schema
+        self.root, self.split, self.schema, self.stem = root, split, schema, stem
         self.row_group_rows = row_group_rows
         self.rows_per_file = max(rows_per_file, row_group_rows)
         self.compression = compression
@@ -75,7 +76,7 @@ class SplitWriter:
 
     def _write_group(self, t: pa.Table) -> None:
         if self._writer is None:
-            rel = f"{self.split}/part-{len(self.files):05d}.parquet"
+            rel = f"{self.split}/{self.stem}-{len(self.files):05d}.parquet"
             (self.root / self.split).mkdir(parents=True, exist_ok=True)
             # use_compliant_nested_type=False: bags read back as list<item: int64>, exactly arrow_schema();
             # page checksums let the reader name a corrupt page instead of decoding garbage

@@ -23,7 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data_pipes.convert.options import DEFAULT_BLOCK_SIZE, DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROWS_PER_FILE
+from data_pipes.convert.options import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_ROW_GROUP_ROWS,
+    DEFAULT_ROWS_PER_FILE,
+    DEFAULT_SHARD_SIZE,
+)
 from mlet_torchrec.cli import flags
 from mlet_torchrec.cli.entry import print_summary, run
 from mlet_torchrec.cli.flags import example, existing
@@ -118,6 +123,15 @@ def _common(
         help=f"text read per block, MiB (default {DEFAULT_BLOCK_SIZE / 2**20:g}); memory is a few times this",
     )
     p.add_argument(
+        "--shard-size-mb",
+        type=float,
+        default=DEFAULT_SHARD_SIZE / 2**20,
+        help="uncompressed inputs are cut into shards of about this size, MiB "
+        f"(default {DEFAULT_SHARD_SIZE / 2**20:g}); each shard is encoded by one process into its own Parquet "
+        "files (compressed inputs, and all inputs with --lenient, are one shard per file). The output depends "
+        "on it, not on --jobs or the ranks",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -160,6 +174,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         overwrite=args.overwrite,
         progress=args.progress,
         block_size=int(args.block_size_mb * (1 << 20)),
+        shard_size=int(args.shard_size_mb * (1 << 20)),
         rows_per_file=args.rows_per_file,
         row_group_rows=args.row_group_rows,
         jobs=args.jobs,
