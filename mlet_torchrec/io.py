@@ -108,13 +108,19 @@ def _files_of(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in found if p.name != MARKER or p.parent != directory)
 
 
+def _marker(directory: Path) -> dict[str, object]:
+    """The marker's fields; empty when there is none or it is not a JSON object."""
+    try:
+        marker = json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
 def _unlisted(directory: Path) -> list[str]:
     """Files in an output of mlet that its marker does not list (added since); none for a marker without a
     list (a run directory, filled over time, or an output of an earlier version)."""
-    try:
-        listed = json.loads((directory / MARKER).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        return []
+    listed = _marker(directory).get("files")
     if not isinstance(listed, list):
         return []
     return [f for f in _files_of(directory) if f not in set(listed)]
@@ -261,7 +267,8 @@ def claim_directory(path: Path | str, command: str, inputs: Sequence[Path | str]
     reused if it already carries it; returns the resolved path.
 
     Refused like :func:`check_output_path` (root, home, the working directory and its parents, a path
-    equal to or containing an input) and when it holds files without the marker.
+    equal to or containing an input), when it holds files without the marker, and when it is a finished
+    output (its marker lists its files: an export, a checkpoint) or another command's.
 
         >>> import tempfile, pathlib
         >>> run = claim_directory(pathlib.Path(tempfile.mkdtemp()) / "run", command="doctest")
@@ -269,10 +276,36 @@ def claim_directory(path: Path | str, command: str, inputs: Sequence[Path | str]
         True
     """
     out = check_output_path(path, inputs, overwrite=True)
+    marker = _marker(out)
+    if marker and (output_command(out) != _verb(command) or "files" in marker):
+        raise OutputError(
+            f"refusing to use {out}: it is a finished output of `{output_command(out)}`, not a directory "
+            f"`{_verb(command)}` fills; choose another directory"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if not is_ours(out):
         atomic_write_text(out / MARKER, _marker_text(command))
     return out
+
+
+def _verb(command: object) -> str:
+    """A marker's command as the user typed it: ``mlet export``, ``mlet train``."""
+    text = str(command)
+    return text if text.startswith("mlet ") else f"mlet {text}"
+
+
+def output_command(path: Path | str) -> str | None:
+    """The command whose output ``path`` is, as typed (``mlet export``), from its marker; None without one.
+
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "result"
+    >>> with atomic_output(out, command="mlet export") as tmp:
+    ...     pass
+    >>> output_command(out), output_command(out.parent)
+    ('mlet export', None)
+    """
+    command = _marker(Path(path)).get("command")
+    return None if command is None else _verb(command)
 
 
 def remove_output(path: Path | str) -> bool:

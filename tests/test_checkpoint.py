@@ -22,8 +22,9 @@ from torch import nn
 
 from mlet_torchrec.config import load_config
 from mlet_torchrec.errors import UserError
-from mlet_torchrec.io import MARKER, OutputError, claim_directory
+from mlet_torchrec.io import MARKER, OutputError, atomic_output, claim_directory
 from mlet_torchrec.training.checkpoint import (
+    TRAIN_COMMAND,
     CheckpointError,
     check_checkpoint,
     complete_checkpoints,
@@ -68,7 +69,7 @@ def test_checkpoints_are_marked_rotated_and_resaved_in_place(tmp_path):
         _save(tmp_path, step, model, keep=2)
     root = tmp_path / "checkpoints"
     assert _names(root) == ["LATEST", "step_00000004", "step_00000006"]  # no temporaries left
-    assert all(json.loads((p / MARKER).read_text())["command"] == "train" for p in complete_checkpoints(root))
+    assert all(json.loads((p / MARKER).read_text())["command"] == TRAIN_COMMAND for p in complete_checkpoints(root))
     with torch.no_grad():
         model.lin.weight.fill_(3.0)
     _save(tmp_path, 6, model, keep=2)  # the same step again: swapped in whole
@@ -235,7 +236,7 @@ def _prepare(run_dir, data, *extra):
 
 def test_run_dir_is_claimed_with_the_marker(tmp_path):
     assert _prepare(tmp_path / "runs" / "a", tmp_path / "data") is None
-    assert json.loads((tmp_path / "runs" / "a" / MARKER).read_text())["command"] == "train"
+    assert json.loads((tmp_path / "runs" / "a" / MARKER).read_text())["command"] == TRAIN_COMMAND
     (tmp_path / "runs" / "a" / "metrics.jsonl").write_text("")
     assert _prepare(tmp_path / "runs" / "a", tmp_path / "data") is None  # ours: reused
 
@@ -268,6 +269,25 @@ def test_run_dir_refusals_are_one_line(tmp_path, monkeypatch):
         assert expected in str(err.value) and "\n" not in str(err.value), run_dir
     assert (foreign / "precious.txt").read_text() == "keep" and (foreign / "sub" / "thesis.tex").is_file()
     assert sorted(p.name for p in foreign.iterdir()) == ["precious.txt", "sub"]
+
+
+def test_other_outputs_are_neither_run_dirs_nor_checkpoints(tmp_path):
+    """An export, a collapse output or a checkpoint handed to train as run.dir is refused (train once wrote its
+    checkpoints into the export); a collapse output as run.init_from is named as such, not called damaged."""
+    for name, command in [("export", "mlet export"), ("collapsed", "mlet collapse"), ("data", "convert criteo")]:
+        with atomic_output(tmp_path / name, command=command) as tmp:
+            (tmp / "manifest.json").write_text("{}")
+            (tmp / ".metadata").write_bytes(b"x")
+    _save(tmp_path / "run", 2, _Net())
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    for out, made_by in [("export", "mlet export"), ("data", "mlet convert criteo"), (step, "mlet train")]:
+        before = sorted(p.name for p in (tmp_path / out).iterdir())
+        with pytest.raises(OutputError, match=f"finished output of `{made_by}`"):
+            _prepare(tmp_path / out, tmp_path / "elsewhere")
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == before
+    with pytest.raises(CheckpointError, match=r"collapsed: an output of `mlet collapse`, not a training checkpoint"):
+        resolve_checkpoint(tmp_path / "collapsed")
+    assert resolve_checkpoint(tmp_path / "run") == step
 
 
 def test_start_over_deletes_only_the_checkpoints(tmp_path):

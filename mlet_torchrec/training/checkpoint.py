@@ -52,6 +52,7 @@ from mlet_torchrec.io import (
     AtomicOutput,
     atomic_write_text,
     is_ours,
+    output_command,
     remove_output,
     sha256_file,
     sweep_stale_in,
@@ -64,6 +65,8 @@ from mlet_torchrec.training.staging import CopyStager
 log = logging.getLogger("mlet.checkpoint")
 
 CHECKPOINT_META = "checkpoint.json"
+TRAIN_COMMAND = "mlet train"
+"""The command named in the marker of a run directory and its checkpoints."""
 LATEST = "LATEST"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
@@ -293,7 +296,7 @@ def start_checkpoint(
     tmp_name: str | None = None
     if rank == 0:
         try:
-            pending.out = AtomicOutput(pending.final, command="train", overwrite=True)
+            pending.out = AtomicOutput(pending.final, command=TRAIN_COMMAND, overwrite=True)
             tmp_name = str(pending.out.begin())
         except (OSError, UserError) as e:
             err = describe_exception(e)
@@ -410,6 +413,9 @@ def resolve_checkpoint(path: Path | str) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    made_by = output_command(path)
+    if made_by not in (None, TRAIN_COMMAND):
+        raise CheckpointError(f"{path}: an output of `{made_by}`, not a training checkpoint or run directory")
     if _STEP_DIR.match(path.name) or (path / CHECKPOINT_META).exists() or (path / DCP_METADATA).exists():
         check_checkpoint(path)
         return path

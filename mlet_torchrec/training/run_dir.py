@@ -31,6 +31,7 @@ from mlet_torchrec.config import ConfigError, ExperimentConfig
 from mlet_torchrec.errors import Interrupted, UserError
 from mlet_torchrec.io import OutputError, claim_directory, remove_output
 from mlet_torchrec.training.checkpoint import (
+    TRAIN_COMMAND,
     CheckpointError,
     checkpoint_root,
     committed_checkpoints,
@@ -68,7 +69,7 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext, l
     decision: Any = None
     if ctx.is_main:
         try:
-            claim_directory(run_dir, command="train", inputs=[config.data.path])
+            claim_directory(run_dir, command=TRAIN_COMMAND, inputs=[config.data.path])
             lock.acquire()  # before the sweep below: the temporaries it removes are then no live job's
             for leftover in remove_incomplete(run_dir):
                 log.info("removed %s (an interrupted checkpoint write)", leftover)
