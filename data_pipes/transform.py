@@ -373,7 +373,8 @@ class FeatureTransform:
                         f"row {i}: unknown column {str(k)[:60]!r} (the {self.dataset} transform reads {shown})"
                     )
                 if not isinstance(v, str):
-                    raise DataError(f"row {i}, column {k}: {str(v)[:40]!r} is not a string")
+                    shown = json.dumps(v)[:40]
+                    raise DataError(f"row {i}, column {k}: {shown} is not a string (send raw values as strings)")
         return {c: pa.array([row.get(c) or None for row in rows], pa.string()) for c in known}
 
     def encode(self, rows: Sequence[Mapping[str, str]]) -> EncodedRows:

@@ -148,6 +148,9 @@ HOSTILE = [
     (b'{"rows": [{"I1": 5}]}', 422),  # not a string
     (b'{"rows": [{"C1": null}]}', 422),
     (b'{"rows": [{"I1": "five"}]}', 422),  # not a number
+    (b'{"rows": [{"I1": "nan"}, {"I2": "-inf"}]}', 422),  # not finite
+    (b'{"rows": [{"I1": NaN}]}', 422),  # JSON's NaN extension, not a string
+    (b"[" * 30_000 + b"]" * 30_000, 400),  # nested past the parser's recursion limit
     (json.dumps({"rows": [{}] * 65}).encode(), 413),  # too many rows
     (json.dumps({"rows": [{"C1": "x" * 70_000}]}).encode(), 413),  # too large
 ]

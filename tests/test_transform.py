@@ -171,8 +171,10 @@ def test_unseen_values_are_oov_and_bad_rows_are_named(tmp_path):
         t.encode([{"C1": "a"}, {"C99": "b"}])
     with pytest.raises(DataError, match=r"row 2, column I4: 'x' is not a number"):
         t.encode([{}, {}, {"I4": "x"}])
-    with pytest.raises(DataError, match=r"row 0, column C2: .5. is not a string"):
-        t.encode([{"C2": 5}])  # type: ignore[dict-item]
+    for value, shown in [(5, "5"), (None, "null"), (float("nan"), "NaN"), ([1], r"\[1\]")]:
+        expected = rf"^row 0, column C2: {shown} is not a string \(send raw values as strings\)$"
+        with pytest.raises(DataError, match=expected):
+            t.encode([{"C2": value}])  # type: ignore[dict-item]
 
 
 def test_damaged_missing_or_foreign_transforms_are_refused(tmp_path):

@@ -79,6 +79,8 @@ def parse_rows(body: bytes, max_rows: int) -> list[dict[str, Any]]:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not JSON ({str(e)[:80]})", 400) from None
+    except RecursionError:  # arrays or objects nested thousands deep: the parser's stack, not the server's error
+        raise BadRequest("the body is JSON nested too deeply", 400) from None
     if not isinstance(doc, dict) or set(doc) != {"rows"}:
         raise BadRequest('the body must be a JSON object with one key, "rows"')
     rows = doc["rows"]
