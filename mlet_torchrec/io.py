@@ -36,12 +36,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from mlet_torchrec.errors import UserError
+from mlet_torchrec.stale import OLD_TAG, TMP_TAG, sweep_stale
 
 MARKER = ".mlet-output.json"
 """The file that says a directory was written by ``mlet`` (and may be replaced with --overwrite)."""
-
-_TMP_TAG = ".mlet-tmp-"
-_OLD_TAG = ".mlet-old-"
 
 
 class OutputError(UserError):
@@ -184,57 +182,6 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def pid_alive(pid: int) -> bool:
-    """True while process ``pid`` exists and is not a zombie (a killed writer's temporaries are stale)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped) counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def sweep_stale(output: Path) -> None:
-    """Remove hidden siblings left by a killed write to ``output`` (only ours, only of dead processes)."""
-    _sweep(output.parent, output.name, any_pid=False)
-
-
-def sweep_stale_in(directory: Path | str, any_pid: bool = False) -> list[Path]:
-    """Remove the hidden temporaries of interrupted writes to any output in ``directory``; returns them.
-
-    Only those of dead processes, unless ``any_pid``: for a caller that knows it is the directory's
-    only writer (a training job tidying its own run directory before it starts, whose earlier
-    attempt may have run on another machine).
-    """
-    return _sweep(Path(directory), None, any_pid)
-
-
-def _sweep(parent: Path, name: str | None, any_pid: bool) -> list[Path]:
-    removed: list[Path] = []
-    if not parent.is_dir():
-        return removed
-    for child in sorted(parent.iterdir()):
-        for tag in (_TMP_TAG, _OLD_TAG):
-            if tag not in child.name or not child.name.startswith(f".{name}{tag}" if name else "."):
-                continue
-            pid_text = child.name.rsplit(tag, 1)[1].split("-", 1)[0]
-            if (
-                pid_text.isdigit()
-                and child.is_dir()
-                and not child.is_symlink()
-                and (any_pid or not pid_alive(int(pid_text)))
-            ):
-                shutil.rmtree(child, ignore_errors=True)
-                removed.append(child)
-            break
-    return removed
-
-
 def sha256_file(path: Path | str) -> str:
     """The SHA-256 of a file, read in 1 MiB pieces.
 
@@ -316,7 +263,7 @@ def remove_output(path: Path | str) -> bool:
     path = Path(path)
     if path.is_symlink() or not is_ours(path):
         return False
-    aside = path.parent / f".{path.name}{_OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    aside = path.parent / f".{path.name}{OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.rename(path, aside)
     shutil.rmtree(aside, ignore_errors=True)
     return True
@@ -340,7 +287,7 @@ class AtomicOutput:
         self.output = check_output_path(output, inputs, overwrite)
         self.command = command
         self.token = token or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp = self.output.parent / f".{self.output.name}{_TMP_TAG}{self.token}"
+        self.tmp = self.output.parent / f".{self.output.name}{TMP_TAG}{self.token}"
         self._made: list[Path] = []  # parent directories begin() created, deepest first
 
     def begin(self) -> Path:
@@ -364,7 +311,7 @@ class AtomicOutput:
             if _exchange(self.tmp, out):
                 shutil.rmtree(self.tmp, ignore_errors=True)  # now holds the old output
             else:  # no atomic exchange on this file system: a short window with the old one aside
-                old = out.parent / f".{out.name}{_OLD_TAG}{self.token}"
+                old = out.parent / f".{out.name}{OLD_TAG}{self.token}"
                 os.rename(out, old)
                 os.rename(self.tmp, out)
                 shutil.rmtree(old, ignore_errors=True)
@@ -412,7 +359,7 @@ class AtomicFile:
                 raise OutputError(f"{out} exists; pass --overwrite to replace it")
         self.output = out
         self.token = token or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp = out.parent / f".{out.name}{_TMP_TAG}{self.token}"
+        self.tmp = out.parent / f".{out.name}{TMP_TAG}{self.token}"
 
     def begin(self) -> Path:
         """Create the temporary directory (idempotent) and return it."""
@@ -470,7 +417,7 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """:func:`atomic_write_text` for bytes (images, binary files)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mlet_torchrec.io import pid_alive
+from mlet_torchrec.stale import pid_alive
 
 APT_PACKAGES = "slurmctld slurmd slurmdbd slurm-client munge mariadb-server"
 APT_COMMAND = f"apt-get install -y {APT_PACKAGES}"

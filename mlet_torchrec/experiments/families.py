@@ -41,7 +41,8 @@ from pathlib import Path
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.experiments.grid import parse_grid
 from mlet_torchrec.experiments.sweep import SweepSettings, run_sweep
-from mlet_torchrec.io import atomic_write_bytes, pid_alive
+from mlet_torchrec.io import atomic_write_bytes
+from mlet_torchrec.stale import pid_alive
 
 log = logging.getLogger("mlet.results")
 

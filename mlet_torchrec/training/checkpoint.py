@@ -55,8 +55,8 @@ from mlet_torchrec.io import (
     output_command,
     remove_output,
     sha256_file,
-    sweep_stale_in,
 )
+from mlet_torchrec.stale import sweep_stale_in
 from mlet_torchrec.training import safe_dcp
 from mlet_torchrec.training.locks import unless_pinned
 from mlet_torchrec.training.safe_dcp import DCP_METADATA, METADATA_SHA256, UnsafeCheckpoint
