@@ -389,24 +389,53 @@ def describe_os_error(e: OSError, what: Path | str) -> str:
 
 @contextlib.contextmanager
 def atomic_output(
-    output: Path | str, command: str, inputs: Sequence[Path | str] = (), overwrite: bool = False
+    output: Path | str,
+    command: str,
+    inputs: Sequence[Path | str] = (),
+    overwrite: bool = False,
+    every_rank: bool = False,
 ) -> Iterator[Path]:
-    """Single-process form of :class:`AtomicOutput`: yields the temporary directory to fill.
+    """:class:`AtomicOutput` as a ``with`` block: yields the temporary directory to fill.
 
     On any exception the temporary directory is removed and the old output (if any) is untouched; a
-    full disk or a permission error becomes a one-line :class:`OutputError`.
+    full disk or a permission error becomes a one-line :class:`OutputError`. ``every_rank``: every rank of
+    the initialised process group enters the block alike and writes into one temporary directory (rank 0's),
+    which exists before any rank's block starts; rank 0 commits once every rank's block has ended, and every
+    rank leaves after the commit.
     """
     out = AtomicOutput(output, command, inputs, overwrite)
+    main = True
+    if every_rank:
+        import torch.distributed as dist
+
+        token = [out.token]
+        dist.broadcast_object_list(token, src=0)
+        out = AtomicOutput(output, command, inputs, overwrite, token=token[0])
+        main = dist.get_rank() == 0
     try:
-        tmp = out.begin()
-        yield tmp
-        out.commit()
+        if main:
+            out.begin()
+        _barrier(every_rank)  # the temporary directory exists before any rank writes into it
+        yield out.tmp
+        _barrier(every_rank)  # every rank has written its part
+        if main:
+            out.commit()
+        _barrier(every_rank)
     except OSError as e:
-        out.abort()
+        if main:
+            out.abort()
         raise OutputError(describe_os_error(e, out.output)) from e
     except BaseException:
-        out.abort()
+        if main:
+            out.abort()
         raise
+
+
+def _barrier(every_rank: bool) -> None:
+    if every_rank:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:

@@ -3,7 +3,7 @@
 Used two ways, with the same JSON ``spec`` (nothing is read from the environment but torchrun's own
 ``RANK``/``TORCHELASTIC_RESTART_COUNT``):
 
-* ``elastic_launch(..., entrypoint=reliability_entry.worker)(config_dict, spec)``
+* ``run_local(nproc, partial(reliability_entry.run, config_dict, spec))`` (:mod:`mlet_torchrec.training.launcher`)
 * ``torchrun --max-restarts N tests/reliability_entry.py --config CFG.json --spec SPEC.json``
 
 ``spec`` keys (all optional):
@@ -131,10 +131,6 @@ def run(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
         raise
     result_file.write_text(json.dumps(summary, default=str))
     return summary
-
-
-def worker(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-    return run(config, spec)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -200,6 +200,16 @@ def test_one_place_starts_local_processes() -> None:
     assert not bad, f"starting local ranks outside {LAUNCHER} (call its run_local): {bad}"
 
 
+def spawning_tests(paths: list[Path]) -> list[str]:
+    """Files among ``paths`` that import a spawner of local ranks (:data:`SPAWNERS`)."""
+    return [p.name for p in paths if any(_within(name, s) for name in _imported_names(p) for s in SPAWNERS)]
+
+
+def test_tests_start_local_ranks_through_the_launcher() -> None:
+    bad = spawning_tests(sorted((REPO / "tests").rglob("*.py")))
+    assert not bad, f"tests starting local ranks themselves (call {LAUNCHER}.run_local): {bad}"
+
+
 def test_argparse_only_in_cli() -> None:
     bad = argparse_users(project_modules())
     assert not bad, f"argparse outside {FRONT_END} (declare the flags in a cli/ module): {bad}"
@@ -227,6 +237,8 @@ def test_the_spawn_checker_sees_a_second_launcher(tmp_path: Path) -> None:
     src.write_text("def f():\n    import torch.multiprocessing as mp\n    from torch.distributed.run import main\n")
     found = users_of({"mlet_torchrec.serving.m": src, LAUNCHER: src, "launch.m": src}, SPAWNERS, LAUNCHER)
     assert found == ["mlet_torchrec.serving.m"]
+    (tmp_path / "test_plain.py").write_text("from mlet_torchrec.training.launcher import run_local\n")
+    assert spawning_tests([src, tmp_path / "test_plain.py"]) == ["m.py"]
 
 
 TRAINING = REPO / "mlet_torchrec" / "training"

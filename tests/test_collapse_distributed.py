@@ -5,15 +5,15 @@ One 2-rank training run shards its four W1 tables table-, row-, column- and row-
 partials summed across ranks); a 4-rank job collapses the same checkpoint again (another world
 size, a planned row-wise output) and loads the 2-rank output into a stock TorchRec
 ``EmbeddingBagCollection`` sharded by TorchRec's own sharder over 4 ranks; the 4-rank output loads
-in one process through the documented snippet; ``mlet export --int8`` checks and saves the INT8
-model, and the documented snippet calls it.
+in one process through the documented snippet; ``mlet export --int8 --nproc-per-node 2`` checks the INT8
+model (each rank scoring its slice of the test split) and saves it, and the documented snippet calls it.
 """
 
 import json
 import re
 import subprocess
 import sys
-import uuid
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ from mlet_torchrec.config import load_config
 from mlet_torchrec.models.registry import build_model
 from mlet_torchrec.serving.artifact import load_collapsed, load_factored
 from mlet_torchrec.serving.collapse import collapse_state_dict
-from mlet_torchrec.training.launcher import train_local
+from mlet_torchrec.training.launcher import run_local, train_local
 
 pytestmark = pytest.mark.slow
 
@@ -128,8 +128,9 @@ def test_two_rank_collapse_is_exact(trained, collapsed2):
     assert len(man["source_checkpoint"]["dcp_metadata_sha256"]) == 64 and man["source_checkpoint"]["step"] > 0
 
 
-def _four_rank_worker(run: str, collapsed2: str, out4: str, reference: str) -> dict:
-    """Rank r of 4: collapse again at world 4; then a stock sharded EBC loads the 2-rank output."""
+def _four_rank_worker(run: str, collapsed2: str, out4: str, reference: str) -> list[dict]:
+    """Rank r of 4: collapse again at world 4; then a stock sharded EBC loads the 2-rank output. Every rank's
+    findings, in rank order."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
@@ -182,33 +183,23 @@ def _four_rank_worker(run: str, collapsed2: str, out4: str, reference: str) -> d
             worst = max(worst, float((value - expected).abs().max()))
             shards += 1
     sharded_types = {t: p.sharding_type for t, p in plan.plan[""].items()}
-    return {
+    mine = {
         "max_diff": worst,
         "shards": shards,
         "types": sharded_types,
         "report_world": report.world_size,
         "sent": report.sent_bytes,
     }
+    found: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(found, mine)
+    return found
 
 
 def test_stock_torchrec_loads_at_other_world_sizes(trained, collapsed2):
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     root = trained["root"]
     out4 = root / "collapsed4"
-    launch = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=4,
-        run_id=f"t-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=0,
-        monitor_interval=0.5,
-    )
-    results = elastic_launch(launch, entrypoint=_four_rank_worker)(
-        str(trained["run"]), str(collapsed2), str(out4), str(root / "reference.pt")
-    )
+    call = partial(_four_rank_worker, str(trained["run"]), str(collapsed2), str(out4), str(root / "reference.pt"))
+    results = dict(enumerate(run_local(4, call)))
     assert set(results) == {0, 1, 2, 3}
     for r in results.values():
         assert r["max_diff"] <= 1e-6 and r["report_world"] == 4
@@ -241,7 +232,18 @@ def test_stock_torchrec_loads_at_other_world_sizes(trained, collapsed2):
 
 def test_int8_export_of_the_trained_model(trained, collapsed2):
     out = trained["root"] / "export"
-    proc = _mlet("export", "--input", str(collapsed2), "--output", str(out), "--int8", "--format", "safetensors")
+    proc = _mlet(
+        "export",
+        "--input",
+        str(collapsed2),
+        "--output",
+        str(out),
+        "--int8",
+        "--format",
+        "safetensors",
+        "--nproc-per-node",
+        "2",
+    )
     assert "INT8" in proc.stdout and "AUC: FP32" in proc.stdout
     report = json.loads((out / "export_report.json").read_text())
     assert report["auc_diff"] <= 1e-3 and report["rows_checked"] == trained["summary"]["test"]["rows"]

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,13 @@ import pytest
 import reliability_entry
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from data_pipes.synth import SynthConfig, generate
 from mlet_torchrec.config import ExperimentConfig, load_config
 from mlet_torchrec.io import MARKER, claim_directory
-from mlet_torchrec.training.checkpoint import complete_checkpoints, read_checkpoint_info
+from mlet_torchrec.training.checkpoint import CheckpointError, complete_checkpoints, read_checkpoint_info
+from mlet_torchrec.training.guardrails import TablesDoNotFit, TrainingDiverged
+from mlet_torchrec.training.launcher import run_local
 
 pytestmark = pytest.mark.slow
 
@@ -82,20 +83,7 @@ def _config(dataset: Path, run_dir: Path, *extra: str) -> ExperimentConfig:
 
 
 def _launch(cfg: ExperimentConfig, nproc: int, out: Path, **spec: Any) -> dict[str, Any]:
-    launch = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=f"rel-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=0,
-        monitor_interval=0.2,
-    )
-    results = elastic_launch(launch, entrypoint=reliability_entry.worker)(
-        cfg.model_dump(mode="json"), {"out": str(out), **spec}
-    )
-    return results[0]
+    return run_local(nproc, partial(reliability_entry.run, cfg.model_dump(mode="json"), {"out": str(out), **spec}))
 
 
 def _results(out: Path) -> dict[str, dict[str, Any]]:
@@ -355,7 +343,7 @@ def test_one_rank_checkpoint_resumes_on_two_ranks_row_wise(dataset, resumed_on_o
 
 def test_nan_loss_stops_every_rank_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "out"
-    with pytest.raises(ChildFailedError):  # rank 1's weights become NaN after step 9
+    with pytest.raises(TrainingDiverged):  # rank 1's weights become NaN after step 9
         _launch(_config(dataset, run_dir), 2, out, nan={"step": 9, "rank": 1})
     results = _results(out)
     assert set(results) == {"result.rank0.attempt0.json", "result.rank1.attempt0.json"}
@@ -387,7 +375,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(dataset, reference
     mounted = _try_mount_tmpfs(run_dir / "checkpoints", int(one * 1.6) // 4096 * 4096)
     spec = {} if mounted else {"enospc": {"step": 8, "rank": 1}}
     try:
-        with pytest.raises(ChildFailedError):
+        with pytest.raises(CheckpointError, match="could not write checkpoint"):
             _launch(_config(dataset, run_dir), 2, out, **spec)
         results = _results(out)
         assert len(results) == 2, results  # both ranks got as far as the checkpoint and report it
@@ -413,7 +401,7 @@ def test_tables_that_do_not_fit_are_refused_with_the_numbers(dataset, tmp_path):
     meta = json.loads((huge / "metadata.json").read_text())
     meta["sparse"][0]["cardinality"] = 20_000_000_000  # ids stay valid; W1 alone would be ~1.2 TiB
     (huge / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(ChildFailedError):
+    with pytest.raises(TablesDoNotFit):
         _launch(_config(huge, tmp_path / "run"), 2, tmp_path / "out")
     results = _results(tmp_path / "out")
     assert len(results) == 2  # rank 1 is told too, instead of waiting for rank 0's plan

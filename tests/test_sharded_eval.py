@@ -3,16 +3,15 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
-import tempfile
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mlet_torchrec.evaluation import metrics as metrics_module
 from mlet_torchrec.evaluation.metrics import MetricAccumulator, ctr_metrics
@@ -24,6 +23,7 @@ from mlet_torchrec.evaluation.ranking import (
     exact_groups,
     histogram,
 )
+from mlet_torchrec.training.launcher import run_local
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,8 +108,10 @@ def test_metrics_of_known_answers():
 # 1, 2 and 3 real gloo ranks
 
 
-def _rank_metrics(rank: int, world: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+def _rank_metrics() -> list[dict]:
+    """One rank of a :func:`run_local` job: the metrics of its share of the rows; every rank's, in rank order."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo")  # the launcher's rendezvous (MASTER_ADDR/PORT)
     try:
         metrics_module.CHUNK = 64  # several messages per rank in the exact stream
         s, y = ctr_like(1001, 7)
@@ -120,16 +122,16 @@ def _rank_metrics(rank: int, world: int, store: str, out: str) -> None:
             for chunk in torch.split(mine, 37 + 11 * rank):
                 acc.update(s[chunk], y[chunk])
             results[mode] = acc.result().as_dict()
-        Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+        found: list[dict] = [{} for _ in range(world)]
+        dist.all_gather_object(found, results)
+        return found
     finally:
         dist.destroy_process_group()
 
 
 def _on_ranks(world: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank_metrics, args=(world, f"{tmp}/store", tmp), nprocs=world, join=True)
-        ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
-    assert all(r == ranks[0] for r in ranks)  # every rank returns the same numbers
+    ranks = run_local(world, _rank_metrics)
+    assert len(ranks) == world and all(r == ranks[0] for r in ranks)  # every rank returns the same numbers
     return ranks[0]
 
 
@@ -164,7 +166,6 @@ def _mlet(*args: str) -> str:
 def test_mlet_evaluate_on_two_and_three_ranks_prints_the_one_process_metrics(tmp_path, synth_dataset):
     from mlet_torchrec.config import load_config
     from mlet_torchrec.serving.scoring import evaluate_path
-    from mlet_torchrec.training.launcher import run_local
     from mlet_torchrec.training.train import train
 
     data = synth_dataset(rows=4000, row_group_size=64)

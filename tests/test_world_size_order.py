@@ -9,15 +9,15 @@ rows), so no alignment makes this pass by luck.
 from __future__ import annotations
 
 import json
-import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from data_pipes.synth import SynthConfig, generate
 from mlet_torchrec.config import ExperimentConfig, load_config
+from mlet_torchrec.training.launcher import run_local
 
 pytestmark = pytest.mark.slow
 
@@ -31,10 +31,8 @@ def worker(config: dict[str, Any], out: str) -> dict[str, Any]:
     """Train ``config`` on this rank, writing the rows (dense values) of every step's batch."""
     import os
 
-    from mlet_torchrec.logs import configure_logging
     from mlet_torchrec.training.train import train
 
-    configure_logging(False)
     rank = int(os.environ.get("RANK", "0"))
     trace = open(Path(out) / f"rows.rank{rank}.jsonl", "a")
 
@@ -102,17 +100,7 @@ def _config(dataset: Path, run_dir: Path, *extra: str) -> ExperimentConfig:
 
 def _launch(cfg: ExperimentConfig, nproc: int, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    launch = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=f"ord-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=0,
-        monitor_interval=0.2,
-    )
-    return elastic_launch(launch, entrypoint=worker)(cfg.model_dump(mode="json"), str(out))[0]
+    return run_local(nproc, partial(worker, cfg.model_dump(mode="json"), str(out)))
 
 
 def _global_rows(out: Path, nproc: int) -> dict[int, list[list[float]]]:

@@ -8,9 +8,12 @@ arrays with ``--format``.
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
+from functools import partial
 
 from mlet_torchrec import options
 from mlet_torchrec.cli import flags
+from mlet_torchrec.cli.entry import on_ranks, print_summary
 from mlet_torchrec.cli.flags import existing
 
 
@@ -18,7 +21,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     source = existing(args.input)
     from mlet_torchrec.serving.export import export, format_report
 
-    report = export(
+    call = partial(
+        export,
         source,
         args.output,
         int8=args.int8,
@@ -28,10 +32,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         max_check_rows=args.max_check_rows,
         auc_tolerance=args.auc_tolerance,
         overwrite=args.overwrite,
-        nproc_per_node=args.nproc_per_node,
         shards=args.shards,
     )
-    print(format_report(report))
+    report = on_ranks(args, call)
+    print_summary(asdict(report), [format_report(report)], as_json=False)
     return 0
 
 

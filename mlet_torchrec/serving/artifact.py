@@ -139,10 +139,11 @@ class Artifact:
         return int(self.info.get("world_size", 1))
 
     def materialize(self) -> CTRModel:
-        """The model with its weights, in this process (DCP reshards whatever wrote it); idempotent."""
+        """The model with its weights, read by this process alone (no collective, in a job too; DCP reshards
+        whatever wrote it); idempotent."""
         if not self.loaded:
             _allocate_meta(self.model)
-            load_model_state(self.path, self.model)
+            load_model_state(self.path, self.model, no_dist=True)
             self.loaded = True
         return self.model.eval()
 

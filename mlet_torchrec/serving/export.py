@@ -26,9 +26,8 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,8 +46,10 @@ from mlet_torchrec.options import AUC_TOLERANCE, EXPORT_FORMATS
 from mlet_torchrec.serving.artifact import (
     MANIFEST,
     STATE_ROOT,
+    Artifact,
     load_artifact,
     read_manifest,
+    shard_for_job,
 )
 from mlet_torchrec.serving.serving_doc import serving_md
 from mlet_torchrec.serving.torchrec_package import (
@@ -64,6 +65,9 @@ from mlet_torchrec.serving.torchrec_package import (
 )
 from mlet_torchrec.training import safe_dcp
 from mlet_torchrec.training.table_size import fp32_table_bytes
+
+if TYPE_CHECKING:
+    from mlet_torchrec.training.distributed import DistContext
 
 COMMAND = "mlet export"
 TABLES_DIR = "tables"
@@ -208,17 +212,54 @@ def export(
     max_check_rows: int | None = None,
     auc_tolerance: float = AUC_TOLERANCE,
     overwrite: bool = False,
-    nproc_per_node: int = 1,
     shards: int = 0,
 ) -> ExportReport:
     """Export ``collapsed`` (a ``mlet collapse`` output) for serving into ``output``.
 
-    ``nproc_per_node`` > 1 runs the INT8 check on that many local processes, each scoring its slice of
-    the split (the FP32 model sharded over them, the INT8 model in each). ``shards`` > 0 also writes the INT8
-    model sharded table-wise over that many devices by ``shard_quant_model``, checked against the unsharded one.
+    Runs in one process or as every rank of a job (torchrun, TorchX, ``mlet export --nproc-per-node N``; call it
+    on every rank alike, every rank returns the same report): rank 0 writes the modules and tables, then every
+    rank scores its slice of the split in the INT8 check (the FP32 model sharded over the ranks, the INT8 model
+    in each), and rank 0 commits the output. ``shards`` > 0 also writes the INT8 model sharded table-wise over
+    that many devices by ``shard_quant_model``, checked against the unsharded one.
     """
+    import torch.distributed as dist
+
+    from mlet_torchrec.training.distributed import process_group
+
     start = time.perf_counter()
     collapsed, output = Path(collapsed), Path(output)
+    art = _checked_source(collapsed, int8, formats, check, split, shards)
+    data = art.config.data.path
+    report = ExportReport(output=str(output), collapsed=str(collapsed), auc_tolerance=auc_tolerance)
+    tables = [*art.info["tables"].values(), *art.info.get("extra_tables", {}).values()]
+    report.fp32_table_bytes = sum(fp32_table_bytes(t["rows"], t["d"]) for t in tables)
+    with (
+        process_group(art.config.run.device) as ctx,
+        atomic_output(output, COMMAND, [collapsed, data], overwrite, every_rank=True) as tmp,
+    ):
+        model = art.materialize() if ctx.is_main else None
+        out_manifest = _write_models(art, model, tmp, int8, formats, shards, report) if model is not None else {}
+        if int8 and check:
+            dist.barrier()  # rank 0 has written the INT8 module
+            whole, model = (model if ctx.world_size == 1 else None), None  # a job shards the FP32 model instead
+            found = _int8_check_on_ranks(art, whole, tmp / PREDICT_INT8, split, max_check_rows, ctx)
+            _judge_int8(report, found, split, auc_tolerance)  # every rank: the same figures, the same verdict
+        if ctx.is_main:
+            out_manifest["transform_identity"] = carry_transform(collapsed, tmp)
+            (tmp / MANIFEST).write_text(json.dumps(out_manifest, indent=2))
+            shutil.copy(collapsed / "config.yaml", tmp / "config.yaml")
+            (tmp / SERVING_DOC).write_text(serving_md(out_manifest))
+            report.seconds = time.perf_counter() - start
+            (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
+        box = [report]
+        dist.broadcast_object_list(box, src=0)  # what rank 0 wrote, on every rank
+    return box[0]
+
+
+def _checked_source(
+    collapsed: Path, int8: bool, formats: Sequence[str], check: bool, split: str, shards: int
+) -> Artifact:
+    """The collapsed artifact to export, once the request is valid (a ``UserError`` names what is not)."""
     if shards and not int8:
         raise UserError("--shards shards the INT8 model: add --int8")
     if shards < 0:
@@ -229,7 +270,7 @@ def export(
     if not (collapsed / MANIFEST).is_file():
         raise UserError(f"{collapsed}: no {MANIFEST}; is it the output of `mlet collapse`?")
     art = load_artifact(collapsed)
-    man, config, data = art.info, art.config, art.config.data.path
+    data = art.config.data.path
     if int8 and check:
         if not (Path(data) / METADATA_FILE).is_file():
             raise UserError(
@@ -238,43 +279,21 @@ def export(
             )
         if split not in art.meta.splits:
             raise UserError(f"data set {data} has no split {split!r}; pass --split or --no-check")
+    return art
 
-    report = ExportReport(output=str(output), collapsed=str(collapsed), auc_tolerance=auc_tolerance)
-    tables = [*man["tables"].values(), *man.get("extra_tables", {}).values()]
-    report.fp32_table_bytes = sum(fp32_table_bytes(t["rows"], t["d"]) for t in tables)
-    with atomic_output(output, COMMAND, inputs=[collapsed, data], overwrite=overwrite) as tmp:
-        for fmt in formats:
-            report.table_files.update({f"{fmt}:{k}": v for k, v in export_tables(collapsed, tmp, fmt).items()})
-        out_manifest = dict(man)
-        model = art.materialize()
-        out_manifest["net_class"] = f"{type(model.net).__module__}.{type(model.net).__qualname__}"
-        out_manifest["predict_modules"] = write_predict_modules(model, art.meta, tmp, int8, shards, report)
-        if int8 and check:
-            if nproc_per_node > 1:
-                from mlet_torchrec.training.launcher import run_local
 
-                job = partial(_int8_check_job, str(collapsed), str(tmp / PREDICT_INT8), split, max_check_rows)
-                found = run_local(nproc_per_node, job)
-            else:
-                found = int8_check(
-                    model,
-                    DictLogits(load_predict_module(tmp / PREDICT_INT8)),
-                    data,
-                    split,
-                    art.meta,
-                    config.train.eval_batch_size,
-                    max_check_rows,
-                )
-            _judge_int8(report, found, split, auc_tolerance)
-        if report.table_files:
-            out_manifest["table_files"] = report.table_files
-        out_manifest["transform_identity"] = carry_transform(collapsed, tmp)
-        (tmp / MANIFEST).write_text(json.dumps(out_manifest, indent=2))
-        shutil.copy(collapsed / "config.yaml", tmp / "config.yaml")
-        (tmp / SERVING_DOC).write_text(serving_md(out_manifest))
-        report.seconds = time.perf_counter() - start
-        (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
-    return report
+def _write_models(
+    art: Artifact, model: CTRModel, tmp: Path, int8: bool, formats: Sequence[str], shards: int, report: ExportReport
+) -> dict[str, Any]:
+    """The table files and TorchRec's inference modules into ``tmp``; the output manifest so far."""
+    for fmt in formats:
+        report.table_files.update({f"{fmt}:{k}": v for k, v in export_tables(art.path, tmp, fmt).items()})
+    out_manifest = dict(art.info)
+    out_manifest["net_class"] = f"{type(model.net).__module__}.{type(model.net).__qualname__}"
+    out_manifest["predict_modules"] = write_predict_modules(model, art.meta, tmp, int8, shards, report)
+    if report.table_files:
+        out_manifest["table_files"] = report.table_files
+    return out_manifest
 
 
 def write_predict_modules(
@@ -352,25 +371,23 @@ def int8_check(
     return {"rows": m32.rows, "fp32": m32.as_dict(), "int8": m8.as_dict(), "max_abs_prob_diff": worst}
 
 
-def _int8_check_job(collapsed: str, int8_file: str, split: str, max_rows: int | None) -> dict[str, Any]:
-    """:func:`int8_check` as one rank of a job: the FP32 model sharded over the ranks, the INT8 model in each."""
-    from mlet_torchrec.serving.artifact import shard_for_job
-    from mlet_torchrec.training.distributed import process_group
-
-    art = load_artifact(collapsed)
-    with process_group(art.config.run.device) as ctx:
-        model = shard_for_job(art, ctx.device, ctx.world_size)
-        return int8_check(
-            model,
-            DictLogits(load_predict_module(int8_file)),
-            art.config.data.path,
-            split,
-            art.meta,
-            art.config.train.eval_batch_size,
-            max_rows,
-            ctx.rank,
-            ctx.world_size,
-        )
+def _int8_check_on_ranks(
+    art: Artifact, model: CTRModel | None, int8_file: Path, split: str, max_rows: int | None, ctx: DistContext
+) -> dict[str, Any]:
+    """:func:`int8_check` on this rank of ``ctx``'s group: the FP32 ``model``, or with ``None`` the FP32 model
+    sharded over the ranks (collective); the INT8 model from ``int8_file`` in each."""
+    fp32 = model if model is not None else shard_for_job(load_artifact(art.path), ctx.device, ctx.world_size)
+    return int8_check(
+        fp32,
+        DictLogits(load_predict_module(int8_file)),
+        art.config.data.path,
+        split,
+        art.meta,
+        art.config.train.eval_batch_size,
+        max_rows,
+        ctx.rank,
+        ctx.world_size,
+    )
 
 
 def _judge_int8(report: ExportReport, found: dict[str, Any], split: str, auc_tolerance: float) -> None:

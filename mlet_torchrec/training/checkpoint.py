@@ -446,13 +446,14 @@ def load_dcp(checkpoint: Path | str, state: dict[str, Any], no_dist: bool = Fals
         ) from None
 
 
-def load_model_state(checkpoint: Path, model: nn.Module) -> None:
-    """Load the checkpoint's model weights into ``model`` (sharded or plain; DCP reshards).
+def load_model_state(checkpoint: Path, model: nn.Module, no_dist: bool = False) -> None:
+    """Load the checkpoint's model weights into ``model`` (sharded or plain; DCP reshards); collective unless
+    ``no_dist`` (a whole model read by this process alone).
 
     Raises ``CheckpointError`` (on every rank of a job) if the files are damaged or hold another model.
     """
     state = {"model": model.state_dict()}
-    load_dcp(checkpoint, state)
+    load_dcp(checkpoint, state, no_dist=no_dist)
     try:
         model.load_state_dict(state["model"])
     except Exception as e:  # noqa: BLE001 - keys or shapes of another model
