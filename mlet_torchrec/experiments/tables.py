@@ -13,6 +13,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ class _Section:
     def slug(self) -> str:
         return "".join(c if c.isalnum() else "_" for c in f"{self.name}_{self.variant}".strip("_"))
 
-    @property
+    @cached_property
     def picks(self) -> list[Pick]:
         return self.res.picks()
 
@@ -64,6 +65,288 @@ class _Section:
     def r0(self) -> dict[str, Any]:
         return self.res.records[0]
 
+    def header(self) -> list[str]:
+        """Runs, base config, tuning and test rows."""
+        L: list[str] = []
+        L += [f"## {self.name}" + (f" ({self.variant})" if self.variant else ""), ""]
+        L += [
+            f"- runs: {len(self.res.records)} ({sum(r.get('role') == 'tune' for r in self.res.records)} of them "
+            f"{'learning-rate' if self.res.mlet_tuned else 'baseline'} tuning runs); d ∈ {self.res.ds}, "
+            f"k ∈ {['null'] + self.res.ks}, "
+            f"seeds {self.res.seeds}; processes per run: "
+            f"{sorted({r.get('nproc') for r in self.res.records}, key=lambda n: (n is None, n or 0))}",
+            f"- base config: `{self.r0.get('base_config')}`"
+            + (f" with `{' '.join(self.r0['base_overrides'])}`" if self.r0.get("base_overrides") else ""),
+            f"- fair baseline: embedding (sparse) learning rate tuned over {self.res.tune_lrs} per (d, seed) on "
+            f"**validation** AUC{', for MLET (per k) as for the baseline' if self.res.mlet_tuned else ''}; budget "
+            f"{self.res.records[-1].get('budget', 'n/a')}."
+            if self.res.has_tuning
+            else "- no baseline tuning runs in these results (`--tune-baseline` not given)",
+            f"- test rows: {int(_get(self.r0, 'test.rows') or 0)}, "
+            f"positive rate {(_get(self.r0, 'test.positive_rate') or 0):.3f}, "
+            f"label entropy (LogLoss of a constant) {(_get(self.r0, 'test.label_entropy') or 0):.4f}",
+            "",
+        ]
+        return L
+
+    def summary(self) -> list[str]:
+        """MLET against the baseline: paired Δ, plain statements, smaller served tables."""
+        L: list[str] = []
+        n_seeds = len(self.res.seeds)
+        L += ["### Summary: MLET vs the single-layer baseline (test AUC, paired over seeds)", ""]
+        L += [
+            "Δ = MLET − baseline on the same seed (mean ± std over seeds). Verdict: paired t-test, significant when "
+            "its Benjamini-Hochberg q over this table's tests is < 0.05 (the raw p beside it) "
+            f"(n = {n_seeds} seeds; with 3 seeds a difference must be about 2.5x its std to count). "
+            "'seed std' is the std of the baseline's AUC over seeds.",
+            "",
+        ]
+        tests = [
+            (d, m, b, diffs)
+            for d in self.res.ds
+            for m in self.mlets
+            for b in _baselines_for(m, self.res, self.paper, self.tuned)
+            if (diffs := self.res.paired(m, b, self.variant, d, "test.auc"))
+        ]
+        qs = bh_q([paired_test(diffs).p for *_, diffs in tests])
+        q_of = {(d, m.name, b.name): q for (d, m, b, _), q in zip(tests, qs, strict=True)}
+        rows = []
+        for (d, m, b, diffs), q in zip(tests, qs, strict=True):
+            _, sstd, _ = mean_std(self.res.values(b, self.variant, d, "test.auc"))
+            dm, _, _ = mean_std(diffs)
+            ratio = "–" if not sstd or math.isnan(sstd) else f"{abs(dm) / sstd:.1f}"
+            p = paired_test(diffs).p
+            rows.append(
+                [
+                    d,
+                    m.name,
+                    b.name,
+                    fmt(diffs, 4),
+                    "–" if math.isnan(sstd) else f"{sstd:.4f}",
+                    ratio,
+                    _pq(p),
+                    _pq(q),
+                    verdict(diffs, q=_q(q)),
+                ]
+            )
+        L += _table(["d", "MLET", "vs", "Δ AUC", "seed std", "abs Δ / seed std", "p", "q (BH)", "verdict"], rows) + [""]
+        L += _plain_statements(self.res, self.variant, self.paper, self.tuned, self.mlets, q_of)
+        # smaller d with MLET vs larger d baseline (the papers' headline)
+        if len(self.res.ds) > 1:
+            rows = []
+            for i, d_small in enumerate(self.res.ds):
+                for d_big in self.res.ds[i + 1 :]:
+                    best = next((m for m in self.mlets if m.kind == "mlet_best"), self.mlets[0] if self.mlets else None)
+                    if best is None:
+                        continue
+                    auc_small = self.res.values(best, self.variant, d_small, "test.auc")
+                    auc_big = self.res.values(self.ref, self.variant, d_big, "test.auc")
+                    if auc_small and auc_big:
+                        rows.append(
+                            [
+                                f"{best.name}, d={d_small}",
+                                f"{self.ref.name}, d={d_big}",
+                                fmt(auc_small),
+                                fmt(auc_big),
+                                f"{statistics.fmean(auc_small) - statistics.fmean(auc_big):+.4f}",
+                            ]
+                        )
+            if rows:
+                L += [
+                    "Smaller served tables: MLET at a small d against the baseline at a larger d (unpaired means):",
+                    "",
+                ]
+                L += _table(["MLET", "baseline", "MLET AUC", "baseline AUC", "Δ of means"], rows) + [""]
+        return L
+
+    def vs_d(self) -> list[str]:
+        """AUC and LogLoss against d for each k (paper Fig. 2/3) and the chosen learning rates."""
+        L: list[str] = []
+        L += ["### AUC and LogLoss vs d for each k (paper Fig. 2/3)", ""]
+        for path, label in (("test.auc", "test AUC"), ("test.logloss", "test LogLoss"), ("valid.auc", "valid AUC")):
+            L += [f"**{label}** (mean ± std over seeds)", ""]
+            L += _table(
+                ["method"] + [f"d={d}" for d in self.res.ds],
+                [[m.name] + [fmt(self.res.values(m, self.variant, d, path)) for d in self.res.ds] for m in self.picks],
+            ) + [""]
+        p1 = plot_vs_d(
+            self.res,
+            self.variant,
+            "test.auc",
+            "test AUC",
+            self.plots / f"{self.slug}_auc_vs_d.png",
+            f"{self.name}: AUC vs d",
+        )
+        p2 = plot_vs_d(
+            self.res,
+            self.variant,
+            "test.logloss",
+            "test LogLoss",
+            self.plots / f"{self.slug}_logloss_vs_d.png",
+            f"{self.name}: LogLoss vs d",
+        )
+        L += [f"![AUC vs d](plots/{p1}) ![LogLoss vs d](plots/{p2})", ""]
+        chosen_by = [m for m in self.picks if m.kind in ("tuned", "mlet_tuned", "mlet_best")] if self.tuned else []
+        if chosen_by:
+            L += [
+                "Embedding learning rate the tuning chose (per seed, on validation AUC; `k=` where k was chosen too):",
+                "",
+            ]
+            rows = []
+            for m in chosen_by:
+                for d in self.res.ds:
+                    picks = [self.res.pick(m, self.variant, d, s) for s in self.res.seeds]
+                    rows.append(
+                        [m.name, d]
+                        + [
+                            "–"
+                            if r is None
+                            else _g(r["sparse_lr"]) + (f" (k={r['k']})" if m.kind == "mlet_best" else "")
+                            for r in picks
+                        ]
+                    )
+            L += _table(["method", "d"] + [f"seed {s}" for s in self.res.seeds], rows) + [""]
+        return L
+
+    def freq(self) -> list[str]:
+        """PR-AUC on the most and least frequent items (paper Table 3)."""
+        L: list[str] = []
+        f0 = self.r0.get("freq") or {}
+        L += ["### PR-AUC on the most and least frequent items (paper Table 3)", ""]
+        L += [
+            f"Test rows ranked by the train-split count of their ids ({f0.get('rule', 'n/a')}; features: "
+            f"{', '.join(f0.get('features', [])) or 'n/a'}); PR-AUC on the top and bottom "
+            f"{int(100 * f0.get('fraction', 0.1))}% of rows (train counts in those splits: top "
+            f"{(f0.get('top10') or {}).get('min_freq', '?')}..{(f0.get('top10') or {}).get('max_freq', '?')}, bottom "
+            f"{(f0.get('bottom10') or {}).get('min_freq', '?')}..{(f0.get('bottom10') or {}).get('max_freq', '?')}; "
+            f"positive rates {(f0.get('top10') or {}).get('positive_rate', float('nan')):.3f} / "
+            f"{(f0.get('bottom10') or {}).get('positive_rate', float('nan')):.3f}).",
+            "",
+        ]
+        header = ["method"] + [f"{w} d={d}" for d in self.res.ds for w in ("top 10%", "bottom 10%")]
+        L += _table(
+            header,
+            [
+                [m.name]
+                + [
+                    fmt(self.res.values(m, self.variant, d, f"freq.{w}.pr_auc"))
+                    for d in self.res.ds
+                    for w in ("top10", "bottom10")
+                ]
+                for m in self.picks
+            ],
+        ) + [""]
+        tests = [
+            (d, m, w, diffs)
+            for d in self.res.ds
+            for m in self.mlets
+            for w in ("top10", "bottom10")
+            if (diffs := self.res.paired(m, self.ref, self.variant, d, f"freq.{w}.pr_auc"))
+        ]
+        qs = bh_q([paired_test(diffs).p for *_, diffs in tests])
+        rows = [
+            [d, m.name, w.replace("10", " 10%"), fmt(diffs), _pq(paired_test(diffs).p), _pq(q), verdict(diffs, q=_q(q))]
+            for (d, m, w, diffs), q in zip(tests, qs, strict=True)
+        ]
+        if rows:
+            L += [f"Paired Δ PR-AUC, MLET − {self.ref.name} (q: Benjamini-Hochberg over this table's tests):", ""]
+            L += _table(["d", "MLET", "rows", "Δ PR-AUC", "p", "q (BH)", "verdict"], rows) + [""]
+        p3 = plot_freq(
+            self.res, self.variant, self.plots / f"{self.slug}_freq_prauc.png", f"{self.name}: PR-AUC by item frequency"
+        )
+        L += [f"![PR-AUC by frequency](plots/{p3})", ""]
+        return L
+
+    def cost(self) -> list[str]:
+        """Time per iteration and memory per (k, d) (paper Table 2)."""
+        L: list[str] = []
+        L += ["### Time per iteration and memory per (k, d) (paper Table 2)", ""]
+        L += [
+            "Time: training loop seconds / steps. Peak RSS: "
+            + (self.r0.get("peak_rss_source") or "n/a")
+            + ". Table MiB: FP32 tables while training (n·k + k·d) and at serving (n·d). "
+            "Timings come from a shared 2-core machine with other jobs running: compare within a sweep only, "
+            "and expect noise.",
+            "",
+        ]
+        rows = []
+        for k in [None] + self.res.ks:
+            m = self.paper if k is None else Pick("", "mlet", k)
+            for d in self.res.ds:
+                rs = [r for s in self.res.seeds if (r := self.res.pick(m, self.variant, d, s)) is not None]
+                if not rs:
+                    continue
+                rows.append(
+                    [
+                        "null" if k is None else k,
+                        d,
+                        fmt([_get(r, "seconds_per_iter") for r in rs], 2, 1e3),
+                        fmt([_get(r, "peak_rss_mb") for r in rs], 0),
+                        _mib(_get(rs[0], "training_table_bytes")),
+                        _mib(_get(rs[0], "serving_table_bytes")),
+                    ]
+                )
+        L += _table(["k", "d", "ms / iteration", "peak RSS MiB", "training tables MiB", "serving tables MiB"], rows)
+        L += [""]
+        return L
+
+    def compression(self) -> list[str]:
+        """MLET against SVD; hashing and INT8 (paper Table 4, Fig. 5/7)."""
+        L: list[str] = []
+        comp = [
+            r for r in self.res.records if isinstance(r.get("compression"), dict) and "error" not in r["compression"]
+        ]
+        failed = [r for r in self.res.records if isinstance(r.get("compression"), dict) and "error" in r["compression"]]
+        L += ["### MLET vs SVD (paper Table 4); hashing and INT8 composition (paper Fig. 5/7)", ""]
+        if not comp:
+            L += [
+                "not measured yet: these results hold no `compression` measurements (a sweep with "
+                "`--no-compression`). Rerun the sweep without it; the section then fills in.",
+                "",
+            ]
+        else:
+            L += _compression_section(self.res, self.variant, comp)
+        if failed:
+            L += [
+                f"({len(failed)} runs' compression measurements failed: {failed[0]['compression']['error'][:200]})",
+                "",
+            ]
+        return L
+
+    def spectrum(self) -> list[str]:
+        """Singular values of the collapsed tables."""
+        L: list[str] = []
+        L += ["### Singular values of the collapsed tables", ""]
+        L += [
+            "Count of singular values of W (n x d; W = W1·W2 for MLET) above 1% of the largest, mean over seeds; "
+            "'all tables' averages the count over tables, 'largest' is the table with the most rows. The maximum "
+            "possible count is d. The third number counts the largest table's singular values above 10% of its largest "
+            "(the 1% threshold rarely discriminates at these d).",
+            "",
+        ]
+        rows = []
+        for m in [x for x in self.picks if x.kind != "mlet_best"]:
+            row = [m.name]
+            for d in self.res.ds:
+                all_c, big_c, big10 = [], [], []
+                for s in self.res.seeds:
+                    r = self.res.pick(m, self.variant, d, s)
+                    if r is None or "spectrum" not in r:
+                        continue
+                    sp = r["spectrum"]
+                    all_c.append(statistics.fmean(v["above_1pct"] for v in sp.values()))
+                    big = sp[max(sp, key=lambda t: sp[t]["rows"])]
+                    big_c.append(big["above_1pct"])
+                    sv = big["singular_values"]
+                    big10.append(sum(x > 0.1 * sv[0] for x in sv) if sv else 0)
+                row.append(f"{fmt(all_c, 1)} / {fmt(big_c, 1)} / {fmt(big10, 1)}" if all_c else "–")
+            rows.append(row)
+        L += _table(["method"] + [f"d={d}: all / largest / largest >10%" for d in self.res.ds], rows) + [""]
+        p4 = plot_spectrum(self.res, self.variant, self.plots / f"{self.slug}_spectrum.png", self.name)
+        if p4:
+            L += [f"![spectrum](plots/{p4})", ""]
+        return L
+
 
 def _pq(x: float) -> str:
     return "–" if math.isnan(x) else f"{x:.3f}"
@@ -78,307 +361,10 @@ def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_m
     """One data set's (and variant's) section of the report: runs, summary, the papers' tables and figures."""
     c = _Section(res, name, variant, out)
     L: list[str] = []
-    for part in (_part_header, _part_summary, _part_vs_d, _part_freq, _part_cost, _part_compression, _part_spectrum):
-        L += part(c)
+    for part in (c.header, c.summary, c.vs_d, c.freq, c.cost, c.compression, c.spectrum):
+        L += part()
     L += ["### Recommendation: d and k for a serving-memory budget", ""]
     L += _recommendation(res, variant, budgets_mb)
-    return L
-
-
-def _part_header(c: _Section) -> list[str]:
-    """Runs, base config, tuning and test rows."""
-    res = c.res
-    variant = c.variant
-    r0 = c.r0
-    name = c.name
-    L: list[str] = []
-    L += [f"## {name}" + (f" ({variant})" if variant else ""), ""]
-    L += [
-        f"- runs: {len(res.records)} ({sum(r.get('role') == 'tune' for r in res.records)} of them "
-        f"{'learning-rate' if res.mlet_tuned else 'baseline'} tuning runs); d ∈ {res.ds}, k ∈ {['null'] + res.ks}, "
-        f"seeds {res.seeds}; processes per run: "
-        f"{sorted({r.get('nproc') for r in res.records}, key=lambda n: (n is None, n or 0))}",
-        f"- base config: `{r0.get('base_config')}`"
-        + (f" with `{' '.join(r0['base_overrides'])}`" if r0.get("base_overrides") else ""),
-        f"- fair baseline: embedding (sparse) learning rate tuned over {res.tune_lrs} per (d, seed) on "
-        f"**validation** AUC{', for MLET (per k) as for the baseline' if res.mlet_tuned else ''}; budget "
-        f"{res.records[-1].get('budget', 'n/a')}."
-        if res.has_tuning
-        else "- no baseline tuning runs in these results (`--tune-baseline` not given)",
-        f"- test rows: {int(_get(r0, 'test.rows') or 0)}, positive rate {(_get(r0, 'test.positive_rate') or 0):.3f}, "
-        f"label entropy (LogLoss of a constant) {(_get(r0, 'test.label_entropy') or 0):.4f}",
-        "",
-    ]
-    return L
-
-
-def _part_summary(c: _Section) -> list[str]:
-    """MLET against the baseline: paired Δ, plain statements, smaller served tables."""
-    res = c.res
-    variant = c.variant
-    paper = c.paper
-    tuned = c.tuned
-    ref = c.ref
-    mlets = c.mlets
-    L: list[str] = []
-    n_seeds = len(res.seeds)
-    L += ["### Summary: MLET vs the single-layer baseline (test AUC, paired over seeds)", ""]
-    L += [
-        "Δ = MLET − baseline on the same seed (mean ± std over seeds). Verdict: paired t-test, significant when "
-        "its Benjamini-Hochberg q over this table's tests is < 0.05 (the raw p beside it) "
-        f"(n = {n_seeds} seeds; with 3 seeds a difference must be about 2.5x its std to count). "
-        "'seed std' is the std of the baseline's AUC over seeds.",
-        "",
-    ]
-    tests = [
-        (d, m, b, diffs)
-        for d in res.ds
-        for m in mlets
-        for b in _baselines_for(m, res, paper, tuned)
-        if (diffs := res.paired(m, b, variant, d, "test.auc"))
-    ]
-    qs = bh_q([paired_test(diffs).p for *_, diffs in tests])
-    q_of = {(d, m.name, b.name): q for (d, m, b, _), q in zip(tests, qs, strict=True)}
-    rows = []
-    for (d, m, b, diffs), q in zip(tests, qs, strict=True):
-        _, sstd, _ = mean_std(res.values(b, variant, d, "test.auc"))
-        dm, _, _ = mean_std(diffs)
-        ratio = "–" if not sstd or math.isnan(sstd) else f"{abs(dm) / sstd:.1f}"
-        p = paired_test(diffs).p
-        rows.append(
-            [
-                d,
-                m.name,
-                b.name,
-                fmt(diffs, 4),
-                "–" if math.isnan(sstd) else f"{sstd:.4f}",
-                ratio,
-                _pq(p),
-                _pq(q),
-                verdict(diffs, q=_q(q)),
-            ]
-        )
-    L += _table(["d", "MLET", "vs", "Δ AUC", "seed std", "abs Δ / seed std", "p", "q (BH)", "verdict"], rows) + [""]
-    L += _plain_statements(res, variant, paper, tuned, mlets, q_of)
-    # smaller d with MLET vs larger d baseline (the papers' headline)
-    if len(res.ds) > 1:
-        rows = []
-        for i, d_small in enumerate(res.ds):
-            for d_big in res.ds[i + 1 :]:
-                best = next((m for m in mlets if m.kind == "mlet_best"), mlets[0] if mlets else None)
-                if best is None:
-                    continue
-                auc_small = res.values(best, variant, d_small, "test.auc")
-                auc_big = res.values(ref, variant, d_big, "test.auc")
-                if auc_small and auc_big:
-                    rows.append(
-                        [
-                            f"{best.name}, d={d_small}",
-                            f"{ref.name}, d={d_big}",
-                            fmt(auc_small),
-                            fmt(auc_big),
-                            f"{statistics.fmean(auc_small) - statistics.fmean(auc_big):+.4f}",
-                        ]
-                    )
-        if rows:
-            L += ["Smaller served tables: MLET at a small d against the baseline at a larger d (unpaired means):", ""]
-            L += _table(["MLET", "baseline", "MLET AUC", "baseline AUC", "Δ of means"], rows) + [""]
-    return L
-
-
-def _part_vs_d(c: _Section) -> list[str]:
-    """AUC and LogLoss against d for each k (paper Fig. 2/3) and the chosen learning rates."""
-    res = c.res
-    variant = c.variant
-    methods = c.picks
-    tuned = c.tuned
-    name = c.name
-    plots = c.plots
-    slug = c.slug
-    L: list[str] = []
-    L += ["### AUC and LogLoss vs d for each k (paper Fig. 2/3)", ""]
-    for path, label in (("test.auc", "test AUC"), ("test.logloss", "test LogLoss"), ("valid.auc", "valid AUC")):
-        L += [f"**{label}** (mean ± std over seeds)", ""]
-        L += _table(
-            ["method"] + [f"d={d}" for d in res.ds],
-            [[m.name] + [fmt(res.values(m, variant, d, path)) for d in res.ds] for m in methods],
-        ) + [""]
-    p1 = plot_vs_d(res, variant, "test.auc", "test AUC", plots / f"{slug}_auc_vs_d.png", f"{name}: AUC vs d")
-    p2 = plot_vs_d(
-        res, variant, "test.logloss", "test LogLoss", plots / f"{slug}_logloss_vs_d.png", f"{name}: LogLoss vs d"
-    )
-    L += [f"![AUC vs d](plots/{p1}) ![LogLoss vs d](plots/{p2})", ""]
-    chosen_by = [m for m in methods if m.kind in ("tuned", "mlet_tuned", "mlet_best")] if tuned else []
-    if chosen_by:
-        L += [
-            "Embedding learning rate the tuning chose (per seed, on validation AUC; `k=` where k was chosen too):",
-            "",
-        ]
-        rows = []
-        for m in chosen_by:
-            for d in res.ds:
-                picks = [res.pick(m, variant, d, s) for s in res.seeds]
-                rows.append(
-                    [m.name, d]
-                    + [
-                        "–" if r is None else _g(r["sparse_lr"]) + (f" (k={r['k']})" if m.kind == "mlet_best" else "")
-                        for r in picks
-                    ]
-                )
-        L += _table(["method", "d"] + [f"seed {s}" for s in res.seeds], rows) + [""]
-    return L
-
-
-def _part_freq(c: _Section) -> list[str]:
-    """PR-AUC on the most and least frequent items (paper Table 3)."""
-    res = c.res
-    variant = c.variant
-    methods = c.picks
-    ref = c.ref
-    mlets = c.mlets
-    r0 = c.r0
-    name = c.name
-    plots = c.plots
-    slug = c.slug
-    L: list[str] = []
-    f0 = r0.get("freq") or {}
-    L += ["### PR-AUC on the most and least frequent items (paper Table 3)", ""]
-    L += [
-        f"Test rows ranked by the train-split count of their ids ({f0.get('rule', 'n/a')}; features: "
-        f"{', '.join(f0.get('features', [])) or 'n/a'}); PR-AUC on the top and bottom "
-        f"{int(100 * f0.get('fraction', 0.1))}% of rows (train counts in those splits: top "
-        f"{(f0.get('top10') or {}).get('min_freq', '?')}..{(f0.get('top10') or {}).get('max_freq', '?')}, bottom "
-        f"{(f0.get('bottom10') or {}).get('min_freq', '?')}..{(f0.get('bottom10') or {}).get('max_freq', '?')}; "
-        f"positive rates {(f0.get('top10') or {}).get('positive_rate', float('nan')):.3f} / "
-        f"{(f0.get('bottom10') or {}).get('positive_rate', float('nan')):.3f}).",
-        "",
-    ]
-    header = ["method"] + [f"{w} d={d}" for d in res.ds for w in ("top 10%", "bottom 10%")]
-    L += _table(
-        header,
-        [
-            [m.name]
-            + [fmt(res.values(m, variant, d, f"freq.{w}.pr_auc")) for d in res.ds for w in ("top10", "bottom10")]
-            for m in methods
-        ],
-    ) + [""]
-    tests = [
-        (d, m, w, diffs)
-        for d in res.ds
-        for m in mlets
-        for w in ("top10", "bottom10")
-        if (diffs := res.paired(m, ref, variant, d, f"freq.{w}.pr_auc"))
-    ]
-    qs = bh_q([paired_test(diffs).p for *_, diffs in tests])
-    rows = [
-        [d, m.name, w.replace("10", " 10%"), fmt(diffs), _pq(paired_test(diffs).p), _pq(q), verdict(diffs, q=_q(q))]
-        for (d, m, w, diffs), q in zip(tests, qs, strict=True)
-    ]
-    if rows:
-        L += [f"Paired Δ PR-AUC, MLET − {ref.name} (q: Benjamini-Hochberg over this table's tests):", ""]
-        L += _table(["d", "MLET", "rows", "Δ PR-AUC", "p", "q (BH)", "verdict"], rows) + [""]
-    p3 = plot_freq(res, variant, plots / f"{slug}_freq_prauc.png", f"{name}: PR-AUC by item frequency")
-    L += [f"![PR-AUC by frequency](plots/{p3})", ""]
-    return L
-
-
-def _part_cost(c: _Section) -> list[str]:
-    """Time per iteration and memory per (k, d) (paper Table 2)."""
-    res = c.res
-    variant = c.variant
-    paper = c.paper
-    r0 = c.r0
-    L: list[str] = []
-    L += ["### Time per iteration and memory per (k, d) (paper Table 2)", ""]
-    L += [
-        "Time: training loop seconds / steps. Peak RSS: "
-        + (r0.get("peak_rss_source") or "n/a")
-        + ". Table MiB: FP32 tables while training (n·k + k·d) and at serving (n·d). "
-        "Timings come from a shared 2-core machine with other jobs running: compare within a sweep only, "
-        "and expect noise.",
-        "",
-    ]
-    rows = []
-    for k in [None] + res.ks:
-        m = paper if k is None else Pick("", "mlet", k)
-        for d in res.ds:
-            rs = [r for s in res.seeds if (r := res.pick(m, variant, d, s)) is not None]
-            if not rs:
-                continue
-            rows.append(
-                [
-                    "null" if k is None else k,
-                    d,
-                    fmt([_get(r, "seconds_per_iter") for r in rs], 2, 1e3),
-                    fmt([_get(r, "peak_rss_mb") for r in rs], 0),
-                    _mib(_get(rs[0], "training_table_bytes")),
-                    _mib(_get(rs[0], "serving_table_bytes")),
-                ]
-            )
-    L += _table(["k", "d", "ms / iteration", "peak RSS MiB", "training tables MiB", "serving tables MiB"], rows)
-    L += [""]
-    return L
-
-
-def _part_compression(c: _Section) -> list[str]:
-    """MLET against SVD; hashing and INT8 (paper Table 4, Fig. 5/7)."""
-    res = c.res
-    variant = c.variant
-    L: list[str] = []
-    comp = [r for r in res.records if isinstance(r.get("compression"), dict) and "error" not in r["compression"]]
-    failed = [r for r in res.records if isinstance(r.get("compression"), dict) and "error" in r["compression"]]
-    L += ["### MLET vs SVD (paper Table 4); hashing and INT8 composition (paper Fig. 5/7)", ""]
-    if not comp:
-        L += [
-            "not measured yet: these results hold no `compression` measurements (a sweep with "
-            "`--no-compression`). Rerun the sweep without it; the section then fills in.",
-            "",
-        ]
-    else:
-        L += _compression_section(res, variant, comp)
-    if failed:
-        L += [f"({len(failed)} runs' compression measurements failed: {failed[0]['compression']['error'][:200]})", ""]
-    return L
-
-
-def _part_spectrum(c: _Section) -> list[str]:
-    """Singular values of the collapsed tables."""
-    res = c.res
-    variant = c.variant
-    methods = c.picks
-    name = c.name
-    plots = c.plots
-    slug = c.slug
-    L: list[str] = []
-    L += ["### Singular values of the collapsed tables", ""]
-    L += [
-        "Count of singular values of W (n x d; W = W1·W2 for MLET) above 1% of the largest, mean over seeds; "
-        "'all tables' averages the count over tables, 'largest' is the table with the most rows. The maximum "
-        "possible count is d. The third number counts the largest table's singular values above 10% of its largest "
-        "(the 1% threshold rarely discriminates at these d).",
-        "",
-    ]
-    rows = []
-    for m in [x for x in methods if x.kind != "mlet_best"]:
-        row = [m.name]
-        for d in res.ds:
-            all_c, big_c, big10 = [], [], []
-            for s in res.seeds:
-                r = res.pick(m, variant, d, s)
-                if r is None or "spectrum" not in r:
-                    continue
-                sp = r["spectrum"]
-                all_c.append(statistics.fmean(v["above_1pct"] for v in sp.values()))
-                big = sp[max(sp, key=lambda t: sp[t]["rows"])]
-                big_c.append(big["above_1pct"])
-                sv = big["singular_values"]
-                big10.append(sum(x > 0.1 * sv[0] for x in sv) if sv else 0)
-            row.append(f"{fmt(all_c, 1)} / {fmt(big_c, 1)} / {fmt(big10, 1)}" if all_c else "–")
-        rows.append(row)
-    L += _table(["method"] + [f"d={d}: all / largest / largest >10%" for d in res.ds], rows) + [""]
-    p4 = plot_spectrum(res, variant, plots / f"{slug}_spectrum.png", name)
-    if p4:
-        L += [f"![spectrum](plots/{p4})", ""]
     return L
 
 
