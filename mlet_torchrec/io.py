@@ -34,9 +34,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.stale import OLD_TAG, TMP_TAG, sweep_stale
+
+T = TypeVar("T")
 
 MARKER = ".mlet-output.json"
 """The file that says a directory was written by ``mlet`` (and may be replaced with --overwrite)."""
@@ -387,40 +390,44 @@ def describe_os_error(e: OSError, what: Path | str) -> str:
     return f"cannot write {what}: {e}"
 
 
+class Ranks(Protocol):
+    """The ranks of a job writing one output together (:mod:`mlet_torchrec.ranks` is the job's)."""
+
+    def is_main(self) -> bool: ...
+
+    def barrier(self) -> None: ...
+
+    def from_main(self, value: T) -> T: ...
+
+
 @contextlib.contextmanager
 def atomic_output(
     output: Path | str,
     command: str,
     inputs: Sequence[Path | str] = (),
     overwrite: bool = False,
-    every_rank: bool = False,
+    ranks: Ranks | None = None,
 ) -> Iterator[Path]:
     """:class:`AtomicOutput` as a ``with`` block: yields the temporary directory to fill.
 
     On any exception the temporary directory is removed and the old output (if any) is untouched; a
-    full disk or a permission error becomes a one-line :class:`OutputError`. ``every_rank``: every rank of
-    the initialised process group enters the block alike and writes into one temporary directory (rank 0's),
-    which exists before any rank's block starts; rank 0 commits once every rank's block has ended, and every
-    rank leaves after the commit.
+    full disk or a permission error becomes a one-line :class:`OutputError`. With ``ranks`` every rank of a
+    job enters the block alike and writes into one temporary directory (rank 0's), which exists before any
+    rank's block starts; rank 0 commits once every rank's block has ended, and every rank leaves after that.
     """
     out = AtomicOutput(output, command, inputs, overwrite)
-    main = True
-    if every_rank:
-        import torch.distributed as dist
-
-        token = [out.token]
-        dist.broadcast_object_list(token, src=0)
-        out = AtomicOutput(output, command, inputs, overwrite, token=token[0])
-        main = dist.get_rank() == 0
+    if ranks is not None:
+        out = AtomicOutput(output, command, inputs, overwrite, token=ranks.from_main(out.token))
+    main = ranks is None or ranks.is_main()
     try:
         if main:
             out.begin()
-        _barrier(every_rank)  # the temporary directory exists before any rank writes into it
+        _barrier(ranks)  # the temporary directory exists before any rank writes into it
         yield out.tmp
-        _barrier(every_rank)  # every rank has written its part
+        _barrier(ranks)  # every rank has written its part
         if main:
             out.commit()
-        _barrier(every_rank)
+        _barrier(ranks)
     except OSError as e:
         if main:
             out.abort()
@@ -431,11 +438,9 @@ def atomic_output(
         raise
 
 
-def _barrier(every_rank: bool) -> None:
-    if every_rank:
-        import torch.distributed as dist
-
-        dist.barrier()
+def _barrier(ranks: Ranks | None) -> None:
+    if ranks is not None:
+        ranks.barrier()
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:

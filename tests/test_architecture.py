@@ -21,6 +21,7 @@ LAYERS: list[str] = [
     "data_pipes",  # the data set contract: schema, reader, synth, converters
     # the typed config (each model's section declared in models/configs/); the verbs' choices and defaults
     "mlet_torchrec.config mlet_torchrec.models.configs mlet_torchrec.options",
+    "mlet_torchrec.ranks",  # this process's rank in its job, barrier, broadcast (torch.distributed)
     "mlet_torchrec.modules",  # MLET tables and the one W1 @ W2 routine
     "mlet_torchrec.models",  # CTR models built on them
     "mlet_torchrec.evaluation",  # metrics and scoring (training evaluates while it trains)

@@ -27,6 +27,7 @@ from torchrec.datasets.utils import Batch
 
 from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta
+from mlet_torchrec import ranks
 from mlet_torchrec.evaluation.metrics import CTRMetrics, MetricAccumulator
 
 
@@ -62,7 +63,7 @@ def empty_batch(keys: list[str], num_dense: int, size: int) -> Batch:
 
 
 def _steps_over_ranks(local_steps: int, device: torch.device) -> int:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if ranks.world()[1] == 1:
         return local_steps
     t = torch.tensor([local_steps], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from mlet_torchrec import ranks
 from mlet_torchrec.evaluation.ranking import (
     BINS,
     add_to_histogram,
@@ -67,10 +68,6 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
 class MetricAccumulator:
     """Streaming CTR metrics of one rank's rows; :meth:`result` combines the ranks (collective in a job)."""
 
@@ -105,7 +102,7 @@ class MetricAccumulator:
         """The metrics over every rank's rows (every rank must call it; all return the same numbers). In exact
         mode the kept scores are released: call it once."""
         sums, counts = self.sums, self.counts
-        distributed = not self.local and _distributed()
+        distributed = not self.local and ranks.world()[1] > 1
         if distributed:
             dev = _comm_device()
             sums = sums.to(dev)

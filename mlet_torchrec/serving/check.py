@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mlet_torchrec import ranks
 from mlet_torchrec.evaluation.evaluate import eval_device, score_split
 from mlet_torchrec.evaluation.metrics import MetricAccumulator
 from mlet_torchrec.serving.artifact import Artifact, shard_for_job
@@ -36,7 +37,7 @@ def check_predictions(
     config, meta = source.config, source.meta
     rank, world = 0, 1
     if distributed:
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank, world = ranks.world()
         factored = shard_for_job(source, eval_device(), world)
         plain = shard_for_job(written, eval_device(), world)
     else:

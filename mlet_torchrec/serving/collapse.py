@@ -55,6 +55,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from data_pipes.transform import carry_transform
+from mlet_torchrec import ranks
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.io import (
     AtomicOutput,
@@ -369,9 +370,7 @@ def _run(job: _Job, a: _Args, rank: int, world: int, device: torch.device) -> Co
 
     out = AtomicOutput(output, COMMAND, inputs, overwrite)
     if distributed:  # one temporary directory for every rank: rank 0's
-        token = [out.token]
-        dist.broadcast_object_list(token, src=0)
-        out = AtomicOutput(output, COMMAND, inputs, overwrite, token=token[0])
+        out = AtomicOutput(output, COMMAND, inputs, overwrite, token=ranks.from_main(out.token))
     committed = False
     try:
         if is_main:

@@ -35,6 +35,7 @@ from torch import nn
 
 from data_pipes.schema import METADATA_FILE, DatasetMeta
 from data_pipes.transform import carry_transform
+from mlet_torchrec import ranks
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import score_split
 from mlet_torchrec.evaluation.metrics import MetricAccumulator
@@ -222,8 +223,6 @@ def export(
     in each), and rank 0 commits the output. ``shards`` > 0 also writes the INT8 model sharded table-wise over
     that many devices by ``shard_quant_model``, checked against the unsharded one.
     """
-    import torch.distributed as dist
-
     from mlet_torchrec.training.distributed import process_group
 
     start = time.perf_counter()
@@ -235,12 +234,12 @@ def export(
     report.fp32_table_bytes = sum(fp32_table_bytes(t["rows"], t["d"]) for t in tables)
     with (
         process_group(art.config.run.device) as ctx,
-        atomic_output(output, COMMAND, [collapsed, data], overwrite, every_rank=True) as tmp,
+        atomic_output(output, COMMAND, [collapsed, data], overwrite, ranks=ranks) as tmp,
     ):
         model = art.materialize() if ctx.is_main else None
         out_manifest = _write_models(art, model, tmp, int8, formats, shards, report) if model is not None else {}
         if int8 and check:
-            dist.barrier()  # rank 0 has written the INT8 module
+            ranks.barrier()  # rank 0 has written the INT8 module
             whole, model = (model if ctx.world_size == 1 else None), None  # a job shards the FP32 model instead
             found = _int8_check_on_ranks(art, whole, tmp / PREDICT_INT8, split, max_check_rows, ctx)
             _judge_int8(report, found, split, auc_tolerance)  # every rank: the same figures, the same verdict
@@ -251,9 +250,8 @@ def export(
             (tmp / SERVING_DOC).write_text(serving_md(out_manifest))
             report.seconds = time.perf_counter() - start
             (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
-        box = [report]
-        dist.broadcast_object_list(box, src=0)  # what rank 0 wrote, on every rank
-    return box[0]
+        report = ranks.from_main(report)  # what rank 0 wrote, on every rank
+    return report
 
 
 def _checked_source(

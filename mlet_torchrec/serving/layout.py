@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 from torch import nn
 
+from mlet_torchrec import ranks
 from mlet_torchrec.training.safe_dcp import read_metadata
 
 
@@ -161,7 +161,7 @@ def plan_layout(
     )
     sharders = [MLETEmbeddingBagCollectionSharder()]
     with quiet_planner():
-        if dist.is_initialized() and dist.get_world_size() == world_size:
+        if ranks.world()[1] == world_size:
             plan = collective_plan(planner, model, sharders)
         else:
             plan = planner.plan(model, sharders)

@@ -25,17 +25,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 
 from data_pipes.order import shard_rows
 from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta
+from mlet_torchrec import ranks
 from mlet_torchrec.evaluation.evaluate import eval_device, score, split_stream
 from mlet_torchrec.io import AtomicFile
 from mlet_torchrec.serving.scoring import Scorer, check_data, resolve_scorer, scorer_model
@@ -129,18 +128,6 @@ def written_by_predict(path: Path) -> bool:
     return meta.get(b"mlet.writer") == WRITER
 
 
-def _broadcast(value: Any) -> Any:
-    box = [value]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def predict(
     source: Path | str,
     data: Path | str | None,
@@ -161,21 +148,21 @@ def predict(
     data = str(data if data is not None else scorer.config.data.path)
     meta = check_data(scorer, data, split)
     with process_group(scorer.config.run.device) as ctx:
-        token = _broadcast(AtomicFile(output, written_by_predict, [source, data], overwrite).token)
+        token = ranks.from_main(AtomicFile(output, written_by_predict, [source, data], overwrite).token)
         out = AtomicFile(output, written_by_predict, [source, data], overwrite, token=token)
         try:
             if ctx.is_main:
                 out.begin()
-            _barrier()
+            ranks.barrier()
             part = out.tmp / f"part-{ctx.rank:05d}.parquet"
             _score_part(scorer, data, split, meta, part, ctx.rank, ctx.world_size)
-            _barrier()
+            ranks.barrier()
             rows = meta.rows.get(split) or ParquetBatchReader(data, split, 1, validate=False).num_rows()
             if ctx.is_main:
                 parts = [out.tmp / f"part-{r:05d}.parquet" for r in range(ctx.world_size)]
                 info = {"source": str(source), "data": data, "split": split, "precision": scorer.precision}
                 out.commit(_assemble(parts, rows, out.tmp, out.output.name, info))
-            _barrier()
+            ranks.barrier()
         except BaseException:
             if ctx.is_main:
                 out.abort()

@@ -45,6 +45,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
+from mlet_torchrec import ranks
 from mlet_torchrec.config import ExperimentConfig
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.io import (
@@ -84,24 +85,9 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _is_main() -> bool:
-    return _world()[0] == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def agree(error: str | None) -> str | None:
     """Collective: the first error any rank reports (prefixed with its rank), or None everywhere."""
-    rank, world = _world()
+    rank, world = ranks.world()
     if world == 1:
         return error
     errors: list[str | None] = [None] * world
@@ -288,7 +274,7 @@ def start_checkpoint(
     may change the weights meanwhile. The checkpoint becomes visible only in ``finish``, once every
     rank's write has completed.
     """
-    rank, _ = _world()
+    rank, _ = ranks.world()
     root = checkpoint_root(run_dir)
     existing = complete_checkpoints(root)  # for messages only: no full check
     pending = PendingCheckpoint(root, checkpoint_name(step), step, keep, existing[-1] if existing else None)
@@ -300,7 +286,7 @@ def start_checkpoint(
             tmp_name = str(pending.out.begin())
         except (OSError, UserError) as e:
             err = describe_exception(e)
-    tmp_name, err = _from_main((tmp_name, err))
+    tmp_name, err = ranks.from_main((tmp_name, err))
     if err or tmp_name is None:
         raise pending.fail(err or "no temporary directory")
     tmp = pending.tmp = Path(tmp_name)
@@ -318,7 +304,7 @@ def start_checkpoint(
     if err is None and rank == 0:
         try:
             config.save(tmp / "config.yaml")
-            meta = {"step": step, "world_size": _world()[1], **info}
+            meta = {"step": step, "world_size": ranks.world()[1], **info}
             atomic_write_text(tmp / CHECKPOINT_META, json.dumps(meta, indent=2, default=str))
         except OSError as e:
             err = describe_exception(e)
@@ -339,7 +325,7 @@ class PendingCheckpoint:
     def fail(self, err: str) -> CheckpointError:
         if self.out is not None:
             self.out.abort()
-        _barrier()
+        ranks.barrier()
         intact = (
             f"the previous checkpoint {self.previous} is intact" if self.previous else "no earlier checkpoint exists"
         )
@@ -397,14 +383,6 @@ def _full_disk_note(path: Path) -> str:
         return ""
     free = st.f_bavail * st.f_frsize
     return f" (the file system holding {path.parent} is full: {free} bytes free)" if free < 2**20 else ""
-
-
-def _from_main(value: Any) -> Any:
-    """Collective: rank 0's ``value`` on every rank."""
-    box = [value]
-    if _world()[1] > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def resolve_checkpoint(path: Path | str) -> Path:

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
 
 from data_pipes.schema import DatasetMeta
+from mlet_torchrec import ranks
 from mlet_torchrec.config import ConfigError, ExperimentConfig
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.training.table_size import table_sizes
@@ -121,18 +121,17 @@ def collective_plan(planner: Any, module: nn.Module, sharders: list[Any]) -> Any
 
     TorchRec's own ``collective_plan`` leaves ranks > 0 waiting in the broadcast when rank 0 raises.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if ranks.world()[1] == 1:
         return planner.plan(module, sharders)
-    box: list[Any] = [None]
-    if dist.get_rank() == 0:
+    found: tuple[Any, ...] = ()
+    if ranks.is_main():
         try:
-            box = [("plan", planner.plan(module, sharders))]
+            found = ("plan", planner.plan(module, sharders))
         except PlannerError as e:
-            box = [("error", str(e), e.error_type.value)]
+            found = ("error", str(e), e.error_type.value)
         except Exception as e:  # any other planning failure: every rank raises it
-            box = [("other", f"{type(e).__name__}: {e}", None)]
-    dist.broadcast_object_list(box, src=0)
-    kind, *rest = box[0]
+            found = ("other", f"{type(e).__name__}: {e}", None)
+    kind, *rest = ranks.from_main(found)
     if kind == "plan":
         return rest[0]
     if kind == "error":

@@ -24,9 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import torch.distributed as dist
-
 from data_pipes.transform import dataset_identity, ref_identity, write_ref
+from mlet_torchrec import ranks
 from mlet_torchrec.config import ConfigError, ExperimentConfig
 from mlet_torchrec.errors import Interrupted, UserError
 from mlet_torchrec.io import OutputError, claim_directory, remove_output
@@ -51,13 +50,6 @@ log = logging.getLogger("mlet.train")
 
 METRICS_FILE = "metrics.json"
 """The run's summary (steps, speed, valid/test metrics, table bytes, world size), written once at the end."""
-
-
-def _broadcast(value: Any) -> Any:
-    box = [value]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext, lock: RunDirLock) -> Path | None:
@@ -91,7 +83,7 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: Path, ctx: DistContext, l
             decision = (type(e).__name__, str(e))
         except OSError as e:
             decision = ("ConfigError", f"cannot prepare run.dir {run_dir}: {type(e).__name__}: {e}")
-    kind, value = _broadcast(decision)
+    kind, value = ranks.from_main(decision)
     if kind != "ok":
         errors = {"OutputError": OutputError, "CheckpointError": CheckpointError, "RunDirBusy": RunDirBusy}
         raise errors.get(kind, ConfigError)(value)
