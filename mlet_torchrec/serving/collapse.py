@@ -364,101 +364,29 @@ class _Args:
 
 def _run(job: _Job, a: _Args, rank: int, world: int, device: torch.device) -> CollapseReport:
     """The collapse on this rank: product, save, manifest, check, then rank 0 commits the output."""
-    source, distributed, is_main = job.source, world > 1, rank == 0
-    output, inputs, overwrite, check_split = a.output, a.inputs, a.overwrite, a.check_split
-    output_sharding, block_rows, accumulate, tolerance = a.output_sharding, a.block_rows, a.accumulate, a.tolerance
-
-    out = AtomicOutput(output, COMMAND, inputs, overwrite)
+    distributed, is_main = world > 1, rank == 0
+    out = AtomicOutput(a.output, COMMAND, a.inputs, a.overwrite)
     if distributed:  # one temporary directory for every rank: rank 0's
-        out = AtomicOutput(output, COMMAND, inputs, overwrite, token=ranks.from_main(out.token))
+        out = AtomicOutput(a.output, COMMAND, a.inputs, a.overwrite, token=ranks.from_main(out.token))
     committed = False
     try:
         if is_main:
             out.begin()
-        if distributed:
-            dist.barrier()  # the temporary directory exists before any rank writes into it
-        tmp = out.tmp
-        start = time.perf_counter()
-        out_state, out_layout, sent = _product(
-            job, rank, world, device, output_sharding, block_rows, ACCUMULATE[accumulate], distributed
-        )
-        dcp_save({STATE_ROOT: out_state}, checkpoint_id=str(tmp), no_dist=not distributed)
-        collapse_seconds = time.perf_counter() - start
-        if distributed:
-            total = torch.tensor([sent], dtype=torch.int64, device=device)
-            dist.all_reduce(total)
-            sent = int(total.item())
-
-        extra = {
-            "collapse": {
-                "world_size": world,
-                "source_world_size": source.world_size,
-                "output_sharding": output_sharding,
-                "accumulate": accumulate,
-                "block_rows": block_rows,
-            },
-            "output_layout": {job.tables[i].name: [b.as_json() for b in boxes] for i, boxes in out_layout.items()},
-        }
-        man = manifest(
-            source.config,
-            source.meta,
-            source.path,
-            source.step,
-            extra,
-            embedding_prefix=f"{STATE_ROOT}.{job.ebc_path}.",
-            extra_tables={key: (cfg, f"{STATE_ROOT}.{key}") for key, cfg in job.extra_configs.items()},
-        )
-        man[METADATA_SHA256] = sha256_file(tmp / DCP_METADATA) if is_main else None
+        ranks.barrier()  # the temporary directory exists before any rank writes into it
+        report = _write_and_check(job, a, out.tmp, rank, world, device)
+        ranks.barrier()  # every rank's shards are written and checked
         if is_main:
-            man["transform_identity"] = carry_transform(source.config.data.path, tmp)
-            atomic_write_text(tmp / MANIFEST, json.dumps(man, indent=2))
-            source.config.save(tmp / "config.yaml")
-            atomic_write_text(tmp / PLAN_FILE, json.dumps(man["output_layout"], indent=2))
-
-        check_start = time.perf_counter()
-        written = Artifact(tmp, "collapsed", source.config, source.meta, job.plain, man)
-        rows, max_diff, metrics = check_predictions(source, written, check_split, a.max_check_rows, distributed)
-        check_seconds = time.perf_counter() - check_start
-        if max_diff > tolerance:
-            raise CollapseMismatch(
-                f"collapsed predictions differ from the factored model's by {max_diff:.3g} "
-                f"(> {tolerance:g}) on {rows} rows of {check_split}"
-            )
-        report = CollapseReport(
-            output=str(output),
-            source_checkpoint=str(source.path),
-            tables=man["tables"],
-            serving_table_bytes=sum(fp32_table_bytes(t["rows"], t["d"]) for t in man["tables"].values()),
-            check_split=check_split,
-            rows_checked=rows,
-            max_abs_diff=max_diff,
-            tolerance=tolerance,
-            collapsed_metrics=metrics,
-            world_size=world,
-            source_world_size=source.world_size,
-            output_sharding=output_sharding,
-            block_rows=block_rows,
-            accumulate=accumulate,
-            collapse_seconds=collapse_seconds,
-            check_seconds=check_seconds,
-            sent_bytes=sent,
-            copied_tables=len(job.extra_configs),
-        )
-        if distributed:
-            dist.barrier()  # every rank's shards are written and checked
-        if is_main:
-            atomic_write_text(tmp / REPORT_FILE, json.dumps(asdict(report), indent=2))
+            atomic_write_text(out.tmp / REPORT_FILE, json.dumps(asdict(report), indent=2))
             out.commit()
             log.debug(
                 "%d MLET tables multiplied out and %d copied into %s in %.1f s",
                 len(report.tables),
                 report.copied_tables,
                 out.output,
-                collapse_seconds,
+                report.collapse_seconds,
             )
         committed = True
-        if distributed:
-            dist.barrier()
+        ranks.barrier()
     except OSError as e:
         if e.errno in WRITE_ERRNOS:  # a full disk or a read-only place: the user's to fix, in one line
             raise OutputError(describe_os_error(e, out.output)) from e
@@ -467,3 +395,82 @@ def _run(job: _Job, a: _Args, rank: int, world: int, device: torch.device) -> Co
         if is_main and not committed:
             out.abort()
     return report
+
+
+def _write_and_check(job: _Job, a: _Args, tmp: Path, rank: int, world: int, device: torch.device) -> CollapseReport:
+    """This rank's part of the output in ``tmp`` (its shards; rank 0 the manifest, config and plan), checked
+    against the factored model; the report (the same on every rank)."""
+    source, distributed = job.source, world > 1
+    start = time.perf_counter()
+    out_state, out_layout, sent = _product(
+        job, rank, world, device, a.output_sharding, a.block_rows, ACCUMULATE[a.accumulate], distributed
+    )
+    dcp_save({STATE_ROOT: out_state}, checkpoint_id=str(tmp), no_dist=not distributed)
+    collapse_seconds = time.perf_counter() - start
+    if distributed:
+        total = torch.tensor([sent], dtype=torch.int64, device=device)
+        dist.all_reduce(total)
+        sent = int(total.item())
+    man = _write_manifest(job, a, tmp, world, out_layout, rank == 0)
+
+    check_start = time.perf_counter()
+    written = Artifact(tmp, "collapsed", source.config, source.meta, job.plain, man)
+    rows, max_diff, metrics = check_predictions(source, written, a.check_split, a.max_check_rows, distributed)
+    if max_diff > a.tolerance:
+        raise CollapseMismatch(
+            f"collapsed predictions differ from the factored model's by {max_diff:.3g} "
+            f"(> {a.tolerance:g}) on {rows} rows of {a.check_split}"
+        )
+    return CollapseReport(
+        output=str(a.output),
+        source_checkpoint=str(source.path),
+        tables=man["tables"],
+        serving_table_bytes=sum(fp32_table_bytes(t["rows"], t["d"]) for t in man["tables"].values()),
+        check_split=a.check_split,
+        rows_checked=rows,
+        max_abs_diff=max_diff,
+        tolerance=a.tolerance,
+        collapsed_metrics=metrics,
+        world_size=world,
+        source_world_size=source.world_size,
+        output_sharding=a.output_sharding,
+        block_rows=a.block_rows,
+        accumulate=a.accumulate,
+        collapse_seconds=collapse_seconds,
+        check_seconds=time.perf_counter() - check_start,
+        sent_bytes=sent,
+        copied_tables=len(job.extra_configs),
+    )
+
+
+def _write_manifest(
+    job: _Job, a: _Args, tmp: Path, world: int, out_layout: dict[str, list[Box]], is_main: bool
+) -> dict[str, Any]:
+    """The output's manifest (every rank builds it); rank 0 writes it with the run's config and the plan."""
+    source = job.source
+    extra = {
+        "collapse": {
+            "world_size": world,
+            "source_world_size": source.world_size,
+            "output_sharding": a.output_sharding,
+            "accumulate": a.accumulate,
+            "block_rows": a.block_rows,
+        },
+        "output_layout": {job.tables[i].name: [b.as_json() for b in boxes] for i, boxes in out_layout.items()},
+    }
+    man = manifest(
+        source.config,
+        source.meta,
+        source.path,
+        source.step,
+        extra,
+        embedding_prefix=f"{STATE_ROOT}.{job.ebc_path}.",
+        extra_tables={key: (cfg, f"{STATE_ROOT}.{key}") for key, cfg in job.extra_configs.items()},
+    )
+    man[METADATA_SHA256] = sha256_file(tmp / DCP_METADATA) if is_main else None
+    if is_main:
+        man["transform_identity"] = carry_transform(source.config.data.path, tmp)
+        atomic_write_text(tmp / MANIFEST, json.dumps(man, indent=2))
+        source.config.save(tmp / "config.yaml")
+        atomic_write_text(tmp / PLAN_FILE, json.dumps(man["output_layout"], indent=2))
+    return man
