@@ -6,6 +6,8 @@ reader, the ``LossWindow`` (on-device loss and NaN check), the ``RunLog``, and t
 of state.py (``TrainState``: step and seconds; ``DataPosition``; ``RngState``) together through DCP.
 :meth:`Trainer.train` is the loop: epochs, runs of steps that end where evaluation needs the model,
 and per step the log point, the checkpoint and the hooks.
+What the parts are built from (the config checked against the data and the job, the sharded model, this
+rank's train reader) is :mod:`mlet_torchrec.training.build`.
 
 The run directory's ``lock`` is taken by ``train.train`` around the Trainer and acquired on rank 0 when
 ``run_dir.prepare_run_dir`` claims the directory. A rule for a changed ``train.epochs`` on resume goes
@@ -27,33 +29,28 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import random
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import torch.distributed as dist
 from torchrec.datasets.utils import Batch
-from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
 from tqdm import tqdm
 
 from data_pipes.reader import ParquetBatchReader, check_splits
-from data_pipes.schema import DatasetMeta, table_name
+from data_pipes.schema import DatasetMeta
 from mlet_torchrec.config import ConfigError, ExperimentConfig, load_config
 from mlet_torchrec.evaluation.evaluate import evaluate
 from mlet_torchrec.evaluation.metrics import CTRMetrics
-from mlet_torchrec.models.registry import build_model
 from mlet_torchrec.modules.table_init import init_tables
+from mlet_torchrec.training.build import check_config, seed_everything, shard, train_reader
 from mlet_torchrec.training.checkpoint import agree, read_checkpoint_info
 from mlet_torchrec.training.checkpointer import CheckpointManager
-from mlet_torchrec.training.distributed import DistContext, ShardedModel, plan_summary, shard_model
-from mlet_torchrec.training.guardrails import TrainingDiverged, checked_capacity, nonfinite_weights, tables_do_not_fit
+from mlet_torchrec.training.distributed import DistContext, plan_summary
+from mlet_torchrec.training.guardrails import TrainingDiverged, checked_capacity, nonfinite_weights
 from mlet_torchrec.training.locks import RunDirLock
-from mlet_torchrec.training.loop import LogitsView, LossWindow, StepDriver, StepOutput, TrainStep
+from mlet_torchrec.training.loop import LogitsView, LossWindow, StepDriver, StepOutput
 from mlet_torchrec.training.optim import ScheduledOptimizer
 from mlet_torchrec.training.results import StepEvent, StepHook, TrainResult, table_bytes
 from mlet_torchrec.training.run_dir import METRICS_FILE, RunLog, prepare_run_dir
@@ -87,7 +84,7 @@ class Trainer:
         self.config, self.ctx, self.hooks = config, ctx, tuple(hooks)
         self.run_dir = Path(config.run.dir)
         self.meta = DatasetMeta.load(config.data.path)
-        _check_config(config, self.meta, ctx)
+        check_config(config, self.meta, ctx)
         checked_capacity(self.meta, config, ctx.world_size, ctx.device)  # absurd sizes: refused before anything
         check_splits(config.data.path, config.data.validate_ids)  # footers, schema, row counts of every split
         self.resumed_from = prepare_run_dir(config, self.run_dir, ctx, lock)
@@ -101,12 +98,12 @@ class Trainer:
             config.save(self.run_dir / "config.yaml")
         dist.barrier()
 
-        _seed_everything(config.train.seed)
-        sharded = _shard(config, self.meta, ctx)
+        seed_everything(config.train.seed)
+        sharded = shard(config, self.meta, ctx)
         self.model, self.optimizer, self.plan = sharded.model, sharded.optimizer, plan_summary(sharded.plan)
         if ctx.is_main:
             (self.run_dir / "plan.json").write_text(json.dumps(self.plan, indent=2))
-        self.reader = _train_reader(config, ctx)
+        self.reader = train_reader(config, ctx)
         self.epoch_steps = [self.reader.num_batches()] * config.train.epochs
 
         self.state = TrainState()
@@ -416,83 +413,3 @@ class Trainer:
             summary = {**result.summary(), **table_bytes(self.meta, self.config), "world_size": self.ctx.world_size}
             (self.run_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2))
         return result
-
-
-# ------------------------------------------------------------------------------------------ building
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _check_config(config: ExperimentConfig, meta: DatasetMeta, ctx: DistContext) -> None:
-    """What the config asks that this data set or this job cannot give (the one batch-size check)."""
-    unknown = set(config.embedding.tables) - set(meta.sparse_names())
-    if unknown:
-        raise ConfigError(
-            f"embedding.tables names features {sorted(unknown)} that data set {config.data.path} does not have; "
-            f"its sparse features are {meta.sparse_names()}"
-        )
-    if config.train.batch_size % ctx.world_size:
-        raise ConfigError(
-            f"train.batch_size={config.train.batch_size} is the global batch and must divide evenly over "
-            f"{ctx.world_size} ranks"
-        )
-    if config.train.bf16_autocast and ctx.device.type != "cuda":
-        raise ConfigError(
-            "train.bf16_autocast=true needs CUDA (bf16 autocast of the forward); this run is on "
-            f"{ctx.device.type}: set train.bf16_autocast=false"
-        )
-
-
-def _shard(config: ExperimentConfig, meta: DatasetMeta, ctx: DistContext) -> ShardedModel:
-    """The model built on the meta device, planned (or given ``run.plan``), sharded, with its optimizers.
-
-    The pipelines call the model with the batch alone; ``TrainStep`` holds only the model's net, so the
-    checkpoint keys are the model's own."""
-    net = TrainStep(
-        build_model(config.model, config.embedding, meta, device=torch.device("meta")).net,
-        bf16=config.train.bf16_autocast,
-    )
-    capacity = checked_capacity(meta, config, ctx.world_size, ctx.device)
-    given_plan = None
-    if config.run.plan is not None:  # `mlet plan`'s plan instead of planning again (refused if made for another run)
-        from mlet_torchrec.training.planning import load_plan
-
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        given_plan = load_plan(config.run.plan, config, meta, ctx.world_size, ctx.device.type, local_world)
-    features = meta.sparse_names()
-    try:
-        return shard_model(
-            net,
-            config.embedding,
-            features,
-            {f: table_name(f) for f in features},
-            config.sparse_optimizer,
-            config.dense_optimizer,
-            ctx,
-            capacity=capacity,
-            plan=given_plan,
-        )
-    except PlannerError as e:
-        if e.error_type == PlannerErrorType.INSUFFICIENT_STORAGE:
-            raise tables_do_not_fit(e, meta, config, ctx.world_size, capacity, ctx.device) from None
-        raise
-
-
-def _train_reader(config: ExperimentConfig, ctx: DistContext) -> ParquetBatchReader:
-    """This rank's share of the train split: the same global batches at every world size and epoch
-    (data_pipes/order.py), so every rank takes the same number of steps, as the all-to-alls need."""
-    return ParquetBatchReader(
-        config.data.path,
-        "train",
-        config.train.batch_size // ctx.world_size,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        drop_last=True,
-        shuffle=config.data.shuffle,
-        seed=config.train.seed,
-        validate=config.data.validate_ids,
-    )
