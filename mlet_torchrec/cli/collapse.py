@@ -7,12 +7,11 @@ factored model's on ``--check-split``; prints one line with the sizes and the ch
 from __future__ import annotations
 
 import argparse
-import os
 from functools import partial
 
 from mlet_torchrec import options
 from mlet_torchrec.cli import flags
-from mlet_torchrec.cli.entry import on_ranks
+from mlet_torchrec.cli.entry import on_ranks, print_once
 from mlet_torchrec.cli.flags import existing
 from mlet_torchrec.logs import human_bytes
 
@@ -33,20 +32,19 @@ def _cmd_collapse(args: argparse.Namespace) -> int:
         accumulate=args.accumulate,
     )
     report = on_ranks(args, partial(collapse, source, output, **kwargs))
-    if os.environ.get("RANK", "0") != "0":
-        return 0
     copied = f" and {report.copied_tables} first-order tables copied" if report.copied_tables else ""
-    print(
+    first = (
         f"collapsed {len(report.tables)} embedding tables (W = W1 @ W2){copied} into {report.output} "
         f"({human_bytes(report.serving_table_bytes)} of embedding tables at serving)"
     )
-    print(
+    check = (
         f"  check on {report.rows_checked:,} {split} rows: max |p_collapsed - p_factored| = {report.max_abs_diff:.2e} "
         f"(tolerance {report.tolerance:g}); AUC {report.collapsed_metrics['auc']:.4f} "
         f"LogLoss {report.collapsed_metrics['logloss']:.4f}"
         if split
         else "  prediction check skipped (--check-split none)"
     )
+    print_once(f"{first}\n{check}")
     return 0
 
 

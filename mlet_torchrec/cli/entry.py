@@ -43,11 +43,16 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, name: Callable[
         return EXIT_INTERRUPTED
 
 
-def print_summary(summary: dict[str, Any], lines: list[str], as_json: bool) -> None:
-    """Print a command's result once, on rank 0 (every rank of a job computes the same): ``lines`` for a
-    person, or the whole ``summary`` as JSON (``--json``)."""
+def print_once(text: str) -> None:
+    """Print a command's result once: on rank 0 of a torchrun/TorchX job (every rank computes the same), or here."""
     if os.environ.get("RANK", "0") == "0":
-        print(json.dumps(summary, indent=2, default=str) if as_json else "\n".join(lines))
+        print(text)
+
+
+def print_summary(summary: dict[str, Any], lines: list[str], as_json: bool) -> None:
+    """Print a command's result once (:func:`print_once`): ``lines`` for a person, or the whole ``summary`` as
+    JSON (``--json``)."""
+    print_once(json.dumps(summary, indent=2, default=str) if as_json else "\n".join(lines))
 
 
 def on_ranks(args: argparse.Namespace, call: Callable[[], T], fresh_dir: Path | str | None = None) -> T:

@@ -8,12 +8,11 @@ arrays with ``--format``.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 from functools import partial
 
 from mlet_torchrec import options
 from mlet_torchrec.cli import flags
-from mlet_torchrec.cli.entry import on_ranks, print_summary
+from mlet_torchrec.cli.entry import on_ranks, print_once
 from mlet_torchrec.cli.flags import existing
 
 
@@ -35,7 +34,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         shards=args.shards,
     )
     report = on_ranks(args, call)
-    print_summary(asdict(report), [format_report(report)], as_json=False)
+    print_once(format_report(report))
     return 0
 
 

@@ -7,11 +7,10 @@ in its order, written atomically as Parquet; ``--nproc-per-node N`` shards the w
 from __future__ import annotations
 
 import argparse
-import os
 from functools import partial
 
 from mlet_torchrec.cli import flags
-from mlet_torchrec.cli.entry import on_ranks
+from mlet_torchrec.cli.entry import on_ranks, print_once
 from mlet_torchrec.cli.flags import existing
 
 
@@ -22,8 +21,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     call = partial(predict, source, data, args.split, args.output, args.precision, args.overwrite)
     report = on_ranks(args, call)
-    if os.environ.get("RANK", "0") == "0":
-        print(report.summary())
+    print_once(report.summary())
     return 0
 
 
