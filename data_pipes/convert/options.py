@@ -18,7 +18,7 @@ import numpy as np
 from data_pipes.errors import OptionError
 
 DEFAULT_BLOCK_SIZE = 4 << 20  # text per block (~16K Criteo rows); memory is a few times this
-# An uncompressed input is cut into shards of about this many bytes (~200K Criteo rows), whatever --jobs
+# An uncompressed input is cut into shards of about this many bytes (~260K Criteo rows), whatever --jobs
 # or the number of ranks: each shard is encoded by one process into its own Parquet files.
 DEFAULT_SHARD_SIZE = 64 << 20
 # The trainer's reader shuffles and shards by row group, so groups are small (as data_pipes.synth's).
