@@ -37,7 +37,7 @@ import json
 import multiprocessing
 import shutil
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,15 +313,16 @@ def _encode_one(i: int) -> ShardOutput:
 
 
 def _encode_in_pool(jobs: int, todo: list[int], done: dict[int, ShardOutput], bar: tqdm[Any]) -> None:
-    """Shards ``todo`` encoded by ``jobs`` workers into ``done``; a dead worker's shards are redone by new
-    workers (those with a mark are not), up to ``MAX_RESTARTS`` times."""
+    """Shards ``todo`` encoded by ``jobs`` workers into ``done``, taken in input order (so a bad input
+    raises the error ``jobs=1`` would); a dead worker's shards are redone by new workers (those with a
+    mark are not), up to ``MAX_RESTARTS`` times."""
     for restart in range(MAX_RESTARTS + 1):
         pool = _pool(jobs)
         try:
-            futures = {pool.submit(_encode_one, i): i for i in todo if i not in done}
-            for f in as_completed(futures):
-                done[futures[f]] = f.result()
-                bar.update(done[futures[f]].read)
+            futures = {i: pool.submit(_encode_one, i) for i in todo if i not in done}
+            for i, f in futures.items():
+                done[i] = f.result()
+                bar.update(done[i].read)
             return
         except BrokenProcessPool:  # a worker died (killed, out of memory)
             if restart == MAX_RESTARTS:
