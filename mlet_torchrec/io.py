@@ -400,6 +400,42 @@ class Ranks(Protocol):
     def from_main(self, value: T) -> T: ...
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+"""The errors of a write that are the user's to fix (a full disk, a read-only place)."""
+
+
+def full_disk_note(path: Path | str) -> str:
+    """What a write error means when the file system holding ``path`` is full (torch.save says "unexpected pos",
+    pyarrow "Error writing bytes"); empty when it has 1 MiB or more free."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return ""
+    free = st.f_bavail * st.f_frsize
+    return f" (the file system holding {Path(path).parent} is full: {free} bytes free)" if free < 2**20 else ""
+
+
+def write_failure(e: BaseException, output: Path | str, tmp: Path | str) -> OutputError | None:
+    """The one-line error for an output write that failed with ``e`` because of a full disk or a read-only place
+    (``tmp``: where it was being written); None when ``e`` is something else."""
+    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+        return OutputError(describe_os_error(e, output))
+    note = full_disk_note(tmp)
+    return OutputError(f"no space left on the device while writing {output}{note}") if note else None
+
+
+def reserve(path: Path | str) -> None:
+    """Allocate the blocks of a file created sparse (a memory map's backing file), so that a full disk is an
+    ``OSError`` (ENOSPC) here rather than a SIGBUS when a page of the map is first written."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_output(
     output: Path | str,

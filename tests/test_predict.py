@@ -4,8 +4,11 @@ converted with --features-from: probabilities in the split's row order, equal to
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -174,3 +177,76 @@ def test_cli_predict_and_evaluate_on_an_export(world, tmp_path, capsys):
     assert main(["evaluate", "--input", export_dir, "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"mlet evaluate: error: --data {tmp_path}: no metadata.json; is it a converted data set?"
+
+
+FULL_DISK_SCRIPT = """
+import json, sys
+from pathlib import Path
+from mlet_torchrec.errors import UserError
+from mlet_torchrec.serving.collapse import collapse
+from mlet_torchrec.serving.export import export
+from mlet_torchrec.serving.predict import predict
+
+world, mount, sizes = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+writers = {
+    "predict": lambda out: predict(world["export_dlrm"], None, "test", out),
+    "collapse": lambda out: collapse(world["run_dlrm"], out, check_split=None),
+    "export": lambda out: export(world["collapsed_dlrm"], out, int8=True, formats=["safetensors", "npy"], check=False),
+}
+for name, write in writers.items():
+    size = json.loads(sizes.read_text())[name]
+    for fraction in (0.1, 0.6):
+        filler = mount / "filler"
+        filler.unlink(missing_ok=True)
+        free = int(size * fraction) // 4096 * 4096
+        with open(filler, "wb") as f:
+            f.write(bytes(MOUNT_BYTES - free))
+        try:
+            write(mount / f"{name}-out")
+            print(json.dumps([name, fraction, "written"]), flush=True)
+        except UserError as e:
+            print(json.dumps([name, fraction, str(e)]), flush=True)
+        print(json.dumps([name, "left", sorted(p.name for p in mount.iterdir())]), flush=True)
+"""
+MOUNT_BYTES = 4 << 20
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(world, tmp_path):
+    """predict, collapse and export onto a real full tmpfs, at 10% and 60% of the room each output needs: one line
+    (before: pyarrow's and DCP's tracebacks, a C++ abort in torch.jit.save, a SIGBUS in a memory-mapped column),
+    and nothing but the filler left. In a child process, so that a crash fails this test, not the session."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={MOUNT_BYTES}", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    try:
+        predict(world["export_dlrm"], None, "test", tmp_path / "p.parquet")
+        collapse(world["run_dlrm"], tmp_path / "c", check_split=None)
+        export(world["collapsed_dlrm"], tmp_path / "e", int8=True, formats=["safetensors", "npy"], check=False)
+        sizes = {
+            "predict": _size(tmp_path / "p.parquet"),
+            "collapse": _size(tmp_path / "c"),
+            "export": _size(tmp_path / "e"),
+        }
+        (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+        script = f"MOUNT_BYTES = {MOUNT_BYTES}\n{FULL_DISK_SCRIPT}"
+        args = [json.dumps({k: str(v) for k, v in world.items()}), str(mount), str(tmp_path / "sizes.json")]
+        proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert len(lines) == 12, lines
+        for name, what, result in lines:
+            if what == "left":
+                assert result == ["filler"], (name, result)
+            else:
+                assert result == f"no space left on the device while writing {mount}/{name}-out" or result.startswith(
+                    f"no space left on the device while writing {mount}/{name}-out (the file system holding"
+                ), (name, what, result)
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

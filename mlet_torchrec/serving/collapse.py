@@ -41,7 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import time
@@ -52,6 +51,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from data_pipes.transform import carry_transform
@@ -59,11 +59,10 @@ from mlet_torchrec import ranks
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.io import (
     AtomicOutput,
-    OutputError,
     atomic_write_text,
     check_output_path,
-    describe_os_error,
     sha256_file,
+    write_failure,
 )
 from mlet_torchrec.models.registry import CTRModel, build_model
 from mlet_torchrec.options import ACCUMULATE as ACCUMULATE_NAMES
@@ -95,7 +94,6 @@ log = logging.getLogger("mlet.collapse")
 
 REPORT_FILE = "collapse_report.json"
 COMMAND = "mlet collapse"
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 ACCUMULATE = {name: getattr(torch, name) for name in ACCUMULATE_NAMES}
 
 
@@ -387,9 +385,10 @@ def _run(job: _Job, a: _Args, rank: int, world: int, device: torch.device) -> Co
             )
         committed = True
         ranks.barrier()
-    except OSError as e:
-        if e.errno in WRITE_ERRNOS:  # a full disk or a read-only place: the user's to fix, in one line
-            raise OutputError(describe_os_error(e, out.output)) from e
+    except (Exception, CheckpointException) as e:  # a full disk or a read-only place: one line
+        failure = write_failure(e, out.output, out.tmp)
+        if failure is not None:
+            raise failure from e
         raise
     finally:
         if is_main and not committed:

@@ -39,7 +39,7 @@ from mlet_torchrec import ranks
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import score_split
 from mlet_torchrec.evaluation.metrics import MetricAccumulator
-from mlet_torchrec.io import atomic_output
+from mlet_torchrec.io import atomic_output, reserve
 from mlet_torchrec.logs import human_bytes
 from mlet_torchrec.models.registry import CTRModel
 from mlet_torchrec.names import path_inside
@@ -119,6 +119,7 @@ def _table_holder(
 ) -> tuple[np.memmap[Any, np.dtype[np.float32]], torch.Tensor]:
     if npy:
         mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        reserve(path)
     else:
         mm = np.memmap(path, dtype=np.float32, mode="r+", offset=offset, shape=shape)
     return mm, torch.from_numpy(mm) if mm.size else torch.empty(shape)
@@ -168,6 +169,7 @@ def export_tables(collapsed: Path | str, output: Path | str, fmt: str) -> dict[s
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         f.truncate(8 + len(raw) + offset)
+    reserve(path)
     for name, t in tables.items():
         begin = header[name]["data_offsets"][0]
         mm, target = _table_holder((t["rows"], t["d"]), path, offset=8 + len(raw) + begin)

@@ -36,7 +36,7 @@ from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta
 from mlet_torchrec import ranks
 from mlet_torchrec.evaluation.evaluate import eval_device, score, split_stream
-from mlet_torchrec.io import AtomicFile
+from mlet_torchrec.io import AtomicFile, reserve, write_failure
 from mlet_torchrec.serving.scoring import Scorer, check_data, resolve_scorer, scorer_model
 
 WRITER = b"mlet predict"
@@ -97,11 +97,17 @@ def _score_part(scorer: Scorer, data: str, split: str, meta: DatasetMeta, part: 
     return written
 
 
+def _column(path: Path, dtype: type, rows: int) -> np.ndarray:
+    """A memory-mapped column on disk, its blocks allocated (a full disk: ENOSPC here, not SIGBUS later)."""
+    column = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows,))
+    reserve(path)
+    return column
+
+
 def _assemble(parts: list[Path], rows: int, tmp: Path, output_name: str, info: dict[str, str]) -> Path:
     """Rank 0: scatter the parts into memory-mapped columns by row, then write them out in chunks."""
-    prob = np.lib.format.open_memmap(tmp / "probability.npy", mode="w+", dtype=np.float32, shape=(rows,))
-    label = np.lib.format.open_memmap(tmp / "label.npy", mode="w+", dtype=np.float32, shape=(rows,))
-    seen = np.lib.format.open_memmap(tmp / "seen.npy", mode="w+", dtype=np.bool_, shape=(rows,))
+    prob, label = _column(tmp / "probability.npy", np.float32, rows), _column(tmp / "label.npy", np.float32, rows)
+    seen = _column(tmp / "seen.npy", np.bool_, rows)
     for part in parts:
         for b in pq.ParquetFile(part).iter_batches(batch_size=CHUNK_ROWS):
             r = b.column(0).to_numpy()
@@ -163,9 +169,12 @@ def predict(
                 info = {"source": str(source), "data": data, "split": split, "precision": scorer.precision}
                 out.commit(_assemble(parts, rows, out.tmp, out.output.name, info))
             ranks.barrier()
-        except BaseException:
+        except BaseException as e:
             if ctx.is_main:
                 out.abort()
+            failure = write_failure(e, out.output, out.output.parent) if isinstance(e, Exception) else None
+            if failure is not None:
+                raise failure from e
             raise
     return PredictReport(
         output=str(out.output),

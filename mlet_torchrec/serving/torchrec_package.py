@@ -199,7 +199,8 @@ class MLETPredictFactory(PredictFactory):
 def save_predict_module(factory: MLETPredictFactory, path: Path) -> torch.jit.ScriptModule:
     """Build ``factory``'s module and save it with its metadata to ``path``; returns the scripted module."""
     scripted = factory.build()
-    torch.jit.save(scripted, str(path), _extra_files=factory.extra_files())
+    with open(path, "wb") as f:  # a file object: a full disk is an OSError, not a C++ abort of the process
+        torch.jit.save(scripted, f, _extra_files=factory.extra_files())
     return scripted
 
 

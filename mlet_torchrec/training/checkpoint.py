@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +51,7 @@ from mlet_torchrec.io import (
     MARKER,
     AtomicOutput,
     atomic_write_text,
+    full_disk_note,
     is_ours,
     output_command,
     remove_output,
@@ -346,7 +346,7 @@ class PendingCheckpoint:
         """Collective: wait for this rank's write, agree that every rank's is complete, commit (rank 0)."""
         err = self.error or self._wait()
         if err is not None and self.tmp is not None:
-            err += _full_disk_note(self.tmp)
+            err += full_disk_note(self.tmp)
         err = agree(err)
         if err:
             raise self.fail(err)
@@ -373,16 +373,6 @@ class PendingCheckpoint:
         self._wait()
         if self.out is not None:
             self.out.abort()
-
-
-def _full_disk_note(path: Path) -> str:
-    """torch.save reports a full disk as "unexpected pos" from its zip writer: say what it means."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return ""
-    free = st.f_bavail * st.f_frsize
-    return f" (the file system holding {path.parent} is full: {free} bytes free)" if free < 2**20 else ""
 
 
 def resolve_checkpoint(path: Path | str) -> Path:
