@@ -310,7 +310,8 @@ def test_check_resumable_lists_what_differs(synth_dataset):
     with pytest.raises(ConfigError) as err:
         ts.check_resumable("ckpt", saved, changed, info, meta)
     msg = str(err.value)
-    assert "embedding.k: 16 in the checkpoint, 32 now" in msg
+    assert "\n" not in msg  # one line, its items apart (the CLI once joined the lines into "32 now sparse_...")
+    assert "embedding.k: 16 in the checkpoint, 32 now; " in msg
     assert "train.batch_size: 64 in the checkpoint, 128 now" in msg
     assert "sparse_optimizer.name: 'sgd' in the checkpoint, 'adagrad' now" in msg and "run.resume=false" in msg
     other = dict(info, data_shape={**info["data_shape"], "rows": {"train": 1}})

@@ -325,9 +325,9 @@ def check_resumable(
         )
     if diffs:
         raise ConfigError(
-            f"run.dir {current.run.dir} has checkpoint {checkpoint} of a different run; resuming it would change:\n  "
-            + "\n  ".join(diffs)
-            + "\nuse another run.dir, or set run.resume=false to start over (deletes its checkpoints); to train "
+            f"run.dir {current.run.dir} has checkpoint {checkpoint} of a different run; resuming it would change "
+            + "; ".join(diffs)
+            + ". Use another run.dir, or set run.resume=false to start over (deletes its checkpoints); to train "
             "on new data from this state, use a new run.dir with run.init_from=" + str(current.run.dir)
         )
 
