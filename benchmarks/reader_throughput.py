@@ -19,6 +19,8 @@ over: a start-up cost that real data sets (Criteo: ~470K rows per shard) do not 
     python benchmarks/reader_throughput.py --json                # one JSON line; ~3 min on a quiet machine
     python benchmarks/reader_throughput.py --data data/demo --batch-size 2048 --repeats 5
 
+Each pass also records CPU time per row, in the training process and in its workers (``getrusage``),
+which moves less with the machine's load than wall time: ``*_cpu_ns_per_row`` medians in the JSON.
 ``measure_reader(root, split, batch_size)`` is importable by other benchmarks.
 """
 
@@ -26,10 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +47,22 @@ from data_pipes.reader import ParquetBatchReader, make_dataloader  # noqa: E402
 from data_pipes.schema import METADATA_FILE, DatasetMeta  # noqa: E402
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One pass: wall-clock rows/s, and CPU ns per row in this process (all its threads) and in its
+    worker processes (``getrusage`` of the reaped children). CPU per row moves less with the machine's
+    load than wall time does."""
+
+    rows_per_s: float
+    main_cpu_ns_per_row: float
+    worker_cpu_ns_per_row: float
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure_reader(
     root: Path | str,
     split: str,
@@ -50,38 +71,37 @@ def measure_reader(
     validate: bool = True,
     num_workers: int = 0,
     drop_last: bool = True,
-) -> float:
-    """Rows/s of one pass of ParquetBatchReader over ``split`` (Batches built, nothing else done), in
-    this process on core 0, or with ``num_workers`` worker processes free to use every core."""
-    import os
+) -> Pass:
+    """One pass of ParquetBatchReader over ``split`` (Batches built, nothing else done), in this process
+    on core 0, or with ``num_workers`` worker processes free to use every core."""
 
     reader = ParquetBatchReader(root, split, batch_size, drop_last=drop_last, validate=validate)
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) if num_workers else {0})
-    start = time.perf_counter()
+    start, cpu, children = time.perf_counter(), time.process_time(), _children_cpu_s()
     batches = iter(make_dataloader(reader, num_workers) if num_workers else reader)
     rows = next(batches).labels.shape[0]  # workers start unpinned on the first next()
     os.sched_setaffinity(0, {0})
     for batch in batches:
         rows += batch.labels.shape[0]
-    return rows / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return Pass(rows / wall, 1e9 * cpu / rows, 1e9 * (_children_cpu_s() - children) / rows)  # workers reaped
 
 
-def measure_raw(root: Path | str, split: str) -> float:
-    """Rows/s of ``ParquetFile.read_row_group`` over every row group of ``split`` (Arrow tables only)."""
+def measure_raw(root: Path | str, split: str) -> Pass:
+    """``ParquetFile.read_row_group`` over every row group of ``split`` (Arrow tables only)."""
     meta = DatasetMeta.load(root)
     columns = [meta.label, *meta.dense, *meta.sparse_names()]
     rows = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for path in meta.files(root, split):
         with pq.ParquetFile(path) as pf:
             for g in range(pf.num_row_groups):
                 rows += pf.read_row_group(g, columns=columns).num_rows
-    return rows / (time.perf_counter() - start)
+    return Pass(rows / (time.perf_counter() - start), 1e9 * (time.process_time() - cpu) / rows, 0.0)
 
 
 def measure_training(root: Path | str, batch_size: int, steps: int, run_dir: Path, k: int = 64, d: int = 16) -> float:
     """Samples/s of `mlet train` (DLRM, MLET k x d, one process pinned to one core) on the same data."""
-    import os
     import subprocess
 
     cmd = [
@@ -123,7 +143,6 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print only one JSON line of the figures on stdout")
     args = ap.parse_args()
     say = print if not args.json else lambda *a, **k: print(*a, **k, file=sys.stderr)
-    import os
 
     os.sched_setaffinity(0, {0})  # one core, like the training run it is compared with
 
@@ -154,17 +173,28 @@ def main() -> None:
             kinds[f"workers_{w}"] = lambda w=w: measure_reader(root, args.split, args.batch_size, num_workers=w)
         for fn in kinds.values():  # warm the page cache and lazy imports
             fn()
-        samples: dict[str, list[float]] = {k: [] for k in kinds}
+        passes: dict[str, list[Pass]] = {k: [] for k in kinds}
         for _ in range(args.repeats):
             for name, fn in kinds.items():
-                samples[name].append(fn())
+                passes[name].append(fn())
+        samples = {k: [p.rows_per_s for p in v] for k, v in passes.items()}
         medians = {k: statistics.median(v) for k, v in samples.items()}
+        cpu = {  # median CPU ns per row: this process, and (with workers) the worker processes
+            f"{k}_{part}_cpu_ns_per_row": round(statistics.median(getattr(p, f"{part}_cpu_ns_per_row") for p in v))
+            for k, v in passes.items()
+            for part in ("main", "worker")
+            if part == "main" or k.startswith("workers_")
+        }
         train_sps = (
             measure_training(root, args.batch_size, args.train_steps, Path(tmp) / "train") if args.train_steps else None
         )
     raw = medians["raw"]
     for name, value in medians.items():
-        say(f"{name:>24}: {value:>12,.0f} rows/s   ({value / raw:.2f} x raw, {value / medians['reader']:.2f} x reader)")
+        say(
+            f"{name:>24}: {value:>12,.0f} rows/s   ({value / raw:.2f} x raw, {value / medians['reader']:.2f} x reader)"
+            f"   CPU ns/row: main {cpu[f'{name}_main_cpu_ns_per_row']}"
+            + (f", workers {cpu[f'{name}_worker_cpu_ns_per_row']}" if name.startswith("workers_") else "")
+        )
     if train_sps is not None:
         say(
             f"training (DLRM, MLET k=64 d=16, batch {args.batch_size}, 1 core): {train_sps:,.0f} samples/s; "
@@ -174,6 +204,7 @@ def main() -> None:
     figures = (
         {f"{k}_rows_per_s": round(v) for k, v in medians.items()}
         | best
+        | cpu
         | {
             "reader_over_raw": round(medians["reader"] / raw, 3),
             **{f"workers_{w}_over_reader": round(medians[f"workers_{w}"] / medians["reader"], 3) for w in args.workers},
@@ -182,6 +213,7 @@ def main() -> None:
             "batch_size": args.batch_size,
             "repeats": args.repeats,
             "samples": {k: [round(x) for x in v] for k, v in samples.items()},
+            "load_average_1m": round(os.getloadavg()[0], 1),
         }
     )
     if args.json:
