@@ -5,7 +5,7 @@ Each worker owns a contiguous block of the rank's virtual shards (``worker_shard
 decode disjoint row groups; it yields one message per Window (``window_steps`` global batches): the
 rows are written into the next of ``SLOTS`` shared-memory buffers that the main process allocated
 before the workers started (inherited, never re-created or re-mapped), and only small arrays (batch
-bounds, multi-hot bags) travel through the DataLoader's queue. The main process joins the workers'
+rows per batch, multi-hot bags) travel through the DataLoader's queue. The main process joins the workers'
 parts of each batch in worker order, which is the rank's batch, and copies it out of the slot.
 
 Why reuse is safe: a DataLoader asks each worker for at most ``PREFETCH`` items ahead of the last one
@@ -42,6 +42,7 @@ class WindowReader(Protocol):
     """What WindowLoader needs of a reader (data_pipes.reader.ParquetBatchReader)."""
 
     keys: list[str]
+    id_dtype: np.dtype
 
     @property
     def multi_hot(self) -> list[bool]: ...
@@ -62,9 +63,10 @@ class _Message:
     worker: int
     seq: int
     first_step: int
-    bounds: np.ndarray
+    counts: np.ndarray  # rows of each step
     count: int
     widths: tuple[int, int]  # single-id features, 1 + dense features
+    id_dtype: str
     bags: list[Bag]
 
 
@@ -84,24 +86,20 @@ class _WindowSource(IterableDataset[_Message]):
 
 def _pack(window: Window, worker: int, seq: int, slot: np.ndarray) -> _Message:
     """The message of a worker's Window: its rows written into ``slot`` in batch order."""
-    rows, n = window.rows, window.rows.rows
-    widths = (rows.ids.shape[1], rows.fixed.shape[1])
-    msg = _Message(worker, seq, window.first_step, window.bounds, n, widths, rows.bags)
-    if n * (8 * widths[0] + 4 * widths[1]) > slot.nbytes:
+    part, n = window.parts[0], window.rows
+    widths, id_dtype = (part.ids.shape[1], part.fixed.shape[1]), part.ids.dtype
+    if n * (id_dtype.itemsize * widths[0] + 4 * widths[1]) > slot.nbytes:
         raise RuntimeError(f"a window of {n} rows does not fit its {slot.nbytes}-byte slot")
-    ids, fixed = _views(slot, n, *widths)
-    if window.order is None:
-        ids[...], fixed[...] = rows.ids, rows.fixed
-    else:
-        msg.bags = rows.take(window.order, out=(fixed, ids)).bags
-    return msg
+    ids, fixed = _views(slot, n, *widths, id_dtype)
+    bags = window.batch_order(out=(fixed, ids)).bags
+    return _Message(worker, seq, window.first_step, window.counts.sum(axis=0), n, widths, id_dtype.str, bags)
 
 
-def _views(slot: np.ndarray, n: int, single: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ids (n, single) int64 and fixed (n, width) float32 arrays laid out in ``slot``."""
-    ids = slot[: 8 * n * single].view(np.int64).reshape(n, single)
-    fixed = slot[8 * n * single : 8 * n * single + 4 * n * width].view(np.float32).reshape(n, width)
-    return ids, fixed
+def _views(slot: np.ndarray, n: int, single: int, width: int, id_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The ids (n, single) ``id_dtype`` and fixed (n, width) float32 arrays laid out in ``slot``."""
+    end = id_dtype.itemsize * n * single  # a multiple of 4: fixed stays aligned
+    ids = slot[:end].view(id_dtype).reshape(n, single)
+    return ids, slot[end : end + 4 * n * width].view(np.float32).reshape(n, width)
 
 
 def _shared(nbytes: int) -> torch.Tensor:
@@ -127,7 +125,7 @@ class WindowLoader:
         self.slots: list[list[torch.Tensor]] = []
         for w in range(workers):
             rows, single, width = reader.window_slot_rows(reader.worker_shards(w, workers))
-            nbytes = rows * (8 * single + 4 * width)
+            nbytes = rows * (reader.id_dtype.itemsize * single + 4 * width)
             self.slots.append([_shared(nbytes) for _ in range(SLOTS)])
 
     def __iter__(self) -> Iterator[Batch]:
@@ -156,5 +154,5 @@ class WindowLoader:
     def _window(self, msg: _Message, worker: int, seq: int) -> Window:
         if (msg.worker, msg.seq) != (worker, seq):  # the DataLoader takes one item from each worker in turn
             raise RuntimeError(f"expected window {seq} of worker {worker}, got {msg.seq} of worker {msg.worker}")
-        ids, fixed = _views(self.slots[worker][seq % SLOTS].numpy(), msg.count, *msg.widths)
-        return Window(msg.first_step, Rows(fixed, ids, msg.bags), msg.bounds)
+        ids, fixed = _views(self.slots[worker][seq % SLOTS].numpy(), msg.count, *msg.widths, np.dtype(msg.id_dtype))
+        return Window(msg.first_step, [Rows(fixed, ids, msg.bags)], msg.counts[None, :])

@@ -120,6 +120,9 @@ class ParquetBatchReader(IterableDataset[Batch]):
         self.keys: list[str] = self.meta.sparse_names()
         self._cardinalities = [f.cardinality for f in self.meta.sparse]
         self._multi_hot = [f.multi_hot for f in self.meta.sparse]
+        single_cards = [c for c, m in zip(self._cardinalities, self._multi_hot, strict=True) if not m]
+        # decoded single ids: int32 where every cardinality allows (half the memory and copies), else int64
+        self.id_dtype = np.dtype(np.int32 if max(single_cards, default=0) <= 2**31 else np.int64)
         self._columns = [self.meta.label, *self.meta.dense, *self.keys]
         self._group_rows: list[list[int]] = [self._inspect(path) for path in self.files]
         if validate and split in self.meta.rows:
@@ -271,25 +274,18 @@ class ParquetBatchReader(IterableDataset[Batch]):
 
     def _window(self, cursors: Sequence[_Cursor], first: int, ends: np.ndarray) -> Window:
         """The Window of the steps whose ends (positions of each cursor, shape (cursors, steps)) are
-        ``ends``: each cursor's rows taken at once, and the order that puts them batch after batch."""
-        start = np.array([c.pos for c in cursors], dtype=np.int64)
-        steps = ends.shape[1]
+        ``ends``: each cursor's rows taken at once (views of its decoded piece where they fit in one)."""
         if not cursors:
-            return Window(first, self._empty, np.zeros(steps + 1, dtype=np.int64))
-        joined = Rows.join([c.take(int(e)) for c, e in zip(cursors, ends[:, -1], strict=True)], self._empty)
-        counts = np.diff(ends, axis=1, prepend=start[:, None])  # rows of (cursor, step)
-        blocks = np.concatenate([[0], np.cumsum(ends[:, -1] - start)[:-1]])  # each cursor's rows in joined
-        firsts = (blocks[:, None] + ends - counts - start[:, None]).T.ravel()
-        lengths = counts.T.ravel()  # step-major: the batch order
-        idx = np.repeat(firsts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum(), dtype=np.int64)
-        bounds = np.concatenate([[0], np.cumsum(counts.sum(axis=0))]).astype(np.int64)
-        return Window(first, joined, bounds, idx if len(cursors) > 1 and steps > 1 else None)
+            return Window(first, [self._empty], np.zeros((1, ends.shape[1]), dtype=np.int64))
+        start = np.array([c.pos for c in cursors], dtype=np.int64)
+        parts = [c.take(int(e)) for c, e in zip(cursors, ends[:, -1], strict=True)]
+        return Window(first, parts, np.diff(ends, axis=1, prepend=start[:, None]))
 
     @property
     def _empty(self) -> Rows:
         single = sum(not m for m in self._multi_hot)
         bags = [(np.zeros(0, np.int64), np.zeros(1, np.int64)) for m in self._multi_hot if m]
-        return Rows(np.zeros((0, 1 + len(self.meta.dense)), np.float32), np.zeros((0, single), np.int64), bags)
+        return Rows(np.zeros((0, 1 + len(self.meta.dense)), np.float32), np.zeros((0, single), self.id_dtype), bags)
 
     def _read(self, pf: pq.ParquetFile, f: int, g: int) -> Rows:
         path = self.files[f]
@@ -309,7 +305,7 @@ class ParquetBatchReader(IterableDataset[Batch]):
 
         n = table.num_rows
         fixed = np.empty((n, 1 + len(self.meta.dense)), dtype=np.float32)
-        ids = np.empty((n, sum(not m for m in self._multi_hot)), dtype=np.int64)
+        ids = np.empty((n, sum(not m for m in self._multi_hot)), dtype=self.id_dtype)
         label = fixed[:, 0] = self._primitive(table.column(self.meta.label), self.meta.label, where)
         if self.validate:
             bad = (label != 0) & (label != 1)
@@ -350,7 +346,7 @@ class ParquetBatchReader(IterableDataset[Batch]):
             if offsets is not None:  # multi-hot
                 bags.append((values.astype(np.int64, copy=False), offsets))
             else:
-                ids[:, single] = values
+                ids[:, single] = values  # validated ids fit id_dtype
                 single += 1
         return Rows(fixed, ids, bags)
 

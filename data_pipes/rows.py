@@ -2,10 +2,10 @@
 
 The reader cuts every global batch out of many shards (data_pipes/order.py), so a batch is joined
 from dozens of small pieces: fixed-width columns live in two 2-D arrays (label and dense values as
-float32, single-id features as int64) so a piece costs two slices, not one per column. Multi-hot
-bags keep (values, offsets) each. Arrays are row-major: gathering whole rows is several times
-faster than gathering along columns, and one 2-D transposed copy puts a batch in the
-KeyedJaggedTensor's key-major layout.
+float32, single-id features as int32, or int64 where a cardinality needs it) so a piece costs two
+slices, not one per column. Multi-hot bags keep (values, offsets) each. Arrays are row-major:
+gathering and joining whole rows is several times faster than along columns, and one 2-D transposed
+copy puts a batch in the KeyedJaggedTensor's key-major int64 layout.
 
 Example:
     >>> import numpy as np
@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -29,8 +30,8 @@ Bag = tuple[np.ndarray, np.ndarray]  # int64 values, int64 offsets (n + 1, start
 
 @dataclass
 class Rows:
-    """``fixed`` float32 (n, 1 + D): label then dense values; ``ids`` int64 (n, S): the single-id
-    features in key order; ``bags``: the multi-hot features in key order."""
+    """``fixed`` float32 (n, 1 + D): label then dense values; ``ids`` int32 or int64 (n, S): the
+    single-id features in key order; ``bags``: the multi-hot features in key order."""
 
     fixed: np.ndarray
     ids: np.ndarray
@@ -60,10 +61,11 @@ class Rows:
         return Rows(out[0], out[1], bags)
 
     @staticmethod
-    def join(parts: Sequence[Rows], empty: Rows) -> Rows:
-        """The rows of ``parts`` one after the other (``empty``, a 0-row block, when there are none)."""
+    def join(parts: Sequence[Rows], empty: Rows, out: tuple[np.ndarray, np.ndarray] | None = None) -> Rows:
+        """The rows of ``parts`` one after the other (``empty``, a 0-row block, when there are none);
+        fixed and ids written into ``out`` if given."""
         parts = [p for p in parts if p.rows] or [empty]
-        if len(parts) == 1:
+        if len(parts) == 1 and out is None:
             return parts[0]
         bags = []
         for k in range(len(parts[0].bags)):
@@ -71,35 +73,63 @@ class Rows:
             new = np.zeros(len(lengths) + 1, dtype=np.int64)
             np.cumsum(lengths, out=new[1:])
             bags.append((np.concatenate([p.bags[k][0] for p in parts]), new))
-        return Rows(np.concatenate([p.fixed for p in parts]), np.concatenate([p.ids for p in parts]), bags)
+        fixed = np.concatenate([p.fixed for p in parts], out=None if out is None else out[0])
+        return Rows(fixed, np.concatenate([p.ids for p in parts], out=None if out is None else out[1]), bags)
 
 
 @dataclass
 class Window:
-    """The rows one process decodes for ``steps`` consecutive global batches: its part of batch
-    ``first_step + j`` is the rows ``order[bounds[j]:bounds[j + 1]]`` (with ``order`` None: the rows
-    ``[bounds[j], bounds[j + 1])``)."""
+    """The rows one process decodes for ``steps`` consecutive global batches from ``first_step`` on, as
+    they were decoded: ``parts[c]`` holds source ``c``'s rows of every step, ``counts[c, j]`` of them in
+    step ``j``. Its part of batch ``first_step + j`` is every source's step-``j`` rows, source after source
+    (``batch_order`` lays them out so, batch after batch, in one copy)."""
 
     first_step: int
-    rows: Rows
-    bounds: np.ndarray  # int64 (steps + 1,), from 0
-    order: np.ndarray | None = None
+    parts: list[Rows]
+    counts: np.ndarray  # int64 (len(parts), steps)
 
     @property
     def steps(self) -> int:
-        return len(self.bounds) - 1
+        return int(self.counts.shape[1])
 
-    def part(self, j: int) -> Rows:
-        a, b = int(self.bounds[j]), int(self.bounds[j + 1])
-        return self.rows.slice(a, b) if self.order is None else self.rows.take(self.order[a:b])
+    @property
+    def rows(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """int64 (steps + 1,): batch ``first_step + j`` is rows ``[bounds[j], bounds[j + 1])`` of ``batch_order``."""
+        return np.concatenate([[0], np.cumsum(self.counts.sum(axis=0))]).astype(np.int64)
+
+    def batch_order(self, out: tuple[np.ndarray, np.ndarray] | None = None) -> Rows:
+        """The rows batch after batch (fixed and ids written into ``out``, shaped (rows, ...), if given).
+
+        One concatenation of views of the parts: no index is built and no row is gathered twice."""
+        if len(self.parts) == 1 or self.steps == 1:  # the parts' own order is the batch order
+            return Rows.join(self.parts, self.parts[0].slice(0, 0), out)
+        starts = (np.cumsum(self.counts, axis=1) - self.counts).T.tolist()  # (steps, parts)
+        runs = [
+            (p, a, a + m)
+            for row_a, row_m in zip(starts, self.counts.T.tolist(), strict=True)
+            for p, a, m in zip(self.parts, row_a, row_m, strict=True)
+            if m
+        ]
+        if self.parts[0].bags or not runs:
+            return Rows.join([p.slice(a, b) for p, a, b in runs], self.parts[0].slice(0, 0), out)
+        fixed = np.concatenate([p.fixed[a:b] for p, a, b in runs], out=None if out is None else out[0])
+        return Rows(fixed, np.concatenate([p.ids[a:b] for p, a, b in runs], out=None if out is None else out[1]), [])
 
 
 def window_batches(
-    parts: Sequence[Window], keys: list[str], multi_hot: Sequence[bool], pin_memory: bool = False
+    windows: Sequence[Window], keys: list[str], multi_hot: Sequence[bool], pin_memory: bool = False
 ) -> Iterator[Batch]:
     """The Batches of windows that cover the same steps, each batch joining the windows' parts in order."""
-    for j in range(parts[0].steps):
-        yield to_batch([w.part(j) for w in parts], keys, multi_hot, pin_memory)
+    rows = [w.batch_order() for w in windows]
+    bounds = [w.bounds.tolist() for w in windows]
+    for j in range(windows[0].steps):
+        yield to_batch(
+            [r.slice(b[j], b[j + 1]) for r, b in zip(rows, bounds, strict=True)], keys, multi_hot, pin_memory
+        )
 
 
 def _key_runs(multi_hot: Sequence[bool]) -> list[tuple[int, int]]:
@@ -132,28 +162,30 @@ def to_batch(parts: Sequence[Rows], keys: list[str], multi_hot: Sequence[bool], 
     dense = buf[8 * (nv + nl) : 8 * (nv + nl) + 4 * n * d].view(torch.float32).view(n, d)
     labels = buf[8 * (nv + nl) + 4 * n * d :].view(torch.float32)
     values_np, lengths_np = values.numpy(), lengths.numpy().reshape(len(keys), n)
-    starts = np.concatenate([[0], np.cumsum(per_key)]).astype(np.int64)
-    for k0, count in _key_runs(multi_hot):
+    dense_np, labels_np = dense.numpy(), labels.numpy()
+    starts = [0, *itertools.accumulate(per_key)]
+    runs = _key_runs(multi_hot)
+    for k0, count in runs:
         if not multi_hot[k0]:
             lengths_np[k0 : k0 + count] = 1
     row, bag_pos = 0, [0] * len(bag_of)
     for p in parts:
         m = p.rows
         col = 0
-        for k0, count in _key_runs(multi_hot):
+        for k0, count in runs:
             if multi_hot[k0]:
                 b = bag_of[k0]
                 vals, offs = p.bags[b]
-                at = int(starts[k0]) + bag_pos[b]
+                at = starts[k0] + bag_pos[b]
                 values_np[at : at + len(vals)] = vals
                 np.subtract(offs[1:], offs[:-1], out=lengths_np[k0, row : row + m])
                 bag_pos[b] += len(vals)
             else:
-                block = values_np[int(starts[k0]) : int(starts[k0 + count])].reshape(count, n)
+                block = values_np[starts[k0] : starts[k0 + count]].reshape(count, n)
                 block[:, row : row + m] = p.ids[:, col : col + count].T
                 col += count
-        dense.numpy()[row : row + m] = p.fixed[:, 1:]
-        labels.numpy()[row : row + m] = p.fixed[:, 0]
+        dense_np[row : row + m] = p.fixed[:, 1:]
+        labels_np[row : row + m] = p.fixed[:, 0]
         row += m
     kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=n, length_per_key=per_key)
     return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
