@@ -315,8 +315,9 @@ class FeatureTransform:
         if not p.exists():
             raise InputNotFound(f"{p}: no such file or directory")
         raise InputNotFound(
-            f"{p}: no feature transform ({TRANSFORM_DIR}/{MANIFEST_FILE}); data sets converted before "
-            "transforms existed must be converted again"
+            f"{p}: no feature transform ({TRANSFORM_DIR}/{MANIFEST_FILE}): only a data set made by `mlet convert` "
+            "has one (not one from `mlet synth`, nor one converted before transforms existed), and so do the runs, "
+            "collapse outputs and exports trained on it"
         )
 
     @classmethod

@@ -201,7 +201,7 @@ def test_damaged_missing_or_foreign_transforms_are_refused(tmp_path):
     convert_avazu(avazu, tmp_path / "a", progress=False)
     with pytest.raises(DataError, match="--features-from .*: its transform encodes avazu features"):
         convert_criteo(raw, tmp_path / "x", features_from=tmp_path / "a", progress=False)
-    with pytest.raises(UserError, match="no feature transform"):
+    with pytest.raises(UserError, match="no feature transform .*: only a data set made by `mlet convert` has one"):
         convert_criteo(raw, tmp_path / "y", features_from=tmp_path, progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
