@@ -298,6 +298,22 @@ def read_config_text(name: Path | str) -> tuple[str, str]:
     raise ConfigError(f"config file {path} does not exist and is not a packaged config name ({known})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by the keys beside it
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_config_mapping(name: Path | str) -> tuple[dict[str, Any], str]:
     """``(mapping, source)`` of a YAML config named by a path or a packaged name (see :func:`read_config_text`).
 
@@ -306,7 +322,7 @@ def read_config_mapping(name: Path | str) -> tuple[dict[str, Any], str]:
     """
     text, source = read_config_text(name)
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         detail = " ".join(str(e).split())
         raise ConfigError(f"config file {name} is not valid YAML: {detail}") from None

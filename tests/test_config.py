@@ -57,6 +57,9 @@ def test_resolved_config_round_trips(tmp_path):
         ("train.batch_size=many", r"train.batch_size: Input should be a valid integer"),
         ("nonsense", r"override 'nonsense' is not of the form key.sub=value"),
         ("run.dir.x=1", r"run.dir is a value, not a section"),
+        ("embedding.d=true", r"embedding.d: .*a boolean is not a value of this key \(got True\)"),  # was d = 1
+        ("embedding.k=yes", r"embedding.k: .*a boolean is not a value of this key"),
+        ("model.bottom_mlp=no", r"model.bottom_mlp: .*a boolean is not a value of this key"),
     ],
 )
 def test_bad_values_name_the_key_and_allowed_values(override, message):
@@ -73,6 +76,17 @@ def test_bad_files(tmp_path):
     (tmp_path / "broken.yaml").write_text("data: {path: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "broken.yaml")
+    (tmp_path / "twice.yaml").write_text("model: {name: dlrm}\nembedding: {d: 4, k: 8}\nmodel: {name: fm}\n")
+    with pytest.raises(ConfigError, match="twice.yaml is not valid YAML: key 'model' given twice .* line 3"):
+        load_config(tmp_path / "twice.yaml")  # YAML alone keeps the last `model:` without a word
+    (tmp_path / "merged.yaml").write_text("embedding:\n  <<: {d: 4, k: 4}\n  k: 8\n  shuffle_ids: null\n")
+    with pytest.raises(ConfigError, match="embedding.shuffle_ids: unknown key"):  # a merge key may be overridden
+        load_config(tmp_path / "merged.yaml")
+    (tmp_path / "merged.yaml").write_text("embedding:\n  <<: {d: 4, k: 4}\n  k: 8\n")
+    assert (load_config(tmp_path / "merged.yaml").embedding.d, load_config(tmp_path / "merged.yaml").embedding.k) == (
+        4,
+        8,
+    )
 
 
 def test_every_config_error_is_one_line_and_a_user_error(tmp_path):

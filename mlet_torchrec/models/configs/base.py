@@ -14,15 +14,28 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+
+def _takes_bool(annotation: Any) -> bool:
+    return annotation is bool or annotation is Any or any(_takes_bool(a) for a in get_args(annotation))
 
 
 class Strict(BaseModel):
-    """Every config section: unknown keys are errors, assignments are validated."""
+    """Every config section: unknown keys are errors, assignments are validated, and a boolean is no number
+    (YAML reads ``true`` and ``yes`` as booleans, which pydantic would otherwise take as 1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and not _takes_bool(field.annotation):
+            raise ValueError("a boolean is not a value of this key")
+        return value
 
 
 def check_sizes(config: BaseModel, keys: Sequence[str]) -> None:
