@@ -37,7 +37,7 @@ class ConfigError(UserError, ValueError):
 
 
 class DataConfig(_Strict):
-    path: str = "data/synthetic"
+    path: str = Field("data/synthetic", min_length=1)
     """A data set directory (see data_pipes/schema.py)."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes per rank (0: read in the training process); same batches for any count."""
@@ -155,7 +155,7 @@ class TrainConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    dir: str = "runs/default"
+    dir: str = Field("runs/default", min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: bool = True
     """Continue from the newest complete checkpoint in ``dir`` (model, both optimizers, data position,
@@ -163,7 +163,7 @@ class RunConfig(_Strict):
     plan: str | None = None
     """A sharding plan written by ``mlet plan`` (PLAN.json) to use instead of planning again; refused if it was
     made for another world size, device or config."""
-    init_from: str | None = None
+    init_from: str | None = Field(None, min_length=1)
     """A warm start: a run directory (its newest checkpoint) or checkpoint whose model and optimizer state this
     run starts from when ``dir`` has no checkpoint of its own, e.g. to train on a new day's data set converted
     with ``--features-from`` that run. The step count (and so the learning-rate schedule, a function of the step)

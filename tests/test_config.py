@@ -60,6 +60,8 @@ def test_resolved_config_round_trips(tmp_path):
         ("embedding.d=true", r"embedding.d: .*a boolean is not a value of this key \(got True\)"),  # was d = 1
         ("embedding.k=yes", r"embedding.k: .*a boolean is not a value of this key"),
         ("model.bottom_mlp=no", r"model.bottom_mlp: .*a boolean is not a value of this key"),
+        ("data.path=", r"data.path: String should have at least 1 character"),  # was: "metadata.json: no ..."
+        ("run.dir=", r"run.dir: String should have at least 1 character"),
     ],
 )
 def test_bad_values_name_the_key_and_allowed_values(override, message):
