@@ -250,3 +250,14 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(world, tmp_path):
                 ), (name, what, result)
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_export_takes_only_a_collapse_output(world, tmp_path):
+    """An export or a data set as the input of export: one line naming what it is (an export gave DCP's
+    "metadata is None; global metadata read failed ..." as a damaged checkpoint)."""
+    for source, made_by in [(world["export_dlrm"], "mlet export"), (world["data"], "mlet convert criteo")]:
+        with pytest.raises(
+            UserError, match=rf"an output of `{made_by}`; mlet export takes the output of `mlet collapse`"
+        ):
+            export(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

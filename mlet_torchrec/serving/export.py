@@ -39,7 +39,7 @@ from mlet_torchrec import ranks
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import score_split
 from mlet_torchrec.evaluation.metrics import MetricAccumulator
-from mlet_torchrec.io import atomic_output, reserve
+from mlet_torchrec.io import atomic_output, output_command, reserve
 from mlet_torchrec.logs import human_bytes
 from mlet_torchrec.models.registry import CTRModel
 from mlet_torchrec.names import path_inside
@@ -52,6 +52,7 @@ from mlet_torchrec.serving.artifact import (
     read_manifest,
     shard_for_job,
 )
+from mlet_torchrec.serving.collapse import COMMAND as COLLAPSE_COMMAND
 from mlet_torchrec.serving.serving_doc import serving_md
 from mlet_torchrec.serving.torchrec_package import (
     PREDICT_FP32,
@@ -267,8 +268,10 @@ def _checked_source(
     for fmt in formats:
         if fmt not in EXPORT_FORMATS:
             raise UserError(f"table format {fmt!r} is not one of {EXPORT_FORMATS}")
-    if not (collapsed / MANIFEST).is_file():
-        raise UserError(f"{collapsed}: no {MANIFEST}; is it the output of `mlet collapse`?")
+    made_by = output_command(collapsed)
+    if not (collapsed / MANIFEST).is_file() or made_by not in (None, COLLAPSE_COMMAND):
+        what = f"an output of `{made_by}`" if made_by else f"no {MANIFEST}"
+        raise UserError(f"{collapsed}: {what}; mlet export takes the output of `mlet collapse`")
     art = load_artifact(collapsed)
     data = art.config.data.path
     if int8 and check:
