@@ -129,7 +129,8 @@ def _unlisted(directory: Path) -> list[str]:
 
 def check_location(output: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
     """The refusals that hold whatever the directory holds (root, home, the working directory and its parents,
-    a path equal to or containing an input); for writers that add files to a directory and never replace it.
+    a path equal to or containing an input, a path inside a finished output such as a data set or a checkpoint);
+    for writers that add files to a directory and never replace it.
 
         >>> check_location("/tmp/x", inputs=["/tmp/x/results.jsonl"])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
@@ -155,6 +156,12 @@ def check_location(output: Path | str, inputs: Iterable[Path | str] = ()) -> Pat
     parent = next(p for p in out.parents if p.exists())  # the deepest that exists (the root always does)
     if not parent.is_dir():
         raise OutputError(f"cannot write {out}: {parent} is not a directory")
+    finished = next((p for p in out.parents if "files" in _marker(p)), None)  # a data set, checkpoint, export...
+    if finished is not None:
+        raise OutputError(
+            f"refusing to write to {out}: it is inside {finished}, an output of `{output_command(finished)}` that "
+            "holds only what it wrote; choose another place"
+        )
     return out
 
 
@@ -245,15 +252,7 @@ def _verb(command: object) -> str:
 
 
 def output_command(path: Path | str) -> str | None:
-    """The command whose output ``path`` is, as typed (``mlet export``), from its marker; None without one.
-
-    >>> import tempfile, pathlib
-    >>> out = pathlib.Path(tempfile.mkdtemp()) / "result"
-    >>> with atomic_output(out, command="mlet export") as tmp:
-    ...     pass
-    >>> output_command(out), output_command(out.parent)
-    ('mlet export', None)
-    """
+    """The command whose output ``path`` is, as typed (``mlet export``), from its marker; None without one."""
     command = _marker(Path(path)).get("command")
     return None if command is None else _verb(command)
 

@@ -261,3 +261,16 @@ def test_export_takes_only_a_collapse_output(world, tmp_path):
         ):
             export(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_no_output_inside_a_finished_output(world, tmp_path):
+    """predict into a data set's split folder wrote a Parquet file among its parts; export into a collapse
+    output and collapse into a checkpoint wrote there too. A run directory still takes its collapse output."""
+    shutil.copytree(world["data"], tmp_path / "data")
+    before = sorted(str(p) for p in (tmp_path / "data").rglob("*"))
+    with pytest.raises(OutputError, match=r"it is inside .*/data, an output of `mlet convert criteo`"):
+        predict(world["export_dlrm"], tmp_path / "data", "test", tmp_path / "data" / "test" / "p.parquet")
+    with pytest.raises(OutputError, match=r"it is inside .*collapsed_dlrm, an output of `mlet collapse`"):
+        export(world["collapsed_dlrm"], world["collapsed_dlrm"] / "export", int8=False, check=False)
+    assert sorted(str(p) for p in (tmp_path / "data").rglob("*")) == before
+    assert not (world["collapsed_dlrm"] / "export").exists()
