@@ -179,8 +179,16 @@ def test_a_choice_at_the_end_of_the_grid_is_advised(tmp_path):
     records = [r for r in known_store() if r["sparse_lr"] != 4 * TUNED]  # TUNED is now the top of the grid
     a = advise(records, "s.jsonl")
     edge = [x for x in a.advice if "end of the grid" in x]
-    assert len(edge) == 1 and "deepfm d=4 baseline (highest in 5 of 5 (bound hit))" in edge[0]
+    assert len(edge) == 1 and "deepfm 1 ep d=4 baseline (highest in 5 of 5 (bound hit))" in edge[0]
     assert "MLET k=16" in edge[0] and "--extend-grid 2" in edge[0]
+
+
+def test_edge_lists_tell_the_epochs_apart(tmp_path):
+    """The same method at 1 and 3 epochs is two methods: each is named once, with its epochs."""
+    one = [r for r in known_store() if r["sparse_lr"] != 4 * TUNED]
+    three = [{**r, "key": r["key"] + "-3ep", "config": {**r["config"], "train": {"epochs": 3}}} for r in one]
+    edge = next(x for x in advise([*one, *three], "s.jsonl").advice if "embedding lr chosen" in x)
+    assert edge.count("deepfm 1 ep d=4 baseline (") == 1 and edge.count("deepfm 3 ep d=4 baseline (") == 1, edge
 
 
 def test_seed_0_choices_for_every_seed_are_advised_as_not_replicated(tmp_path):

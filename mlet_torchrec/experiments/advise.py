@@ -218,7 +218,9 @@ def advice_lines(records: Records, cs: Sequence[Cell]) -> list[str]:
     for lr, what in (("sparse_lr", "embedding"), ("dense_lr", "dense")):
         edges = edge_choices(records, lr)
         if edges:
-            names = ", ".join(f"{m.model} d={m.d} {m.label()} ({why})" for m, why in sorted(edges.items()))
+            names = ", ".join(
+                f"{m.model} {m.epochs} ep d={m.d} {m.label()} ({why})" for m, why in sorted(edges.items())
+            )
             out.append(
                 f"The {what} lr chosen is at an end of the grid for {names}: its optimum may lie outside; "
                 f"--extend-grid {EXTEND} grows the grid past that end while the choice sits there."
