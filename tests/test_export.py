@@ -195,6 +195,8 @@ def test_quality_failure_and_bad_requests(collapsed, tmp_path):
     assert not (tmp_path / "out").exists()  # a failed check writes nothing
     with pytest.raises(UserError, match="--int8"):
         export(collapsed, tmp_path / "out", int8=False, shards=2)
+    with pytest.raises(UserError, match="--shards 1000: the model has [0-9]+ tables"):
+        export(collapsed, tmp_path / "out", int8=True, shards=1000)
     with pytest.raises(UserError, match="format"):
         export(collapsed, tmp_path / "out", int8=False, formats=("parquet",))
     with pytest.raises(UserError, match="mlet collapse"):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
+from torchrec import EmbeddingBagCollection
 
 from data_pipes.schema import METADATA_FILE, DatasetMeta
 from data_pipes.transform import carry_transform
@@ -273,6 +274,13 @@ def _checked_source(
         what = f"an output of `{made_by}`" if made_by else f"no {MANIFEST}"
         raise UserError(f"{collapsed}: {what}; mlet export takes the output of `mlet collapse`")
     art = load_artifact(collapsed)
+    ebc = art.model.embeddings
+    tables = len(ebc.embedding_bag_configs()) if isinstance(ebc, EmbeddingBagCollection) else 1
+    if shards > tables:
+        raise UserError(
+            f"--shards {shards}: the model has {tables} tables and shards them table-wise, so at most {tables} "
+            "devices hold any; give --shards of at most that"
+        )
     data = art.config.data.path
     if int8 and check:
         if not (Path(data) / METADATA_FILE).is_file():
