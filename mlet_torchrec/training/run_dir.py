@@ -188,24 +188,21 @@ class CtrlC:
     instead, and :class:`LastStep` raises the interrupt again at the end of the step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, previous_unraisable: Callable[[Any], object]) -> None:
         self.seen = False
         self.swallowed = False
+        self._previous_unraisable = previous_unraisable
 
     def __call__(self, signum: int, frame: object) -> None:
         self.seen = True
         raise KeyboardInterrupt
 
-    def unraisable(self, previous: Callable[[Any], object]) -> Callable[[Any], object]:
-        """A ``sys.unraisablehook`` that keeps a lost ``KeyboardInterrupt`` and passes the rest to ``previous``."""
-
-        def hook(info: Any) -> object:
-            if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
-                self.swallowed = True
-                return None
-            return previous(info)
-
-        return hook
+    def unraisable(self, info: Any) -> None:
+        """A ``sys.unraisablehook``: keeps a lost ``KeyboardInterrupt``, passes the rest to the previous hook."""
+        if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+            self.swallowed = True
+            return
+        self._previous_unraisable(info)
 
 
 class LastStep:
@@ -237,12 +234,12 @@ def interrupted(run_dir: Path | str, step: int) -> Interrupted:
 def interruptible(run_dir: Path | str) -> Iterator[LastStep]:
     """Turns a Ctrl-C (``KeyboardInterrupt``) in the block into :func:`interrupted`'s one line; yields the
     hook that tracks the step reached."""
-    ctrl_c = CtrlC()
+    previous_unraisable = sys.unraisablehook
+    ctrl_c = CtrlC(previous_unraisable)
     last = LastStep(ctrl_c)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, ctrl_c) if main_thread else None
-    previous_unraisable = sys.unraisablehook
-    sys.unraisablehook = ctrl_c.unraisable(previous_unraisable)
+    sys.unraisablehook = ctrl_c.unraisable
     try:
         yield last
     except KeyboardInterrupt:
