@@ -266,7 +266,8 @@ class ShardOutput:
     fresh: bool = True
 
     def save(self, path: Path) -> None:
-        tallies = {k: self.issues.as_dict()[k] for k in ("values_replaced", "rows_dropped")}
+        counts = self.issues.as_dict()
+        tallies = {k: counts[k] for k in ("values_replaced", "rows_dropped")}
         atomic_write_text(path, json.dumps({"files": self.files, "rows": self.rows, "read": self.read, **tallies}))
 
     @classmethod

@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from data_pipes.convert.options import (
     DEFAULT_BLOCK_SIZE,
@@ -30,11 +30,8 @@ from data_pipes.convert.options import (
     DEFAULT_SHARD_SIZE,
 )
 from mlet_torchrec.cli import flags
-from mlet_torchrec.cli.entry import print_summary, run
+from mlet_torchrec.cli.entry import print_once, run
 from mlet_torchrec.cli.flags import example, existing
-
-if TYPE_CHECKING:
-    from data_pipes.convert.job import ConvertResult
 
 
 def bucket_spec(text: str) -> tuple[str, int]:
@@ -194,21 +191,19 @@ def _ranks() -> dict[str, int]:
     return {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
 
 
-def _print(result: ConvertResult) -> None:
-    print_summary({}, [result.summary()], as_json=False)  # once, on rank 0
-
-
 def _cmd_criteo(args: argparse.Namespace) -> int:
     from data_pipes.convert.criteo import convert_criteo
 
-    _print(convert_criteo(existing(args.input), args.output, valid=args.valid, test=args.test, **_options(args)))
+    print_once(
+        convert_criteo(existing(args.input), args.output, valid=args.valid, test=args.test, **_options(args)).summary()
+    )
     return 0
 
 
 def _cmd_avazu(args: argparse.Namespace) -> int:
     from data_pipes.convert.avazu import convert_avazu
 
-    _print(convert_avazu(existing(args.input), args.output, **_options(args)))
+    print_once(convert_avazu(existing(args.input), args.output, **_options(args)).summary())
     return 0
 
 
@@ -222,7 +217,7 @@ def _cmd_movielens(args: argparse.Namespace) -> int:
         drop_columns=args.drop_columns,
         **_options(args),
     )
-    _print(result)
+    print_once(result.summary())
     return 0
 
 
