@@ -124,7 +124,8 @@ def _unlisted(directory: Path) -> list[str]:
     listed = _marker(directory).get("files")
     if not isinstance(listed, list):
         return []
-    return [f for f in _files_of(directory) if f not in set(listed)]
+    known = set(listed)
+    return [f for f in _files_of(directory) if f not in known]
 
 
 def check_location(output: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
