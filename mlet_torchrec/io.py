@@ -122,10 +122,8 @@ def _unlisted(directory: Path) -> list[str]:
     """Files in an output of mlet that its marker does not list (added since); none for a marker without a
     list (a run directory, filled over time, or an output of an earlier version)."""
     listed = _marker(directory).get("files")
-    if not isinstance(listed, list):
-        return []
-    known = set(listed)
-    return [f for f in _files_of(directory) if f not in known]
+    known = set(listed) if isinstance(listed, list) else None
+    return [] if known is None else [f for f in _files_of(directory) if f not in known]
 
 
 def check_location(output: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
@@ -288,7 +286,7 @@ class AtomicOutput:
         token: str | None = None,
     ) -> None:
         self.output = check_output_path(output, inputs, overwrite)
-        self.command = command
+        self.command, self.overwrite = command, overwrite
         self.token = token or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp = self.output.parent / f".{self.output.name}{TMP_TAG}{self.token}"
         self._made: list[Path] = []  # parent directories begin() created, deepest first
@@ -311,6 +309,8 @@ class AtomicOutput:
         if out.is_dir() and any(out.iterdir()):
             if not is_ours(out):  # appeared after the check: never replace foreign files
                 raise OutputError(f"refusing to replace {out}: it holds files mlet did not write")
+            if not self.overwrite:  # another job wrote it while this one ran
+                raise OutputError(f"{out} was written by another job while this one ran; --overwrite replaces it")
             if _exchange(self.tmp, out):
                 shutil.rmtree(self.tmp, ignore_errors=True)  # now holds the old output
             else:  # no atomic exchange on this file system: a short window with the old one aside

@@ -396,6 +396,26 @@ def test_overwrite_replaces_only_what_the_marker_lists(tmp_path):
     assert (tmp_path / "out" / "train" / "notes.txt").read_text() == "mine"
 
 
+def test_two_jobs_on_one_output_the_later_commit_is_refused(tmp_path):
+    """Two jobs start on one new output (both pass the existence check); the first commits, the second is
+    refused at its commit instead of replacing the first's output, and leaves nothing of its own."""
+    from mlet_torchrec.io import AtomicOutput, OutputError
+
+    first, second = AtomicOutput(tmp_path / "out", "convert"), AtomicOutput(tmp_path / "out", "convert")
+    (first.begin() / "a.txt").write_text("first")
+    (second.begin() / "a.txt").write_text("second")
+    first.commit()
+    with pytest.raises(OutputError, match="written by another job while this one ran; --overwrite replaces it"):
+        second.commit()
+    second.abort()
+    assert (tmp_path / "out" / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    again = AtomicOutput(tmp_path / "out", "convert", overwrite=True)  # --overwrite still replaces it
+    (again.begin() / "a.txt").write_text("again")
+    again.commit()
+    assert (tmp_path / "out" / "a.txt").read_text() == "again"
+
+
 def test_diverged_run_is_one_line_from_every_rank(synth_dataset, tmp_path):
     """A NaN loss on a 2-process job: the workers' TrainingDiverged reaches the command as itself (one line,
     exit 2), and the run directory it created without a checkpoint is gone."""
