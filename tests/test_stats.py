@@ -78,13 +78,13 @@ def test_paired_test_degenerate_cases_decide_without_warnings():
 
 
 def test_verdict_strings_follow_the_p_value():
-    assert verdict([0.01, 0.012, 0.011]) == "MLET better (t=+19.1, p<0.05)"
-    assert verdict([0.01, 0.012, 0.011], higher_is_better=False) == "MLET worse (t=+19.1, p<0.05)"
-    assert verdict([0.0, 0.0]) == "identical"
-    assert verdict([0.1]) == "n<2: no test"
-    assert verdict([0.1, 0.1]) == "MLET better"
-    noisy = [0.01, -0.012, 0.011]
-    assert paired_test(noisy).p >= 0.05
+    assert verdict(paired_test([0.01, 0.012, 0.011])) == "MLET better (t=+19.1, p<0.05)"
+    assert verdict(paired_test([0.01, 0.012, 0.011]), higher_is_better=False) == "MLET worse (t=+19.1, p<0.05)"
+    assert verdict(paired_test([0.0, 0.0])) == "identical"
+    assert verdict(paired_test([0.1])) == "n<2: no test"
+    assert verdict(paired_test([0.1, 0.1])) == "MLET better"
+    noisy = paired_test([0.01, -0.012, 0.011])
+    assert noisy.p >= 0.05
     assert verdict(noisy).startswith("within noise (t=")
 
 
@@ -95,7 +95,7 @@ def test_verdict_uses_exact_df_between_old_table_keys():
     shift = 2.17 * s / math.sqrt(12) - m  # t = 2.17
     shifted = [d + shift for d in diffs]
     assert paired_test(shifted).t == pytest.approx(2.17)
-    assert verdict(shifted) == "within noise (t=+2.2)"
+    assert verdict(paired_test(shifted)) == "within noise (t=+2.2)"
 
 
 def test_pooled_identical_cells_equal_single_cell_and_narrow():

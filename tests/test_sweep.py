@@ -7,7 +7,7 @@ import pytest
 from mlet_torchrec.config import ConfigError, load_config
 from mlet_torchrec.experiments.analysis import _row_frequency
 from mlet_torchrec.experiments.grid import budget_note, cell_key, expand_grid, parse_grid, plan_cells
-from mlet_torchrec.experiments.stats import fmt, mean_std, verdict
+from mlet_torchrec.experiments.stats import fmt, mean_std, paired_test, verdict
 from mlet_torchrec.experiments.store import ResultsStore, load_results
 from mlet_torchrec.experiments.sweep import SweepSettings, run_sweep
 
@@ -137,9 +137,9 @@ def test_report_helpers():
     assert mean_std([1.0, 3.0])[:2] == (2.0, pytest.approx(2**0.5))
     assert fmt([0.5, 0.7]) == "0.6000 ± 0.1414"
     assert fmt([0.5]) == "0.5000" and fmt([]) == "–"
-    assert verdict([0.01, 0.011, 0.012]).startswith("MLET better")
-    assert verdict([0.01, -0.01, 0.002]).startswith("within noise")
-    assert verdict([-0.01, -0.011, -0.012]).startswith("MLET worse")
+    assert verdict(paired_test([0.01, 0.011, 0.012])).startswith("MLET better")
+    assert verdict(paired_test([0.01, -0.01, 0.002])).startswith("within noise")
+    assert verdict(paired_test([-0.01, -0.011, -0.012])).startswith("MLET worse")
 
 
 def test_plan_cells_with_tune_mlet_tunes_every_method_alike(tmp_path):

@@ -32,7 +32,7 @@ from mlet_torchrec.experiments.family_tables import LOSS, LR, PENDING, TIE, WIN,
 from mlet_torchrec.experiments.grid import K_PER_D
 from mlet_torchrec.experiments.markdown import _table
 from mlet_torchrec.experiments.records import MethodKey, finished, method_of
-from mlet_torchrec.experiments.stats import Pooled, fmt_interval
+from mlet_torchrec.experiments.stats import Pooled, fmt_interval, fmt_p
 from mlet_torchrec.experiments.store import load_results
 
 EVERY_METHOD = Family(name="advise", title="every method of the store", setup="", epochs=())
@@ -238,10 +238,6 @@ def advise(records: Records, store: str) -> Advice:
     return Advice(store, cs, pooled, verdict_lines(cs, pooled, tuned), advice, command, tuned)
 
 
-def _p(p: float) -> str:
-    return "–" if math.isnan(p) else f"{p:.3f}" if p >= 0.001 else "<0.001"
-
-
 def format_text(a: Advice) -> str:
     """The table of cells (Markdown), then the verdict, then what to run next."""
     rows = [
@@ -254,8 +250,8 @@ def format_text(a: Advice) -> str:
             _num(c.base[0]),
             _num(c.mlet[0]),
             fmt_interval(c.test.mean, c.test.lo, c.test.hi),
-            _p(c.test.p),
-            _p(c.q),
+            fmt_p(c.test.p),
+            fmt_p(c.q),
             str(c.test.n),
             c.mark,
         ]

@@ -13,7 +13,7 @@ from typing import Any
 
 from mlet_torchrec.experiments.markdown import _mib, _table
 from mlet_torchrec.experiments.selection import Results
-from mlet_torchrec.experiments.stats import _get, fmt, mean_std, verdict
+from mlet_torchrec.experiments.stats import _get, fmt, mean_std, paired_test, verdict
 
 
 def _compression_section(res: Results, variant: str, comp: list[dict[str, Any]]) -> list[str]:
@@ -131,7 +131,7 @@ def _recommendation(res: Results, variant: str, budgets_mb: Sequence[float]) -> 
         if base_same_d and best[1].kind in ("mlet", "mlet_tuned"):
             bo = base_same_d[0]
             diffs = res.paired(best[1], bo[1], variant, best[2], "test.auc")
-            base_txt = f"{fmt(diffs)} ({verdict(diffs)})"
+            base_txt = f"{fmt(diffs)} ({verdict(paired_test(diffs))})"
         rows.append(
             [
                 _mib(b),

@@ -9,8 +9,6 @@ ours and is never replaced.
 Example:
     >>> _auc((0.71234, 0.70, 0.72, 5))
     '0.7123 [0.7000, 0.7200] n=5'
-    >>> _p(0.00001), _p(0.25)
-    ('<0.001', '0.250')
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ from mlet_torchrec.experiments.markdown import _table
 from mlet_torchrec.experiments.records import MethodKey, as_splits, method_of
 from mlet_torchrec.experiments.report import written_by
 from mlet_torchrec.experiments.split_noise import HEAD, delong_rows
-from mlet_torchrec.experiments.stats import _signed, fmt_interval
+from mlet_torchrec.experiments.stats import _signed, fmt_interval, fmt_p
 from mlet_torchrec.experiments.store import load_results
 from mlet_torchrec.io import OutputError, atomic_write_text, check_location
 
@@ -120,10 +118,6 @@ def _auc(iv: Interval) -> str:
     return f"{m:.4f} [{lo:.4f}, {hi:.4f}] n={n}"
 
 
-def _p(p: float) -> str:
-    return "–" if math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
-
-
 def _col(m: MethodKey, sigmas: int) -> str:
     return f"k={m.k} ({m.kd:g}d)" + (f" σ={m.sigma:g}" if sigmas > 1 else "")
 
@@ -161,8 +155,8 @@ def _detail(cs: Sequence[Cell], family: Family) -> list[str]:
             _auc(c.base),
             _auc(c.mlet),
             fmt_interval(c.test.mean, c.test.lo, c.test.hi),
-            _p(c.test.p),
-            _p(c.q),
+            fmt_p(c.test.p),
+            fmt_p(c.q),
             _signed(c.paper_diff, 4),
             _num(c.base_std),
             c.mark,
@@ -184,8 +178,8 @@ def _across(cs: Sequence[Cell], splits: Sequence[Cell]) -> list[str]:
             c.method.label(),
             fmt_interval(c.test.mean, c.test.lo, c.test.hi),
             fmt_interval(s.test.mean, s.test.lo, s.test.hi) + f" n={s.test.n}",
-            _p(s.test.p),
-            _p(s.q),
+            fmt_p(s.test.p),
+            fmt_p(s.q),
         ]
         for c in cs
         if (s := by.get(c.method)) is not None and s.test.n
@@ -239,7 +233,7 @@ def _losses(by_ds: dict[str, list[Cell]]) -> list[str]:
         return ["No cell is significantly worse for MLET (p < 0.05) in the runs so far.", ""]
     return [
         f"- {ds}: {c.method.model}, {c.method.epochs} epoch(s), d={c.method.d}, {c.method.label()}: Δ AUC "
-        f"{fmt_interval(c.test.mean, c.test.lo, c.test.hi)}, p {_p(c.test.p)}, q {_p(c.q)}, n={c.test.n}"
+        f"{fmt_interval(c.test.mean, c.test.lo, c.test.hi)}, p {fmt_p(c.test.p)}, q {fmt_p(c.q)}, n={c.test.n}"
         for ds, c in lost
     ] + [""]
 

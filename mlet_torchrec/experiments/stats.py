@@ -15,10 +15,12 @@ Example:
     >>> r = paired_test([0.01, 0.012, 0.011])
     >>> round(r.t, 1), r.p < 0.05
     (19.1, True)
-    >>> verdict([0.01, 0.012, 0.011])
+    >>> verdict(r)
     'MLET better (t=+19.1, p<0.05)'
-    >>> verdict([0.01, -0.012, 0.011])
+    >>> verdict(paired_test([0.01, -0.012, 0.011]))
     'within noise (t=+0.4)'
+    >>> fmt_p(0.25), fmt_p(0.00001), fmt_p(0.00001, smallest=0.0), fmt_p(float("nan"))
+    ('0.250', '<0.001', '0.000', '–')
     >>> p = pooled_estimate([[0.010, 0.012, 0.011], [0.004, 0.006, 0.005]])
     >>> round(p.estimate, 4), p.n_cells
     (0.008, 2)
@@ -161,18 +163,18 @@ def paired_test(diffs: Sequence[float | None]) -> PairedTest:
     return PairedTest(m, s, n, float(res.statistic), float(res.pvalue), lo, hi)
 
 
-def verdict(diffs: Sequence[float], higher_is_better: bool = True, q: float | None = None) -> str:
-    """The report's one-phrase reading of the paired test: significant when the two-sided p < 0.05, or, given the
-    test's Benjamini-Hochberg ``q`` among the report's tests (:func:`bh_q`), when q < 0.05.
+def verdict(r: PairedTest, higher_is_better: bool = True, q: float | None = None) -> str:
+    """The report's one-phrase reading of a paired test (:func:`paired_test`): significant when the two-sided
+    p < 0.05, or, given the test's Benjamini-Hochberg ``q`` among the report's tests (:func:`bh_q`), when q < 0.05.
 
-    >>> verdict([0.01, 0.012, 0.011], higher_is_better=False)
+    >>> r = paired_test([0.01, 0.012, 0.011])
+    >>> verdict(r, higher_is_better=False)
     'MLET worse (t=+19.1, p<0.05)'
-    >>> verdict([0.01, 0.012, 0.011], q=0.2), verdict([0.01, 0.012, 0.011], q=0.01)
+    >>> verdict(r, q=0.2), verdict(r, q=0.01)
     ('within noise (t=+19.1, q=0.200)', 'MLET better (t=+19.1, q<0.05)')
-    >>> verdict([0.0, 0.0]), verdict([0.1])
+    >>> verdict(paired_test([0.0, 0.0])), verdict(paired_test([0.1]))
     ('identical', 'n<2: no test')
     """
-    r = paired_test(diffs)
     if r.n < 2:
         return "n<2: no test"
     better = (r.mean > 0) == higher_is_better
@@ -183,6 +185,14 @@ def verdict(diffs: Sequence[float], higher_is_better: bool = True, q: float | No
     if not r.p < _ALPHA:
         return f"within noise (t={r.t:+.1f})"
     return f"MLET {'better' if better else 'worse'} (t={r.t:+.1f}, {'p' if q is None else 'q'}<0.05)"
+
+
+def fmt_p(p: float, smallest: float = 0.001) -> str:
+    """A p or q value for a report's table: 3 decimals, ``<smallest`` below ``smallest``, ``–`` when missing (nan).
+    The data-set reports pass ``smallest=0.0`` (their tables print ``0.000``)."""
+    if math.isnan(p):
+        return "–"
+    return f"<{smallest:g}" if p < smallest else f"{p:.3f}"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from mlet_torchrec.experiments.compression_tables import _compression_section, _
 from mlet_torchrec.experiments.markdown import _mib, _table
 from mlet_torchrec.experiments.plots import plot_freq, plot_spectrum, plot_vs_d
 from mlet_torchrec.experiments.selection import Pick, Results, _g
-from mlet_torchrec.experiments.stats import _get, bh_q, fmt, mean_std, paired_test, verdict
+from mlet_torchrec.experiments.stats import PairedTest, _get, bh_q, fmt, fmt_p, mean_std, paired_test, verdict
 
 
 @dataclass(frozen=True)
@@ -108,14 +108,12 @@ class _Section:
             for b in _baselines_for(m, self.res, self.paper, self.tuned)
             if (diffs := self.res.paired(m, b, self.variant, d, "test.auc"))
         ]
-        qs = bh_q([paired_test(diffs).p for *_, diffs in tests])
-        q_of = {(d, m.name, b.name): q for (d, m, b, _), q in zip(tests, qs, strict=True)}
+        judged = _judged([diffs for *_, diffs in tests])
+        judged_of = {(d, m.name, b.name): tq for (d, m, b, _), tq in zip(tests, judged, strict=True)}
         rows = []
-        for (d, m, b, diffs), q in zip(tests, qs, strict=True):
+        for (d, m, b, diffs), (t, q) in zip(tests, judged, strict=True):
             _, sstd, _ = mean_std(self.res.values(b, self.variant, d, "test.auc"))
-            dm, _, _ = mean_std(diffs)
-            ratio = "–" if not sstd or math.isnan(sstd) else f"{abs(dm) / sstd:.1f}"
-            p = paired_test(diffs).p
+            ratio = "–" if not sstd or math.isnan(sstd) else f"{abs(t.mean) / sstd:.1f}"
             rows.append(
                 [
                     d,
@@ -124,13 +122,13 @@ class _Section:
                     fmt(diffs, 4),
                     "–" if math.isnan(sstd) else f"{sstd:.4f}",
                     ratio,
-                    _pq(p),
-                    _pq(q),
-                    verdict(diffs, q=_q(q)),
+                    fmt_p(t.p, smallest=0.0),
+                    fmt_p(q, smallest=0.0),
+                    verdict(t, q=q),
                 ]
             )
         L += _table(["d", "MLET", "vs", "Δ AUC", "seed std", "abs Δ / seed std", "p", "q (BH)", "verdict"], rows) + [""]
-        L += _plain_statements(self.res, self.variant, self.paper, self.tuned, self.mlets, q_of)
+        L += _plain_statements(self.res, self.variant, self.paper, self.tuned, self.mlets, judged_of)
         # smaller d with MLET vs larger d baseline (the papers' headline)
         if len(self.res.ds) > 1:
             rows = []
@@ -243,10 +241,17 @@ class _Section:
             for w in ("top10", "bottom10")
             if (diffs := self.res.paired(m, self.ref, self.variant, d, f"freq.{w}.pr_auc"))
         ]
-        qs = bh_q([paired_test(diffs).p for *_, diffs in tests])
         rows = [
-            [d, m.name, w.replace("10", " 10%"), fmt(diffs), _pq(paired_test(diffs).p), _pq(q), verdict(diffs, q=_q(q))]
-            for (d, m, w, diffs), q in zip(tests, qs, strict=True)
+            [
+                d,
+                m.name,
+                w.replace("10", " 10%"),
+                fmt(diffs),
+                fmt_p(t.p, smallest=0.0),
+                fmt_p(q, smallest=0.0),
+                verdict(t, q=q),
+            ]
+            for (d, m, w, diffs), (t, q) in zip(tests, _judged([diffs for *_, diffs in tests]), strict=True)
         ]
         if rows:
             L += [f"Paired Δ PR-AUC, MLET − {self.ref.name} (q: Benjamini-Hochberg over this table's tests):", ""]
@@ -348,13 +353,14 @@ class _Section:
         return L
 
 
-def _pq(x: float) -> str:
-    return "–" if math.isnan(x) else f"{x:.3f}"
+def _judged(cells: Sequence[Sequence[float]]) -> list[tuple[PairedTest, float]]:
+    """Each cell's paired test and its Benjamini-Hochberg q over the cells (one table's tests), in their order.
 
-
-def _q(q: float) -> float | None:
-    """A q for :func:`.stats.verdict`: None (decide on p) when the test has no p."""
-    return None if math.isnan(q) else q
+    >>> [(round(t.mean, 3), round(q, 4)) for t, q in _judged([[0.01, 0.012, 0.011], [0.1]])]
+    [(0.011, 0.0027), (0.1, nan)]
+    """
+    tests = [paired_test(diffs) for diffs in cells]
+    return list(zip(tests, bh_q([t.p for t in tests]), strict=True))
 
 
 def _section_dataset(res: Results, name: str, variant: str, out: Path, budgets_mb: Sequence[float]) -> list[str]:
@@ -382,7 +388,7 @@ def _plain_statements(
     paper: Pick,
     tuned: Pick | None,
     mlets: list[Pick],
-    q_of: dict[tuple[int, str, str], float],
+    judged: dict[tuple[int, str, str], tuple[PairedTest, float]],
 ) -> list[str]:
     best = next((m for m in mlets if m.kind == "mlet_best"), mlets[0] if mlets else None)
     if best is None:
@@ -391,13 +397,12 @@ def _plain_statements(
     for d in res.ds:
         parts = []
         for b in _baselines_for(best, res, paper, tuned):
-            diffs = res.paired(best, b, variant, d, "test.auc")
-            if not diffs:
+            if (d, best.name, b.name) not in judged:  # no paired seeds
                 continue
-            m, s, n = mean_std(diffs)
+            t, q = judged[(d, best.name, b.name)]
+            m, s, n = t.mean, t.std, t.n
             sstd = mean_std(res.values(b, variant, d, "test.auc"))[1]
-            q = q_of.get((d, best.name, b.name), math.nan)
-            v = verdict(diffs, q=_q(q))
+            v = verdict(t, q=q)
             what = (
                 "MLET's advantage holds (paired t-test, Benjamini-Hochberg q < 0.05)"
                 if v.startswith("MLET better")
