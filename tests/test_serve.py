@@ -12,6 +12,7 @@ import queue
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -68,11 +69,11 @@ def predicted(export_dir: Path, data: Path, precision: str) -> np.ndarray:
 
 
 @contextmanager
-def running(export_dir: Path, precision: str = "fp32") -> Iterator[int]:
+def running(export_dir: Path, precision: str = "fp32", limits: ServeLimits = LIMITS) -> Iterator[int]:
     """The server on a free 127.0.0.1 port in a thread; stops when the block ends. The socket listens before the
     thread starts, so a client may connect at once (the connection waits until uvicorn accepts it)."""
     sock = bind("127.0.0.1", 0)
-    server = make_server(create_app(RowScorer(export_dir, precision), LIMITS))
+    server = make_server(create_app(RowScorer(export_dir, precision), limits))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -85,9 +86,12 @@ def running(export_dir: Path, precision: str = "fp32") -> Iterator[int]:
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """One request (``headers``: all of them, default ``Content-Type: application/json``); (status, body)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        conn.request(
+            method, path, body=body, headers={"Content-Type": "application/json"} if headers is None else headers
+        )
         resp = conn.getresponse()
         raw = resp.read()
     finally:
@@ -150,6 +154,12 @@ HOSTILE = [
     (b'{"rows": [{"I1": "five"}]}', 422),  # not a number
     (b'{"rows": [{"I1": "nan"}, {"I2": "-inf"}]}', 422),  # not finite
     (b'{"rows": [{"I1": NaN}]}', 422),  # JSON's NaN extension, not a string
+    (b'{"rows": [{"I1": Infinity}, {"I2": 1e999}]}', 422),  # Infinity, and a number too large for a float
+    (b'{"rows": [{"I1": ' + b"9" * 5000 + b"}]}", 400),  # an integer past Python's digit limit
+    (b'{"rows": [1, 2]}', 422),  # an array of non-objects
+    (b"", 400),
+    (b'{"rows": [{"C1": "\\ud800"}]}', 400),  # a lone surrogate: not text (was a 500)
+    (b'{"rows": [{"I1": "\\udfff"}]}', 400),
     (b"[" * 30_000 + b"]" * 30_000, 400),  # nested past the parser's recursion limit
     (json.dumps({"rows": [{}] * 65}).encode(), 413),  # too many rows
     (json.dumps({"rows": [{"C1": "x" * 70_000}]}).encode(), 413),  # too large
@@ -175,10 +185,44 @@ def test_every_hostile_request_gets_a_4xx_and_the_next_good_one_succeeds(served)
         status, raw = request(port, "GET", "/nope")
         assert status == 404 and set(json.loads(raw)) == {"error"}
         assert post(port, []).shape == (0,)
-        # the request SERVING.md shows, with a real column
-        body = re.search(r"-d '(.*?)'", (export_dir / "SERVING.md").read_text()).group(1).replace("COLUMN", "C1")
-        status, raw = request(port, "POST", "/v1/predict", body.encode())
+        # the request SERVING.md shows, with a real column and its Content-Type header
+        curl = re.search(r"-H '(.*?): (.*?)' -d '(.*?)'", (export_dir / "SERVING.md").read_text())
+        body = curl.group(3).replace("COLUMN", "C1").encode()
+        status, raw = request(port, "POST", "/v1/predict", body, {curl.group(1): curl.group(2)})
         assert status == 200 and len(json.loads(raw)["probabilities"]) == 1
+        assert np.abs(post(port, rows) - expected).max() <= 1e-6
+
+
+def _raw_exchange(port: int, head: bytes, body: bytes) -> tuple[int, bytes]:
+    """Send ``head`` and ``body`` as they are on one connection; the answer's (status, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        sock.sendall(head + b"\r\n\r\n" + body)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        return resp.status, resp.read()
+
+
+def test_only_a_body_declared_json_is_read_and_a_short_body_gets_408(served):
+    """A body sent as another type gets 415 naming it (it was parsed as JSON anyway); JSON with parameters or no
+    Content-Type is served. A Content-Length longer than the body sent (or a chunked body never ended) gets 408
+    after ``body_seconds`` instead of holding its connection forever."""
+    export_dir, expected = served["dlrm"]
+    rows, expected = served["rows"][:3], expected[:3]
+    body = json.dumps({"rows": rows}).encode()
+    with running(export_dir, limits=ServeLimits(max_rows=64, max_body_bytes=64 * 1024, body_seconds=2.0)) as port:
+        for declared in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            status, raw = request(port, "POST", "/v1/predict", body, {"Content-Type": declared})
+            assert status == 415, raw
+            assert json.loads(raw) == {"error": f"the body is sent as {declared!r}; send it as application/json"}
+        for headers in ({"Content-Type": "application/json; charset=utf-8"}, {"Content-Type": "Application/JSON"}, {}):
+            status, raw = request(port, "POST", "/v1/predict", body, headers)
+            assert status == 200 and np.abs(np.array(json.loads(raw)["probabilities"]) - expected).max() <= 1e-6
+        head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        unended = ((b"Content-Length: 100", b'{"rows": []}', 12), (b"Transfer-Encoding: chunked", b'5\r\n{"row', 5))
+        for framing, sent, received in unended:
+            status, raw = _raw_exchange(port, head + b"\r\n" + framing, sent)
+            assert status == 408, raw
+            assert json.loads(raw) == {"error": f"the body did not arrive within 2 s ({received} bytes received)"}
         assert np.abs(post(port, rows) - expected).max() <= 1e-6
 
 

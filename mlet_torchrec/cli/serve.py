@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "serve",
         "serve an export over HTTP: raw rows in, probabilities out (dynamic batching)",
         "mlet serve --input runs/demo/export --port 8080",
-        'curl -s localhost:8080/v1/predict -d \'{"rows": [{"I1": "5", "C1": "68fd1e64"}]}\'',
+        """curl -s localhost:8080/v1/predict -H 'Content-Type: application/json' -d '{"rows": [{"I1": "5"}]}'""",
     )
     flags.add_input(p, "output directory of `mlet export`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")

@@ -6,11 +6,17 @@ the source files; a missing key is an empty field), encodes them with the export
 ``{"probabilities": [...]}`` from the export's TorchRec dict-signature module (``--precision int8|fp32``).
 ``GET /healthz`` answers 200 once the model is loaded (the server binds only after loading): a readiness probe.
 
+The body must be declared JSON: ``Content-Type: application/json`` (parameters such as ``; charset=utf-8`` allowed)
+or no Content-Type at all (taken as JSON, as most JSON APIs do: a client that names no type gets served); any
+other type (``text/plain``, ``application/x-www-form-urlencoded``, what ``curl -d`` sends without ``-H``,
+``multipart/form-data``) gets 415 naming the type received and the one expected.
+
 Dynamic batching: the requests that arrive while the model runs wait in a queue; the next model call takes
 them all (up to ``max_batch_rows``) and splits the result, so concurrent clients share model calls without a
-fixed delay. A bad request (not JSON, too large, too many rows, not ``{"rows": [objects]}``, an unknown
-column, a value that is not a string or not a number where one is needed) gets a 4xx with a one-line JSON
-``{"error": "..."}`` and the server goes on serving. One DEBUG log line per model call; nothing per request.
+fixed delay. A bad request (not declared JSON, not JSON, too large, too many rows, a body that does not arrive in
+time, not ``{"rows": [objects]}``, an unknown column, a value that is not a string, not Unicode or not a number
+where one is needed) gets a 4xx with a one-line JSON ``{"error": "..."}`` and the server goes on serving. One
+DEBUG log line per model call; nothing per request.
 
 The server library is FastAPI on uvicorn: the most used ASGI stack, maintained, typed; ``litserve`` adds its own
 batching on top of FastAPI, but a queue drained per model call is all this needs, and Ray Serve / BentoML /
@@ -63,6 +69,7 @@ class ServeLimits:
     max_rows: int = 4096  # rows per request (413 beyond)
     max_body_bytes: int = 8 << 20  # bytes per request body (413 beyond)
     max_batch_rows: int = 8192  # rows per model call, over the requests waiting
+    body_seconds: float = 30.0  # from the headers to the body's last byte (408 beyond: a Content-Length that lies)
 
 
 class BadRequest(Exception):
@@ -71,6 +78,25 @@ class BadRequest(Exception):
     def __init__(self, message: str, status: int = 422) -> None:
         super().__init__(message)
         self.status = status
+
+
+JSON_TYPE = "application/json"
+
+
+def check_content_type(declared: str | None) -> None:
+    """Refuse (415) a body declared as anything but JSON; parameters (``; charset=utf-8``) and a missing
+    Content-Type are accepted.
+
+        >>> check_content_type("application/json; charset=utf-8"), check_content_type(None)
+        (None, None)
+        >>> check_content_type("text/plain")
+        Traceback (most recent call last):
+        ...
+        mlet_torchrec.serving.server.BadRequest: the body is sent as 'text/plain'; send it as application/json
+    """
+    if declared is None or declared.split(";", 1)[0].strip().lower() == JSON_TYPE:
+        return
+    raise BadRequest(f"the body is sent as {declared[:80]!r}; send it as {JSON_TYPE}", 415)
 
 
 def parse_rows(body: bytes, max_rows: int) -> list[dict[str, Any]]:
@@ -137,6 +163,8 @@ class RowScorer:
             return self.transform.encode(rows)
         except DataError as e:
             raise BadRequest(str(e).splitlines()[0]) from None
+        except UnicodeEncodeError:  # JSON's "\\ud800" escapes decode to lone surrogates, which are not text
+            raise BadRequest("a value holds a lone UTF-16 surrogate (a \\ud800 escape), not text", 400) from None
 
     def batch(self, encoded: EncodedRows) -> dict[str, torch.Tensor]:
         """The dict-signature batch of encoded rows (sparse features in the manifest's order)."""
@@ -236,7 +264,8 @@ def create_app(scorer: RowScorer, limits: ServeLimits = ServeLimits()) -> FastAP
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> JSONResponse:
-        rows = parse_rows(await read_body(request, limits.max_body_bytes), limits.max_rows)
+        check_content_type(request.headers.get("content-type"))
+        rows = parse_rows(await read_body(request, limits.max_body_bytes, limits.body_seconds), limits.max_rows)
         if not rows:
             return JSONResponse({"probabilities": []})
         encoded = await run_in_threadpool(scorer.encode, rows)
@@ -246,17 +275,22 @@ def create_app(scorer: RowScorer, limits: ServeLimits = ServeLimits()) -> FastAP
     return app
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) past ``limit`` bytes without reading the rest."""
+async def read_body(request: Request, limit: int, seconds: float) -> bytes:
+    """The request body, refused (413) past ``limit`` bytes without reading the rest, and (408) when it has not
+    all arrived ``seconds`` after the headers (a Content-Length longer than the body sent would wait forever)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise BadRequest(f"the body has {declared} bytes; at most {limit}", 413)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(f"the body has more than {limit} bytes", 413)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BadRequest(f"the body has more than {limit} bytes", 413)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequest(f"the body did not arrive within {seconds:g} s ({size} bytes received)", 408) from None
     return b"".join(chunks)
 
 

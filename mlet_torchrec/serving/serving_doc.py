@@ -83,7 +83,7 @@ SERVE_SECTION = """## Raw rows over HTTP: `mlet serve`
 
 ```bash
 mlet serve --input path/to/export --port 8080   # --precision fp32: the FP32 module; --host 0.0.0.0 in a container
-curl -s localhost:8080/v1/predict -d '{"rows": [{"COLUMN": "raw value as in the source file"}]}'
+curl -s localhost:8080/v1/predict -H 'Content-Type: application/json' -d '{"rows": [{"COLUMN": "raw value"}]}'
 # {"probabilities":[0.0312]}; a missing column is an empty field; GET /healthz: 200 once the model is loaded
 ```
 
