@@ -404,23 +404,24 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ERO
 """The errors of a write that are the user's to fix (a full disk, a read-only place)."""
 
 
-def full_disk_note(path: Path | str) -> str:
-    """What a write error means when the file system holding ``path`` is full (torch.save says "unexpected pos",
-    pyarrow "Error writing bytes"); empty when it has 1 MiB or more free."""
+def full_disk_note(directory: Path | str) -> str:
+    """What a write error means when the file system holding ``directory`` (where the output was being written:
+    its temporary sibling lies there too) is full (torch.save says "unexpected pos", pyarrow "Error writing
+    bytes"); empty when it has 1 MiB or more free, or ``directory`` is gone."""
     try:
-        st = os.statvfs(path)
+        st = os.statvfs(directory)
     except OSError:
         return ""
     free = st.f_bavail * st.f_frsize
-    return f" (the file system holding {Path(path).parent} is full: {free} bytes free)" if free < 2**20 else ""
+    return f" (the file system holding {directory} is full: {free} bytes free)" if free < 2**20 else ""
 
 
-def write_failure(e: BaseException, output: Path | str, tmp: Path | str) -> OutputError | None:
-    """The one-line error for an output write that failed with ``e`` because of a full disk or a read-only place
-    (``tmp``: where it was being written); None when ``e`` is something else."""
+def write_failure(e: BaseException, output: Path | str) -> OutputError | None:
+    """The one-line error for a write of ``output`` (built in a temporary sibling) that failed with ``e`` because
+    of a full disk or a read-only place; None when ``e`` is something else."""
     if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
         return OutputError(describe_os_error(e, output))
-    note = full_disk_note(tmp)
+    note = full_disk_note(Path(output).parent)
     return OutputError(f"no space left on the device while writing {output}{note}") if note else None
 
 

@@ -185,11 +185,26 @@ from pathlib import Path
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.serving.collapse import collapse
 from mlet_torchrec.serving.export import export
+from mlet_torchrec.serving import predict as predict_module
 from mlet_torchrec.serving.predict import predict
+
+
+def unexplained(*args):  # a write failing without an errno, as torch.save's "unexpected pos" does
+    raise RuntimeError("unexpected pos 4096 vs 0")
+
+
+def predict_unexplained(out):
+    predict_module._score_part, score_part = unexplained, predict_module._score_part
+    try:
+        predict(world["export_dlrm"], None, "test", out)
+    finally:
+        predict_module._score_part = score_part
+
 
 world, mount, sizes = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 writers = {
     "predict": lambda out: predict(world["export_dlrm"], None, "test", out),
+    "predict-unexplained": predict_unexplained,
     "collapse": lambda out: collapse(world["run_dlrm"], out, check_split=None),
     "export": lambda out: export(world["collapsed_dlrm"], out, int8=True, formats=["safetensors", "npy"], check=False),
 }
@@ -218,7 +233,9 @@ def _size(path: Path) -> int:
 def test_a_full_disk_is_one_line_and_leaves_nothing(world, tmp_path):
     """predict, collapse and export onto a real full tmpfs, at 10% and 60% of the room each output needs: one line
     (before: pyarrow's and DCP's tracebacks, a C++ abort in torch.jit.save, a SIGBUS in a memory-mapped column),
-    and nothing but the filler left. In a child process, so that a crash fails this test, not the session."""
+    and nothing but the filler left. A predict whose write fails without an errno gets the full-disk note naming
+    the output's own directory (it named that directory's parent). In a child process, so that a crash fails this
+    test, not the session."""
     mount = tmp_path / "full"
     mount.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
@@ -231,6 +248,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(world, tmp_path):
         export(world["collapsed_dlrm"], tmp_path / "e", int8=True, formats=["safetensors", "npy"], check=False)
         sizes = {
             "predict": _size(tmp_path / "p.parquet"),
+            "predict-unexplained": _size(tmp_path / "p.parquet"),
             "collapse": _size(tmp_path / "c"),
             "export": _size(tmp_path / "e"),
         }
@@ -240,14 +258,16 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(world, tmp_path):
         proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = [json.loads(line) for line in proc.stdout.splitlines()]
-        assert len(lines) == 12, lines
+        assert len(lines) == 16, lines
         for name, what, result in lines:
             if what == "left":
                 assert result == ["filler"], (name, result)
-            else:
+            else:  # the note, when there is one, names the directory that is full: the output's own
                 assert result == f"no space left on the device while writing {mount}/{name}-out" or result.startswith(
-                    f"no space left on the device while writing {mount}/{name}-out (the file system holding"
+                    f"no space left on the device while writing {mount}/{name}-out (the file system holding {mount} "
+                    "is full: "
                 ), (name, what, result)
+        assert all("is full" in r for n, w, r in lines if n == "predict-unexplained" and w != "left"), lines
     finally:
         subprocess.run(["umount", str(mount)], check=False)
 

@@ -386,7 +386,7 @@ def _run(job: _Job, a: _Args, rank: int, world: int, device: torch.device) -> Co
         committed = True
         ranks.barrier()
     except (Exception, CheckpointException) as e:  # a full disk or a read-only place: one line
-        failure = write_failure(e, out.output, out.tmp)
+        failure = write_failure(e, out.output)
         if failure is not None:
             raise failure from e
         raise

@@ -172,7 +172,7 @@ def predict(
         except BaseException as e:
             if ctx.is_main:
                 out.abort()
-            failure = write_failure(e, out.output, out.output.parent) if isinstance(e, Exception) else None
+            failure = write_failure(e, out.output) if isinstance(e, Exception) else None
             if failure is not None:
                 raise failure from e
             raise

@@ -346,7 +346,7 @@ class PendingCheckpoint:
         """Collective: wait for this rank's write, agree that every rank's is complete, commit (rank 0)."""
         err = self.error or self._wait()
         if err is not None and self.tmp is not None:
-            err += full_disk_note(self.tmp)
+            err += full_disk_note(self.tmp.parent)
         err = agree(err)
         if err:
             raise self.fail(err)
