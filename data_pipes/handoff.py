@@ -66,7 +66,6 @@ class _Message:
     counts: np.ndarray  # rows of each step
     count: int
     widths: tuple[int, int]  # single-id features, 1 + dense features
-    id_dtype: str
     bags: list[Bag]
 
 
@@ -81,18 +80,19 @@ class _WindowSource(IterableDataset[_Message]):
         info = get_worker_info()
         worker = 0 if info is None else info.id
         for seq, window in enumerate(self.reader.windows(self.reader.worker_shards(worker, self.workers))):
-            yield _pack(window, worker, seq, self.slots[worker][seq % SLOTS].numpy())
+            yield _pack(window, worker, seq, self.slots[worker][seq % SLOTS].numpy(), self.reader.id_dtype)
 
 
-def _pack(window: Window, worker: int, seq: int, slot: np.ndarray) -> _Message:
-    """The message of a worker's Window: its rows written into ``slot`` in batch order."""
+def _pack(window: Window, worker: int, seq: int, slot: np.ndarray, id_dtype: np.dtype) -> _Message:
+    """The message of a worker's Window: its rows written into ``slot`` in batch order, ids as ``id_dtype``
+    (the reader's, which the main process reads them back as)."""
     part, n = window.parts[0], window.rows
-    widths, id_dtype = (part.ids.shape[1], part.fixed.shape[1]), part.ids.dtype
+    widths = (part.ids.shape[1], part.fixed.shape[1])
     if n * (id_dtype.itemsize * widths[0] + 4 * widths[1]) > slot.nbytes:
         raise RuntimeError(f"a window of {n} rows does not fit its {slot.nbytes}-byte slot")
     ids, fixed = _views(slot, n, *widths, id_dtype)
     bags = window.batch_order(out=(fixed, ids)).bags
-    return _Message(worker, seq, window.first_step, window.counts.sum(axis=0), n, widths, id_dtype.str, bags)
+    return _Message(worker, seq, window.first_step, window.counts.sum(axis=0), n, widths, bags)
 
 
 def _views(slot: np.ndarray, n: int, single: int, width: int, id_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -154,5 +154,5 @@ class WindowLoader:
     def _window(self, msg: _Message, worker: int, seq: int) -> Window:
         if (msg.worker, msg.seq) != (worker, seq):  # the DataLoader takes one item from each worker in turn
             raise RuntimeError(f"expected window {seq} of worker {worker}, got {msg.seq} of worker {msg.worker}")
-        ids, fixed = _views(self.slots[worker][seq % SLOTS].numpy(), msg.count, *msg.widths, np.dtype(msg.id_dtype))
+        ids, fixed = _views(self.slots[worker][seq % SLOTS].numpy(), msg.count, *msg.widths, self.reader.id_dtype)
         return Window(msg.first_step, [Rows(fixed, ids, msg.bags)], msg.counts[None, :])

@@ -67,14 +67,30 @@ class Rows:
         parts = [p for p in parts if p.rows] or [empty]
         if len(parts) == 1 and out is None:
             return parts[0]
+        return Rows.join_runs([(p, 0, p.rows) for p in parts], empty, out)
+
+    @staticmethod
+    def join_runs(
+        runs: Sequence[tuple[Rows, int, int]], empty: Rows, out: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> Rows:
+        """Rows ``[a, b)`` of each run's block ``(rows, a, b)`` one after the other, in one copy (``empty``, a
+        0-row block, when there are none); fixed and ids written into ``out`` if given.
+
+        >>> rows = Rows(np.zeros((4, 1), np.float32), np.arange(4).reshape(4, 1), [])
+        >>> Rows.join_runs([(rows, 2, 4), (rows, 0, 1)], rows.slice(0, 0)).ids.ravel().tolist()
+        [2, 3, 0]
+        """
+        runs = runs or [(empty, 0, 0)]  # a run may be empty: it adds nothing
         bags = []
-        for k in range(len(parts[0].bags)):
-            lengths = np.concatenate([np.diff(p.bags[k][1]) for p in parts])
+        for k in range(len(runs[0][0].bags)):
+            offsets = [p.bags[k][1][a : b + 1] for p, a, b in runs]
+            lengths = np.concatenate([np.diff(o) for o in offsets])
             new = np.zeros(len(lengths) + 1, dtype=np.int64)
             np.cumsum(lengths, out=new[1:])
-            bags.append((np.concatenate([p.bags[k][0] for p in parts]), new))
-        fixed = np.concatenate([p.fixed for p in parts], out=None if out is None else out[0])
-        return Rows(fixed, np.concatenate([p.ids for p in parts], out=None if out is None else out[1]), bags)
+            values = [p.bags[k][0][o[0] : o[-1]] for (p, _, _), o in zip(runs, offsets, strict=True)]
+            bags.append((np.concatenate(values), new))
+        fixed = np.concatenate([p.fixed[a:b] for p, a, b in runs], out=None if out is None else out[0])
+        return Rows(fixed, np.concatenate([p.ids[a:b] for p, a, b in runs], out=None if out is None else out[1]), bags)
 
 
 @dataclass
@@ -114,10 +130,7 @@ class Window:
             for p, a, m in zip(self.parts, row_a, row_m, strict=True)
             if m
         ]
-        if self.parts[0].bags or not runs:
-            return Rows.join([p.slice(a, b) for p, a, b in runs], self.parts[0].slice(0, 0), out)
-        fixed = np.concatenate([p.fixed[a:b] for p, a, b in runs], out=None if out is None else out[0])
-        return Rows(fixed, np.concatenate([p.ids[a:b] for p, a, b in runs], out=None if out is None else out[1]), [])
+        return Rows.join_runs(runs, self.parts[0].slice(0, 0), out)
 
 
 def window_batches(
