@@ -3,7 +3,8 @@ optimizers, and this rank's train reader (what :class:`~mlet_torchrec.training.t
 
 Example:
     >>> check_config(config, DatasetMeta.load(config.data.path), ctx)   # doctest: +SKIP
-    >>> sharded = shard(config, meta, ctx)                               # doctest: +SKIP
+    >>> capacity = checked_capacity(meta, config, ctx.world_size, ctx.device)  # doctest: +SKIP
+    >>> sharded = shard(config, meta, ctx, capacity)                     # doctest: +SKIP
     >>> reader = train_reader(config, ctx)                               # doctest: +SKIP
 """
 
@@ -21,7 +22,7 @@ from data_pipes.schema import DatasetMeta, table_name
 from mlet_torchrec.config import ConfigError, ExperimentConfig
 from mlet_torchrec.models.registry import build_model
 from mlet_torchrec.training.distributed import DistContext, ShardedModel, shard_model
-from mlet_torchrec.training.guardrails import checked_capacity, tables_do_not_fit
+from mlet_torchrec.training.guardrails import tables_do_not_fit
 from mlet_torchrec.training.loop import TrainStep
 
 
@@ -52,8 +53,10 @@ def check_config(config: ExperimentConfig, meta: DatasetMeta, ctx: DistContext) 
         )
 
 
-def shard(config: ExperimentConfig, meta: DatasetMeta, ctx: DistContext) -> ShardedModel:
-    """The model built on the meta device, planned (or given ``run.plan``), sharded, with its optimizers.
+def shard(config: ExperimentConfig, meta: DatasetMeta, ctx: DistContext, capacity: dict[str, int]) -> ShardedModel:
+    """The model built on the meta device, planned (or given ``run.plan``) for the memory ``capacity`` per rank
+    (:func:`~mlet_torchrec.training.guardrails.checked_capacity`: the caller refuses sizes that cannot fit
+    before anything is built), sharded, with its optimizers.
 
     The pipelines call the model with the batch alone; ``TrainStep`` holds only the model's net, so the
     checkpoint keys are the model's own."""
@@ -61,7 +64,6 @@ def shard(config: ExperimentConfig, meta: DatasetMeta, ctx: DistContext) -> Shar
         build_model(config.model, config.embedding, meta, device=torch.device("meta")).net,
         bf16=config.train.bf16_autocast,
     )
-    capacity = checked_capacity(meta, config, ctx.world_size, ctx.device)
     given_plan = None
     if config.run.plan is not None:  # `mlet plan`'s plan instead of planning again (refused if made for another run)
         from mlet_torchrec.training.planning import load_plan

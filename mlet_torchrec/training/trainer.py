@@ -85,7 +85,7 @@ class Trainer:
         self.run_dir = Path(config.run.dir)
         self.meta = DatasetMeta.load(config.data.path)
         check_config(config, self.meta, ctx)
-        checked_capacity(self.meta, config, ctx.world_size, ctx.device)  # absurd sizes: refused before anything
+        capacity = checked_capacity(self.meta, config, ctx.world_size, ctx.device)  # absurd sizes: refused first
         check_splits(config.data.path, config.data.validate_ids)  # footers, schema, row counts of every split
         self.resumed_from = prepare_run_dir(config, self.run_dir, ctx, lock)
         self.warm_from: Path | None = None  # run.init_from's checkpoint, when this run starts from another's state
@@ -99,7 +99,7 @@ class Trainer:
         dist.barrier()
 
         seed_everything(config.train.seed)
-        sharded = shard(config, self.meta, ctx)
+        sharded = shard(config, self.meta, ctx, capacity)
         self.model, self.optimizer, self.plan = sharded.model, sharded.optimizer, plan_summary(sharded.plan)
         if ctx.is_main:
             (self.run_dir / "plan.json").write_text(json.dumps(self.plan, indent=2))
