@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -177,6 +178,35 @@ def test_cli_predict_and_evaluate_on_an_export(world, tmp_path, capsys):
     assert main(["evaluate", "--input", export_dir, "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"mlet evaluate: error: --data {tmp_path}: no metadata.json; is it a converted data set?"
+
+
+def test_predict_writes_the_format_its_output_names(world, tmp_path, capsys):
+    """--output x.csv wrote Parquet into x.csv: now CSV with the Parquet file's columns and values (float32 exact),
+    replaced with --overwrite only when predict wrote it; a suffix it does not write is one line, exit 2 (a name
+    without a suffix is Parquet, as before)."""
+    from mlet_torchrec.cli.main import main
+
+    export_dir, day1 = str(world["export_dlrm"]), str(world["day1"])
+    parquet, csv = tmp_path / "p.parquet", tmp_path / "p.CSV"
+    for out in (parquet, csv):
+        assert main(["predict", "--input", export_dir, "--data", day1, "--output", str(out)]) == 0
+    assert csv.read_bytes().startswith(b'"probability","label"\n')
+    got = pacsv.read_csv(csv, convert_options=pacsv.ConvertOptions(column_types=pq.read_schema(parquet)))
+    assert got.num_rows == 250 and got.equals(pq.read_table(parquet).replace_schema_metadata(None))
+    before = csv.read_bytes()
+    assert main(["predict", "--input", export_dir, "--data", day1, "--output", str(csv), "--overwrite"]) == 0
+    assert csv.read_bytes() == before
+    (tmp_path / "mine.csv").write_text("probability,label\n0.5,1\n")  # the user's own CSV
+    for out, why in (("mine.csv", "mlet did not write it"), ("p.json", "not a format predict writes")):
+        argv = ["predict", "--input", export_dir, "--data", day1, "--output", str(tmp_path / out), "--overwrite"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err, err
+    err = err.strip()
+    formats = "name a .parquet (Parquet) or .csv (CSV) file"
+    assert err == f"mlet predict: error: --output {tmp_path / 'p.json'}: not a format predict writes; {formats}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.csv", "p.CSV", "p.parquet"]
+    assert (tmp_path / "mine.csv").read_text() == "probability,label\n0.5,1\n"
 
 
 FULL_DISK_SCRIPT = """

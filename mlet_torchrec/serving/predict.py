@@ -6,10 +6,15 @@ the FP32 one (``precision="fp32"``; every export holds both), whole in every ran
 slice of the split (:func:`~mlet_torchrec.evaluation.evaluate.split_stream`) and writes
 ``(row, probability, label)`` to its own part file; rank 0 then scatters the parts into a memory-mapped
 column per output field, by the rows' positions in the split (the reader's stream interleaves virtual shards,
-see :mod:`data_pipes.order`), and writes the Parquet file in chunks: memory stays bounded by a batch and a
-chunk, whatever the split's size. The file (``probability`` float32 and ``label`` float32, one row per row
-of the split, in its order) appears by one rename or not at all; the parts live beside it in a hidden
-temporary directory, so on a cluster the output must be on a file system every node sees.
+see :mod:`data_pipes.order`), and writes the file in chunks: memory stays bounded by a batch and a chunk,
+whatever the split's size. The file (``probability`` float32 and ``label`` float32, one row per row of the
+split, in its order) appears by one rename or not at all; the parts live beside it in a hidden temporary
+directory, so on a cluster the output must be on a file system every node sees.
+
+The output's suffix picks its format (:data:`FORMATS`): ``.parquet`` is Parquet (its schema metadata records
+the writer, the source, data, split and precision), so is a name without a suffix, ``.csv`` is CSV with a quoted
+header row (``"probability","label"``) and float32 values in their shortest exact form; any other suffix is
+refused.
 
 The data set must hold the features the model was trained on: when both record a feature transform
 (:mod:`data_pipes.transform`), their identities must match (raw data is encoded for a model with
@@ -28,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import torch
 
@@ -35,6 +41,7 @@ from data_pipes.order import shard_rows
 from data_pipes.reader import ParquetBatchReader
 from data_pipes.schema import DatasetMeta
 from mlet_torchrec import ranks
+from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import eval_device, score, split_stream
 from mlet_torchrec.io import AtomicFile, reserve, write_failure
 from mlet_torchrec.serving.scoring import Scorer, check_data, resolve_scorer, scorer_model
@@ -42,6 +49,29 @@ from mlet_torchrec.serving.scoring import Scorer, check_data, resolve_scorer, sc
 WRITER = b"mlet predict"
 CHUNK_ROWS = 1 << 20  # rows per read and write while assembling the output
 _PART_SCHEMA = pa.schema([("row", pa.int64()), ("probability", pa.float32()), ("label", pa.float32())])
+_SCHEMA = pa.schema([("probability", pa.float32()), ("label", pa.float32())])
+FORMATS = {".parquet": "Parquet", ".csv": "CSV"}
+"""The output's suffix (any case) -> the format written; an output without a suffix is Parquet."""
+CSV_HEADER = b'"probability","label"\n'
+"""The first line of every CSV file predict writes (pyarrow's header row for :data:`_SCHEMA`)."""
+
+
+def output_format(output: Path | str) -> str:
+    """The suffix of the format ``output`` is written in (no suffix: ``.parquet``); one line naming the formats for
+    any other.
+
+    >>> output_format("scores.CSV"), output_format("scores")
+    ('.csv', '.parquet')
+    >>> output_format("scores.json")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    mlet_torchrec.errors.UserError: --output scores.json: not a format predict writes; name a .parquet ...
+    """
+    suffix = Path(output).suffix.lower() or ".parquet"
+    if suffix not in FORMATS:
+        kinds = " or ".join(f"{s} ({name})" for s, name in FORMATS.items())
+        raise UserError(f"--output {output}: not a format predict writes; name a {kinds} file")
+    return suffix
 
 
 @dataclass
@@ -115,18 +145,29 @@ def _assemble(parts: list[Path], rows: int, tmp: Path, output_name: str, info: d
     missing = rows - int(np.count_nonzero(seen))
     if missing:
         raise AssertionError(f"{missing} of {rows} rows were not scored")
-    schema = pa.schema([("probability", pa.float32()), ("label", pa.float32())], metadata={b"mlet.writer": WRITER})
-    schema = schema.with_metadata({**schema.metadata, **{f"mlet.{k}".encode(): v.encode() for k, v in info.items()}})
     built = tmp / output_name
-    with pq.ParquetWriter(built, schema) as writer:
+    if output_format(built) == ".csv":
+        writer: pq.ParquetWriter | pcsv.CSVWriter = pcsv.CSVWriter(built, _SCHEMA)
+    else:
+        meta = {b"mlet.writer": WRITER, **{f"mlet.{k}".encode(): v.encode() for k, v in info.items()}}
+        writer = pq.ParquetWriter(built, _SCHEMA.with_metadata(meta))
+    with writer:
         for a in range(0, rows, CHUNK_ROWS):
             b = min(rows, a + CHUNK_ROWS)
-            writer.write_table(pa.Table.from_arrays([pa.array(prob[a:b]), pa.array(label[a:b])], schema=schema))
+            writer.write_table(pa.Table.from_arrays([pa.array(prob[a:b]), pa.array(label[a:b])], schema=_SCHEMA))
     return built
 
 
 def written_by_predict(path: Path) -> bool:
-    """True if ``path`` is a Parquet file ``mlet predict`` wrote (its schema metadata says so)."""
+    """True if ``path`` is a file ``mlet predict`` wrote: a Parquet file whose schema metadata says so, or a CSV
+    file (``.csv``) that starts with its quoted header row (CSV has no metadata; a hand-written CSV rarely
+    quotes its header)."""
+    if path.suffix.lower() == ".csv":
+        try:
+            with open(path, "rb") as f:
+                return f.read(len(CSV_HEADER)) == CSV_HEADER
+        except OSError:
+            return False
     try:
         meta = pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowInvalid):
@@ -150,6 +191,7 @@ def predict(
     from mlet_torchrec.training.distributed import process_group
 
     start = time.perf_counter()
+    output_format(output)
     scorer = resolve_scorer(source, precision)
     data = str(data if data is not None else scorer.config.data.path)
     meta = check_data(scorer, data, split)
@@ -190,7 +232,9 @@ def predict(
 
 
 __all__ = [
+    "FORMATS",
     "PredictReport",
+    "output_format",
     "predict",
     "written_by_predict",
 ]
