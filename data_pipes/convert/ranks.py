@@ -79,7 +79,11 @@ HEARTBEAT_S = 2.0
 STALE_S = 120.0
 """How long a rank waits on another whose heartbeat does not change (``MLET_CONVERT_STALE_S`` overrides)."""
 POLL_S = 0.05
-"""How often a waiting rank looks for the file it waits for."""
+"""How soon a waiting rank first looks again for the file it waits for; each later look waits
+:data:`POLL_GROWTH` times longer, up to :data:`POLL_MAX_S` (a long wait polls the shared file system
+twice a second, a short one is not slowed down)."""
+POLL_GROWTH = 1.5
+POLL_MAX_S = 0.5
 
 
 class RankStopped(UserError):
@@ -144,11 +148,12 @@ class Peers:
     def wait(self, path: Path, owner: int, what: str) -> bool:
         """Wait until ``path`` exists (True) or the work directory is gone (False: rank 0 committed);
         :class:`RankStopped` when rank ``owner``'s heartbeat stays the same for ``stale_s`` seconds."""
-        last, since = self.beat(owner), time.monotonic()
+        last, since, poll = self.beat(owner), time.monotonic(), POLL_S
         while not path.exists():
             if not self.work.is_dir():
                 return False
-            time.sleep(POLL_S)
+            time.sleep(poll)
+            poll = min(poll * POLL_GROWTH, POLL_MAX_S)
             beat = self.beat(owner)
             if beat != last:
                 last, since = beat, time.monotonic()
