@@ -371,9 +371,14 @@ class AtomicFile:
         self.tmp.mkdir(exist_ok=True)
         return self.tmp
 
-    def commit(self, built: Path) -> Path:
-        """Move ``built`` (a file inside the temporary directory) over the output; remove the directory."""
-        os.replace(built, self.output)
+    @property
+    def built(self) -> Path:
+        """Where the file is written before :meth:`commit`: inside the temporary directory, under the output's name."""
+        return self.tmp / self.output.name
+
+    def commit(self) -> Path:
+        """Move :attr:`built` over the output; remove the temporary directory."""
+        os.replace(self.built, self.output)
         _fsync_dir(self.output.parent)
         shutil.rmtree(self.tmp, ignore_errors=True)
         return self.output
@@ -400,10 +405,6 @@ class Ranks(Protocol):
     def from_main(self, value: T) -> T: ...
 
 
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
-"""The errors of a write that are the user's to fix (a full disk, a read-only place)."""
-
-
 def full_disk_note(directory: Path | str) -> str:
     """What a write error means when the file system holding ``directory`` (where the output was being written:
     its temporary sibling lies there too) is full (torch.save says "unexpected pos", pyarrow "Error writing
@@ -417,9 +418,13 @@ def full_disk_note(directory: Path | str) -> str:
 
 
 def write_failure(e: BaseException, output: Path | str) -> OutputError | None:
-    """The one-line error for a write of ``output`` (built in a temporary sibling) that failed with ``e`` because
-    of a full disk or a read-only place; None when ``e`` is something else."""
-    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+    """The one-line error for a write of ``output`` (built in a temporary sibling) that failed with ``e``: an
+    ``OSError`` (a full disk, a read-only place, a name too long), or any failure while the file system holding
+    ``output`` is full (a library's own message for it); None when ``e`` is something else: the user's own
+    mistake (already one line), an interrupt, or a failure with room to spare."""
+    if isinstance(e, UserError | KeyboardInterrupt | SystemExit | GeneratorExit):
+        return None
+    if isinstance(e, OSError):
         return OutputError(describe_os_error(e, output))
     note = full_disk_note(Path(output).parent)
     return OutputError(f"no space left on the device while writing {output}{note}") if note else None
@@ -437,6 +442,44 @@ def reserve(path: Path | str) -> None:
         os.close(fd)
 
 
+class _Staged(Protocol):
+    """An output built in a temporary directory and committed by rename (:class:`AtomicOutput`, :class:`AtomicFile`)."""
+
+    output: Path
+    tmp: Path
+
+    def begin(self) -> Path: ...
+
+    def commit(self) -> Path: ...
+
+    def abort(self) -> None: ...
+
+
+@contextlib.contextmanager
+def _staged(out: _Staged, ranks: Ranks | None) -> Iterator[None]:
+    """The protocol every rank of a job follows around ``out``'s ``with`` block: rank 0 creates the temporary
+    directory before any rank's block starts, commits once every rank's block has ended, and every rank leaves
+    after that; on a failure rank 0 removes the temporary directory, and a full disk or a read-only place is one
+    line (:func:`write_failure`) on the ranks that failed."""
+    main = ranks is None or ranks.is_main()
+    try:
+        if main:
+            out.begin()
+        _barrier(ranks)  # the temporary directory exists before any rank writes into it
+        yield
+        _barrier(ranks)  # every rank has written its part
+        if main:
+            out.commit()
+        _barrier(ranks)
+    except BaseException as e:  # DCP's CheckpointException is a BaseException too
+        failure = write_failure(e, out.output)  # before abort removes the directories begin() made
+        if main:
+            out.abort()
+        if failure is not None:
+            raise failure from e
+        raise
+
+
 @contextlib.contextmanager
 def atomic_output(
     output: Path | str,
@@ -447,32 +490,41 @@ def atomic_output(
 ) -> Iterator[Path]:
     """:class:`AtomicOutput` as a ``with`` block: yields the temporary directory to fill.
 
-    On any exception the temporary directory is removed and the old output (if any) is untouched; a
-    full disk or a permission error becomes a one-line :class:`OutputError`. With ``ranks`` every rank of a
-    job enters the block alike and writes into one temporary directory (rank 0's), which exists before any
-    rank's block starts; rank 0 commits once every rank's block has ended, and every rank leaves after that.
+    On any exception the temporary directory is removed and the old output (if any) is untouched; a full disk
+    or a permission error becomes a one-line :class:`OutputError` (:func:`write_failure`). With ``ranks`` every
+    rank of a job enters the block alike and writes into one temporary directory (rank 0's), which exists before
+    any rank's block starts; rank 0 commits once every rank's block has ended, and every rank leaves after that.
     """
     out = AtomicOutput(output, command, inputs, overwrite)
     if ranks is not None:
         out = AtomicOutput(output, command, inputs, overwrite, token=ranks.from_main(out.token))
-    main = ranks is None or ranks.is_main()
-    try:
-        if main:
-            out.begin()
-        _barrier(ranks)  # the temporary directory exists before any rank writes into it
+    with _staged(out, ranks):
         yield out.tmp
-        _barrier(ranks)  # every rank has written its part
-        if main:
-            out.commit()
-        _barrier(ranks)
-    except OSError as e:
-        if main:
-            out.abort()
-        raise OutputError(describe_os_error(e, out.output)) from e
-    except BaseException:
-        if main:
-            out.abort()
-        raise
+
+
+@contextlib.contextmanager
+def atomic_file(
+    output: Path | str,
+    ours: Callable[[Path], bool],
+    inputs: Sequence[Path | str] = (),
+    overwrite: bool = False,
+    ranks: Ranks | None = None,
+) -> Iterator[Path]:
+    """:class:`AtomicFile` as a ``with`` block, with :func:`atomic_output`'s failures and ranks: yields the path to
+    write the file at (:attr:`AtomicFile.built`); its directory, shared by the ranks, may hold their parts.
+
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "scores.txt"
+        >>> with atomic_file(out, ours=lambda path: False) as built:
+        ...     _ = built.write_text("0.5")
+        >>> out.read_text(), sorted(p.name for p in out.parent.iterdir())
+        ('0.5', ['scores.txt'])
+    """
+    out = AtomicFile(output, ours, inputs, overwrite)
+    if ranks is not None:
+        out = AtomicFile(output, ours, inputs, overwrite, token=ranks.from_main(out.token))
+    with _staged(out, ranks):
+        yield out.built
 
 
 def _barrier(ranks: Ranks | None) -> None:

@@ -51,19 +51,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from data_pipes.transform import carry_transform
 from mlet_torchrec import ranks
 from mlet_torchrec.errors import UserError
-from mlet_torchrec.io import (
-    AtomicOutput,
-    atomic_write_text,
-    check_output_path,
-    sha256_file,
-    write_failure,
-)
+from mlet_torchrec.io import atomic_output, atomic_write_text, check_output_path, sha256_file
 from mlet_torchrec.models.registry import CTRModel, build_model
 from mlet_torchrec.options import ACCUMULATE as ACCUMULATE_NAMES
 from mlet_torchrec.options import BLOCK_ROWS, COLLAPSE_TOLERANCE, OUTPUT_SHARDINGS
@@ -362,37 +355,17 @@ class _Args:
 
 def _run(job: _Job, a: _Args, rank: int, world: int, device: torch.device) -> CollapseReport:
     """The collapse on this rank: product, save, manifest, check, then rank 0 commits the output."""
-    distributed, is_main = world > 1, rank == 0
-    out = AtomicOutput(a.output, COMMAND, a.inputs, a.overwrite)
-    if distributed:  # one temporary directory for every rank: rank 0's
-        out = AtomicOutput(a.output, COMMAND, a.inputs, a.overwrite, token=ranks.from_main(out.token))
-    committed = False
-    try:
-        if is_main:
-            out.begin()
-        ranks.barrier()  # the temporary directory exists before any rank writes into it
-        report = _write_and_check(job, a, out.tmp, rank, world, device)
-        ranks.barrier()  # every rank's shards are written and checked
-        if is_main:
-            atomic_write_text(out.tmp / REPORT_FILE, json.dumps(asdict(report), indent=2))
-            out.commit()
-            log.debug(
-                "%d MLET tables multiplied out and %d copied into %s in %.1f s",
-                len(report.tables),
-                report.copied_tables,
-                out.output,
-                report.collapse_seconds,
-            )
-        committed = True
-        ranks.barrier()
-    except (Exception, CheckpointException) as e:  # a full disk or a read-only place: one line
-        failure = write_failure(e, out.output)
-        if failure is not None:
-            raise failure from e
-        raise
-    finally:
-        if is_main and not committed:
-            out.abort()
+    with atomic_output(a.output, COMMAND, a.inputs, a.overwrite, ranks=ranks) as tmp:
+        report = _write_and_check(job, a, tmp, rank, world, device)
+        if rank == 0:
+            atomic_write_text(tmp / REPORT_FILE, json.dumps(asdict(report), indent=2))
+    log.debug(
+        "%d MLET tables multiplied out and %d copied into %s in %.1f s",
+        len(report.tables),
+        report.copied_tables,
+        a.output,
+        report.collapse_seconds,
+    )
     return report
 
 

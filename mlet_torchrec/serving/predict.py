@@ -43,7 +43,7 @@ from data_pipes.schema import DatasetMeta
 from mlet_torchrec import ranks
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import eval_device, score, split_stream
-from mlet_torchrec.io import AtomicFile, reserve, write_failure
+from mlet_torchrec.io import atomic_file, reserve
 from mlet_torchrec.serving.scoring import Scorer, check_data, resolve_scorer, scorer_model
 
 WRITER = b"mlet predict"
@@ -134,8 +134,10 @@ def _column(path: Path, dtype: type, rows: int) -> np.ndarray:
     return column
 
 
-def _assemble(parts: list[Path], rows: int, tmp: Path, output_name: str, info: dict[str, str]) -> Path:
-    """Rank 0: scatter the parts into memory-mapped columns by row, then write them out in chunks."""
+def _assemble(parts: list[Path], rows: int, built: Path, info: dict[str, str]) -> None:
+    """Rank 0: scatter the parts into memory-mapped columns by row (beside ``built``), then write them out in
+    chunks into ``built``."""
+    tmp = built.parent
     prob, label = _column(tmp / "probability.npy", np.float32, rows), _column(tmp / "label.npy", np.float32, rows)
     seen = _column(tmp / "seen.npy", np.bool_, rows)
     for part in parts:
@@ -145,7 +147,6 @@ def _assemble(parts: list[Path], rows: int, tmp: Path, output_name: str, info: d
     missing = rows - int(np.count_nonzero(seen))
     if missing:
         raise AssertionError(f"{missing} of {rows} rows were not scored")
-    built = tmp / output_name
     if output_format(built) == ".csv":
         writer: pq.ParquetWriter | pcsv.CSVWriter = pcsv.CSVWriter(built, _SCHEMA)
     else:
@@ -155,7 +156,6 @@ def _assemble(parts: list[Path], rows: int, tmp: Path, output_name: str, info: d
         for a in range(0, rows, CHUNK_ROWS):
             b = min(rows, a + CHUNK_ROWS)
             writer.write_table(pa.Table.from_arrays([pa.array(prob[a:b]), pa.array(label[a:b])], schema=_SCHEMA))
-    return built
 
 
 def written_by_predict(path: Path) -> bool:
@@ -195,31 +195,20 @@ def predict(
     scorer = resolve_scorer(source, precision)
     data = str(data if data is not None else scorer.config.data.path)
     meta = check_data(scorer, data, split)
-    with process_group(scorer.config.run.device) as ctx:
-        token = ranks.from_main(AtomicFile(output, written_by_predict, [source, data], overwrite).token)
-        out = AtomicFile(output, written_by_predict, [source, data], overwrite, token=token)
-        try:
-            if ctx.is_main:
-                out.begin()
-            ranks.barrier()
-            part = out.tmp / f"part-{ctx.rank:05d}.parquet"
-            _score_part(scorer, data, split, meta, part, ctx.rank, ctx.world_size)
-            ranks.barrier()
-            rows = meta.rows.get(split) or ParquetBatchReader(data, split, 1, validate=False).num_rows()
-            if ctx.is_main:
-                parts = [out.tmp / f"part-{r:05d}.parquet" for r in range(ctx.world_size)]
-                info = {"source": str(source), "data": data, "split": split, "precision": scorer.precision}
-                out.commit(_assemble(parts, rows, out.tmp, out.output.name, info))
-            ranks.barrier()
-        except BaseException as e:
-            if ctx.is_main:
-                out.abort()
-            failure = write_failure(e, out.output) if isinstance(e, Exception) else None
-            if failure is not None:
-                raise failure from e
-            raise
+    with (
+        process_group(scorer.config.run.device) as ctx,
+        atomic_file(output, written_by_predict, [source, data], overwrite, ranks=ranks) as built,
+    ):
+        part = built.parent / f"part-{ctx.rank:05d}.parquet"
+        _score_part(scorer, data, split, meta, part, ctx.rank, ctx.world_size)
+        ranks.barrier()  # every rank's part is written
+        rows = meta.rows.get(split) or ParquetBatchReader(data, split, 1, validate=False).num_rows()
+        if ctx.is_main:
+            parts = [built.parent / f"part-{r:05d}.parquet" for r in range(ctx.world_size)]
+            info = {"source": str(source), "data": data, "split": split, "precision": scorer.precision}
+            _assemble(parts, rows, built, info)
     return PredictReport(
-        output=str(out.output),
+        output=str(output),
         source=str(source),
         kind=scorer.kind,
         precision=scorer.precision,
