@@ -94,3 +94,21 @@ def test_a_user_error_on_one_rank_stops_the_others_quietly(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == ["error: data/x.parquet: column label, row 7: 3 is not 0 or 1"]
     assert time.time() - t0 < 100  # rank 1 (sleeping 120 s) was stopped, not waited for
+
+
+def test_the_ctrl_c_log_filter_drops_only_the_forwarded_sigint_records():
+    """Elastic's two Ctrl-C records go; a crash record that holds a 2 (exit code, local rank) stays."""
+    import logging
+    import signal
+
+    from mlet_torchrec.training.launcher import _OnCtrlC
+
+    def kept(msg: str, *args: object) -> bool:
+        return _OnCtrlC().filter(logging.LogRecord("elastic", logging.ERROR, "", 0, msg, args, None))
+
+    assert not kept("Received %s death signal, shutting down workers", signal.SIGINT)
+    assert not kept("Closing process %s via signal %s", 4242, "SIGINT")
+    assert kept("Received %s death signal, shutting down workers", signal.SIGTERM)
+    assert kept("Closing process %s via signal %s", 4242, "SIGTERM")
+    assert kept("failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s", 2, 2, 4242, "python")
+    assert kept("local_rank %s exited", signal.SIGINT.value)

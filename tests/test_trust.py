@@ -270,7 +270,7 @@ def test_ctrl_c_on_local_ranks_is_one_line(synth_dataset, tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert "interrupted at step" in line and "resume with the same command" in line, line
+    assert "interrupted at step" in line and "resume with the same command" in line, (tmp_path / "err").read_text()
     assert latest_checkpoint(tmp_path / "run") is not None
 
 
@@ -294,6 +294,38 @@ def test_ctrl_c_inside_a_finalizer_is_not_lost_nor_printed(tmp_path, capfd):
             last(SimpleNamespace(step=3))
             pytest.fail("the interrupt was lost")
     assert "Exception ignored" not in capfd.readouterr().err
+
+
+def test_a_second_sigint_while_the_first_is_handled_does_not_lose_its_line(tmp_path, monkeypatch):
+    """A rank of a local job gets each Ctrl-C twice (the terminal's and the launcher's forward). The second
+    one landing while the first becomes the one line must not replace it with a bare KeyboardInterrupt,
+    nor once training's handler is gone: a rank installs one handler for its whole life."""
+    from types import SimpleNamespace
+
+    from mlet_torchrec.errors import Interrupted
+    from mlet_torchrec.training import run_dir
+    from mlet_torchrec.training.run_dir import CtrlC, interruptible
+
+    root = run_dir.checkpoint_root
+
+    def second_sigint(path):  # interrupted() looks for checkpoints: the forwarded SIGINT lands here
+        os.kill(os.getpid(), signal.SIGINT)
+        return root(path)
+
+    monkeypatch.setattr(run_dir, "checkpoint_root", second_sigint)
+    rank = CtrlC(lambda info: None)
+    previous = signal.signal(signal.SIGINT, rank)  # as launcher._worker does for a rank's whole life
+    try:
+        with pytest.raises(Interrupted, match="interrupted at step 2"):
+            with interruptible(tmp_path) as last:
+                assert signal.getsignal(signal.SIGINT) is rank  # joined, not replaced
+                last(SimpleNamespace(step=2))
+                os.kill(os.getpid(), signal.SIGINT)
+                pytest.fail("the interrupt was lost")
+        os.kill(os.getpid(), signal.SIGINT)  # a third, after training's block: still ignored
+        assert rank.seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------------------------- launch environment

@@ -19,6 +19,7 @@ import importlib
 import logging
 import os
 import signal
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -118,8 +119,12 @@ def _worker(call: Callable[[], T], log_level: str | bool, errors: str) -> T:
     """One rank of :func:`run_local`: a ``UserError`` leaves its message in ``errors`` for the parent and ends
     the process with status 2, no traceback; anything else propagates as usual."""
     from mlet_torchrec.logs import configure_logging
+    from mlet_torchrec.training.run_dir import CtrlC
 
     configure_logging(log_level)  # workers inherit no logging or warning settings
+    # for the rank's whole life, so a Ctrl-C's second SIGINT (elastic forwards what the terminal sent the rank
+    # too) cannot interrupt the first one's one line, even after training's own handler is gone
+    signal.signal(signal.SIGINT, CtrlC(sys.unraisablehook))
     try:
         return call()
     except UserError as err:
@@ -148,12 +153,21 @@ class _WhenUserError(logging.Filter):
 
 
 class _OnCtrlC(logging.Filter):
-    """Drops elastic's records of the Ctrl-C it forwards to the workers ("Received 2 death signal ...",
-    "Closing process N via signal SIGINT"): an interrupted job ends in its one line."""
+    """Drops elastic's records of the Ctrl-C it forwards to the workers ("Received SIGINT death signal ...",
+    "Closing process N via signal SIGINT"): an interrupted job ends in its one line. Only those two
+    messages, and only for SIGINT: a record that merely holds a 2 (a local rank, an exit code) is kept.
+
+    Example:
+        >>> closing = "Closing process %s via signal %s"
+        >>> _OnCtrlC().filter(logging.LogRecord("x", logging.WARNING, "", 0, closing, (7, "SIGINT"), None))
+        False
+    """
+
+    MESSAGES = ("Received %s death signal, shutting down workers", "Closing process %s via signal %s")
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
-        return not any(isinstance(a, (int, str)) and (a == signal.SIGINT or a == "SIGINT") for a in args)
+        return not (record.msg in self.MESSAGES and args and args[-1] in (signal.SIGINT, "SIGINT"))
 
 
 def train_summary(config: dict[str, Any]) -> dict[str, Any]:

@@ -186,6 +186,11 @@ class CtrlC:
     the interrupt. One that lands inside a weakref callback or a ``__del__`` is "unraisable": Python would
     print it as "Exception ignored in ..." with a traceback and go on. :meth:`unraisable` takes those
     instead, and :class:`LastStep` raises the interrupt again at the end of the step.
+
+    Only the first SIGINT is raised: a rank of a local job gets each Ctrl-C twice (from the terminal and from
+    the launcher forwarding it), and a second ``KeyboardInterrupt`` landing while the first is turned into the
+    one line would lose that line. A process that is a rank of a job installs one for its whole life
+    (``launcher._worker``), and :func:`interruptible` joins it.
     """
 
     def __init__(self, previous_unraisable: Callable[[Any], object]) -> None:
@@ -194,6 +199,8 @@ class CtrlC:
         self._previous_unraisable = previous_unraisable
 
     def __call__(self, signum: int, frame: object) -> None:
+        if self.seen:  # the same Ctrl-C again (a launcher forwards to its ranks what the terminal sent them too)
+            return
         self.seen = True
         raise KeyboardInterrupt
 
@@ -235,9 +242,10 @@ def interruptible(run_dir: Path | str) -> Iterator[LastStep]:
     """Turns a Ctrl-C (``KeyboardInterrupt``) in the block into :func:`interrupted`'s one line; yields the
     hook that tracks the step reached."""
     previous_unraisable = sys.unraisablehook
-    ctrl_c = CtrlC(previous_unraisable)
-    last = LastStep(ctrl_c)
     main_thread = threading.current_thread() is threading.main_thread()
+    installed = signal.getsignal(signal.SIGINT) if main_thread else None
+    ctrl_c = installed if isinstance(installed, CtrlC) else CtrlC(previous_unraisable)  # a rank's: join it
+    last = LastStep(ctrl_c)
     previous = signal.signal(signal.SIGINT, ctrl_c) if main_thread else None
     sys.unraisablehook = ctrl_c.unraisable
     try:
