@@ -23,10 +23,6 @@ Single files (metadata, pointers) go through :func:`atomic_write_text`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import errno
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +33,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from mlet_torchrec.errors import UserError
+from mlet_torchrec.files import describe_os_error, exchange, fsync_dir, full_disk_note
 from mlet_torchrec.stale import OLD_TAG, TMP_TAG, sweep_stale
 
 T = TypeVar("T")
@@ -164,49 +161,6 @@ def check_location(output: Path | str, inputs: Iterable[Path | str] = ()) -> Pat
     return out
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
-    if fn is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def sha256_file(path: Path | str) -> str:
-    """The SHA-256 of a file, read in 1 MiB pieces.
-
-    >>> import tempfile
-    >>> p = Path(tempfile.mkdtemp()) / "x"
-    >>> _ = p.write_bytes(b"abc")
-    >>> sha256_file(p)[:12]
-    'ba7816bf8f01'
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _marker_text(command: str, files: list[str] | None = None) -> str:
     marker: dict[str, object] = {
         "command": command,
@@ -311,7 +265,7 @@ class AtomicOutput:
                 raise OutputError(f"refusing to replace {out}: it holds files mlet did not write")
             if not self.overwrite:  # another job wrote it while this one ran
                 raise OutputError(f"{out} was written by another job while this one ran; --overwrite replaces it")
-            if _exchange(self.tmp, out):
+            if exchange(self.tmp, out):
                 shutil.rmtree(self.tmp, ignore_errors=True)  # now holds the old output
             else:  # no atomic exchange on this file system: a short window with the old one aside
                 old = out.parent / f".{out.name}{OLD_TAG}{self.token}"
@@ -322,7 +276,7 @@ class AtomicOutput:
             if out.is_dir():
                 out.rmdir()  # empty: rename cannot replace a directory that vanished or is non-empty
             os.rename(self.tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         return out
 
     def abort(self) -> None:
@@ -379,20 +333,12 @@ class AtomicFile:
     def commit(self) -> Path:
         """Move :attr:`built` over the output; remove the temporary directory."""
         os.replace(self.built, self.output)
-        _fsync_dir(self.output.parent)
+        fsync_dir(self.output.parent)
         shutil.rmtree(self.tmp, ignore_errors=True)
         return self.output
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def describe_os_error(e: OSError, what: Path | str) -> str:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left on the device while writing {what}"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write {what}: {e.strerror}"
-    return f"cannot write {what}: {e}"
 
 
 class Ranks(Protocol):
@@ -403,18 +349,6 @@ class Ranks(Protocol):
     def barrier(self) -> None: ...
 
     def from_main(self, value: T) -> T: ...
-
-
-def full_disk_note(directory: Path | str) -> str:
-    """What a write error means when the file system holding ``directory`` (where the output was being written:
-    its temporary sibling lies there too) is full (torch.save says "unexpected pos", pyarrow "Error writing
-    bytes"); empty when it has 1 MiB or more free, or ``directory`` is gone."""
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return ""
-    free = st.f_bavail * st.f_frsize
-    return f" (the file system holding {directory} is full: {free} bytes free)" if free < 2**20 else ""
 
 
 def write_failure(e: BaseException, output: Path | str) -> OutputError | None:
@@ -428,18 +362,6 @@ def write_failure(e: BaseException, output: Path | str) -> OutputError | None:
         return OutputError(describe_os_error(e, output))
     note = full_disk_note(Path(output).parent)
     return OutputError(f"no space left on the device while writing {output}{note}") if note else None
-
-
-def reserve(path: Path | str) -> None:
-    """Allocate the blocks of a file created sparse (a memory map's backing file), so that a full disk is an
-    ``OSError`` (ENOSPC) here rather than a SIGBUS when a page of the map is first written."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        size = os.fstat(fd).st_size
-        if size:
-            os.posix_fallocate(fd, 0, size)
-    finally:
-        os.close(fd)
 
 
 class _Staged(Protocol):

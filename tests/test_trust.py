@@ -66,7 +66,7 @@ def _plant(directory: Path, marker: Path, info_file: str | None) -> None:
     md = read_metadata(directory)
     md.planner_data = {"x": _RunsCode(f"touch {marker}")}
     (directory / ".metadata").write_bytes(pickle.dumps(md))
-    from mlet_torchrec.io import sha256_file
+    from mlet_torchrec.files import sha256_file
 
     if info_file is not None:
         info = json.loads((directory / info_file).read_text())

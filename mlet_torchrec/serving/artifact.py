@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from data_pipes.schema import METADATA_FILE, DatasetMeta, SparseFeature
 from mlet_torchrec.config import ExperimentConfig, load_config
 from mlet_torchrec.errors import InputNotFound, UserError
-from mlet_torchrec.io import sha256_file
+from mlet_torchrec.files import sha256_file
 from mlet_torchrec.models.registry import CTRModel, build_model
 from mlet_torchrec.modules.mlet_ebc import MLETEmbeddingBagCollection
 from mlet_torchrec.names import check_name

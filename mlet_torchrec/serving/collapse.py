@@ -56,7 +56,8 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from data_pipes.transform import carry_transform
 from mlet_torchrec import ranks
 from mlet_torchrec.errors import UserError
-from mlet_torchrec.io import atomic_output, atomic_write_text, check_output_path, sha256_file
+from mlet_torchrec.files import sha256_file
+from mlet_torchrec.io import atomic_output, atomic_write_text, check_output_path
 from mlet_torchrec.models.registry import CTRModel, build_model
 from mlet_torchrec.options import ACCUMULATE as ACCUMULATE_NAMES
 from mlet_torchrec.options import BLOCK_ROWS, COLLAPSE_TOLERANCE, OUTPUT_SHARDINGS

@@ -40,7 +40,8 @@ from mlet_torchrec import ranks
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import score_split
 from mlet_torchrec.evaluation.metrics import MetricAccumulator
-from mlet_torchrec.io import atomic_output, output_command, reserve
+from mlet_torchrec.files import reserve
+from mlet_torchrec.io import atomic_output, output_command
 from mlet_torchrec.logs import human_bytes
 from mlet_torchrec.models.registry import CTRModel
 from mlet_torchrec.names import path_inside

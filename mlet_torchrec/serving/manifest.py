@@ -15,7 +15,7 @@ from typing import Any
 
 from data_pipes.schema import DatasetMeta
 from mlet_torchrec.config import ExperimentConfig
-from mlet_torchrec.io import sha256_file
+from mlet_torchrec.files import sha256_file
 from mlet_torchrec.models.configs.dlrm import DLRMConfig
 from mlet_torchrec.serving.artifact import STATE_ROOT
 

@@ -43,7 +43,8 @@ from data_pipes.schema import DatasetMeta
 from mlet_torchrec import ranks
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.evaluation.evaluate import eval_device, score, split_stream
-from mlet_torchrec.io import atomic_file, reserve
+from mlet_torchrec.files import reserve
+from mlet_torchrec.io import atomic_file
 from mlet_torchrec.serving.scoring import Scorer, check_data, resolve_scorer, scorer_model
 
 WRITER = b"mlet predict"

@@ -47,16 +47,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from mlet_torchrec import ranks
 from mlet_torchrec.config import ExperimentConfig
 from mlet_torchrec.errors import UserError
-from mlet_torchrec.io import (
-    MARKER,
-    AtomicOutput,
-    atomic_write_text,
-    full_disk_note,
-    is_ours,
-    output_command,
-    remove_output,
-    sha256_file,
-)
+from mlet_torchrec.files import full_disk_note, sha256_file
+from mlet_torchrec.io import MARKER, AtomicOutput, atomic_write_text, is_ours, output_command, remove_output
 from mlet_torchrec.stale import sweep_stale_in
 from mlet_torchrec.training import safe_dcp
 from mlet_torchrec.training.locks import unless_pinned

@@ -43,7 +43,8 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import ReadItem
 
 from mlet_torchrec.errors import UserError
-from mlet_torchrec.io import atomic_write_text, sha256_file
+from mlet_torchrec.files import sha256_file
+from mlet_torchrec.io import atomic_write_text
 from mlet_torchrec.names import UnsafeName, check_name
 
 DCP_METADATA = ".metadata"
