@@ -17,7 +17,8 @@ MAX_FUNCTION_LINES = 100
 # Lowest first. A module may import its own layer and the ones before it, never a later one.
 LAYERS: list[str] = [
     # foundation: no torch, no project imports
-    "mlet_torchrec.errors mlet_torchrec.files mlet_torchrec.io mlet_torchrec.logs mlet_torchrec.names mlet_torchrec.stale",
+    "mlet_torchrec.errors mlet_torchrec.files mlet_torchrec.io mlet_torchrec.logs mlet_torchrec.names "
+    "mlet_torchrec.stale",
     "data_pipes",  # the data set contract: schema, reader, synth, converters
     # the typed config (each model's section declared in models/configs/); the verbs' choices and defaults
     "mlet_torchrec.config mlet_torchrec.models.configs mlet_torchrec.options",
