@@ -361,6 +361,41 @@ def test_tables_do_not_fit_message_has_the_numbers(synth_dataset):
     assert f"largest table t_{meta.sparse[0].name}" in msg and "does not fit on any rank" in msg
 
 
+def test_uvm_cached_tables_are_checked_against_host_memory_and_their_cache_against_the_gpu(synth_dataset, monkeypatch):
+    """With embedding.uvm_caching the tables live in host memory behind a GPU cache: tables larger than the GPU
+    but within host memory pass; the same tables without UVM caching, or a cache larger than the GPU, are refused."""
+    from mlet_torchrec.training import guardrails
+
+    meta = DatasetMeta.load(synth_dataset())
+    big = [f.model_copy(update={"cardinality": 10**6}) if i == 0 else f for i, f in enumerate(meta.sparse)]
+    meta = meta.model_copy(update={"sparse": big})
+    cfg = load_config(None, ["embedding.d=8", "embedding.k=32", "train.batch_size=64", "train.eval_batch_size=64"])
+    need = table_memory(meta, cfg)["total"]  # 10**6 rows x 32 fp32 and more: > 128 MiB
+    caps = {"ddr_cap": 16 * need, "hbm_cap": need // 2}
+    monkeypatch.setattr(guardrails, "memory_capacity", lambda device: dict(caps))
+    gpu = torch.device("cuda")
+    with pytest.raises(ConfigError, match="have .* of GPU memory each"):
+        guardrails.checked_capacity(meta, cfg, 1, gpu)
+    uvm = load_config(
+        None,
+        [
+            "embedding.d=8",
+            "embedding.k=32",
+            "train.batch_size=64",
+            "train.eval_batch_size=64",
+            "embedding.uvm_caching=true",
+            "embedding.uvm_cache_load_factor=0.2",
+        ],
+    )
+    assert guardrails.checked_capacity(meta, uvm, 1, gpu) == caps
+    greedy = uvm.model_copy(update={"embedding": uvm.embedding.model_copy(update={"uvm_cache_load_factor": 1.0})})
+    with pytest.raises(ConfigError, match="GPU cache of the UVM-cached tables.*uvm_cache_load_factor"):
+        guardrails.checked_capacity(meta, greedy, 1, gpu)
+    caps["ddr_cap"] = need // 2  # host memory too small for the tables themselves
+    with pytest.raises(ConfigError, match=r"host memory \(UVM caching\) each"):
+        guardrails.checked_capacity(meta, uvm, 1, gpu)
+
+
 def test_nonfinite_weights_names_them():
     model = _Tiny()
     assert nonfinite_weights(model) == []

@@ -179,11 +179,18 @@ def checked_capacity(
     (W1 and optimizer state) over all ranks, or, on each rank, the replicated W2 (with its gradient and
     optimizer state) plus one training or evaluation batch."""
     caps = memory_capacity(device)
-    per_rank = caps.get("hbm_cap", caps["ddr_cap"])
+    per_rank = caps.get("hbm_cap", caps["ddr_cap"])  # the device's: W2 and the batches live there
     usable = per_rank * (1 - PLANNER_RESERVATION)
     need = table_memory(meta, config)
-    if need["total"] > usable * world_size:
+    if need["total"] > table_home(config, caps)[1] * (1 - PLANNER_RESERVATION) * world_size:
         raise tables_do_not_fit(None, meta, config, world_size, caps, device)
+    cache = config.embedding.uvm_cache_load_factor * need["weights"] if _uvm_cached(config, caps) else 0
+    if cache > usable * world_size:
+        raise TablesDoNotFit(
+            f"the GPU cache of the UVM-cached tables needs {_gib(cache)} (embedding.uvm_cache_load_factor="
+            f"{config.embedding.uvm_cache_load_factor} of W1's {_gib(need['weights'])}) but the {world_size} "
+            f"rank(s) have {_gib(usable)} usable of GPU memory each; lower embedding.uvm_cache_load_factor"
+        )
     replicated = 3 * sum(t.w2 for t in table_sizes(config, meta))
     for key in ("batch_size", "eval_batch_size"):
         size = getattr(config.train, key)
@@ -202,6 +209,28 @@ def checked_capacity(
     return caps
 
 
+def _uvm_cached(config: ExperimentConfig, caps: dict[str, int]) -> bool:
+    return config.embedding.uvm_caching and "hbm_cap" in caps
+
+
+def table_home(config: ExperimentConfig, caps: dict[str, int]) -> tuple[str, int]:
+    """Where the sharded tables (W1 and optimizer state) live, and each rank's room there: GPU memory on CUDA,
+    host memory on CPU, and host memory with ``embedding.uvm_caching`` (only a cache of their rows is on the GPU).
+
+    Example:
+        >>> from mlet_torchrec.config import load_config
+        >>> table_home(load_config(None, ["embedding.uvm_caching=true"]), {"ddr_cap": 64, "hbm_cap": 8})
+        ('host memory (UVM caching)', 64)
+    """
+    if "hbm_cap" not in caps:
+        return "host memory", caps["ddr_cap"]
+    return (
+        ("host memory (UVM caching)", caps["ddr_cap"])
+        if config.embedding.uvm_caching
+        else ("GPU memory", caps["hbm_cap"])
+    )
+
+
 def tables_do_not_fit(
     err: PlannerError | None,
     meta: DatasetMeta,
@@ -212,7 +241,7 @@ def tables_do_not_fit(
 ) -> TablesDoNotFit:
     """The planner's storage error as one message with the numbers (needed vs available)."""
     need = table_memory(meta, config)
-    kind, per_rank = ("GPU memory", caps["hbm_cap"]) if "hbm_cap" in caps else ("host memory", caps["ddr_cap"])
+    kind, per_rank = table_home(config, caps)
     usable = per_rank * (1 - PLANNER_RESERVATION)
     detail = str(err).strip().splitlines()[-1].strip() if err is not None and str(err).strip() else ""
     opt, w1 = config.sparse_optimizer.name, config.embedding.w1_dtype
