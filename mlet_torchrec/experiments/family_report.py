@@ -230,7 +230,7 @@ def _grouping(family: Family) -> Callable[[MethodKey], str] | None:
 def _losses(by_ds: dict[str, list[Cell]]) -> list[str]:
     lost = [(ds, c) for ds, cs in by_ds.items() for c in cs if c.mark == LOSS]
     if not lost:
-        return ["No cell is significantly worse for MLET (p < 0.05) in the runs so far.", ""]
+        return ["No cell is significantly worse for MLET (Benjamini-Hochberg q < 0.05) in the runs so far.", ""]
     return [
         f"- {ds}: {c.method.model}, {c.method.epochs} epoch(s), d={c.method.d}, {c.method.label()}: Δ AUC "
         f"{fmt_interval(c.test.mean, c.test.lo, c.test.hi)}, p {fmt_p(c.test.p)}, q {fmt_p(c.q)}, n={c.test.n}"
