@@ -144,13 +144,17 @@ for name in packaged_config_names():
 with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
     main(["--help"])
 assert "usage: mlet" in out.getvalue()
+import os
+os.environ.update(RANK="1", WORLD_SIZE="2")  # a rank of a convert job asks where it is
+from mlet_torchrec.cli.convert import _ranks
+assert _ranks() == {"rank": 1, "world_size": 2}
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchrec", "fbgemm_gpu")))
 """
 
 
 def test_loading_configs_and_help_import_no_torch():
-    """Every model's config class is torch-free: validating every packaged config and ``mlet --help`` import no
-    torch (a second or more per command)."""
+    """Every model's config class is torch-free: validating every packaged config, ``mlet --help`` and a convert
+    rank's question "which rank am I" import no torch (a second or more per command, per rank)."""
     import subprocess
     import sys
 

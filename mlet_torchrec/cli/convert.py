@@ -183,8 +183,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def _ranks() -> dict[str, int]:
     """``rank`` and ``world_size`` of the torchrun/TorchX job this process is one rank of (none outside one),
     read from the environment as torchrun and TorchX set it: a converting rank imports nothing of torch, which
-    would cost it seconds (``mlet_torchrec.training.launcher.in_distributed_job`` is the same test, with torch)."""
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+    would cost it seconds."""
+    from mlet_torchrec.ranks import in_distributed_job
+
+    if not in_distributed_job():
         return {}
     return {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
 

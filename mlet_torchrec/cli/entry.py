@@ -62,8 +62,9 @@ def on_ranks(args: argparse.Namespace, call: Callable[[], T], fresh_dir: Path | 
     ``call`` is a library function written for every rank of a group, bound to its arguments with
     ``functools.partial``; see :func:`mlet_torchrec.training.launcher.run_local` (``fresh_dir`` too).
     """
+    from mlet_torchrec.ranks import in_distributed_job
     from mlet_torchrec.training.distributed import check_launch_env
-    from mlet_torchrec.training.launcher import in_distributed_job, run_local
+    from mlet_torchrec.training.launcher import run_local
 
     check_launch_env(args.nproc_per_node)
     if args.nproc_per_node > 1 and not in_distributed_job():

@@ -289,9 +289,9 @@ def compression_study(
 
     In one process, or as one rank of a job (torchrun, TorchX, ``mlet compression study --nproc-per-node``):
     every rank builds the same variants, scores its slice of the split, and returns the same rows."""
+    from mlet_torchrec.ranks import in_distributed_job
     from mlet_torchrec.serving.artifact import load_artifact
     from mlet_torchrec.training.distributed import process_group
-    from mlet_torchrec.training.launcher import in_distributed_job
 
     if not in_distributed_job():
         return _study(collapsed, split, svd_ranks, int8, max_rows, 0, 1)

@@ -315,7 +315,7 @@ def collapse(
     The output appears atomically (``mlet_torchrec.io``): rank 0 names one hidden temporary
     directory, every rank writes its shards into it, rank 0 moves it into place once checked.
     """
-    from mlet_torchrec.training.launcher import in_distributed_job
+    from mlet_torchrec.ranks import in_distributed_job
 
     _validate(output_sharding, accumulate, block_rows)
     source = load_artifact(checkpoint)

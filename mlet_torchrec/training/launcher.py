@@ -43,11 +43,6 @@ _WORKER_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.multi
 _AGENT_LOGGERS = ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api")
 
 
-def in_distributed_job() -> bool:
-    """True inside torchrun/TorchX/:func:`run_local` (they set WORLD_SIZE and RANK)."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
 def run_local(
     nproc_per_node: int,
     call: Callable[[], T],
