@@ -27,14 +27,13 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 from mlet_torchrec.errors import UserError
 from mlet_torchrec.files import describe_os_error, exchange, fsync_dir, full_disk_note
-from mlet_torchrec.stale import OLD_TAG, TMP_TAG, sweep_stale
+from mlet_torchrec.stale import OLD_TAG, TMP_TAG, new_token, sweep_stale
 
 T = TypeVar("T")
 
@@ -218,7 +217,7 @@ def remove_output(path: Path | str) -> bool:
     path = Path(path)
     if path.is_symlink() or not is_ours(path):
         return False
-    aside = path.parent / f".{path.name}{OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    aside = path.parent / f".{path.name}{OLD_TAG}{new_token()}"
     os.rename(path, aside)
     shutil.rmtree(aside, ignore_errors=True)
     return True
@@ -241,7 +240,7 @@ class AtomicOutput:
     ) -> None:
         self.output = check_output_path(output, inputs, overwrite)
         self.command, self.overwrite = command, overwrite
-        self.token = token or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.token = token or new_token()
         self.tmp = self.output.parent / f".{self.output.name}{TMP_TAG}{self.token}"
         self._made: list[Path] = []  # parent directories begin() created, deepest first
 
@@ -315,7 +314,7 @@ class AtomicFile:
             if not overwrite:
                 raise OutputError(f"{out} exists; pass --overwrite to replace it")
         self.output = out
-        self.token = token or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.token = token or new_token()
         self.tmp = out.parent / f".{out.name}{TMP_TAG}{self.token}"
 
     def begin(self) -> Path:
@@ -417,9 +416,7 @@ def atomic_output(
     rank of a job enters the block alike and writes into one temporary directory (rank 0's), which exists before
     any rank's block starts; rank 0 commits once every rank's block has ended, and every rank leaves after that.
     """
-    out = AtomicOutput(output, command, inputs, overwrite)
-    if ranks is not None:
-        out = AtomicOutput(output, command, inputs, overwrite, token=ranks.from_main(out.token))
+    out = AtomicOutput(output, command, inputs, overwrite, token=_shared_token(ranks))
     with _staged(out, ranks):
         yield out.tmp
 
@@ -442,11 +439,14 @@ def atomic_file(
         >>> out.read_text(), sorted(p.name for p in out.parent.iterdir())
         ('0.5', ['scores.txt'])
     """
-    out = AtomicFile(output, ours, inputs, overwrite)
-    if ranks is not None:
-        out = AtomicFile(output, ours, inputs, overwrite, token=ranks.from_main(out.token))
+    out = AtomicFile(output, ours, inputs, overwrite, token=_shared_token(ranks))
     with _staged(out, ranks):
         yield out.built
+
+
+def _shared_token(ranks: Ranks | None) -> str | None:
+    """Rank 0's token on every rank of a job, so they all write into one temporary directory (None alone)."""
+    return None if ranks is None else ranks.from_main(new_token())
 
 
 def _barrier(ranks: Ranks | None) -> None:
@@ -462,7 +462,7 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """:func:`atomic_write_text` for bytes (images, binary files)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".{path.name}{TMP_TAG}{new_token()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 TMP_TAG = ".mlet-tmp-"
 """In the name of an output's temporary sibling, before the writer's PID."""
 OLD_TAG = ".mlet-old-"
 """In the name of a replaced output set aside, before the writer's PID."""
+
+
+def new_token() -> str:
+    """``PID-HEX``, what follows a tag in a temporary's name: this process's PID (which :func:`sweep_stale` reads
+    back) and 8 random hex digits."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def pid_alive(pid: int) -> bool:
