@@ -313,7 +313,7 @@ class AtomicFile:
                 raise OutputError(f"refusing to replace {out}: mlet did not write it; choose another output file")
             if not overwrite:
                 raise OutputError(f"{out} exists; pass --overwrite to replace it")
-        self.output = out
+        self.output, self.ours, self.overwrite = out, ours, overwrite
         self.token = token or new_token()
         self.tmp = out.parent / f".{out.name}{TMP_TAG}{self.token}"
 
@@ -330,8 +330,17 @@ class AtomicFile:
         return self.tmp / self.output.name
 
     def commit(self) -> Path:
-        """Move :attr:`built` over the output; remove the temporary directory."""
-        os.replace(self.built, self.output)
+        """Move :attr:`built` over the output; remove the temporary directory. A file that appeared at the output
+        while this one was built is replaced only if this command wrote it and ``overwrite`` was given."""
+        out = self.output
+        if out.is_symlink() or out.exists():
+            if out.is_symlink() or not out.is_file() or not self.ours(out):
+                raise OutputError(
+                    f"refusing to replace {out}: it appeared while this job ran and mlet did not write it"
+                )
+            if not self.overwrite:
+                raise OutputError(f"{out} was written by another job while this one ran; --overwrite replaces it")
+        os.replace(self.built, out)
         fsync_dir(self.output.parent)
         shutil.rmtree(self.tmp, ignore_errors=True)
         return self.output

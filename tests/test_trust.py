@@ -448,6 +448,38 @@ def test_two_jobs_on_one_output_the_later_commit_is_refused(tmp_path):
     assert (tmp_path / "out" / "a.txt").read_text() == "again"
 
 
+def test_two_jobs_on_one_output_file_the_later_commit_is_refused(tmp_path):
+    """The one-file twin (mlet predict): the second job's commit is refused instead of replacing the first's file,
+    a user's file that appeared meanwhile is never replaced, and --overwrite still replaces a file mlet wrote."""
+    from mlet_torchrec.io import AtomicFile, OutputError
+
+    def ours(path: Path) -> bool:
+        return path.read_text().startswith("mlet")
+
+    first, second = AtomicFile(tmp_path / "s.csv", ours), AtomicFile(tmp_path / "s.csv", ours)
+    first.begin(), second.begin()
+    first.built.write_text("mlet first")
+    second.built.write_text("mlet second")
+    first.commit()
+    with pytest.raises(OutputError, match="written by another job while this one ran; --overwrite replaces it"):
+        second.commit()
+    second.abort()
+    assert (tmp_path / "s.csv").read_text() == "mlet first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv"]
+    late = AtomicFile(tmp_path / "t.csv", ours, overwrite=True)
+    late.begin().joinpath("t.csv").write_text("mlet late")
+    (tmp_path / "t.csv").write_text("the user's")
+    with pytest.raises(OutputError, match="appeared while this job ran and mlet did not write it"):
+        late.commit()
+    late.abort()
+    assert (tmp_path / "t.csv").read_text() == "the user's"
+    again = AtomicFile(tmp_path / "s.csv", ours, overwrite=True)
+    again.begin()
+    again.built.write_text("mlet again")
+    again.commit()
+    assert (tmp_path / "s.csv").read_text() == "mlet again"
+
+
 def test_diverged_run_is_one_line_from_every_rank(synth_dataset, tmp_path):
     """A NaN loss on a 2-process job: the workers' TrainingDiverged reaches the command as itself (one line,
     exit 2), and the run directory it created without a checkpoint is gone."""
