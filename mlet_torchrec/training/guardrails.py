@@ -184,7 +184,8 @@ def checked_capacity(
     need = table_memory(meta, config)
     if need["total"] > table_home(config, caps)[1] * (1 - PLANNER_RESERVATION) * world_size:
         raise tables_do_not_fit(None, meta, config, world_size, caps, device)
-    cache = config.embedding.uvm_cache_load_factor * need["weights"] if _uvm_cached(config, caps) else 0
+    uvm_cached = config.embedding.uvm_caching and "hbm_cap" in caps
+    cache = config.embedding.uvm_cache_load_factor * need["weights"] if uvm_cached else 0
     if cache > usable * world_size:
         raise TablesDoNotFit(
             f"the GPU cache of the UVM-cached tables needs {_gib(cache)} (embedding.uvm_cache_load_factor="
@@ -207,10 +208,6 @@ def checked_capacity(
                 + (" or embedding.k" if replicated >= 2**20 else "")
             )
     return caps
-
-
-def _uvm_cached(config: ExperimentConfig, caps: dict[str, int]) -> bool:
-    return config.embedding.uvm_caching and "hbm_cap" in caps
 
 
 def table_home(config: ExperimentConfig, caps: dict[str, int]) -> tuple[str, int]:
