@@ -37,6 +37,15 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to the disk before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable (best effort: where a directory cannot be fsynced, nothing)."""
     with contextlib.suppress(OSError):

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from mlet_torchrec.errors import UserError
-from mlet_torchrec.files import describe_os_error, exchange, fsync_dir, full_disk_note
+from mlet_torchrec.files import describe_os_error, exchange, fsync_dir, fsync_file, full_disk_note
 from mlet_torchrec.stale import OLD_TAG, TMP_TAG, new_token, sweep_stale
 
 T = TypeVar("T")
@@ -340,6 +340,7 @@ class AtomicFile:
                 )
             if not self.overwrite:
                 raise OutputError(f"{out} was written by another job while this one ran; --overwrite replaces it")
+        fsync_file(self.built)
         os.replace(self.built, out)
         fsync_dir(self.output.parent)
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -95,8 +95,10 @@ def test_write_plan_never_replaces_a_foreign_file(tiny_plan, tmp_path):
     _, _, plan = tiny_plan
     foreign = tmp_path / "notes.json"
     foreign.write_text("mine")
-    with pytest.raises(OutputError, match="not a plan"):
+    with pytest.raises(OutputError, match="mlet did not write it"):
         write_plan(plan, foreign, overwrite=True)
+    with pytest.raises(OutputError, match="not a file"):
+        write_plan(plan, tmp_path, overwrite=True)
     assert foreign.read_text() == "mine"
     ours = write_plan(plan, tmp_path / "plan.json")
     with pytest.raises(OutputError, match="--overwrite"):

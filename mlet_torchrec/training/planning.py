@@ -314,25 +314,22 @@ def does_not_fit(config: ExperimentConfig, meta: DatasetMeta, cluster: Cluster, 
 # ------------------------------------------------------------------------------------ plan files
 
 
-def write_plan(plan: dict[str, Any], output: Path | str, overwrite: bool = False) -> Path:
-    """Write PLAN.json completely or not at all; refuses to replace a file without ``overwrite``."""
-    from mlet_torchrec.io import OutputError, atomic_write_text
+def _is_plan(path: Path) -> bool:
+    """Whether ``path`` holds a plan `mlet plan` wrote (the only kind of file :func:`write_plan` replaces)."""
+    try:
+        return bool(json.loads(path.read_text()).get("format") == PLAN_FORMAT)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
-    out = Path(output)
-    if out.is_dir() or out.is_symlink():
-        raise OutputError(f"refusing to write the plan to {out}: it is a directory or a link; name a .json file")
-    if out.exists():
-        try:
-            ours = json.loads(out.read_text()).get("format") == PLAN_FORMAT
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise OutputError(f"refusing to replace {out}: it is not a plan written by `mlet plan`")
-        if not overwrite:
-            raise OutputError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(plan, indent=1) + "\n")
-    return out
+
+def write_plan(plan: dict[str, Any], output: Path | str, overwrite: bool = False) -> Path:
+    """Write PLAN.json completely or not at all (:func:`~mlet_torchrec.io.atomic_file`); replaces only a plan
+    `mlet plan` wrote, and only with ``overwrite``."""
+    from mlet_torchrec.io import atomic_file
+
+    with atomic_file(output, _is_plan, overwrite=overwrite) as built:
+        built.write_text(json.dumps(plan, indent=1) + "\n")
+    return Path(output)
 
 
 def read_plan(path: Path | str) -> dict[str, Any]:
