@@ -122,7 +122,16 @@ def test_two_ranks_write_the_one_process_file(world, tmp_path):
         p2, l2 = _read(Path(two.output))
         np.testing.assert_allclose(p2, p1, rtol=0, atol=1e-6)
         assert np.array_equal(l1, l2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{k}-{n}.parquet" for k in kinds for n in (1, 2))
+    # the CSV format is chosen where rank 0 assembles the ranks' parts: 2 ranks write the 1-process CSV
+    csv = {n: tmp_path / f"export_dlrm-{n}.csv" for n in (1, 2)}
+    predict(world["export_dlrm"], world["day1"], "test", csv[1])
+    run_local(2, partial(predict, world["export_dlrm"], world["day1"], "test", csv[2]))
+    one, two = (pacsv.read_csv(csv[n]) for n in (1, 2))
+    assert csv[2].read_bytes().startswith(b'"probability","label"\n') and one.num_rows == two.num_rows == 250
+    np.testing.assert_allclose(two.column("probability").to_numpy(), one.column("probability").to_numpy(), atol=1e-6)
+    assert one.column("label").equals(two.column("label"))
+    want = sorted([*(f"{k}-{n}.parquet" for k in kinds for n in (1, 2)), *(p.name for p in csv.values())])
+    assert sorted(p.name for p in tmp_path.iterdir()) == want
 
 
 def test_refusals_are_one_line_and_leave_nothing(world, tmp_path):
