@@ -63,3 +63,16 @@ def test_predictions_round_trip_in_float16():
     assert np.abs(back - logits).max() < 0.01 and abs(auc(back, lab) - auc(logits, labels)) < 0.002
     with pytest.raises(ValueError):
         encode_predictions(logits[:3], labels[:4])
+
+
+def test_logits_beyond_float16_keep_their_order():
+    """A diverged run's logits (|x| > 65504) became ±inf in float16 and tied: they are stored as float32."""
+    rng = np.random.default_rng(4)
+    logits, labels = rng.normal(0, 1e6, 391).astype(np.float32), rng.integers(0, 2, 391)
+    rec = encode_predictions(logits, labels)
+    back, lab = decode_predictions(rec)
+    assert "logits_f16" not in rec and np.array_equal(back, logits) and (lab == labels).all()
+    assert auc(back, lab) == auc(logits, labels)
+    assert "logits_f16" in encode_predictions(np.array([65504.0, np.inf, -np.inf, np.nan]), np.zeros(4))
+    with pytest.raises(ValueError, match="neither"):
+        decode_predictions({"rows": 1, "labels_bits": ""})
