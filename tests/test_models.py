@@ -1,6 +1,7 @@
 """Every model on MLET embeddings: shapes, exact collapse, one code path for baseline and MLET,
 the DeepCTR-Torch layer definitions, and (slow) 2-rank sharded training of every model."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,20 @@ def test_forward_shape_and_collapse_is_exact(name):
         assert collapsed[key].shape[1] == LINEAR_TABLE_DIM
     # training: one EmbeddingBagCollection (W1) serves the fields and the first-order term
     assert sum(type(m).__name__ == "EmbeddingBagCollection" for m in factored.modules()) == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_model_takes_a_data_set_without_dense_features(name):
+    """MovieLens has no dense feature: every model builds without a warning and scores from the ids alone."""
+    meta, cfg = _meta().model_copy(update={"dense": []}), _cfg(name)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = build_model(cfg.model, cfg.embedding, meta).eval()
+    dense, kjt = _batch()
+    with torch.no_grad():
+        p = torch.sigmoid(model(dense[:, :0], kjt))
+    assert p.shape == (32,) and torch.isfinite(p).all() and p.std() > 1e-4
 
 
 @pytest.mark.parametrize("name", NAMES)

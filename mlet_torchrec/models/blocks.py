@@ -25,8 +25,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import TypeAlias
 
 import torch
@@ -63,6 +65,16 @@ def table_device(embeddings: Embeddings) -> torch.device:
     ebc = embeddings.w1 if isinstance(embeddings, MLETEmbeddingBagCollection) else embeddings
     device: torch.device = ebc.device
     return device
+
+
+@contextlib.contextmanager
+def no_dense_quietly() -> Iterator[None]:
+    """Build TorchRec's DLRM bottom MLP for a data set without dense features (MovieLens) without torch's warning
+    that initialising its first layer's empty weight does nothing: that layer's output is its bias, a learned
+    constant vector."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op", UserWarning)
+        yield
 
 
 def linear_tables(tables: Sequence[EmbeddingBagConfig]) -> list[EmbeddingBagConfig]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 from torchrec.models.dlrm import DLRM
 
-from mlet_torchrec.models.blocks import Embeddings
+from mlet_torchrec.models.blocks import Embeddings, no_dense_quietly
 from mlet_torchrec.models.configs.dlrm import DLRMConfig
 
 CRITEO_BOTTOM_MLP: list[int] = [512, 256, 128]
@@ -25,12 +25,13 @@ def build_dlrm(
 ) -> nn.Module:
     """TorchRec DLRM whose bottom MLP ends in the embedding dimension d and top MLP in one logit."""
     d = embeddings.embedding_bag_configs()[0].embedding_dim
-    model: nn.Module = DLRM(
-        embedding_bag_collection=embeddings,  # same interface as an EBC
-        dense_in_features=num_dense,
-        dense_arch_layer_sizes=[*bottom_mlp, d],
-        over_arch_layer_sizes=[*top_mlp, 1],
-    )
+    with no_dense_quietly():
+        model: nn.Module = DLRM(
+            embedding_bag_collection=embeddings,  # same interface as an EBC
+            dense_in_features=num_dense,
+            dense_arch_layer_sizes=[*bottom_mlp, d],
+            over_arch_layer_sizes=[*top_mlp, 1],
+        )
     return model
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torchrec.models.dlrm import DLRM_DCN
 
-from mlet_torchrec.models.blocks import Embeddings, embedding_dim
+from mlet_torchrec.models.blocks import Embeddings, embedding_dim, no_dense_quietly
 from mlet_torchrec.models.configs.dlrm_dcn import DLRMDCNConfig
 
 
@@ -31,14 +31,15 @@ def build_dlrm_dcn(
     num_layers: int,
     low_rank_dim: int,
 ) -> DLRM_DCN:
-    return DLRM_DCN(
-        embedding_bag_collection=embeddings,  # same interface as an EBC
-        dense_in_features=num_dense,
-        dense_arch_layer_sizes=[*bottom_mlp, embedding_dim(embeddings)],
-        over_arch_layer_sizes=[*top_mlp, 1],
-        dcn_num_layers=num_layers,
-        dcn_low_rank_dim=low_rank_dim,
-    )
+    with no_dense_quietly():
+        return DLRM_DCN(
+            embedding_bag_collection=embeddings,  # same interface as an EBC
+            dense_in_features=num_dense,
+            dense_arch_layer_sizes=[*bottom_mlp, embedding_dim(embeddings)],
+            over_arch_layer_sizes=[*top_mlp, 1],
+            dcn_num_layers=num_layers,
+            dcn_low_rank_dim=low_rank_dim,
+        )
 
 
 def build(embeddings: Embeddings, num_dense: int, cfg: DLRMDCNConfig) -> DLRM_DCN:
