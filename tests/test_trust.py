@@ -296,6 +296,24 @@ def test_ctrl_c_inside_a_finalizer_is_not_lost_nor_printed(tmp_path, capfd):
     assert "Exception ignored" not in capfd.readouterr().err
 
 
+def test_a_process_that_ignores_ctrl_c_keeps_ignoring_it_while_training(tmp_path):
+    """`mlet results run`'s pool workers ignore SIGINT (the pool's owner stops them on a Ctrl-C): training must
+    not take it back, or the Ctrl-C would also fail the cell a worker was training."""
+    from types import SimpleNamespace
+
+    from mlet_torchrec.training.run_dir import interruptible
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interruptible(tmp_path) as last:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            last(SimpleNamespace(step=1))  # nothing raised: the SIGINT was ignored
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_second_sigint_while_the_first_is_handled_does_not_lose_its_line(tmp_path, monkeypatch):
     """A rank of a local job gets each Ctrl-C twice (the terminal's and the launcher's forward). The second
     one landing while the first becomes the one line must not replace it with a bare KeyboardInterrupt,

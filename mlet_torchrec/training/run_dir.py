@@ -244,9 +244,10 @@ def interruptible(run_dir: Path | str) -> Iterator[LastStep]:
     previous_unraisable = sys.unraisablehook
     main_thread = threading.current_thread() is threading.main_thread()
     installed = signal.getsignal(signal.SIGINT) if main_thread else None
+    own = main_thread and installed is not signal.SIG_IGN  # a process that ignores Ctrl-C (a pool worker) keeps to it
     ctrl_c = installed if isinstance(installed, CtrlC) else CtrlC(previous_unraisable)  # a rank's: join it
     last = LastStep(ctrl_c)
-    previous = signal.signal(signal.SIGINT, ctrl_c) if main_thread else None
+    previous = signal.signal(signal.SIGINT, ctrl_c) if own else None
     sys.unraisablehook = ctrl_c.unraisable
     try:
         yield last
@@ -258,5 +259,5 @@ def interruptible(run_dir: Path | str) -> Iterator[LastStep]:
         raise
     finally:
         sys.unraisablehook = previous_unraisable
-        if main_thread:
+        if own:
             signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
