@@ -4,6 +4,8 @@ cannot make. No training: ``run_sweep`` is faked."""
 
 from __future__ import annotations
 
+import _thread
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 from mlet_torchrec.cli.main import main
 from mlet_torchrec.config import load_config
 from mlet_torchrec.experiments import families
+from mlet_torchrec.experiments.cell_pool import CellPool, CellPoolBroken
 from mlet_torchrec.experiments.families import SWEEPS, FamilySweep
 from mlet_torchrec.experiments.grid import plan_cells
 
@@ -64,7 +67,7 @@ def test_two_workers_run_each_sweep_once_and_never_one_store_twice_at_once(tmp_p
     overlaps: list[str] = []
     lock = threading.Lock()
 
-    def fake_run_sweep(settings):
+    def fake_run_sweep(settings, pool=None):
         with lock:
             calls.append(settings.results)
             active[settings.results] = active.get(settings.results, 0) + 1
@@ -97,7 +100,9 @@ def test_two_workers_run_each_sweep_once_and_never_one_store_twice_at_once(tmp_p
 
 def test_run_families_runs_again_what_an_earlier_call_marked_done(tmp_path, monkeypatch, fake_sweeps):
     ran = []
-    monkeypatch.setattr(families, "run_sweep", lambda settings: ran.append(settings.results) or {"failed": 0})
+    monkeypatch.setattr(
+        families, "run_sweep", lambda settings, pool=None: ran.append(settings.results) or {"failed": 0}
+    )
     claims = tmp_path / "claims"
     claims.mkdir()
     (claims / "a1.done").touch()  # an earlier `mlet results run`
@@ -117,6 +122,103 @@ def test_claim_takes_over_a_dead_pid_and_refuses_a_live_one(tmp_path):
     assert claim.read_text() == str(os.getppid())
     claim.unlink()
     assert families._claim(claim) and not families._claim(claim)  # our own claim is held too
+
+
+# ----------------------------------------------------------------------------------- the shared cell pool
+
+
+def fake_cell(config, nproc, freq_features, compression=True):
+    """Stands in for training in a pool worker (importable there): logs its pid and time span beside the store;
+    the first cell waits (up to 60 s) until a second one has started, so 2 workers must run 2 cells at once."""
+    log_dir = Path(os.environ["FAKE_CELL_LOG"])
+    if os.environ.get("FAKE_CELL_DIE") and config.train.seed == 1:
+        os._exit(3)  # a worker killed mid-cell
+    if "dlrm_sgd" in config.run.dir:
+        raise ValueError("this store's cells fail")
+    start = time.time()
+    (log_dir / f"{os.getpid()}-{start}.start").touch()
+    while len(list(log_dir.glob("*.start"))) < 2 and time.time() - start < 60:
+        time.sleep(0.02)
+    time.sleep(float(os.environ.get("FAKE_CELL_SLEEP", "0.1")))
+    (log_dir / f"{os.getpid()}-{start}-{time.time()}.span").touch()
+    lr = config.sparse_optimizer.lr
+    auc = 0.7 - abs(lr - 0.02)  # best inside the grid once it has grown past 0.02
+    return {"valid": {"auc": auc}, "test": {"auc": auc, "logloss": 0.5}}
+
+
+@pytest.fixture
+def pooled(tmp_path, monkeypatch, fake_sweeps):
+    """``run_families`` with a real pool of spawned workers that run :func:`fake_cell`; returns the span log."""
+    monkeypatch.chdir(tmp_path)
+    log_dir = tmp_path / "cell_log"
+    log_dir.mkdir()
+    monkeypatch.setenv("FAKE_CELL_LOG", str(log_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(families, "CellPool", lambda workers: CellPool(workers, fn=fake_cell))
+    return log_dir
+
+
+def _spans(log_dir: Path) -> list[tuple[int, float, float]]:
+    return [tuple(map(float, p.stem.split("-"))) for p in log_dir.glob("*.span")]  # type: ignore[misc]
+
+
+def _most_at_once(spans) -> int:
+    edges = sorted([(t0, 1) for _, t0, _ in spans] + [(t1, -1) for _, _, t1 in spans])
+    now = most = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_one_store_left_fills_both_workers(tmp_path, pooled, fake_sweeps):
+    """The last store with runs left used to run in one worker while the other idled: now both train its cells."""
+    assert families.run_families(["a1"], jobs=2, claims=str(tmp_path / "claims")) == 0
+    records = [json.loads(line) for line in Path(fake_sweeps[0].store).read_text().splitlines()]
+    keys = [r["key"] for r in records]
+    assert len(keys) == len(set(keys)) > 8  # each cell once; the grid grew past its end (more than the 8 planned)
+    spans = _spans(pooled)
+    assert len(spans) == len(records) and len({pid for pid, _, _ in spans}) == 2
+    assert _most_at_once(spans) == 2  # never more cells at once than workers
+    assert {p.name for p in (tmp_path / "claims").iterdir()} == {".lock", "a1.done"}
+
+
+def test_stores_share_the_pool_and_a_failing_cell_is_counted(tmp_path, pooled, fake_sweeps):
+    failed = families.run_families(None, jobs=2, claims=str(tmp_path / "claims"))
+    assert failed == 2  # b1's two cells (its grid run and its one tuning run) raised; the other stores' ran
+    for sweep in (fake_sweeps[0], fake_sweeps[2]):  # a1 and a2 share a store: each of its keys once
+        keys = [json.loads(line)["key"] for line in Path(sweep.store).read_text().splitlines()]
+        assert len(keys) == len(set(keys))
+    assert not Path(fake_sweeps[1].store).exists()
+    assert _most_at_once(_spans(pooled)) == 2
+    assert {p.name for p in (tmp_path / "claims").iterdir()} == {".lock", "a1.done", "b1.done", "a2.done"}
+
+
+def test_a_dead_worker_stops_the_run_with_one_message(tmp_path, pooled, fake_sweeps, monkeypatch):
+    monkeypatch.setenv("FAKE_CELL_DIE", "1")
+    with pytest.raises(CellPoolBroken, match="rerun it to resume"):
+        families.run_families(["a1"], jobs=2, claims=str(tmp_path / "claims"))
+    store = Path(fake_sweeps[0].store)
+    for line in store.read_text().splitlines() if store.exists() else []:
+        assert json.loads(line)["seed"] == 0  # whatever finished is whole; seed 1's cells never finished
+    assert not (tmp_path / "claims" / "a1.done").exists()
+
+
+def test_ctrl_c_stops_the_workers_quietly_and_releases_the_claims(tmp_path, pooled, fake_sweeps, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_CELL_SLEEP", "2")  # 8 cells of 2 s on 2 workers: still running at the Ctrl-C
+    claims = tmp_path / "claims"
+    timer = threading.Timer(3.0, _thread.interrupt_main)  # what a Ctrl-C raises in the main thread
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            families.run_families(["a1"], jobs=2, claims=str(claims))
+    finally:
+        timer.cancel()
+    assert "FAILED" not in capsys.readouterr().out  # a cell the stop cut short is not a failed cell
+    assert {p.name for p in claims.iterdir()} == {".lock"}  # the claim released, the sweep not marked done
+    store = Path(fake_sweeps[0].store)
+    keys = [json.loads(line)["key"] for line in store.read_text().splitlines()] if store.exists() else []
+    assert len(keys) == len(set(keys)) < 8
 
 
 # ----------------------------------------------------------------------------------- the real sweep list

@@ -104,7 +104,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     q.add_argument("names", nargs="*", metavar="NAME", help="sweeps to run (default: all; see `mlet results list`)")
     q.add_argument(
-        "--jobs", type=int, default=1, help="worker processes sharing the sweeps (default 1; make results uses 2)"
+        "--jobs",
+        type=int,
+        default=1,
+        help="cells trained at once, by worker processes every store shares (default 1; make results uses 2)",
     )
     q.add_argument("--dry-run", action="store_true", help="per sweep: runs planned, done and to run; train nothing")
     q.set_defaults(func=_cmd_run)

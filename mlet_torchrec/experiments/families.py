@@ -30,15 +30,19 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlet_torchrec.errors import UserError
+from mlet_torchrec.experiments.cell_pool import CellPool
 from mlet_torchrec.experiments.grid import parse_grid
 from mlet_torchrec.experiments.sweep import SweepSettings, run_sweep
 from mlet_torchrec.io import atomic_write_bytes
@@ -345,13 +349,13 @@ POLL_S = 5.0
 """Seconds a worker waits before it looks again at the stores other workers hold."""
 
 
-def work(todo: list[FamilySweep], claims: Path) -> int:
+def work(todo: list[FamilySweep], claims: Path, pool: CellPool | None = None) -> int:
     """Run the sweeps top-down; a store another worker is filling is skipped until it is free, so two workers
     never run the same cell, and a sweep another worker finished (``claims/NAME.done``) is not run again.
-    Returns the number of failed cells."""
+    With ``pool`` the cells train in its processes. Returns the number of failed cells."""
     failed = 0
     remaining = list(todo)
-    while remaining:
+    while remaining and (pool is None or pool.usable()):
         for sweep in remaining:
             claim = claims / Path(sweep.store).parent.name
             if not _claim(claim):
@@ -360,7 +364,7 @@ def work(todo: list[FamilySweep], claims: Path) -> int:
             try:
                 if not done.exists():  # checked under the claim: the worker that ran it has released it
                     print(f"results: sweep {sweep.name} -> {sweep.store}", flush=True)
-                    failed += run_sweep(sweep.settings())["failed"]
+                    failed += run_sweep(sweep.settings(), pool)["failed"]
                     done.touch()
             finally:
                 claim.unlink(missing_ok=True)
@@ -372,21 +376,46 @@ def work(todo: list[FamilySweep], claims: Path) -> int:
 
 
 def run_families(names: list[str] | None = None, jobs: int = 2, claims: str = "runs/exp/families/.claims") -> int:
-    """``mlet results run``: ``jobs`` worker processes share the sweeps (one process each, one thread)."""
+    """``mlet results run``: the sweeps, their cells trained ``jobs`` at a time. With ``jobs`` > 1 every store
+    gets a thread that plans its sweeps and appends its lines (:func:`work`), and they share one pool of ``jobs``
+    worker processes, which stays full while any store has runs left. Returns the number of failed cells."""
     todo = sweeps(names)
     for marker in Path(claims).glob("*.done"):  # from an earlier call: this one runs (resumes) every sweep
         marker.unlink(missing_ok=True)
     if jobs <= 1:
         return work(todo, Path(claims))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    args = [sys.executable, "-m", "mlet_torchrec.experiments.families", claims, *[s.name for s in todo]]
-    procs = [subprocess.Popen(args, env=env) for _ in range(jobs)]
-    codes = [p.wait() for p in procs]
-    return max(codes)
+    with CellPool(jobs) as pool:
+        return _threads(len({s.store for s in todo}), lambda: work(todo, Path(claims), pool), pool)
 
 
-if __name__ == "__main__":  # one worker of run_families
-    from mlet_torchrec.logs import configure_logging
+def _threads(n: int, target: Callable[[], int], pool: CellPool) -> int:
+    """Run ``target`` in ``n`` threads; the sum of what they return, or the first exception one raised. On a
+    Ctrl-C the pool stops and the threads get a few seconds to release their stores' claims."""
+    results: list[int] = []
+    errors: list[BaseException] = []
+    ended: list[None] = []
 
-    configure_logging(False)
-    sys.exit(1 if work(sweeps(sys.argv[2:]), Path(sys.argv[1])) else 0)
+    def one() -> None:
+        try:
+            results.append(target())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            errors.append(e)
+        finally:
+            ended.append(None)
+
+    def wait(seconds: float) -> None:  # sleeps, not Thread.join: a Ctrl-C in join leaves is_alive() wrong (3.11)
+        end = time.monotonic() + seconds
+        while len(ended) < n and time.monotonic() < end:
+            time.sleep(0.1)
+
+    for _ in range(n):
+        threading.Thread(target=one, daemon=True).start()
+    try:
+        wait(math.inf)
+    except BaseException:
+        pool.close(stop=True)
+        wait(10.0)
+        raise
+    if errors:
+        raise errors[0]
+    return sum(results)

@@ -60,6 +60,7 @@ from typing import Any
 
 from mlet_torchrec.experiments.analysis import analyse_run
 from mlet_torchrec.experiments.cell import _cell_main, run_cell_here
+from mlet_torchrec.experiments.cell_pool import CellPool, CellPoolBroken, CellPoolStopped
 from mlet_torchrec.experiments.grid import (
     ALIASES,
     Cell,
@@ -145,15 +146,16 @@ def _data_hashing(data_path: str) -> dict[str, Any] | None:
     return hashing if isinstance(hashing, dict) else None
 
 
-def run_sweep(s: SweepSettings) -> dict[str, int]:
+def run_sweep(s: SweepSettings, pool: CellPool | None = None) -> dict[str, int]:
     """Run every cell not yet in the store; returns counts {planned, skipped, ran, failed, pending}.
 
     With ``tune_seeds`` the sweep runs in passes: the tuning seeds' runs first, then the other seeds at the
-    values those chose (planned from the store, so a resumed sweep picks up either pass)."""
+    values those chose (planned from the store, so a resumed sweep picks up either pass). With ``pool`` the
+    cells train in its worker processes (as many at once as it has workers; ``in_process`` settings)."""
     counts = {"planned": 0, "skipped": 0, "ran": 0, "failed": 0, "pending": 0}
     for _ in range(4 + 2 * s.extend):  # tune; extend the grids step by step; run the chosen values; plan nothing
         before = counts["ran"]
-        cells, pending = _run_pass(s, counts)
+        cells, pending = _run_pass(s, counts, pool)
         counts["planned"], counts["pending"] = len(cells), pending
         # new tuning runs can change a choice even when nothing waited (a widened grid): plan again
         if s.dry_run or counts["ran"] == before or (s.tune_seeds is None and not s.extend):
@@ -169,7 +171,7 @@ def run_sweep(s: SweepSettings) -> dict[str, int]:
     return counts
 
 
-def _run_pass(s: SweepSettings, counts: dict[str, int]) -> tuple[list[Cell], int]:
+def _run_pass(s: SweepSettings, counts: dict[str, int], pool: CellPool | None) -> tuple[list[Cell], int]:
     store = ResultsStore(s.results)
     runs_dir = s.runs_dir or str(Path("runs/sweep") / Path(s.results).parent.name)
     check_location(runs_dir, [s.results])  # it holds the cells' run dirs: never /, ~, the cwd, or the store
@@ -194,33 +196,79 @@ def _run_pass(s: SweepSettings, counts: dict[str, int]) -> tuple[list[Cell], int
         for c in todo:
             print(f"  {c.key} [{c.role}] {c.label()}")
         return cells, pending
+    if s.in_process and pool is None and (s.nproc != 1 or s.parallel != 1):
+        raise ValueError("--in-process needs --nproc-per-node 1 and --parallel 1")
     dataset = s.dataset or Path(cells[0].config.data.path).name if cells else s.dataset
-    work = Path(runs_dir) / "_cells"
-    lock = threading.Lock()
+    runner = _CellRunner(s, store, note, dataset, Path(runs_dir) / "_cells", counts, len(todo), pool)
+    workers = pool.workers if pool is not None else s.parallel
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            list(ex.map(runner.run, range(len(todo)), todo))
+    else:
+        for i, cell in enumerate(todo):
+            runner.run(i, cell)
+    return cells, pending
 
-    def one(i_cell: tuple[int, Cell]) -> None:
-        i, cell = i_cell
+
+@dataclass
+class _CellRunner:
+    """Runs one pass's cells (each call of :meth:`run` from any thread) and appends each one's line."""
+
+    s: SweepSettings
+    store: ResultsStore
+    note: str
+    dataset: str | None
+    work: Path
+    counts: dict[str, int]
+    total: int
+    pool: CellPool | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, i: int, cell: Cell) -> None:
+        s, tag = self.s, f"[{i + 1}/{self.total}] {cell.key}"
+        if self.pool is not None and self.pool.stopping.is_set():
+            raise CellPoolStopped("the cell pool was stopped")  # the pass's other cells start nothing
         t0 = time.time()
         fresh = not Path(cell.config.run.dir).exists()  # only a run dir this cell creates is removed after it
-        print(f"[{i + 1}/{len(todo)}] {cell.key} [{cell.role}] {cell.label()} ...", flush=True)
+        print(f"{tag} [{cell.role}] {cell.label()} ...", flush=True)
         try:
-            if s.in_process:
+            if self.pool is not None:
+                meas = self.pool.run(cell.config, s.nproc, s.freq_features, compression=s.compression)
+            elif s.in_process:
                 meas = run_cell_here(
                     cell.config, s.nproc, s.freq_features, shared_process=True, compression=s.compression
                 )
             else:
-                meas = _run_cell_subprocess(cell, s, work)
+                meas = _run_cell_subprocess(cell, s, self.work)
+        except CellPoolBroken:
+            raise  # no cell can run any more: stop the sweep (a rerun resumes)
         except Exception as e:  # noqa: BLE001 - report and go on with the other cells
-            print(f"[{i + 1}/{len(todo)}] {cell.key} FAILED: {e}", flush=True)
-            with lock:
-                counts["failed"] += 1
+            print(f"{tag} FAILED: {e}", flush=True)
+            with self.lock:
+                self.counts["failed"] += 1
             return
-        record = {
+        record = self._record(cell, time.time() - t0, meas)
+        self.store.append(record)
+        if not s.keep_runs and fresh:
+            shutil.rmtree(cell.config.run.dir, ignore_errors=True)
+        t = record.get("test") or {}
+        outcome = (
+            "diverged (recorded; a rerun skips it)"
+            if record["status"] == "diverged"
+            else f"test AUC {t.get('auc', float('nan')):.4f} LogLoss {t.get('logloss', float('nan')):.4f}"
+        )
+        print(f"{tag} done in {record['wall_seconds']:.0f}s: {outcome}", flush=True)
+        with self.lock:
+            self.counts["ran"] += 1
+
+    def _record(self, cell: Cell, wall_seconds: float, meas: dict[str, Any]) -> dict[str, Any]:
+        s = self.s
+        return {
             "version": STORE_VERSION,
             "key": cell.key,
             "status": meas.pop("status", "ok"),
             "role": cell.role,
-            "dataset": dataset,
+            "dataset": self.dataset,
             "overrides": cell.overrides,
             "base_config": s.config,
             "base_overrides": list(s.base_overrides),
@@ -229,7 +277,7 @@ def _run_pass(s: SweepSettings, counts: dict[str, int]) -> tuple[list[Cell], int
             "tune_mlet": s.tune_mlet,
             "tune_seeds": s.tune_seeds,
             "extend": s.extend,
-            "budget": note,
+            "budget": self.note,
             "nproc": s.nproc,
             "parallel": s.parallel,
             "d": cell.config.embedding.d,
@@ -240,31 +288,9 @@ def _run_pass(s: SweepSettings, counts: dict[str, int]) -> tuple[list[Cell], int
             "config": cell.config.model_dump(mode="json"),
             "data_hashing": _data_hashing(cell.config.data.path),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "wall_seconds": time.time() - t0,
+            "wall_seconds": wall_seconds,
             **meas,
         }
-        store.append(record)
-        if not s.keep_runs and fresh:
-            shutil.rmtree(cell.config.run.dir, ignore_errors=True)
-        t = record.get("test") or {}
-        outcome = (
-            "diverged (recorded; a rerun skips it)"
-            if record["status"] == "diverged"
-            else f"test AUC {t.get('auc', float('nan')):.4f} LogLoss {t.get('logloss', float('nan')):.4f}"
-        )
-        print(f"[{i + 1}/{len(todo)}] {cell.key} done in {record['wall_seconds']:.0f}s: {outcome}", flush=True)
-        with lock:
-            counts["ran"] += 1
-
-    if s.in_process and (s.nproc != 1 or s.parallel != 1):
-        raise ValueError("--in-process needs --nproc-per-node 1 and --parallel 1")
-    if s.parallel > 1:
-        with ThreadPoolExecutor(max_workers=s.parallel) as ex:
-            list(ex.map(one, enumerate(todo)))
-    else:
-        for item in enumerate(todo):
-            one(item)
-    return cells, pending
 
 
 # the sweep's public names, its own and those it re-exports from grid, store, cell and analysis
