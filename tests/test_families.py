@@ -7,6 +7,7 @@ from __future__ import annotations
 import _thread
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -208,12 +209,15 @@ def test_ctrl_c_stops_the_workers_quietly_and_releases_the_claims(tmp_path, pool
     monkeypatch.setenv("FAKE_CELL_SLEEP", "2")  # 8 cells of 2 s on 2 workers: still running at the Ctrl-C
     claims = tmp_path / "claims"
     timer = threading.Timer(3.0, _thread.interrupt_main)  # what a Ctrl-C raises in the main thread
+    # Python's own Ctrl-C handler, as in `mlet results run` (an earlier test's in-process launch may leave another)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             families.run_families(["a1"], jobs=2, claims=str(claims))
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert "FAILED" not in capsys.readouterr().out  # a cell the stop cut short is not a failed cell
     assert {p.name for p in claims.iterdir()} == {".lock"}  # the claim released, the sweep not marked done
     store = Path(fake_sweeps[0].store)
