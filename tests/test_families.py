@@ -205,6 +205,30 @@ def test_a_dead_worker_stops_the_run_with_one_message(tmp_path, pooled, fake_swe
     assert not (tmp_path / "claims" / "a1.done").exists()
 
 
+def _nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_cells_time_is_its_time_in_the_worker_not_its_wait_for_one():
+    times: list[tuple[float, float]] = []
+
+    def one() -> None:
+        start = time.perf_counter()
+        _, seconds = pool.run(0.5)
+        times.append((seconds, time.perf_counter() - start))
+
+    with CellPool(1, fn=_nap) as pool:
+        pool.run(0.0)  # the worker is up
+        threads = [threading.Thread(target=one) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert len(times) == 3 and all(0.5 <= seconds < 0.9 for seconds, _ in times)
+    assert max(waited for _, waited in times) >= 1.5  # the third waited for the other two
+
+
 def test_ctrl_c_stops_the_workers_quietly_and_releases_the_claims(tmp_path, pooled, fake_sweeps, monkeypatch, capsys):
     monkeypatch.setenv("FAKE_CELL_SLEEP", "2")  # 8 cells of 2 s on 2 workers: still running at the Ctrl-C
     claims = tmp_path / "claims"

@@ -231,9 +231,10 @@ class _CellRunner:
         t0 = time.time()
         fresh = not Path(cell.config.run.dir).exists()  # only a run dir this cell creates is removed after it
         print(f"{tag} [{cell.role}] {cell.label()} ...", flush=True)
+        seconds = None  # a pool's cell: its time in the worker (the wait for a free worker is not the cell's)
         try:
             if self.pool is not None:
-                meas = self.pool.run(cell.config, s.nproc, s.freq_features, compression=s.compression)
+                meas, seconds = self.pool.run(cell.config, s.nproc, s.freq_features, compression=s.compression)
             elif s.in_process:
                 meas = run_cell_here(
                     cell.config, s.nproc, s.freq_features, shared_process=True, compression=s.compression
@@ -247,7 +248,7 @@ class _CellRunner:
             with self.lock:
                 self.counts["failed"] += 1
             return
-        record = self._record(cell, time.time() - t0, meas)
+        record = self._record(cell, time.time() - t0 if seconds is None else seconds, meas)
         self.store.append(record)
         if not s.keep_runs and fresh:
             shutil.rmtree(cell.config.run.dir, ignore_errors=True)
