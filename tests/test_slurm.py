@@ -167,6 +167,20 @@ def _wait(cluster, job: str, timeout: float = 600, on_poll=None) -> dict:
     pytest.fail(f"job {job} not finished after {timeout} s: {_sacct_states(cluster, job)}; logs in {cluster.log}")
 
 
+def _nodes(cluster, job: str, timeout: float = 60) -> list:
+    """The node of each het component of a finished job, from sacct. A component's accounting record can show up
+    after the job's first one is already terminal (a CI run saw ['vm'] for a COMPLETED 2-node job): wait until
+    there is one per node, then return what sacct says (the caller asserts on it)."""
+    t0 = time.monotonic()
+    while True:
+        nodes = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-o", "NodeList", "-j", job], env=_env(cluster), capture_output=True, text=True
+        ).stdout.split()
+        if len(nodes) >= len(cluster.nodes) or time.monotonic() - t0 > timeout:
+            return nodes
+        time.sleep(0.5)
+
+
 def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
@@ -266,9 +280,7 @@ def test_two_node_train_collapse_evaluate_match_local(cluster, work, data, local
     FIGURES["train: max |slurm - local| metric"] = max(diffs.values())
     FIGURES["train: test auc slurm / local"] = [slurm["test"]["auc"], local["test"]["auc"]]
     # the two replicas ran on the two nodes
-    nodes = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-o", "NodeList", "-j", job], env=_env(cluster), capture_output=True, text=True
-    ).stdout.split()
+    nodes = _nodes(cluster, job)
     assert sorted(nodes) == sorted(cluster.nodes), nodes
 
     collapsed = run / "collapsed"
@@ -443,9 +455,7 @@ def test_two_node_convert_equals_jobs_1(cluster, work):
     waited = _wait(cluster, job)
     FIGURES["convert job: submit -> COMPLETED (s)"] = round(waited["total_s"], 1)
     assert waited["state"] == "COMPLETED", (waited, (work / f"slurm-{job}-convert-0.err").read_text()[-3000:])
-    nodes = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-o", "NodeList", "-j", job], env=_env(cluster), capture_output=True, text=True
-    ).stdout.split()
+    nodes = _nodes(cluster, job)
     assert sorted(nodes) == sorted(cluster.nodes), nodes  # one rank on each node
     logs = "".join((work / f"slurm-{job}-convert-{r}.err").read_text() for r in (0, 1))
     assert "rank 1 of 2: encoded " in logs, logs[-3000:]
