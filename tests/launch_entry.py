@@ -8,6 +8,11 @@ import time
 from mlet_torchrec.errors import UserError
 
 
+def rank() -> int:
+    """This process's rank (run_local returns rank 0's: 0)."""
+    return int(os.environ["RANK"])
+
+
 def rank0_user_error_rank1_busy() -> None:
     """Rank 0 stops at once with a UserError; rank 1 is still working, so the launcher must stop it."""
     if os.environ["RANK"] == "0":

@@ -96,6 +96,30 @@ def test_a_user_error_on_one_rank_stops_the_others_quietly(tmp_path):
     assert time.time() - t0 < 100  # rank 1 (sleeping 120 s) was stopped, not waited for
 
 
+def test_a_local_launch_puts_back_the_callers_signal_handlers():
+    """Elastic installs its own SIGINT/SIGTERM handlers in the launching process and leaves them; after run_local
+    a Ctrl-C in a caller that goes on (a sweep, a notebook) must be the caller's, not elastic's SignalException."""
+    import signal
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import launch_entry
+
+    from mlet_torchrec.training.launcher import run_local
+
+    def mine(signum: int, frame: object) -> None:
+        raise AssertionError("not called")
+
+    before = {number: signal.signal(number, mine) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert run_local(2, launch_entry.rank, log_level="WARNING") == 0
+        assert signal.getsignal(signal.SIGINT) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
 def test_the_ctrl_c_log_filter_drops_only_the_forwarded_sigint_records():
     """Elastic's two Ctrl-C records go; a crash record that holds a 2 (exit code, local rank) stays."""
     import logging

@@ -21,8 +21,10 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +41,10 @@ T = TypeVar("T")
 # where torch logs a failed worker ("... failed", ERROR) and the stopping of the others ("Terminating process ...
 # via signal SIGTERM", "Closing process ... via signal", WARNING): under load a slower rank is still running
 _WORKER_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")
+# the signals elastic's agent handles in the process that calls it (TORCHELASTIC_SIGNALS_TO_HANDLE's default)
+_AGENT_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, name)
+)
 # where elastic logs the Ctrl-C it forwards to the workers ("Received 2 death signal, shutting down workers")
 _AGENT_LOGGERS = ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api")
 
@@ -70,7 +76,7 @@ def run_local(
         max_restarts=max_restarts,
         monitor_interval=0.5,
     )
-    with tempfile.TemporaryDirectory(prefix="mlet-errors-") as folder:
+    with tempfile.TemporaryDirectory(prefix="mlet-errors-") as folder, _signal_handlers_kept():
         # elastic logs every failed worker with a stack trace of its own, and (as warnings) the signals that stop
         # the workers still running; for a reported UserError the one line says it all, so drop those records
         # (and only those: a crash keeps them)
@@ -99,6 +105,23 @@ def run_local(
         finally:
             for name, quiet in filters:
                 logging.getLogger(name).removeFilter(quiet)
+
+
+@contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Puts back the caller's handlers of the signals elastic takes over (it installs its own on start and never
+    restores them), so that a later Ctrl-C in a caller that goes on (a sweep, a notebook, the tests) is its own
+    ``KeyboardInterrupt``, not elastic's ``SignalException``. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {number: signal.getsignal(number) for number in _AGENT_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in kept.items():
+            if handler is not None:  # None: installed outside Python, cannot be set again from here
+                signal.signal(number, handler)
 
 
 def _reported_error(folder: Path) -> UserError | None:
