@@ -132,6 +132,7 @@ def fake_cell(config, nproc, freq_features, compression=True):
     """Stands in for training in a pool worker (importable there): logs its pid and time span beside the store;
     the first cell waits (up to 60 s) until a second one has started, so 2 workers must run 2 cells at once."""
     log_dir = Path(os.environ["FAKE_CELL_LOG"])
+    Path(config.run.dir).mkdir(parents=True)  # as training does; the sweep removes it after the cell
     if os.environ.get("FAKE_CELL_DIE") and config.train.seed == 1:
         os._exit(3)  # a worker killed mid-cell
     if "dlrm_sgd" in config.run.dir:
@@ -159,6 +160,11 @@ def pooled(tmp_path, monkeypatch, fake_sweeps):
     return log_dir
 
 
+def _run_dirs_left(tmp_path: Path) -> list[str]:
+    runs = tmp_path / "runs" / "exp" / "families"  # RUNS/<setup>_<dataset>/<key> (pooled chdirs to tmp_path)
+    return sorted(str(p.relative_to(runs)) for p in runs.glob("*/*"))
+
+
 def _spans(log_dir: Path) -> list[tuple[int, float, float]]:
     return [tuple(map(float, p.stem.split("-"))) for p in log_dir.glob("*.span")]  # type: ignore[misc]
 
@@ -182,6 +188,7 @@ def test_one_store_left_fills_both_workers(tmp_path, pooled, fake_sweeps):
     assert len(spans) == len(records) and len({pid for pid, _, _ in spans}) == 2
     assert _most_at_once(spans) == 2  # never more cells at once than workers
     assert {p.name for p in (tmp_path / "claims").iterdir()} == {".lock", "a1.done"}
+    assert not _run_dirs_left(tmp_path)
 
 
 def test_stores_share_the_pool_and_a_failing_cell_is_counted(tmp_path, pooled, fake_sweeps):
@@ -203,6 +210,7 @@ def test_a_dead_worker_stops_the_run_with_one_message(tmp_path, pooled, fake_swe
     for line in store.read_text().splitlines() if store.exists() else []:
         assert json.loads(line)["seed"] == 0  # whatever finished is whole; seed 1's cells never finished
     assert not (tmp_path / "claims" / "a1.done").exists()
+    assert not _run_dirs_left(tmp_path)  # the dead worker's cell leaves no run dir behind (a rerun trains it again)
 
 
 def _nap(seconds: float) -> float:
@@ -249,6 +257,7 @@ def test_ctrl_c_stops_the_workers_quietly_and_releases_the_claims(tmp_path, pool
     store = Path(fake_sweeps[0].store)
     keys = [json.loads(line)["key"] for line in store.read_text().splitlines()] if store.exists() else []
     assert len(keys) == len(set(keys)) < 8
+    assert not _run_dirs_left(tmp_path)  # nor do the cells the stop cut short
 
 
 # ----------------------------------------------------------------------------------- the real sweep list

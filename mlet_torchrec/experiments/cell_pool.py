@@ -74,11 +74,8 @@ class CellPool:
         """``fn(*args, **kwargs)`` in a worker, and the seconds it took there (not the wait for a free worker);
         its exception is raised here, unless the pool was stopped meanwhile (:class:`CellPoolStopped`: a cell
         cut short by the stop is not a failed cell)."""
+        self.check()
         try:
-            if self.stopping.is_set():
-                raise CellPoolStopped("the cell pool was stopped")
-            if self.broken.is_set():
-                raise CellPoolBroken(BROKEN)
             result: tuple[Any, float] = self._ex.submit(_timed, self._fn, *args, **kwargs).result()
             return result
         except CellPoolBroken:
@@ -92,6 +89,13 @@ class CellPool:
             if self.stopping.is_set():  # e.g. submit after the shutdown, or the cell the stop cut short
                 raise CellPoolStopped("the cell pool was stopped") from e
             raise
+
+    def check(self) -> None:
+        """Raises :class:`CellPoolStopped` once the pool is stopped, :class:`CellPoolBroken` once a worker died."""
+        if self.stopping.is_set():
+            raise CellPoolStopped("the cell pool was stopped")
+        if self.broken.is_set():
+            raise CellPoolBroken(BROKEN)
 
     def usable(self) -> bool:
         """Neither stopped nor broken: a sweep may start on it."""

@@ -60,7 +60,7 @@ from typing import Any
 
 from mlet_torchrec.experiments.analysis import analyse_run
 from mlet_torchrec.experiments.cell import _cell_main, run_cell_here
-from mlet_torchrec.experiments.cell_pool import CellPool, CellPoolBroken, CellPoolStopped
+from mlet_torchrec.experiments.cell_pool import CellPool, CellPoolBroken
 from mlet_torchrec.experiments.grid import (
     ALIASES,
     Cell,
@@ -226,8 +226,8 @@ class _CellRunner:
 
     def run(self, i: int, cell: Cell) -> None:
         s, tag = self.s, f"[{i + 1}/{self.total}] {cell.key}"
-        if self.pool is not None and self.pool.stopping.is_set():
-            raise CellPoolStopped("the cell pool was stopped")  # the pass's other cells start nothing
+        if self.pool is not None:
+            self.pool.check()  # stopped or broken: the pass's other cells start nothing
         t0 = time.time()
         fresh = not Path(cell.config.run.dir).exists()  # only a run dir this cell creates is removed after it
         print(f"{tag} [{cell.role}] {cell.label()} ...", flush=True)
@@ -241,8 +241,10 @@ class _CellRunner:
                 )
             else:
                 meas = _run_cell_subprocess(cell, s, self.work)
-        except CellPoolBroken:
-            raise  # no cell can run any more: stop the sweep (a rerun resumes)
+        except CellPoolBroken:  # no cell can run any more: stop the sweep (a rerun trains this cell again)
+            if fresh and not s.keep_runs:  # its worker is gone: nothing writes to the run dir any more
+                shutil.rmtree(cell.config.run.dir, ignore_errors=True)
+            raise
         except Exception as e:  # noqa: BLE001 - report and go on with the other cells
             print(f"{tag} FAILED: {e}", flush=True)
             with self.lock:
