@@ -243,7 +243,7 @@ def test_ctrl_c_stops_the_workers_quietly_and_releases_the_claims(tmp_path, pool
     monkeypatch.setenv("FAKE_CELL_SLEEP", "2")  # 8 cells of 2 s on 2 workers: still running at the Ctrl-C
     claims = tmp_path / "claims"
     timer = threading.Timer(3.0, _thread.interrupt_main)  # what a Ctrl-C raises in the main thread
-    # Python's own Ctrl-C handler, as in `mlet results run` (an earlier test's in-process launch may leave another)
+    # Python's own Ctrl-C handler, as in `mlet results run` (a plugin or an earlier test may have set another)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer.start()
     try:
