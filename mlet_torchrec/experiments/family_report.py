@@ -68,16 +68,16 @@ CUTS = """\
   set (~391 rows, ~86 positives) gives the Δ AUC of two models a DeLong standard error of about 0.015 ([family
   (f)](resplit.md)), as large as most differences between MLET and its baseline there: more models scored on
   that test set add little that can be told apart, and the CPU they would take (xDeepFM ~3x DeepFM a run) went
-  to the re-splits instead, which measure that noise. AutoInt on MovieLens ran 2-3 of its 5 seeds before the budget
-  ran out: its cells are in family (a) with n < 5 (and stay in the sweep list, so `make results` completes them).
+  to the re-splits instead, which measure that noise. AutoInt on MovieLens, first cut to 2-3 of its 5 seeds, has
+  since run all 5 (every seed choosing its own learning rates).
 - synth1m (1M rows) is the slowest data set: family (a) there is DeepFM only, at d in {4, 16} and batch 2048;
   the DLRM learning-rate grid there drops 0.05 and 819.2; families (c) and (d) do not run on synth1m.
 - The sweeps run in the priority order of `mlet_torchrec/experiments/families.py` (SWEEPS: the re-splits of
   family (f), the DLRM sigma and learning-rate grids, DeepFM and DCN, k <= d, epochs and width, synth1m DeepFM,
-  then AutoInt on MovieLens) and are stopped when the CPU budget of the session that fills the stores runs out.
-  Cells of unfinished sweeps show as missing: the n columns count the seeds (splits) present out of those
-  expected, and a cell with fewer than 2 paired seeds is marked pending. `make results` (or `mlet results
-  run`) resumes the sweeps where they stopped; `mlet results run --dry-run` lists what is left."""
+  then AutoInt on MovieLens). A stopped `mlet results run` leaves the cells of unfinished sweeps missing: the n
+  columns count the seeds (splits) present out of those expected, and a cell with fewer than 2 paired seeds is
+  marked pending. `make results` (or `mlet results run`) resumes the sweeps where they stopped; `mlet results
+  run --dry-run` lists what is left."""
 """What was cut and why (edit here; it is printed in every report)."""
 MARK_RULE = f"""\
 Mark of a cell (MLET method against its single-layer baseline, test AUC, paired over seeds or splits):
