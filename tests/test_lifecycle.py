@@ -100,10 +100,8 @@ def test_a_local_launch_puts_back_the_callers_signal_handlers():
     """Elastic installs its own SIGINT/SIGTERM handlers in the launching process and leaves them; after run_local
     a Ctrl-C in a caller that goes on (a sweep, a notebook) must be the caller's, not elastic's SignalException."""
     import signal
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import launch_entry
+    import launch_entry  # tests/ is on sys.path (pytest's prepend import mode), as for reliability_entry
 
     from mlet_torchrec.training.launcher import run_local
 

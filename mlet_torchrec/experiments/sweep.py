@@ -242,8 +242,7 @@ class _CellRunner:
             else:
                 meas = _run_cell_subprocess(cell, s, self.work)
         except CellPoolBroken:  # no cell can run any more: stop the sweep (a rerun trains this cell again)
-            if fresh and not s.keep_runs:  # its worker is gone: nothing writes to the run dir any more
-                shutil.rmtree(cell.config.run.dir, ignore_errors=True)
+            self._discard(cell, fresh)  # its worker is gone: nothing writes to the run dir any more
             raise
         except Exception as e:  # noqa: BLE001 - report and go on with the other cells
             print(f"{tag} FAILED: {e}", flush=True)
@@ -252,8 +251,7 @@ class _CellRunner:
             return
         record = self._record(cell, time.time() - t0 if seconds is None else seconds, meas)
         self.store.append(record)
-        if not s.keep_runs and fresh:
-            shutil.rmtree(cell.config.run.dir, ignore_errors=True)
+        self._discard(cell, fresh)
         t = record.get("test") or {}
         outcome = (
             "diverged (recorded; a rerun skips it)"
@@ -263,6 +261,11 @@ class _CellRunner:
         print(f"{tag} done in {record['wall_seconds']:.0f}s: {outcome}", flush=True)
         with self.lock:
             self.counts["ran"] += 1
+
+    def _discard(self, cell: Cell, fresh: bool) -> None:
+        """Removes the cell's run dir if the cell created it (``fresh``) and the sweep does not keep runs."""
+        if fresh and not self.s.keep_runs:
+            shutil.rmtree(cell.config.run.dir, ignore_errors=True)
 
     def _record(self, cell: Cell, wall_seconds: float, meas: dict[str, Any]) -> dict[str, Any]:
         s = self.s
