@@ -13,6 +13,11 @@ def rank() -> int:
     return int(os.environ["RANK"])
 
 
+def busy() -> None:
+    """Works for two minutes: long enough to be interrupted."""
+    time.sleep(120)
+
+
 def rank0_user_error_rank1_busy() -> None:
     """Rank 0 stops at once with a UserError; rank 1 is still working, so the launcher must stop it."""
     if os.environ["RANK"] == "0":

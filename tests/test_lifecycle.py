@@ -118,6 +118,29 @@ def test_a_local_launch_puts_back_the_callers_signal_handlers():
             signal.signal(number, handler)
 
 
+def test_ctrl_c_during_a_local_launch_is_a_keyboard_interrupt_and_the_handler_is_the_callers_again():
+    import os
+    import signal
+    import time
+
+    import launch_entry
+
+    from mlet_torchrec.training.launcher import run_local
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in a script
+    timer = threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGINT))  # what the terminal sends
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_local(2, launch_entry.busy, log_level="WARNING")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - t0 < 100  # the ranks (busy for 120 s) were stopped, not waited for
+
+
 def test_the_ctrl_c_log_filter_drops_only_the_forwarded_sigint_records():
     """Elastic's two Ctrl-C records go; a crash record that holds a 2 (exit code, local rank) stays."""
     import logging
